@@ -1,0 +1,162 @@
+"""Train a ResNet with synchronous data parallelism over MPI.
+
+Usage:
+    mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3
+    mpirun -n 2 python jobs/resnet_dp.py --data synthetic --max-steps 20 --out runs/try
+    sbatch slurm/resnet_dp.sh --data synthetic --max-steps 5
+
+Each rank trains on its share of every global batch (--batch-size samples per
+rank); gradients are averaged with MPI Allreduce, weighted by sample counts.
+Writes OUT/metrics.h5 (per step and rank: compute, communication and idle time,
+bytes sent, loss; per epoch: test accuracy). As root, Open MPI needs
+OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than
+cores needs --oversubscribe.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+import mpipar
+from mpipar import data, models
+from mpipar.agree import agree_on, collective_check
+from mpipar.config import TrainConfig
+from mpipar.failure import abort_on_exception
+from mpipar.launch import (RootPrinter, StopRequest, check_world_size, mpi_library, prepare_output_dir,
+                           threads_per_rank)
+from mpipar.metrics import MetricsWriter
+from mpipar.sharding import rank_batches, steps_per_epoch
+from mpipar.training import Stopwatch, evaluate
+
+MODELS = {
+    "resnet-small": models.resnet_small,  # 8 layers, 78k parameters: CPUs
+    "resnet18": models.resnet18,
+    "resnet50": models.resnet50,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, or a path (IDX dir or .h5)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=128, help="samples per rank per step")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (scaled by nothing: set it)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/resnet_dp", help="output directory (must not hold an earlier run)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks per node)")
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet-small")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
+    p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
+    p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    comm = MPI.COMM_WORLD
+    abort_on_exception(comm)
+    say = RootPrinter(comm)
+    args = parse_args(argv)
+    check_world_size(comm)
+    threads = threads_per_rank(comm, args.threads)
+    config = collective_check(comm, lambda: TrainConfig(
+        data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
+        model=args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every, log_every=args.log_every),
+        "configuration")
+    agree_on(comm, "the configuration", {k: v for k, v in config.to_dict().items() if k != "threads"},
+             hint="launch every rank with the same arguments")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    out = prepare_output_dir(comm, config.out)
+    stop = StopRequest.install()
+
+    splits = collective_check(comm, lambda: data.resolve(config.data, seed=config.seed), "data")
+    train, test = splits.train, splits.test
+    agree_on(comm, "the dataset size and image shape", (len(train), len(test), train.image_shape))
+    channels, size, _ = train.image_shape
+    model = MODELS[config.model](in_channels=channels, num_classes=max(train.num_classes, test.num_classes),
+                                 image_size=size)
+    dp = mpipar.DataParallel(model, comm, bucket_cap_mb=config.bucket_mb)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=True)
+    steps_in_epoch = steps_per_epoch(len(train), config.batch_size, comm.Get_size())
+    total_steps = steps_in_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                   pct_start=0.15)
+    metrics = MetricsWriter(out / "metrics.h5", comm, strategy="data_parallel", config=config.to_dict(),
+                            flush_every=config.flush_every,
+                            attrs={"model": config.model, "parameters": sum(p.numel() for p in model.parameters())})
+
+    say(f"mpipar {mpipar.__version__}: data parallel on {comm.Get_size()} ranks x {config.threads} threads, "
+        f"{mpi_library()}")
+    say(f"data: {splits.description}")
+    say(f"model: {config.model}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{steps_in_epoch} steps/epoch of {config.batch_size} x {comm.Get_size()} samples; "
+        f"{total_steps} steps; metrics -> {out / 'metrics.h5'}")
+
+    step = 0
+    run_start = time.perf_counter()
+    last_log = run_start
+    for epoch in range(config.epochs):
+        epoch_start = time.perf_counter()
+        loss_sum = samples_seen = 0.0
+        for indices in rank_batches(len(train), config.batch_size, comm.Get_size(), comm.Get_rank(),
+                                    seed=config.seed, epoch=epoch):
+            if step >= total_steps:
+                break
+            clock = Stopwatch()
+            images, labels = train.batch(indices)
+            data_time = clock.lap()
+            loss = F.cross_entropy(dp(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_value = loss.item()
+            step_time = data_time + clock.lap()
+            comm_stats = dp.stats.take()
+            metrics.record_step(loss=loss_value, samples=len(labels), step_time=step_time, data_time=data_time,
+                                wait_time=comm_stats.wait_time, bytes_sent=comm_stats.bytes_sent)
+            step += 1
+            loss_sum += loss_value * len(labels)
+            samples_seen += len(labels)
+            if metrics.maybe_flush(stop=stop.requested):
+                break
+            now = time.perf_counter()
+            if config.log_every and now - last_log >= config.log_every:
+                last_log = now
+                say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {loss_sum / samples_seen:.4f} "
+                    f"{step * config.batch_size * comm.Get_size() / (now - run_start):.0f} samples/s")
+        dp.sync_buffers()
+        result = evaluate(model, test, comm)
+        wall = time.perf_counter() - epoch_start
+        metrics.record_epoch(epoch=epoch + 1, train_loss=loss_sum / max(samples_seen, 1), test_loss=result.loss,
+                             test_accuracy=result.accuracy, wall_time=wall)
+        stopping = metrics.flush(stop=stop.requested)
+        say(f"epoch {epoch + 1}/{config.epochs} done in {wall:.1f}s: train loss {loss_sum / max(samples_seen, 1):.4f}, "
+            f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
+        if stopping:
+            say(f"stopping early: {stop.describe()}; metrics flushed to {out / 'metrics.h5'}")
+            break
+        if step >= total_steps:
+            break
+    metrics.close()
+    if comm.Get_rank() == 0:
+        from mpipar.summary import summarize
+        print(summarize(out / "metrics.h5"), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Run configuration: a frozen dataclass validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a training job was asked to do. Raises ValueError naming the bad field.
+
+    ``batch_size`` is per rank; ``max_steps`` (optional) stops after that many
+    optimizer steps in total; ``threads`` is torch's intra-op threads per rank.
+    """
+
+    data: str = "fashion-mnist"
+    epochs: int = 3
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    out: str = "runs/latest"
+    threads: int = 1
+    model: str = "resnet-small"
+    bucket_mb: float = 25.0
+    flush_every: int = 50
+    log_every: float = 10.0
+
+    def __post_init__(self):
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                    "threads": self.threads, "bucket_mb": self.bucket_mb, "flush_every": self.flush_every}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"--momentum and --weight-decay must be >= 0, got {self.momentum}, {self.weight_decay}")
+        if self.log_every < 0:
+            raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,244 @@
+"""The run's HDF5 metrics file: per step and rank, where the time went; per epoch, accuracy.
+
+Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
+
+* root attributes: ``strategy``, ``world_size``, ``config`` (JSON), ``hosts`` (JSON,
+  one per rank), ``mpi_library``, ``mpi4py_version``, ``torch_version``,
+  ``mpipar_version``, ``python_version``, ``started_at``, plus any the strategy adds.
+* ``/steps/loss`` (S,): sample-weighted mean loss over ranks; ``/steps/samples`` (S,).
+* ``/steps/{compute_time,comm_time,idle_time,data_time,step_time,bytes_sent,rank_loss,rank_samples}``
+  (S, W). ``comm_time`` is time blocked on MPI that is transfer, ``idle_time`` the
+  part that is waiting for other ranks: for a collective every rank waits at least
+  as long as the rank that arrived last, so per step ``comm_time`` = the least wait
+  over ranks and ``idle_time`` = this rank's wait minus that. Strategies that know
+  the split (pipelines) record both directly.
+* ``/steps/wall_clock`` (S,): seconds since the start, on rank 0.
+* ``/epochs/{epoch,train_loss,test_loss,test_accuracy,wall_time,last_step}`` (E,).
+
+Steps are buffered in memory and written by rank 0 at each flush (every
+``flush_every`` steps and at each epoch end); the file is opened, appended and
+closed each time, so a run killed part-way leaves a readable file with everything
+up to the last flush.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import h5py
+import mpi4py
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import __version__
+from .agree import collective_check
+from .launch import mpi_library
+
+__all__ = ["MetricsWriter", "NonFiniteLossError", "PER_RANK_FIELDS"]
+
+PER_RANK_FIELDS = ("compute_time", "comm_time", "idle_time", "data_time", "step_time", "bytes_sent",
+                   "rank_loss", "rank_samples")
+EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "wall_time", "last_step")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; raised on every rank after the metrics are flushed."""
+
+    agreed = True
+
+
+class MetricsWriter:
+    """Buffer per-step measurements on every rank; rank ``root`` writes them to HDF5.
+
+    Collective contract: the constructor, :meth:`flush`, :meth:`maybe_flush` and
+    :meth:`close` are collective over ``comm``; every rank records the same number
+    of steps between flushes. :meth:`record_step` and :meth:`record_epoch` are local.
+
+    Args:
+        path: the HDF5 file to create (an existing file is an error unless ``resume``).
+        comm: the communicator whose ranks are the columns of per-rank datasets.
+        strategy: e.g. ``"data_parallel"``; stored as a root attribute.
+        config: the run's whole configuration, stored as JSON.
+        attrs: further root attributes.
+        flush_every: steps between flushes.
+        resume: append to an existing file instead of refusing it.
+
+    Raises:
+        FileExistsError, PermissionError, OSError: on every rank, before any
+            training, when the file cannot be created.
+    """
+
+    def __init__(self, path, comm: MPI.Intracomm, *, strategy: str, config: dict,
+                 attrs: Optional[dict] = None, flush_every: int = 50, root: int = 0, resume: bool = False):
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.path = Path(path)
+        self.comm = comm
+        self.root = root
+        self.is_root = comm.Get_rank() == root
+        self.flush_every = flush_every
+        self.world_size = comm.Get_size()
+        self._start = time.perf_counter()
+        self._steps: List[dict] = []
+        self._epochs: List[dict] = []
+        self.steps_written = 0
+        hosts = comm.allgather(MPI.Get_processor_name())
+        if self.is_root:
+            all_attrs = {
+                "strategy": strategy,
+                "world_size": self.world_size,
+                "config": json.dumps(config, sort_keys=True, default=str),
+                "hosts": json.dumps(hosts),
+                "mpi_library": mpi_library(),
+                "mpi_version": "%d.%d" % MPI.Get_version(),
+                "mpi4py_version": mpi4py.__version__,
+                "torch_version": torch.__version__,
+                "mpipar_version": __version__,
+                "python_version": platform.python_version(),
+                "started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                **(attrs or {}),
+            }
+        self.steps_written = collective_check(
+            comm, lambda: self._create(all_attrs, resume) if self.is_root else 0, "metrics file")
+        self.steps_written = comm.bcast(self.steps_written, root=root)
+
+    def _create(self, attrs: dict, resume: bool) -> int:
+        if self.path.exists() and not resume:
+            raise FileExistsError(f"{self.path} already exists; choose another --out directory or remove it "
+                                  f"(runs are never overwritten)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(self.path, "a" if resume else "w-") as f:
+            if resume and "steps/loss" in f:
+                return len(f["steps/loss"])
+            for key, value in attrs.items():
+                f.attrs[key] = str(value) if isinstance(value, str) else value  # TorchVersion is a str subclass
+        return 0
+
+    # -- recording (local) -----------------------------------------------------------
+
+    def record_step(self, *, loss: float, samples: int, step_time: float, wait_time: float = 0.0,
+                    compute_time: Optional[float] = None, comm_time: Optional[float] = None,
+                    idle_time: Optional[float] = None, data_time: float = 0.0, bytes_sent: float = 0.0,
+                    **extra: float) -> None:
+        """Record this rank's step. ``wait_time`` is split into comm and idle time at
+        the flush unless ``comm_time`` and ``idle_time`` are given. ``compute_time``
+        defaults to ``step_time - data_time - wait``. Extra keywords become further
+        (S, W) datasets."""
+        waited = wait_time if comm_time is None else comm_time + (idle_time or 0.0)
+        if compute_time is None:
+            compute_time = max(0.0, step_time - data_time - waited)
+        self._steps.append(dict(loss=float(loss), samples=int(samples), step_time=step_time,
+                                wait_time=wait_time, compute_time=compute_time, comm_time=comm_time,
+                                idle_time=idle_time, data_time=data_time, bytes_sent=float(bytes_sent),
+                                wall_clock=time.perf_counter() - self._start, **extra))
+
+    def record_epoch(self, *, epoch: int, train_loss: float, test_loss: float, test_accuracy: float,
+                     wall_time: float) -> None:
+        """Record an epoch's results (the values of rank ``root`` are written)."""
+        self._epochs.append(dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss,
+                                 test_accuracy=test_accuracy, wall_time=wall_time,
+                                 last_step=self.steps_written + len(self._steps)))
+
+    @property
+    def steps_recorded(self) -> int:
+        return self.steps_written + len(self._steps)
+
+    # -- flushing (collective) ---------------------------------------------------------
+
+    def maybe_flush(self, stop: bool = False) -> bool:
+        """Flush when ``flush_every`` steps are buffered. Collective.
+
+        Returns:
+            True on every rank when some rank passed ``stop=True`` to this flush
+            (e.g. Slurm's warning signal arrived there); False when no flush was due.
+        """
+        if len(self._steps) >= self.flush_every:
+            return self.flush(stop=stop)
+        return False
+
+    def flush(self, stop: bool = False) -> bool:
+        """Gather buffered steps to ``root`` and append them to the file. Collective.
+
+        Returns:
+            True on every rank when any rank passed ``stop=True``.
+
+        Raises:
+            NonFiniteLossError: on every rank, after writing, if a loss was NaN/Inf.
+        """
+        gathered = self.comm.gather((self._steps, bool(stop)), root=self.root)
+        verdict = None
+        if self.is_root:
+            rows = [steps for steps, _ in gathered]
+            if any(len(r) != len(rows[0]) for r in rows):
+                counts = [len(r) for r in rows]
+                raise RuntimeError(f"ranks recorded different numbers of steps since the last flush: {counts}")
+            verdict = (self._write(rows, self._epochs), any(flag for _, flag in gathered))
+        bad_step, stop_anywhere = self.comm.bcast(verdict, root=self.root)
+        self.steps_written += len(self._steps)
+        self._steps, self._epochs = [], []
+        if bad_step is not None:
+            raise NonFiniteLossError(f"the loss became {bad_step[1]} at step {bad_step[0]}; stopped. "
+                                     f"Metrics up to that step are in {self.path}. Try a lower learning rate.")
+        return stop_anywhere
+
+    def close(self) -> None:
+        """Final flush. Collective."""
+        self.flush()
+
+    def _write(self, gathered: List[List[dict]], epochs: List[dict]):
+        n = len(gathered[0])
+        columns: Dict[str, np.ndarray] = {}
+        bad_step = None
+        if n:
+            def per_rank(key):
+                return np.array([[row[key] for row in rows] for rows in gathered], dtype=np.float64).T
+
+            samples = per_rank("samples")
+            losses = per_rank("loss")
+            weights = np.where(samples.sum(1, keepdims=True) > 0, samples, 1.0)
+            columns["loss"] = (losses * weights).sum(1) / weights.sum(1)
+            columns["samples"] = samples.sum(1).astype(np.int64)
+            columns["wall_clock"] = np.array([row["wall_clock"] for row in gathered[self.root]])
+            columns["rank_loss"], columns["rank_samples"] = losses, samples.astype(np.int64)
+            if all(row["comm_time"] is not None for rows in gathered for row in rows):
+                columns["comm_time"] = per_rank("comm_time")
+                columns["idle_time"] = per_rank("idle_time")
+            else:
+                waits = per_rank("wait_time")
+                columns["comm_time"] = np.repeat(waits.min(1, keepdims=True), self.world_size, axis=1)
+                columns["idle_time"] = waits - columns["comm_time"]
+            for key in ("compute_time", "data_time", "step_time", "bytes_sent"):
+                columns[key] = per_rank(key)
+            known = {"loss", "samples", "step_time", "wait_time", "compute_time", "comm_time", "idle_time",
+                     "data_time", "bytes_sent", "wall_clock"}
+            for key in gathered[0][0]:
+                if key not in known:
+                    columns[key] = per_rank(key)
+            finite = np.isfinite(losses).all(1)
+            if not finite.all():
+                first = int(np.argmin(finite))
+                bad_step = (self.steps_written + first, "nan" if np.isnan(losses[first]).any() else "inf")
+        with h5py.File(self.path, "a") as f:
+            for key, values in columns.items():
+                _append(f, f"steps/{key}", values)
+            for key in EPOCH_FIELDS:
+                if epochs:
+                    _append(f, f"epochs/{key}", np.array([e[key] for e in epochs], dtype=np.float64))
+        return bad_step
+
+
+def _append(f: h5py.File, name: str, values: np.ndarray) -> None:
+    if name not in f:
+        f.create_dataset(name, data=values, maxshape=(None, *values.shape[1:]),
+                         chunks=(max(1, min(1024, len(values))), *values.shape[1:]))
+        return
+    dataset = f[name]
+    old = dataset.shape[0]
+    dataset.resize(old + len(values), axis=0)
+    dataset[old:] = values

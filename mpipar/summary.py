@@ -1,0 +1,61 @@
+"""``mpipar-summary metrics.h5``: where the time went in a run, from its metrics file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import h5py
+import numpy as np
+
+__all__ = ["summarize", "main"]
+
+
+def summarize(path) -> str:
+    """A short human-readable account of a run's metrics file."""
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+        steps = {k: f["steps"][k][...] for k in f["steps"]} if "steps" in f else {}
+        epochs = {k: f["epochs"][k][...] for k in f["epochs"]} if "epochs" in f else {}
+    lines = [f"run: {attrs.get('strategy')} on {attrs.get('world_size')} ranks ({path})"]
+    if not steps or len(steps.get("loss", [])) == 0:
+        return "\n".join(lines + ["no steps recorded"])
+    n = len(steps["loss"])
+    step_time = steps["step_time"]               # (S, W)
+    run_time = step_time.sum(0).max()
+    share = {k: steps[k].sum() / step_time.sum() for k in ("compute_time", "comm_time", "idle_time", "data_time")}
+    lines.append(f"steps: {n}, samples/s: {steps['samples'].sum() / run_time:.1f}, "
+                 f"final loss: {steps['loss'][-1]:.4f}")
+    lines.append("step time: " + ", ".join(f"{k.replace('_time', '')} {100 * v:.1f}%" for k, v in share.items()))
+    per_rank = step_time.sum(0)
+    lines.append(f"per rank busy s: {np.array2string(steps['compute_time'].sum(0), precision=1)}; "
+                 f"MB sent: {np.array2string(steps['bytes_sent'].sum(0) / 1e6, precision=1)}; "
+                 f"slowest/fastest rank time: {per_rank.max() / max(per_rank.min(), 1e-12):.2f}")
+    if len(epochs.get("test_accuracy", [])):
+        lines.append(f"epochs: {len(epochs['test_accuracy'])}, final test accuracy: "
+                     f"{epochs['test_accuracy'][-1]:.4f}, test loss: {epochs['test_loss'][-1]:.4f}")
+    for key in ("bubble_measured", "bubble_ideal"):
+        if key in attrs:
+            lines.append(f"{key}: {float(attrs[key]):.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("metrics", help="a run's metrics.h5")
+    parser.add_argument("--config", action="store_true", help="also print the run's configuration")
+    args = parser.parse_args(argv)
+    try:
+        print(summarize(args.metrics))
+        if args.config:
+            with h5py.File(args.metrics, "r") as f:
+                print(json.dumps(json.loads(f.attrs["config"]), indent=2))
+    except (OSError, KeyError) as exc:
+        print(f"mpipar-summary: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

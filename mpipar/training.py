@@ -1,0 +1,54 @@
+"""Pieces of a training loop shared by the jobs: evaluation and step timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from .data import ArrayDataset
+from .sharding import rank_batches
+
+__all__ = ["evaluate", "EvalResult", "Stopwatch"]
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    samples: int
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
+             batch_size: int = 1000) -> EvalResult:
+    """Mean cross-entropy and accuracy over the whole ``dataset``, each rank taking a
+    share. Collective over ``comm``; every rank gets the same result."""
+    was_training = model.training
+    model.eval()
+    totals = np.zeros(3)  # loss sum, correct, count
+    for indices in rank_batches(len(dataset), batch_size, comm.Get_size(), comm.Get_rank(),
+                                seed=0, epoch=0, shuffle=False):
+        images, labels = dataset.batch(indices)
+        logits = model(images)
+        totals += (F.cross_entropy(logits, labels, reduction="sum").item(),
+                   (logits.argmax(1) == labels).sum().item(), len(labels))
+    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    model.train(was_training)
+    return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
+
+
+class Stopwatch:
+    """Laps of wall time: ``lap()`` returns seconds since the previous lap."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed
