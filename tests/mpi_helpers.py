@@ -1,0 +1,43 @@
+"""Helpers for tests that run on several ranks: gathered assertions and mpirun launches."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_all_ranks(comm, ok: bool, message: str = "") -> None:
+    """Assert ``ok`` on every rank, failing on all ranks together with the failing ranks named."""
+    results = comm.allgather((bool(ok), message))
+    failed = [(rank, msg) for rank, (good, msg) in enumerate(results) if not good]
+    assert not failed, "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
+
+
+def assert_close_all_ranks(comm, actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float,
+                           what: str = "") -> None:
+    ok = actual.shape == expected.shape and torch.allclose(actual, expected, rtol=rtol, atol=atol)
+    err = (actual - expected).abs().max().item() if actual.shape == expected.shape else float("nan")
+    assert_all_ranks(comm, ok, f"{what}: max abs difference {err:.3e}")
+
+
+def mpirun_command(n: int, *args: str) -> list:
+    """An mpirun command line that works as root and with more ranks than cores."""
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        raise RuntimeError("mpirun not found")
+    return [mpirun, "-n", str(n), "--oversubscribe", sys.executable, *args]
+
+
+def run_mpi(n: int, *args: str, timeout: float = 180, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run ``python args...`` on ``n`` ranks; fails the test if it outlives ``timeout``."""
+    environ = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    for key in [k for k in environ if k.startswith(("OMPI_COMM_WORLD", "PMIX_", "OMPI_MCA_ess", "PRTE_"))]:
+        environ.pop(key)  # do not inherit the launching test's own MPI world
+    return subprocess.run(mpirun_command(n, *args), capture_output=True, text=True, timeout=timeout,
+                          env=environ, cwd=cwd)

@@ -1,0 +1,233 @@
+"""DataParallel on N ranks equals one process on the whole batch."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+import mpipar
+from mpi_helpers import assert_all_ranks, assert_close_all_ranks
+
+TOL = dict(rtol=1e-10, atol=1e-12)  # float64 models: only summation order differs
+
+
+def tiny_convnet() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4, 5))
+
+
+def tiny_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5))
+
+
+def global_batch(total: int, step: int):
+    generator = torch.Generator().manual_seed(1000 + step)
+    images = torch.randn(total, 1, 4, 4, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 5, (total,), generator=generator)
+    return images, labels
+
+
+def shares(total: int, size: int, skew: int):
+    """Per-rank sample counts summing to ``total``; with ``skew`` ranks differ."""
+    counts = [total // size + (1 if r < total % size else 0) for r in range(size)]
+    if skew and size > 1:
+        counts[0] += skew
+        counts[-1] -= skew
+    offsets = [sum(counts[:r]) for r in range(size)]
+    return counts, offsets
+
+
+def train_both(comm, make_model, *, steps=4, per_rank=6, skew=0, bucket_mb=25.0, weighted=True):
+    """Train a DataParallel replica and a serial reference; return both models."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    reference = make_model().double()
+    replica = copy.deepcopy(reference)
+    dp = mpipar.DataParallel(replica, comm, bucket_cap_mb=bucket_mb, weighted=weighted)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt_dp = torch.optim.SGD(replica.parameters(), lr=0.1, momentum=0.9)
+    total = per_rank * size
+    counts, offsets = shares(total, size, skew)
+    for step in range(steps):
+        images, labels = global_batch(total, step)
+        opt_ref.zero_grad()
+        F.cross_entropy(reference(images), labels).backward()
+        opt_ref.step()
+        mine = slice(offsets[rank], offsets[rank] + counts[rank])
+        opt_dp.zero_grad()
+        F.cross_entropy(dp(images[mine]), labels[mine]).backward()
+        opt_dp.step()
+    return reference, replica
+
+
+def assert_same_parameters(comm, reference, replica, tol=TOL):
+    for (name, p_ref), p_dp in zip(reference.named_parameters(), replica.parameters()):
+        assert_close_all_ranks(comm, p_dp.detach(), p_ref.detach(), what=name, **tol)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("make_model", [tiny_mlp, tiny_convnet])
+def test_equal_shards_match_one_process_on_whole_batch(comm, make_model):
+    reference, replica = train_both(comm, make_model)
+    assert_same_parameters(comm, reference, replica)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("skew", [1, 3])
+def test_unequal_shards_give_sample_weighted_mean(comm, skew):
+    reference, replica = train_both(comm, tiny_mlp, per_rank=7, skew=skew)
+    assert_same_parameters(comm, reference, replica)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_unweighted_mean_differs_on_unequal_shards(comm):
+    """The plain mean is not the full-batch gradient: the weighting is doing work."""
+    reference, replica = train_both(comm, tiny_mlp, per_rank=7, skew=3, weighted=False)
+    differs = any(not torch.allclose(a, b, **TOL) for a, b in zip(reference.parameters(), replica.parameters()))
+    assert_all_ranks(comm, differs, "plain mean unexpectedly equal to the weighted one")
+
+
+@pytest.mark.mpi
+def test_many_small_buckets_equal_one_flat_allreduce(comm):
+    """Gradients from bucketed, overlapped reduction equal one flat Allreduce of all gradients."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    base = tiny_convnet().double()
+    images, labels = global_batch(4 * size, 0)
+    mine = slice(4 * rank, 4 * rank + 4)
+
+    flat_model = copy.deepcopy(base)
+    F.cross_entropy(flat_model(images[mine]), labels[mine]).backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in flat_model.parameters()])
+    comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    flat /= size
+
+    small = copy.deepcopy(base)
+    dp = mpipar.DataParallel(small, comm, bucket_cap_mb=1e-4)  # ~100 bytes: one parameter per bucket
+    assert_all_ranks(comm, len(dp._buckets) == len(list(small.parameters())), "expected one bucket per parameter")
+    F.cross_entropy(dp(images[mine]), labels[mine]).backward()
+    bucketed = torch.cat([p.grad.reshape(-1) for p in small.parameters()])
+    assert_close_all_ranks(comm, bucketed, flat, what="bucketed vs flat", **TOL)
+
+
+@pytest.mark.mpi
+def test_grads_are_views_into_buckets(comm):
+    model = tiny_mlp().double()
+    dp = mpipar.DataParallel(model, comm)
+    images, labels = global_batch(3, 0)
+    F.cross_entropy(dp(images), labels).backward()
+    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    buffers = {b.buffer.untyped_storage().data_ptr() for b in dp._buckets}
+    assert_all_ranks(comm, storages <= buffers, "a .grad is not a view into a bucket buffer")
+
+
+@pytest.mark.mpi
+def test_no_sync_accumulation_equals_whole_batch(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    reference = tiny_mlp().double()
+    replica = copy.deepcopy(reference)
+    dp = mpipar.DataParallel(replica, comm)
+    images, labels = global_batch(8 * size, 0)
+    F.cross_entropy(reference(images), labels).backward()
+    mine_images, mine_labels = images[8 * rank:8 * rank + 8], labels[8 * rank:8 * rank + 8]
+    with dp.no_sync():
+        for part in range(3):  # 3 local micro-batches without communication
+            sl = slice(2 * part, 2 * part + 2)
+            (F.cross_entropy(dp(mine_images[sl]), mine_labels[sl]) / 4).backward()
+    (F.cross_entropy(dp(mine_images[6:]), mine_labels[6:]) / 4).backward()
+    for (name, p_ref), p_dp in zip(reference.named_parameters(), replica.parameters()):
+        assert_close_all_ranks(comm, p_dp.grad, p_ref.grad, what=name, **TOL)
+
+
+class TwoBranch(nn.Module):
+    """``branch`` is used only when the input batch is odd-sized: unused on some ranks."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(16, 5)
+        self.branch = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        out = self.trunk(x)
+        return out + self.branch(x) if len(x) % 2 else out
+
+
+@pytest.mark.mpi(min_size=2)
+def test_parameters_unused_on_some_ranks_do_not_hang(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    reference = TwoBranch().double()
+    replica = copy.deepcopy(reference)
+    dp = mpipar.DataParallel(replica, comm, bucket_cap_mb=1e-4)
+    counts = [4 if r % 2 == 0 else 3 for r in range(size)]
+    offsets = [sum(counts[:r]) for r in range(size)]
+    images, labels = global_batch(sum(counts), 0)
+    # reference: per-sample losses with each rank's own forward, weighted by counts
+    total = torch.zeros(())
+    for r in range(size):
+        sl = slice(offsets[r], offsets[r] + counts[r])
+        total = total + F.cross_entropy(reference(images[sl]), labels[sl]) * counts[r]
+    (total / sum(counts)).backward()
+    sl = slice(offsets[rank], offsets[rank] + counts[rank])
+    F.cross_entropy(dp(images[sl]), labels[sl]).backward()
+    for (name, p_ref), p_dp in zip(reference.named_parameters(), replica.parameters()):
+        assert_close_all_ranks(comm, p_dp.grad, p_ref.grad, what=name, **TOL)
+
+
+@pytest.mark.mpi
+def test_construction_broadcasts_rank0_parameters_and_buffers(comm):
+    torch.manual_seed(comm.Get_rank())  # different on every rank
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(comm.Get_rank())
+    mpipar.DataParallel(model, comm)
+    state = torch.cat([t.reshape(-1).float() for t in model.state_dict().values()])
+    root_state = torch.from_numpy(comm.bcast(state.numpy(), root=0))
+    assert_close_all_ranks(comm, state, root_state, rtol=0, atol=0, what="state after broadcast")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_different_models_on_ranks_are_refused_on_every_rank(comm):
+    width = 4 if comm.Get_rank() == 0 else 5
+    with pytest.raises(ValueError, match="ranks disagree on model parameters"):
+        mpipar.DataParallel(nn.Linear(width, 2), comm)
+
+
+def test_size_one_matches_plain_module():
+    torch.manual_seed(0)
+    reference = tiny_convnet().double()
+    replica = copy.deepcopy(reference)
+    dp = mpipar.DataParallel(replica, MPI.COMM_SELF)
+    images, labels = global_batch(5, 0)
+    F.cross_entropy(reference(images), labels).backward()
+    F.cross_entropy(dp(images), labels).backward()
+    for p_ref, p_dp in zip(reference.parameters(), replica.parameters()):
+        assert torch.equal(p_ref.grad, p_dp.grad)
+    assert dp.stats.take().bytes_sent == 0
+
+
+def test_training_on_comm_self_matches_reference():
+    reference, replica = train_both(MPI.COMM_SELF, tiny_mlp)
+    for p_ref, p_dp in zip(reference.parameters(), replica.parameters()):
+        assert torch.equal(p_ref, p_dp)
+
+
+@pytest.mark.mpi
+def test_sync_buffers_averages_running_statistics(comm):
+    model = nn.BatchNorm1d(2)
+    dp = mpipar.DataParallel(model, comm)
+    with torch.no_grad():
+        model.running_mean.fill_(float(comm.Get_rank()))
+    dp.sync_buffers()
+    expected = torch.full((2,), (comm.Get_size() - 1) / 2)
+    assert_close_all_ranks(comm, model.running_mean, expected, rtol=0, atol=1e-6, what="running_mean")
+
+
+def test_bad_bucket_size_is_rejected():
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        mpipar.DataParallel(nn.Linear(2, 2), MPI.COMM_SELF, bucket_cap_mb=0)
