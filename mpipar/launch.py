@@ -33,11 +33,13 @@ def check_world_size(comm: MPI.Intracomm, environ=os.environ) -> None:
     size = comm.Get_size()
     if expected is None or int(expected) == size:
         return
-    raise RuntimeError(
+    error = RuntimeError(
         f"MPI world size is {size} but the launch asked for {expected} tasks "
         f"(SLURM_NTASKS={environ.get('SLURM_NTASKS')}). Every rank is its own world: the MPI library "
         f"did not connect to the launcher. Launch with 'srun --mpi=pmix' (see 'srun --mpi=list'), or with "
         f"'mpirun -n $SLURM_NTASKS' inside the allocation, using the MPI that mpi4py was built against.")
+    error.agreed = True  # every rank sees the same sizes
+    raise error
 
 
 def threads_per_rank(comm: MPI.Intracomm, requested: int = 0) -> int:

@@ -1,0 +1,84 @@
+"""jobs/resnet_dp.py end to end on a few ranks: metrics file contents and bad input."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from mpi_helpers import ROOT, run_mpi
+
+JOB = str(ROOT / "jobs" / "resnet_dp.py")
+TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--flush-every", "3")
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_resnet_dp_writes_every_metric(tmp_path, ranks):
+    out = tmp_path / "run"
+    result = run_mpi(ranks, JOB, *TINY, "--max-steps", "7", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "samples/s" in result.stdout and "final test accuracy" in result.stdout
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert f.attrs["strategy"] == "data_parallel" and f.attrs["world_size"] == ranks
+        config = json.loads(f.attrs["config"])
+        assert config["max_steps"] == 7 and config["batch_size"] == 16
+        for key in ("mpi_library", "torch_version", "mpi4py_version", "mpipar_version", "hosts"):
+            assert key in f.attrs
+        assert f["steps/loss"].shape == (7,) and f["steps/samples"][0] == 16 * ranks
+        for key in ("compute_time", "comm_time", "idle_time", "bytes_sent"):
+            values = f[f"steps/{key}"][...]
+            assert values.shape == (7, ranks) and np.isfinite(values).all() and (values >= 0).all()
+        assert (f["steps/compute_time"][...] > 0).all() and (f["steps/bytes_sent"][...] > 0).all()
+        for key in ("train_loss", "test_loss", "test_accuracy", "wall_time"):
+            assert f[f"epochs/{key}"].shape == (1,)
+        assert 0 <= f["epochs/test_accuracy"][0] <= 1
+
+
+def run_bad(tmp_path, *args, ranks=2, env=None):
+    result = run_mpi(ranks, JOB, *TINY, "--max-steps", "2", *args, timeout=120, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    return output
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch-size", "0", "--batch-size must be positive"),
+    ("--epochs", "-1", "--epochs must be positive"),
+    ("--lr", "0", "--lr must be positive"),
+    ("--max-steps", "0", "--max-steps must be at least 1"),
+    ("--data", "/nonexistent/data.h5", "no such file or directory"),
+])
+def test_bad_input_is_one_clear_message(tmp_path, flag, value, message):
+    output = run_bad(tmp_path, flag, value, "--out", str(tmp_path / "run"))
+    assert output.count(message) == 1, output
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.h5").write_bytes(b"earlier run")
+    output = run_bad(tmp_path, "--out", str(out))
+    assert "holds an earlier run" in output
+    assert (out / "metrics.h5").read_bytes() == b"earlier run"
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    output = run_bad(tmp_path, "--out", str(blocker / "run"))
+    assert "output directory" in output
+
+
+def test_world_size_must_match_the_launch(tmp_path):
+    output = run_bad(tmp_path, "--out", str(tmp_path / "run"), env={"MPIPAR_EXPECTED_WORLD_SIZE": "3"})
+    assert "MPI world size is 2 but the launch asked for 3" in output
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_metrics(tmp_path):
+    out = tmp_path / "run"
+    result = run_mpi(2, JOB, *TINY, "--max-steps", "40", "--lr", "1e12", "--out", str(out), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "the loss became" in output and "at step" in output, output
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert len(f["steps/loss"]) >= 1 and not np.isfinite(f["steps/loss"][-1])

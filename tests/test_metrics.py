@@ -1,0 +1,116 @@
+"""The HDF5 metrics file: schema, per-rank columns, flushing, NaN stop, no overwrite."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpipar.metrics import MetricsWriter, NonFiniteLossError
+from mpi_helpers import assert_all_ranks
+
+PER_RANK = ("compute_time", "comm_time", "idle_time", "data_time", "step_time", "bytes_sent", "rank_loss",
+            "rank_samples")
+
+
+def shared_path(comm, tmp_path, name="metrics.h5"):
+    return comm.bcast(str(tmp_path / name) if comm.Get_rank() == 0 else None, root=0)
+
+
+def record(writer, comm, steps, loss=None):
+    rank = comm.Get_rank()
+    for step in range(steps):
+        writer.record_step(loss=loss if loss is not None else 1.0 + rank + step, samples=2 + rank, step_time=1.0,
+                           data_time=0.1, wait_time=0.2 + 0.1 * rank, bytes_sent=100.0 * (rank + 1))
+
+
+@pytest.mark.mpi
+def test_schema_and_values(comm, mpi_tmp_path):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    path = shared_path(comm, mpi_tmp_path)
+    writer = MetricsWriter(path, comm, strategy="data_parallel", config={"lr": 0.1}, flush_every=3)
+    record(writer, comm, 5)  # flushes are explicit here
+    writer.flush()
+    writer.record_epoch(epoch=1, train_loss=1.5, test_loss=1.2, test_accuracy=0.75, wall_time=3.0)
+    record(writer, comm, 2)
+    writer.close()
+    ok, message = True, ""
+    if rank == 0:
+        with h5py.File(path, "r") as f:
+            attrs = f.attrs
+            ok &= attrs["strategy"] == "data_parallel" and attrs["world_size"] == size
+            ok &= json.loads(attrs["config"]) == {"lr": 0.1} and len(json.loads(attrs["hosts"])) == size
+            ok &= all(key in attrs for key in ("mpi_library", "torch_version", "mpi4py_version", "mpipar_version"))
+            ok &= f["steps/loss"].shape == (7,) and f["steps/samples"][0] == sum(2 + r for r in range(size))
+            for key in PER_RANK:
+                ok &= f[f"steps/{key}"].shape == (7, size)
+            weights = np.array([2 + r for r in range(size)])
+            expected = (weights * np.array([1.0 + r for r in range(size)])).sum() / weights.sum()
+            ok &= np.isclose(f["steps/loss"][0], expected)
+            # collective waits: comm = least wait over ranks, idle = the rest
+            ok &= np.allclose(f["steps/comm_time"][0], 0.2)
+            ok &= np.allclose(f["steps/idle_time"][0], [0.1 * r for r in range(size)])
+            ok &= np.allclose(f["steps/compute_time"][0], [1.0 - 0.1 - 0.2 - 0.1 * r for r in range(size)])
+            ok &= np.allclose(f["steps/bytes_sent"][0], [100.0 * (r + 1) for r in range(size)])
+            ok &= f["epochs/test_accuracy"][...].tolist() == [0.75] and f["epochs/last_step"][0] == 5
+            message = f"file content wrong: {dict(f['steps'])}"
+    assert_all_ranks(comm, ok, message)
+
+
+@pytest.mark.mpi
+def test_file_is_readable_between_flushes(comm, mpi_tmp_path):
+    path = shared_path(comm, mpi_tmp_path)
+    writer = MetricsWriter(path, comm, strategy="x", config={}, flush_every=2)
+    record(writer, comm, 2)
+    writer.maybe_flush()
+    record(writer, comm, 1)  # buffered, not yet written
+    steps = None
+    if comm.Get_rank() == 0:
+        with h5py.File(path, "r") as f:  # the writer still "runs": the file must be readable now
+            steps = len(f["steps/loss"])
+    assert_all_ranks(comm, comm.bcast(steps, root=0) == 2, f"expected 2 steps on disk, found {steps}")
+    writer.close()
+
+
+@pytest.mark.mpi
+def test_nonfinite_loss_stops_every_rank_after_flushing(comm, mpi_tmp_path):
+    path = shared_path(comm, mpi_tmp_path)
+    writer = MetricsWriter(path, comm, strategy="x", config={}, flush_every=10)
+    record(writer, comm, 3)
+    writer.record_step(loss=float("nan") if comm.Get_rank() == comm.Get_size() - 1 else 1.0, samples=1,
+                       step_time=1.0)
+    with pytest.raises(NonFiniteLossError, match="nan at step 3"):
+        writer.flush()
+    steps = None
+    if comm.Get_rank() == 0:
+        with h5py.File(path, "r") as f:
+            steps = len(f["steps/loss"])
+    assert_all_ranks(comm, comm.bcast(steps, root=0) == 4)
+
+
+@pytest.mark.mpi
+def test_existing_file_is_never_overwritten(comm, mpi_tmp_path):
+    path = shared_path(comm, mpi_tmp_path)
+    MetricsWriter(path, comm, strategy="x", config={}).close()
+    with pytest.raises(FileExistsError, match="already exists"):
+        MetricsWriter(path, comm, strategy="y", config={})
+    resumed = MetricsWriter(path, comm, strategy="x", config={}, resume=True)
+    assert_all_ranks(comm, resumed.steps_written == 0)
+
+
+@pytest.mark.mpi
+def test_stop_flag_from_one_rank_reaches_all(comm, mpi_tmp_path):
+    path = shared_path(comm, mpi_tmp_path)
+    writer = MetricsWriter(path, comm, strategy="x", config={}, flush_every=1)
+    record(writer, comm, 1)
+    stop = writer.maybe_flush(stop=comm.Get_rank() == comm.Get_size() - 1)
+    assert_all_ranks(comm, stop is True)
+    assert_all_ranks(comm, writer.flush() is False)
+
+
+def test_unwritable_location_is_an_error(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(OSError):
+        MetricsWriter(target / "metrics.h5", MPI.COMM_SELF, strategy="x", config={})

@@ -1,0 +1,140 @@
+"""The torch<->MPI boundary: dtypes, zero copy, staging, blocking and non-blocking calls."""
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpipar import mpi_tensor
+from mpi_helpers import assert_all_ranks, assert_close_all_ranks
+
+REDUCIBLE = [torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.uint8]
+
+
+def test_dtype_table_and_unsupported_dtype():
+    assert mpi_tensor.mpi_datatype(torch.float32) == MPI.FLOAT
+    assert mpi_tensor.mpi_datatype(torch.int64) == MPI.INT64_T
+    with pytest.raises(TypeError, match="uint16"):
+        mpi_tensor.mpi_datatype(torch.uint16)
+    with pytest.raises(TypeError, match="uint16"):
+        mpi_tensor.allreduce_(torch.zeros(2, dtype=torch.uint16), MPI.COMM_SELF)
+
+
+def test_transport_choice():
+    assert mpi_tensor.transport_for(torch.zeros(3)) == "host"
+    assert mpi_tensor.transport_for(torch.zeros(3, 4).t()) == "staged"
+    assert mpi_tensor.transport_for(torch.zeros(3, dtype=torch.float16), reduce=True) == "staged"
+    assert mpi_tensor.transport_for(torch.zeros(3, dtype=torch.bfloat16)) == "host"
+
+
+def test_host_transport_hands_mpi_the_tensor_memory():
+    tensor = torch.arange(4.0)
+    work = mpi_tensor._prepare(tensor, reduce=True, read=True, write=True)
+    buffer = work.buffer[0]
+    assert buffer.address == tensor.data_ptr() and buffer.nbytes == 16
+
+
+def test_cuda_aware_override(monkeypatch):
+    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
+    monkeypatch.setenv("MPIPAR_CUDA_AWARE", "1")
+    assert mpi_tensor.cuda_aware_mpi() is True
+    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
+    monkeypatch.setenv("MPIPAR_CUDA_AWARE", "0")
+    assert mpi_tensor.cuda_aware_mpi() is False
+    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", REDUCIBLE)
+def test_allreduce_sums_in_place(comm, dtype):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    tensor = (torch.arange(6) % 5 + rank).to(dtype)
+    address = tensor.data_ptr()
+    mpi_tensor.allreduce_(tensor, comm)
+    expected = ((torch.arange(6) % 5) * size + size * (size - 1) // 2).to(dtype)
+    assert_all_ranks(comm, tensor.data_ptr() == address and torch.equal(tensor, expected), f"{dtype}: {tensor}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_reductions_run_in_float32(comm, dtype):
+    size = comm.Get_size()
+    tensor = torch.full((5,), 0.5, dtype=dtype)
+    mpi_tensor.allreduce_(tensor, comm)
+    assert_all_ranks(comm, tensor.dtype == dtype and torch.equal(tensor, torch.full((5,), 0.5 * size, dtype=dtype)),
+                     str(tensor))
+
+
+@pytest.mark.mpi
+def test_non_contiguous_allreduce_writes_back(comm):
+    base = torch.ones(4, 3)
+    view = base.t()  # not contiguous
+    mpi_tensor.allreduce_(view, comm)
+    assert_close_all_ranks(comm, base, torch.full((4, 3), float(comm.Get_size())), rtol=0, atol=0, what="view")
+
+
+@pytest.mark.mpi
+def test_iallreduce_equals_allreduce(comm):
+    torch.manual_seed(comm.Get_rank())
+    data = torch.randn(1000, dtype=torch.float64)
+    blocking, pending = data.clone(), data.clone()
+    mpi_tensor.allreduce_(blocking, comm)
+    op = mpi_tensor.iallreduce_(pending, comm)
+    op.wait()
+    assert_close_all_ranks(comm, pending, blocking, rtol=1e-12, atol=1e-12, what="iallreduce")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_bcast(comm, dtype):
+    tensor = torch.full((7,), comm.Get_rank() + 1).to(dtype)
+    mpi_tensor.bcast_(tensor, comm, root=0)
+    assert_all_ranks(comm, torch.equal(tensor, torch.ones(7).to(dtype)), str(tensor))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("numel", [3, 1 << 20])  # small and above the eager limit
+def test_ring_send_recv(comm, numel):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    outgoing = torch.full((numel,), float(rank), dtype=torch.bfloat16)
+    incoming = torch.empty(numel, dtype=torch.bfloat16)
+    right, left = (rank + 1) % size, (rank - 1) % size
+    ops = [mpi_tensor.irecv_(incoming, comm, left, tag=7), mpi_tensor.isend(outgoing, comm, right, tag=7)]
+    mpi_tensor.wait_all(ops)
+    ok = torch.equal(incoming, torch.full((numel,), float(left), dtype=torch.bfloat16))
+    if rank % 2 == 0:
+        mpi_tensor.send(outgoing.float(), comm, right, tag=8)
+        back = mpi_tensor.recv_(torch.empty(numel), comm, left, tag=8)
+    else:
+        back = mpi_tensor.recv_(torch.empty(numel), comm, left, tag=8)
+        mpi_tensor.send(outgoing.float(), comm, right, tag=8)
+    ok = ok and torch.equal(back, torch.full((numel,), float(left)))
+    assert_all_ranks(comm, ok, "ring exchange delivered wrong data")
+
+
+@pytest.mark.mpi
+def test_empty_tensor(comm):
+    tensor = torch.empty(0)
+    mpi_tensor.allreduce_(tensor, comm)
+    assert_all_ranks(comm, tensor.numel() == 0)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.mpi
+@pytest.mark.parametrize("cuda_aware", ["0", "1"])
+def test_cuda_tensors(comm, cuda_aware, monkeypatch):
+    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
+    monkeypatch.setenv("MPIPAR_CUDA_AWARE", cuda_aware)
+    if cuda_aware == "1" and getattr(MPI, "Query_cuda_support", lambda: False)() is False:
+        pytest.skip("this MPI is not CUDA-aware")
+    device = torch.device("cuda", comm.Get_rank() % torch.cuda.device_count())
+    tensor = torch.full((1000,), float(comm.Get_rank()), device=device) * 2
+    mpi_tensor.allreduce_(tensor, comm)
+    pending = mpi_tensor.iallreduce_(torch.ones(10, device=device, dtype=torch.float16), comm)
+    total = float(sum(range(comm.Get_size())) * 2)
+    ok = torch.equal(tensor.cpu(), torch.full((1000,), total)) and \
+        torch.equal(pending.wait().cpu(), torch.full((10,), float(comm.Get_size()), dtype=torch.float16))
+    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
+    assert_all_ranks(comm, ok)

@@ -1,0 +1,105 @@
+"""The automatic partitioner: balance by time against literal tables and brute force; profiling."""
+
+import itertools
+import random
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpi_helpers import assert_all_ranks
+from mpipar.pipeline.partition import (auto_balance, balance_by_time, format_report, gather_stage_times,
+                                       profile_layers, stage_sums)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("times,stages,expected", [
+    ([1, 1, 1, 1], 2, [2, 2]),
+    ([4, 1, 1, 1, 1], 2, [1, 4]),
+    ([1, 2, 3, 4, 5], 3, [3, 1, 1]),
+    ([1, 1, 1, 1, 1, 1, 6], 2, [6, 1]),
+    ([5, 5, 5], 3, [1, 1, 1]),
+    ([2, 0, 0, 2], 2, [1, 3]),
+    ([3, 1, 1, 1], 1, [4]),
+])
+def test_balance_by_time_literal_tables(times, stages, expected):
+    assert balance_by_time(times, stages) == expected
+
+
+def brute_force_best(times, stages):
+    n = len(times)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = (0, *cuts, n)
+        best = min(best, max(sum(times[a:b]) for a, b in zip(bounds[:-1], bounds[1:])))
+    return best
+
+
+def test_balance_by_time_is_optimal_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        stages = rng.randint(1, n)
+        times = [rng.choice([0.0, 0.5, 1.0, 2.0, 3.5, 7.0]) for _ in range(n)]
+        balance = balance_by_time(times, stages)
+        assert len(balance) == stages and min(balance) >= 1 and sum(balance) == n
+        assert max(stage_sums(times, balance)) == pytest.approx(brute_force_best(times, stages))
+
+
+def test_balance_by_time_rejects_bad_input():
+    with pytest.raises(ValueError, match="use at most 2 ranks"):
+        balance_by_time([1, 2], 3)
+    with pytest.raises(ValueError, match="layer times must be >= 0"):
+        balance_by_time([1, -2], 2)
+    with pytest.raises(ValueError, match="covers 3 layers, not 2"):
+        stage_sums([1, 2], [1, 2])
+
+
+def test_profile_layers_measures_every_layer_and_changes_no_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    profiles = profile_layers(model, torch.randn(6, 8), repeats=2)
+    assert [p.name for p in profiles] == ["0", "1", "2", "3"]
+    assert [p.param_bytes for p in profiles] == [4 * (8 * 32 + 32), 4 * 64, 0, 4 * (32 * 4 + 4)]
+    assert [p.activation_bytes for p in profiles] == [4 * 6 * 32] * 3 + [4 * 6 * 4]
+    assert all(p.forward_time > 0 and p.backward_time >= 0 for p in profiles)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_heavy_layer_gets_a_stage_of_its_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 512), nn.Linear(512, 512), nn.Linear(512, 16))
+    profiles = profile_layers(model, torch.randn(64, 16), repeats=5)
+    balance = balance_by_time([p.time for p in profiles], 3)
+    assert balance == [2, 1, 1]  # the 512x512 layer (30x the others) gets a stage of its own
+    report = format_report(balance, stage_sums([p.time for p in profiles], balance), [0.001] * 3)
+    assert report.splitlines()[0].startswith("stage  layers  predicted ms")
+    assert "slowest/mean stage: predicted" in report
+
+
+@pytest.mark.mpi(min_size=1)
+def test_auto_balance_is_the_same_on_every_rank():
+    comm = MPI.COMM_WORLD
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    sample = torch.randn(4, 8) if comm.Get_rank() == 0 else None
+    balance, profiles = auto_balance(model, sample, comm.Get_size(), comm, repeats=2)
+    gathered = comm.allgather((balance, [p.name for p in profiles]))
+    assert_all_ranks(comm, all(g == gathered[0] for g in gathered) and sum(balance) == 6
+                     and len(balance) == comm.Get_size(), f"{gathered}")
+    times = gather_stage_times(comm, {comm.Get_rank(): 1.0}, comm.Get_size())
+    assert_all_ranks(comm, times == [1.0] * comm.Get_size(), f"{times}")
+
+
+@pytest.mark.mpi(min_size=1)
+def test_auto_balance_failure_is_raised_on_every_rank():
+    comm = MPI.COMM_WORLD
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(9, 8))
+    sample = torch.randn(4, 8) if comm.Get_rank() == 0 else None
+    with pytest.raises(ValueError, match="automatic balance on rank 0 failed"):
+        auto_balance(model, sample, 1, comm, repeats=1)
+    assert_all_ranks(comm, True)

@@ -1,0 +1,147 @@
+"""Pipeline schedules against literal tables (no MPI)."""
+
+import pytest
+
+from mpipar.pipeline.schedule import (Backward, Forward, RecvActivation, RecvGrad, Schedule, SendActivation,
+                                      SendGrad, rank_program)
+
+
+def rows(grid: str):
+    return [line.split() for line in grid.splitlines()]
+
+
+def test_gpipe_grid_3_stages_4_microbatches():
+    assert rows(Schedule("gpipe", 3, 4).grid()) == [
+        "F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3".split(),
+        ".  F0 F1 F2 F3 .  .  B0 B1 B2 B3 .".split(),
+        ".  .  F0 F1 F2 F3 B0 B1 B2 B3 .  .".split(),
+    ]
+
+
+def test_1f1b_grid_3_stages_4_microbatches():
+    assert rows(Schedule("1f1b", 3, 4).grid()) == [
+        "F0 F1 F2 .  .  B0 F3 B1 .  B2 .  B3".split(),
+        ".  F0 F1 .  B0 F2 B1 F3 B2 .  B3 .".split(),
+        ".  .  F0 B0 F1 B1 F2 B2 F3 B3 .  .".split(),
+    ]
+
+
+def test_1f1b_with_fewer_microbatches_than_stages():
+    assert rows(Schedule("1f1b", 3, 2).grid()) == [
+        "F0 F1 .  .  .  B0 .  B1".split(),
+        ".  F0 F1 .  B0 .  B1 .".split(),
+        ".  .  F0 B0 F1 B1 .  .".split(),
+    ]
+
+
+def test_naive_grid_runs_one_stage_at_a_time():
+    assert rows(Schedule("naive", 2, 2).grid()) == [
+        "F0 .  .  B0 F1 .  .  B1".split(),
+        ".  F0 B0 .  .  F1 B1 .".split(),
+    ]
+
+
+def test_forward_only_grid():
+    assert rows(Schedule("forward", 2, 3).grid()) == [
+        "F0 F1 F2 .".split(),
+        ".  F0 F1 F2".split(),
+    ]
+
+
+def test_single_stage_is_plain_gradient_accumulation():
+    for name in ("naive", "gpipe", "1f1b"):
+        assert Schedule(name, 1, 2).instructions(0) == (
+            [Forward(0, 0), Forward(0, 1), Backward(0, 0), Backward(0, 1)] if name == "gpipe" else
+            [Forward(0, 0), Backward(0, 0), Forward(0, 1), Backward(0, 1)])
+
+
+def test_1f1b_instruction_streams_name_every_transfer():
+    schedule = Schedule("1f1b", 2, 3)
+    assert [str(i) for i in schedule.instructions(0)] == \
+        "F0 sa0 F1 sa1 rg0 B0 F2 sa2 rg1 B1 rg2 B2".split()
+    assert [str(i) for i in schedule.instructions(1)] == \
+        "ra0 F0 B0 sg0 ra1 F1 B1 sg1 ra2 F2 B2 sg2".split()
+    assert schedule.instructions(1)[:4] == [RecvActivation(1, 0), Forward(1, 0), Backward(1, 0), SendGrad(1, 0)]
+
+
+def test_rank_program_merges_a_non_contiguous_placement_in_clock_order():
+    # stages 0 and 2 on rank 0, stage 1 on rank 1: activations go 0 -> 1 -> 0
+    schedule = Schedule("gpipe", 3, 2)
+    program = rank_program(schedule, (0, 1, 0), 0)
+    assert [(type(i).__name__, i.stage, i.microbatch) for i in program] == [
+        ("Forward", 0, 0), ("SendActivation", 0, 0),
+        ("Forward", 0, 1), ("SendActivation", 0, 1),
+        ("RecvActivation", 2, 0), ("Forward", 2, 0),
+        ("RecvActivation", 2, 1), ("Forward", 2, 1),
+        ("Backward", 2, 0), ("SendGrad", 2, 0),
+        ("Backward", 2, 1), ("SendGrad", 2, 1),
+        ("RecvGrad", 0, 0), ("Backward", 0, 0),
+        ("RecvGrad", 0, 1), ("Backward", 0, 1),
+    ]
+    assert rank_program(schedule, (0, 1, 0), 1) == [
+        RecvActivation(1, 0), Forward(1, 0), SendActivation(1, 0),
+        RecvActivation(1, 1), Forward(1, 1), SendActivation(1, 1),
+        RecvGrad(1, 0), Backward(1, 0), SendGrad(1, 0),
+        RecvGrad(1, 1), Backward(1, 1), SendGrad(1, 1),
+    ]
+    assert rank_program(schedule, (0, 1, 0), 2) == []
+
+
+@pytest.mark.parametrize("name", ["naive", "gpipe", "1f1b", "forward"])
+@pytest.mark.parametrize("stages,microbatches", [(1, 1), (2, 5), (3, 2), (4, 8)])
+def test_every_receive_is_sent_at_an_earlier_tick(name, stages, microbatches):
+    """The property that makes the executor deadlock-free."""
+    schedule = Schedule(name, stages, microbatches)
+    tick = {}
+    for stage in range(stages):
+        for (kind, i), t in zip(schedule.compute_order(stage), schedule.ticks(stage)):
+            tick[(kind, stage, i)] = t
+    for stage in range(stages):
+        for instruction in schedule.instructions(stage):
+            i = instruction.microbatch
+            if isinstance(instruction, RecvActivation):
+                assert tick[("F", stage - 1, i)] < tick[("F", stage, i)]
+            if isinstance(instruction, RecvGrad):
+                assert tick[("B", stage + 1, i)] < tick[("B", stage, i)]
+    every = {(kind, i) for kind in ("F", "B") for i in range(microbatches)} if schedule.has_backward else \
+        {("F", i) for i in range(microbatches)}
+    assert all(set(schedule.compute_order(s)) == every for s in range(stages))
+
+
+def test_in_flight_microbatches():
+    assert [Schedule("gpipe", 4, 6).max_in_flight(s) for s in range(4)] == [6, 6, 6, 6]
+    assert [Schedule("1f1b", 4, 6).max_in_flight(s) for s in range(4)] == [4, 3, 2, 1]
+    assert [Schedule("1f1b", 4, 2).max_in_flight(s) for s in range(4)] == [2, 2, 2, 1]
+    assert [Schedule("naive", 4, 6).max_in_flight(s) for s in range(4)] == [1, 1, 1, 1]
+
+
+def test_schedule_lengths_and_ideal_bubbles():
+    assert Schedule("gpipe", 4, 8).length == 2 * (8 + 4 - 1)
+    assert Schedule("1f1b", 4, 8).length == 2 * (8 + 4 - 1)
+    assert Schedule("naive", 4, 8).length == 2 * 4 * 8
+    assert Schedule("gpipe", 4, 8).ideal_bubble == pytest.approx(3 / 11)
+    assert Schedule("1f1b", 2, 8).ideal_bubble == pytest.approx(1 / 9)
+    assert Schedule("naive", 4, 8).ideal_bubble == pytest.approx(3 / 4)
+    assert Schedule("gpipe", 1, 8).ideal_bubble == 0.0
+
+
+@pytest.mark.parametrize("args,match", [
+    (("pipedream", 2, 2), "unknown pipeline schedule 'pipedream'"),
+    (("gpipe", 0, 2), "stages >= 1"),
+    (("1f1b", 2, 0), "microbatches >= 1"),
+    (("1f1b", 2, 2.0), "microbatches >= 1"),
+])
+def test_bad_schedules_are_rejected_with_the_values(args, match):
+    with pytest.raises(ValueError, match=match):
+        Schedule(*args)
+
+
+def test_rank_program_needs_one_owner_per_stage():
+    with pytest.raises(ValueError, match="2 stage owners given for 3 stages"):
+        rank_program(Schedule("gpipe", 3, 1), (0, 1), 0)
+
+
+def test_instructions_print_compactly():
+    assert [str(i) for i in (RecvActivation(1, 2), Forward(1, 2), SendActivation(1, 2), RecvGrad(0, 3),
+                             Backward(0, 3), SendGrad(1, 0))] == ["ra2", "F2", "sa2", "rg3", "B3", "sg0"]
+    assert str(Schedule("1f1b", 2, 4)) == "1f1b schedule, 2 stages, 4 micro-batches"

@@ -1,0 +1,282 @@
+"""Every slurm/*.sh job script runs through a real ``sbatch --wait`` with a tiny configuration.
+
+Needs a reachable Slurm cluster; on a Debian machine bring one up with::
+
+    slurm/local-cluster.sh up
+    python -m pytest tests/test_slurm.py -v
+    slurm/local-cluster.sh down
+
+Without ``sbatch`` or a controller answering ``scontrol ping`` the cluster tests
+are skipped with the reason, unless ``MPIPAR_REQUIRE_SLURM=1`` (CI) makes that a
+failure. A new script in slurm/ needs an entry in ``TINY_JOBS``; a test fails
+until it has one.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import h5py
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "slurm"
+NOT_JOB_SCRIPTS = {"local-cluster.sh"}  # the test cluster itself
+
+
+@dataclass(frozen=True)
+class TinyJob:
+    """How to run one slurm/ script in seconds, and what it must leave behind.
+
+    ``args`` and ``long_args`` are extra job arguments; ``{out}`` becomes a fresh
+    run directory under the test's tmp_path, where ``metrics`` must appear.
+    """
+
+    args: Tuple[str, ...]  # a run of exactly `steps` optimizer steps
+    steps: int
+    long_args: Tuple[str, ...]  # a run that lasts until Slurm's time-limit signal stops it
+    other_ntasks: Optional[int] = None  # a second size, given on the sbatch command line (mpirun test)
+    metrics: str = "metrics.h5"
+
+
+TINY_JOBS = {
+    "resnet_dp.sh": TinyJob(
+        args=("--data", "synthetic", "--epochs", "1", "--max-steps", "3", "--batch-size", "8", "--out", "{out}"),
+        steps=3,
+        long_args=("--data", "synthetic", "--epochs", "1000", "--batch-size", "8", "--flush-every", "5",
+                   "--out", "{out}"),
+        other_ntasks=3,
+    ),
+}
+
+JOB_TIMEOUT = 300  # seconds for a tiny job, queueing and Python start-up of every rank included
+# slurmctld looks at time limits every 30 s and sends --signal's warning up to one such period
+# early; it kills up to a period late. Limits are whole minutes.
+SLURMCTLD_PERIOD = 30
+
+
+def job_scripts():
+    return sorted(p.name for p in SLURM_DIR.glob("*.sh") if p.name not in NOT_JOB_SCRIPTS)
+
+
+def sbatch_directive(script: str, pattern: str) -> Optional[str]:
+    """First value of an ``#SBATCH`` option in the script's header, or None."""
+    for line in (SLURM_DIR / script).read_text().splitlines():
+        found = re.match(r"#SBATCH\s+" + pattern + r"\s*(\S+)", line)
+        if found:
+            return found.group(1)
+    return None
+
+
+def tiny_job(script: str) -> TinyJob:
+    if script not in TINY_JOBS:
+        pytest.fail(f"slurm/{script} has no entry in TINY_JOBS (tests/test_slurm.py)", pytrace=False)
+    return TINY_JOBS[script]
+
+
+def signal_lead_seconds(script: str) -> int:
+    """Seconds before the limit at which the script asks for its warning signal."""
+    value = sbatch_directive(script, "--signal=")
+    found = re.fullmatch(r"(?:B:)?(?:SIG)?USR1@(\d+)", value or "")
+    if not found:
+        pytest.fail(f"slurm/{script}: expected '#SBATCH --signal=B:USR1@SECONDS', found {value!r}", pytrace=False)
+    return int(found.group(1))
+
+
+def default_ntasks(script: str) -> int:
+    value = sbatch_directive(script, r"(?:--ntasks=|--ntasks\s|-n\s*)")
+    if value is None:
+        pytest.fail(f"slurm/{script} has no '#SBATCH --ntasks=N': state the rank count it runs with")
+    return int(value)
+
+
+# -- the cluster ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """Skip (or, with MPIPAR_REQUIRE_SLURM=1, fail) when no Slurm cluster answers."""
+    missing = None
+    if shutil.which("sbatch") is None:
+        missing = "sbatch not found"
+    else:
+        try:
+            ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+            if ping.returncode != 0 or "UP" not in ping.stdout:
+                missing = f"no Slurm controller answers 'scontrol ping': {(ping.stdout + ping.stderr).strip()}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            missing = f"'scontrol ping' failed: {exc}"
+    if missing:
+        message = f"{missing}; start a one-node cluster with 'slurm/local-cluster.sh up' (root, Debian)"
+        if os.environ.get("MPIPAR_REQUIRE_SLURM") == "1":
+            pytest.fail(message + " [MPIPAR_REQUIRE_SLURM=1]", pytrace=False)
+        pytest.skip(message)
+
+
+def job_environment(**extra: str) -> dict:
+    """The submitting environment (sbatch passes it to the job): this Python first on
+    PATH, no Slurm or MPI variables leaking in from an enclosing job or mpirun."""
+    leaked = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "PMIX_", "PRTE_", "PMI_", "OMPI_COMM_WORLD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(leaked) or k == "SLURM_CONF"}
+    env.pop("MPIPAR_EXPECTED_WORLD_SIZE", None)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHON"] = sys.executable
+    if os.geteuid() == 0:  # Open MPI's mpirun refuses root without these
+        env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class JobResult:
+    returncode: int
+    output: str  # the job's --output file
+    out_dir: Path
+    seconds: float
+
+    def describe(self) -> str:
+        tail = "\n".join(self.output.splitlines()[-40:])
+        return f"sbatch --wait exit code {self.returncode} after {self.seconds:.0f} s; job output (tail):\n{tail}"
+
+
+def submit(script: str, tmp_path: Path, job_args, *, options=(), env=None, timeout=JOB_TIMEOUT) -> JobResult:
+    """``sbatch --wait`` the script from the repository root; wait at most ``timeout`` s."""
+    out_dir = tmp_path / "run"
+    output = tmp_path / "slurm-%j.out"
+    command = ["sbatch", "--wait", "--parsable", f"--chdir={REPO}", f"--output={output}",
+               f"--job-name=test-{Path(script).stem}", *options,
+               str(SLURM_DIR / script), *(a.replace("{out}", str(out_dir)) for a in job_args)]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(["timeout", "--kill-after=10", str(timeout), *command], capture_output=True,
+                              text=True, env=env or job_environment(), timeout=timeout + 30)
+    except subprocess.TimeoutExpired as exc:
+        done = subprocess.CompletedProcess(command, 124, exc.stdout or "", exc.stderr or "")
+    seconds = time.monotonic() - start
+    job_id = (done.stdout or "").strip().split(";")[0]
+    if done.returncode == 124:
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True)
+        pytest.fail(f"sbatch --wait slurm/{script} did not finish in {timeout} s (job {job_id or '?'}): "
+                    f"{_read_outputs(tmp_path)[-3000:]}")
+    if not job_id.isdigit():
+        pytest.fail(f"sbatch refused slurm/{script} (exit {done.returncode}): {done.stderr.strip()}")
+    log = tmp_path / f"slurm-{job_id}.out"
+    assert log.exists(), f"job {job_id} left no output file {log}; sbatch said: {done.stderr.strip()}"
+    return JobResult(done.returncode, log.read_text(errors="replace"), out_dir, seconds)
+
+
+def _read_outputs(tmp_path: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
+
+
+def check_metrics(path: Path, *, world_size: int, steps: Optional[int] = None) -> int:
+    """The run's HDF5 file is complete: its world size, step count, and a row of
+    timings from every rank at every step. Returns the number of steps."""
+    assert path.exists(), f"no metrics file {path}"
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["world_size"]) == world_size, f"world_size {f.attrs['world_size']} != ntasks {world_size}"
+        assert f.attrs.get("strategy"), "no 'strategy' attribute"
+        loss = f["steps/loss"][()]
+        if steps is not None:
+            assert loss.shape == (steps,), f"expected {steps} steps, found {loss.shape[0]}"
+        assert loss.shape[0] >= 1, "no steps recorded"
+        assert np.isfinite(loss).all(), f"non-finite loss {loss}"
+        for name in ("compute_time", "step_time"):
+            timing = f[f"steps/{name}"][()]
+            assert timing.shape == (loss.shape[0], world_size), f"/steps/{name} has shape {timing.shape}"
+            silent = sorted({int(r) for r in np.argwhere(~(timing > 0))[:, 1]})
+            assert not silent, f"ranks {silent} have zero /steps/{name} entries: not every rank took part"
+        return loss.shape[0]
+
+
+def assert_clean_output(result: JobResult) -> None:
+    assert "Traceback" not in result.output, result.describe()
+    # PMIx/Open MPI help-file noise means mpi.conf's PMIxEnv (or the MPI install) is off.
+    assert "Sorry!  You were supposed to get help" not in result.output, result.describe()
+
+
+# -- tests --------------------------------------------------------------------------------
+
+def test_every_script_has_a_tiny_configuration():
+    scripts = job_scripts()
+    assert scripts, f"no job scripts in {SLURM_DIR}"
+    missing = [s for s in scripts if s not in TINY_JOBS]
+    assert not missing, (f"slurm/{', slurm/'.join(missing)} has no entry in TINY_JOBS in {__file__}: "
+                         f"add the job arguments of a run that takes seconds, so CI submits it")
+    stale = sorted(set(TINY_JOBS) - set(scripts))
+    assert not stale, f"TINY_JOBS names scripts that are gone: {stale}"
+
+
+@pytest.mark.parametrize("script", job_scripts())
+def test_script_asks_for_a_signal_before_the_time_limit(script):
+    """``B:`` sends the signal to the batch shell, which the script replaces by its
+    launcher with ``exec``: srun and mpirun both pass SIGUSR1 on to every rank.
+    Without ``B:`` Slurm signals only job steps, so ranks under ``mpirun`` (which
+    runs inside the batch step) never hear it and are killed at the limit."""
+    value = sbatch_directive(script, "--signal=")
+    assert value, f"slurm/{script} has no '#SBATCH --signal=B:USR1@SECONDS'"
+    assert re.fullmatch(r"B:(SIG)?USR1@\d+", value), (
+        f"slurm/{script}: '--signal={value}'; use '--signal=B:USR1@SECONDS' and 'exec' the launcher")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+@pytest.mark.parametrize("script", job_scripts())
+def test_script_runs_under_sbatch(slurm_cluster, tmp_path, script, launcher):
+    job = tiny_job(script)
+    ntasks = default_ntasks(script)
+    options = []
+    if launcher == "mpirun" and job.other_ntasks:
+        ntasks = job.other_ntasks  # also: resources on the sbatch command line win over the script's
+        options.append(f"--ntasks={ntasks}")
+    result = submit(script, tmp_path, job.args, options=options, env=job_environment(LAUNCHER=launcher))
+    assert result.returncode == 0, result.describe()
+    assert_clean_output(result)
+    check_metrics(result.out_dir / job.metrics, world_size=ntasks, steps=job.steps)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("script", job_scripts())
+def test_wrong_mpi_plugin_fails_loudly(slurm_cluster, tmp_path, script):
+    """``srun --mpi=pmi2`` with an MPI that only speaks PMIx starts every rank as
+    its own world of size 1; the job must notice and fail, not train N models."""
+    job = tiny_job(script)
+    ntasks = default_ntasks(script)
+    assert ntasks > 1, f"slurm/{script} runs 1 task: a singleton launch cannot be told apart"
+    result = submit(script, tmp_path, job.args, env=job_environment(LAUNCHER="srun", SLURM_MPI_TYPE="pmi2"))
+    assert result.returncode != 0, "a launch whose ranks are singletons exited 0\n" + result.describe()
+    said = result.output.lower()
+    assert "world size" in said and str(ntasks) in said, (
+        "the failure does not say that the MPI world size differs from SLURM_NTASKS\n" + result.describe())
+    assert "pmix" in said, "the failure does not say how to launch right (srun --mpi=pmix)\n" + result.describe()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+@pytest.mark.parametrize("script", job_scripts())
+def test_time_limit_signal_flushes_metrics(slurm_cluster, tmp_path, script, launcher):
+    """A run longer than its limit gets the script's ``--signal`` first, stops all
+    ranks at the same step, flushes its metrics and exits 0 before Slurm kills it."""
+    job = tiny_job(script)
+    ntasks = default_ntasks(script)
+    # A limit that makes the warning come 1-2 slurmctld periods after the start: late
+    # enough that every rank has set up its handler, well before the kill.
+    limit_minutes = -(-(signal_lead_seconds(script) + 2 * SLURMCTLD_PERIOD) // 60)
+    result = submit(script, tmp_path, job.long_args, options=[f"--time={limit_minutes}"],
+                    env=job_environment(LAUNCHER=launcher), timeout=limit_minutes * 60 + 3 * SLURMCTLD_PERIOD)
+    killed = "DUE TO TIME LIMIT" in result.output
+    assert not killed, "Slurm killed the job at its time limit: the ranks never acted on --signal\n" + result.describe()
+    assert result.returncode == 0, result.describe()
+    assert "SIGUSR1" in result.output, "the job did not say that SIGUSR1 stopped it\n" + result.describe()
+    assert_clean_output(result)
+    check_metrics(result.out_dir / job.metrics, world_size=ntasks)
