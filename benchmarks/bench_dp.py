@@ -1,0 +1,108 @@
+"""Benchmark: mpipar.DataParallel against PyTorch DDP (gloo), same model, batch and ranks, one run.
+
+Usage:
+    mpirun -n 2 python benchmarks/bench_dp.py
+    mpirun -n 4 --oversubscribe python benchmarks/bench_dp.py --model resnet-small --batch-size 64 --steps 30
+
+Both trainers start from the same weights and see the same batches. They run in
+alternating rounds (mpipar, DDP, mpipar, DDP, ...) so that drift in machine load
+hits both alike; rank 0 prints samples/s of each round, the median of each and
+their ratio. Gloo's rendezvous uses TCP on localhost (MASTER_ADDR/MASTER_PORT,
+rank and size taken from MPI).
+"""
+
+import argparse
+import copy
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from mpi4py import MPI
+
+import mpipar
+from mpipar import models
+
+MODELS = {"resnet-small": models.resnet_small, "resnet18": lambda: models.resnet18(1, 10, 28),
+          "mlp": lambda: models.mlp([784, 1024, 1024, 1024, 10])}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_steps(model, wrapped, batches, lr=0.01) -> float:
+    """Seconds for training steps over ``batches`` (after one warm-up step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def step(images, labels):
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(images), labels).backward()
+        optimizer.step()
+
+    step(*batches[0])
+    start = time.perf_counter()
+    for images, labels in batches[1:]:
+        step(images, labels)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet-small")
+    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for both")
+    args = parser.parse_args()
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(comm.bcast(free_port() if rank == 0 else None, root=0))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+
+    torch.manual_seed(0)
+    base = MODELS[args.model]()
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(args.batch_size, 1, 28, 28, generator=generator),
+                torch.randint(0, 10, (args.batch_size,), generator=generator)) for _ in range(args.steps + 1)]
+
+    model_mpipar = copy.deepcopy(base)
+    mpipar_dp = mpipar.DataParallel(model_mpipar, comm, bucket_cap_mb=args.bucket_mb)
+    model_ddp = copy.deepcopy(base)
+    ddp = torch.nn.parallel.DistributedDataParallel(model_ddp, bucket_cap_mb=args.bucket_mb)
+
+    results = {"mpipar": [], "ddp": []}
+    for _ in range(args.rounds):
+        for name, model, wrapped in (("mpipar", model_mpipar, mpipar_dp), ("ddp", model_ddp, ddp)):
+            comm.Barrier()
+            seconds = comm.allreduce(time_steps(model, wrapped, batches), op=MPI.MAX)
+            results[name].append(args.steps * args.batch_size * size / seconds)
+
+    if rank == 0:
+        params = sum(p.numel() for p in base.parameters())
+        print(f"model {args.model} ({params:,} parameters), {size} ranks x {args.threads} threads, "
+              f"batch {args.batch_size}/rank, {args.steps} steps x {args.rounds} rounds, "
+              f"mpipar {mpipar.__version__} vs DDP (torch {torch.__version__}, gloo)")
+        for name, values in results.items():
+            print(f"{name:>7}: samples/s per round " + " ".join(f"{v:8.1f}" for v in values)
+                  + f" | median {statistics.median(values):8.1f}")
+        ratio = statistics.median(results["mpipar"]) / statistics.median(results["ddp"])
+        print(f"mpipar / DDP samples/s ratio: {ratio:.3f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
