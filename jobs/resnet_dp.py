@@ -13,10 +13,18 @@ OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than
 cores needs --oversubscribe.
 """
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import signal
+
+EARLY_SIGNALS = []  # Slurm's warning signal can come while torch is still importing
+for _name in ("SIGUSR1", "SIGTERM"):
+    signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -27,12 +35,14 @@ from mpi4py import MPI
 import mpipar
 from mpipar import data, models
 from mpipar.agree import agree_on, collective_check
+from mpipar.checkpoint import Checkpointer, rng_state, set_rng_state
 from mpipar.config import TrainConfig
-from mpipar.failure import abort_on_exception
+from mpipar.failure import FaultInjection, abort_on_exception
 from mpipar.launch import (RootPrinter, StopRequest, check_world_size, mpi_library, prepare_output_dir,
                            threads_per_rank)
 from mpipar.metrics import MetricsWriter
 from mpipar.sharding import rank_batches, steps_per_epoch
+from mpipar.summary import summarize
 from mpipar.training import Stopwatch, evaluate
 
 MODELS = {
@@ -45,10 +55,10 @@ MODELS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, or a path (IDX dir or .h5)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="samples per rank per step")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (scaled by nothing: set it)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
     p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0: at epoch ends only); also written on SIGUSR1/SIGTERM")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (start fresh when there is none)")
+    p.add_argument("--requeue", action="store_true",
+                   help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     return p.parse_args(argv)
 
 
@@ -71,14 +87,18 @@ def main(argv=None) -> None:
     config = collective_check(comm, lambda: TrainConfig(
         data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
-        model=args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every, log_every=args.log_every),
+        model=args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every),
         "configuration")
     agree_on(comm, "the configuration", {k: v for k, v in config.to_dict().items() if k != "threads"},
              hint="launch every rank with the same arguments")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    out = prepare_output_dir(comm, config.out)
-    stop = StopRequest.install()
+    out = prepare_output_dir(comm, config.out, allow_existing_run=args.resume)
+    stop = StopRequest.install(EARLY_SIGNALS)
+    fault = FaultInjection.from_environment(comm)
+    checkpoints = Checkpointer(out / "checkpoints", comm)
+    resume_from = checkpoints.latest() if args.resume else None
 
     splits = collective_check(comm, lambda: data.resolve(config.data, seed=config.seed), "data")
     train, test = splits.train, splits.test
@@ -95,10 +115,6 @@ def main(argv=None) -> None:
         total_steps = min(total_steps, config.max_steps)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
                                                    pct_start=0.15)
-    metrics = MetricsWriter(out / "metrics.h5", comm, strategy="data_parallel", config=config.to_dict(),
-                            flush_every=config.flush_every,
-                            attrs={"model": config.model, "parameters": sum(p.numel() for p in model.parameters())})
-
     say(f"mpipar {mpipar.__version__}: data parallel on {comm.Get_size()} ranks x {config.threads} threads, "
         f"{mpi_library()}")
     say(f"data: {splits.description}")
@@ -106,18 +122,46 @@ def main(argv=None) -> None:
         f"{steps_in_epoch} steps/epoch of {config.batch_size} x {comm.Get_size()} samples; "
         f"{total_steps} steps; metrics -> {out / 'metrics.h5'}")
 
-    step = 0
+    step, start_epoch, skip, loss_sum, samples_seen = 0, 0, 0, 0.0, 0
+    if resume_from is not None:
+        state = checkpoints.load(resume_from)
+        agree_on(comm, "the checkpoint's step", state["step"])
+        check_same_run(state["config"], config.to_dict())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"])
+        step, start_epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
+        loss_sum, samples_seen = state["loss_sum"], state["samples_seen"]
+        say(f"resumed from {resume_from} at step {step} (epoch {start_epoch + 1}, step {skip} of it)")
+    metrics = MetricsWriter(out / "metrics.h5", comm, strategy="data_parallel", config=config.to_dict(),
+                            flush_every=config.flush_every, resume=args.resume, resume_at_step=step,
+                            attrs={"model": config.model, "parameters": sum(p.numel() for p in model.parameters())})
+
+    def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
+        """Flush metrics up to ``step``, then write the checkpoint of ``step``. Collective.
+        Buffers are averaged first so that every replica is the one saved."""
+        metrics.flush()
+        dp.sync_buffers()
+        path = checkpoints.save(step, {
+            "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
+            "samples_seen": samples_seen, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "rng": rng_state(), "config": config.to_dict()})
+        say(f"checkpoint: {path}")
+
     run_start = time.perf_counter()
-    last_log = run_start
-    for epoch in range(config.epochs):
+    last_log, first_step = run_start, step
+    stopping = False
+    for epoch in range(start_epoch, config.epochs):
         epoch_start = time.perf_counter()
-        loss_sum = samples_seen = 0.0
-        for indices in rank_batches(len(train), config.batch_size, comm.Get_size(), comm.Get_rank(),
-                                    seed=config.seed, epoch=epoch):
+        batches = rank_batches(len(train), config.batch_size, comm.Get_size(), comm.Get_rank(),
+                               seed=config.seed, epoch=epoch)
+        for step_in_epoch in range(skip, len(batches)):
             if step >= total_steps:
                 break
+            fault.maybe_fail(step)
             clock = Stopwatch()
-            images, labels = train.batch(indices)
+            images, labels = train.batch(batches[step_in_epoch])
             data_time = clock.lap()
             loss = F.cross_entropy(dp(images), labels)
             optimizer.zero_grad()
@@ -133,29 +177,60 @@ def main(argv=None) -> None:
             loss_sum += loss_value * len(labels)
             samples_seen += len(labels)
             if metrics.maybe_flush(stop=stop.requested):
+                stopping = True
                 break
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step_in_epoch + 1 < len(batches):
+                save_checkpoint(epoch, step_in_epoch + 1)
             now = time.perf_counter()
             if config.log_every and now - last_log >= config.log_every:
                 last_log = now
                 say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {loss_sum / samples_seen:.4f} "
-                    f"{step * config.batch_size * comm.Get_size() / (now - run_start):.0f} samples/s")
+                    f"{(step - first_step) * config.batch_size * comm.Get_size() / (now - run_start):.0f} samples/s")
+        if stopping:  # Slurm's warning signal (or SIGTERM): save where we are and go
+            save_checkpoint(epoch, step_in_epoch + 1)
+            say(f"stopping early: {stop.describe()}; metrics flushed to {out / 'metrics.h5'}")
+            if args.requeue:
+                requeue_slurm_job(comm, say)
+            break
+        skip = 0
         dp.sync_buffers()
         result = evaluate(model, test, comm)
         wall = time.perf_counter() - epoch_start
         metrics.record_epoch(epoch=epoch + 1, train_loss=loss_sum / max(samples_seen, 1), test_loss=result.loss,
                              test_accuracy=result.accuracy, wall_time=wall)
-        stopping = metrics.flush(stop=stop.requested)
         say(f"epoch {epoch + 1}/{config.epochs} done in {wall:.1f}s: train loss {loss_sum / max(samples_seen, 1):.4f}, "
             f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
-        if stopping:
-            say(f"stopping early: {stop.describe()}; metrics flushed to {out / 'metrics.h5'}")
-            break
+        loss_sum = samples_seen = 0
+        save_checkpoint(epoch + 1, 0)
         if step >= total_steps:
             break
     metrics.close()
-    if comm.Get_rank() == 0:
-        from mpipar.summary import summarize
+    if comm.Get_rank() == 0 and not stopping:
         print(summarize(out / "metrics.h5"), flush=True)
+
+
+def check_same_run(saved: dict, current: dict) -> None:
+    """A checkpoint resumes only the run that wrote it (settings that change results must match)."""
+    free = {"threads", "log_every", "flush_every", "checkpoint_every", "out"}
+    differing = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
+    if differing:
+        error = ValueError("the checkpoint was written with other settings: " + ", ".join(
+            f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differing.items()) + "; resume with the same flags")
+        error.agreed = True
+        raise error
+
+
+def requeue_slurm_job(comm, say) -> None:
+    """Ask Slurm to requeue this job (rank 0); the requeued job resumes from the checkpoint."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if comm.Get_rank() != 0:
+        return
+    if not job:
+        say("--requeue: not running under Slurm; nothing to requeue")
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    say(f"requeued Slurm job {job}" if result.returncode == 0 else
+        f"could not requeue Slurm job {job}: {result.stderr.strip()}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ class TrainConfig:
     """
 
     data: str = "fashion-mnist"
-    epochs: int = 3
+    epochs: int = 5
     max_steps: Optional[int] = None
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
@@ -31,6 +31,7 @@ class TrainConfig:
     bucket_mb: float = 25.0
     flush_every: int = 50
     log_every: float = 10.0
+    checkpoint_every: int = 0
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -42,6 +43,8 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(f"--momentum and --weight-decay must be >= 0, got {self.momentum}, {self.weight_decay}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 

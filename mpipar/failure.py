@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
 from mpi4py import MPI
 
-__all__ = ["abort_on_exception", "EXIT_AGREED_ERROR"]
+__all__ = ["abort_on_exception", "EXIT_AGREED_ERROR", "FaultInjection"]
 
 EXIT_AGREED_ERROR = 2
 
@@ -46,3 +47,28 @@ def abort_on_exception(comm: MPI.Intracomm) -> None:
         os._exit(1)
 
     sys.excepthook = hook
+
+
+class FaultInjection:
+    """Deliberate crashes for testing recovery: ``MPIPAR_FAULT_AT_STEP=N`` (or
+    ``N:RANK``) makes that rank (default: the last) kill itself with SIGKILL when
+    it reaches step N, exactly as a node failure would."""
+
+    def __init__(self, step=None, rank=None):
+        self.step = step
+        self.rank = rank
+
+    @classmethod
+    def from_environment(cls, comm: MPI.Intracomm, environ=os.environ) -> "FaultInjection":
+        spec = environ.get("MPIPAR_FAULT_AT_STEP", "").strip()
+        if not spec:
+            return cls()
+        step, _, rank = spec.partition(":")
+        target = int(rank) if rank else comm.Get_size() - 1
+        return cls(int(step), target if target == comm.Get_rank() else None)
+
+    def maybe_fail(self, step: int) -> None:
+        if self.rank is not None and step == self.step:
+            sys.stderr.write(f"mpipar: MPIPAR_FAULT_AT_STEP: rank {self.rank} kills itself at step {step}\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -29,7 +29,7 @@ def check_world_size(comm: MPI.Intracomm, environ=os.environ) -> None:
             differs from ``comm``'s size, with how to launch correctly.
     """
     expected = environ.get("MPIPAR_EXPECTED_WORLD_SIZE") or (
-        environ.get("SLURM_NTASKS") if "SLURM_JOB_ID" in environ and "SLURM_STEP_ID" in environ else None)
+        environ.get("SLURM_NTASKS") if "SLURM_JOB_ID" in environ else None)
     size = comm.Get_size()
     if expected is None or int(expected) == size:
         return
@@ -37,7 +37,8 @@ def check_world_size(comm: MPI.Intracomm, environ=os.environ) -> None:
         f"MPI world size is {size} but the launch asked for {expected} tasks "
         f"(SLURM_NTASKS={environ.get('SLURM_NTASKS')}). Every rank is its own world: the MPI library "
         f"did not connect to the launcher. Launch with 'srun --mpi=pmix' (see 'srun --mpi=list'), or with "
-        f"'mpirun -n $SLURM_NTASKS' inside the allocation, using the MPI that mpi4py was built against.")
+        f"'mpirun -n $SLURM_NTASKS' inside the allocation, using the MPI that mpi4py was built against. "
+        f"For a deliberately smaller run inside an allocation set MPIPAR_EXPECTED_WORLD_SIZE={size}.")
     error.agreed = True  # every rank sees the same sizes
     raise error
 
@@ -110,10 +111,15 @@ class StopRequest:
         return f"{self.signal_name} received" if self.requested else "no stop requested"
 
     @classmethod
-    def install(cls) -> "StopRequest":
+    def install(cls, early_signals=()) -> "StopRequest":
+        """Handle SIGUSR1 and SIGTERM from now on; ``early_signals`` are signal
+        numbers caught before this call (jobs install a stdlib-only handler before
+        importing torch, since Slurm may signal during start-up)."""
         import signal
 
         request = cls()
+        if early_signals:
+            request.signal_name = signal.Signals(early_signals[0]).name
 
         def handler(signum, frame):
             request.signal_name = signal.Signals(signum).name

@@ -67,7 +67,11 @@ class MetricsWriter:
         config: the run's whole configuration, stored as JSON.
         attrs: further root attributes.
         flush_every: steps between flushes.
-        resume: append to an existing file instead of refusing it.
+        resume: append to an existing file instead of refusing it (a missing file
+            is created).
+        resume_at_step: with ``resume``, drop rows after this many steps (and epochs
+            that ended after it), so a run resumed from a checkpoint of that step
+            continues the file with no duplicated or missing steps.
 
     Raises:
         FileExistsError, PermissionError, OSError: on every rank, before any
@@ -75,7 +79,8 @@ class MetricsWriter:
     """
 
     def __init__(self, path, comm: MPI.Intracomm, *, strategy: str, config: dict,
-                 attrs: Optional[dict] = None, flush_every: int = 50, root: int = 0, resume: bool = False):
+                 attrs: Optional[dict] = None, flush_every: int = 50, root: int = 0, resume: bool = False,
+                 resume_at_step: Optional[int] = None):
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.path = Path(path)
@@ -105,19 +110,25 @@ class MetricsWriter:
                 **(attrs or {}),
             }
         self.steps_written = collective_check(
-            comm, lambda: self._create(all_attrs, resume) if self.is_root else 0, "metrics file")
+            comm, lambda: self._create(all_attrs, resume, resume_at_step) if self.is_root else 0, "metrics file")
         self.steps_written = comm.bcast(self.steps_written, root=root)
 
-    def _create(self, attrs: dict, resume: bool) -> int:
+    def _create(self, attrs: dict, resume: bool, resume_at_step: Optional[int]) -> int:
         if self.path.exists() and not resume:
             raise FileExistsError(f"{self.path} already exists; choose another --out directory or remove it "
                                   f"(runs are never overwritten)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
         with h5py.File(self.path, "a" if resume else "w-") as f:
-            if resume and "steps/loss" in f:
-                return len(f["steps/loss"])
-            for key, value in attrs.items():
-                f.attrs[key] = str(value) if isinstance(value, str) else value  # TorchVersion is a str subclass
+            if existed and "steps/loss" in f:
+                steps = len(f["steps/loss"])
+                if resume_at_step is not None and resume_at_step < steps:
+                    _truncate(f, resume_at_step)
+                    steps = resume_at_step
+                return steps
+            if not existed:
+                for key, value in attrs.items():
+                    f.attrs[key] = str(value) if isinstance(value, str) else value  # TorchVersion: a str subclass
         return 0
 
     # -- recording (local) -----------------------------------------------------------
@@ -231,6 +242,16 @@ class MetricsWriter:
                 if epochs:
                     _append(f, f"epochs/{key}", np.array([e[key] for e in epochs], dtype=np.float64))
         return bad_step
+
+
+def _truncate(f: h5py.File, steps: int) -> None:
+    """Drop step rows beyond ``steps`` and epochs that ended after it."""
+    for dataset in f["steps"].values():
+        dataset.resize(steps, axis=0)
+    if "epochs/last_step" in f:
+        keep = int((f["epochs/last_step"][...] <= steps).sum())
+        for dataset in f["epochs"].values():
+            dataset.resize(keep, axis=0)
 
 
 def _append(f: h5py.File, name: str, values: np.ndarray) -> None:
