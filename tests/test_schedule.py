@@ -3,7 +3,7 @@
 import pytest
 
 from mpipar.pipeline.schedule import (Backward, Forward, RecvActivation, RecvGrad, Schedule, SendActivation,
-                                      SendGrad, rank_program)
+                                      SendGrad, placement_bubble, rank_program)
 
 
 def rows(grid: str):
@@ -145,3 +145,19 @@ def test_instructions_print_compactly():
     assert [str(i) for i in (RecvActivation(1, 2), Forward(1, 2), SendActivation(1, 2), RecvGrad(0, 3),
                              Backward(0, 3), SendGrad(1, 0))] == ["ra2", "F2", "sa2", "rg3", "B3", "sg0"]
     assert str(Schedule("1f1b", 2, 4)) == "1f1b schedule, 2 stages, 4 micro-batches"
+
+
+@pytest.mark.parametrize("name", ["naive", "gpipe", "1f1b", "forward"])
+@pytest.mark.parametrize("stages,microbatches", [(1, 3), (2, 4), (3, 2), (4, 8)])
+def test_placement_bubble_with_one_stage_per_rank_is_the_ideal_bubble(name, stages, microbatches):
+    schedule = Schedule(name, stages, microbatches)
+    assert placement_bubble(schedule, tuple(range(stages))) == pytest.approx(schedule.ideal_bubble)
+
+
+def test_placement_bubble_of_non_contiguous_placements():
+    # fc1,fc4 on rank 0, fc2,fc3 on rank 1, one micro-batch: 6 unit steps in a row, rank 0 does 4
+    assert placement_bubble(Schedule("naive", 3, 1), (0, 1, 0)) == pytest.approx(1 - 6 / 12)
+    # GPipe, 2 micro-batches, 12 unit steps in a makespan of 8:
+    #   rank 0: F0 F1 F0 F1 B0 B1 B0 B1   (stage 0, 0, 2, 2, 2, 2, 0, 0)
+    #   rank 1: .  F0 F1 .  .  B0 B1 .
+    assert placement_bubble(Schedule("gpipe", 3, 2), (0, 1, 0)) == pytest.approx(1 - 12 / (2 * 8))

@@ -1,0 +1,336 @@
+"""Runs a pipeline schedule over MPI: activations down, gradients up, with Send/Recv."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from .. import mpi_tensor
+from ..agree import agree_on, collective_check
+from .microbatch import check_microbatches
+from .placement import Placement
+from .schedule import (Backward, Forward, RecvActivation, RecvGrad, Schedule, SendActivation,
+                       SendGrad, rank_program)
+from .stage import Stage, TensorSpec
+from .timing import StepClock, StepTimes
+
+__all__ = ["Pipeline", "StepResult"]
+
+_SPEC_TAG = 0  # shape agreement; data messages use tags >= 1
+
+
+@dataclass
+class StepResult:
+    """What one step (or evaluation) gave on this rank.
+
+    Attributes:
+        loss: mean loss over the whole batch, on every rank (NaN without targets).
+        outputs: the model's outputs for the whole batch on the rank holding the
+            last stage; None elsewhere.
+        times: this rank's busy / communication / idle seconds.
+        stage_busy: compute seconds of each stage this rank holds.
+        peak_in_flight: most micro-batches each local stage held activations for.
+        activation_bytes: estimated peak bytes of activations saved for backward on
+            this rank (peak in flight times the saved bytes of one micro-batch).
+    """
+
+    loss: float
+    outputs: Optional[torch.Tensor]
+    times: StepTimes
+    stage_busy: Dict[int, float] = field(default_factory=dict)
+    peak_in_flight: Dict[int, int] = field(default_factory=dict)
+    activation_bytes: int = 0
+
+
+def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
+    if placement is None:
+        return Placement.even(len(module), size)
+    if isinstance(placement, Placement):
+        return placement
+    if isinstance(placement, Mapping):
+        return Placement.from_names([name for name, _ in module.named_children()], placement)
+    return Placement(tuple(placement))
+
+
+def _gather_checked(comm: MPI.Intracomm, check: Callable[[], object], what: str) -> List[object]:
+    """Like ``collective_check`` but returns every rank's result (one allgather)."""
+    try:
+        reply = (None, check())
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        reply = ((type(exc), f"{exc} [rank {comm.Get_rank()}]"), None)
+    replies = comm.allgather(reply)
+    failures = [failure for failure, _ in replies if failure is not None]
+    if failures:
+        kind, message = failures[0]
+        if len(failures) > 1:
+            message += f" (and {len(failures) - 1} more rank(s) failed)"
+        error = kind(f"{what}: {message}") if kind in (ValueError, TypeError, RuntimeError) else \
+            RuntimeError(f"{what}: {kind.__name__}: {message}")
+        error.agreed = True
+        raise error
+    return [result for _, result in replies]
+
+
+class Pipeline:
+    """An ``nn.Sequential`` split over the ranks of ``comm`` and run as a pipeline.
+
+    Every rank builds the same Sequential and the same Pipeline; a rank uses only
+    the layers its placement gives it (the others may be freed). A placement may be
+    non-contiguous: each maximal run of consecutive layers on one rank is a stage,
+    so ``[0, 1, 1, 0]`` makes three stages and sends the activation 0 -> 1 -> 0.
+
+    Collective contract: the constructor, :meth:`step` and :meth:`evaluate` are
+    collective over ``comm``: every rank calls them the same number of times. The
+    placement, schedule and micro-batch count must match on every rank (checked).
+    Input batches are needed on the rank of the first stage, targets on the rank of
+    the last; other ranks may pass None. Activation shapes and dtypes are agreed
+    along the pipeline (pickled metadata) before the first tensor Send/Recv and
+    again whenever the input shape changes, so a mismatch is an error on every
+    rank, never a hang. Tensors move with non-blocking sends and blocking receives
+    in clock order (see :func:`~mpipar.pipeline.schedule.rank_program`), which
+    cannot deadlock. Size 1 runs the same code with every stage on one rank.
+
+    Gradients of micro-batches accumulate into ``.grad`` (call ``zero_grad``
+    between steps as usual) and equal the full-batch gradients of the mean loss.
+    Layers with batch statistics (BatchNorm in training mode) see one micro-batch
+    at a time: outputs match the unsplit model run micro-batch by micro-batch, and
+    running statistics are updated once per micro-batch.
+
+    Args:
+        module: the whole model.
+        comm: the pipeline's communicator.
+        placement: a :class:`Placement`, a list of ranks (one per layer), a
+            ``{layer name: rank}`` mapping, or None for an even contiguous split.
+        schedule: ``"naive"``, ``"gpipe"`` or ``"1f1b"``.
+        microbatches: micro-batches per batch; must divide the batch size.
+        loss_fn: ``loss_fn(output, target)``, the mean loss over a micro-batch.
+
+    Raises:
+        ValueError, TypeError: on every rank, for a bad placement (wrong length,
+            ranks outside the communicator, a rank without layers), schedule or
+            micro-batch count, or when ranks disagree on them.
+    """
+
+    def __init__(self, module: nn.Sequential, comm: MPI.Intracomm,
+                 placement: Union[Placement, Sequence[int], Mapping[str, int], None] = None, *,
+                 schedule: str = "1f1b", microbatches: int = 1,
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+        def setup():
+            if not isinstance(module, nn.Sequential):
+                raise TypeError(f"a pipeline splits an nn.Sequential, got {type(module).__name__}; "
+                                f"wrap the layers in nn.Sequential")
+            chosen = _as_placement(placement, module, self.size)
+            chosen.validate(len(module), self.size)
+            return chosen, Schedule(schedule, len(chosen.segments), microbatches)
+
+        self.placement, self.schedule = collective_check(comm, setup, "pipeline setup")
+        agree_on(comm, "the pipeline (layers, placement, schedule, micro-batches)",
+                 (len(module), self.placement.ranks, schedule, microbatches),
+                 hint="build the model and the Pipeline with the same arguments on every rank")
+        self.loss_fn = loss_fn
+        self.stage_ranks = self.placement.stage_ranks
+        self.stages: Dict[int, Stage] = {
+            index: Stage(index, len(self.stage_ranks), module[s.start:s.stop], s.start)
+            for index, s in enumerate(self.placement.segments) if s.rank == self.rank}
+        self.local_module = nn.ModuleList(stage.module for stage in self.stages.values())
+        self._programs: Dict[tuple, list] = {}
+        self._spec_tables: Dict[tuple, tuple] = {}  # (input spec, train) -> (stage inputs, stage outputs)
+        self._input_specs: Dict[int, TensorSpec] = {}
+        self._output_specs: Dict[int, TensorSpec] = {}
+
+    # -- roles ----------------------------------------------------------------------
+
+    @property
+    def microbatches(self) -> int:
+        return self.schedule.microbatches
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ranks)
+
+    @property
+    def holds_first_stage(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def holds_last_stage(self) -> bool:
+        return self.num_stages - 1 in self.stages
+
+    @property
+    def last_stage_rank(self) -> int:
+        return self.stage_ranks[-1]
+
+    def parameters(self):
+        """This rank's parameters (for the optimizer)."""
+        return self.local_module.parameters()
+
+    def _program(self, train: bool, microbatches: int) -> list:
+        key = (train, microbatches)
+        if key not in self._programs:
+            plan = self.schedule if train and microbatches == self.microbatches else \
+                Schedule(self.schedule.name if train else "forward", self.num_stages, microbatches)
+            top = 1 + 2 * self.num_stages * microbatches
+            tag_ub = self.comm.Get_attr(MPI.TAG_UB) or 32767  # not set on COMM_SELF or Split comms
+            if top > tag_ub:
+                raise ValueError(f"{self.num_stages} stages x {microbatches} micro-batches need MPI tags up "
+                                 f"to {top}, above this MPI's limit {tag_ub}; use fewer micro-batches")
+            self._programs[key] = rank_program(plan, self.stage_ranks, self.rank)
+        return self._programs[key]
+
+    def _tag(self, boundary: int, grad: bool, microbatch: int, microbatches: int) -> int:
+        return 1 + (2 * boundary + int(grad)) * microbatches + microbatch
+
+    # -- agreement ------------------------------------------------------------------
+
+    def _check_batch(self, inputs, targets, train: bool, microbatches: int) -> dict:
+        self._program(train, microbatches)
+        report = {"microbatches": microbatches}
+        if self.holds_first_stage:
+            if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+                raise TypeError(f"rank {self.rank} holds the first stage and needs the input batch as a "
+                                f"tensor with a batch dimension, got {type(inputs).__name__}")
+            size = check_microbatches(inputs.shape[0], microbatches)
+            report["batch"] = inputs.shape[0]
+            report["spec"] = TensorSpec((size, *inputs.shape[1:]), inputs.dtype)
+        if self.holds_last_stage and (train or targets is not None):
+            if train and self.loss_fn is None:
+                raise ValueError("Pipeline.step needs a loss_fn; pass loss_fn=... to the Pipeline")
+            if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+                raise TypeError(f"rank {self.rank} holds the last stage and needs the targets as a tensor "
+                                f"with a batch dimension, got {type(targets).__name__}")
+            report["target_batch"] = targets.shape[0]
+        return report
+
+    def _agree_batch(self, inputs, targets, train: bool, microbatches: int) -> None:
+        reports = _gather_checked(self.comm, lambda: self._check_batch(inputs, targets, train, microbatches),
+                                  "pipeline batch")
+        first, last = reports[self.stage_ranks[0]], reports[self.last_stage_rank]
+        counts = [report["microbatches"] for report in reports]
+        problem = None
+        if len(set(counts)) > 1:
+            problem = f"ranks ask for different micro-batch counts {counts}"
+        elif "target_batch" in last and last["target_batch"] != first["batch"]:
+            problem = (f"{first['batch']} inputs on rank {self.stage_ranks[0]} but {last['target_batch']} "
+                       f"targets on rank {self.last_stage_rank}")
+        if problem:
+            error = ValueError(f"pipeline batch: {problem}")
+            error.agreed = True
+            raise error
+        key = (first["spec"], train)
+        if key not in self._spec_tables:
+            self._agree_shapes(first["spec"], train)
+            self._spec_tables[key] = (dict(self._input_specs), dict(self._output_specs))
+        self._input_specs, self._output_specs = (dict(table) for table in self._spec_tables[key])
+
+    def _agree_shapes(self, input_spec: TensorSpec, train: bool) -> None:
+        """Pass each stage's output shape and dtype down the pipeline (pickled metadata)."""
+        error = None
+        for index in sorted(self.stages):
+            stage = self.stages[index]
+            spec = input_spec if stage.is_first else self.comm.recv(
+                source=self.stage_ranks[index - 1], tag=_SPEC_TAG)
+            out = None
+            if spec is not None and error is None:
+                try:
+                    out = stage.output_spec(spec)
+                    if train and not stage.is_last and not out.dtype.is_floating_point:
+                        raise TypeError(f"its output dtype {out.dtype} cannot carry gradients back")
+                    mpi_tensor.mpi_datatype(out.dtype)
+                except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                    kind = next((k for k in (TypeError, ValueError) if isinstance(exc, k)), RuntimeError)
+                    error = kind(f"stage {index} ({stage.layers}) on rank {self.rank} with input {spec}: "
+                                 f"{type(exc).__name__}: {exc}")
+            self._input_specs[index], self._output_specs[index] = spec, out
+            if not stage.is_last:
+                self.comm.send(out, dest=self.stage_ranks[index + 1], tag=_SPEC_TAG)
+
+        def raise_local():
+            if error is not None:
+                raise error
+
+        _gather_checked(self.comm, raise_local, "pipeline activation shapes")
+
+    # -- running --------------------------------------------------------------------
+
+    def step(self, inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None) -> StepResult:
+        """Forward and backward of one batch under the schedule; gradients accumulate. Collective."""
+        return self._run(inputs, targets, train=True, microbatches=self.microbatches)
+
+    def evaluate(self, inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None, *,
+                 microbatches: Optional[int] = None) -> StepResult:
+        """Forward only, without gradients (micro-batches streamed through the stages). Collective.
+
+        ``microbatches`` (default: the pipeline's) may differ, e.g. for a short last batch.
+        """
+        return self._run(inputs, targets, train=False, microbatches=microbatches or self.microbatches)
+
+    def _run(self, inputs, targets, *, train: bool, microbatches: int) -> StepResult:
+        clock = StepClock()
+        for stage in self.stages.values():
+            stage.reset()
+            stage.peak_in_flight = 0
+        self._agree_batch(inputs, targets, train, microbatches)  # waiting for other ranks: idle
+        program = self._program(train, microbatches)
+        chunks = list(inputs.chunk(microbatches)) if self.holds_first_stage else None
+        target_chunks = list(targets.chunk(microbatches)) if isinstance(targets, torch.Tensor) and \
+            self.holds_last_stage else None
+        comm, sends, received, outgoing = self.comm, [], {}, {}
+        for instruction in program:
+            index, i = instruction.stage, instruction.microbatch
+            stage = self.stages[index]
+            if isinstance(instruction, (RecvActivation, RecvGrad)):
+                grad = isinstance(instruction, RecvGrad)
+                source = self.stage_ranks[index + 1 if grad else index - 1]
+                tag = self._tag(index if grad else index - 1, grad, i, microbatches)
+                buffer = (self._output_specs if grad else self._input_specs)[index].empty(stage.device)
+                comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
+                with clock.communicating():
+                    received[instruction] = mpi_tensor.recv_(buffer, comm, source, tag)
+            elif isinstance(instruction, (SendActivation, SendGrad)):
+                grad = isinstance(instruction, SendGrad)
+                dest = self.stage_ranks[index - 1 if grad else index + 1]
+                tag = self._tag(index - 1 if grad else index, grad, i, microbatches)
+                with clock.communicating():
+                    sends.append(mpi_tensor.isend(outgoing.pop(instruction), comm, dest, tag))
+            elif isinstance(instruction, Forward):
+                x = chunks[i] if stage.is_first else received.pop(RecvActivation(index, i))
+                begin = time.perf_counter()
+                y = stage.forward(i, x, train=train, target=target_chunks[i] if target_chunks else None,
+                                  loss_fn=self.loss_fn, scale=1.0 / microbatches)
+                stage.busy += time.perf_counter() - begin
+                if not stage.is_last:
+                    outgoing[SendActivation(index, i)] = y.detach()
+            elif isinstance(instruction, Backward):
+                grad_output = None if stage.is_last else received.pop(RecvGrad(index, i))
+                begin = time.perf_counter()
+                grad_input = stage.backward(i, grad_output)
+                stage.busy += time.perf_counter() - begin
+                if not stage.is_first:
+                    outgoing[SendGrad(index, i)] = grad_input
+        with clock.communicating():
+            mpi_tensor.wait_all(sends)
+        loss = self._broadcast_loss()  # waits for the last stage to finish: idle
+        clock.busy = sum(stage.busy for stage in self.stages.values())
+        outputs = self.stages[self.num_stages - 1].gathered_outputs() if self.holds_last_stage else None
+        return StepResult(
+            loss=loss, outputs=outputs, times=clock.finish(),
+            stage_busy={index: stage.busy for index, stage in self.stages.items()},
+            peak_in_flight={index: stage.peak_in_flight for index, stage in self.stages.items()},
+            activation_bytes=sum(s.peak_in_flight * s.saved_bytes for s in self.stages.values()))
+
+    def _broadcast_loss(self) -> float:
+        value = torch.full((1,), math.nan, dtype=torch.float64)
+        if self.holds_last_stage:
+            mean = self.stages[self.num_stages - 1].mean_loss()
+            value[0] = math.nan if mean is None else mean
+        mpi_tensor.bcast_(value, self.comm, root=self.last_stage_rank)
+        return float(value[0])

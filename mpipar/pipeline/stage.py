@@ -1,0 +1,160 @@
+"""One pipeline stage: a run of consecutive layers and what it keeps between forward and backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["Stage", "TensorSpec"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one micro-batch's activation crossing a stage boundary."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+    def __str__(self) -> str:
+        return f"{tuple(self.shape)} {str(self.dtype).replace('torch.', '')}"
+
+
+class Stage:
+    """Layers ``start:stop`` of the model as stage ``index`` of ``num_stages``.
+
+    The stage runs one micro-batch at a time. ``forward`` keeps the input and the
+    output (the loss, on the last stage) for ``backward``; nothing here
+    communicates. On the last stage the loss of each micro-batch is divided by the
+    number of micro-batches, so gradients accumulated over the micro-batches equal
+    those of the mean loss over the whole batch (the loss function must be a mean
+    over samples and the micro-batches equal in size).
+
+    Args:
+        index: position of the stage in the pipeline.
+        num_stages: number of stages.
+        module: the stage's layers (sharing parameters with the user's model).
+        start: index of the first layer in the whole model (for messages).
+    """
+
+    def __init__(self, index: int, num_stages: int, module: nn.Sequential, start: int = 0):
+        self.index = index
+        self.num_stages = num_stages
+        self.module = module
+        self.start = start
+        self.is_first = index == 0
+        self.is_last = index == num_stages - 1
+        self._stash: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outputs: Dict[int, torch.Tensor] = {}
+        self.losses: Dict[int, torch.Tensor] = {}
+        self.peak_in_flight = 0
+        self.saved_bytes = 0  # autograd-saved activation bytes of one micro-batch
+        self.busy = 0.0       # seconds of forward and backward in the current step
+
+    @property
+    def layers(self) -> str:
+        stop = self.start + len(self.module) - 1
+        return f"layer {self.start}" if stop == self.start else f"layers {self.start}-{stop}"
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in [*self.module.parameters(), *self.module.buffers()]:
+            return tensor.device
+        return torch.device("cpu")
+
+    def output_spec(self, input_spec: TensorSpec) -> TensorSpec:
+        """The output of one micro-batch, found on the meta device (no compute, no state change)."""
+        state = {name: torch.empty_like(t, device="meta")
+                 for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]}
+        with torch.no_grad():
+            out = functional_call(self.module, state, (input_spec.empty(torch.device("meta")),))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"stage {self.index} ({self.layers}) returns {type(out).__name__}; pipeline "
+                            f"stages must pass a single tensor to the next stage")
+        return TensorSpec.of(out)
+
+    def reset(self) -> None:
+        """Forget what a previous (possibly failed) step left behind."""
+        self._stash.clear()
+        self.outputs.clear()
+        self.losses.clear()
+        self.busy = 0.0
+
+    def forward(self, microbatch: int, x: torch.Tensor, *, train: bool,
+                target: Optional[torch.Tensor] = None,
+                loss_fn: Optional[Callable] = None, scale: float = 1.0) -> torch.Tensor:
+        """Run the stage on one micro-batch; returns the output activation."""
+        if not train:
+            with torch.no_grad():
+                y = self.module(x)
+            if self.is_last:
+                self.outputs[microbatch] = y
+                if loss_fn is not None and target is not None:
+                    self.losses[microbatch] = loss_fn(y, target).detach()
+            return y
+        if not self.is_first and x.is_floating_point():
+            x.requires_grad_(True)
+        if microbatch == 0:
+            y = self._forward_counting_saved(x)
+        else:
+            y = self.module(x)
+        if self.is_last:
+            loss = loss_fn(y, target)
+            self.outputs[microbatch] = y.detach()
+            self.losses[microbatch] = loss.detach()
+            self._stash[microbatch] = (x, loss * scale)
+        else:
+            self._stash[microbatch] = (x, y)
+        self.peak_in_flight = max(self.peak_in_flight, len(self._stash))
+        return y
+
+    def _forward_counting_saved(self, x: torch.Tensor) -> torch.Tensor:
+        params = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
+        seen: Dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            y = self.module(x)
+        self.saved_bytes = sum(seen.values())
+        return y
+
+    def backward(self, microbatch: int, grad_output: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Back-propagate one micro-batch; returns the gradient of the stage's input
+        (zeros where the input did not need one), or None on the first stage."""
+        x, y = self._stash.pop(microbatch)
+        if y.requires_grad:
+            if self.is_last:
+                y.backward()
+            else:
+                y.backward(grad_output)
+        if self.is_first:
+            return None
+        return x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def gathered_outputs(self) -> Optional[torch.Tensor]:
+        """The last stage's outputs of all micro-batches, in order."""
+        if not self.is_last or not self.outputs:
+            return None
+        return torch.cat([self.outputs[i] for i in sorted(self.outputs)])
+
+    def mean_loss(self) -> Optional[float]:
+        """Mean of the micro-batch losses (the full-batch mean for equal micro-batches)."""
+        if not self.losses:
+            return None
+        values: List[torch.Tensor] = [self.losses[i] for i in sorted(self.losses)]
+        return float(torch.stack(values).double().mean())

@@ -1,0 +1,32 @@
+#!/bin/bash
+# Pipelined ResNet, one stage per task as a Slurm batch job.
+#
+#   sbatch slurm/resnet_pp.sh                                           # Fashion-MNIST, 1f1b, 4 micro-batches
+#   sbatch slurm/resnet_pp.sh --schedule gpipe --microbatches 8 --balance auto
+#   sbatch --ntasks=3 slurm/resnet_pp.sh --data synthetic --max-steps 5  # resources on the command line win
+#
+# Submit from the repository root with the Python environment that has mpipar's
+# dependencies active (sbatch passes the environment on), or set PYTHON.
+# Launch: srun (PMIx) by default; LAUNCHER=mpirun uses the MPI's own mpirun inside
+# the allocation instead (Open MPI 5 finds the allocation by itself).
+# Output: runs/<job name>-<job id>/ (metrics.h5) and slurm-<job id>.out beside it.
+#SBATCH --job-name=resnet_pp
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --time=01:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+LAUNCHER=${LAUNCHER:-srun}
+OUT=${MPIPAR_RUNS:-runs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+export PYTHONUNBUFFERED=1
+
+if [ "$LAUNCHER" = mpirun ]; then
+    exec mpirun -n "$SLURM_NTASKS" --bind-to none \
+        "$PYTHON" jobs/resnet_pp.py --out "$OUT" --threads "$OMP_NUM_THREADS" "$@"
+fi
+exec srun --kill-on-bad-exit=1 \
+    "$PYTHON" jobs/resnet_pp.py --out "$OUT" --threads "$OMP_NUM_THREADS" "$@"

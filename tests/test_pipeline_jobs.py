@@ -1,0 +1,54 @@
+"""jobs/mlp_mp.py, jobs/resnet_pp.py and jobs/resnet_hybrid.py end to end: metrics and bad input."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from mpi_helpers import ROOT, run_mpi
+
+TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--flush-every", "2", "--epochs", "1")
+
+
+@pytest.mark.parametrize("job,ranks,args,stages,schedule,replicas", [
+    ("mlp_mp.py", 2, (), 2, "naive", 1),
+    ("mlp_mp.py", 4, ("--schedule", "1f1b", "--microbatches", "4"), 2, "1f1b", 2),
+    ("resnet_pp.py", 3, ("--schedule", "gpipe", "--microbatches", "4", "--balance", "auto"), 3, "gpipe", 1),
+    ("resnet_hybrid.py", 4, ("--stages", "2", "--microbatches", "2"), 2, "1f1b", 2),
+])
+def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args, stages, schedule, replicas):
+    out = tmp_path / "run"
+    result = run_mpi(ranks, str(ROOT / "jobs" / job), *TINY, "--max-steps", "5", "--out", str(out), *args,
+                     timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pipeline bubble: measured" in result.stdout and "final test accuracy" in result.stdout
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert f.attrs["world_size"] == ranks and f.attrs["schedule"] == schedule
+        assert f.attrs["microbatches"] == json.loads(f.attrs["config"])["microbatches"]
+        assert f.attrs["replicas"] == replicas
+        assert 0 <= f.attrs["bubble_ideal"] < 1 and 0 <= f.attrs["bubble_measured"] < 1
+        assert f["steps/loss"].shape == (5,) and f["steps/samples"][0] == 16 * replicas
+        for key in ("compute_time", "comm_time", "idle_time", "step_time", "activation_bytes"):
+            values = f[f"steps/{key}"][...]
+            assert values.shape == (5, ranks) and np.isfinite(values).all() and (values >= 0).all()
+        assert (f["steps/compute_time"][...] > 0).all()
+        assert f["steps/bubble_measured"].shape == (5,)
+    if "--balance" in args:
+        assert "predicted ms  measured ms" in result.stdout
+
+
+@pytest.mark.parametrize("job,ranks,args,message", [
+    ("resnet_pp.py", 2, ("--batch-size", "10", "--microbatches", "4"), "does not split into 4 equal"),
+    ("resnet_hybrid.py", 3, ("--stages", "2"), "2 pipeline stages do not divide the 3 processes"),
+    ("mlp_mp.py", 2, ("--placement", "0,0,1"), "covers 3 layers but the model has 5"),
+    ("mlp_mp.py", 2, ("--placement", "0,0,2,2,0"), "--placement must give a rank in 0..1 to every layer"),
+    ("resnet_pp.py", 2, ("--balance", "2,9"), "covers 11 layers but the model has 5"),
+])
+def test_bad_pipeline_input_is_one_clear_message(tmp_path, job, ranks, args, message):
+    result = run_mpi(ranks, str(ROOT / "jobs" / job), *TINY, "--max-steps", "2", "--out", str(tmp_path / "r"),
+                     *args, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert output.count(message) == 1, output
