@@ -44,6 +44,7 @@ from mpipar.metrics import MetricsWriter
 from mpipar.sharding import rank_batches, steps_per_epoch
 from mpipar.summary import summarize
 from mpipar.training import Stopwatch, evaluate
+from mpipar.watchdog import Watchdog
 
 MODELS = {
     "resnet-small": models.resnet_small,  # 8 layers, 78k parameters: CPUs
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     comm = MPI.COMM_WORLD
     abort_on_exception(comm)
+    watchdog = Watchdog(comm).start()  # reports ranks that have not arrived when one waits > MPIPAR_STALL_WARN s
     say = RootPrinter(comm)
     args = parse_args(argv)
     check_world_size(comm)
@@ -160,6 +162,7 @@ def main(argv=None) -> None:
             if step >= total_steps:
                 break
             fault.maybe_fail(step)
+            watchdog.label(epoch=epoch + 1, step=step)
             clock = Stopwatch()
             images, labels = train.batch(batches[step_in_epoch])
             data_time = clock.lap()
@@ -205,6 +208,7 @@ def main(argv=None) -> None:
         if step >= total_steps:
             break
     metrics.close()
+    watchdog.stop()
     if comm.Get_rank() == 0 and not stopping:
         print(summarize(out / "metrics.h5"), flush=True)
 

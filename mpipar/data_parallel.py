@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
-import numpy as np
 import torch
 from mpi4py import MPI
 from torch import nn
@@ -101,8 +100,8 @@ class DataParallel(nn.Module):
         self._finalize_queued = False
         self._next_launch = 0
         self._samples_since_sync = 0
-        self._count = np.zeros(1, dtype=np.int64)
-        self._count_request: Optional[MPI.Request] = None
+        self._count = torch.zeros(1, dtype=torch.int64)
+        self._count_request: Optional[mpi_tensor.PendingOp] = None
         self._weight = 1.0
 
     # -- construction -----------------------------------------------------------
@@ -189,7 +188,7 @@ class DataParallel(nn.Module):
         self._next_launch = 0
         if self.weighted and self._size > 1:
             self._count[0] = self._samples_since_sync
-            self._count_request = self.comm.Iallreduce(MPI.IN_PLACE, self._count, op=MPI.SUM)
+            self._count_request = mpi_tensor.iallreduce_(self._count, self.comm)
         else:
             self._weight = 1.0 / self._size
 
@@ -209,7 +208,7 @@ class DataParallel(nn.Module):
         if self._count_request is None:
             return
         start = time.perf_counter()
-        self._count_request.Wait()
+        self._count_request.wait()
         self.stats.wait_time += time.perf_counter() - start
         self._count_request = None
         total = int(self._count[0])
