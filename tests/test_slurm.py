@@ -35,25 +35,38 @@ NOT_JOB_SCRIPTS = {"local-cluster.sh"}  # the test cluster itself
 class TinyJob:
     """How to run one slurm/ script in seconds, and what it must leave behind.
 
-    ``args`` and ``long_args`` are extra job arguments; ``{out}`` becomes a fresh
-    run directory under the test's tmp_path, where ``metrics`` must appear.
+    Job arguments may hold ``{out}``, replaced by a fresh run directory under the
+    test's tmp_path, where ``metrics`` must appear.
     """
 
     args: Tuple[str, ...]  # a run of exactly `steps` optimizer steps
     steps: int
     long_args: Tuple[str, ...]  # a run that lasts until Slurm's time-limit signal stops it
     other_ntasks: Optional[int] = None  # a second size, given on the sbatch command line (mpirun test)
+    requeue_steps: Optional[int] = None  # steps of a run that must be requeued at least once to finish
     metrics: str = "metrics.h5"
+
+
+def _tiny(*extra: str, steps: int = 3) -> Tuple[str, ...]:
+    return ("--data", "synthetic", "--epochs", "1", "--max-steps", str(steps), "--batch-size", "8",
+            "--out", "{out}", *extra)
+
+
+def _long(*extra: str) -> Tuple[str, ...]:
+    return ("--data", "synthetic", "--epochs", "1000", "--batch-size", "8", "--flush-every", "5",
+            "--out", "{out}", *extra)
 
 
 TINY_JOBS = {
     "resnet_dp.sh": TinyJob(
-        args=("--data", "synthetic", "--epochs", "1", "--max-steps", "3", "--batch-size", "8", "--out", "{out}"),
-        steps=3,
-        long_args=("--data", "synthetic", "--epochs", "1000", "--batch-size", "8", "--flush-every", "5",
-                   "--out", "{out}"),
-        other_ntasks=3,
+        args=_tiny(), steps=3, long_args=_long(), other_ntasks=3,
+        # More than 4 ranks on 2 cores do (~6 steps/s) before the warning, 30-60 s into each
+        # allocation: the run is requeued 1-3 times (about 40 s each) before it finishes.
+        requeue_steps=400,
     ),
+    "mlp_mp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=4),  # 4 = 2 replicas
+    "resnet_pp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=3),  # 3 stages
+    "resnet_hybrid.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=2),  # 1 pipeline
 }
 
 JOB_TIMEOUT = 300  # seconds for a tiny job, queueing and Python start-up of every rank included
@@ -90,6 +103,12 @@ def signal_lead_seconds(script: str) -> int:
     return int(found.group(1))
 
 
+def short_time_limit(script: str) -> int:
+    """A limit in minutes whose warning comes 1-2 slurmctld periods after the start:
+    late enough that every rank has set up its handler, well before the kill."""
+    return -(-(signal_lead_seconds(script) + 2 * SLURMCTLD_PERIOD) // 60)
+
+
 def default_ntasks(script: str) -> int:
     value = sbatch_directive(script, r"(?:--ntasks=|--ntasks\s|-n\s*)")
     if value is None:
@@ -109,7 +128,8 @@ def slurm_cluster():
         try:
             ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
             if ping.returncode != 0 or "UP" not in ping.stdout:
-                missing = f"no Slurm controller answers 'scontrol ping': {(ping.stdout + ping.stderr).strip()}"
+                said = (ping.stdout + ping.stderr).strip().splitlines() or ["no output"]
+                missing = f"no Slurm controller answers 'scontrol ping' ({said[-1].strip()})"
         except (OSError, subprocess.TimeoutExpired) as exc:
             missing = f"'scontrol ping' failed: {exc}"
     if missing:
@@ -156,8 +176,9 @@ def submit(script: str, tmp_path: Path, job_args, *, options=(), env=None, timeo
     try:
         done = subprocess.run(["timeout", "--kill-after=10", str(timeout), *command], capture_output=True,
                               text=True, env=env or job_environment(), timeout=timeout + 30)
-    except subprocess.TimeoutExpired as exc:
-        done = subprocess.CompletedProcess(command, 124, exc.stdout or "", exc.stderr or "")
+    except subprocess.TimeoutExpired as exc:  # only if `timeout` itself hung; its output comes as bytes
+        said = [b.decode(errors="replace") if isinstance(b, bytes) else (b or "") for b in (exc.stdout, exc.stderr)]
+        done = subprocess.CompletedProcess(command, 124, *said)
     seconds = time.monotonic() - start
     job_id = (done.stdout or "").strip().split(";")[0]
     if done.returncode == 124:
@@ -260,23 +281,51 @@ def test_wrong_mpi_plugin_fails_loudly(slurm_cluster, tmp_path, script):
     assert "pmix" in said, "the failure does not say how to launch right (srun --mpi=pmix)\n" + result.describe()
 
 
+def time_limit_cases():
+    """Each run waits 30-60 s for Slurm's warning, so not every (script, launcher) pair
+    runs: both launchers for the data-parallel job and srun for one pipeline job (all
+    pipeline jobs share mpipar/pipeline/trainer.py's stop handling; every script's
+    --signal directive is checked statically above)."""
+    cases = [("resnet_dp.sh", "srun"), ("resnet_dp.sh", "mpirun"), ("resnet_pp.sh", "srun")]
+    return [case for case in cases if case[0] in job_scripts()]
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-@pytest.mark.parametrize("script", job_scripts())
+@pytest.mark.parametrize("script,launcher", time_limit_cases())
 def test_time_limit_signal_flushes_metrics(slurm_cluster, tmp_path, script, launcher):
     """A run longer than its limit gets the script's ``--signal`` first, stops all
     ranks at the same step, flushes its metrics and exits 0 before Slurm kills it."""
     job = tiny_job(script)
     ntasks = default_ntasks(script)
-    # A limit that makes the warning come 1-2 slurmctld periods after the start: late
-    # enough that every rank has set up its handler, well before the kill.
-    limit_minutes = -(-(signal_lead_seconds(script) + 2 * SLURMCTLD_PERIOD) // 60)
-    result = submit(script, tmp_path, job.long_args, options=[f"--time={limit_minutes}"],
-                    env=job_environment(LAUNCHER=launcher), timeout=limit_minutes * 60 + 3 * SLURMCTLD_PERIOD)
+    limit = short_time_limit(script)
+    result = submit(script, tmp_path, job.long_args, options=[f"--time={limit}"],
+                    env=job_environment(LAUNCHER=launcher, MPIPAR_REQUEUE="0"),
+                    timeout=limit * 60 + 3 * SLURMCTLD_PERIOD)
     killed = "DUE TO TIME LIMIT" in result.output
     assert not killed, "Slurm killed the job at its time limit: the ranks never acted on --signal\n" + result.describe()
     assert result.returncode == 0, result.describe()
     assert "SIGUSR1" in result.output, "the job did not say that SIGUSR1 stopped it\n" + result.describe()
     assert_clean_output(result)
     check_metrics(result.out_dir / job.metrics, world_size=ntasks)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [s for s in job_scripts() if s in TINY_JOBS and TINY_JOBS[s].requeue_steps])
+def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, script):
+    """On the warning signal the job checkpoints and requeues itself; the requeued job
+    (same id, same directory) resumes and finishes: every step recorded exactly once."""
+    job = tiny_job(script)
+    ntasks = default_ntasks(script)
+    limit = short_time_limit(script)
+    args = [*job.long_args, "--max-steps", str(job.requeue_steps)]
+    result = submit(script, tmp_path, args, options=[f"--time={limit}"], env=job_environment(),
+                    timeout=4 * (limit * 60 + 2 * SLURMCTLD_PERIOD))
+    assert result.returncode == 0, result.describe()
+    said = result.output.lower()
+    assert "requeue" in said and "resum" in said, (
+        f"the job finished {job.requeue_steps} steps without being requeued and resumed; the warning "
+        f"came too late for this machine's speed: raise requeue_steps\n" + result.describe())
+    assert "DUE TO TIME LIMIT" not in result.output, result.describe()
+    check_metrics(result.out_dir / job.metrics, world_size=ntasks, steps=job.requeue_steps)
