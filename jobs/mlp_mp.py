@@ -3,6 +3,7 @@
 Usage:
     mpirun -n 2 python jobs/mlp_mp.py --data fashion-mnist
     mpirun -n 2 python jobs/mlp_mp.py --data synthetic --max-steps 20 --out runs/mlp
+    mpirun -n 2 python jobs/mlp_mp.py --data synthetic --max-steps 20 --out runs/mlp --resume
     mpirun -n 2 python jobs/mlp_mp.py --placement 0,0,0,1,1 --schedule 1f1b --microbatches 8
     sbatch slurm/mlp_mp.sh --data synthetic --max-steps 5
 
@@ -15,11 +16,21 @@ gpipe or 1f1b with --microbatches M pipeline it. A world of 2k ranks runs k
 data-parallel replicas. Writes OUT/metrics.h5 like jobs/resnet_pp.py. As root,
 Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more
 ranks than cores needs --oversubscribe.
+
+Each rank checkpoints its own layers, optimizer and position to OUT/checkpoints
+(every --checkpoint-every steps, at epoch ends, and on SIGUSR1/SIGTERM); --resume
+continues the latest one, bitwise as if never interrupted.
 """
 
-import argparse
-import sys
-from pathlib import Path
+import signal
+
+EARLY_SIGNALS = []  # Slurm's warning signal can come while torch is still importing
+for _name in ("SIGUSR1", "SIGTERM"):
+    signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -54,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
     p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0: at epoch ends only); also written on SIGUSR1/SIGTERM")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (start fresh when there is none)")
+    p.add_argument("--requeue", action="store_true",
+                   help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     p.add_argument("--placement", default="0,0,1,1,0",
                    help="rank of each layer (Flatten, fc1, fc2, fc3, fc4); default: fc1,fc4 | fc2,fc3")
     p.add_argument("--schedule", choices=["naive", "gpipe", "1f1b"], default="naive")
@@ -73,10 +90,11 @@ def main(argv=None) -> None:
         data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
         model="mlp-" + "-".join(map(str, SIZES)), bucket_mb=args.bucket_mb, flush_every=args.flush_every,
-        log_every=args.log_every),
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every),
         PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=stages,
                        placement=args.placement)), "configuration")
-    run_job(comm, config, pipeline, make_mlp, strategy="model_parallel", say=say, stop=StopRequest.install())
+    run_job(comm, config, pipeline, make_mlp, strategy="model_parallel", say=say,
+            stop=StopRequest.install(EARLY_SIGNALS), resume=args.resume, requeue=args.requeue)
 
 
 if __name__ == "__main__":

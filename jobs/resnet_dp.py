@@ -20,8 +20,6 @@ for _name in ("SIGUSR1", "SIGTERM"):
     signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 import argparse  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,11 +33,11 @@ from mpi4py import MPI
 import mpipar
 from mpipar import data, models
 from mpipar.agree import agree_on, collective_check
-from mpipar.checkpoint import Checkpointer, rng_state, set_rng_state
+from mpipar.checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
 from mpipar.config import TrainConfig
 from mpipar.failure import FaultInjection, abort_on_exception
 from mpipar.launch import (RootPrinter, StopRequest, check_world_size, mpi_library, prepare_output_dir,
-                           threads_per_rank)
+                           requeue_slurm_job, threads_per_rank)
 from mpipar.metrics import MetricsWriter
 from mpipar.sharding import rank_batches, steps_per_epoch
 from mpipar.summary import summarize
@@ -211,30 +209,6 @@ def main(argv=None) -> None:
     watchdog.stop()
     if comm.Get_rank() == 0 and not stopping:
         print(summarize(out / "metrics.h5"), flush=True)
-
-
-def check_same_run(saved: dict, current: dict) -> None:
-    """A checkpoint resumes only the run that wrote it (settings that change results must match)."""
-    free = {"threads", "log_every", "flush_every", "checkpoint_every", "out"}
-    differing = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
-    if differing:
-        error = ValueError("the checkpoint was written with other settings: " + ", ".join(
-            f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differing.items()) + "; resume with the same flags")
-        error.agreed = True
-        raise error
-
-
-def requeue_slurm_job(comm, say) -> None:
-    """Ask Slurm to requeue this job (rank 0); the requeued job resumes from the checkpoint."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if comm.Get_rank() != 0:
-        return
-    if not job:
-        say("--requeue: not running under Slurm; nothing to requeue")
-        return
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    say(f"requeued Slurm job {job}" if result.returncode == 0 else
-        f"could not requeue Slurm job {job}: {result.stderr.strip()}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Usage:
     mpirun -n 4 python jobs/resnet_hybrid.py --stages 2 --data fashion-mnist --microbatches 4
     mpirun -n 4 python jobs/resnet_hybrid.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid
+    mpirun -n 4 python jobs/resnet_hybrid.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid --resume
     sbatch slurm/resnet_hybrid.sh --data synthetic --max-steps 5
 
 The ranks form a grid from sub-communicators: --stages S consecutive ranks run one
@@ -14,11 +15,21 @@ Allreduce on the data-parallel group). With 4 ranks and --stages 2: pipelines
 jobs/resnet_pp.py, plus the root attribute replicas. As root, Open MPI needs
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than
 cores needs --oversubscribe.
+
+Each rank checkpoints its own stages, optimizer and position to OUT/checkpoints
+(every --checkpoint-every steps, at epoch ends, and on SIGUSR1/SIGTERM); --resume
+continues the latest one, bitwise as if never interrupted.
 """
 
-import argparse
-import sys
-from pathlib import Path
+import signal
+
+EARLY_SIGNALS = []  # Slurm's warning signal can come while torch is still importing
+for _name in ("SIGUSR1", "SIGTERM"):
+    signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -50,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
     p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0: at epoch ends only); also written on SIGUSR1/SIGTERM")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (start fresh when there is none)")
+    p.add_argument("--requeue", action="store_true",
+                   help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     p.add_argument("--stages", type=int, default=2, help="ranks per pipeline (divides the world size)")
     p.add_argument("--schedule", choices=["gpipe", "1f1b", "naive"], default="1f1b")
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch (must divide it)")
@@ -67,10 +84,12 @@ def main(argv=None) -> None:
     config, pipeline = collective_check(comm, lambda: (TrainConfig(
         data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
-        model=args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every, log_every=args.log_every),
+        model=args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every),
         PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=args.stages,
                        balance=args.balance)), "configuration")
-    run_job(comm, config, pipeline, MODELS[config.model], strategy="pipeline_hybrid", say=say, stop=StopRequest.install())
+    run_job(comm, config, pipeline, MODELS[config.model], strategy="pipeline_hybrid", say=say,
+            stop=StopRequest.install(EARLY_SIGNALS), resume=args.resume, requeue=args.requeue)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 import numpy as np
 import torch
@@ -17,9 +17,12 @@ from mpi4py import MPI
 
 from .agree import collective_check
 
-__all__ = ["Checkpointer", "rng_state", "set_rng_state"]
+__all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run", "FREE_SETTINGS"]
 
 _NAME = re.compile(r"^step-(\d{9})$")
+
+FREE_SETTINGS = frozenset({"threads", "log_every", "flush_every", "checkpoint_every", "out"})
+"""Settings a resumed run may change: they do not change the results."""
 
 
 def rng_state() -> Dict[str, Any]:
@@ -31,6 +34,28 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["random"])
+
+
+def check_same_run(saved: dict, current: dict, free: Collection[str] = FREE_SETTINGS) -> None:
+    """A checkpoint resumes only the run that wrote it: settings that change results must match.
+
+    Args:
+        saved: the configuration stored in the checkpoint.
+        current: this run's configuration.
+        free: settings allowed to differ (threads, logging, output directory...).
+
+    Raises:
+        ValueError: (marked ``agreed``: print once) naming every differing setting
+            with both values, on one line. Local: call it on every rank with the
+            same arguments (e.g. after ``agree_on`` the saved configuration).
+    """
+    differing = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+                 if k not in free and saved.get(k) != current.get(k)}
+    if differing:
+        error = ValueError("the checkpoint was written with other settings: " + ", ".join(
+            f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differing.items()) + "; resume with the same flags")
+        error.agreed = True
+        raise error
 
 
 class Checkpointer:

@@ -1,15 +1,18 @@
-"""What a job checks about how it was launched: world size, threads, output directory."""
+"""What a job checks about how it was launched: world size, threads, output directory, stop and requeue."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 from mpi4py import MPI
 
 from .agree import collective_check
 
-__all__ = ["check_world_size", "threads_per_rank", "prepare_output_dir", "RootPrinter", "StopRequest", "mpi_library"]
+__all__ = ["check_world_size", "threads_per_rank", "prepare_output_dir", "RootPrinter", "StopRequest", "mpi_library",
+           "requeue_slurm_job"]
 
 
 def mpi_library() -> str:
@@ -127,3 +130,24 @@ class StopRequest:
         for name in cls.SIGNALS:
             signal.signal(getattr(signal, name), handler)
         return request
+
+
+def requeue_slurm_job(comm: MPI.Intracomm, say: Callable[[str], None], environ=os.environ) -> None:
+    """Ask Slurm to requeue this job (``scontrol requeue $SLURM_JOB_ID`` on rank 0 of
+    ``comm``); the requeued job resumes from the checkpoint just written. Call it on
+    every rank after that checkpoint; it does not communicate, and outside Slurm it
+    only says so. A failed ``scontrol`` is reported, not raised: the checkpoint is safe.
+    """
+    if comm.Get_rank() != 0:
+        return
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        say("--requeue: not running under Slurm; nothing to requeue")
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as exc:  # scontrol missing on this node
+        say(f"could not requeue Slurm job {job}: {exc}")
+        return
+    say(f"requeued Slurm job {job}" if result.returncode == 0 else
+        f"could not requeue Slurm job {job}: {result.stderr.strip()}")

@@ -1,4 +1,4 @@
-"""The training loop shared by the pipeline jobs: steps, evaluation and metrics on a process grid."""
+"""The training loop shared by the pipeline jobs: steps, evaluation, metrics and checkpoints on a process grid."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,13 +18,16 @@ from torch import nn
 
 from .. import __version__
 from ..agree import agree_on, collective_check
+from ..checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
 from ..config import TrainConfig
 from ..data import ArrayDataset, resolve
-from ..launch import mpi_library, prepare_output_dir
+from ..failure import FaultInjection
+from ..launch import StopRequest, mpi_library, prepare_output_dir, requeue_slurm_job
 from ..metrics import MetricsWriter
 from ..sharding import rank_batches, steps_per_epoch
 from ..topology import ProcessGrid
 from ..training import EvalResult, Stopwatch
+from ..watchdog import Watchdog
 from .executor import Pipeline
 from .microbatch import check_microbatches
 from .partition import auto_balance, format_report, gather_stage_times, stage_sums
@@ -32,7 +35,8 @@ from .placement import Placement
 from .replicas import ReplicaAverager
 from .schedule import SCHEDULES, placement_bubble
 
-__all__ = ["PipelineConfig", "choose_placement", "train_pipeline", "evaluate_pipeline", "store_bubble", "run_job"]
+__all__ = ["PipelineConfig", "Recovery", "choose_placement", "train_pipeline", "evaluate_pipeline", "store_bubble",
+           "run_job"]
 
 
 @dataclass(frozen=True)
@@ -109,16 +113,58 @@ def evaluate_pipeline(pipe: Pipeline, model: nn.Module, dataset: ArrayDataset, g
     return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
 
 
+@dataclass
+class Recovery:
+    """What lets a run survive interruptions; the defaults do nothing.
+
+    Attributes:
+        checkpoints: where every rank saves its own stages' state (``per_rank=True``);
+            None: no checkpoints.
+        state: this rank's part of the checkpoint to continue from, or None.
+        run_config: the settings stored with each checkpoint (compared on resume).
+        stop: a :class:`~mpipar.launch.StopRequest`; a stop requested on any rank is
+            seen by all at the next metrics flush, and they save and stop together.
+        requeue: after the stop checkpoint, ask Slurm to requeue the job.
+        fault: a deliberate crash for tests (``MPIPAR_FAULT_AT_STEP``).
+        watchdog: labelled with the epoch and step, so stall reports say where.
+    """
+
+    checkpoints: Optional[Checkpointer] = None
+    state: Optional[dict] = None
+    run_config: dict = field(default_factory=dict)
+    stop: Optional[StopRequest] = None
+    requeue: bool = False
+    fault: FaultInjection = field(default_factory=FaultInjection)
+    watchdog: Optional[Watchdog] = None
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self.stop and self.stop.requested)
+
+
 def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequential, pipe: Pipeline,
                    config: TrainConfig, train: ArrayDataset, test: ArrayDataset, metrics: MetricsWriter,
-                   say: Callable[[str], None], stop=None, predicted: Optional[list] = None) -> None:
+                   say: Callable[[str], None], recovery: Optional[Recovery] = None,
+                   predicted: Optional[list] = None) -> bool:
     """Train with ``pipe`` in every replica and average gradients across replicas.
 
     Collective over ``world``. Each replica takes ``config.batch_size`` samples per
     step; only full steps are taken (a short last step could not be split into
     equal micro-batches). Records per step and rank: compute (busy), communication
     and idle time, activation bytes; samples are counted on the last-stage rank.
+
+    With ``recovery.checkpoints``, every rank saves its stages (parameters and
+    buffers), optimizer, learning-rate schedule, RNG states, position and partial
+    epoch loss every ``config.checkpoint_every`` steps (mid-epoch: replicas' buffers
+    are saved as they are, so saving never changes the run), at each epoch end
+    (after evaluation and the buffer average) and on a stop request, each time
+    after flushing the metrics. ``recovery.state`` continues such a checkpoint: the
+    result is bitwise the run never interrupted (CPU, same settings and ranks).
+
+    Returns:
+        True when a stop request ended the run early.
     """
+    recovery = recovery or Recovery()
     averager = ReplicaAverager(pipe.local_module, grid.data_comm, bucket_cap_mb=config.bucket_mb)
     params = list(pipe.parameters())
     optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=config.lr,
@@ -132,16 +178,43 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
     say(f"{full_steps} steps/epoch of {config.batch_size} x {grid.replicas} samples "
         f"(of {steps_per_epoch(len(train), config.batch_size, grid.replicas)}; partial steps dropped); "
         f"{total_steps} steps")
-    step, run_start = 0, time.perf_counter()
-    last_log = run_start
+    step, start_epoch, skip, loss_sum, seen = 0, 0, 0, 0.0, 0
+    if recovery.state is not None:  # after the averager's broadcast: each replica's buffers are its own
+        state = recovery.state
+        pipe.local_module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"])
+        step, start_epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
+        loss_sum, seen = state["loss_sum"], state["samples_seen"]
+
+    def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
+        """Flush metrics up to ``step``, then save every rank's part of the checkpoint of ``step``. Collective."""
+        metrics.flush()
+        if recovery.checkpoints is not None:
+            path = recovery.checkpoints.save(step, {
+                "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
+                "samples_seen": seen, "model": pipe.local_module.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": lr_schedule.state_dict(), "rng": rng_state(), "config": recovery.run_config,
+                "placement": list(pipe.placement.ranks)})
+            say(f"checkpoint: {path}")
+
+    first_step, run_start = step, time.perf_counter()
+    last_log, stopping = run_start, False
     stage_busy = {index: 0.0 for index in pipe.stages}
-    for epoch in range(config.epochs):
-        epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
+    for epoch in range(start_epoch, config.epochs):
+        if step >= total_steps and not skip:  # resumed from the final checkpoint: nothing left
+            break
+        epoch_start = time.perf_counter()
         batches = rank_batches(len(train), config.batch_size, grid.replicas, grid.replica, seed=config.seed,
                                epoch=epoch)[:full_steps]
-        for indices in batches:
+        for step_in_epoch in range(skip, len(batches)):
             if step >= total_steps:
                 break
+            recovery.fault.maybe_fail(step)
+            if recovery.watchdog is not None:
+                recovery.watchdog.label(epoch=epoch + 1, step=step)
+            indices = batches[step_in_epoch]
             clock = Stopwatch()
             images, labels = train.batch(indices) if pipe.holds_first_stage or pipe.holds_last_stage \
                 else (None, None)
@@ -167,32 +240,45 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
                 max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
             step += 1
             loss_sum, seen = loss_sum + result.loss * len(indices), seen + len(indices)
-            if metrics.maybe_flush(stop=bool(stop and stop.requested)):
+            if metrics.maybe_flush(stop=recovery.stop_requested):
+                stopping = True
                 break
+            if config.checkpoint_every and step % config.checkpoint_every == 0 \
+                    and step_in_epoch + 1 < len(batches) and step < total_steps:  # else the epoch end saves
+                save_checkpoint(epoch, step_in_epoch + 1)
             now = time.perf_counter()
             if config.log_every and now - last_log >= config.log_every:
                 last_log = now
                 say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {loss_sum / seen:.4f} "
-                    f"{step * config.batch_size * grid.replicas / (now - run_start):.0f} samples/s")
-        averager.sync_buffers(pipe.local_module)
-        result = evaluate_pipeline(pipe, model, test, grid, world)
-        wall = time.perf_counter() - epoch_start
-        train_loss = loss_sum / max(seen, 1)
-        metrics.record_epoch(epoch=epoch + 1, train_loss=train_loss, test_loss=result.loss,
-                             test_accuracy=result.accuracy, wall_time=wall)
-        stopping = metrics.flush(stop=bool(stop and stop.requested))
-        say(f"epoch {epoch + 1}/{config.epochs} done in {wall:.1f}s: train loss {train_loss:.4f}, "
-            f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
+                    f"{(step - first_step) * config.batch_size * grid.replicas / (now - run_start):.0f} samples/s")
+        if stopping:  # mid-epoch: the resumed run finishes this epoch, then evaluates it
+            save_checkpoint(epoch, step_in_epoch + 1)
+        else:
+            skip = 0
+            averager.sync_buffers(pipe.local_module)
+            result = evaluate_pipeline(pipe, model, test, grid, world)
+            wall = time.perf_counter() - epoch_start
+            train_loss = loss_sum / max(seen, 1)
+            metrics.record_epoch(epoch=epoch + 1, train_loss=train_loss, test_loss=result.loss,
+                                 test_accuracy=result.accuracy, wall_time=wall)
+            stopping = metrics.flush(stop=recovery.stop_requested)
+            say(f"epoch {epoch + 1}/{config.epochs} done in {wall:.1f}s: train loss {train_loss:.4f}, "
+                f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
+            loss_sum, seen = 0.0, 0
+            save_checkpoint(epoch + 1, 0)
         if stopping:
-            say(f"stopping early: {stop.describe() if stop else 'stop requested'}; metrics flushed")
+            why = recovery.stop.describe() if recovery.stop_requested else "a stop was requested on another rank"
+            say(f"stopping early: {why}; metrics flushed to {metrics.path}")
+            if recovery.requeue:
+                requeue_slurm_job(world, say)
             break
-        if step >= total_steps:
-            break
+    steps_run = step - first_step
     measured = gather_stage_times(grid.pipeline_comm, stage_busy, pipe.num_stages)
-    if predicted is not None and step:
-        share = [t / step / pipe.microbatches for t in measured]
+    if predicted is not None and steps_run:
+        share = [t / steps_run / pipe.microbatches for t in measured]
         say("per-stage time per micro-batch (replica 0):\n" + format_report(
             pipe.placement.balance(), stage_sums(predicted, pipe.placement.balance()), share))
+    return stopping
 
 
 def store_bubble(path, stages: int, ideal: float, skip: int = 1) -> float:
@@ -228,31 +314,53 @@ def store_bubble(path, stages: int, ideal: float, skip: int = 1) -> float:
 
 def run_job(world: MPI.Intracomm, config: TrainConfig, pipeline: PipelineConfig,
             make_model: Callable[..., nn.Sequential], *, strategy: str, say: Callable[[str], None],
-            stop=None) -> None:
-    """A whole pipeline training job: data, grid, placement, training, metrics. Collective over ``world``."""
+            stop: Optional[StopRequest] = None, resume: bool = False, requeue: bool = False) -> None:
+    """A whole pipeline training job: data, grid, placement, training, metrics, checkpoints.
+
+    Collective over ``world``. Every rank checkpoints its own stages under
+    ``OUT/checkpoints`` (see :func:`train_pipeline`). ``resume`` continues from the
+    latest checkpoint there (a fresh start when there is none) with the placement it
+    was written with, refuses one written with other settings that change results or
+    another number of ranks, and continues the metrics file from its step. ``stop``
+    (Slurm's warning signal) saves and stops at the next flush; ``requeue`` then asks
+    Slurm to requeue the job. A stall watchdog watches ``world`` throughout, and
+    ``MPIPAR_FAULT_AT_STEP=N[:RANK]`` kills a rank at step N (for tests).
+    """
+    watchdog = Watchdog(world).start()  # reports ranks that have not arrived when one waits > MPIPAR_STALL_WARN s
     agree_on(world, "the configuration", ({k: v for k, v in config.to_dict().items() if k != "threads"},
                                          pipeline), hint="launch every rank with the same arguments")
     collective_check(world, lambda: check_microbatches(config.batch_size, pipeline.microbatches),
                      "--batch-size and --microbatches")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    out = prepare_output_dir(world, config.out)
+    out = prepare_output_dir(world, config.out, allow_existing_run=resume)
+    run_config = {**config.to_dict(), **asdict(pipeline)}
+    checkpoints = Checkpointer(out / "checkpoints", world, per_rank=True)
+    resume_from = checkpoints.latest() if resume else None
+    state = checkpoints.load(resume_from) if resume_from is not None else None
+    if state is not None:
+        agree_on(world, "the checkpoint's step", state["step"])
+        collective_check(world, lambda: check_same_run(state["config"], run_config), "--resume")
     grid = ProcessGrid(world, pipeline.stages)
     splits = collective_check(world, lambda: resolve(config.data, seed=config.seed), "data")
     train, test = splits.train, splits.test
     channels, size, _ = train.image_shape
     model = make_model(in_channels=channels, num_classes=max(train.num_classes, test.num_classes),
                        image_size=size)
-    sample = None
-    if world.Get_rank() == 0 and pipeline.balance == "auto":  # one profile for all replicas
-        sample = train.batch(np.arange(max(1, config.batch_size // pipeline.microbatches)))[0]
-    placement, predicted = choose_placement(model, pipeline, world, sample, say)
+    if state is not None:  # the checkpoint's own placement (auto balance could profile another)
+        placement, predicted = Placement(tuple(state["placement"])), None
+    else:
+        sample = None
+        if world.Get_rank() == 0 and pipeline.balance == "auto":  # one profile for all replicas
+            sample = train.batch(np.arange(max(1, config.batch_size // pipeline.microbatches)))[0]
+        placement, predicted = choose_placement(model, pipeline, world, sample, say)
     pipe = Pipeline(model, grid.pipeline_comm, placement, schedule=pipeline.schedule,
                     microbatches=pipeline.microbatches, loss_fn=torch.nn.functional.cross_entropy)
     ideal = placement_bubble(pipe.schedule, pipe.stage_ranks)
     parameters = sum(p.numel() for p in model.parameters())
-    metrics = MetricsWriter(out / "metrics.h5", world, strategy=strategy,
-                            config={**config.to_dict(), **pipeline.__dict__}, flush_every=config.flush_every,
+    metrics = MetricsWriter(out / "metrics.h5", world, strategy=strategy, config=run_config,
+                            flush_every=config.flush_every, resume=resume,
+                            resume_at_step=state["step"] if state is not None else 0,
                             attrs={"model": config.model, "parameters": parameters,
                                    "schedule": pipeline.schedule, "stages": pipe.num_stages,
                                    "microbatches": pipeline.microbatches, "replicas": grid.replicas,
@@ -262,12 +370,19 @@ def run_job(world: MPI.Intracomm, config: TrainConfig, pipeline: PipelineConfig,
     say(f"data: {splits.description}")
     say(f"model: {config.model}, {parameters:,} parameters, {len(model)} layers; {placement}; "
         f"{pipe.schedule}; ideal bubble {ideal:.3f}; metrics -> {out / 'metrics.h5'}")
-    train_pipeline(world=world, grid=grid, model=model, pipe=pipe, config=config, train=train, test=test,
-                   metrics=metrics, say=say, stop=stop, predicted=predicted)
+    if state is not None:
+        say(f"resumed from {resume_from} at step {state['step']} "
+            f"(epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of it)")
+    recovery = Recovery(checkpoints=checkpoints, state=state, run_config=run_config, stop=stop, requeue=requeue,
+                        fault=FaultInjection.from_environment(world), watchdog=watchdog)
+    stopped = train_pipeline(world=world, grid=grid, model=model, pipe=pipe, config=config, train=train,
+                             test=test, metrics=metrics, say=say, recovery=recovery, predicted=predicted)
     metrics.close()
     grid.free()
     if world.Get_rank() == 0:
         measured = store_bubble(out / "metrics.h5", pipeline.stages, ideal)
         say(f"pipeline bubble: measured {measured:.3f}, ideal {ideal:.3f}")
-        from ..summary import summarize
-        say(summarize(out / "metrics.h5"))
+        if not stopped:
+            from ..summary import summarize
+            say(summarize(out / "metrics.h5"))
+    watchdog.stop()
