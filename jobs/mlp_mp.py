@@ -28,7 +28,7 @@ EARLY_SIGNALS = []  # Slurm's warning signal can come while torch is still impor
 for _name in ("SIGUSR1", "SIGTERM"):
     signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
 
-import argparse  # noqa: E402
+import argparse  # noqa: E402 (parse_args's annotation)
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,7 +38,7 @@ from mpi4py import MPI
 
 from mpipar import models
 from mpipar.agree import collective_check
-from mpipar.config import TrainConfig
+from mpipar.cli import train_config, training_parser
 from mpipar.failure import abort_on_exception
 from mpipar.launch import RootPrinter, StopRequest, check_world_size, threads_per_rank
 from mpipar.pipeline.trainer import PipelineConfig, run_job
@@ -51,26 +51,8 @@ def make_mlp(in_channels: int, num_classes: int, image_size: int):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, or a path (IDX dir or .h5)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128, help="samples per model replica per step")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/mlp_mp", help="output directory (must not hold an earlier run)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks per node)")
-    p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
-    p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
-    p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="steps between checkpoints (0: at epoch ends only); also written on SIGUSR1/SIGTERM")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out (start fresh when there is none)")
-    p.add_argument("--requeue", action="store_true",
-                   help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
+    p = training_parser(__doc__, out="runs/mlp_mp", batch_help="samples per model replica per step", epochs=3,
+                        lr=0.05)
     p.add_argument("--placement", default="0,0,1,1,0",
                    help="rank of each layer (Flatten, fc1, fc2, fc3, fc4); default: fc1,fc4 | fc2,fc3")
     p.add_argument("--schedule", choices=["naive", "gpipe", "1f1b"], default="naive")
@@ -86,11 +68,8 @@ def main(argv=None) -> None:
     check_world_size(comm)
     threads = threads_per_rank(comm, args.threads)
     stages = len(set(args.placement.split(",")))
-    config, pipeline = collective_check(comm, lambda: (TrainConfig(
-        data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
-        model="mlp-" + "-".join(map(str, SIZES)), bucket_mb=args.bucket_mb, flush_every=args.flush_every,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every),
+    model_name = "mlp-" + "-".join(map(str, SIZES))
+    config, pipeline = collective_check(comm, lambda: (train_config(args, threads=threads, model=model_name),
         PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=stages,
                        placement=args.placement)), "configuration")
     run_job(comm, config, pipeline, make_mlp, strategy="model_parallel", say=say,

@@ -34,7 +34,7 @@ import mpipar
 from mpipar import data, models
 from mpipar.agree import agree_on, collective_check
 from mpipar.checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
-from mpipar.config import TrainConfig
+from mpipar.cli import train_config, training_parser
 from mpipar.failure import FaultInjection, abort_on_exception
 from mpipar.launch import (RootPrinter, StopRequest, check_world_size, mpi_library, prepare_output_dir,
                            requeue_slurm_job, threads_per_rank)
@@ -52,27 +52,7 @@ MODELS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, or a path (IDX dir or .h5)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128, help="samples per rank per step")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/resnet_dp", help="output directory (must not hold an earlier run)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks per node)")
-    p.add_argument("--model", choices=sorted(MODELS), default="resnet-small")
-    p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
-    p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
-    p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="steps between checkpoints (0: at epoch ends only); also written on SIGUSR1/SIGTERM")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out (start fresh when there is none)")
-    p.add_argument("--requeue", action="store_true",
-                   help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
+    p = training_parser(__doc__, out="runs/resnet_dp", batch_help="samples per rank per step", models=MODELS)
     return p.parse_args(argv)
 
 
@@ -84,12 +64,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_world_size(comm)
     threads = threads_per_rank(comm, args.threads)
-    config = collective_check(comm, lambda: TrainConfig(
-        data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
-        model=args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every, log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every),
-        "configuration")
+    config = collective_check(comm, lambda: train_config(args, threads=threads), "configuration")
     agree_on(comm, "the configuration", {k: v for k, v in config.to_dict().items() if k != "threads"},
              hint="launch every rank with the same arguments")
     torch.set_num_threads(config.threads)
@@ -190,7 +165,7 @@ def main(argv=None) -> None:
         if stopping:  # Slurm's warning signal (or SIGTERM): save where we are and go
             save_checkpoint(epoch, step_in_epoch + 1)
             say(f"stopping early: {stop.describe()}; metrics flushed to {out / 'metrics.h5'}")
-            if args.requeue:
+            if args.requeue and not stop.cancelled:  # scancel (SIGTERM) must not bring the job back
                 requeue_slurm_job(comm, say)
             break
         skip = 0

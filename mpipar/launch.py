@@ -110,6 +110,12 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def cancelled(self) -> bool:
+        """SIGTERM (``scancel``, or Slurm's kill at the limit): stop without requeueing.
+        Only Slurm's warning signal (SIGUSR1) leads to a requeue."""
+        return self.signal_name == "SIGTERM"
+
     def describe(self) -> str:
         return f"{self.signal_name} received" if self.requested else "no stop requested"
 

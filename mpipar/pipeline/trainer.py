@@ -269,8 +269,8 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
         if stopping:
             why = recovery.stop.describe() if recovery.stop_requested else "a stop was requested on another rank"
             say(f"stopping early: {why}; metrics flushed to {metrics.path}")
-            if recovery.requeue:
-                requeue_slurm_job(world, say)
+            if recovery.requeue and not (recovery.stop is not None and recovery.stop.cancelled):
+                requeue_slurm_job(world, say)  # on Slurm's warning only: scancel's SIGTERM must not requeue
             break
     steps_run = step - first_step
     measured = gather_stage_times(grid.pipeline_comm, stage_busy, pipe.num_stages)

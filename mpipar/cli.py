@@ -1,0 +1,54 @@
+"""The flags every training job shares, and the TrainConfig they make."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import TrainConfig
+
+__all__ = ["training_parser", "train_config"]
+
+
+def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr: float = 0.1,
+                    models=None) -> argparse.ArgumentParser:
+    """An argument parser with the common flags of ``jobs/``; a job adds its own.
+
+    Args:
+        doc: the job's docstring (shown by ``--help``).
+        out: the default output directory.
+        batch_help: what ``--batch-size`` counts (per rank, per pipeline, ...).
+        epochs, lr: the job's defaults.
+        models: names accepted by ``--model`` (no ``--model`` flag when None).
+    """
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, or a path (IDX dir or .h5)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=128, help=batch_help)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help="output directory (must not hold an earlier run unless --resume)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks per node)")
+    if models:
+        p.add_argument("--model", choices=sorted(models), default="resnet-small")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
+    p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
+    p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0: at epoch ends only); also written on SIGUSR1/SIGTERM")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (start fresh when there is none)")
+    p.add_argument("--requeue", action="store_true",
+                   help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
+    return p
+
+
+def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -> TrainConfig:
+    """The validated TrainConfig of parsed common flags (raises ValueError naming the flag)."""
+    return TrainConfig(
+        data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
+        model=model or args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every)
