@@ -17,7 +17,10 @@ load hits all alike:
 
 Rank 0 prints the median time per batch of each, the speedups over one process,
 and mpipar's measured bubble (1 - busy / (ranks * wall), from its per-rank timers)
-next to the ideal (p-1)/(m+p-1). Each rank uses --threads torch threads (one core
+next to the ideal (p-1)/(m+p-1) for equal stages and to the bubble the schedule
+gives with the stage times measured in the same step (communication free): the
+gap between ideal and that bound is stage imbalance, the rest of the measured
+bubble is communication and the executor's overhead. Each rank uses --threads torch threads (one core
 per rank is the fair comparison with the single process on one core).
 """
 
@@ -41,7 +44,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from mpipar import models
 from mpipar.pipeline import Pipeline, Placement, auto_balance, measured_bubble
-from mpipar.pipeline.schedule import Schedule
+from mpipar.pipeline.schedule import Schedule, placement_bubble
 
 
 def free_port() -> int:
@@ -120,7 +123,7 @@ def main() -> None:
         stage, args.microbatches, loss_fn=F.cross_entropy)
     torch_optimizer = torch.optim.SGD(torch_part.parameters(), lr=0.01)
 
-    bubbles = []
+    bubbles, bounds = [], []
 
     def run_serial(images, labels):
         if rank == 0:
@@ -150,8 +153,12 @@ def main() -> None:
             for images, labels in batches[1:]:
                 result = run(images, labels)
                 if name == "mpipar":
-                    gathered = comm.allgather((result.times.busy, result.times.wall))
-                    bubbles.append(measured_bubble([b for b, _ in gathered], [w for _, w in gathered]))
+                    gathered = comm.allgather((result.times.busy, result.times.wall, result.stage_times))
+                    bubbles.append(measured_bubble([b for b, _, _ in gathered], [w for _, w, _ in gathered]))
+                    stage_times = {s: t for _, _, times in gathered for s, t in times.items()}
+                    bounds.append(placement_bubble(pipe.schedule, pipe.stage_ranks, [
+                        (f / args.microbatches, b / args.microbatches) for f, b in
+                        (stage_times[s] for s in range(pipe.num_stages))]))
             comm.Barrier()
             seconds[name].append((time.perf_counter() - start) / args.steps)
 
@@ -167,8 +174,10 @@ def main() -> None:
             median = statistics.median(values)
             print(f"{name:>17}: ms/batch per round " + " ".join(f"{1e3 * v:8.1f}" for v in values)
                   + f" | median {1e3 * median:8.1f} | speedup over one process {serial / median:5.2f}")
-        print(f"mpipar bubble: measured {statistics.median(bubbles):.3f} (median over steps), "
-              f"ideal (p-1)/(m+p-1) = {ideal:.3f}")
+        measured, bound = statistics.median(bubbles), statistics.median(bounds)
+        print(f"mpipar bubble (median over steps): measured {measured:.3f}; ideal (p-1)/(m+p-1) = {ideal:.3f} "
+              f"with equal stages; {bound:.3f} for the measured stage times (imbalance "
+              f"{bound - ideal:+.3f}); communication and overhead {measured - bound:+.3f}")
         ratio = statistics.median(seconds["torch pipelining"]) / statistics.median(seconds["mpipar"])
         print(f"mpipar speedup / torch pipelining speedup: {ratio:.3f}")
     dist.destroy_process_group()

@@ -12,7 +12,7 @@ slowest stage is minimised and predicted vs measured stage times are printed) or
 N,N,... layers per stage. --schedule gpipe runs all forwards then all backwards;
 1f1b bounds the micro-batches in flight; naive runs one micro-batch at a time.
 Writes OUT/metrics.h5 with the data-parallel schema plus the root attributes
-schedule, stages, microbatches, bubble_measured and bubble_ideal, and per step and
+schedule, stages, microbatches, bubble_measured, bubble_ideal and bubble_bound, and per step and
 rank busy (compute), communication and idle time and activation bytes. As root,
 Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more
 ranks than cores needs --oversubscribe.

@@ -35,7 +35,7 @@ def summarize(path) -> str:
     if len(epochs.get("test_accuracy", [])):
         lines.append(f"epochs: {len(epochs['test_accuracy'])}, final test accuracy: "
                      f"{epochs['test_accuracy'][-1]:.4f}, test loss: {epochs['test_loss'][-1]:.4f}")
-    for key in ("bubble_measured", "bubble_ideal"):
+    for key in ("bubble_measured", "bubble_ideal", "bubble_bound"):
         if key in attrs:
             lines.append(f"{key}: {float(attrs[key]):.3f}")
     return "\n".join(lines)

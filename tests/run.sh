@@ -24,7 +24,8 @@ run() {  # run a pytest pass; any non-zero status (5 = no tests ran included) is
     fi
 }
 
-run "$PYTHON" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-}
+eval "extra=(${PYTEST_ARGS:-})"  # shell words, so quoted arguments stay whole
+run "$PYTHON" -m pytest -q -p no:cacheprovider "${extra[@]}"
 for n in $SIZES; do
     run timeout "$MPI_TIMEOUT" "$MPIRUN" -n "$n" --oversubscribe "$PYTHON" -m pytest --only-mpi -q \
         -p no:cacheprovider

@@ -1,6 +1,5 @@
 """Checkpoints: atomic, latest wins, and interrupt + resume equals a run never interrupted."""
 
-import os
 
 import h5py
 import numpy as np

@@ -223,9 +223,14 @@ def test_step_reports_times_memory_and_in_flight_counts():
     result = pipe.step(*make_batch())
     (stage,) = pipe.stages  # even placement: one stage per rank
     times = result.times
+    # every boundary carries width-7 float64 activations of 2-sample micro-batches, 6 each way
+    directions = int(stage > 0) + int(stage < pipe.num_stages - 1)
+    forward, backward = result.stage_times[stage]
     ok = (abs(times.busy + times.comm + times.idle - times.wall) < 1e-9
           and result.peak_in_flight == {stage: min(pipe.num_stages - stage, 6)}
-          and result.activation_bytes > 0 and set(result.stage_busy) == {stage})
+          and result.activation_bytes > 0 and set(result.stage_busy) == {stage}
+          and forward > 0 and backward > 0 and abs(forward + backward - result.stage_busy[stage]) < 1e-12
+          and result.bytes_sent == directions * 6 * 2 * 7 * 8)
     assert_all_ranks(comm, ok, f"{result}")
 
 

@@ -28,11 +28,13 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
         assert f.attrs["microbatches"] == json.loads(f.attrs["config"])["microbatches"]
         assert f.attrs["replicas"] == replicas
         assert 0 <= f.attrs["bubble_ideal"] < 1 and 0 <= f.attrs["bubble_measured"] < 1
+        assert 0 <= f.attrs["bubble_bound"] < 1  # the schedule with the measured stage times
         assert f["steps/loss"].shape == (5,) and f["steps/samples"][0] == 16 * replicas
         for key in ("compute_time", "comm_time", "idle_time", "step_time", "activation_bytes"):
             values = f[f"steps/{key}"][...]
             assert values.shape == (5, ranks) and np.isfinite(values).all() and (values >= 0).all()
         assert (f["steps/compute_time"][...] > 0).all()
+        assert (f["steps/bytes_sent"][...] > 0).all()  # every stage sends activations or gradients
         assert f["steps/bubble_measured"].shape == (5,)
     if "--balance" in args:
         assert "predicted ms  measured ms" in result.stdout

@@ -161,3 +161,19 @@ def test_placement_bubble_of_non_contiguous_placements():
     #   rank 0: F0 F1 F0 F1 B0 B1 B0 B1   (stage 0, 0, 2, 2, 2, 2, 0, 0)
     #   rank 1: .  F0 F1 .  .  B0 B1 .
     assert placement_bubble(Schedule("gpipe", 3, 2), (0, 1, 0)) == pytest.approx(1 - 12 / (2 * 8))
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+def test_placement_bubble_with_equal_measured_times_is_the_ideal_bubble(name):
+    schedule = Schedule(name, 3, 6)
+    assert placement_bubble(schedule, (0, 1, 2), [(1.0, 2.0)] * 3) == pytest.approx(schedule.ideal_bubble)
+
+
+def test_placement_bubble_of_unequal_stages_counts_the_imbalance():
+    # 1F1B, 2 stages, stage 1 the slower: it works without a break from the end of stage 0's
+    # first forward to its last backward, then stage 0 runs its last backward:
+    # makespan = f0 + m (f1 + b1) + b0 = 1 + 4 * 4.5 + 2 = 21, work = 4 * (1 + 2 + 1.5 + 3) = 30
+    bubble = placement_bubble(Schedule("1f1b", 2, 4), (0, 1), [(1.0, 2.0), (1.5, 3.0)])
+    assert bubble == pytest.approx(1 - 30 / (2 * 21))
+    with pytest.raises(ValueError, match="for 2 stages"):
+        placement_bubble(Schedule("1f1b", 2, 4), (0, 1), [(1.0, 2.0)])

@@ -35,17 +35,21 @@ class StepResult:
             last stage; None elsewhere.
         times: this rank's busy / communication / idle seconds.
         stage_busy: compute seconds of each stage this rank holds.
+        stage_times: (forward, backward) seconds of each stage this rank holds.
         peak_in_flight: most micro-batches each local stage held activations for.
         activation_bytes: estimated peak bytes of activations saved for backward on
             this rank (peak in flight times the saved bytes of one micro-batch).
+        bytes_sent: bytes of activations and gradients this rank sent to other stages.
     """
 
     loss: float
     outputs: Optional[torch.Tensor]
     times: StepTimes
     stage_busy: Dict[int, float] = field(default_factory=dict)
+    stage_times: Dict[int, tuple] = field(default_factory=dict)
     peak_in_flight: Dict[int, int] = field(default_factory=dict)
     activation_bytes: int = 0
+    bytes_sent: int = 0
 
 
 def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
@@ -283,7 +287,7 @@ class Pipeline:
         chunks = list(inputs.chunk(microbatches)) if self.holds_first_stage else None
         target_chunks = list(targets.chunk(microbatches)) if isinstance(targets, torch.Tensor) and \
             self.holds_last_stage else None
-        comm, sends, received, outgoing = self.comm, [], {}, {}
+        comm, sends, received, outgoing, bytes_sent = self.comm, [], {}, {}, 0
         for instruction in program:
             index, i = instruction.stage, instruction.microbatch
             stage = self.stages[index]
@@ -299,21 +303,23 @@ class Pipeline:
                 grad = isinstance(instruction, SendGrad)
                 dest = self.stage_ranks[index - 1 if grad else index + 1]
                 tag = self._tag(index - 1 if grad else index, grad, i, microbatches)
+                tensor = outgoing.pop(instruction)
+                bytes_sent += tensor.numel() * tensor.element_size()
                 with clock.communicating():
-                    sends.append(mpi_tensor.isend(outgoing.pop(instruction), comm, dest, tag))
+                    sends.append(mpi_tensor.isend(tensor, comm, dest, tag))
             elif isinstance(instruction, Forward):
                 x = chunks[i] if stage.is_first else received.pop(RecvActivation(index, i))
                 begin = time.perf_counter()
                 y = stage.forward(i, x, train=train, target=target_chunks[i] if target_chunks else None,
                                   loss_fn=self.loss_fn, scale=1.0 / microbatches)
-                stage.busy += time.perf_counter() - begin
+                stage.forward_busy += time.perf_counter() - begin
                 if not stage.is_last:
                     outgoing[SendActivation(index, i)] = y.detach()
             elif isinstance(instruction, Backward):
                 grad_output = None if stage.is_last else received.pop(RecvGrad(index, i))
                 begin = time.perf_counter()
                 grad_input = stage.backward(i, grad_output)
-                stage.busy += time.perf_counter() - begin
+                stage.backward_busy += time.perf_counter() - begin
                 if not stage.is_first:
                     outgoing[SendGrad(index, i)] = grad_input
         with clock.communicating():
@@ -324,8 +330,10 @@ class Pipeline:
         return StepResult(
             loss=loss, outputs=outputs, times=clock.finish(),
             stage_busy={index: stage.busy for index, stage in self.stages.items()},
+            stage_times={index: (stage.forward_busy, stage.backward_busy) for index, stage in self.stages.items()},
             peak_in_flight={index: stage.peak_in_flight for index, stage in self.stages.items()},
-            activation_bytes=sum(s.peak_in_flight * s.saved_bytes for s in self.stages.values()))
+            activation_bytes=sum(s.peak_in_flight * s.saved_bytes for s in self.stages.values()),
+            bytes_sent=bytes_sent)
 
     def _broadcast_loss(self) -> float:
         value = torch.full((1,), math.nan, dtype=torch.float64)

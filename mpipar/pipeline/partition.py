@@ -32,39 +32,56 @@ class LayerProfile:
         return self.forward_time + self.backward_time
 
 
-def profile_layers(module: nn.Sequential, sample: torch.Tensor, *, repeats: int = 5,
+def profile_layers(module: nn.Sequential, sample: torch.Tensor, *, repeats: int = 7,
                    warmup: int = 1) -> List[LayerProfile]:
     """Time each layer's forward and backward on ``sample`` (one micro-batch). Local.
 
-    Each layer runs on the previous layer's output; the median of ``repeats`` runs
-    after ``warmup`` is kept. Gradients come from ``torch.autograd.grad`` so
-    ``.grad`` is untouched, and buffers (BatchNorm statistics) are restored.
+    Each layer runs on the previous layer's output. Timing goes in rounds that
+    visit every layer once, so a change in machine load hits all layers alike; the
+    median over ``repeats`` rounds (after ``warmup``) is kept. A layer computes
+    its input's gradient only when an earlier layer has trainable parameters, as
+    in the real backward pass (the first stage never differentiates the batch).
+    Gradients come from ``torch.autograd.grad`` so ``.grad`` is untouched, and
+    buffers (BatchNorm statistics) are restored.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
-    profiles, x = [], sample
+    layers = list(module.named_children())
     try:
-        for (name, layer), index in zip(module.named_children(), range(len(module))):
-            needs_input_grad = index > 0 and x.is_floating_point()
-            forward, backward = [], []
-            for run in range(warmup + repeats):
-                inputs = x.detach().requires_grad_(needs_input_grad)
+        inputs, outputs, needs_input_grad, trainable_before = [], [], [], False
+        x = sample
+        with torch.no_grad():
+            for _, layer in layers:
+                inputs.append(x.detach())
+                needs_input_grad.append(trainable_before and x.is_floating_point())
+                trainable_before |= any(p.requires_grad for p in layer.parameters())
+                x = layer(x)
+                outputs.append(x)
+        forward = [[] for _ in layers]
+        backward = [[] for _ in layers]
+        for run in range(warmup + repeats):
+            for index, (_, layer) in enumerate(layers):
+                x = inputs[index].clone().requires_grad_(needs_input_grad[index])  # layers may work in place
                 begin = time.perf_counter()
-                y = layer(inputs)
+                with torch.enable_grad():
+                    y = layer(x)
                 middle = time.perf_counter()
-                wrt = [inputs] if needs_input_grad else []
+                wrt = [x] if needs_input_grad[index] else []
                 wrt += [p for p in layer.parameters() if p.requires_grad]
                 if wrt and y.requires_grad:
                     torch.autograd.grad(y, wrt, grad_outputs=torch.ones_like(y), allow_unused=True)
                 end = time.perf_counter()
                 if run >= warmup:
-                    forward.append(middle - begin)
-                    backward.append(end - middle)
+                    forward[index].append(middle - begin)
+                    backward[index].append(end - middle)
+        profiles = []
+        for index, (name, layer) in enumerate(layers):
             params = sum(p.numel() * p.element_size() for p in layer.parameters())
-            profiles.append(LayerProfile(name, statistics.median(forward), statistics.median(backward),
-                                         params, y.numel() * y.element_size()))
-            x = y.detach()
+            y = outputs[index]
+            profiles.append(LayerProfile(name, statistics.median(forward[index]),
+                                         statistics.median(backward[index]), params,
+                                         y.numel() * y.element_size()))
     finally:
         with torch.no_grad():
             for name, buffer in module.named_buffers():
@@ -119,7 +136,7 @@ def stage_sums(values: Sequence[float], balance: Sequence[int]) -> List[float]:
 
 
 def auto_balance(module: nn.Sequential, sample: Optional[torch.Tensor], stages: int, comm: MPI.Intracomm,
-                 *, root: int = 0, repeats: int = 5) -> tuple:
+                 *, root: int = 0, repeats: int = 7) -> tuple:
     """Profile on ``root`` (the others wait) and give every rank the same balance.
 
     Collective over ``comm``: every rank calls it; ``sample`` (one micro-batch) is

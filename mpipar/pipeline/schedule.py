@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "Instruction",
@@ -262,21 +262,30 @@ def rank_program(schedule: Schedule, stage_ranks: Sequence[int], rank: int) -> L
     return [instruction for _, instruction in sorted(keyed, key=lambda pair: pair[0])]
 
 
-def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int]) -> float:
+def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
+                     stage_times: Optional[Sequence[Tuple[float, float]]] = None) -> float:
     """Ideal bubble of ``schedule`` when the stages sit on ``stage_ranks``.
 
-    Every forward and backward takes one unit and communication is free; each rank
-    runs its :func:`rank_program` in order, one step at a time. Returns the idle
-    fraction ``1 - steps / (ranks * makespan)``. With one stage per rank this is
+    Communication is free and each rank runs its :func:`rank_program` in order,
+    one step at a time, each step starting once its input exists. ``stage_times``
+    gives each stage's (forward, backward) duration per micro-batch; by default
+    every step takes one unit. Returns the idle fraction ``1 - work / (ranks *
+    makespan)``. With one stage per rank and equal stages this is
     :attr:`Schedule.ideal_bubble`; a rank holding several stages (``[0, 1, 0]``)
-    cannot run them at once, which this accounts for.
+    cannot run them at once, and unequal ``stage_times`` (measured ones, say) give
+    the bubble that the imbalance alone costs.
     """
+    if stage_times is None:
+        stage_times = [(1.0, 1.0)] * schedule.stages
+    if len(stage_times) != schedule.stages or any(t < 0 for pair in stage_times for t in pair):
+        raise ValueError(f"need (forward, backward) times >= 0 for {schedule.stages} stages, got {stage_times}")
     ranks = sorted(set(stage_ranks))
     programs = {r: [i for i in rank_program(schedule, stage_ranks, r) if isinstance(i, (Forward, Backward))]
                 for r in ranks}
-    finish: Dict[Tuple[str, int, int], int] = {}
+    finish: Dict[Tuple[str, int, int], float] = {}
     position = {r: 0 for r in ranks}
-    free_at = {r: 0 for r in ranks}
+    free_at = {r: 0.0 for r in ranks}
+    work = 0.0
     last = schedule.stages - 1
     while any(position[r] < len(programs[r]) for r in ranks):
         progressed = False
@@ -290,11 +299,13 @@ def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int]) -> float:
             else:
                 needs = [("B", s + 1, i)] if s < last else [("F", s, i)]
             if all(need in finish for need in needs):
+                duration = stage_times[s][0 if isinstance(step, Forward) else 1]
                 start = max([free_at[r]] + [finish[need] for need in needs])
-                finish[(step.code, s, i)] = free_at[r] = start + 1
+                finish[(step.code, s, i)] = free_at[r] = start + duration
+                work += duration
                 position[r] += 1
                 progressed = True
         if not progressed:
             raise RuntimeError(f"{schedule} deadlocks on stage ranks {tuple(stage_ranks)}")
     makespan = max(finish.values())
-    return 1.0 - len(finish) / (len(ranks) * makespan)
+    return 0.0 if makespan <= 0 else 1.0 - work / (len(ranks) * makespan)

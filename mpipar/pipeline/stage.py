@@ -59,12 +59,18 @@ class Stage:
         self.losses: Dict[int, torch.Tensor] = {}
         self.peak_in_flight = 0
         self.saved_bytes = 0  # autograd-saved activation bytes of one micro-batch
-        self.busy = 0.0       # seconds of forward and backward in the current step
+        self.forward_busy = 0.0   # seconds of forward in the current step
+        self.backward_busy = 0.0  # seconds of backward in the current step
 
     @property
     def layers(self) -> str:
         stop = self.start + len(self.module) - 1
         return f"layer {self.start}" if stop == self.start else f"layers {self.start}-{stop}"
+
+    @property
+    def busy(self) -> float:
+        """Seconds of forward and backward in the current step."""
+        return self.forward_busy + self.backward_busy
 
     @property
     def device(self) -> torch.device:
@@ -88,7 +94,7 @@ class Stage:
         self._stash.clear()
         self.outputs.clear()
         self.losses.clear()
-        self.busy = 0.0
+        self.forward_busy = self.backward_busy = 0.0
 
     def forward(self, microbatch: int, x: torch.Tensor, *, train: bool,
                 target: Optional[torch.Tensor] = None,

@@ -162,7 +162,9 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
     result is bitwise the run never interrupted (CPU, same settings and ranks).
 
     Returns:
-        True when a stop request ended the run early.
+        ``(stopped, stage_times)``: whether a stop request ended the run early, and
+        each stage's mean (forward, backward) seconds per micro-batch in this
+        replica over the steps run (None when none ran).
     """
     recovery = recovery or Recovery()
     averager = ReplicaAverager(pipe.local_module, grid.data_comm, bucket_cap_mb=config.bucket_mb)
@@ -201,7 +203,8 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
 
     first_step, run_start = step, time.perf_counter()
     last_log, stopping = run_start, False
-    stage_busy = {index: 0.0 for index in pipe.stages}
+    stage_forward = {index: 0.0 for index in pipe.stages}
+    stage_backward = {index: 0.0 for index in pipe.stages}
     for epoch in range(start_epoch, config.epochs):
         if step >= total_steps and not skip:  # resumed from the final checkpoint: nothing left
             break
@@ -230,12 +233,14 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
             step_time = data_time + clock.lap()
             times = result.times
             compute_time, comm_time = times.busy + update_time, times.comm + reduce_time
-            for index, seconds in result.stage_busy.items():
-                stage_busy[index] += seconds
+            for index, (forward, backward) in result.stage_times.items():
+                stage_forward[index] += forward
+                stage_backward[index] += backward
             metrics.record_step(
                 loss=result.loss, samples=len(indices) if pipe.holds_last_stage else 0, step_time=step_time,
                 data_time=data_time, compute_time=compute_time, comm_time=comm_time,
-                idle_time=max(0.0, step_time - data_time - compute_time - comm_time), bytes_sent=bytes_sent,
+                idle_time=max(0.0, step_time - data_time - compute_time - comm_time),
+                bytes_sent=bytes_sent + result.bytes_sent,
                 pipeline_busy=times.busy, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
                 max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
             step += 1
@@ -273,28 +278,36 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
                 requeue_slurm_job(world, say)  # on Slurm's warning only: scancel's SIGTERM must not requeue
             break
     steps_run = step - first_step
-    measured = gather_stage_times(grid.pipeline_comm, stage_busy, pipe.num_stages)
-    if predicted is not None and steps_run:
-        share = [t / steps_run / pipe.microbatches for t in measured]
+    forward = gather_stage_times(grid.pipeline_comm, stage_forward, pipe.num_stages)
+    backward = gather_stage_times(grid.pipeline_comm, stage_backward, pipe.num_stages)
+    if not steps_run:
+        return stopping, None
+    per_microbatch = steps_run * pipe.microbatches
+    stage_times = [(f / per_microbatch, b / per_microbatch) for f, b in zip(forward, backward)]
+    if predicted is not None:
         say("per-stage time per micro-batch (replica 0):\n" + format_report(
-            pipe.placement.balance(), stage_sums(predicted, pipe.placement.balance()), share))
-    return stopping
+            pipe.placement.balance(), stage_sums(predicted, pipe.placement.balance()), [f + b for f, b in stage_times]))
+    return stopping, stage_times
 
 
-def store_bubble(path, stages: int, ideal: float, skip: int = 1) -> float:
+def store_bubble(path, stages: int, ideal: float, skip: int = 1, bound: float = float("nan")) -> float:
     """Add the measured bubble to a finished metrics file (call on one rank, after ``close``).
 
     Per step and pipeline (``stages`` consecutive ranks): ``1 - sum(busy) /
     (stages * max(pipeline wall))``; ``/steps/bubble_measured`` holds the mean over
     pipelines, the root attributes ``bubble_measured`` (mean over steps after the
-    first ``skip``) and ``bubble_ideal``.
+    first ``skip``), ``bubble_ideal`` (equal stages) and ``bubble_bound`` (the
+    schedule run with the measured stage times and free communication: what stage
+    imbalance alone costs; the rest of the measured bubble is communication and
+    overhead).
 
     Returns:
         The measured bubble (NaN when no step was recorded).
     """
     with h5py.File(Path(path), "a") as f:
+        f.attrs["bubble_ideal"] = ideal
+        f.attrs["bubble_bound"] = bound
         if "steps/pipeline_busy" not in f:
-            f.attrs["bubble_ideal"] = ideal
             return float("nan")
         busy, wall = f["steps/pipeline_busy"][...], f["steps/pipeline_wall"][...]
         steps, ranks = busy.shape
@@ -306,7 +319,6 @@ def store_bubble(path, stages: int, ideal: float, skip: int = 1) -> float:
         f.create_dataset("steps/bubble_measured", data=bubble)
         measured = float(bubble[skip:].mean() if steps > skip else bubble.mean())
         f.attrs["bubble_measured"] = measured
-        f.attrs["bubble_ideal"] = ideal
         f.attrs["peak_activation_bytes_per_rank"] = json.dumps(
             f["steps/activation_bytes"][...].max(0).tolist()) if "steps/activation_bytes" in f else "[]"
     return measured
@@ -375,13 +387,16 @@ def run_job(world: MPI.Intracomm, config: TrainConfig, pipeline: PipelineConfig,
             f"(epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of it)")
     recovery = Recovery(checkpoints=checkpoints, state=state, run_config=run_config, stop=stop, requeue=requeue,
                         fault=FaultInjection.from_environment(world), watchdog=watchdog)
-    stopped = train_pipeline(world=world, grid=grid, model=model, pipe=pipe, config=config, train=train,
+    stopped, stage_times = train_pipeline(world=world, grid=grid, model=model, pipe=pipe, config=config, train=train,
                              test=test, metrics=metrics, say=say, recovery=recovery, predicted=predicted)
     metrics.close()
     grid.free()
     if world.Get_rank() == 0:
-        measured = store_bubble(out / "metrics.h5", pipeline.stages, ideal)
-        say(f"pipeline bubble: measured {measured:.3f}, ideal {ideal:.3f}")
+        bound = float("nan") if stage_times is None else \
+            placement_bubble(pipe.schedule, pipe.stage_ranks, stage_times)
+        measured = store_bubble(out / "metrics.h5", pipeline.stages, ideal, bound=bound)
+        say(f"pipeline bubble: measured {measured:.3f}; ideal {ideal:.3f} with equal stages, {bound:.3f} with "
+            f"the measured stage times (the rest, {measured - bound:+.3f}, is communication and overhead)")
         if not stopped:
             from ..summary import summarize
             say(summarize(out / "metrics.h5"))
