@@ -6,6 +6,8 @@ from typing import Any, Callable, Optional, TypeVar
 
 from mpi4py import MPI
 
+from . import debug
+
 __all__ = ["agree_on", "collective_check", "RankError"]
 
 T = TypeVar("T")
@@ -27,7 +29,8 @@ def agree_on(comm: MPI.Intracomm, what: str, value: Any, hint: str = "") -> None
     Collective over ``comm`` (one small allgather of pickled metadata). The
     message names the ranks that differ from rank 0 and their values.
     """
-    values = comm.allgather(value)
+    with debug.watched(comm, "allgather", detail=f"agree on {what}"):
+        values = comm.allgather(value)
     differing = [r for r, v in enumerate(values) if v != values[0]]
     if not differing:
         return
@@ -54,7 +57,8 @@ def collective_check(comm: MPI.Intracomm, check: Callable[[], T], what: str = ""
         result = check()
     except Exception as exc:  # noqa: BLE001 - reported collectively below
         failure = (type(exc), str(exc))
-    failures = comm.allgather(failure)
+    with debug.watched(comm, "allgather", detail=f"check {what}"):
+        failures = comm.allgather(failure)
     failed = [(r, f) for r, f in enumerate(failures) if f is not None]
     if not failed:
         return result

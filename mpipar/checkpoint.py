@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from . import debug
 from .agree import collective_check
 
 __all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run", "FREE_SETTINGS"]
@@ -96,7 +97,8 @@ class Checkpointer:
     def save(self, step: int, state: Dict[str, Any]) -> Path:
         """Write ``state`` as the checkpoint of ``step``; returns its directory. Collective."""
         final = self.directory / f"step-{step:09d}"
-        tmp_name = self.comm.bcast(f"step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None)
+        with debug.watched(self.comm, "bcast", detail="checkpoint name"):
+            tmp_name = self.comm.bcast(f"step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None)
         tmp = self.directory / tmp_name
 
         def write():
@@ -150,7 +152,8 @@ class Checkpointer:
         if self.rank == 0:
             complete = self._complete()
             newest = str(complete[-1][1]) if complete else None
-        newest = self.comm.bcast(newest, root=0)
+        with debug.watched(self.comm, "bcast", detail="latest checkpoint"):
+            newest = self.comm.bcast(newest, root=0)
         return Path(newest) if newest else None
 
     def load(self, checkpoint: Path) -> Dict[str, Any]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from contextlib import nullcontext
+from typing import Any, ContextManager, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
 __all__ = ["MismatchError", "enabled", "set_enabled", "attach_activity", "hooks", "Hooks", "Call", "op_name",
-           "comm_members", "ENV_DEBUG"]
+           "comm_members", "watched", "ENV_DEBUG"]
 
 ENV_DEBUG = "MPIPAR_DEBUG"
 
@@ -100,14 +101,15 @@ class Call:
                  peer: Optional[int] = None, tag: Optional[int] = None, detail: str = ""):
         self.hooks, self.name, self.comm, self.seq = hooks, name, comm, seq
         self.peer, self.tag = peer, tag
-        self.detail = detail if tag is None else f"tag {tag}"
+        self.detail = detail if tag is None else ", ".join(filter(None, [detail, f"tag {tag}"]))
         self.header: Optional[list] = None  # [request, buffer] of a header in flight (debug mode)
         self.expected: Optional[torch.Tensor] = None  # a receive's own buffer
         self.late_header = False  # wildcard receive: read the header once the payload is in
 
     def describe(self) -> str:
         peer = "" if self.peer is None else f" {'to' if self.name == 'send' else 'from'} rank {self.peer}"
-        return f"{self.name}{peer} #{self.seq}" + (f" ({self.detail})" if self.detail else "")
+        seq = f" #{self.seq}" if self.seq else ""
+        return f"{self.name}{peer}{seq}" + (f" ({self.detail})" if self.detail else "")
 
     def __enter__(self) -> "Call":
         if self.hooks.activity is not None:
@@ -205,6 +207,29 @@ class Call:
 
 hooks: Optional[Hooks] = None
 _state = Hooks()
+
+
+def watched(comm: MPI.Comm, name: str, *, peer: Optional[int] = None, tag: Optional[int] = None,
+            detail: str = "") -> ContextManager:
+    """Around a blocking MPI call made outside mpi_tensor (a pickled collective, a Probe):
+    lets a running watchdog see this rank wait in it. Local; a no-op without a watchdog.
+
+    ``peer`` None: a collective on ``comm`` (every rank of it must make the same
+    call, numbered like mpi_tensor's collectives); otherwise a wait for a message
+    from ``peer``. Debug mode does not check these calls (pickled data has no fixed
+    shape to compare).
+    """
+    current = hooks
+    if current is None or current.activity is None:
+        return nullcontext()
+    state = _comm_state(comm)
+    if peer is None:
+        state.collectives += 1
+        call = Call(current, name, comm, state.collectives, detail=detail)
+        current.activity.started(call)
+    else:
+        call = Call(current, name, comm, 0, peer=peer, tag=tag, detail=detail)
+    return call
 
 
 def enabled() -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import __version__
+from . import __version__, debug
 from .agree import collective_check
 from .launch import mpi_library
 
@@ -93,7 +93,8 @@ class MetricsWriter:
         self._steps: List[dict] = []
         self._epochs: List[dict] = []
         self.steps_written = 0
-        hosts = comm.allgather(MPI.Get_processor_name())
+        with debug.watched(comm, "allgather", detail="metrics: host names"):
+            hosts = comm.allgather(MPI.Get_processor_name())
         if self.is_root:
             all_attrs = {
                 "strategy": strategy,
@@ -111,7 +112,8 @@ class MetricsWriter:
             }
         self.steps_written = collective_check(
             comm, lambda: self._create(all_attrs, resume, resume_at_step) if self.is_root else 0, "metrics file")
-        self.steps_written = comm.bcast(self.steps_written, root=root)
+        with debug.watched(comm, "bcast", detail="metrics: steps written"):
+            self.steps_written = comm.bcast(self.steps_written, root=root)
 
     def _create(self, attrs: dict, resume: bool, resume_at_step: Optional[int]) -> int:
         if self.path.exists() and not resume:
@@ -182,7 +184,8 @@ class MetricsWriter:
         Raises:
             NonFiniteLossError: on every rank, after writing, if a loss was NaN/Inf.
         """
-        gathered = self.comm.gather((self._steps, bool(stop)), root=self.root)
+        with debug.watched(self.comm, "gather", detail="metrics flush"):
+            gathered = self.comm.gather((self._steps, bool(stop)), root=self.root)
         verdict = None
         if self.is_root:
             rows = [steps for steps, _ in gathered]
@@ -190,7 +193,8 @@ class MetricsWriter:
                 counts = [len(r) for r in rows]
                 raise RuntimeError(f"ranks recorded different numbers of steps since the last flush: {counts}")
             verdict = (self._write(rows, self._epochs), any(flag for _, flag in gathered))
-        bad_step, stop_anywhere = self.comm.bcast(verdict, root=self.root)
+        with debug.watched(self.comm, "bcast", detail="metrics flush"):
+            bad_step, stop_anywhere = self.comm.bcast(verdict, root=self.root)
         self.steps_written += len(self._steps)
         self._steps, self._epochs = [], []
         if bad_step is not None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from . import debug
 from .data import ArrayDataset
 from .sharding import rank_batches
 
@@ -37,7 +38,8 @@ def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
         logits = model(images)
         totals += (F.cross_entropy(logits, labels, reduction="sum").item(),
                    (logits.argmax(1) == labels).sum().item(), len(labels))
-    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    with debug.watched(comm, "Allreduce", detail="evaluation"):
+        comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
     model.train(was_training)
     return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
 

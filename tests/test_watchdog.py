@@ -138,3 +138,17 @@ def test_stall_abort_threshold_ends_the_job():
     assert elapsed < 45, f"the job took {elapsed:.0f} s to end"  # rank 1 sleeps 120 s
     assert "not arrived: rank 1" in output and "aborting the job (MPIPAR_STALL_ABORT=4 s)" in output, output
     assert "finished" not in output
+
+
+def test_pipeline_stall_names_the_micro_batch_and_pickled_collectives_are_seen():
+    result = run_mpi(2, str(ROOT / "tests" / "scenarios" / "stall_pipeline_stage.py"), "5", timeout=120,
+                     env={"MPIPAR_STALL_WARN": "2"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # stage 1 waits in the Probe for the activation rank 0 is still computing
+    assert "rank 1 has waited" in output and "in recv from rank 0 (activation of micro-batch 1 for stage 1, tag" \
+        in output and "at step 1; arrived: rank 1; not arrived: rank 0" in output, output
+    # a pickled allgather outside mpi_tensor: rank 0 waits there for rank 1
+    assert "rank 0 has waited" in output and "(agree on the end) at step 1; arrived: rank 0; not arrived: rank 1" \
+        in output, output
+    assert output.count("finished") == 2, output

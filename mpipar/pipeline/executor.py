@@ -11,7 +11,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .. import mpi_tensor
+from .. import debug, mpi_tensor
 from ..agree import agree_on, collective_check
 from .microbatch import check_microbatches
 from .placement import Placement
@@ -68,7 +68,8 @@ def _gather_checked(comm: MPI.Intracomm, check: Callable[[], object], what: str)
         reply = (None, check())
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         reply = ((type(exc), f"{exc} [rank {comm.Get_rank()}]"), None)
-    replies = comm.allgather(reply)
+    with debug.watched(comm, "allgather", detail=what):
+        replies = comm.allgather(reply)
     failures = [failure for failure, _ in replies if failure is not None]
     if failures:
         kind, message = failures[0]
@@ -240,8 +241,12 @@ class Pipeline:
         error = None
         for index in sorted(self.stages):
             stage = self.stages[index]
-            spec = input_spec if stage.is_first else self.comm.recv(
-                source=self.stage_ranks[index - 1], tag=_SPEC_TAG)
+            if stage.is_first:
+                spec = input_spec
+            else:
+                with debug.watched(self.comm, "recv", peer=self.stage_ranks[index - 1], tag=_SPEC_TAG,
+                                   detail=f"activation shape for stage {index}"):
+                    spec = self.comm.recv(source=self.stage_ranks[index - 1], tag=_SPEC_TAG)
             out = None
             if spec is not None and error is None:
                 try:
@@ -296,7 +301,9 @@ class Pipeline:
                 source = self.stage_ranks[index + 1 if grad else index - 1]
                 tag = self._tag(index if grad else index - 1, grad, i, microbatches)
                 buffer = (self._output_specs if grad else self._input_specs)[index].empty(stage.device)
-                comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
+                with debug.watched(comm, "recv", peer=source, tag=tag, detail=(
+                        f"{'gradient' if grad else 'activation'} of micro-batch {i} for stage {index}")):
+                    comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
                 with clock.communicating():
                     received[instruction] = mpi_tensor.recv_(buffer, comm, source, tag)
             elif isinstance(instruction, (SendActivation, SendGrad)):

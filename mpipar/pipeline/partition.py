@@ -11,6 +11,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from .. import debug
 from .placement import even_balance
 
 __all__ = ["LayerProfile", "profile_layers", "balance_by_time", "stage_sums", "auto_balance",
@@ -155,7 +156,8 @@ def auto_balance(module: nn.Sequential, sample: Optional[torch.Tensor], stages: 
             reply = (balance_by_time([p.time for p in profiles], stages), profiles, None)
         except Exception as exc:  # noqa: BLE001 - sent to every rank below
             reply = (None, None, f"{type(exc).__name__}: {exc}")
-    balance, profiles, error = comm.bcast(reply, root=root)
+    with debug.watched(comm, "bcast", detail="automatic balance"):
+        balance, profiles, error = comm.bcast(reply, root=root)
     if error is not None:
         failure = ValueError(f"automatic balance on rank {root} failed: {error}")
         failure.agreed = True
@@ -169,7 +171,9 @@ def gather_stage_times(comm: MPI.Intracomm, stage_busy: Dict[int, float], num_st
     Collective (one allgather); every rank gets the list.
     """
     times = [0.0] * num_stages
-    for busy in comm.allgather(dict(stage_busy)):
+    with debug.watched(comm, "allgather", detail="stage times"):
+        gathered = comm.allgather(dict(stage_busy))
+    for busy in gathered:
         for stage, seconds in busy.items():
             times[stage] += seconds
     return times

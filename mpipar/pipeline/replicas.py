@@ -9,7 +9,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .. import mpi_tensor
+from .. import debug, mpi_tensor
 from ..agree import agree_on
 
 __all__ = ["ReplicaAverager"]
@@ -77,7 +77,8 @@ class ReplicaAverager:
         if num_samples is None:
             weight = 1.0 / size
         else:
-            total = self.comm.allreduce(int(num_samples), op=MPI.SUM)
+            with debug.watched(self.comm, "allreduce", detail="replica sample counts"):
+                total = self.comm.allreduce(int(num_samples), op=MPI.SUM)
             if total <= 0:
                 raise RuntimeError("no replica had samples in this step; nothing to average")
             weight = num_samples / total

@@ -16,7 +16,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .. import __version__
+from .. import __version__, debug
 from ..agree import agree_on, collective_check
 from ..checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
 from ..config import TrainConfig
@@ -108,7 +108,8 @@ def evaluate_pipeline(pipe: Pipeline, model: nn.Module, dataset: ArrayDataset, g
         result = pipe.evaluate(images, labels, microbatches=math.gcd(len(labels), pipe.microbatches))
         if pipe.holds_last_stage:
             totals += (result.loss * len(labels), (result.outputs.argmax(1) == labels).sum().item(), len(labels))
-    world.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    with debug.watched(world, "Allreduce", detail="evaluation"):
+        world.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
     model.train(was_training)
     return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
 
