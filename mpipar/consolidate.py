@@ -1,0 +1,106 @@
+"""One state dict of the whole model from a checkpoint, whatever the strategy that wrote it.
+
+Data-parallel checkpoints hold the whole model already (rank 0's file). Model and
+pipeline parallel checkpoints hold one file per rank with that rank's stages; the
+stages of the first pipeline (ranks ``0 .. stages-1``: replicas hold the same
+parameters) are merged under the unsplit ``nn.Sequential``'s names, so
+``model.load_state_dict(model_state(path))`` works on the model the job built.
+
+Command line::
+
+    mpipar-consolidate runs/pp                  # latest checkpoint -> runs/pp/model.pt
+    mpipar-consolidate runs/pp/checkpoints/step-000000100 -o model.pt
+
+Local: no MPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+__all__ = ["find_checkpoint", "model_state", "main"]
+
+
+def find_checkpoint(path) -> Path:
+    """``path`` itself when it is a checkpoint (holds ``meta.json``), else the newest complete
+    checkpoint in ``path/checkpoints`` or ``path``. Raises FileNotFoundError saying what was looked at."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for directory in (path / "checkpoints", path):
+        if directory.is_dir():
+            complete = sorted(entry for entry in directory.iterdir()
+                              if entry.name.startswith("step-") and ".tmp-" not in entry.name
+                              and (entry / "meta.json").is_file())
+            if complete:
+                return complete[-1]
+    raise FileNotFoundError(f"no complete checkpoint at {path} (a step-NNNNNNNNN directory with meta.json, "
+                            f"or a run directory holding checkpoints/)")
+
+
+def _load(file: Path) -> dict:
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} is missing")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The whole model's state dict and the checkpoint's run information.
+
+    Returns:
+        ``(state_dict, info)``; ``info`` holds ``step``, ``config`` and, for a
+        partitioned model, ``placement``.
+
+    Raises:
+        FileNotFoundError: no checkpoint or a rank's file missing.
+        ValueError: a rank file that does not match the placement.
+    """
+    checkpoint = find_checkpoint(checkpoint)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    first = _load(checkpoint / "rank-0.pt")
+    info = {"step": first.get("step"), "config": first.get("config"), "checkpoint": str(checkpoint)}
+    if not meta.get("per_rank"):
+        return dict(first["model"]), info
+    placement = first["placement"]
+    stages = max(placement) + 1  # ranks of the first pipeline: 0 .. stages-1
+    info["placement"] = placement
+    merged: Dict[str, torch.Tensor] = {}
+    for rank in range(stages):
+        state = first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt")
+        if state.get("placement") != placement:
+            raise ValueError(f"{checkpoint}: rank {rank} was written with placement {state.get('placement')}, "
+                             f"rank 0 with {placement}")
+        for key, value in state["model"].items():
+            local_stage, _, name = key.partition(".")  # "<stage on this rank>.<layer name>.<tensor>"
+            if not local_stage.isdigit() or not name:
+                raise ValueError(f"{checkpoint}: rank {rank} holds {key!r}, not a pipeline stage's tensor")
+            if name in merged:
+                raise ValueError(f"{checkpoint}: {name} is held by more than one rank")
+            merged[name] = value
+    return merged, info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    parser.add_argument("-o", "--output", help="file to write (default: RUN/model.pt)")
+    args = parser.parse_args(argv)
+    try:
+        state, info = model_state(args.path)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.exit(2, f"mpipar-consolidate: {exc}\n")
+    checkpoint = Path(info["checkpoint"])
+    output = Path(args.output) if args.output else checkpoint.parent.parent / "model.pt"
+    torch.save({"model": state, **info}, output)
+    print(f"{checkpoint} (step {info['step']}): {len(state)} tensors, "
+          f"{sum(t.numel() for t in state.values()):,} values -> {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
