@@ -103,6 +103,9 @@ def main(argv=None) -> None:
         agree_on(comm, "the checkpoint's step", state["step"])
         check_same_run(state["config"], config.to_dict())
         model.load_state_dict(state["model"])
+        if not dp.load_rank_buffers(state.get("rank_buffers") or []):  # else rank 0's, from "model"
+            say(f"the checkpoint holds the buffers of {len(state.get('rank_buffers') or [])} ranks, not "
+                f"{comm.Get_size()}: every rank continues with rank 0's")
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
@@ -115,13 +118,14 @@ def main(argv=None) -> None:
 
     def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
         """Flush metrics up to ``step``, then write the checkpoint of ``step``. Collective.
-        Buffers are averaged first so that every replica is the one saved."""
+        Every rank's buffers are stored (not averaged), so saving never changes the run."""
         metrics.flush()
-        dp.sync_buffers()
+        rank_buffers = dp.gather_buffers()
         path = checkpoints.save(step, {
             "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
             "samples_seen": samples_seen, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "rng": rng_state(), "config": config.to_dict()})
+            "schedule": schedule.state_dict(), "rng": rng_state(), "config": config.to_dict(),
+            "rank_buffers": rank_buffers})
         say(f"checkpoint: {path}")
 
     run_start = time.perf_counter()

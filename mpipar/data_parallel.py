@@ -11,7 +11,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from . import mpi_tensor
+from . import debug, mpi_tensor
 from .agree import agree_on
 
 __all__ = ["DataParallel", "CommStats"]
@@ -285,6 +285,26 @@ class DataParallel(nn.Module):
                     buf.div_(self._size)
                 else:
                     mpi_tensor.bcast_(buf, self.comm, 0)
+
+    def gather_buffers(self, root: int = 0) -> Optional[List[dict]]:
+        """Every rank's buffers (replicas' BatchNorm statistics drift apart between
+        :meth:`sync_buffers` calls), as a list by rank on ``root``; None elsewhere.
+        Collective. A checkpoint that stores them, instead of averaging first,
+        leaves the run exactly as it would have gone without the checkpoint."""
+        mine = {name: buf.detach().cpu().clone() for name, buf in self.module.named_buffers()}
+        with debug.watched(self.comm, "gather", detail="buffers"):
+            return self.comm.gather(mine, root=root)
+
+    def load_rank_buffers(self, by_rank: List[dict]) -> bool:
+        """Load this rank's entry of :meth:`gather_buffers`'s list. Local. Returns
+        False (and loads nothing) when the list is for another number of ranks."""
+        if len(by_rank) != self._size:
+            return False
+        with torch.no_grad():
+            own = by_rank[self.comm.Get_rank()]
+            for name, buf in self.module.named_buffers():
+                buf.copy_(own[name])
+        return True
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)

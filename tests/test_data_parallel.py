@@ -231,3 +231,19 @@ def test_sync_buffers_averages_running_statistics(comm):
 def test_bad_bucket_size_is_rejected():
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         mpipar.DataParallel(nn.Linear(2, 2), MPI.COMM_SELF, bucket_cap_mb=0)
+
+
+@pytest.mark.mpi
+def test_every_ranks_buffers_are_gathered_and_restored(comm):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    dp = mpipar.DataParallel(model, comm)
+    with torch.no_grad():
+        model[1].running_mean.fill_(rank)  # replicas' statistics drift apart between syncs
+    gathered = comm.bcast(dp.gather_buffers(root=0), root=0)
+    ok = [float(b["1.running_mean"][0]) for b in gathered] == [float(r) for r in range(size)]
+    with torch.no_grad():
+        model[1].running_mean.zero_()
+    ok = ok and dp.load_rank_buffers(gathered) and float(model[1].running_mean[0]) == rank
+    ok = ok and not dp.load_rank_buffers(gathered + gathered[:1])  # for another world size: nothing loaded
+    assert_all_ranks(comm, ok and float(model[1].running_mean[0]) == rank, f"{gathered}")
