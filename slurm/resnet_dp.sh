@@ -8,7 +8,7 @@
 # Submit from the repository root with the Python environment that has mpipar's
 # dependencies active (sbatch passes the environment on), or set PYTHON.
 # Launch: srun (PMIx) by default; LAUNCHER=mpirun uses the MPI's own mpirun inside
-# the allocation instead (Open MPI 5 finds the allocation by itself).
+# the allocation instead (Open MPI 5 finds the allocation by itself); see slurm/launch.sh.
 # Output: runs/<job name>-<job id>/ (metrics.h5, checkpoints/) and slurm-<job name>-<job id>.out.
 # Time limit: Slurm sends SIGUSR1 two minutes before it; the job writes a checkpoint and
 # requeues itself, and the requeued job (same id, same directory) resumes from it.
@@ -23,17 +23,9 @@
 #SBATCH --requeue
 set -euo pipefail
 
-PYTHON=${PYTHON:-python3}
-LAUNCHER=${LAUNCHER:-srun}
-OUT=${MPIPAR_RUNS:-runs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
-export PYTHONUNBUFFERED=1
-RESUME=(--resume)   # resume from OUT's latest checkpoint when there is one (a requeued job)
-[ "${MPIPAR_REQUEUE:-1}" = 1 ] && RESUME+=(--requeue)
-
-if [ "$LAUNCHER" = mpirun ]; then
-    exec mpirun -n "$SLURM_NTASKS" --bind-to none \
-        "$PYTHON" jobs/resnet_dp.py --out "$OUT" --threads "$OMP_NUM_THREADS" "${RESUME[@]}" "$@"
+if [ ! -f slurm/launch.sh ]; then
+    echo "slurm/resnet_dp.sh: run from the mpipar repository root (sbatch slurm/resnet_dp.sh there, or sbatch --chdir=REPO)" >&2
+    exit 2
 fi
-exec srun --kill-on-bad-exit=1 \
-    "$PYTHON" jobs/resnet_dp.py --out "$OUT" --threads "$OMP_NUM_THREADS" "${RESUME[@]}" "$@"
+source slurm/launch.sh
+launch_job jobs/resnet_dp.py "$@"

@@ -28,7 +28,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"
-NOT_JOB_SCRIPTS = {"local-cluster.sh"}  # the test cluster itself
+NOT_JOB_SCRIPTS = {"local-cluster.sh", "launch.sh"}  # the test cluster; the launcher the scripts share
 
 
 @dataclass(frozen=True)
@@ -275,6 +275,33 @@ def test_wrong_mpi_plugin_fails_loudly(slurm_cluster, tmp_path, script):
     assert "world size" in said and str(ntasks) in said, (
         "the failure does not say that the MPI world size differs from SLURM_NTASKS\n" + result.describe())
     assert "pmix" in said, "the failure does not say how to launch right (srun --mpi=pmix)\n" + result.describe()
+
+
+def dead_rank_cases():
+    """A rank killed mid-run, under both launchers for the data-parallel job and under srun
+    for a pipeline job (its ranks wait in Send/Recv rather than in a collective)."""
+    cases = [("resnet_dp.sh", "srun"), ("resnet_dp.sh", "mpirun"), ("resnet_pp.sh", "srun")]
+    return [case for case in cases if case[0] in job_scripts()]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("script,launcher", dead_rank_cases())
+def test_a_rank_that_dies_ends_the_job(slurm_cluster, tmp_path, script, launcher):
+    """One rank SIGKILLs itself at step 8 of an endless run: the whole job must end with a
+    failure well before any time limit, never leave the other ranks waiting, and leave
+    the metrics flushed before the death readable."""
+    job = tiny_job(script)
+    ntasks = default_ntasks(script)
+    victim = ntasks - 1
+    result = submit(script, tmp_path, job.long_args, options=["--time=10", "--no-requeue"],
+                    env=job_environment(LAUNCHER=launcher, MPIPAR_FAULT_AT_STEP=f"8:{victim}", MPIPAR_REQUEUE="0"),
+                    timeout=240)
+    assert result.returncode != 0, "the job exited 0 although a rank was killed\n" + result.describe()
+    assert f"rank {victim} kills itself at step 8" in result.output, result.describe()
+    assert "DUE TO TIME LIMIT" not in result.output, "the other ranks waited until the time limit\n" + \
+        result.describe()
+    assert check_metrics(result.out_dir / job.metrics, world_size=ntasks) >= 5  # flushed every 5 steps
 
 
 def time_limit_cases():
