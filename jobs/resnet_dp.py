@@ -103,9 +103,8 @@ def main(argv=None) -> None:
         agree_on(comm, "the checkpoint's step", state["step"])
         check_same_run(state["config"], config.to_dict())
         model.load_state_dict(state["model"])
-        if not dp.load_rank_buffers(state.get("rank_buffers") or []):  # else rank 0's, from "model"
-            say(f"the checkpoint holds the buffers of {len(state.get('rank_buffers') or [])} ranks, not "
-                f"{comm.Get_size()}: every rank continues with rank 0's")
+        if "rank_buffers" in state:  # each rank's own BatchNorm statistics (same number of ranks: checked)
+            dp.load_rank_buffers(state["rank_buffers"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])

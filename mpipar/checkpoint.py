@@ -158,13 +158,16 @@ class Checkpointer:
 
     def load(self, checkpoint: Path) -> Dict[str, Any]:
         """Read this rank's state from ``checkpoint``. Collective; raises on every
-        rank when the checkpoint was written by a different number of ranks."""
+        rank when the checkpoint was written by a different number of ranks (the
+        data position, the per-rank state and the metrics file's columns all depend
+        on it; ``mpipar-consolidate`` gives the model for a fresh run instead)."""
 
         def read():
             meta = json.loads((checkpoint / "meta.json").read_text())
-            if meta["per_rank"] and meta["world_size"] != self.comm.Get_size():
+            if meta["world_size"] != self.comm.Get_size():
                 raise ValueError(f"{checkpoint} was written by {meta['world_size']} ranks, this run has "
-                                 f"{self.comm.Get_size()}; resume with the same number of ranks")
+                                 f"{self.comm.Get_size()}; resume with {meta['world_size']} ranks, or start a "
+                                 f"new run from its weights (mpipar-consolidate)")
             source = self._file(checkpoint, self.rank if self.per_rank else 0)
             with open(source, "rb") as f:
                 return torch.load(f, weights_only=False)

@@ -98,4 +98,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     other = run_mpi(2, JOB, *RUN, "--out", str(out), "--resume", "--lr", "0.3", timeout=240)
     output = other.stdout + other.stderr
     assert other.returncode != 0 and "other settings" in output and "lr" in output, output
+    more = run_mpi(3, JOB, *RUN, "--out", str(out), "--resume", timeout=240)
+    output = more.stdout + more.stderr
+    assert more.returncode != 0 and "Traceback" not in output, output
+    assert output.count("was written by 2 ranks, this run has 3") == 1, output
     assert (out / "checkpoints" / "step-000000005").is_dir()  # nothing destroyed
