@@ -74,6 +74,8 @@ def prepare_output_dir(comm: MPI.Intracomm, out, *, allow_existing_run: bool = F
     def check():
         if comm.Get_rank() != 0:
             return
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is a file, not a directory; choose another --out")
         if (out / "metrics.h5").exists() and not allow_existing_run:
             raise FileExistsError(f"{out} holds an earlier run (metrics.h5); choose another --out or remove it")
         out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,9 @@ def test_unwritable_output_directory(tmp_path):
     blocker.write_text("x")
     output = run_bad(tmp_path, "--out", str(blocker / "run"))
     assert "output directory" in output
+    output = run_bad(tmp_path, "--out", str(blocker))
+    assert output.count(f"--out {blocker} is a file, not a directory") == 1, output
+    assert blocker.read_text() == "x"  # nothing destroyed
 
 
 def test_world_size_must_match_the_launch(tmp_path):
