@@ -57,7 +57,8 @@ def test_stages_not_dividing_the_world_is_an_error_on_every_rank():
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule):
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule, overlapped):
     comm = MPI.COMM_WORLD
     if comm.Get_size() % stages:
         pytest.skip(f"{stages} stages do not divide {comm.Get_size()} ranks")
@@ -66,7 +67,8 @@ def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule):
     reference = copy.deepcopy(model)
     pipe = Pipeline(model, grid.pipeline_comm, Placement.even(len(model), stages), schedule=schedule,
                     microbatches=2, loss_fn=F.cross_entropy)
-    averager = ReplicaAverager(pipe.local_module, grid.data_comm)
+    # one parameter per bucket: several buckets, launched in order as the last backward finishes them
+    averager = ReplicaAverager(pipe.local_module, grid.data_comm, bucket_cap_mb=1e-6)
     params = list(pipe.parameters())
     optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
@@ -76,8 +78,13 @@ def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule):
         inputs, targets = global_batch(step)
         mine = slice(grid.replica * share, (grid.replica + 1) * share)
         optimizer.zero_grad()
-        result = pipe.step(inputs[mine], targets[mine])
-        averager.average(num_samples=share)
+        if overlapped:
+            averager.begin_step(num_samples=share)
+            result = pipe.step(inputs[mine], targets[mine], before_last_backward=averager.stage_finishing)
+            averager.average()
+        else:
+            result = pipe.step(inputs[mine], targets[mine])
+            averager.average(num_samples=share)
         optimizer.step()
         reference_optimizer.zero_grad()
         expected = F.cross_entropy(reference(inputs), targets)
@@ -90,6 +97,10 @@ def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule):
             if id(p) in local and not torch.allclose(p.grad, r.grad, **TOL):
                 problems.append(f"step {step}: grad of {name}")
         reference_optimizer.step()
+    # overlapped with replicas: every bucket starts during the backward, none is left for average()
+    early = 2 * len(averager.buckets) if overlapped and grid.replicas > 1 else 0
+    if averager.launched_early != early:
+        problems.append(f"{averager.launched_early} buckets launched during backward, expected {early}")
     grid.free()
     assert_all_ranks(comm, not problems, f"{grid} {schedule}: {problems}")
 

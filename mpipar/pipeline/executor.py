@@ -270,9 +270,16 @@ class Pipeline:
 
     # -- running --------------------------------------------------------------------
 
-    def step(self, inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None) -> StepResult:
-        """Forward and backward of one batch under the schedule; gradients accumulate. Collective."""
-        return self._run(inputs, targets, train=True, microbatches=self.microbatches)
+    def step(self, inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None, *,
+             before_last_backward: Optional[Callable[[nn.Module], None]] = None) -> StepResult:
+        """Forward and backward of one batch under the schedule; gradients accumulate. Collective.
+
+        ``before_last_backward(stage_module)`` runs right before the last backward of
+        each local stage, after which that stage's gradients are final (e.g.
+        :meth:`~mpipar.pipeline.ReplicaAverager.stage_finishing`, to reduce them
+        while the backward still runs)."""
+        return self._run(inputs, targets, train=True, microbatches=self.microbatches,
+                         before_last_backward=before_last_backward)
 
     def evaluate(self, inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None, *,
                  microbatches: Optional[int] = None) -> StepResult:
@@ -282,7 +289,8 @@ class Pipeline:
         """
         return self._run(inputs, targets, train=False, microbatches=microbatches or self.microbatches)
 
-    def _run(self, inputs, targets, *, train: bool, microbatches: int) -> StepResult:
+    def _run(self, inputs, targets, *, train: bool, microbatches: int,
+             before_last_backward: Optional[Callable[[nn.Module], None]] = None) -> StepResult:
         clock = StepClock()
         for stage in self.stages.values():
             stage.reset()
@@ -293,7 +301,9 @@ class Pipeline:
         target_chunks = list(targets.chunk(microbatches)) if isinstance(targets, torch.Tensor) and \
             self.holds_last_stage else None
         comm, sends, received, outgoing, bytes_sent = self.comm, [], {}, {}, 0
-        for instruction in program:
+        last_backward = {instruction.stage: position for position, instruction in enumerate(program)
+                         if isinstance(instruction, Backward)}
+        for position, instruction in enumerate(program):
             index, i = instruction.stage, instruction.microbatch
             stage = self.stages[index]
             if isinstance(instruction, (RecvActivation, RecvGrad)):
@@ -324,6 +334,8 @@ class Pipeline:
                     outgoing[SendActivation(index, i)] = y.detach()
             elif isinstance(instruction, Backward):
                 grad_output = None if stage.is_last else received.pop(RecvGrad(index, i))
+                if before_last_backward is not None and position == last_backward[index]:
+                    before_last_backward(stage.module)
                 begin = time.perf_counter()
                 grad_input = stage.backward(i, grad_output)
                 stage.backward_busy += time.perf_counter() - begin

@@ -224,7 +224,8 @@ def train_pipeline(*, world: MPI.Intracomm, grid: ProcessGrid, model: nn.Sequent
                 else (None, None)
             data_time = clock.lap()
             optimizer.zero_grad()
-            result = pipe.step(images, labels)
+            averager.begin_step()  # replicas' gradients are reduced during the last micro-batch's backward
+            result = pipe.step(images, labels, before_last_backward=averager.stage_finishing)
             averager.average()
             reduce_time, bytes_sent = averager.take_stats()
             update_start = time.perf_counter()
