@@ -50,8 +50,9 @@ def make_mlp(in_channels: int, num_classes: int, image_size: int):
     return models.mlp([in_channels * image_size * image_size, *SIZES, num_classes])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = training_parser(__doc__, out="runs/mlp_mp", batch_help="samples per model replica per step", epochs=3,
+def parse_args(argv=None, rank: int = 0) -> argparse.Namespace:
+    p = training_parser(__doc__, rank=rank,
+                        out="runs/mlp_mp", batch_help="samples per model replica per step", epochs=3,
                         lr=0.05)
     p.add_argument("--placement", default="0,0,1,1,0",
                    help="rank of each layer (Flatten, fc1, fc2, fc3, fc4); default: fc1,fc4 | fc2,fc3")
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     comm = MPI.COMM_WORLD
     abort_on_exception(comm)
     say = RootPrinter(comm)
-    args = parse_args(argv)
+    args = parse_args(argv, comm.Get_rank())
     check_world_size(comm)
     threads = threads_per_rank(comm, args.threads)
     stages = len(set(args.placement.split(",")))

@@ -51,8 +51,8 @@ MODELS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = training_parser(__doc__, out="runs/resnet_dp", batch_help="samples per rank per step", models=MODELS)
+def parse_args(argv=None, rank: int = 0) -> argparse.Namespace:
+    p = training_parser(__doc__, rank=rank, out="runs/resnet_dp", batch_help="samples per rank per step", models=MODELS)
     return p.parse_args(argv)
 
 
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     abort_on_exception(comm)
     watchdog = Watchdog(comm).start()  # reports ranks that have not arrived when one waits > MPIPAR_STALL_WARN s
     say = RootPrinter(comm)
-    args = parse_args(argv)
+    args = parse_args(argv, comm.Get_rank())
     check_world_size(comm)
     threads = threads_per_rank(comm, args.threads)
     config = collective_check(comm, lambda: train_config(args, threads=threads), "configuration")

@@ -45,8 +45,9 @@ from mpipar.pipeline.trainer import PipelineConfig, run_job
 MODELS = {"resnet-small": models.resnet_small, "resnet18": models.resnet18, "resnet50": models.resnet50}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = training_parser(__doc__, out="runs/resnet_hybrid", batch_help="samples per pipeline per step", epochs=3,
+def parse_args(argv=None, rank: int = 0) -> argparse.Namespace:
+    p = training_parser(__doc__, rank=rank,
+                        out="runs/resnet_hybrid", batch_help="samples per pipeline per step", epochs=3,
                         lr=0.05, models=MODELS)
     p.add_argument("--stages", type=int, default=2, help="ranks per pipeline (divides the world size)")
     p.add_argument("--schedule", choices=["gpipe", "1f1b", "naive"], default="1f1b")
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     comm = MPI.COMM_WORLD
     abort_on_exception(comm)
     say = RootPrinter(comm)
-    args = parse_args(argv)
+    args = parse_args(argv, comm.Get_rank())
     check_world_size(comm)
     threads = threads_per_rank(comm, args.threads)
     config, pipeline = collective_check(comm, lambda: (train_config(args, threads=threads),

@@ -9,8 +9,19 @@ from .config import TrainConfig
 __all__ = ["training_parser", "train_config"]
 
 
+class _RankParser(argparse.ArgumentParser):
+    """An ArgumentParser that prints (help, usage errors) only when ``speaks``: every
+    rank parses and exits alike, one rank talks."""
+
+    speaks = True
+
+    def _print_message(self, message, file=None):
+        if self.speaks:
+            super()._print_message(message, file)
+
+
 def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr: float = 0.1,
-                    models=None) -> argparse.ArgumentParser:
+                    models=None, rank: int = 0) -> argparse.ArgumentParser:
     """An argument parser with the common flags of ``jobs/``; a job adds its own.
 
     Args:
@@ -19,8 +30,11 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
         batch_help: what ``--batch-size`` counts (per rank, per pipeline, ...).
         epochs, lr: the job's defaults.
         models: names accepted by ``--model`` (no ``--model`` flag when None).
+        rank: this process's MPI rank; only rank 0 prints ``--help`` and usage
+            errors (every rank still exits with status 2 on a bad flag).
     """
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _RankParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.speaks = rank == 0
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, or a path (IDX dir or .h5)")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")

@@ -17,7 +17,10 @@ from mpipar.data import resolve
 from mpipar.training import evaluate
 
 TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--epochs", "1", "--max-steps", "6")
-MLP = lambda **kw: models.mlp([kw["in_channels"] * kw["image_size"] ** 2, 256, 128, 100, kw["num_classes"]])  # noqa: E731
+
+
+def MLP(in_channels, num_classes, image_size):  # jobs/mlp_mp.py's model
+    return models.mlp([in_channels * image_size ** 2, 256, 128, 100, num_classes])
 
 
 @pytest.mark.parametrize("job,ranks,args,make", [

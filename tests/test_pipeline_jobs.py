@@ -46,6 +46,7 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
     ("mlp_mp.py", 2, ("--placement", "0,0,1"), "covers 3 layers but the model has 5"),
     ("mlp_mp.py", 2, ("--placement", "0,0,2,2,0"), "--placement must give a rank in 0..1 to every layer"),
     ("resnet_pp.py", 2, ("--balance", "2,9"), "covers 11 layers but the model has 5"),
+    ("resnet_pp.py", 2, ("--schedule", "foo"), "invalid choice: 'foo'"),  # argparse: rank 0 says it
 ])
 def test_bad_pipeline_input_is_one_clear_message(tmp_path, job, ranks, args, message):
     result = run_mpi(ranks, str(ROOT / "jobs" / job), *TINY, "--max-steps", "2", "--out", str(tmp_path / "r"),
