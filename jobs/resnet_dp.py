@@ -32,17 +32,24 @@ from mpi4py import MPI
 
 import mpipar
 from mpipar import data, models
-from mpipar.agree import agree_on, collective_check
-from mpipar.checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
-from mpipar.cli import train_config, training_parser
-from mpipar.failure import FaultInjection, abort_on_exception
-from mpipar.launch import (RootPrinter, StopRequest, check_world_size, mpi_library, prepare_output_dir,
-                           requeue_slurm_job, threads_per_rank)
-from mpipar.metrics import MetricsWriter
-from mpipar.sharding import rank_batches, steps_per_epoch
-from mpipar.summary import summarize
-from mpipar.training import Stopwatch, evaluate
-from mpipar.watchdog import Watchdog
+from mpipar.data.sharding import rank_batches, steps_per_epoch
+from mpipar.diagnostics.agree import agree_on, collective_check
+from mpipar.diagnostics.failure import FaultInjection, abort_on_exception
+from mpipar.diagnostics.watchdog import Watchdog
+from mpipar.run.checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
+from mpipar.run.cli import train_config, training_parser
+from mpipar.run.evaluate import Stopwatch, evaluate
+from mpipar.run.launch import (
+    RootPrinter,
+    StopRequest,
+    check_world_size,
+    mpi_library,
+    prepare_output_dir,
+    requeue_slurm_job,
+    threads_per_rank,
+)
+from mpipar.run.metrics import MetricsWriter
+from mpipar.run.summary import summarize
 
 MODELS = {
     "resnet-small": models.resnet_small,  # 8 layers, 78k parameters: CPUs

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mpi4py import MPI
 
 from mpipar import models
-from mpipar.agree import collective_check
-from mpipar.cli import train_config, training_parser
-from mpipar.failure import abort_on_exception
-from mpipar.launch import RootPrinter, StopRequest, check_world_size, threads_per_rank
+from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.failure import abort_on_exception
 from mpipar.pipeline.trainer import PipelineConfig, run_job
+from mpipar.run.cli import train_config, training_parser
+from mpipar.run.launch import RootPrinter, StopRequest, check_world_size, threads_per_rank
 
 MODELS = {"resnet-small": models.resnet_small, "resnet18": models.resnet18, "resnet50": models.resnet50}
 

@@ -2,8 +2,10 @@
 
 __version__ = "0.1.0"
 
-from . import agree, failure, mpi_tensor, sharding  # noqa: E402,F401
-from .data_parallel import DataParallel  # noqa: E402
-from .metrics import MetricsWriter  # noqa: E402
+from mpipar.comm import mpi_tensor  # noqa: E402,F401
+from mpipar.data import sharding  # noqa: E402,F401
+from mpipar.data_parallel.wrapper import DataParallel  # noqa: E402
+from mpipar.diagnostics import agree, failure  # noqa: E402,F401
+from mpipar.run.metrics import MetricsWriter  # noqa: E402
 
 __all__ = ["DataParallel", "MetricsWriter", "agree", "failure", "mpi_tensor", "sharding", "__version__"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.checkpoint import Checkpointer
 from mpi_helpers import ROOT, assert_all_ranks, run_mpi
+from mpipar.run.checkpoint import Checkpointer
 
 JOB = str(ROOT / "jobs" / "resnet_dp.py")
 RUN = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--flush-every", "3", "--max-steps", "12",

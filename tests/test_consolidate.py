@@ -12,9 +12,9 @@ from mpi4py import MPI
 
 from mpi_helpers import ROOT, run_mpi
 from mpipar import models
-from mpipar.consolidate import main, model_state
-from mpipar.data import resolve
-from mpipar.training import evaluate
+from mpipar.data.datasets import resolve
+from mpipar.run.consolidate import main, model_state
+from mpipar.run.evaluate import evaluate
 
 TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--epochs", "1", "--max-steps", "6")
 

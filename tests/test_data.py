@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpipar import data
-from mpipar.convert import main as idx2h5_main
+from mpipar.data.convert import main as idx2h5_main
 
 
 def write_idx(path, array, gz):

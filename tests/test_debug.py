@@ -7,8 +7,9 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpipar import debug, mpi_tensor
 from mpi_helpers import ROOT, assert_all_ranks, run_mpi
+from mpipar.comm import mpi_tensor
+from mpipar.diagnostics import debug
 
 SCENARIO = ROOT / "tests" / "scenarios" / "debug_mismatch.py"
 

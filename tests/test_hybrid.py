@@ -9,8 +9,8 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_helpers import assert_all_ranks
+from mpipar.comm.topology import ProcessGrid
 from mpipar.pipeline import Pipeline, Placement, ReplicaAverager
-from mpipar.topology import ProcessGrid
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 GLOBAL_BATCH = 24

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpipar.metrics import MetricsWriter, NonFiniteLossError
 from mpi_helpers import assert_all_ranks
+from mpipar.run.metrics import MetricsWriter, NonFiniteLossError
 
 PER_RANK = ("compute_time", "comm_time", "idle_time", "data_time", "step_time", "bytes_sent", "rank_loss",
             "rank_samples")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpipar import mpi_tensor
 from mpi_helpers import assert_all_ranks, assert_close_all_ranks
+from mpipar.comm import mpi_tensor
 
 REDUCIBLE = [torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.uint8]
 

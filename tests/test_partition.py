@@ -9,8 +9,14 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_helpers import assert_all_ranks
-from mpipar.pipeline.partition import (auto_balance, balance_by_time, format_report, gather_stage_times,
-                                       profile_layers, stage_sums)
+from mpipar.pipeline.partition import (
+    auto_balance,
+    balance_by_time,
+    format_report,
+    gather_stage_times,
+    profile_layers,
+    stage_sums,
+)
 
 torch.set_num_threads(1)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpipar.checkpoint import check_same_run
-from mpipar.launch import requeue_slurm_job
 from mpi_helpers import ROOT, mpirun_command, run_mpi
+from mpipar.run.checkpoint import check_same_run
+from mpipar.run.launch import requeue_slurm_job
 
 RUN = ("--data", "synthetic", "--threads", "1", "--flush-every", "3", "--max-steps", "12", "--checkpoint-every", "5",
        "--epochs", "1")

@@ -74,7 +74,8 @@ def test_microbatch_split_and_errors():
 
     assert [len(chunk) for chunk in split(torch.zeros(12, 3), 4)] == [3, 3, 3, 3]
     assert check_microbatches(12, 12) == 1
-    with pytest.raises(ValueError, match=r"12 samples does not split into 5 equal micro-batches.*\[1, 2, 3, 4, 6, 12\]"):
+    with pytest.raises(ValueError,
+                       match=r"12 samples does not split into 5 equal micro-batches.*\[1, 2, 3, 4, 6, 12\]"):
         check_microbatches(12, 5)
     with pytest.raises(ValueError, match="does not split into 8"):
         check_microbatches(4, 8)

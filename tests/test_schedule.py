@@ -2,8 +2,17 @@
 
 import pytest
 
-from mpipar.pipeline.schedule import (Backward, Forward, RecvActivation, RecvGrad, Schedule, SendActivation,
-                                      SendGrad, placement_bubble, rank_program)
+from mpipar.pipeline.schedule import (
+    Backward,
+    Forward,
+    RecvActivation,
+    RecvGrad,
+    Schedule,
+    SendActivation,
+    SendGrad,
+    placement_bubble,
+    rank_program,
+)
 
 
 def rows(grid: str):

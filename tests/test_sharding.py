@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpipar.sharding import rank_batches, step_bounds, step_plan, steps_per_epoch
+from mpipar.data.sharding import rank_batches, step_bounds, step_plan, steps_per_epoch
 
 
 @pytest.mark.parametrize("num_samples,batch_size", [(60000, 128), (1000, 7), (101, 10), (10, 3), (37, 100)])

@@ -6,9 +6,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpipar import debug, mpi_tensor
-from mpipar.watchdog import Watchdog, stall_report
 from mpi_helpers import ROOT, assert_all_ranks, run_mpi
+from mpipar.comm import mpi_tensor
+from mpipar.diagnostics import debug
+from mpipar.diagnostics.watchdog import Watchdog, stall_report
 
 SCENARIO = ROOT / "tests" / "scenarios" / "stall_rank_sleeps.py"
 WORLD4 = (0, 1, 2, 3)
@@ -37,7 +38,8 @@ def test_report_names_the_ranks_that_have_not_arrived():
                         "arrived: ranks 0, 2; not arrived: ranks 1, 3")
     assert lines[1] == ("  rank 1: outside MPI for 61.5 s since allreduce_ #56 (SUM) at step 3; "
                         "last heartbeat 0.2 s ago")
-    assert lines[2] == "  rank 3: not heard from for 45.0 s; last known: waiting 45.0 s in bcast_ #12 (root 0) at step 2"
+    assert lines[2] == ("  rank 3: not heard from for 45.0 s; last known: waiting 45.0 s in bcast_ #12 (root 0) "
+                        "at step 2")
 
 
 def test_report_on_a_sub_communicator_and_a_rank_never_heard_from():

@@ -1,12 +1,12 @@
 """Layer-partitioned model parallelism and pipeline parallelism over MPI Send/Recv."""
 
-from .executor import Pipeline, StepResult
-from .partition import auto_balance, balance_by_time, profile_layers
-from .placement import Placement, Segment, even_balance
-from .replicas import ReplicaAverager
-from .schedule import SCHEDULES, Schedule
-from .stage import Stage, TensorSpec
-from .timing import StepTimes, measured_bubble
+from mpipar.pipeline.executor import Pipeline, StepResult
+from mpipar.pipeline.partition import auto_balance, balance_by_time, profile_layers
+from mpipar.pipeline.placement import Placement, Segment, even_balance
+from mpipar.pipeline.replicas import ReplicaAverager
+from mpipar.pipeline.schedule import SCHEDULES, Schedule
+from mpipar.pipeline.stage import Stage, TensorSpec
+from mpipar.pipeline.timing import StepTimes, measured_bubble
 
 __all__ = ["Pipeline", "StepResult", "Placement", "Segment", "even_balance", "Schedule", "SCHEDULES",
            "Stage", "TensorSpec", "StepTimes", "measured_bubble",

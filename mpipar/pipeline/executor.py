@@ -11,14 +11,23 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .. import debug, mpi_tensor
-from ..agree import agree_on, collective_check
-from .microbatch import check_microbatches
-from .placement import Placement
-from .schedule import (Backward, Forward, RecvActivation, RecvGrad, Schedule, SendActivation,
-                       SendGrad, rank_program)
-from .stage import Stage, TensorSpec
-from .timing import StepClock, StepTimes
+from mpipar.comm import mpi_tensor
+from mpipar.diagnostics import debug
+from mpipar.diagnostics.agree import agree_on, collective_check
+from mpipar.pipeline.microbatch import check_microbatches
+from mpipar.pipeline.placement import Placement
+from mpipar.pipeline.schedule import (
+    Backward,
+    Forward,
+    RecvActivation,
+    RecvGrad,
+    Schedule,
+    SendActivation,
+    SendGrad,
+    rank_program,
+)
+from mpipar.pipeline.stage import Stage, TensorSpec
+from mpipar.pipeline.timing import StepClock, StepTimes
 
 __all__ = ["Pipeline", "StepResult"]
 

@@ -11,8 +11,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .. import debug
-from .placement import even_balance
+from mpipar.diagnostics import debug
+from mpipar.pipeline.placement import even_balance
 
 __all__ = ["LayerProfile", "profile_layers", "balance_by_time", "stage_sums", "auto_balance",
            "gather_stage_times", "format_report"]

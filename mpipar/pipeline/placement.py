@@ -64,7 +64,7 @@ class Placement:
             raise ValueError(f"placement ranks must be ints >= 0; got (layer, rank) {bad}")
 
     @classmethod
-    def from_balance(cls, balance: Sequence[int]) -> "Placement":
+    def from_balance(cls, balance: Sequence[int]) -> Placement:
         """Contiguous placement: rank ``r`` holds the next ``balance[r]`` layers.
 
         Raises:
@@ -79,12 +79,12 @@ class Placement:
         return cls(tuple(rank for rank, count in enumerate(balance) for _ in range(count)))
 
     @classmethod
-    def even(cls, layers: int, size: int) -> "Placement":
+    def even(cls, layers: int, size: int) -> Placement:
         """Contiguous placement of ``layers`` layers over ``size`` ranks, as even as counts allow."""
         return cls.from_balance(even_balance(layers, size))
 
     @classmethod
-    def from_names(cls, names: Sequence[str], mapping: Mapping[str, int]) -> "Placement":
+    def from_names(cls, names: Sequence[str], mapping: Mapping[str, int]) -> Placement:
         """Placement from ``{layer name: rank}`` for a Sequential whose layers are ``names``.
 
         Raises:

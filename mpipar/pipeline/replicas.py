@@ -10,8 +10,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .. import mpi_tensor
-from ..agree import agree_on
+from mpipar.comm import mpi_tensor
+from mpipar.diagnostics.agree import agree_on
 
 __all__ = ["ReplicaAverager"]
 

@@ -16,24 +16,25 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .. import __version__, debug
-from ..agree import agree_on, collective_check
-from ..checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
-from ..config import TrainConfig
-from ..data import ArrayDataset, resolve
-from ..failure import FaultInjection
-from ..launch import StopRequest, mpi_library, prepare_output_dir, requeue_slurm_job
-from ..metrics import MetricsWriter
-from ..sharding import rank_batches, steps_per_epoch
-from ..topology import ProcessGrid
-from ..training import EvalResult, Stopwatch
-from ..watchdog import Watchdog
-from .executor import Pipeline
-from .microbatch import check_microbatches
-from .partition import auto_balance, format_report, gather_stage_times, stage_sums
-from .placement import Placement
-from .replicas import ReplicaAverager
-from .schedule import SCHEDULES, placement_bubble
+from mpipar import __version__
+from mpipar.comm.topology import ProcessGrid
+from mpipar.data.datasets import ArrayDataset, resolve
+from mpipar.data.sharding import rank_batches, steps_per_epoch
+from mpipar.diagnostics import debug
+from mpipar.diagnostics.agree import agree_on, collective_check
+from mpipar.diagnostics.failure import FaultInjection
+from mpipar.diagnostics.watchdog import Watchdog
+from mpipar.pipeline.executor import Pipeline
+from mpipar.pipeline.microbatch import check_microbatches
+from mpipar.pipeline.partition import auto_balance, format_report, gather_stage_times, stage_sums
+from mpipar.pipeline.placement import Placement
+from mpipar.pipeline.replicas import ReplicaAverager
+from mpipar.pipeline.schedule import SCHEDULES, placement_bubble
+from mpipar.run.checkpoint import Checkpointer, check_same_run, rng_state, set_rng_state
+from mpipar.run.config import TrainConfig
+from mpipar.run.evaluate import EvalResult, Stopwatch
+from mpipar.run.launch import StopRequest, mpi_library, prepare_output_dir, requeue_slurm_job
+from mpipar.run.metrics import MetricsWriter
 
 __all__ = ["PipelineConfig", "Recovery", "choose_placement", "train_pipeline", "evaluate_pipeline", "store_bubble",
            "run_job"]
@@ -400,6 +401,6 @@ def run_job(world: MPI.Intracomm, config: TrainConfig, pipeline: PipelineConfig,
         say(f"pipeline bubble: measured {measured:.3f}; ideal {ideal:.3f} with equal stages, {bound:.3f} with "
             f"the measured stage times (the rest, {measured - bound:+.3f}, is communication and overhead)")
         if not stopped:
-            from ..summary import summarize
+            from mpipar.run.summary import summarize
             say(summarize(out / "metrics.h5"))
     watchdog.stop()

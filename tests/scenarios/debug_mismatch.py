@@ -11,8 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpipar import debug, mpi_tensor  # noqa: E402
-from mpipar.failure import abort_on_exception  # noqa: E402
+from mpipar.comm import mpi_tensor  # noqa: E402
+from mpipar.diagnostics import debug  # noqa: E402
+from mpipar.diagnostics.failure import abort_on_exception  # noqa: E402
 
 comm = MPI.COMM_WORLD
 abort_on_exception(comm)

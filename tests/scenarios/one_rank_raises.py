@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mpi4py import MPI  # noqa: E402
 
-from mpipar.failure import abort_on_exception  # noqa: E402
+from mpipar.diagnostics.failure import abort_on_exception  # noqa: E402
 
 comm = MPI.COMM_WORLD
 abort_on_exception(comm)

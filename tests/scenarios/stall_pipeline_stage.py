@@ -14,10 +14,10 @@ import torch.nn.functional as F  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mpipar.agree import agree_on  # noqa: E402
-from mpipar.failure import abort_on_exception  # noqa: E402
+from mpipar.diagnostics.agree import agree_on  # noqa: E402
+from mpipar.diagnostics.failure import abort_on_exception  # noqa: E402
+from mpipar.diagnostics.watchdog import Watchdog  # noqa: E402
 from mpipar.pipeline import Pipeline  # noqa: E402
-from mpipar.watchdog import Watchdog  # noqa: E402
 
 
 class SleepOnce(nn.Module):

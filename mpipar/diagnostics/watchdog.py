@@ -12,8 +12,8 @@ from typing import Dict, Optional
 
 from mpi4py import MPI
 
-from . import debug
-from .agree import agree_on
+from mpipar.diagnostics import debug
+from mpipar.diagnostics.agree import agree_on
 
 __all__ = ["Watchdog", "Activity", "stall_report", "ENV_WARN", "ENV_ABORT"]
 
@@ -109,7 +109,7 @@ class Watchdog:
         self._heard: Dict[int, tuple] = {}  # rank 0: rank -> (snapshot, received at)
         self._next_report = 0.0
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         """Start watching (collective over ``comm``). Returns self."""
         agree_on(self.comm, "stall watchdog thresholds (warn, abort)", (self.warn_after, self.abort_after),
                  hint=f"set {ENV_WARN} and {ENV_ABORT} alike on every rank")
@@ -140,7 +140,7 @@ class Watchdog:
         self._thread = None
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,7 @@ from typing import Callable
 
 from mpi4py import MPI
 
-from .agree import collective_check
+from mpipar.diagnostics.agree import collective_check
 
 __all__ = ["check_world_size", "threads_per_rank", "prepare_output_dir", "RootPrinter", "StopRequest", "mpi_library",
            "requeue_slurm_job"]
@@ -122,7 +122,7 @@ class StopRequest:
         return f"{self.signal_name} received" if self.requested else "no stop requested"
 
     @classmethod
-    def install(cls, early_signals=()) -> "StopRequest":
+    def install(cls, early_signals=()) -> StopRequest:
         """Handle SIGUSR1 and SIGTERM from now on; ``early_signals`` are signal
         numbers caught before this call (jobs install a stdlib-only handler before
         importing torch, since Slurm may signal during start-up)."""

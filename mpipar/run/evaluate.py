@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import debug
-from .data import ArrayDataset
-from .sharding import rank_batches
+from mpipar.data.datasets import ArrayDataset
+from mpipar.data.sharding import rank_batches
+from mpipar.diagnostics import debug
 
 __all__ = ["evaluate", "EvalResult", "Stopwatch"]
 

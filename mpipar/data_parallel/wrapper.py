@@ -11,8 +11,9 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from . import debug, mpi_tensor
-from .agree import agree_on
+from mpipar.comm import mpi_tensor
+from mpipar.diagnostics import debug
+from mpipar.diagnostics.agree import agree_on
 
 __all__ = ["DataParallel", "CommStats"]
 
@@ -29,7 +30,7 @@ class CommStats:
     wait_time: float = 0.0
     bytes_sent: float = 0.0
 
-    def take(self) -> "CommStats":
+    def take(self) -> CommStats:
         taken = CommStats(self.wait_time, self.bytes_sent)
         self.wait_time = 0.0
         self.bytes_sent = 0.0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import h5py
 
-from .data import load_idx_dir
+from mpipar.data.datasets import load_idx_dir
 
 __all__ = ["idx_to_h5", "main"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import debug
-from .agree import collective_check
+from mpipar.diagnostics import debug
+from mpipar.diagnostics.agree import collective_check
 
 __all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run", "FREE_SETTINGS"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from .agree import agree_on, collective_check
+from mpipar.diagnostics.agree import agree_on, collective_check
 
 __all__ = ["ProcessGrid"]
 
@@ -63,7 +63,7 @@ class ProcessGrid:
                 comm.Free()
         self.pipeline_comm = self.data_comm = MPI.COMM_NULL
 
-    def __enter__(self) -> "ProcessGrid":
+    def __enter__(self) -> ProcessGrid:
         return self
 
     def __exit__(self, *exc) -> None:

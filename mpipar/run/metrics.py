@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import __version__, debug
-from .agree import collective_check
-from .launch import mpi_library
+from mpipar import __version__
+from mpipar.diagnostics import debug
+from mpipar.diagnostics.agree import collective_check
+from mpipar.run.launch import mpi_library
 
 __all__ = ["MetricsWriter", "NonFiniteLossError", "PER_RANK_FIELDS"]
 
@@ -102,7 +103,7 @@ class MetricsWriter:
                 "config": json.dumps(config, sort_keys=True, default=str),
                 "hosts": json.dumps(hosts),
                 "mpi_library": mpi_library(),
-                "mpi_version": "%d.%d" % MPI.Get_version(),
+                "mpi_version": "{}.{}".format(*MPI.Get_version()),
                 "mpi4py_version": mpi4py.__version__,
                 "torch_version": torch.__version__,
                 "mpipar_version": __version__,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import TrainConfig
+from mpipar.run.config import TrainConfig
 
 __all__ = ["training_parser", "train_config"]
 

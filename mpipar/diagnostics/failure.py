@@ -59,7 +59,7 @@ class FaultInjection:
         self.rank = rank
 
     @classmethod
-    def from_environment(cls, comm: MPI.Intracomm, environ=os.environ) -> "FaultInjection":
+    def from_environment(cls, comm: MPI.Intracomm, environ=os.environ) -> FaultInjection:
         spec = environ.get("MPIPAR_FAULT_AT_STEP", "").strip()
         if not spec:
             return cls()

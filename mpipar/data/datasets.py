@@ -70,12 +70,12 @@ class ArrayDataset:
         images = self.images.index_select(0, index).float().div_(255.0)
         return images.sub_(self.mean).div_(self.std), self.labels.index_select(0, index)
 
-    def with_stats_of(self, other: "ArrayDataset") -> "ArrayDataset":
+    def with_stats_of(self, other: ArrayDataset) -> ArrayDataset:
         """Normalise with another split's mean and std (the training split's)."""
         self.mean, self.std = other.mean, other.std
         return self
 
-    def compute_stats(self) -> "ArrayDataset":
+    def compute_stats(self) -> ArrayDataset:
         scaled = self.images[: min(len(self), 10000)].float() / 255.0
         self.mean, self.std = float(scaled.mean()), float(scaled.std()) or 1.0
         return self

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 from mpi4py import MPI
 
-from . import debug as _debug
+from mpipar.diagnostics import debug as _debug
 
 __all__ = [
     "allreduce_",

@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from mpi4py import MPI
 
-from . import debug
+from mpipar.diagnostics import debug
 
 __all__ = ["agree_on", "collective_check", "RankError"]
 

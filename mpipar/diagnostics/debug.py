@@ -46,7 +46,7 @@ class Hooks:
         self.check = False
         self.activity: Any = None  # duck-typed: enter(call), leave(call), started(call)
 
-    def collective(self, name: str, tensor: torch.Tensor, comm: MPI.Intracomm, detail: str) -> "Call":
+    def collective(self, name: str, tensor: torch.Tensor, comm: MPI.Intracomm, detail: str) -> Call:
         """Number a collective on ``comm`` and, in debug mode, compare it across ranks.
 
         Collective over ``comm`` in debug mode (one allgather of a small tuple);
@@ -64,7 +64,7 @@ class Hooks:
                                          call.seq))
         return call
 
-    def send(self, tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int) -> "Call":
+    def send(self, tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int) -> Call:
         """Number a send to ``dest``; in debug mode start the header (non-blocking) first."""
         state = _comm_state(comm)
         seq = state.count(("send", dest))
@@ -74,7 +74,7 @@ class Hooks:
             call.header = [comm.Isend(header, dest=dest, tag=_header_tag(comm, tag, state)), header]
         return call
 
-    def recv(self, tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int) -> "Call":
+    def recv(self, tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int) -> Call:
         """Number a receive from ``source``; in debug mode post the header receive first
         (for a wildcard source or tag, the header is read once the payload has arrived)."""
         state = _comm_state(comm)
@@ -111,7 +111,7 @@ class Call:
         seq = f" #{self.seq}" if self.seq else ""
         return f"{self.name}{peer}{seq}" + (f" ({self.detail})" if self.detail else "")
 
-    def __enter__(self) -> "Call":
+    def __enter__(self) -> Call:
         if self.hooks.activity is not None:
             self.hooks.activity.enter(self)
         return self
