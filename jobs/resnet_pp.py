@@ -1,25 +1,29 @@
-"""Train a ResNet as a pipeline over MPI: one stage per rank, micro-batches streamed through.
+"""Train a ResNet as a pipeline over MPI, alone or replicated with data parallelism (a grid of pipelines x stages).
 
 Usage:
     mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule 1f1b --microbatches 8
     mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --balance auto --out runs/pp
     mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --balance auto --out runs/pp --resume
+    mpirun -n 4 python jobs/resnet_pp.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid
     sbatch slurm/resnet_pp.sh --data synthetic --max-steps 5
 
-The model's layers (stem, residual blocks, head) are cut into as many contiguous
-stages as there are ranks: --balance even (by layer count), auto (profiled: the
-slowest stage is minimised and predicted vs measured stage times are printed) or
-N,N,... layers per stage. --schedule gpipe runs all forwards then all backwards;
-1f1b bounds the micro-batches in flight; naive runs one micro-batch at a time.
-Writes OUT/metrics.h5 with the data-parallel schema plus the root attributes
-schedule, stages, microbatches, bubble_measured, bubble_ideal and bubble_bound, and per step and
-rank busy (compute), communication and idle time and activation bytes. As root,
-Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more
-ranks than cores needs --oversubscribe.
-
-Each rank checkpoints its own stages, optimizer and position to OUT/checkpoints
-(every --checkpoint-every steps, at epoch ends, and on SIGUSR1/SIGTERM); --resume
-continues the latest one, bitwise as if never interrupted.
+The model's layers (stem, residual blocks, head) are cut into --stages contiguous
+stages (default: one per rank): --balance even (by layer count), auto (profiled:
+the slowest stage is minimised and predicted vs measured stage times are printed)
+or N,N,... layers per stage. --schedule gpipe runs all forwards then all
+backwards; 1f1b bounds the micro-batches in flight; naive runs one micro-batch at
+a time. With fewer stages than ranks, consecutive ranks form a pipeline and the
+world size / stages pipelines are data-parallel replicas: each takes
+--batch-size samples per step and every stage's gradients are averaged over its
+replicas (with 4 ranks and --stages 2: pipelines {0,1} and {2,3}, gradient groups
+{0,2} and {1,3}). Writes OUT/metrics.h5 with the data-parallel schema plus the
+root attributes schedule, stages, microbatches, replicas, bubble_measured,
+bubble_ideal and bubble_bound, and per step and rank busy (compute),
+communication and idle time and activation bytes. Each rank checkpoints its own
+stages to OUT/checkpoints (every --checkpoint-every steps, at epoch ends, and on
+SIGUSR1/SIGTERM); --resume continues the latest one, bitwise as if never
+interrupted. As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1
+OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than cores needs --oversubscribe.
 """
 
 import signal
@@ -28,46 +32,42 @@ EARLY_SIGNALS = []  # Slurm's warning signal can come while torch is still impor
 for _name in ("SIGUSR1", "SIGTERM"):
     signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
 
-import argparse  # noqa: E402 (parse_args's annotation)
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mpi4py import MPI
 
 from mpipar import models
-from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import abort_on_exception
-from mpipar.pipeline.trainer import PipelineConfig, run_job
-from mpipar.run.cli import train_config, training_parser
-from mpipar.run.launch import RootPrinter, StopRequest, check_world_size, threads_per_rank
-
-MODELS = {"resnet-small": models.resnet_small, "resnet18": models.resnet18, "resnet50": models.resnet50}
-
-
-def parse_args(argv=None, rank: int = 0) -> argparse.Namespace:
-    p = training_parser(__doc__, rank=rank,
-                        out="runs/resnet_pp", batch_help="samples per pipeline per step", epochs=3, lr=0.05,
-                        models=MODELS)
-    p.add_argument("--schedule", choices=["gpipe", "1f1b", "naive"], default="1f1b")
-    p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch (must divide it)")
-    p.add_argument("--balance", default="even", help="even, auto, or layers per stage N,N,...")
-    return p.parse_args(argv)
+from mpipar.pipeline.config import PipelineConfig
+from mpipar.pipeline.strategy import PipelineStrategy
+from mpipar.run.cli import add_pipeline_flags, training_parser
+from mpipar.run.loop import train
+from mpipar.run.session import Session
 
 
 def main(argv=None) -> None:
     comm = MPI.COMM_WORLD
     abort_on_exception(comm)
-    say = RootPrinter(comm)
-    args = parse_args(argv, comm.Get_rank())
-    check_world_size(comm)
-    threads = threads_per_rank(comm, args.threads)
-    config, pipeline = collective_check(comm, lambda: (train_config(args, threads=threads),
-        PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=comm.Get_size(),
-                       balance=args.balance)), "configuration")
-    run_job(comm, config, pipeline, MODELS[config.model], strategy="pipeline", say=say,
-            stop=StopRequest.install(EARLY_SIGNALS), resume=args.resume, requeue=args.requeue)
+    parser = training_parser(__doc__, rank=comm.Get_rank(), out="runs/resnet_pp", epochs=3, lr=0.05,
+                             batch_help="samples per pipeline per step", models=models.IMAGE_MODELS)
+    add_pipeline_flags(parser)
+    args = parser.parse_args(argv)
+
+    session = Session.from_args(comm, args, EARLY_SIGNALS, settings=lambda: PipelineConfig(
+        schedule=args.schedule, microbatches=args.microbatches, stages=args.stages or comm.Get_size(),
+        balance=args.balance))
+    splits = session.data()
+    model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
+    pipeline, config = session.settings, session.config
+    sample = None  # one profile for all replicas, on rank 0
+    if pipeline.balance == "auto" and session.state is None and comm.Get_rank() == 0:
+        sample = splits.train.batch(range(max(1, config.batch_size // pipeline.microbatches)))[0]
+    strategy = PipelineStrategy(comm, model, pipeline, batch_size=config.batch_size, bucket_mb=config.bucket_mb,
+                                state=session.state, sample=sample, say=session.say)
+    train(session, strategy, splits)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/bin/bash
-# Pipelined ResNet, one stage per task as a Slurm batch job.
+# Pipelined ResNet as a Slurm batch job: one stage per task, or pipelines replicated with --stages.
 #
 #   sbatch slurm/resnet_pp.sh                                           # Fashion-MNIST, 1f1b, 4 micro-batches
 #   sbatch slurm/resnet_pp.sh --schedule gpipe --microbatches 8 --balance auto
+#   sbatch --ntasks=4 slurm/resnet_pp.sh --stages 2                     # 2 pipelines x 2 stages (hybrid)
 #   sbatch --ntasks=3 slurm/resnet_pp.sh --data synthetic --max-steps 5  # resources on the command line win
 #
 # Submit from the repository root with the Python environment that has mpipar's

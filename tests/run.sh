@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run the whole test suite: the serial pass, then the MPI tests on 1, 2, 3 and 4 ranks.
+# Run the whole test suite: the linter, the serial pass, then the MPI tests on 1, 2, 3 and 4 ranks.
 #   bash tests/run.sh                 # uses .venv/bin/python if present, else python3
 #   SIZES="2 4" bash tests/run.sh     # other rank counts
 #   PYTEST_ARGS="-m 'not slurm'" ...  # extra pytest arguments for the serial pass
@@ -24,6 +24,7 @@ run() {  # run a pytest pass; any non-zero status (5 = no tests ran included) is
     fi
 }
 
+run "$PYTHON" -m ruff check .  # configured in pyproject.toml
 eval "extra=(${PYTEST_ARGS:-})"  # shell words, so quoted arguments stay whole
 run "$PYTHON" -m pytest -q -p no:cacheprovider "${extra[@]}"
 for n in $SIZES; do

@@ -107,7 +107,7 @@ def test_many_small_buckets_equal_one_flat_allreduce(comm):
 
     small = copy.deepcopy(base)
     dp = mpipar.DataParallel(small, comm, bucket_cap_mb=1e-4)  # ~100 bytes: one parameter per bucket
-    assert_all_ranks(comm, len(dp._buckets) == len(list(small.parameters())), "expected one bucket per parameter")
+    assert_all_ranks(comm, len(dp.buckets) == len(list(small.parameters())), "expected one bucket per parameter")
     F.cross_entropy(dp(images[mine]), labels[mine]).backward()
     bucketed = torch.cat([p.grad.reshape(-1) for p in small.parameters()])
     assert_close_all_ranks(comm, bucketed, flat, what="bucketed vs flat", **TOL)
@@ -120,7 +120,7 @@ def test_grads_are_views_into_buckets(comm):
     images, labels = global_batch(3, 0)
     F.cross_entropy(dp(images), labels).backward()
     storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-    buffers = {b.buffer.untyped_storage().data_ptr() for b in dp._buckets}
+    buffers = {b.buffer.untyped_storage().data_ptr() for b in dp.buckets}
     assert_all_ranks(comm, storages <= buffers, "a .grad is not a view into a bucket buffer")
 
 

@@ -10,6 +10,7 @@ from mpi4py import MPI
 from mpi_helpers import ROOT, assert_all_ranks, run_mpi
 from mpipar.comm import mpi_tensor
 from mpipar.diagnostics import debug
+from mpipar.diagnostics.failure import AgreedError
 
 SCENARIO = ROOT / "tests" / "scenarios" / "debug_mismatch.py"
 
@@ -36,7 +37,7 @@ def collective_error(comm, call) -> str:
     try:
         call()
     except debug.MismatchError as error:
-        return str(error) if getattr(error, "agreed", False) else "not agreed: " + str(error)
+        return str(error) if isinstance(error, AgreedError) else "not agreed: " + str(error)
     return ""
 
 
@@ -110,7 +111,7 @@ def test_mismatch_message_groups_ranks():
 
     with pytest.raises(debug.MismatchError) as caught:
         debug._check_collective(FakeComm(), prints[0])
-    assert caught.value.agreed
+    assert isinstance(caught.value, AgreedError)
     assert "ranks 0, 1: allreduce_(shape (4,), float32, SUM) #3; rank 2: bcast_(shape (4,), float32, root 0) #3" \
         in str(caught.value)
 

@@ -1,4 +1,4 @@
-"""jobs/mlp_mp.py, jobs/resnet_pp.py and jobs/resnet_hybrid.py end to end: metrics and bad input."""
+"""jobs/mlp_mp.py, jobs/resnet_pp.py (alone and --stages hybrid) end to end: metrics and bad input."""
 
 import json
 
@@ -15,7 +15,7 @@ TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--flush-
     ("mlp_mp.py", 2, (), 2, "naive", 1),
     ("mlp_mp.py", 4, ("--schedule", "1f1b", "--microbatches", "4"), 2, "1f1b", 2),
     ("resnet_pp.py", 3, ("--schedule", "gpipe", "--microbatches", "4", "--balance", "auto"), 3, "gpipe", 1),
-    ("resnet_hybrid.py", 4, ("--stages", "2", "--microbatches", "2"), 2, "1f1b", 2),
+    ("resnet_pp.py", 4, ("--stages", "2", "--microbatches", "2"), 2, "1f1b", 2),
 ])
 def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args, stages, schedule, replicas):
     out = tmp_path / "run"
@@ -42,7 +42,7 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
 
 @pytest.mark.parametrize("job,ranks,args,message", [
     ("resnet_pp.py", 2, ("--batch-size", "10", "--microbatches", "4"), "does not split into 4 equal"),
-    ("resnet_hybrid.py", 3, ("--stages", "2"), "2 pipeline stages do not divide the 3 processes"),
+    ("resnet_pp.py", 3, ("--stages", "2"), "2 pipeline stages do not divide the 3 processes"),
     ("mlp_mp.py", 2, ("--placement", "0,0,1"), "covers 3 layers but the model has 5"),
     ("mlp_mp.py", 2, ("--placement", "0,0,2,2,0"), "--placement must give a rank in 0..1 to every layer"),
     ("resnet_pp.py", 2, ("--balance", "2,9"), "covers 11 layers but the model has 5"),

@@ -186,3 +186,16 @@ def test_placement_bubble_of_unequal_stages_counts_the_imbalance():
     assert bubble == pytest.approx(1 - 30 / (2 * 21))
     with pytest.raises(ValueError, match="for 2 stages"):
         placement_bubble(Schedule("1f1b", 2, 4), (0, 1), [(1.0, 2.0)])
+
+
+def test_placement_bubble_with_zero_time_steps():
+    # the simulator shared with Schedule.ticks: a zero-time step finishes when it starts, so stage 1 is
+    # never in the way and rank 0 runs F0 F1 B0 B1 without a break: work 4 in a makespan of 4 on 2 ranks
+    assert placement_bubble(Schedule("gpipe", 2, 2), (0, 1), [(1.0, 1.0), (0.0, 0.0)]) == pytest.approx(0.5)
+    assert placement_bubble(Schedule("gpipe", 2, 2), (0, 1), [(0.0, 0.0)] * 2) == 0.0
+
+
+def test_ticks_are_integers_on_the_unit_clock():
+    schedule = Schedule("1f1b", 3, 4)
+    assert all(type(tick) is int for stage in range(3) for tick in schedule.ticks(stage))
+    assert type(schedule.length) is int

@@ -43,7 +43,7 @@ class TinyJob:
     steps: int
     long_args: Tuple[str, ...]  # a run that lasts until Slurm's time-limit signal stops it
     other_ntasks: Optional[int] = None  # a second size, given on the sbatch command line (mpirun test)
-    requeue: bool = False  # also run the requeue-and-resume test (tens of seconds more)
+    time_limit_launcher: str = "srun"  # the launcher of the time-limit test (each run waits 30-60 s for Slurm)
     metrics: str = "metrics.h5"
 
 
@@ -58,11 +58,10 @@ def _long(*extra: str) -> Tuple[str, ...]:
 
 
 TINY_JOBS = {
-    "resnet_dp.sh": TinyJob(
-        args=_tiny(), steps=3, long_args=_long(), other_ntasks=3, requeue=True),
-    "mlp_mp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=4),  # 4 = 2 replicas
+    "resnet_dp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=3, time_limit_launcher="mpirun"),
+    "mlp_mp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=4,  # 4 = 2 replicas
+                         time_limit_launcher="mpirun"),
     "resnet_pp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=3),  # 3 stages
-    "resnet_hybrid.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=2),  # 1 pipeline
 }
 
 JOB_TIMEOUT = 300  # seconds for a tiny job, queueing and Python start-up of every rank included
@@ -305,13 +304,9 @@ def test_a_rank_that_dies_ends_the_job(slurm_cluster, tmp_path, script, launcher
 
 
 def time_limit_cases():
-    """Each run waits 30-60 s for Slurm's warning, so not every (script, launcher) pair
-    runs: mpirun for the data-parallel job (its srun launch gets the warning in
-    test_time_limit_requeues_and_resumes) and srun for one pipeline job (all pipeline
-    jobs share mpipar/pipeline/trainer.py's stop handling; every script's --signal
-    directive is checked statically above)."""
-    cases = [("resnet_dp.sh", "mpirun"), ("resnet_pp.sh", "srun")]
-    return [case for case in cases if case[0] in job_scripts()]
+    """Every script, each under one launcher (each run waits 30-60 s for Slurm's warning;
+    the requeue test below gets it under srun for every script too)."""
+    return [(script, TINY_JOBS[script].time_limit_launcher) for script in job_scripts() if script in TINY_JOBS]
 
 
 @pytest.mark.slurm
@@ -336,7 +331,7 @@ def test_time_limit_signal_flushes_metrics(slurm_cluster, tmp_path, script, laun
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [s for s in job_scripts() if s in TINY_JOBS and TINY_JOBS[s].requeue])
+@pytest.mark.parametrize("script", [s for s in job_scripts() if s in TINY_JOBS])
 def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, script):
     """On the warning signal the job checkpoints and requeues itself; the requeued job
     (same id, same directory) resumes from the checkpoint and continues the metrics

@@ -14,10 +14,10 @@ Reductions of float16 and bfloat16 are carried out in float32 (MPI has no
 reduction for them); point-to-point transfers and broadcasts of those dtypes move
 the raw bytes. Unsupported dtypes raise ``TypeError`` naming the dtype.
 
-Debug mode (``MPIPAR_DEBUG=1``, :mod:`mpipar.debug`) compares each collective's
+Debug mode (``MPIPAR_DEBUG=1``, :mod:`mpipar.diagnostics.debug`) compares each collective's
 operation, shape, dtype and sequence number across ranks before MPI sees it, and
 sends a small header ahead of each point-to-point message; a stall watchdog
-(:mod:`mpipar.watchdog`) records which operation this rank waits in. Both act
+(:mod:`mpipar.diagnostics.watchdog`) records which operation this rank waits in. Both act
 through ``debug.hooks``; while both are off every call costs one ``if`` more.
 
 Whether the MPI is CUDA-aware is probed once (``MPIX_Query_cuda_support`` through
@@ -52,7 +52,7 @@ __all__ = [
     "cuda_aware_mpi",
 ]
 
-log = logging.getLogger("mpipar.mpi_tensor")
+log = logging.getLogger("mpipar.comm.mpi_tensor")
 
 _MPI_DATATYPES = {
     torch.float32: MPI.FLOAT,

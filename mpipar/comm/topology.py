@@ -52,10 +52,6 @@ class ProcessGrid:
         self.pipeline_comm = comm.Split(color=self.replica, key=self.stage)
         self.data_comm = comm.Split(color=self.stage, key=self.replica)
 
-    @property
-    def is_first_replica(self) -> bool:
-        return self.replica == 0
-
     def free(self) -> None:
         """Free both sub-communicators. Collective over the parent communicator's ranks."""
         for comm in (self.pipeline_comm, self.data_comm):

@@ -87,6 +87,13 @@ class DataSplits:
     test: ArrayDataset
     description: str
 
+    @property
+    def model_shape(self) -> dict:
+        """``in_channels``, ``num_classes`` and ``image_size``: what a model for this data is built with."""
+        channels, size, _ = self.train.image_shape
+        return {"in_channels": channels, "num_classes": max(self.train.num_classes, self.test.num_classes),
+                "image_size": size}
+
 
 def _open_maybe_gzip(path: Path):
     with open(path, "rb") as f:

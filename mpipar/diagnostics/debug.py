@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpipar.diagnostics.failure import agreed
+
 __all__ = ["MismatchError", "enabled", "set_enabled", "attach_activity", "hooks", "Hooks", "Call", "op_name",
            "comm_members", "watched", "ENV_DEBUG"]
 
@@ -29,9 +31,9 @@ _KEYVAL = MPI.Comm.Create_keyval()  # per-communicator counters live and die wit
 class MismatchError(RuntimeError):
     """Ranks disagree on an MPI operation (caught by debug mode before MPI sees it).
 
-    For a collective it is raised on every rank of the communicator with
-    ``agreed = True`` (printed once); for a Send/Recv pair it is raised on the
-    receiver only, and the failure handler aborts the job.
+    For a collective it is raised on every rank of the communicator as
+    ``agreed(MismatchError)`` (an AgreedError: printed once); for a Send/Recv pair
+    it is raised on the receiver only, and the failure handler aborts the job.
     """
 
 
@@ -312,11 +314,9 @@ def _check_collective(comm: MPI.Intracomm, fingerprint: tuple) -> None:
     for rank, p in enumerate(prints):
         groups.setdefault(p, []).append(rank)
     shown = "; ".join(f"{_ranks(ranks)}: {_describe(p)}" for p, ranks in groups.items())
-    error = MismatchError(
+    raise agreed(MismatchError)(
         f"debug mode: ranks disagree on an MPI collective: {shown}. Hint: every rank must make the same "
         f"collective calls in the same order with the same shapes, dtypes and root/op")
-    error.agreed = True
-    raise error
 
 
 def _describe(fingerprint: tuple) -> str:

@@ -5,21 +5,79 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
+from typing import Any, Dict, Tuple, Type
 
 from mpi4py import MPI
 
-__all__ = ["abort_on_exception", "EXIT_AGREED_ERROR", "FaultInjection"]
+__all__ = ["AgreedError", "agreed", "plain_type", "abort_on_exception", "EXIT_AGREED_ERROR", "FaultInjection"]
 
 EXIT_AGREED_ERROR = 2
+
+
+class AgreedError(Exception):
+    """Marks an error raised identically on every rank of the job (after a collective check).
+
+    :func:`abort_on_exception` prints such an error once (rank 0) and exits every
+    rank with status 2 instead of aborting the job. Raise a subclass: a static one
+    (``class NonFiniteLossError(AgreedError, FloatingPointError)``) or
+    ``agreed(ValueError)(message)``, which is still caught as a ValueError.
+    """
+
+
+_AGREED: Dict[type, Type[AgreedError]] = {}
+_AGREED_LOCK = threading.Lock()
+
+
+def agreed(base: Type[BaseException]) -> Type[AgreedError]:
+    """The exception class that is both ``base`` and :class:`AgreedError`; cached, one per base.
+
+    It has ``base``'s name, qualified name and module, so messages and tracebacks
+    still say e.g. ``ValueError: ...``; instances pickle (the class itself does not).
+
+    Args:
+        base: an exception class; an AgreedError subclass is returned unchanged.
+
+    Returns:
+        A subclass of ``AgreedError`` and ``base``, e.g. ``agreed(ValueError)("bad size")``.
+
+    Raises:
+        TypeError: when ``base`` cannot be subclassed.
+    """
+    if issubclass(base, AgreedError):
+        return base
+    with _AGREED_LOCK:
+        cls = _AGREED.get(base)
+        if cls is None:
+            cls = type(base.__name__, (AgreedError, base), {
+                "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+                "_agreed_base": base, "__reduce__": _reduce})
+            _AGREED[base] = cls
+        return cls
+
+
+def plain_type(exc: BaseException) -> type:
+    """``exc``'s type without the :func:`agreed` wrapper: ``ValueError`` for ``agreed(ValueError)(...)``."""
+    return getattr(type(exc), "_agreed_base", type(exc))
+
+
+def _reduce(self: BaseException) -> Tuple[Any, ...]:
+    base = plain_type(self)
+    _, args, *state = base.__reduce__(self)  # the base's arguments (OSError adds its filename)
+    return (_rebuild, (base, args), *state)
+
+
+def _rebuild(base: Type[BaseException], args: tuple) -> BaseException:
+    return agreed(base)(*args)
 
 
 def abort_on_exception(comm: MPI.Intracomm) -> None:
     """Install a ``sys.excepthook`` that ends the job instead of letting it hang.
 
-    * An error raised identically on every rank (``error.agreed``, set by
-      :mod:`mpipar.agree` checks) is printed by rank 0 only, as one line, and every
-      rank exits with status 2.
+    * An error raised identically on every rank (an :class:`AgreedError`, raised by
+      :mod:`mpipar.diagnostics.agree` checks) is printed by rank 0 only, as one line,
+      and every rank exits with status 2.
     * Any other unhandled exception is printed with its traceback, prefixed by the
       failing rank, then ``comm.Abort(1)`` stops all ranks within seconds (a rank
       waiting in a collective would otherwise wait forever).
@@ -31,7 +89,7 @@ def abort_on_exception(comm: MPI.Intracomm) -> None:
         if exc_type is KeyboardInterrupt and size == 1:
             sys.__excepthook__(exc_type, exc, tb)
             return
-        if getattr(exc, "agreed", False):
+        if isinstance(exc, AgreedError):
             if rank == 0:
                 sys.stderr.write(f"mpipar: error: {exc_type.__name__}: {exc}\n")
                 sys.stderr.flush()

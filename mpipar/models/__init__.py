@@ -2,4 +2,11 @@
 
 from mpipar.models.zoo import BasicBlock, Bottleneck, mlp, resnet, resnet18, resnet50, resnet_small
 
-__all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp"]
+__all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp", "IMAGE_MODELS"]
+
+IMAGE_MODELS = {
+    "resnet-small": resnet_small,  # 8 layers, 78k parameters: CPUs
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+}
+"""The image classifiers the jobs offer as ``--model``: ``name -> f(in_channels, num_classes, image_size)``."""

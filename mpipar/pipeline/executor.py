@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from mpi4py import MPI
@@ -13,12 +13,14 @@ from torch import nn
 
 from mpipar.comm import mpi_tensor
 from mpipar.diagnostics import debug
-from mpipar.diagnostics.agree import agree_on, collective_check
+from mpipar.diagnostics.agree import agree_on, collective_check, gather_checked
+from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.microbatch import check_microbatches
 from mpipar.pipeline.placement import Placement
 from mpipar.pipeline.schedule import (
     Backward,
     Forward,
+    Instruction,
     RecvActivation,
     RecvGrad,
     Schedule,
@@ -61,6 +63,23 @@ class StepResult:
     bytes_sent: int = 0
 
 
+@dataclass
+class _RunState:
+    """What the instruction handlers of one step (or evaluation) share on this rank."""
+
+    clock: StepClock
+    train: bool
+    microbatches: int
+    chunks: Optional[List[torch.Tensor]]
+    target_chunks: Optional[List[torch.Tensor]]
+    last_backward: Dict[int, Backward]  # stage -> its last backward in the program
+    before_last_backward: Optional[Callable[[nn.Module], None]]
+    received: Dict[Instruction, torch.Tensor] = field(default_factory=dict)
+    outgoing: Dict[Instruction, torch.Tensor] = field(default_factory=dict)
+    sends: List[mpi_tensor.PendingOp] = field(default_factory=list)
+    bytes_sent: int = 0
+
+
 def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
     if placement is None:
         return Placement.even(len(module), size)
@@ -69,26 +88,6 @@ def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
     if isinstance(placement, Mapping):
         return Placement.from_names([name for name, _ in module.named_children()], placement)
     return Placement(tuple(placement))
-
-
-def _gather_checked(comm: MPI.Intracomm, check: Callable[[], object], what: str) -> List[object]:
-    """Like ``collective_check`` but returns every rank's result (one allgather)."""
-    try:
-        reply = (None, check())
-    except Exception as exc:  # noqa: BLE001 - reported on every rank below
-        reply = ((type(exc), f"{exc} [rank {comm.Get_rank()}]"), None)
-    with debug.watched(comm, "allgather", detail=what):
-        replies = comm.allgather(reply)
-    failures = [failure for failure, _ in replies if failure is not None]
-    if failures:
-        kind, message = failures[0]
-        if len(failures) > 1:
-            message += f" (and {len(failures) - 1} more rank(s) failed)"
-        error = kind(f"{what}: {message}") if kind in (ValueError, TypeError, RuntimeError) else \
-            RuntimeError(f"{what}: {kind.__name__}: {message}")
-        error.agreed = True
-        raise error
-    return [result for _, result in replies]
 
 
 class Pipeline:
@@ -160,6 +159,10 @@ class Pipeline:
         self._spec_tables: Dict[tuple, tuple] = {}  # (input spec, train) -> (stage inputs, stage outputs)
         self._input_specs: Dict[int, TensorSpec] = {}
         self._output_specs: Dict[int, TensorSpec] = {}
+        self._handlers: Dict[type, Callable[[Instruction, _RunState], None]] = {
+            RecvActivation: self._receive, RecvGrad: self._receive,
+            SendActivation: self._send, SendGrad: self._send,
+            Forward: self._forward, Backward: self._backward}
 
     # -- roles ----------------------------------------------------------------------
 
@@ -225,7 +228,7 @@ class Pipeline:
         return report
 
     def _agree_batch(self, inputs, targets, train: bool, microbatches: int) -> None:
-        reports = _gather_checked(self.comm, lambda: self._check_batch(inputs, targets, train, microbatches),
+        reports = gather_checked(self.comm, lambda: self._check_batch(inputs, targets, train, microbatches),
                                   "pipeline batch")
         first, last = reports[self.stage_ranks[0]], reports[self.last_stage_rank]
         counts = [report["microbatches"] for report in reports]
@@ -236,9 +239,7 @@ class Pipeline:
             problem = (f"{first['batch']} inputs on rank {self.stage_ranks[0]} but {last['target_batch']} "
                        f"targets on rank {self.last_stage_rank}")
         if problem:
-            error = ValueError(f"pipeline batch: {problem}")
-            error.agreed = True
-            raise error
+            raise agreed(ValueError)(f"pipeline batch: {problem}")
         key = (first["spec"], train)
         if key not in self._spec_tables:
             self._agree_shapes(first["spec"], train)
@@ -275,7 +276,7 @@ class Pipeline:
             if error is not None:
                 raise error
 
-        _gather_checked(self.comm, raise_local, "pipeline activation shapes")
+        gather_checked(self.comm, raise_local, "pipeline activation shapes")
 
     # -- running --------------------------------------------------------------------
 
@@ -306,52 +307,17 @@ class Pipeline:
             stage.peak_in_flight = 0
         self._agree_batch(inputs, targets, train, microbatches)  # waiting for other ranks: idle
         program = self._program(train, microbatches)
-        chunks = list(inputs.chunk(microbatches)) if self.holds_first_stage else None
-        target_chunks = list(targets.chunk(microbatches)) if isinstance(targets, torch.Tensor) and \
-            self.holds_last_stage else None
-        comm, sends, received, outgoing, bytes_sent = self.comm, [], {}, {}, 0
-        last_backward = {instruction.stage: position for position, instruction in enumerate(program)
-                         if isinstance(instruction, Backward)}
-        for position, instruction in enumerate(program):
-            index, i = instruction.stage, instruction.microbatch
-            stage = self.stages[index]
-            if isinstance(instruction, (RecvActivation, RecvGrad)):
-                grad = isinstance(instruction, RecvGrad)
-                source = self.stage_ranks[index + 1 if grad else index - 1]
-                tag = self._tag(index if grad else index - 1, grad, i, microbatches)
-                buffer = (self._output_specs if grad else self._input_specs)[index].empty(stage.device)
-                with debug.watched(comm, "recv", peer=source, tag=tag, detail=(
-                        f"{'gradient' if grad else 'activation'} of micro-batch {i} for stage {index}")):
-                    comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
-                with clock.communicating():
-                    received[instruction] = mpi_tensor.recv_(buffer, comm, source, tag)
-            elif isinstance(instruction, (SendActivation, SendGrad)):
-                grad = isinstance(instruction, SendGrad)
-                dest = self.stage_ranks[index - 1 if grad else index + 1]
-                tag = self._tag(index - 1 if grad else index, grad, i, microbatches)
-                tensor = outgoing.pop(instruction)
-                bytes_sent += tensor.numel() * tensor.element_size()
-                with clock.communicating():
-                    sends.append(mpi_tensor.isend(tensor, comm, dest, tag))
-            elif isinstance(instruction, Forward):
-                x = chunks[i] if stage.is_first else received.pop(RecvActivation(index, i))
-                begin = time.perf_counter()
-                y = stage.forward(i, x, train=train, target=target_chunks[i] if target_chunks else None,
-                                  loss_fn=self.loss_fn, scale=1.0 / microbatches)
-                stage.forward_busy += time.perf_counter() - begin
-                if not stage.is_last:
-                    outgoing[SendActivation(index, i)] = y.detach()
-            elif isinstance(instruction, Backward):
-                grad_output = None if stage.is_last else received.pop(RecvGrad(index, i))
-                if before_last_backward is not None and position == last_backward[index]:
-                    before_last_backward(stage.module)
-                begin = time.perf_counter()
-                grad_input = stage.backward(i, grad_output)
-                stage.backward_busy += time.perf_counter() - begin
-                if not stage.is_first:
-                    outgoing[SendGrad(index, i)] = grad_input
+        run = _RunState(
+            clock=clock, train=train, microbatches=microbatches, before_last_backward=before_last_backward,
+            chunks=list(inputs.chunk(microbatches)) if self.holds_first_stage else None,
+            target_chunks=list(targets.chunk(microbatches)) if isinstance(targets, torch.Tensor) and
+            self.holds_last_stage else None,
+            last_backward={instruction.stage: instruction for instruction in program
+                           if isinstance(instruction, Backward)})
+        for instruction in program:
+            self._handlers[type(instruction)](instruction, run)
         with clock.communicating():
-            mpi_tensor.wait_all(sends)
+            mpi_tensor.wait_all(run.sends)
         loss = self._broadcast_loss()  # waits for the last stage to finish: idle
         clock.busy = sum(stage.busy for stage in self.stages.values())
         outputs = self.stages[self.num_stages - 1].gathered_outputs() if self.holds_last_stage else None
@@ -361,7 +327,58 @@ class Pipeline:
             stage_times={index: (stage.forward_busy, stage.backward_busy) for index, stage in self.stages.items()},
             peak_in_flight={index: stage.peak_in_flight for index, stage in self.stages.items()},
             activation_bytes=sum(s.peak_in_flight * s.saved_bytes for s in self.stages.values()),
-            bytes_sent=bytes_sent)
+            bytes_sent=run.bytes_sent)
+
+    # -- instructions (one handler per instruction type, see _handlers) -------------
+
+    def _peer_and_tag(self, instruction: Instruction, microbatches: int) -> Tuple[int, int]:
+        """The rank on the other end of a send or receive, and the message's tag."""
+        grad = isinstance(instruction, (RecvGrad, SendGrad))
+        upstream = isinstance(instruction, (RecvActivation, SendGrad))  # the peer holds stage - 1
+        peer_stage = instruction.stage - 1 if upstream else instruction.stage + 1
+        boundary = min(instruction.stage, peer_stage)
+        return self.stage_ranks[peer_stage], self._tag(boundary, grad, instruction.microbatch, microbatches)
+
+    def _receive(self, instruction: Union[RecvActivation, RecvGrad], run: _RunState) -> None:
+        index, i = instruction.stage, instruction.microbatch
+        grad = isinstance(instruction, RecvGrad)
+        source, tag = self._peer_and_tag(instruction, run.microbatches)
+        buffer = (self._output_specs if grad else self._input_specs)[index].empty(self.stages[index].device)
+        with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
+                f"{'gradient' if grad else 'activation'} of micro-batch {i} for stage {index}")):
+            self.comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
+        with run.clock.communicating():
+            run.received[instruction] = mpi_tensor.recv_(buffer, self.comm, source, tag)
+
+    def _send(self, instruction: Union[SendActivation, SendGrad], run: _RunState) -> None:
+        dest, tag = self._peer_and_tag(instruction, run.microbatches)
+        tensor = run.outgoing.pop(instruction)
+        run.bytes_sent += tensor.numel() * tensor.element_size()
+        with run.clock.communicating():
+            run.sends.append(mpi_tensor.isend(tensor, self.comm, dest, tag))
+
+    def _forward(self, instruction: Forward, run: _RunState) -> None:
+        index, i = instruction.stage, instruction.microbatch
+        stage = self.stages[index]
+        x = run.chunks[i] if stage.is_first else run.received.pop(RecvActivation(index, i))
+        begin = time.perf_counter()
+        y = stage.forward(i, x, train=run.train, target=run.target_chunks[i] if run.target_chunks else None,
+                          loss_fn=self.loss_fn, scale=1.0 / run.microbatches)
+        stage.forward_busy += time.perf_counter() - begin
+        if not stage.is_last:
+            run.outgoing[SendActivation(index, i)] = y.detach()
+
+    def _backward(self, instruction: Backward, run: _RunState) -> None:
+        index, i = instruction.stage, instruction.microbatch
+        stage = self.stages[index]
+        grad_output = None if stage.is_last else run.received.pop(RecvGrad(index, i))
+        if run.before_last_backward is not None and instruction == run.last_backward[index]:
+            run.before_last_backward(stage.module)
+        begin = time.perf_counter()
+        grad_input = stage.backward(i, grad_output)
+        stage.backward_busy += time.perf_counter() - begin
+        if not stage.is_first:
+            run.outgoing[SendGrad(index, i)] = grad_input
 
     def _broadcast_loss(self) -> float:
         value = torch.full((1,), math.nan, dtype=torch.float64)

@@ -11,7 +11,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpipar.diagnostics import debug
+from mpipar.diagnostics import collectives
+from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.placement import even_balance
 
 __all__ = ["LayerProfile", "profile_layers", "balance_by_time", "stage_sums", "auto_balance",
@@ -156,12 +157,9 @@ def auto_balance(module: nn.Sequential, sample: Optional[torch.Tensor], stages: 
             reply = (balance_by_time([p.time for p in profiles], stages), profiles, None)
         except Exception as exc:  # noqa: BLE001 - sent to every rank below
             reply = (None, None, f"{type(exc).__name__}: {exc}")
-    with debug.watched(comm, "bcast", detail="automatic balance"):
-        balance, profiles, error = comm.bcast(reply, root=root)
+    balance, profiles, error = collectives.bcast(comm, reply, "automatic balance", root=root)
     if error is not None:
-        failure = ValueError(f"automatic balance on rank {root} failed: {error}")
-        failure.agreed = True
-        raise failure
+        raise agreed(ValueError)(f"automatic balance on rank {root} failed: {error}")
     return balance, profiles
 
 
@@ -171,8 +169,7 @@ def gather_stage_times(comm: MPI.Intracomm, stage_busy: Dict[int, float], num_st
     Collective (one allgather); every rank gets the list.
     """
     times = [0.0] * num_stages
-    with debug.watched(comm, "allgather", detail="stage times"):
-        gathered = comm.allgather(dict(stage_busy))
+    gathered = collectives.allgather(comm, dict(stage_busy), "stage times")
     for busy in gathered:
         for stage, seconds in busy.items():
             times[stage] += seconds

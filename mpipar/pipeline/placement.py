@@ -153,7 +153,7 @@ class Placement:
             raise ValueError(
                 f"rank(s) {idle} of {world_size} hold no layer; run with {self.num_ranks} "
                 f"processes, place layers on every rank, or split the communicator "
-                f"(mpipar.topology.ProcessGrid)")
+                f"(mpipar.comm.topology.ProcessGrid)")
 
     def __str__(self) -> str:
         parts = [f"{s.start}" if s.stop - s.start == 1 else f"{s.start}-{s.stop - 1}"

@@ -18,16 +18,17 @@ Schedules:
 
 ``Schedule.ticks()`` places every compute step on a unit-time clock (each forward or
 backward takes one tick and starts as soon as its stage is free and its input has
-been produced). ``rank_program`` merges the streams of the stages a rank owns in
-clock order; because every receive is matched by a send at an earlier tick, a rank
-that posts its sends without blocking (``isend``) can never deadlock.
+been produced); ``placement_bubble`` runs the same simulator with one worker per rank
+and given step times. ``rank_program`` merges the streams of the stages a rank owns
+in clock order; because every receive is matched by a send at an earlier tick, a
+rank that posts its sends without blocking (``isend``) can never deadlock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "Instruction",
@@ -118,6 +119,44 @@ def _compute_order(name: str, stages: int, microbatches: int, stage: int) -> Lis
     return order
 
 
+def _depends_on(step: Instruction, stages: int) -> Tuple[Instruction, ...]:
+    """The compute steps whose results ``step`` consumes (its data dependencies)."""
+    s, i = step.stage, step.microbatch
+    if isinstance(step, Forward):
+        return (Forward(s - 1, i),) if s > 0 else ()
+    return (Backward(s + 1, i),) if s < stages - 1 else (Forward(s, i),)
+
+
+def _simulate(streams: Sequence[Sequence[Instruction]], stages: int, duration: Callable[[Instruction], float],
+              stuck: str) -> Dict[Instruction, Tuple[float, float]]:
+    """(start, finish) of every compute step when each worker runs its stream in order.
+
+    A worker (a stage, or a rank holding several stages) runs one step at a time;
+    a step starts once its worker is free and its inputs have finished, and lasts
+    ``duration(step)``. Communication is free. The result is in the order the steps
+    were placed. Raises ``RuntimeError(stuck)`` when no worker can go on (a cycle).
+    """
+    spans: Dict[Instruction, Tuple[float, float]] = {}
+    position = [0] * len(streams)
+    free_at = [0] * len(streams)
+    while any(position[w] < len(stream) for w, stream in enumerate(streams)):
+        progressed = False
+        for w, stream in enumerate(streams):
+            if position[w] == len(stream):
+                continue
+            step = stream[position[w]]
+            needs = _depends_on(step, stages)
+            if all(need in spans for need in needs):
+                start = max([free_at[w]] + [spans[need][1] for need in needs])
+                free_at[w] = start + duration(step)
+                spans[step] = (start, free_at[w])
+                position[w] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(stuck)
+    return spans
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The order of forward and backward steps of every stage.
@@ -152,18 +191,23 @@ class Schedule:
             raise ValueError(f"stage {stage} out of range for {self.stages} stages")
         return _compute_order(self.name, self.stages, self.microbatches, stage)
 
+    def _compute_steps(self, stage: int) -> List[Instruction]:
+        """``compute_order(stage)`` as ``Forward`` / ``Backward`` instructions."""
+        return [Forward(stage, i) if kind == "F" else Backward(stage, i) for kind, i in self.compute_order(stage)]
+
     def steps(self, stage: int) -> List[List[Instruction]]:
         """The instructions of ``stage`` grouped by compute step (receive, compute, send)."""
         first, last = stage == 0, stage == self.stages - 1
         groups = []
-        for kind, microbatch in self.compute_order(stage):
-            if kind == "F":
+        for step in self._compute_steps(stage):
+            microbatch = step.microbatch
+            if isinstance(step, Forward):
                 group = [] if first else [RecvActivation(stage, microbatch)]
-                group.append(Forward(stage, microbatch))
+                group.append(step)
                 group += [] if last else [SendActivation(stage, microbatch)]
             else:
                 group = [] if last else [RecvGrad(stage, microbatch)]
-                group.append(Backward(stage, microbatch))
+                group.append(step)
                 group += [] if first else [SendGrad(stage, microbatch)]
             groups.append(group)
         return groups
@@ -173,34 +217,15 @@ class Schedule:
         return [instruction for group in self.steps(stage) for instruction in group]
 
     @cached_property
-    def _ticks(self) -> Dict[Tuple[str, int, int], int]:
-        orders = [self.compute_order(s) for s in range(self.stages)]
-        done: Dict[Tuple[str, int, int], int] = {}  # (kind, stage, microbatch) -> tick
-        position = [0] * self.stages
-        free_at = [0] * self.stages
-        while any(position[s] < len(orders[s]) for s in range(self.stages)):
-            progressed = False
-            for s in range(self.stages):
-                if position[s] == len(orders[s]):
-                    continue
-                kind, i = orders[s][position[s]]
-                if kind == "F":
-                    needs = [("F", s - 1, i)] if s > 0 else []
-                else:
-                    needs = [("B", s + 1, i)] if s < self.stages - 1 else [("F", s, i)]
-                if all(need in done for need in needs):
-                    start = max([free_at[s]] + [done[need] + 1 for need in needs])
-                    done[(kind, s, i)] = start
-                    free_at[s] = start + 1
-                    position[s] += 1
-                    progressed = True
-            if not progressed:  # cannot happen for the schedules above
-                raise RuntimeError(f"schedule {self.name} has a dependency cycle")
-        return done
+    def _ticks(self) -> Dict[Instruction, int]:
+        """Start tick of every compute step, one stage per worker, every step one tick."""
+        streams = [self._compute_steps(s) for s in range(self.stages)]
+        spans = _simulate(streams, self.stages, lambda step: 1, f"schedule {self.name} has a dependency cycle")
+        return {step: start for step, (start, _) in spans.items()}
 
     def ticks(self, stage: int) -> List[int]:
         """The unit-time clock tick of each step of ``compute_order(stage)``."""
-        return [self._ticks[(kind, stage, i)] for kind, i in self.compute_order(stage)]
+        return [self._ticks[step] for step in self._compute_steps(stage)]
 
     @property
     def length(self) -> int:
@@ -212,8 +237,8 @@ class Schedule:
         rows = []
         for s in range(self.stages):
             cells = ["."] * self.length
-            for (kind, i), tick in zip(self.compute_order(s), self.ticks(s)):
-                cells[tick] = f"{kind}{i}"
+            for step in self._compute_steps(s):
+                cells[self._ticks[step]] = str(step)
             width = max(len(c) for c in cells)
             rows.append(" ".join(c.ljust(width) for c in cells).rstrip())
         return "\n".join(rows)
@@ -279,33 +304,15 @@ def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
         stage_times = [(1.0, 1.0)] * schedule.stages
     if len(stage_times) != schedule.stages or any(t < 0 for pair in stage_times for t in pair):
         raise ValueError(f"need (forward, backward) times >= 0 for {schedule.stages} stages, got {stage_times}")
+
+    def duration(step: Instruction) -> float:
+        forward, backward = stage_times[step.stage]
+        return backward if isinstance(step, Backward) else forward
+
     ranks = sorted(set(stage_ranks))
-    programs = {r: [i for i in rank_program(schedule, stage_ranks, r) if isinstance(i, (Forward, Backward))]
-                for r in ranks}
-    finish: Dict[Tuple[str, int, int], float] = {}
-    position = {r: 0 for r in ranks}
-    free_at = {r: 0.0 for r in ranks}
-    work = 0.0
-    last = schedule.stages - 1
-    while any(position[r] < len(programs[r]) for r in ranks):
-        progressed = False
-        for r in ranks:
-            if position[r] == len(programs[r]):
-                continue
-            step = programs[r][position[r]]
-            s, i = step.stage, step.microbatch
-            if isinstance(step, Forward):
-                needs = [("F", s - 1, i)] if s > 0 else []
-            else:
-                needs = [("B", s + 1, i)] if s < last else [("F", s, i)]
-            if all(need in finish for need in needs):
-                duration = stage_times[s][0 if isinstance(step, Forward) else 1]
-                start = max([free_at[r]] + [finish[need] for need in needs])
-                finish[(step.code, s, i)] = free_at[r] = start + duration
-                work += duration
-                position[r] += 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"{schedule} deadlocks on stage ranks {tuple(stage_ranks)}")
-    makespan = max(finish.values())
+    streams = [[step for step in rank_program(schedule, stage_ranks, r) if isinstance(step, (Forward, Backward))]
+               for r in ranks]
+    spans = _simulate(streams, schedule.stages, duration, f"{schedule} deadlocks on stage ranks {tuple(stage_ranks)}")
+    work = sum(duration(step) for step in spans)
+    makespan = max(finish for _, finish in spans.values())
     return 0.0 if makespan <= 0 else 1.0 - work / (len(ranks) * makespan)

@@ -7,7 +7,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-__all__ = ["StepTimes", "StepClock", "measured_bubble"]
+import numpy as np
+
+__all__ = ["StepTimes", "StepClock", "measured_bubble", "bubble_per_step"]
 
 
 @dataclass(frozen=True)
@@ -28,20 +30,12 @@ class StepTimes:
 
 
 class StepClock:
-    """Accumulates busy and communication time over one step."""
+    """Times one step: ``communicating()`` adds to ``comm``; the caller sets ``busy`` before ``finish()``."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.busy = 0.0
         self.comm = 0.0
-
-    @contextmanager
-    def computing(self) -> Iterator[None]:
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.busy += time.perf_counter() - begin
 
     @contextmanager
     def communicating(self) -> Iterator[None]:
@@ -66,5 +60,22 @@ def measured_bubble(busy: Sequence[float], wall: Sequence[float]) -> float:
     """
     if not busy or len(busy) != len(wall):
         raise ValueError(f"need busy and wall times for the same ranks, got {len(busy)} and {len(wall)}")
-    longest = max(wall)
-    return 0.0 if longest <= 0 else 1.0 - sum(busy) / (len(busy) * longest)
+    return float(bubble_per_step(np.asarray([busy], float), np.asarray([wall], float), len(busy))[0])
+
+
+def bubble_per_step(busy: np.ndarray, wall: np.ndarray, stages: int) -> np.ndarray:
+    """:func:`measured_bubble` of every step, averaged over the pipelines.
+
+    Args:
+        busy, wall: (steps, ranks) seconds per step and rank; ranks ``r*stages ..
+            (r+1)*stages - 1`` form pipeline ``r`` (:class:`~mpipar.comm.topology.ProcessGrid`).
+        stages: ranks per pipeline.
+
+    Returns:
+        (steps,) the bubble of each step, the mean over pipelines.
+    """
+    steps, ranks = busy.shape
+    busy_sum = busy.reshape(steps, ranks // stages, stages).sum(2)
+    longest = wall.reshape(steps, ranks // stages, stages).max(2)
+    per_pipeline = np.where(longest > 0, 1.0 - busy_sum / (stages * np.where(longest > 0, longest, 1.0)), 0.0)
+    return per_pipeline.mean(1)

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpipar.diagnostics import debug
+from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.failure import agreed
 
 __all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run", "FREE_SETTINGS"]
 
@@ -46,17 +47,15 @@ def check_same_run(saved: dict, current: dict, free: Collection[str] = FREE_SETT
         free: settings allowed to differ (threads, logging, output directory...).
 
     Raises:
-        ValueError: (marked ``agreed``: print once) naming every differing setting
+        ValueError: (an ``AgreedError``: printed once) naming every differing setting
             with both values, on one line. Local: call it on every rank with the
             same arguments (e.g. after ``agree_on`` the saved configuration).
     """
     differing = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
                  if k not in free and saved.get(k) != current.get(k)}
     if differing:
-        error = ValueError("the checkpoint was written with other settings: " + ", ".join(
+        raise agreed(ValueError)("the checkpoint was written with other settings: " + ", ".join(
             f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differing.items()) + "; resume with the same flags")
-        error.agreed = True
-        raise error
 
 
 class Checkpointer:
@@ -97,8 +96,8 @@ class Checkpointer:
     def save(self, step: int, state: Dict[str, Any]) -> Path:
         """Write ``state`` as the checkpoint of ``step``; returns its directory. Collective."""
         final = self.directory / f"step-{step:09d}"
-        with debug.watched(self.comm, "bcast", detail="checkpoint name"):
-            tmp_name = self.comm.bcast(f"step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None)
+        proposed = f"step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None
+        tmp_name = collectives.bcast(self.comm, proposed, "checkpoint name")
         tmp = self.directory / tmp_name
 
         def write():
@@ -152,8 +151,7 @@ class Checkpointer:
         if self.rank == 0:
             complete = self._complete()
             newest = str(complete[-1][1]) if complete else None
-        with debug.watched(self.comm, "bcast", detail="latest checkpoint"):
-            newest = self.comm.bcast(newest, root=0)
+        newest = collectives.bcast(self.comm, newest, "latest checkpoint")
         return Path(newest) if newest else None
 
     def load(self, checkpoint: Path) -> Dict[str, Any]:
@@ -168,7 +166,7 @@ class Checkpointer:
                 raise ValueError(f"{checkpoint} was written by {meta['world_size']} ranks, this run has "
                                  f"{self.comm.Get_size()}; resume with {meta['world_size']} ranks, or start a "
                                  f"new run from its weights (mpipar-consolidate)")
-            source = self._file(checkpoint, self.rank if self.per_rank else 0)
+            source = self._file(checkpoint, self.rank if meta["per_rank"] else 0)  # as it was written
             with open(source, "rb") as f:
                 return torch.load(f, weights_only=False)
 

@@ -6,7 +6,7 @@ import argparse
 
 from mpipar.run.config import TrainConfig
 
-__all__ = ["training_parser", "train_config"]
+__all__ = ["training_parser", "train_config", "add_pipeline_flags", "rank_list"]
 
 
 class _RankParser(argparse.ArgumentParser):
@@ -57,6 +57,44 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p.add_argument("--requeue", action="store_true",
                    help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     return p
+
+
+def rank_list(text: str) -> tuple:
+    """``"0,0,1"`` -> ``(0, 0, 1)``: an argparse type for layer counts and placements."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return values
+
+
+def balance_flag(text: str):
+    """``even``, ``auto`` or layers per stage ``N,N,...`` (a tuple)."""
+    return text if text in ("even", "auto") else rank_list(text)
+
+
+def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b", microbatches: int = 4,
+                       placement: str = None, stages: bool = True) -> None:
+    """The flags of the pipeline jobs: ``--schedule``, ``--microbatches``, ``--balance``
+    (or ``--placement`` when ``placement`` gives its default) and ``--stages``.
+    Placements and balances are parsed here, once, into tuples of ints."""
+    parser.add_argument("--schedule", choices=["gpipe", "1f1b", "naive"], default=schedule,
+                        help="gpipe: all forwards then all backwards; 1f1b: bounded in-flight micro-batches; "
+                             "naive: one micro-batch at a time")
+    parser.add_argument("--microbatches", type=int, default=microbatches,
+                        help="micro-batches per batch (must divide it)")
+    if placement is None:
+        parser.add_argument("--balance", type=balance_flag, default="even",
+                            help="even, auto (profiled), or layers per stage N,N,...")
+    else:
+        parser.add_argument("--placement", type=rank_list, default=rank_list(placement),
+                            help=f"the rank of every layer (default {placement})")
+    if stages:
+        parser.add_argument("--stages", type=int, default=0,
+                            help="ranks per pipeline (0: all ranks); the world size / stages pipelines are "
+                                 "data-parallel replicas")
 
 
 def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -> TrainConfig:

@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from mpipar.data.datasets import ArrayDataset
 from mpipar.data.sharding import rank_batches
-from mpipar.diagnostics import debug
+from mpipar.diagnostics import collectives
 
 __all__ = ["evaluate", "EvalResult", "Stopwatch"]
 
@@ -38,8 +38,7 @@ def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
         logits = model(images)
         totals += (F.cross_entropy(logits, labels, reduction="sum").item(),
                    (logits.argmax(1) == labels).sum().item(), len(labels))
-    with debug.watched(comm, "Allreduce", detail="evaluation"):
-        comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    collectives.allreduce_sum(comm, totals, "evaluation")
     model.train(was_training)
     return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
 

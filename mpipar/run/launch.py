@@ -10,6 +10,7 @@ from typing import Callable
 from mpi4py import MPI
 
 from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.failure import agreed
 
 __all__ = ["check_world_size", "threads_per_rank", "prepare_output_dir", "RootPrinter", "StopRequest", "mpi_library",
            "requeue_slurm_job"]
@@ -36,14 +37,12 @@ def check_world_size(comm: MPI.Intracomm, environ=os.environ) -> None:
     size = comm.Get_size()
     if expected is None or int(expected) == size:
         return
-    error = RuntimeError(
+    raise agreed(RuntimeError)(  # every rank sees the same sizes
         f"MPI world size is {size} but the launch asked for {expected} tasks "
         f"(SLURM_NTASKS={environ.get('SLURM_NTASKS')}). Every rank is its own world: the MPI library "
         f"did not connect to the launcher. Launch with 'srun --mpi=pmix' (see 'srun --mpi=list'), or with "
         f"'mpirun -n $SLURM_NTASKS' inside the allocation, using the MPI that mpi4py was built against. "
         f"For a deliberately smaller run inside an allocation set MPIPAR_EXPECTED_WORLD_SIZE={size}.")
-    error.agreed = True  # every rank sees the same sizes
-    raise error
 
 
 def threads_per_rank(comm: MPI.Intracomm, requested: int = 0) -> int:

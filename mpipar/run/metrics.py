@@ -8,10 +8,12 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
 * ``/steps/loss`` (S,): sample-weighted mean loss over ranks; ``/steps/samples`` (S,).
 * ``/steps/{compute_time,comm_time,idle_time,data_time,step_time,bytes_sent,rank_loss,rank_samples}``
   (S, W). ``comm_time`` is time blocked on MPI that is transfer, ``idle_time`` the
-  part that is waiting for other ranks: for a collective every rank waits at least
-  as long as the rank that arrived last, so per step ``comm_time`` = the least wait
-  over ranks and ``idle_time`` = this rank's wait minus that. Strategies that know
-  the split (pipelines) record both directly.
+  part that is waiting for other ranks. Strategies record what they know directly
+  (a pipeline's point-to-point transfers and waits) and the time blocked in
+  collectives as a wait: every rank of a collective waits at least as long as the
+  rank that arrived last, so per step a wait adds the least wait over the ranks
+  that reduce together (``wait_groups``) to ``comm_time`` and this rank's excess
+  over it to ``idle_time``.
 * ``/steps/wall_clock`` (S,): seconds since the start, on rank 0.
 * ``/epochs/{epoch,train_loss,test_loss,test_accuracy,wall_time,last_step}`` (E,).
 
@@ -28,7 +30,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import h5py
 import mpi4py
@@ -37,8 +39,9 @@ import torch
 from mpi4py import MPI
 
 from mpipar import __version__
-from mpipar.diagnostics import debug
+from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.failure import AgreedError
 from mpipar.run.launch import mpi_library
 
 __all__ = ["MetricsWriter", "NonFiniteLossError", "PER_RANK_FIELDS"]
@@ -48,10 +51,8 @@ PER_RANK_FIELDS = ("compute_time", "comm_time", "idle_time", "data_time", "step_
 EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "wall_time", "last_step")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(AgreedError, FloatingPointError):
     """The loss became NaN or Inf; raised on every rank after the metrics are flushed."""
-
-    agreed = True
 
 
 class MetricsWriter:
@@ -73,6 +74,8 @@ class MetricsWriter:
         resume_at_step: with ``resume``, drop rows after this many steps (and epochs
             that ended after it), so a run resumed from a checkpoint of that step
             continues the file with no duplicated or missing steps.
+        wait_groups: the ranks that wait in collectives together (data-parallel
+            groups); default: all ranks of ``comm``.
 
     Raises:
         FileExistsError, PermissionError, OSError: on every rank, before any
@@ -81,7 +84,7 @@ class MetricsWriter:
 
     def __init__(self, path, comm: MPI.Intracomm, *, strategy: str, config: dict,
                  attrs: Optional[dict] = None, flush_every: int = 50, root: int = 0, resume: bool = False,
-                 resume_at_step: Optional[int] = None):
+                 resume_at_step: Optional[int] = None, wait_groups: Optional[List[List[int]]] = None):
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.path = Path(path)
@@ -90,12 +93,14 @@ class MetricsWriter:
         self.is_root = comm.Get_rank() == root
         self.flush_every = flush_every
         self.world_size = comm.Get_size()
+        self.wait_groups = wait_groups or [list(range(self.world_size))]
+        if sorted(rank for group in self.wait_groups for rank in group) != list(range(self.world_size)):
+            raise ValueError(f"wait_groups must hold every rank of the communicator once, got {self.wait_groups}")
         self._start = time.perf_counter()
         self._steps: List[dict] = []
         self._epochs: List[dict] = []
         self.steps_written = 0
-        with debug.watched(comm, "allgather", detail="metrics: host names"):
-            hosts = comm.allgather(MPI.Get_processor_name())
+        hosts = collectives.allgather(comm, MPI.Get_processor_name(), "metrics: host names")
         if self.is_root:
             all_attrs = {
                 "strategy": strategy,
@@ -113,8 +118,7 @@ class MetricsWriter:
             }
         self.steps_written = collective_check(
             comm, lambda: self._create(all_attrs, resume, resume_at_step) if self.is_root else 0, "metrics file")
-        with debug.watched(comm, "bcast", detail="metrics: steps written"):
-            self.steps_written = comm.bcast(self.steps_written, root=root)
+        self.steps_written = collectives.bcast(comm, self.steps_written, "metrics: steps written", root=root)
 
     def _create(self, attrs: dict, resume: bool, resume_at_step: Optional[int]) -> int:
         if self.path.exists() and not resume:
@@ -136,17 +140,21 @@ class MetricsWriter:
 
     # -- recording (local) -----------------------------------------------------------
 
-    def record_step(self, *, loss: float, samples: int, step_time: float, wait_time: float = 0.0,
-                    compute_time: Optional[float] = None, comm_time: Optional[float] = None,
-                    idle_time: Optional[float] = None, data_time: float = 0.0, bytes_sent: float = 0.0,
-                    **extra: float) -> None:
-        """Record this rank's step. ``wait_time`` is split into comm and idle time at
-        the flush unless ``comm_time`` and ``idle_time`` are given. ``compute_time``
-        defaults to ``step_time - data_time - wait``. Extra keywords become further
-        (S, W) datasets."""
-        waited = wait_time if comm_time is None else comm_time + (idle_time or 0.0)
+    def record_step(self, *, loss: float, samples: int, step_time: float, data_time: float = 0.0,
+                    compute_time: Optional[float] = None, comm_time: float = 0.0, idle_time: Optional[float] = None,
+                    wait_time: float = 0.0, bytes_sent: float = 0.0, **extra: float) -> None:
+        """Record this rank's step. Local.
+
+        ``comm_time`` and ``idle_time`` are known transfer and waiting; ``wait_time``
+        (blocked in collectives) is split between them at the flush (see the module
+        docstring). ``compute_time`` None: what the step's time leaves; ``idle_time``
+        None: what is left after compute (0 when compute is None). Extra keywords
+        become further (S, W) datasets."""
+        known = data_time + comm_time + wait_time
         if compute_time is None:
-            compute_time = max(0.0, step_time - data_time - waited)
+            compute_time = max(0.0, step_time - known - (idle_time or 0.0))
+        if idle_time is None:
+            idle_time = max(0.0, step_time - known - compute_time)
         self._steps.append(dict(loss=float(loss), samples=int(samples), step_time=step_time,
                                 wait_time=wait_time, compute_time=compute_time, comm_time=comm_time,
                                 idle_time=idle_time, data_time=data_time, bytes_sent=float(bytes_sent),
@@ -158,10 +166,6 @@ class MetricsWriter:
         self._epochs.append(dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss,
                                  test_accuracy=test_accuracy, wall_time=wall_time,
                                  last_step=self.steps_written + len(self._steps)))
-
-    @property
-    def steps_recorded(self) -> int:
-        return self.steps_written + len(self._steps)
 
     # -- flushing (collective) ---------------------------------------------------------
 
@@ -185,8 +189,7 @@ class MetricsWriter:
         Raises:
             NonFiniteLossError: on every rank, after writing, if a loss was NaN/Inf.
         """
-        with debug.watched(self.comm, "gather", detail="metrics flush"):
-            gathered = self.comm.gather((self._steps, bool(stop)), root=self.root)
+        gathered = collectives.gather(self.comm, (self._steps, bool(stop)), "metrics flush", root=self.root)
         verdict = None
         if self.is_root:
             rows = [steps for steps, _ in gathered]
@@ -194,8 +197,7 @@ class MetricsWriter:
                 counts = [len(r) for r in rows]
                 raise RuntimeError(f"ranks recorded different numbers of steps since the last flush: {counts}")
             verdict = (self._write(rows, self._epochs), any(flag for _, flag in gathered))
-        with debug.watched(self.comm, "bcast", detail="metrics flush"):
-            bad_step, stop_anywhere = self.comm.bcast(verdict, root=self.root)
+        bad_step, stop_anywhere = collectives.bcast(self.comm, verdict, "metrics flush", root=self.root)
         self.steps_written += len(self._steps)
         self._steps, self._epochs = [], []
         if bad_step is not None:
@@ -206,6 +208,27 @@ class MetricsWriter:
     def close(self) -> None:
         """Final flush. Collective."""
         self.flush()
+
+    def write_derived(self, derive: Callable[[Dict[str, np.ndarray]], tuple]) -> dict:
+        """Add what a strategy computes from the whole run (e.g. the pipeline bubble).
+
+        Collective; call after :meth:`close`. On ``root``, ``derive`` gets every
+        ``/steps`` dataset as an array and returns ``(datasets, attrs)``: (S,) or
+        (S, W) arrays stored as ``/steps/<name>`` (replacing earlier ones) and root
+        attributes. Returns ``attrs`` on every rank.
+        """
+        attrs = None
+        if self.is_root:
+            with h5py.File(self.path, "a") as f:
+                steps = {name: data[...] for name, data in f["steps"].items()} if "steps" in f else {}
+                datasets, attrs = derive(steps)
+                for name, values in datasets.items():
+                    if f"steps/{name}" in f:
+                        del f[f"steps/{name}"]
+                    f.create_dataset(f"steps/{name}", data=values)
+                for key, value in attrs.items():
+                    f.attrs[key] = value
+        return collectives.bcast(self.comm, attrs, "metrics: derived values", root=self.root)
 
     def _write(self, gathered: List[List[dict]], epochs: List[dict]):
         n = len(gathered[0])
@@ -222,13 +245,12 @@ class MetricsWriter:
             columns["samples"] = samples.sum(1).astype(np.int64)
             columns["wall_clock"] = np.array([row["wall_clock"] for row in gathered[self.root]])
             columns["rank_loss"], columns["rank_samples"] = losses, samples.astype(np.int64)
-            if all(row["comm_time"] is not None for rows in gathered for row in rows):
-                columns["comm_time"] = per_rank("comm_time")
-                columns["idle_time"] = per_rank("idle_time")
-            else:
-                waits = per_rank("wait_time")
-                columns["comm_time"] = np.repeat(waits.min(1, keepdims=True), self.world_size, axis=1)
-                columns["idle_time"] = waits - columns["comm_time"]
+            waits = per_rank("wait_time")
+            least = np.empty_like(waits)
+            for group in self.wait_groups:
+                least[:, group] = waits[:, group].min(1, keepdims=True)
+            columns["comm_time"] = per_rank("comm_time") + least
+            columns["idle_time"] = per_rank("idle_time") + waits - least
             for key in ("compute_time", "data_time", "step_time", "bytes_sent"):
                 columns[key] = per_rank(key)
             known = {"loss", "samples", "step_time", "wait_time", "compute_time", "comm_time", "idle_time",

@@ -1,0 +1,275 @@
+"""The bucketed, sample-weighted gradient Allreduce shared by every strategy that averages gradients."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpipar.comm import mpi_tensor
+
+__all__ = ["GradientReducer", "CommStats", "average_buffers", "layout_signature"]
+
+
+@dataclass
+class CommStats:
+    """Communication accounting of one rank, accumulated until :meth:`take`.
+
+    ``wait_time``: seconds this rank was blocked waiting on MPI (exposed transfer
+    plus waiting for slower ranks; the metrics file splits the two). ``bytes_sent``:
+    bytes this rank put on the wire, estimated for Allreduce as 2 (p-1)/p of the
+    payload (ring).
+    """
+
+    wait_time: float = 0.0
+    bytes_sent: float = 0.0
+
+    def take(self) -> CommStats:
+        """The totals since the last call; resets them."""
+        taken = CommStats(self.wait_time, self.bytes_sent)
+        self.wait_time = self.bytes_sent = 0.0
+        return taken
+
+
+@dataclass
+class _Bucket:
+    params: List[nn.Parameter]
+    buffer: torch.Tensor
+    views: List[torch.Tensor]
+    ready: set = field(default_factory=set)
+    pending: Optional[mpi_tensor.PendingOp] = None
+
+
+def layout_signature(values: Iterable) -> int:
+    """A small integer fingerprint of ``values`` (e.g. which parameters require grad),
+    compared across ranks inside the step's sample-count Allreduce."""
+    return zlib.crc32(repr(list(values)).encode()) & 0xFFFFF  # 20 bits: its square summed over ranks fits int64
+
+
+class GradientReducer:
+    """Averages the gradients of ``params`` over ``comm``, bucket by bucket, during backward.
+
+    Gradients live in flat per-bucket buffers (``.grad`` are views into them, so
+    nothing is copied when the caller keeps them). Buckets are filled last parameter
+    first (the order backward produces them), one dtype and device per bucket. A
+    step is :meth:`begin` (views installed, the sample counts' non-blocking
+    Allreduce started), :meth:`mark_ready` for each parameter whose gradient is
+    final (a bucket's non-blocking Allreduce starts when it is complete and every
+    earlier bucket has started, so buckets start in the same order on every rank),
+    then :meth:`finish` (the remaining buckets start, everything is waited for).
+    Afterwards ``.grad`` = sum(m_k g_k) / sum(m_k) over the ranks k of ``comm``
+    (m_k: :meth:`begin`'s ``num_samples``; equal weights when None). A parameter
+    that has no gradient on a rank contributes zeros there; one that had none on
+    every rank is left with ``.grad`` None, as in serial training.
+
+    Collective contract: every rank of ``comm`` builds the reducer with parameters
+    of the same shapes and dtypes in the same order (callers agree on it first) and
+    calls :meth:`begin` and :meth:`finish` the same number of times. ``signature``
+    (an int from :func:`layout_signature`) must be equal on every rank: it is
+    checked inside the sample-count Allreduce, and a difference raises ValueError on
+    every rank at the first bucket. Size 1: nothing is communicated; gradients are
+    left as they are.
+
+    Args:
+        params: the parameters to average (each requires grad).
+        comm: the group to average over.
+        bucket_cap_mb: target bucket size in MiB (a bigger parameter has its own bucket).
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0):
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        self.comm = comm
+        self.size = comm.Get_size()
+        self.params = list(params)
+        self.stats = CommStats()
+        self.buckets = self._build(self.params, bucket_cap_mb * 2**20)
+        self._bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket.params}
+        self._first_flag = [sum(len(b.params) for b in self.buckets[:index]) for index in range(len(self.buckets))]
+        self._active = False
+        self._next_launch = 0
+        self._zeroed: set = set()       # parameters whose view begin() zero-filled (no gradient yet)
+        self._counts = torch.zeros(3, dtype=torch.int64)  # samples, signature, signature squared
+        self._counts_request: Optional[mpi_tensor.PendingOp] = None
+        self._samples: Optional[int] = None
+        self._signature = 0
+        self._weight = 1.0 / self.size
+        self._used = torch.zeros(len(self.params), dtype=torch.int32)
+        self._used_request: Optional[mpi_tensor.PendingOp] = None
+        self.launched_early = 0  # buckets started by mark_ready (overlapped with backward), since construction
+
+    @staticmethod
+    def _build(params: List[nn.Parameter], cap: float) -> List[_Bucket]:
+        groups: List[List[nn.Parameter]] = []
+        size = 0
+        for p in reversed(params):
+            nbytes = p.numel() * p.element_size()
+            last = groups[-1] if groups else None
+            if last and size + nbytes <= cap and (p.dtype, p.device) == (last[0].dtype, last[0].device):
+                last.append(p)
+                size += nbytes
+            else:
+                groups.append([p])
+                size = nbytes
+        buckets = []
+        for group in groups:
+            buffer = torch.zeros(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
+            views, offset = [], 0
+            for p in group:
+                views.append(buffer[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            buckets.append(_Bucket(group, buffer, views))
+        return buckets
+
+    @property
+    def active(self) -> bool:
+        """Between :meth:`begin` and :meth:`finish`."""
+        return self._active
+
+    def begin(self, num_samples: Optional[int] = None, signature: int = 0) -> None:
+        """Start a step: every ``.grad`` becomes a view into its bucket (zero-filled when
+        it was None) and the sample counts' non-blocking Allreduce starts. Collective
+        (non-blocking) over ``comm``."""
+        if num_samples is not None and num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self._zeroed.clear()
+        with torch.no_grad():
+            for bucket in self.buckets:
+                for p, view in zip(bucket.params, bucket.views):
+                    if p.grad is None:
+                        view.zero_()
+                        self._zeroed.add(id(p))
+                    elif p.grad.data_ptr() != view.data_ptr():
+                        view.copy_(p.grad)
+                    p.grad = view
+                bucket.ready.clear()
+                bucket.pending = None
+        self._next_launch = 0
+        self._active = True
+        self._samples = num_samples
+        self._signature = signature
+        if self.size == 1:
+            self._weight = 1.0
+            return
+        self._counts[0] = num_samples or 0
+        self._counts[1] = signature
+        self._counts[2] = signature * signature
+        self._counts_request = mpi_tensor.iallreduce_(self._counts, self.comm)
+
+    def mark_ready(self, param: nn.Parameter) -> None:
+        """``param``'s gradient for this step is final. Local; may start bucket Allreduces.
+
+        Raises:
+            RuntimeError: when ``param`` was already marked in this step (its
+                gradient was accumulated twice, after its bucket may have been sent).
+        """
+        bucket = self.buckets[self._bucket_of[id(param)]]
+        if id(param) in bucket.ready:
+            raise RuntimeError(
+                f"a parameter of shape {tuple(param.shape)} received its gradient more than once in one backward "
+                f"(shared across a reentrant activation checkpoint?); its bucket may already have been averaged. "
+                f"Use torch.utils.checkpoint with use_reentrant=False, or do not share the parameter")
+        bucket.ready.add(id(param))
+        self._launch_ready(force=False)
+
+    def _launch_ready(self, force: bool) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if not force and len(bucket.ready) < len(bucket.params):
+                break
+            self._launch(bucket)
+            self.launched_early += not force
+            self._next_launch += 1
+        for bucket in self.buckets[:self._next_launch]:  # let MPI progress (no progress thread assumed)
+            if bucket.pending is not None:
+                bucket.pending.test()
+
+    def _launch(self, bucket: _Bucket) -> None:
+        with torch.no_grad():
+            offset = self._first_flag[self._next_launch]
+            for index, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+                if p.grad is None:          # no gradient since zero_grad(set_to_none=True): contributes zeros
+                    view.zero_()
+                    used = False
+                else:
+                    used = id(p) in bucket.ready or id(p) not in self._zeroed
+                    if p.grad.data_ptr() != view.data_ptr():
+                        view.copy_(p.grad)  # .grad was replaced after begin (zero_grad between forward and backward)
+                p.grad = view
+                self._used[offset + index] = int(used)
+            self._wait_counts()
+            if self.size == 1:
+                return
+            bucket.buffer.mul_(self._weight)
+        bucket.pending = mpi_tensor.iallreduce_(bucket.buffer, self.comm)
+        payload = bucket.buffer.numel() * bucket.buffer.element_size()
+        self.stats.bytes_sent += 2.0 * (self.size - 1) / self.size * payload
+
+    def _wait_counts(self) -> None:
+        if self._counts_request is None:
+            return
+        begin = time.perf_counter()
+        self._counts_request.wait()
+        self.stats.wait_time += time.perf_counter() - begin
+        self._counts_request = None
+        total, signatures, squares = (int(v) for v in self._counts)
+        if self.size * squares != signatures * signatures:  # not all equal (zero variance iff equal)
+            self._active = False
+            raise ValueError("ranks disagree on which parameters require grad (requires_grad was changed on some "
+                             "ranks only); change it the same way on every rank")
+        if self._samples is None:
+            self._weight = 1.0 / self.size
+        elif total <= 0:
+            raise RuntimeError("no rank had samples in this step; nothing to average")
+        else:
+            self._weight = self._samples / total
+
+    def finish(self) -> None:
+        """Start the buckets not started yet and wait for every reduction; then ``.grad``
+        is the weighted mean (None for a parameter no rank had a gradient for).
+        Collective over ``comm``."""
+        if not self._active:
+            return
+        self._launch_ready(force=True)
+        begin = time.perf_counter()
+        if self.size > 1:
+            self._used_request = mpi_tensor.iallreduce_(self._used, self.comm)
+        for bucket in self.buckets:
+            if bucket.pending is not None:
+                bucket.pending.wait()
+                bucket.pending = None
+        if self._used_request is not None:
+            self._used_request.wait()
+            self._used_request = None
+        self.stats.wait_time += time.perf_counter() - begin
+        self._active = False
+        flat = [p for bucket in self.buckets for p in bucket.params]
+        for p, used in zip(flat, self._used.tolist()):
+            if not used:
+                p.grad = None
+
+    def abandon(self) -> None:
+        """Forget a step whose backward never ran (a forward without backward). Local,
+        except that it completes the sample-count Allreduce :meth:`begin` started."""
+        if self._counts_request is not None:
+            self._counts_request.wait()
+            self._counts_request = None
+        self._active = False
+
+
+def average_buffers(module: nn.Module, comm: MPI.Intracomm) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ``comm``;
+    other buffers are taken from rank 0. Collective over ``comm``."""
+    size = comm.Get_size()
+    with torch.no_grad():
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                mpi_tensor.allreduce_(buffer, comm)
+                buffer.div_(size)
+            else:
+                mpi_tensor.bcast_(buffer, comm, 0)

@@ -1,0 +1,74 @@
+"""Data parallelism as a strategy of the training loop: every rank a replica, gradients averaged by DataParallel."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from mpipar.data.datasets import ArrayDataset
+from mpipar.data_parallel.wrapper import DataParallel
+from mpipar.run.evaluate import EvalResult, evaluate
+from mpipar.run.metrics import MetricsWriter
+from mpipar.run.strategy import StepRecord
+
+__all__ = ["DataParallelStrategy"]
+
+
+class DataParallelStrategy:
+    """Synchronous data parallelism over ``comm`` for :func:`mpipar.run.loop.train`.
+
+    Each rank holds the whole model and takes its share of every global batch;
+    :class:`DataParallel` averages gradients (sample-weighted) during backward.
+    Checkpoints are rank 0's model plus every rank's buffers (replicas' BatchNorm
+    statistics differ between epoch ends; storing them all means saving never
+    changes the run). Collective over ``comm``, like the loop.
+    """
+
+    name = "data_parallel"
+    full_steps_only = False
+    checkpoint_per_rank = False
+
+    def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0):
+        self.model = model
+        self.comm = comm
+        self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb)
+        self.replicas, self.replica = comm.Get_size(), comm.Get_rank()
+        self.wait_groups = [list(range(comm.Get_size()))]
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.metrics_attrs = {"parameters": self.parameter_count}
+
+    def parameters(self):
+        return list(self.model.parameters())
+
+    def describe(self) -> str:
+        return f"{self.parameter_count:,} parameters, a replica on every rank"
+
+    def needs_batch(self) -> bool:
+        return True
+
+    def train_step(self, batch) -> StepRecord:
+        images, labels = batch
+        loss = F.cross_entropy(self.dp(images), labels)
+        loss.backward()
+        stats = self.dp.stats.take()
+        return StepRecord(loss=loss.item(), samples=len(labels), wait_time=stats.wait_time,
+                          bytes_sent=stats.bytes_sent)
+
+    def end_epoch(self) -> None:
+        self.dp.sync_buffers()
+
+    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+        return evaluate(self.model, dataset, self.comm)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "rank_buffers": self.dp.gather_buffers()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.dp.load_rank_buffers(state["rank_buffers"])  # each rank's own BatchNorm statistics
+
+    def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
+        """Nothing to add to the metrics file."""

@@ -1,0 +1,50 @@
+"""How a pipeline job splits and schedules its model: a frozen, validated dataclass with typed fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+from mpipar.pipeline.schedule import SCHEDULES
+
+__all__ = ["PipelineConfig", "TRAIN_SCHEDULES"]
+
+TRAIN_SCHEDULES = ("gpipe", "1f1b", "naive")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the model is split and scheduled. Raises ValueError naming the bad flag.
+
+    Attributes:
+        schedule: one of :data:`TRAIN_SCHEDULES`.
+        microbatches: micro-batches per batch (must divide the batch).
+        stages: ranks per pipeline; the data-parallel degree is the world size divided by it.
+        balance: ``"even"`` (by layer count), ``"auto"`` (profiled) or layers per stage.
+        placement: a rank per layer (may be non-contiguous); overrides ``balance``.
+    """
+
+    schedule: str = "1f1b"
+    microbatches: int = 4
+    stages: int = 2
+    balance: Union[str, Tuple[int, ...]] = "even"
+    placement: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.schedule not in TRAIN_SCHEDULES or self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {list(TRAIN_SCHEDULES)}, got {self.schedule!r}")
+        if self.microbatches < 1 or self.stages < 1:
+            raise ValueError(f"--microbatches and --stages must be >= 1, got {self.microbatches}, {self.stages}")
+        if isinstance(self.balance, str):
+            if self.balance not in ("even", "auto"):
+                raise ValueError(f"--balance must be 'even', 'auto' or layers per stage, got {self.balance!r}")
+        elif len(self.balance) != self.stages or min(self.balance) < 1:
+            raise ValueError(f"--balance must be 'even', 'auto' or {self.stages} positive layer counts "
+                             f"'N,N,...', got {','.join(map(str, self.balance))!r}")
+        if self.placement is not None and sorted(set(self.placement)) != list(range(self.stages)):
+            raise ValueError(f"--placement must give a rank in 0..{self.stages - 1} to every layer and use "
+                             f"each of them, got {','.join(map(str, self.placement))!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

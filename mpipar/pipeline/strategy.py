@@ -1,0 +1,187 @@
+"""Pipelines (layer-partitioned model parallelism, GPipe, 1F1B), replicated over a process grid, as a strategy."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from mpipar.comm.topology import ProcessGrid
+from mpipar.data.datasets import ArrayDataset
+from mpipar.data.sharding import rank_batches
+from mpipar.diagnostics import collectives
+from mpipar.diagnostics.agree import collective_check
+from mpipar.pipeline.config import PipelineConfig
+from mpipar.pipeline.executor import Pipeline
+from mpipar.pipeline.microbatch import check_microbatches
+from mpipar.pipeline.partition import auto_balance, format_report, gather_stage_times, stage_sums
+from mpipar.pipeline.placement import Placement
+from mpipar.pipeline.replicas import ReplicaAverager
+from mpipar.pipeline.schedule import placement_bubble
+from mpipar.pipeline.timing import bubble_per_step
+from mpipar.run.evaluate import EvalResult
+from mpipar.run.metrics import MetricsWriter
+from mpipar.run.strategy import StepRecord
+
+__all__ = ["PipelineStrategy", "choose_placement"]
+
+
+def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Intracomm,
+                     sample: Optional[torch.Tensor], say: Callable[[str], None]) -> tuple:
+    """The placement ``config`` asks for, and the profiled per-layer seconds (``auto`` only).
+
+    Collective over ``comm`` (``auto`` profiles on its rank 0, which must pass
+    ``sample``, and broadcasts, so every replica gets the same placement).
+    """
+    if config.placement is not None:
+        return Placement(config.placement), None
+    if config.balance == "even":
+        return Placement.even(len(model), config.stages), None
+    if config.balance == "auto":
+        balance, profiles = auto_balance(model, sample, config.stages, comm)
+        say(f"auto balance {balance} from per-layer ms {[round(1e3 * p.time, 2) for p in profiles]}")
+        return Placement.from_balance(balance), [p.time for p in profiles]
+    return Placement.from_balance(config.balance), None
+
+
+class PipelineStrategy:
+    """Pipelines of ``config.stages`` ranks, ``world size / stages`` data-parallel replicas.
+
+    Each replica runs the model as a :class:`Pipeline` (its schedule, micro-batches
+    and placement) on its share of every global batch; each pipeline position's
+    gradients are averaged over its replicas by a :class:`ReplicaAverager`, whose
+    Allreduces start during the last micro-batch's backward. Every rank checkpoints
+    its own stages. Collective over ``world``, like the loop.
+
+    Args:
+        world: the job's ranks.
+        model: the whole model (every rank builds it; each keeps its stages).
+        config: split and schedule.
+        batch_size: samples per pipeline per step (checked to split into micro-batches).
+        bucket_mb: gradient bucket size for the replicas' Allreduce.
+        state: the checkpoint being resumed (its placement is kept) or None.
+        sample: a batch of inputs for ``balance="auto"`` profiling (rank 0).
+        say: prints on rank 0.
+    """
+
+    full_steps_only = True
+    checkpoint_per_rank = True
+
+    def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: PipelineConfig, *, batch_size: int,
+                 bucket_mb: float = 25.0, state: Optional[dict] = None, sample: Optional[torch.Tensor] = None,
+                 say: Callable[[str], None] = print):
+        collective_check(world, lambda: check_microbatches(batch_size, config.microbatches),
+                         "--batch-size and --microbatches")
+        self.world, self.model, self.config = world, model, config
+        self.grid = ProcessGrid(world, config.stages)
+        if state is not None:  # the checkpoint's own placement (auto balance could profile another)
+            self.placement, self.predicted = Placement(tuple(state["placement"])), None
+        else:
+            self.placement, self.predicted = choose_placement(model, config, world, sample, say)
+        self.pipe = Pipeline(model, self.grid.pipeline_comm, self.placement, schedule=config.schedule,
+                             microbatches=config.microbatches, loss_fn=F.cross_entropy)
+        self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb)
+        self.name = "pipeline" if self.grid.replicas == 1 else "pipeline_hybrid"
+        self.replicas, self.replica = self.grid.replicas, self.grid.replica
+        stages = config.stages
+        self.wait_groups = [[replica * stages + stage for replica in range(self.replicas)] for stage in range(stages)]
+        self.ideal = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks)
+        self.metrics_attrs = {
+            "parameters": sum(p.numel() for p in model.parameters()), "schedule": config.schedule,
+            "stages": self.pipe.num_stages, "microbatches": config.microbatches, "replicas": self.replicas,
+            "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal}
+        self._stage_seconds: Dict[int, List[float]] = {index: [0.0, 0.0] for index in self.pipe.stages}
+
+    def parameters(self):
+        return list(self.pipe.parameters())
+
+    def describe(self) -> str:
+        return (f"{self.metrics_attrs['parameters']:,} parameters, {len(self.model)} layers; {self.grid}; "
+                f"{self.placement}; {self.pipe.schedule}; ideal bubble {self.ideal:.3f}")
+
+    def needs_batch(self) -> bool:
+        return self.pipe.holds_first_stage or self.pipe.holds_last_stage
+
+    def train_step(self, batch) -> StepRecord:
+        images, labels = batch if batch is not None else (None, None)
+        self.averager.begin_step()  # replicas' gradients are reduced during the last micro-batch's backward
+        result = self.pipe.step(images, labels, before_last_backward=self.averager.stage_finishing)
+        self.averager.average()
+        reduced = self.averager.stats.take()
+        times = result.times
+        for index, (forward, backward) in result.stage_times.items():
+            self._stage_seconds[index][0] += forward
+            self._stage_seconds[index][1] += backward
+        samples = len(labels) if self.pipe.holds_last_stage else 0
+        return StepRecord(
+            loss=result.loss, samples=samples, compute_time=times.busy, comm_time=times.comm,
+            wait_time=reduced.wait_time, bytes_sent=reduced.bytes_sent + result.bytes_sent,
+            extra=dict(pipeline_busy=times.busy, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
+                       max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0))
+
+    def end_epoch(self) -> None:
+        self.averager.sync_buffers(self.pipe.local_module)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ArrayDataset, batch_size: int = 1000) -> EvalResult:
+        """Mean cross-entropy and accuracy over ``dataset``, each replica taking a share.
+        Collective over the world; every rank gets the same result."""
+        was_training = self.model.training
+        self.model.eval()
+        totals = np.zeros(3)
+        for indices in rank_batches(len(dataset), batch_size, self.replicas, self.replica, seed=0, epoch=0,
+                                    shuffle=False):
+            images, labels = dataset.batch(indices)
+            result = self.pipe.evaluate(images, labels, microbatches=math.gcd(len(labels), self.pipe.microbatches))
+            if self.pipe.holds_last_stage:
+                totals += (result.loss * len(labels), (result.outputs.argmax(1) == labels).sum().item(), len(labels))
+        totals = collectives.allreduce_sum(self.world, totals, "evaluation")
+        self.model.train(was_training)
+        return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
+
+    def state_dict(self) -> dict:
+        return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pipe.local_module.load_state_dict(state["model"])
+
+    def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
+        """Write the measured bubble (``/steps/bubble_measured`` and the root attributes
+        ``bubble_measured``, ``bubble_bound``, ``peak_activation_bytes_per_rank``), print the
+        per-stage report and the bubble's parts, and free the grid. Collective over the world."""
+        comm = self.grid.pipeline_comm
+        forward = gather_stage_times(comm, {i: s[0] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)
+        backward = gather_stage_times(comm, {i: s[1] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)
+        bound = float("nan")
+        if steps_run:
+            per_microbatch = steps_run * self.pipe.microbatches
+            stage_times = [(f / per_microbatch, b / per_microbatch) for f, b in zip(forward, backward)]
+            bound = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks, stage_times)
+            if self.predicted is not None:
+                say("per-stage time per micro-batch (replica 0):\n" + format_report(
+                    self.placement.balance(), stage_sums(self.predicted, self.placement.balance()),
+                    [f + b for f, b in stage_times]))
+        stages = self.config.stages
+
+        def bubble(steps: dict) -> tuple:
+            attrs = {"bubble_ideal": self.ideal, "bubble_bound": bound, "bubble_measured": float("nan")}
+            if "pipeline_busy" not in steps:
+                return {}, attrs
+            per_step = bubble_per_step(steps["pipeline_busy"], steps["pipeline_wall"], stages)
+            measured = per_step[1:] if len(per_step) > 1 else per_step  # the first step warms up
+            attrs["bubble_measured"] = float(measured.mean())
+            attrs["peak_activation_bytes_per_rank"] = json.dumps(steps["activation_bytes"].max(0).tolist())
+            return {"bubble_measured": per_step}, attrs
+
+        attrs = metrics.write_derived(bubble)
+        measured = attrs["bubble_measured"]
+        say(f"pipeline bubble: measured {measured:.3f}; ideal {self.ideal:.3f} with equal stages, {bound:.3f} with "
+            f"the measured stage times (the rest, {measured - bound:+.3f}, is communication and overhead)")
+        self.grid.free()

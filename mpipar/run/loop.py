@@ -1,0 +1,157 @@
+"""The one training loop: epochs, optimizer and schedule, checkpoints, stop and requeue, metrics, evaluation."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mpipar import __version__
+from mpipar.data.datasets import DataSplits
+from mpipar.data.sharding import rank_batches, steps_per_epoch
+from mpipar.run.checkpoint import rng_state, set_rng_state
+from mpipar.run.evaluate import Stopwatch
+from mpipar.run.launch import mpi_library, requeue_slurm_job
+from mpipar.run.metrics import MetricsWriter
+from mpipar.run.session import Session
+from mpipar.run.strategy import Strategy
+from mpipar.run.summary import summarize
+
+__all__ = ["train"]
+
+
+def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
+    """Train ``strategy`` on ``splits.train`` for the session's epochs (or ``max_steps``).
+
+    Collective over ``session.comm``. Each step: this rank's share of the global
+    batch (``strategy.replicas`` shards, each ``config.batch_size`` samples; the
+    epoch plan is a pure function of seed and epoch), ``strategy.train_step``, then
+    the optimizer (SGD, Nesterov momentum) and the one-cycle learning-rate schedule.
+    Per step and rank the metrics file gets loss, samples, compute, communication
+    and idle time, bytes sent; per epoch, after ``strategy.end_epoch``, test loss and
+    accuracy.
+
+    Checkpoints (flushing the metrics first) every ``config.checkpoint_every`` steps
+    inside an epoch, at each epoch end and on a stop request: position, partial
+    epoch sums, optimizer, schedule, RNG states, the run's settings and
+    ``strategy.state_dict()``. A stop requested on any rank (Slurm's warning signal)
+    is seen by all at the next metrics flush; they save and stop together, and with
+    ``session.requeue`` rank 0 asks Slurm to requeue the job (not after scancel's
+    SIGTERM). Resuming ``session.state`` gives, on CPU, the bitwise result of the
+    run never interrupted.
+
+    Returns:
+        True when a stop request ended the run early.
+    """
+    comm, config, say = session.comm, session.config, session.say
+    train_set, test_set = splits.train, splits.test
+    batch_size, replicas = config.batch_size, strategy.replicas
+    planned = steps_per_epoch(len(train_set), batch_size, replicas)
+    in_epoch = len(train_set) // (batch_size * replicas) if strategy.full_steps_only else planned
+    total_steps = min(in_epoch * config.epochs, config.max_steps or in_epoch * config.epochs)
+    params = strategy.parameters()
+    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=config.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                      pct_start=0.15)
+    step, start_epoch, skip, loss_sum, seen = 0, 0, 0, 0.0, 0
+    if session.state is not None:
+        state = session.state
+        strategy.load_state_dict(state)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"])
+        step, start_epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
+        loss_sum, seen = state["loss_sum"], state["samples_seen"]
+    metrics = MetricsWriter(session.out / "metrics.h5", comm, strategy=strategy.name, config=session.run_config,
+                            flush_every=config.flush_every, resume=session.resume, resume_at_step=step,
+                            wait_groups=strategy.wait_groups,
+                            attrs={"model": config.model, **strategy.metrics_attrs})
+    say(f"mpipar {__version__}: {strategy.name} on {comm.Get_size()} ranks x {config.threads} threads, "
+        f"{mpi_library()}")
+    say(f"data: {splits.description}")
+    say(f"model: {config.model}; {strategy.describe()}")
+    say(f"{in_epoch} steps/epoch of {batch_size} x {replicas} samples"
+        + (f" (of {planned}; partial steps dropped)" if in_epoch != planned else "")
+        + f"; {total_steps} steps; metrics -> {metrics.path}")
+    if session.state is not None:
+        say(f"resumed from {session.resumed_from} at step {step} (epoch {start_epoch + 1}, step {skip} of it)")
+    session.checkpoints.per_rank = strategy.checkpoint_per_rank
+
+    def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
+        """Flush metrics up to ``step``, then write the checkpoint of ``step``. Collective."""
+        metrics.flush()
+        path = session.checkpoints.save(step, {
+            "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
+            "samples_seen": seen, "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
+            "rng": rng_state(), "config": session.run_config, **strategy.state_dict()})
+        say(f"checkpoint: {path}")
+
+    first_step, run_start = step, time.perf_counter()
+    last_log, stopping = run_start, False
+    for epoch in range(start_epoch, config.epochs):
+        if step >= total_steps and not skip:  # resumed from the final checkpoint: nothing left
+            break
+        epoch_start = time.perf_counter()
+        batches = rank_batches(len(train_set), batch_size, replicas, strategy.replica, seed=config.seed,
+                               epoch=epoch)[:in_epoch]
+        for step_in_epoch in range(skip, len(batches)):
+            if step >= total_steps:
+                break
+            session.fault.maybe_fail(step)
+            session.watchdog.label(epoch=epoch + 1, step=step)
+            clock = Stopwatch()
+            indices = batches[step_in_epoch]
+            batch = train_set.batch(indices) if strategy.needs_batch() else None
+            data_time = clock.lap()
+            optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
+            record = strategy.train_step(batch)
+            update_start = time.perf_counter()
+            optimizer.step()
+            lr_schedule.step()
+            update_time = time.perf_counter() - update_start
+            step_time = data_time + clock.lap()
+            compute_time = None if record.compute_time is None else record.compute_time + update_time
+            metrics.record_step(loss=record.loss, samples=record.samples, step_time=step_time, data_time=data_time,
+                                compute_time=compute_time, comm_time=record.comm_time, idle_time=record.idle_time,
+                                wait_time=record.wait_time, bytes_sent=record.bytes_sent, **record.extra)
+            step += 1
+            loss_sum, seen = loss_sum + record.loss * len(indices), seen + len(indices)
+            if metrics.maybe_flush(stop=session.stop.requested):
+                stopping = True
+                break
+            if config.checkpoint_every and step % config.checkpoint_every == 0 \
+                    and step_in_epoch + 1 < len(batches) and step < total_steps:  # else the epoch end saves
+                save_checkpoint(epoch, step_in_epoch + 1)
+            now = time.perf_counter()
+            if config.log_every and now - last_log >= config.log_every:
+                last_log = now
+                say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {loss_sum / seen:.4f} "
+                    f"{(step - first_step) * batch_size * replicas / (now - run_start):.0f} samples/s")
+        if stopping:  # mid-epoch: the resumed run finishes this epoch, then evaluates it
+            save_checkpoint(epoch, step_in_epoch + 1)
+        else:
+            skip = 0
+            strategy.end_epoch()
+            result = strategy.evaluate(test_set)
+            wall = time.perf_counter() - epoch_start
+            train_loss = loss_sum / max(seen, 1)
+            metrics.record_epoch(epoch=epoch + 1, train_loss=train_loss, test_loss=result.loss,
+                                 test_accuracy=result.accuracy, wall_time=wall)
+            stopping = metrics.flush(stop=session.stop.requested)
+            say(f"epoch {epoch + 1}/{config.epochs} done in {wall:.1f}s: train loss {train_loss:.4f}, "
+                f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
+            loss_sum, seen = 0.0, 0
+            save_checkpoint(epoch + 1, 0)
+        if stopping:
+            why = session.stop.describe() if session.stop.requested else "a stop was requested on another rank"
+            say(f"stopping early: {why}; metrics flushed to {metrics.path}")
+            if session.requeue and not session.stop.cancelled:  # scancel's SIGTERM must not bring the job back
+                requeue_slurm_job(comm, say)
+            break
+    metrics.close()
+    strategy.finish(metrics, say, step - first_step)
+    if not stopping and comm.Get_rank() == 0:
+        say(summarize(metrics.path))
+    session.watchdog.stop()
+    return stopping

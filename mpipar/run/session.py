@@ -1,0 +1,89 @@
+"""What every job sets up before it builds its strategy: checks, output directory, checkpoint to resume, data."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Optional
+
+import torch
+from mpi4py import MPI
+
+from mpipar.data.datasets import DataSplits, resolve
+from mpipar.diagnostics.agree import agree_on, collective_check
+from mpipar.diagnostics.failure import FaultInjection
+from mpipar.diagnostics.watchdog import Watchdog
+from mpipar.run.checkpoint import Checkpointer, check_same_run
+from mpipar.run.cli import train_config
+from mpipar.run.config import TrainConfig
+from mpipar.run.launch import RootPrinter, StopRequest, check_world_size, prepare_output_dir, threads_per_rank
+
+__all__ = ["Session"]
+
+
+class Session:
+    """One run of a job on ``comm``: settings agreed, output directory ready, the
+    checkpoint to continue (if any) loaded, a stall watchdog watching.
+
+    Collective over ``comm`` (construction and :meth:`data`). Every check raises on
+    every rank together, before any training collective.
+
+    Args:
+        comm: the job's ranks.
+        config: the settings every job shares.
+        settings: the strategy's own settings (a frozen dataclass or None); stored
+            with checkpoints and the metrics file, and compared on resume.
+        resume: continue from the newest checkpoint in ``config.out`` (a fresh start
+            when there is none); refuses one written with other settings or ranks.
+        requeue: on Slurm's warning signal, checkpoint and requeue the job.
+        stop: the signal flag (:class:`~mpipar.run.launch.StopRequest`).
+
+    Attributes:
+        out: the output directory. ``checkpoints``: its :class:`Checkpointer`.
+        state: the checkpoint being resumed (this rank's part) or None.
+        run_config: ``config`` and ``settings`` as one dict.
+        say: prints on rank 0.
+    """
+
+    def __init__(self, comm: MPI.Intracomm, config: TrainConfig, *, settings: Any = None, resume: bool = False,
+                 requeue: bool = False, stop: Optional[StopRequest] = None):
+        self.comm = comm
+        self.config = config
+        self.settings = settings
+        self.say = RootPrinter(comm)
+        self.watchdog = Watchdog(comm).start()  # reports ranks that have not arrived after MPIPAR_STALL_WARN s
+        self.run_config = {**config.to_dict(), **(settings.to_dict() if settings is not None else {})}
+        agree_on(comm, "the configuration", {k: v for k, v in self.run_config.items() if k != "threads"},
+                 hint="launch every rank with the same arguments")
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.resume, self.requeue = resume, requeue
+        self.stop = stop or StopRequest()
+        self.fault = FaultInjection.from_environment(comm)
+        self.out = prepare_output_dir(comm, config.out, allow_existing_run=resume)
+        self.checkpoints = Checkpointer(self.out / "checkpoints", comm)
+        self.resumed_from = self.checkpoints.latest() if resume else None
+        self.state = self.checkpoints.load(self.resumed_from) if self.resumed_from is not None else None
+        if self.state is not None:
+            agree_on(comm, "the checkpoint's step", self.state["step"])
+            collective_check(comm, lambda: check_same_run(self.state["config"], self.run_config), "--resume")
+
+    @classmethod
+    def from_args(cls, comm: MPI.Intracomm, args: argparse.Namespace, early_signals=(), *,
+                  settings: Optional[Callable[[], Any]] = None, model: Optional[str] = None) -> Session:
+        """The session of parsed job flags (:func:`~mpipar.run.cli.training_parser`):
+        world size checked against the launch, threads per rank chosen, ``settings()``
+        (the strategy's settings, validated) built on every rank together. Collective."""
+        check_world_size(comm)
+        threads = threads_per_rank(comm, args.threads)
+        config, strategy_settings = collective_check(
+            comm, lambda: (train_config(args, threads=threads, model=model), settings() if settings else None),
+            "configuration")
+        return cls(comm, config, settings=strategy_settings, resume=args.resume, requeue=args.requeue,
+                   stop=StopRequest.install(early_signals))
+
+    def data(self) -> DataSplits:
+        """The training and test data of ``config.data`` (checked to be the same on every rank). Collective."""
+        splits = collective_check(self.comm, lambda: resolve(self.config.data, seed=self.config.seed), "data")
+        agree_on(self.comm, "the dataset size and image shape",
+                 (len(splits.train), len(splits.test), splits.train.image_shape))
+        return splits

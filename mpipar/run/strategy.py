@@ -1,0 +1,101 @@
+"""What the training loop asks of a strategy (data parallel, pipeline, ...): the protocol and the step record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
+
+import torch
+from torch import nn
+
+from mpipar.data.datasets import ArrayDataset
+from mpipar.run.evaluate import EvalResult
+from mpipar.run.metrics import MetricsWriter
+
+__all__ = ["StepRecord", "Strategy"]
+
+
+@dataclass
+class StepRecord:
+    """What one training step (forward, backward, gradient reduction; not the optimizer
+    step) cost and gave on this rank.
+
+    Attributes:
+        loss: the mean loss of the batch this rank saw (or its pipeline's batch).
+        samples: samples this rank counts for the metrics (0 where another rank of the
+            same pipeline counts them).
+        compute_time: seconds computing; None: the step's time less data, comm, idle and wait.
+        comm_time: seconds moving data, known as such (point-to-point transfers).
+        idle_time: seconds known to be waiting for other ranks; None: what is left of the step.
+        wait_time: seconds blocked in collectives (gradient Allreduce): the metrics file
+            splits it into communication (the least wait in the reducing group) and idle.
+        bytes_sent: bytes this rank put on the wire.
+        extra: further per-rank values recorded as ``/steps/<name>`` (e.g. ``pipeline_busy``).
+    """
+
+    loss: float
+    samples: int
+    compute_time: Optional[float] = None
+    comm_time: float = 0.0
+    idle_time: Optional[float] = None
+    wait_time: float = 0.0
+    bytes_sent: float = 0.0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    """A way of training one model on the ranks of a job; :func:`mpipar.run.loop.train` runs it.
+
+    The loop owns everything else (epochs, optimizer and learning-rate schedule,
+    checkpoints, stop and requeue, progress lines, metrics, evaluation cadence,
+    summary). Every method is called on every rank, in the same order; the
+    collective contract of each is the strategy's own.
+
+    Attributes:
+        name: stored as the metrics file's ``strategy`` attribute.
+        replicas: how many data-parallel copies read different samples each step.
+        replica: which of them this rank belongs to (its data shard).
+        full_steps_only: drop a short last step of an epoch (it could not be split
+            into equal micro-batches); data parallelism keeps it.
+        checkpoint_per_rank: every rank saves its own state (partitions) instead of
+            rank 0 saving for all (replicas).
+        wait_groups: the ranks that reduce together, for splitting ``wait_time`` into
+            communication and idle in the metrics file.
+        metrics_attrs: root attributes for the metrics file.
+    """
+
+    name: str
+    replicas: int
+    replica: int
+    full_steps_only: bool
+    checkpoint_per_rank: bool
+    wait_groups: List[List[int]]
+    metrics_attrs: dict
+
+    def parameters(self) -> List[nn.Parameter]:
+        """The parameters this rank's optimizer updates."""
+
+    def describe(self) -> str:
+        """One line for the start of the run (how the model is laid out)."""
+
+    def needs_batch(self) -> bool:
+        """Whether this rank reads the step's samples (a pipeline's middle stages do not)."""
+
+    def train_step(self, batch: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> StepRecord:
+        """Forward, backward and gradient reduction of one step; ``batch`` is
+        ``(inputs, targets)`` or None where :meth:`needs_batch` is False."""
+
+    def end_epoch(self) -> None:
+        """Before evaluation at an epoch end (e.g. average BatchNorm statistics)."""
+
+    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+        """Loss and accuracy over ``dataset``, the same on every rank."""
+
+    def state_dict(self) -> dict:
+        """This rank's model state for a checkpoint (``model`` plus what the strategy needs)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s result."""
+
+    def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
+        """After the last step and the metrics' final flush (e.g. the pipeline bubble)."""
