@@ -105,11 +105,8 @@ class DataParallel(nn.Module):
             if id(p) not in self._hooked:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
                 self._hooked.add(id(p))
-        if self._reducer is not None:  # keep accounting across rebuilds
-            self.stats.wait_time += self._reducer.stats.wait_time
-            self.stats.bytes_sent += self._reducer.stats.bytes_sent
         self._reducer = GradientReducer(reduced, self.comm, bucket_cap_mb=self.bucket_cap_mb)
-        self._reducer.stats = self.stats
+        self._reducer.stats = self.stats  # one account across rebuilds
         self._reduced_ids = {id(p) for p in reduced}
 
     # -- forward ------------------------------------------------------------------
