@@ -90,6 +90,18 @@ def mismatches(reference: nn.Module, replica: nn.Module, attr: str) -> list:
     return problems
 
 
+def compare_step(comm, reference, replica, ref_loss, dp_loss, opt_ref, opt_dp, where):
+    """Loss, every gradient, then (after both optimizers step) every parameter: DP vs serial, on all ranks."""
+    problems = []
+    if abs(dp_loss - ref_loss) > TOL["atol"] + TOL["rtol"] * abs(ref_loss):
+        problems.append(f"loss {dp_loss!r} vs serial {ref_loss!r}")
+    problems += mismatches(reference, replica, "grad")
+    opt_ref.step()
+    opt_dp.step()
+    problems += [f"after optimizer.step(): {p}" for p in mismatches(reference, replica, "data")]
+    assert_all_ranks(comm, not problems, f"{where}: " + "; ".join(problems))
+
+
 def dp_forward_backward(dp, optimizer, loss_fn, batch, order, **backward_kwargs):
     """One DataParallel forward and backward in the given call order; returns the local loss."""
     if order == ZERO_GRAD_FIRST:
@@ -136,15 +148,8 @@ def train_and_compare(comm, dp_comm, make_model, make_batch, loss_fn, order, *, 
         if after_backward is not None:
             after_backward(step, dp, replica)
 
-        problems = []
         dp_loss = comm.allreduce(loss.item() * counts[rank]) / total
-        if abs(dp_loss - ref_loss.item()) > TOL["atol"] + TOL["rtol"] * abs(ref_loss.item()):
-            problems.append(f"loss {dp_loss!r} vs serial {ref_loss.item()!r}")
-        problems += mismatches(reference, replica, "grad")
-        opt_ref.step()
-        opt_dp.step()
-        problems += [f"after optimizer.step(): {p}" for p in mismatches(reference, replica, "data")]
-        assert_all_ranks(comm, not problems, f"step {step} ({order}): " + "; ".join(problems))
+        compare_step(comm, reference, replica, ref_loss.item(), dp_loss, opt_ref, opt_dp, f"step {step} ({order})")
     return reference, replica, dp
 
 
@@ -608,12 +613,5 @@ def test_no_sync_accumulation_equals_serial_over_steps(comm, dp_comm, order):
                 loss.backward()
             loss_sum += loss.item()
 
-        problems = []
         dp_loss = comm.allreduce(loss_sum * local[rank]) / total
-        if abs(dp_loss - ref_loss.item()) > TOL["atol"] + TOL["rtol"] * abs(ref_loss.item()):
-            problems.append(f"loss {dp_loss!r} vs serial {ref_loss.item()!r}")
-        problems += mismatches(reference, replica, "grad")
-        opt_ref.step()
-        opt_dp.step()
-        problems += [f"after optimizer.step(): {p}" for p in mismatches(reference, replica, "data")]
-        assert_all_ranks(comm, not problems, f"step {step} ({order}): " + "; ".join(problems))
+        compare_step(comm, reference, replica, ref_loss.item(), dp_loss, opt_ref, opt_dp, f"step {step} ({order})")

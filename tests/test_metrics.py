@@ -114,3 +114,33 @@ def test_unwritable_location_is_an_error(tmp_path):
     target.write_text("x")
     with pytest.raises(OSError):
         MetricsWriter(target / "metrics.h5", MPI.COMM_SELF, strategy="x", config={})
+
+
+@pytest.mark.mpi
+def test_waits_split_within_each_reducing_group_with_known_times_added(comm, mpi_tmp_path):
+    """A pipeline grid: each stage's replicas reduce together (even ranks, odd ranks), so a
+    rank's wait is communication up to the least wait of its own group and idle beyond it;
+    transfer and idle time known directly (point-to-point) are added, compute is given."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    groups = [list(range(0, size, 2)), list(range(1, size, 2))] if size > 1 else [[0]]
+    path = shared_path(comm, mpi_tmp_path)
+    writer = MetricsWriter(path, comm, strategy="x", config={}, wait_groups=groups)
+    writer.record_step(loss=1.0, samples=1, step_time=2.0, data_time=0.1, compute_time=1.0, comm_time=0.05,
+                       wait_time=0.2 + 0.1 * rank)  # idle: what is left of the step
+    writer.close()
+    ok, message = True, ""
+    if rank == 0:
+        with h5py.File(path, "r") as f:
+            comm_time, idle_time = f["steps/comm_time"][0], f["steps/idle_time"][0]
+        least = [0.2 + 0.1 * (r % 2) for r in range(size)]  # ranks 0 and 1 wait least in their groups
+        wait = [0.2 + 0.1 * r for r in range(size)]
+        left = [2.0 - 0.1 - 1.0 - 0.05 - w for w in wait]
+        ok = np.allclose(comm_time, [0.05 + m for m in least]) and \
+            np.allclose(idle_time, [left[r] + wait[r] - least[r] for r in range(size)])
+        message = f"comm {comm_time}, idle {idle_time}"
+    assert_all_ranks(comm, ok, message)
+
+
+def test_wait_groups_must_cover_every_rank_once(tmp_path):
+    with pytest.raises(ValueError, match="wait_groups must hold every rank"):
+        MetricsWriter(tmp_path / "m.h5", MPI.COMM_SELF, strategy="x", config={}, wait_groups=[[0], [0]])
