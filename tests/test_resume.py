@@ -29,6 +29,12 @@ JOBS = {  # name: (script, ranks, arguments, MPIPAR_FAULT_AT_STEP)
                                       "--balance", "auto"), "7:0"),
     "resnet_hybrid": ("resnet_pp.py", 4, ("--batch-size", "8", "--stages", "2", "--microbatches", "2"), "8:1"),
 }
+OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal names it); --lr is changed too
+    "resnet_dp": (("--model", "resnet18"), "model: checkpoint 'resnet-small', now 'resnet18'", 0.1),
+    "mlp_mp": (("--schedule", "1f1b"), "schedule: checkpoint 'naive', now '1f1b'", 0.05),
+    "resnet_pp": (("--schedule", "1f1b"), "schedule: checkpoint 'gpipe', now '1f1b'", 0.05),
+    "resnet_hybrid": (("--schedule", "gpipe"), "schedule: checkpoint '1f1b', now 'gpipe'", 0.05),
+}
 
 
 def run_job(job, out, *args, env=None, ranks=None, timeout=300):
@@ -68,6 +74,8 @@ def assert_same_as_uninterrupted(straight, resumed):
     """Every checkpoint file of the final step and the whole metrics file equal the uninterrupted run's."""
     states_a, states_b = final_states(straight), final_states(resumed)
     assert len(states_a) == len(states_b) >= 1
+    if "resnet" in straight.parent.name:  # BatchNorm statistics are compared too
+        assert any("running_mean" in key for state in states_a for key in state["model"])
     for a, b in zip(states_a, states_b):
         assert (a["step"], a.get("placement")) == (b["step"], b.get("placement"))
         assert a["model"].keys() == b["model"].keys() and a["model"]
@@ -125,12 +133,13 @@ def test_resume_with_other_settings_or_ranks_is_refused_in_one_line(tmp_path, jo
     again = run_job(job, out, timeout=120)  # without --resume: the earlier run is not overwritten
     assert again.returncode != 0 and "holds an earlier run" in again.stdout + again.stderr
 
-    other = run_job(job, out, "--resume", "--lr", "0.3", "--seed", "3", timeout=120)
+    flags, named, lr = OTHER_SETTINGS[job]
+    other = run_job(job, out, "--resume", "--lr", "0.3", *flags, timeout=120)
     output = other.stdout + other.stderr
     assert other.returncode != 0 and "Traceback" not in output, output
     lines = [line for line in output.splitlines() if "other settings" in line]
     assert len(lines) == 1, output
-    assert "now 0.3" in lines[0] and "seed: checkpoint 0, now 3" in lines[0], lines[0]
+    assert f"lr: checkpoint {lr}, now 0.3" in lines[0] and named in lines[0], lines[0]
 
     ranks = JOBS[job][1]
     more = 3 if ranks == 2 else 2
