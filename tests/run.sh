@@ -26,7 +26,7 @@ run() {  # run a pytest pass; any non-zero status (5 = no tests ran included) is
 
 run "$PYTHON" -m ruff check .  # configured in pyproject.toml
 eval "extra=(${PYTEST_ARGS:-})"  # shell words, so quoted arguments stay whole
-run "$PYTHON" -m pytest -q -p no:cacheprovider "${extra[@]}"
+run "$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 "${extra[@]}"
 for n in $SIZES; do
     run timeout "$MPI_TIMEOUT" "$MPIRUN" -n "$n" --oversubscribe "$PYTHON" -m pytest --only-mpi -q \
         -p no:cacheprovider
