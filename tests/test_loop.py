@@ -1,0 +1,84 @@
+"""The one training loop, run in-process: every strategy on N ranks equals the loop on one process on the
+whole batch (parameters after several optimizer steps), and the loop's metrics and checkpoints are the same
+shape for every strategy."""
+
+import h5py
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpi_helpers import assert_all_ranks
+from mpipar import models
+from mpipar.data import synthetic
+from mpipar.data_parallel.strategy import DataParallelStrategy
+from mpipar.pipeline.config import PipelineConfig
+from mpipar.pipeline.strategy import PipelineStrategy
+from mpipar.run.config import TrainConfig
+from mpipar.run.loop import train
+from mpipar.run.session import Session
+
+STEPS, BATCH = 3, 6  # BATCH: samples per rank (data parallel) or per rank of the pipeline's batch
+SIZES = (784, 24, 16, 12, 10)  # Flatten + 4 layers: up to 5 stages
+TOL = dict(rtol=1e-4, atol=1e-6)  # float32; only the order of the sums differs
+
+
+def session(comm, out, batch_size, settings=None):
+    config = TrainConfig(data="synthetic", epochs=1, max_steps=STEPS, batch_size=batch_size, lr=0.05, threads=1,
+                         out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=2)
+    return Session(comm, config, settings=settings)
+
+
+def build_model():
+    torch.manual_seed(7)
+    return models.mlp(list(SIZES))
+
+
+def serial_reference(directory, size):
+    """The loop on one process (COMM_SELF) over the whole global batch of ``size`` ranks."""
+    model = build_model()
+    splits = synthetic(600, 100, seed=0)
+    run = session(MPI.COMM_SELF, directory / f"serial-{MPI.COMM_WORLD.Get_rank()}", BATCH * size)
+    train(run, DataParallelStrategy(model, MPI.COMM_SELF), splits)
+    return model
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["data_parallel", "pipeline", "hybrid"])
+def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind):
+    from pathlib import Path
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if kind == "hybrid" and size % 2:
+        pytest.skip("a 2-stage grid needs an even number of ranks")
+    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    reference = serial_reference(directory, size)
+
+    model = build_model()
+    splits = synthetic(600, 100, seed=0)
+    if kind == "data_parallel":
+        run = session(comm, directory / kind, BATCH)
+        strategy = DataParallelStrategy(model, comm)
+        held = range(len(model))
+    else:
+        stages = size if kind == "pipeline" else 2
+        settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages)
+        replicas = size // stages
+        run = session(comm, directory / kind, BATCH * size // replicas, settings)
+        strategy = PipelineStrategy(comm, model, settings, batch_size=BATCH * size // replicas, state=run.state,
+                                    say=run.say)
+        held = [layer for layer, owner in enumerate(strategy.placement.ranks) if owner == rank % stages]
+    stopped = train(run, strategy, splits)
+
+    problems = [] if not stopped else ["stopped early"]
+    for layer in held:
+        for (name, mine), theirs in zip(model[layer].named_parameters(), reference[layer].parameters()):
+            if not torch.allclose(mine, theirs, **TOL):
+                problems.append(f"layer {layer} {name}: max difference {(mine - theirs).abs().max().item():.2e}")
+    with h5py.File(directory / kind / "metrics.h5", "r") as f:  # rank 0 wrote it; every rank may read it
+        shape, samples = f["steps/comm_time"].shape, f["steps/samples"][...].tolist()
+    if shape != (STEPS, size) or samples != [BATCH * size] * STEPS:
+        problems.append(f"metrics: per-rank shape {shape}, samples per step {samples}")
+    checkpoints = sorted(p.name for p in (directory / kind / "checkpoints").iterdir())
+    if checkpoints != ["step-000000002", "step-000000003"]:
+        problems.append(f"checkpoints {checkpoints}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
