@@ -21,11 +21,10 @@ def shared_dir(comm, tmp_path):
 def test_save_latest_load_and_prune(comm, mpi_tmp_path, per_rank):
     directory = shared_dir(comm, mpi_tmp_path)
     checkpoints = Checkpointer(directory, comm, per_rank=per_rank, keep=2)
-    empty = checkpoints.latest()
+    empty, _ = checkpoints.resume()
     for step in (3, 7, 11):
         checkpoints.save(step, {"step": step, "rank": comm.Get_rank(), "tensor": torch.arange(3.0) * step})
-    latest = checkpoints.latest()
-    state = checkpoints.load(latest)
+    latest, state = checkpoints.resume()
     expected_rank = comm.Get_rank() if per_rank else 0
     kept = sorted(p.name for p in latest.parent.iterdir())
     assert_all_ranks(comm, empty is None and latest.name == "step-000000011" and state["step"] == 11
@@ -41,8 +40,10 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     (tmp_path / "step-000000009.tmp-deadbeef").mkdir()   # a crash while writing step 9
     (tmp_path / "step-000000009.tmp-deadbeef" / "rank-0.pt").write_bytes(b"partial")
     (tmp_path / "step-000000010").mkdir()                # renamed but without meta: not complete
-    assert checkpoints.latest().name == "step-000000004"
-    assert checkpoints.load(checkpoints.latest())["step"] == 4
+    warnings = []
+    latest, state = checkpoints.resume(warn=warnings.append)
+    assert latest.name == "step-000000004" and state["step"] == 4
+    assert len(warnings) == 1 and "step-000000010: meta.json is missing" in warnings[0]
 
 
 @pytest.mark.mpi(min_size=2)
@@ -53,4 +54,4 @@ def test_per_rank_checkpoint_needs_same_world_size(comm, mpi_tmp_path):
     Checkpointer(directory, comm, per_rank=True).save(1, {"x": 1})
     comm.Barrier()
     with pytest.raises(ValueError, match=f"written by {comm.Get_size()} ranks"):
-        Checkpointer(directory, MPI.COMM_SELF, per_rank=True).load(Checkpointer(directory, comm).latest())
+        Checkpointer(directory, MPI.COMM_SELF, per_rank=True).resume()

@@ -33,7 +33,7 @@ def test_consolidated_model_reproduces_the_jobs_test_accuracy(tmp_path, job, ran
     result = run_mpi(ranks, str(ROOT / "jobs" / job), *TINY, "--out", str(out), *args, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert main([str(out)]) == 0
-    saved = torch.load(out / "model.pt", weights_only=False)
+    saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["step"] == 6 and saved["config"]["batch_size"] == 16
     data = resolve("synthetic", seed=saved["config"]["seed"])
     channels, size, _ = data.train.image_shape

@@ -67,7 +67,7 @@ def checkpoints(out):
 def final_states(out):
     """Every file of the final checkpoint (one per rank for partitions, rank 0's for replicas)."""
     directory = out / "checkpoints" / f"step-{STEPS:09d}"
-    return [torch.load(path, weights_only=False) for path in sorted(directory.glob("rank-*.pt"))]
+    return [torch.load(path, weights_only=True) for path in sorted(directory.glob("rank-*.pt"))]
 
 
 def assert_same_as_uninterrupted(straight, resumed):

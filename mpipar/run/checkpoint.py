@@ -1,41 +1,103 @@
-"""Checkpoints written atomically (temporary directory, then rename), one file per rank that holds its own state."""
+"""Checkpoints: written atomically with checksums, verified and loaded safely, the newest intact one resumed.
+
+A checkpoint is a directory ``step-NNNNNNNNN/`` holding ``rank-R.pt`` files (rank 0's
+only, or one per rank) and ``meta.json``, written last: format version, step, world
+size, whether files are per rank, and every file's size and SHA-256. Files are read
+with ``torch.load(weights_only=True)``: only tensors and plain Python values, which is
+all mpipar stores, so loading a checkpoint cannot run code.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
 from mpipar.diagnostics import collectives
-from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.agree import collective_check, gather_checked
 from mpipar.diagnostics.failure import agreed
 
-__all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run", "FREE_SETTINGS"]
+__all__ = ["Checkpointer", "rng_state", "set_rng_state", "check_same_run", "read_state", "file_digest",
+           "verify_file", "FREE_SETTINGS", "FORMAT"]
 
 _NAME = re.compile(r"^step-(\d{9})$")
+FORMAT = 2
+"""Checkpoint format: 2 records files' sizes and SHA-256 in ``meta.json``; 1 (mpipar 0.1) did not."""
 
 FREE_SETTINGS = frozenset({"threads", "log_every", "flush_every", "checkpoint_every", "out"})
 """Settings a resumed run may change: they do not change the results."""
 
 
 def rng_state() -> Dict[str, Any]:
-    """This process's random number generator states (torch, numpy, random)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    """This process's random number generator states (torch, numpy, random), as tensors and
+    plain values (what ``weights_only`` loading accepts)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "random": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s result."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     random.setstate(state["random"])
+
+
+def file_digest(path) -> Dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of a file, read in 1 MiB blocks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def verify_file(path: Path, expected: Optional[Dict[str, Any]]) -> Optional[str]:
+    """What is wrong with ``path`` against its ``meta.json`` entry, or None when it is intact.
+    ``expected`` None (a format-1 checkpoint): only that the file exists is checked."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if expected is None:
+        return None
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{path.name} has {size} bytes, {expected['bytes']} were written (truncated or changed)"
+    if file_digest(path)["sha256"] != expected["sha256"]:
+        return f"{path.name} does not match its SHA-256 checksum (damaged)"
+    return None
+
+
+def read_state(path) -> Dict[str, Any]:
+    """Load a checkpoint file (or ``mpipar-consolidate``'s output) on the CPU with
+    ``weights_only=True``. Local.
+
+    Raises:
+        ValueError: the file holds objects other than tensors and plain values (it
+            was not written by mpipar, or was altered); it is not unpickled, since that
+            could run code.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        raise ValueError(f"{path} holds objects mpipar does not store{f' ({found})' if found else ''}; refusing "
+                         f"to unpickle it, since that could run code") from None
 
 
 def check_same_run(saved: dict, current: dict, free: Collection[str] = FREE_SETTINGS) -> None:
@@ -59,17 +121,20 @@ def check_same_run(saved: dict, current: dict, free: Collection[str] = FREE_SETT
 
 
 class Checkpointer:
-    """Save and find checkpoints under ``directory`` (``step-000000042/rank-R.pt``).
+    """Save, verify and find checkpoints under ``directory`` (``step-000000042/rank-R.pt``).
 
-    A checkpoint is written into a temporary directory, every file is flushed to
-    disk, and rank 0 renames the directory into place only after every writer
-    finished, so a crash while writing never spoils the last good checkpoint
-    (a half-written one keeps its ``.tmp-`` name and is ignored, then removed).
+    A checkpoint is written into a temporary directory; every writer flushes its file
+    to disk and records its size and SHA-256; rank 0 writes ``meta.json`` last and
+    renames the directory into place only after every writer finished, so a crash or
+    a full disk while writing never spoils the checkpoints before it (a half-written
+    one keeps its ``.tmp-`` name and is removed). :meth:`resume` verifies every file a
+    rank needs and falls back to the newest intact checkpoint.
 
-    Collective contract: :meth:`save`, :meth:`latest` and :meth:`load` are
-    collective over ``comm``. With ``per_rank=False`` (data parallelism: replicas
-    are identical) only rank 0 writes and every rank loads rank 0's file; with
-    ``per_rank=True`` (model/pipeline partitions) each rank writes and loads its own.
+    Collective contract: :meth:`save`, :meth:`resume` and :meth:`load` are collective
+    over ``comm``. With ``per_rank=False`` (data parallelism: replicas are identical)
+    only rank 0 writes and every rank loads rank 0's file; with ``per_rank=True``
+    (model/pipeline partitions) each rank writes and loads its own. Loading follows
+    what the checkpoint's ``meta.json`` says, whatever ``per_rank`` is.
 
     Args:
         directory: where checkpoints live (created by rank 0).
@@ -90,84 +155,164 @@ class Checkpointer:
     def _writes(self) -> bool:
         return self.per_rank or self.rank == 0
 
-    def _file(self, checkpoint: Path, rank: int) -> Path:
+    @staticmethod
+    def _file(checkpoint: Path, rank: int) -> Path:
         return checkpoint / f"rank-{rank}.pt"
 
     def save(self, step: int, state: Dict[str, Any]) -> Path:
-        """Write ``state`` as the checkpoint of ``step``; returns its directory. Collective."""
+        """Write ``state`` as the checkpoint of ``step``; returns its directory. Collective.
+
+        Raises:
+            OSError (an ``AgreedError``): on every rank when a rank could not write (full
+                disk, permissions); the temporary directory is removed and the earlier
+                checkpoints are untouched.
+        """
         final = self.directory / f"step-{step:09d}"
         proposed = f"step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None
-        tmp_name = collectives.bcast(self.comm, proposed, "checkpoint name")
-        tmp = self.directory / tmp_name
+        tmp = self.directory / collectives.bcast(self.comm, proposed, "checkpoint name")
 
-        def write():
+        def make_directory():
             if self.rank == 0:
                 tmp.mkdir(parents=True, exist_ok=False)
 
-        collective_check(self.comm, write, f"checkpoint {tmp}")
-
         def write_state():
-            if self._writes():
-                path = self._file(tmp, self.rank)
+            if not self._writes():
+                return None
+            path = self._file(tmp, self.rank)
+            try:
                 with open(path, "wb") as f:
                     torch.save(state, f)
                     f.flush()
                     os.fsync(f.fileno())
-
-        collective_check(self.comm, write_state, f"checkpoint {final}")
+            except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as "unexpected pos"
+                free = shutil.disk_usage(tmp).free
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise
+                if free < 2**20:
+                    raise OSError(errno.ENOSPC, f"No space left on device: writing {path} stopped with "
+                                                f"{free} bytes free") from None
+                raise OSError(f"writing {path} failed ({free / 2**20:.0f} MiB free): {exc}") from None
+            return path.name, file_digest(path)
 
         def publish():
             if self.rank != 0:
                 return
-            meta = {"step": step, "world_size": self.comm.Get_size(), "per_rank": self.per_rank}
-            (tmp / "meta.json").write_text(json.dumps(meta))
+            meta = {"format": FORMAT, "step": step, "world_size": self.comm.Get_size(), "per_rank": self.per_rank,
+                    "files": dict(written)}
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._prune()
 
-        collective_check(self.comm, publish, f"checkpoint {final}")
+        try:
+            collective_check(self.comm, make_directory, f"checkpoint {tmp}")
+            written = [entry for entry in gather_checked(self.comm, write_state, f"checkpoint {final}") if entry]
+            collective_check(self.comm, publish, f"checkpoint {final}")
+        except Exception:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
-    def _complete(self):
+    def _steps(self) -> List[Tuple[int, Path]]:
+        """Every ``step-N`` directory (complete or not), oldest first."""
         found = []
         if self.directory.is_dir():
             for entry in self.directory.iterdir():
                 match = _NAME.match(entry.name)
-                if match and (entry / "meta.json").exists():
+                if match and entry.is_dir():
                     found.append((int(match.group(1)), entry))
         return sorted(found)
 
     def _prune(self) -> None:
-        for _, old in self._complete()[:-self.keep]:
+        complete = [entry for _, entry in self._steps() if (entry / "meta.json").exists()]
+        for old in complete[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for entry in self.directory.iterdir():
             if ".tmp-" in entry.name:
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None (decided by rank 0). Collective."""
-        newest = None
-        if self.rank == 0:
-            complete = self._complete()
-            newest = str(complete[-1][1]) if complete else None
-        newest = collectives.bcast(self.comm, newest, "latest checkpoint")
-        return Path(newest) if newest else None
+    def resume(self, explicit: Optional[Path] = None,
+               warn: Callable[[str], None] = print) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+        """The checkpoint to continue and this rank's state from it. Collective.
+
+        Without ``explicit``: the newest checkpoint whose files are intact on every
+        rank (sizes and checksums as ``meta.json`` records them) and load safely; each
+        one skipped is named with what is wrong through ``warn`` (rank 0). ``(None,
+        None)`` when there is no checkpoint at all. With ``explicit``: that one, or an
+        error.
+
+        Raises:
+            ValueError (an ``AgreedError``): on every rank when checkpoints exist but
+                none is intact (listing each with its problem; nothing is removed),
+                when ``explicit`` is damaged, or when the checkpoint was written by
+                another number of ranks.
+        """
+        if explicit is not None:
+            candidates = [Path(explicit)]
+        else:
+            listed = [str(entry) for _, entry in reversed(self._steps())] if self.rank == 0 else None
+            candidates = [Path(entry) for entry in collectives.bcast(self.comm, listed, "checkpoints to resume")]
+        skipped = []
+        for checkpoint in candidates:
+            state, problem = None, None
+            try:
+                state = self._read_verified(checkpoint)
+            except _Damaged as damage:
+                problem = str(damage)
+            by_rank = collectives.allgather(self.comm, problem, "checkpoint verification")
+            ranks = [rank for rank, p in enumerate(by_rank) if p]
+            if not ranks:
+                return checkpoint, state
+            what = f"{checkpoint}: {by_rank[ranks[0]]} (rank{'s' if len(ranks) > 1 else ''} " \
+                   f"{', '.join(map(str, ranks))})"
+            if explicit is not None:
+                raise agreed(ValueError)(f"--resume-from {what}")
+            skipped.append(what)
+            warn(f"checkpoint skipped, not intact: {what}")
+        if skipped:
+            raise agreed(ValueError)(f"no intact checkpoint in {self.directory} to resume from: "
+                                     + "; ".join(skipped) + ". Nothing was removed; start a new run with another "
+                                     "--out, or repair one and pass --resume-from")
+        return None, None
+
+    def _read_verified(self, checkpoint: Path) -> Dict[str, Any]:
+        """This rank's state from ``checkpoint`` after checking its file. Local.
+        Raises _Damaged for what a fallback can skip, ValueError (agreed by the
+        caller's checks) for another world size."""
+        try:
+            meta = json.loads((checkpoint / "meta.json").read_text())
+            files, per_rank, world_size = meta.get("files"), meta["per_rank"], meta["world_size"]
+        except FileNotFoundError:
+            raise _Damaged("meta.json is missing (the checkpoint was never completed)") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _Damaged(f"meta.json is unreadable ({exc})") from None
+        if world_size != self.comm.Get_size():
+            raise agreed(ValueError)(
+                f"{checkpoint} was written by {world_size} ranks, this run has {self.comm.Get_size()}; resume with "
+                f"{world_size} ranks, or start a new run from its weights (mpipar-consolidate)")
+        source = self._file(checkpoint, self.rank if per_rank else 0)
+        if files is not None and source.name not in files:
+            raise _Damaged(f"{source.name} is not listed in meta.json")
+        problem = verify_file(source, None if files is None else files[source.name])
+        if problem:
+            raise _Damaged(problem)
+        try:
+            return read_state(source)
+        except ValueError as exc:
+            raise _Damaged(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a format-1 file without checksum that does not load
+            raise _Damaged(f"{source.name} does not load ({type(exc).__name__}: {exc})") from None
 
     def load(self, checkpoint: Path) -> Dict[str, Any]:
-        """Read this rank's state from ``checkpoint``. Collective; raises on every
-        rank when the checkpoint was written by a different number of ranks (the
-        data position, the per-rank state and the metrics file's columns all depend
-        on it; ``mpipar-consolidate`` gives the model for a fresh run instead)."""
+        """This rank's state from ``checkpoint`` (verified). Collective; raises on every rank
+        when it is damaged or was written by another number of ranks."""
+        return self.resume(explicit=checkpoint)[1]
 
-        def read():
-            meta = json.loads((checkpoint / "meta.json").read_text())
-            if meta["world_size"] != self.comm.Get_size():
-                raise ValueError(f"{checkpoint} was written by {meta['world_size']} ranks, this run has "
-                                 f"{self.comm.Get_size()}; resume with {meta['world_size']} ranks, or start a "
-                                 f"new run from its weights (mpipar-consolidate)")
-            source = self._file(checkpoint, self.rank if meta["per_rank"] else 0)  # as it was written
-            with open(source, "rb") as f:
-                return torch.load(f, weights_only=False)
 
-        return collective_check(self.comm, read, f"resuming from {checkpoint}")
+class _Damaged(Exception):
+    """A checkpoint that cannot be used as it is on disk (a fallback may skip it)."""

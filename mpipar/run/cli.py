@@ -53,7 +53,9 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="steps between checkpoints (0: at epoch ends only); also written on SIGUSR1/SIGTERM")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out (start fresh when there is none)")
+                   help="continue from the newest intact checkpoint in --out (start fresh when there is none)")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint directory (OUT/checkpoints/step-N); implies --resume")
     p.add_argument("--requeue", action="store_true",
                    help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     return p

@@ -23,6 +23,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from mpipar.run.checkpoint import read_state, verify_file
+
 __all__ = ["find_checkpoint", "model_state", "main"]
 
 
@@ -43,10 +45,16 @@ def find_checkpoint(path) -> Path:
                             f"or a run directory holding checkpoints/)")
 
 
-def _load(file: Path) -> dict:
+def _load(file: Path, meta: dict) -> dict:
+    """A rank's file, verified against ``meta.json`` and loaded safely (``weights_only``)."""
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint file {file} is missing")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    files = meta.get("files")
+    problem = f"{file.name} is not listed in meta.json" if files is not None and file.name not in files else \
+        verify_file(file, None if files is None else files[file.name])
+    if problem:
+        raise ValueError(f"{file.parent}: {problem}")
+    return read_state(file)
 
 
 def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -62,7 +70,7 @@ def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
     """
     checkpoint = find_checkpoint(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
-    first = _load(checkpoint / "rank-0.pt")
+    first = _load(checkpoint / "rank-0.pt", meta)
     info = {"step": first.get("step"), "config": first.get("config"), "checkpoint": str(checkpoint)}
     if not meta.get("per_rank"):
         return dict(first["model"]), info
@@ -71,7 +79,7 @@ def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
     info["placement"] = placement
     merged: Dict[str, torch.Tensor] = {}
     for rank in range(stages):
-        state = first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt")
+        state = first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt", meta)
         if state.get("placement") != placement:
             raise ValueError(f"{checkpoint}: rank {rank} was written with placement {state.get('placement')}, "
                              f"rank 0 with {placement}")

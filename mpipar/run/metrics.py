@@ -225,7 +225,7 @@ class MetricsWriter:
                 for name, values in datasets.items():
                     if f"steps/{name}" in f:
                         del f[f"steps/{name}"]
-                    f.create_dataset(f"steps/{name}", data=values)
+                    _append(f, f"steps/{name}", np.asarray(values))  # resizable, as resume truncates it
                 for key, value in attrs.items():
                     f.attrs[key] = value
         return collectives.bcast(self.comm, attrs, "metrics: derived values", root=self.root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,8 +33,10 @@ class Session:
         config: the settings every job shares.
         settings: the strategy's own settings (a frozen dataclass or None); stored
             with checkpoints and the metrics file, and compared on resume.
-        resume: continue from the newest checkpoint in ``config.out`` (a fresh start
-            when there is none); refuses one written with other settings or ranks.
+        resume: continue from the newest intact checkpoint in ``config.out`` (a fresh
+            start when there is none; damaged ones are skipped with a warning); refuses
+            one written with other settings or ranks.
+        resume_from: continue from this checkpoint directory (implies ``resume``).
         requeue: on Slurm's warning signal, checkpoint and requeue the job.
         stop: the signal flag (:class:`~mpipar.run.launch.StopRequest`).
 
@@ -45,7 +48,7 @@ class Session:
     """
 
     def __init__(self, comm: MPI.Intracomm, config: TrainConfig, *, settings: Any = None, resume: bool = False,
-                 requeue: bool = False, stop: Optional[StopRequest] = None):
+                 resume_from: Optional[str] = None, requeue: bool = False, stop: Optional[StopRequest] = None):
         self.comm = comm
         self.config = config
         self.settings = settings
@@ -56,13 +59,15 @@ class Session:
                  hint="launch every rank with the same arguments")
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
-        self.resume, self.requeue = resume, requeue
+        self.resume, self.requeue = resume or resume_from is not None, requeue
         self.stop = stop or StopRequest()
         self.fault = FaultInjection.from_environment(comm)
-        self.out = prepare_output_dir(comm, config.out, allow_existing_run=resume)
+        self.out = prepare_output_dir(comm, config.out, allow_existing_run=self.resume)
         self.checkpoints = Checkpointer(self.out / "checkpoints", comm)
-        self.resumed_from = self.checkpoints.latest() if resume else None
-        self.state = self.checkpoints.load(self.resumed_from) if self.resumed_from is not None else None
+        self.resumed_from, self.state = None, None
+        if self.resume:
+            self.resumed_from, self.state = self.checkpoints.resume(
+                explicit=None if resume_from is None else Path(resume_from), warn=self.say)
         if self.state is not None:
             agree_on(comm, "the checkpoint's step", self.state["step"])
             collective_check(comm, lambda: check_same_run(self.state["config"], self.run_config), "--resume")
@@ -78,8 +83,8 @@ class Session:
         config, strategy_settings = collective_check(
             comm, lambda: (train_config(args, threads=threads, model=model), settings() if settings else None),
             "configuration")
-        return cls(comm, config, settings=strategy_settings, resume=args.resume, requeue=args.requeue,
-                   stop=StopRequest.install(early_signals))
+        return cls(comm, config, settings=strategy_settings, resume=args.resume, resume_from=args.resume_from,
+                   requeue=args.requeue, stop=StopRequest.install(early_signals))
 
     def data(self) -> DataSplits:
         """The training and test data of ``config.data`` (checked to be the same on every rank). Collective."""
