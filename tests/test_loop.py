@@ -82,3 +82,54 @@ def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind)
     if checkpoints != ["step-000000002", "step-000000003"]:
         problems.append(f"checkpoints {checkpoints}")
     assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("before,after", [(4, 2), (4, 3), (2, 4), (2, 1), (1, 3), (3, 2)])
+def test_data_parallel_resumed_on_another_number_of_ranks_equals_one_process(comm, mpi_tmp_path, before, after):
+    """Checkpoint on ``before`` ranks (a stop request at the first flush), resume on ``after``: the
+    global batch is kept, so the run equals the loop on one process over the whole batch."""
+    from pathlib import Path
+
+    from mpipar.run.launch import StopRequest
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if max(before, after) > size:
+        pytest.skip(f"needs {max(before, after)} ranks")
+    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    reference = serial_reference(directory, before)  # global batch BATCH * before
+    model = build_model()
+    splits = synthetic(600, 100, seed=0)
+    out, stopped, resumed = directory / "run", None, None
+    first = comm.Split(0 if rank < before else MPI.UNDEFINED, rank)
+    if first != MPI.COMM_NULL:
+        stop = StopRequest()
+        stop.signal_name = "SIGUSR1"  # as if Slurm's warning came: stop and save at the first flush (step 2)
+        run = session(first, out, BATCH)
+        run.stop = stop
+        stopped = train(run, DataParallelStrategy(model, first), splits)
+        first.Free()
+    comm.Barrier()
+    second = comm.Split(0 if rank < after else MPI.UNDEFINED, rank)
+    problems = []
+    if second != MPI.COMM_NULL:
+        model = build_model()
+        config = TrainConfig(data="synthetic", epochs=1, max_steps=STEPS, batch_size=BATCH, lr=0.05, threads=1,
+                             out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=2)
+        run = Session(second, config, resume=True)
+        resumed = run.state["step"]
+        train(run, DataParallelStrategy(model, second), splits)
+        second.Free()
+        for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+            if not torch.allclose(mine, theirs, **TOL):
+                problems.append(f"{name}: max difference {(mine - theirs).abs().max().item():.2e}")
+        if resumed != 2:
+            problems.append(f"resumed at step {resumed}")
+    if rank < before and stopped is not True:
+        problems.append("the first run did not stop at the stop request")
+    if rank == 0:
+        with h5py.File(out / "metrics.h5", "r") as f:
+            sizes = f["steps/world_size"][...].tolist()
+        if sizes != [before] * 2 + [after] * (STEPS - 2):
+            problems.append(f"world sizes per step {sizes}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))

@@ -55,3 +55,20 @@ def test_errors(args, match):
         step_plan(*args, seed=0, epoch=0)
     with pytest.raises(ValueError, match="outside"):
         rank_batches(10, 2, 2, 2, seed=0, epoch=0)
+
+
+@pytest.mark.parametrize("before,after", [(4, 2), (4, 3), (2, 4), (3, 1)])
+@pytest.mark.parametrize("switch", [0, 3, 7])
+def test_changing_the_number_of_ranks_mid_epoch_uses_every_sample_once(before, after, switch):
+    """A run resumed on another number of ranks keeps the global batch: the steps before the
+    switch (old ranks) and after it (new ranks) take every sample of the epoch exactly once."""
+    num_samples, global_batch = 101, 12
+    old = step_plan(num_samples, global_batch // before, before, seed=5, epoch=2, global_batch=global_batch)
+    new = step_plan(num_samples, global_batch // before, after, seed=5, epoch=2, global_batch=global_batch)
+    assert len(old) == len(new) == steps_per_epoch(num_samples, 1, after, global_batch=global_batch)
+    used = [i for step in old[:switch] for share in step for i in share]
+    used += [i for step in new[switch:] for share in step for i in share]
+    assert sorted(used) == list(range(num_samples))
+    for step in new:  # shares differ by at most one, every rank has samples
+        sizes = [len(share) for share in step]
+        assert len(sizes) == after and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1

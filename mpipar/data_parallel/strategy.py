@@ -24,7 +24,8 @@ class DataParallelStrategy:
     :class:`DataParallel` averages gradients (sample-weighted) during backward.
     Checkpoints are rank 0's model plus every rank's buffers (replicas' BatchNorm
     statistics differ between epoch ends; storing them all means saving never
-    changes the run). Collective over ``comm``, like the loop.
+    changes the run); they resume on any number of ranks. Collective over ``comm``,
+    like the loop.
     """
 
     name = "data_parallel"
@@ -67,8 +68,10 @@ class DataParallelStrategy:
         return {"model": self.model.state_dict(), "rank_buffers": self.dp.gather_buffers()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Every rank takes rank 0's model; each its own buffers (BatchNorm statistics) when
+        the checkpoint has as many ranks, else rank 0's (a resume on another number of ranks)."""
         self.model.load_state_dict(state["model"])
-        self.dp.load_rank_buffers(state["rank_buffers"])  # each rank's own BatchNorm statistics
+        self.dp.load_rank_buffers(state["rank_buffers"])
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Nothing to add to the metrics file."""

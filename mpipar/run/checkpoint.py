@@ -250,7 +250,8 @@ class Checkpointer:
             ValueError (an ``AgreedError``): on every rank when checkpoints exist but
                 none is intact (listing each with its problem; nothing is removed),
                 when ``explicit`` is damaged, or when the checkpoint was written by
-                another number of ranks.
+                another number of ranks in files per rank (a checkpoint of rank 0's file
+                alone, data parallelism's, resumes on any number of ranks).
         """
         if explicit is not None:
             candidates = [Path(explicit)]
@@ -291,7 +292,7 @@ class Checkpointer:
             raise _Damaged("meta.json is missing (the checkpoint was never completed)") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise _Damaged(f"meta.json is unreadable ({exc})") from None
-        if world_size != self.comm.Get_size():
+        if per_rank and world_size != self.comm.Get_size():  # rank 0's file alone: any number of ranks reads it
             raise agreed(ValueError)(
                 f"{checkpoint} was written by {world_size} ranks, this run has {self.comm.Get_size()}; resume with "
                 f"{world_size} ranks, or start a new run from its weights (mpipar-consolidate)")

@@ -25,7 +25,9 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
 
     Collective over ``session.comm``. Each step: this rank's share of the global
     batch (``strategy.replicas`` shards, each ``config.batch_size`` samples; the
-    epoch plan is a pure function of seed and epoch), ``strategy.train_step``, then
+    epoch plan is a pure function of seed and epoch; a run resumed on another
+    number of replicas keeps the checkpoint's global batch, split as evenly as
+    possible), ``strategy.train_step``, then
     the optimizer (SGD, Nesterov momentum) and the one-cycle learning-rate schedule.
     Per step and rank the metrics file gets loss, samples, compute, communication
     and idle time, bytes sent; per epoch, after ``strategy.end_epoch``, test loss and
@@ -45,18 +47,20 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     """
     comm, config, say = session.comm, session.config, session.say
     train_set, test_set = splits.train, splits.test
-    batch_size, replicas = config.batch_size, strategy.replicas
-    planned = steps_per_epoch(len(train_set), batch_size, replicas)
-    in_epoch = len(train_set) // (batch_size * replicas) if strategy.full_steps_only else planned
+    batch_size, replicas, state = config.batch_size, strategy.replicas, session.state
+    global_batch = state.get("global_batch", batch_size * replicas) if state is not None else batch_size * replicas
+    planned = steps_per_epoch(len(train_set), batch_size, replicas, global_batch=global_batch)
+    in_epoch = len(train_set) // global_batch if strategy.full_steps_only else planned
     total_steps = min(in_epoch * config.epochs, config.max_steps or in_epoch * config.epochs)
+    if state is not None:  # the schedule's length is the checkpoint's (another number of ranks can move an
+        total_steps = state.get("total_steps", total_steps)  # epoch's short last step by one)
     params = strategy.parameters()
     optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=config.lr,
                                 momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
                                                       pct_start=0.15)
     step, start_epoch, skip, loss_sum, seen = 0, 0, 0, 0.0, 0
-    if session.state is not None:
-        state = session.state
+    if state is not None:
         strategy.load_state_dict(state)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["schedule"])
@@ -71,11 +75,18 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         f"{mpi_library()}")
     say(f"data: {splits.description}")
     say(f"model: {config.model}; {strategy.describe()}")
-    say(f"{in_epoch} steps/epoch of {batch_size} x {replicas} samples"
+    say(f"{in_epoch} steps/epoch of {global_batch} samples"
+        + (f" ({batch_size} x {replicas} replicas)" if global_batch == batch_size * replicas else
+           f" (the checkpoint's, over {replicas} replicas)")
         + (f" (of {planned}; partial steps dropped)" if in_epoch != planned else "")
         + f"; {total_steps} steps; metrics -> {metrics.path}")
-    if session.state is not None:
+    if state is not None:
         say(f"resumed from {session.resumed_from} at step {step} (epoch {start_epoch + 1}, step {skip} of it)")
+        if global_batch != batch_size * replicas:
+            low, high = global_batch // replicas, -(-global_batch // replicas)
+            say(f"resumed on {replicas} replicas instead of {state['replicas']}: the checkpoint's global batch of "
+                f"{global_batch} samples is kept ({low if low == high else f'{low}-{high}'} per replica), so every "
+                f"step covers the samples it would have")
     session.checkpoints.per_rank = strategy.checkpoint_per_rank
 
     def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
@@ -84,7 +95,9 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         path = session.checkpoints.save(step, {
             "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
             "samples_seen": seen, "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
-            "rng": rng_state(), "config": session.run_config, **strategy.state_dict()})
+            "rng": rng_state(), "config": session.run_config, "global_batch": global_batch, "replicas": replicas,
+            "total_steps": total_steps,
+            **strategy.state_dict()})
         say(f"checkpoint: {path}")
 
     first_step, run_start = step, time.perf_counter()
@@ -94,7 +107,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             break
         epoch_start = time.perf_counter()
         batches = rank_batches(len(train_set), batch_size, replicas, strategy.replica, seed=config.seed,
-                               epoch=epoch)[:in_epoch]
+                               epoch=epoch, global_batch=global_batch)[:in_epoch]
         for step_in_epoch in range(skip, len(batches)):
             if step >= total_steps:
                 break
@@ -127,7 +140,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             if config.log_every and now - last_log >= config.log_every:
                 last_log = now
                 say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {loss_sum / seen:.4f} "
-                    f"{(step - first_step) * batch_size * replicas / (now - run_start):.0f} samples/s")
+                    f"{(step - first_step) * global_batch / (now - run_start):.0f} samples/s")
         if stopping:  # mid-epoch: the resumed run finishes this epoch, then evaluates it
             save_checkpoint(epoch, step_in_epoch + 1)
         else:

@@ -14,7 +14,10 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
   rank that arrived last, so per step a wait adds the least wait over the ranks
   that reduce together (``wait_groups``) to ``comm_time`` and this rank's excess
   over it to ``idle_time``.
-* ``/steps/wall_clock`` (S,): seconds since the start, on rank 0.
+* ``/steps/wall_clock`` (S,): seconds since the start, on rank 0; ``/steps/world_size`` (S,):
+  the ranks that ran the step (a data-parallel run may resume on another number: per-rank
+  datasets then have as many columns as the most ranks, and the others read NaN, or 0
+  for sample counts).
 * ``/epochs/{epoch,train_loss,test_loss,test_accuracy,wall_time,last_step}`` (E,).
 
 Steps are buffered in memory and written by rank 0 at each flush (every
@@ -243,6 +246,7 @@ class MetricsWriter:
             weights = np.where(samples.sum(1, keepdims=True) > 0, samples, 1.0)
             columns["loss"] = (losses * weights).sum(1) / weights.sum(1)
             columns["samples"] = samples.sum(1).astype(np.int64)
+            columns["world_size"] = np.full(n, self.world_size, dtype=np.int64)
             columns["wall_clock"] = np.array([row["wall_clock"] for row in gathered[self.root]])
             columns["rank_loss"], columns["rank_samples"] = losses, samples.astype(np.int64)
             waits = per_rank("wait_time")
@@ -282,11 +286,22 @@ def _truncate(f: h5py.File, steps: int) -> None:
 
 
 def _append(f: h5py.File, name: str, values: np.ndarray) -> None:
+    """Append rows; (S, W) datasets may change width (a run resumed on another number of
+    ranks): missing entries read NaN (floats) or 0 (counts)."""
+    missing = np.nan if values.dtype.kind == "f" else 0
     if name not in f:
-        f.create_dataset(name, data=values, maxshape=(None, *values.shape[1:]),
+        f.create_dataset(name, data=values, maxshape=(None,) * values.ndim, fillvalue=missing,
                          chunks=(max(1, min(1024, len(values))), *values.shape[1:]))
         return
     dataset = f[name]
     old = dataset.shape[0]
+    if values.ndim == 2 and values.shape[1] > dataset.shape[1]:
+        if dataset.maxshape[1] is not None and dataset.maxshape[1] < values.shape[1]:
+            raise ValueError(f"{f.filename}: {name} has room for {dataset.maxshape[1]} ranks, not "
+                             f"{values.shape[1]} (a file of mpipar 0.1 cannot grow; resume with its ranks)")
+        dataset.resize(values.shape[1], axis=1)
+    if values.ndim == 2 and values.shape[1] < dataset.shape[1]:
+        values = np.concatenate([values, np.full((len(values), dataset.shape[1] - values.shape[1]), missing,
+                                                 dtype=values.dtype)], axis=1)
     dataset.resize(old + len(values), axis=0)
     dataset[old:] = values

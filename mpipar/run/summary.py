@@ -22,15 +22,20 @@ def summarize(path) -> str:
     if not steps or len(steps.get("loss", [])) == 0:
         return "\n".join(lines + ["no steps recorded"])
     n = len(steps["loss"])
-    step_time = steps["step_time"]               # (S, W)
-    run_time = step_time.sum(0).max()
-    share = {k: steps[k].sum() / step_time.sum() for k in ("compute_time", "comm_time", "idle_time", "data_time")}
+    step_time = steps["step_time"]               # (S, W); NaN where a rank did not exist (resumed on fewer)
+    run_time = np.nansum(step_time, axis=0).max()
+    share = {k: np.nansum(steps[k]) / np.nansum(step_time)
+             for k in ("compute_time", "comm_time", "idle_time", "data_time")}
+    sizes = steps.get("world_size")
+    if sizes is not None and len(set(sizes.tolist())) > 1:
+        changes = [f"{sizes[i - 1]} -> {sizes[i]} ranks at step {i}" for i in range(1, n) if sizes[i] != sizes[i - 1]]
+        lines.append("resumed on another number of ranks: " + ", ".join(changes))
     lines.append(f"steps: {n}, samples/s: {steps['samples'].sum() / run_time:.1f}, "
                  f"final loss: {steps['loss'][-1]:.4f}")
     lines.append("step time: " + ", ".join(f"{k.replace('_time', '')} {100 * v:.1f}%" for k, v in share.items()))
-    per_rank = step_time.sum(0)
-    lines.append(f"per rank busy s: {np.array2string(steps['compute_time'].sum(0), precision=1)}; "
-                 f"MB sent: {np.array2string(steps['bytes_sent'].sum(0) / 1e6, precision=1)}; "
+    per_rank = np.nansum(step_time, axis=0)
+    lines.append(f"per rank busy s: {np.array2string(np.nansum(steps['compute_time'], axis=0), precision=1)}; "
+                 f"MB sent: {np.array2string(np.nansum(steps['bytes_sent'], axis=0) / 1e6, precision=1)}; "
                  f"slowest/fastest rank time: {per_rank.max() / max(per_rank.min(), 1e-12):.2f}")
     if len(epochs.get("test_accuracy", [])):
         lines.append(f"epochs: {len(epochs['test_accuracy'])}, final test accuracy: "
