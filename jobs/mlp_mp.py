@@ -60,7 +60,8 @@ def main(argv=None) -> None:
     shape = splits.model_shape
     model = models.mlp([shape["in_channels"] * shape["image_size"] ** 2, *SIZES, shape["num_classes"]])
     strategy = PipelineStrategy(comm, model, session.settings, batch_size=session.config.batch_size,
-                                bucket_mb=session.config.bucket_mb, state=session.state, say=session.say)
+                                bucket_mb=session.config.bucket_mb, state=session.state,
+                                checkpoint=session.resumed_from, say=session.say)
     train(session, strategy, splits)
 
 

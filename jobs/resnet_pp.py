@@ -63,10 +63,10 @@ def main(argv=None) -> None:
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
     pipeline, config = session.settings, session.config
     sample = None  # one profile for all replicas, on rank 0
-    if pipeline.balance == "auto" and session.state is None and comm.Get_rank() == 0:
+    if pipeline.balance == "auto" and comm.Get_rank() == 0:
         sample = splits.train.batch(range(max(1, config.batch_size // pipeline.microbatches)))[0]
     strategy = PipelineStrategy(comm, model, pipeline, batch_size=config.batch_size, bucket_mb=config.bucket_mb,
-                                state=session.state, sample=sample, say=session.say)
+                                state=session.state, checkpoint=session.resumed_from, sample=sample, say=session.say)
     train(session, strategy, splits)
 
 

@@ -18,14 +18,15 @@ from mpipar.run.loop import train
 from mpipar.run.session import Session
 
 STEPS, BATCH = 3, 6  # BATCH: samples per rank (data parallel) or per rank of the pipeline's batch
+RESUMED_STEPS = 8  # resume tests: stopped at step 2, then 6 steps with a learning rate that matters
 SIZES = (784, 24, 16, 12, 10)  # Flatten + 4 layers: up to 5 stages
 TOL = dict(rtol=1e-4, atol=1e-6)  # float32; only the order of the sums differs
 
 
-def session(comm, out, batch_size, settings=None):
-    config = TrainConfig(data="synthetic", epochs=1, max_steps=STEPS, batch_size=batch_size, lr=0.05, threads=1,
+def session(comm, out, batch_size, settings=None, steps=STEPS, resume=False):
+    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=batch_size, lr=0.05, threads=1,
                          out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=2)
-    return Session(comm, config, settings=settings)
+    return Session(comm, config, settings=settings, resume=resume)
 
 
 def build_model():
@@ -33,11 +34,11 @@ def build_model():
     return models.mlp(list(SIZES))
 
 
-def serial_reference(directory, size):
+def serial_reference(directory, size, steps=STEPS):
     """The loop on one process (COMM_SELF) over the whole global batch of ``size`` ranks."""
     model = build_model()
     splits = synthetic(600, 100, seed=0)
-    run = session(MPI.COMM_SELF, directory / f"serial-{MPI.COMM_WORLD.Get_rank()}", BATCH * size)
+    run = session(MPI.COMM_SELF, directory / f"serial-{MPI.COMM_WORLD.Get_rank()}", BATCH * size, steps=steps)
     train(run, DataParallelStrategy(model, MPI.COMM_SELF), splits)
     return model
 
@@ -97,7 +98,7 @@ def test_data_parallel_resumed_on_another_number_of_ranks_equals_one_process(com
     if max(before, after) > size:
         pytest.skip(f"needs {max(before, after)} ranks")
     directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
-    reference = serial_reference(directory, before)  # global batch BATCH * before
+    reference = serial_reference(directory, before, RESUMED_STEPS)  # global batch BATCH * before
     model = build_model()
     splits = synthetic(600, 100, seed=0)
     out, stopped, resumed = directory / "run", None, None
@@ -105,7 +106,7 @@ def test_data_parallel_resumed_on_another_number_of_ranks_equals_one_process(com
     if first != MPI.COMM_NULL:
         stop = StopRequest()
         stop.signal_name = "SIGUSR1"  # as if Slurm's warning came: stop and save at the first flush (step 2)
-        run = session(first, out, BATCH)
+        run = session(first, out, BATCH, steps=RESUMED_STEPS)
         run.stop = stop
         stopped = train(run, DataParallelStrategy(model, first), splits)
         first.Free()
@@ -114,9 +115,7 @@ def test_data_parallel_resumed_on_another_number_of_ranks_equals_one_process(com
     problems = []
     if second != MPI.COMM_NULL:
         model = build_model()
-        config = TrainConfig(data="synthetic", epochs=1, max_steps=STEPS, batch_size=BATCH, lr=0.05, threads=1,
-                             out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=2)
-        run = Session(second, config, resume=True)
+        run = session(second, out, BATCH, steps=RESUMED_STEPS, resume=True)
         resumed = run.state["step"]
         train(run, DataParallelStrategy(model, second), splits)
         second.Free()
@@ -130,6 +129,53 @@ def test_data_parallel_resumed_on_another_number_of_ranks_equals_one_process(com
     if rank == 0:
         with h5py.File(out / "metrics.h5", "r") as f:
             sizes = f["steps/world_size"][...].tolist()
-        if sizes != [before] * 2 + [after] * (STEPS - 2):
+        if sizes != [before] * 2 + [after] * (RESUMED_STEPS - 2):
             problems.append(f"world sizes per step {sizes}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("before,after", [
+    ((2, None), (1, None)),                        # 2 stages resumed as 1
+    ((2, (0, 0, 0, 1, 1)), (2, (0, 1, 1, 1, 1))),  # another split on the same ranks
+    ((3, None), (2, (1, 0, 0, 1, 1))),             # fewer ranks, non-contiguous
+    ((2, None), (4, None)),                        # more ranks
+])
+def test_pipeline_resumed_on_another_layout_equals_one_process(comm, mpi_tmp_path, before, after):
+    """Checkpoint a pipeline on one layout (a stop request at the first flush), resume it on another:
+    model and optimizer state are re-laid out by parameter name, and the run equals the loop on one
+    process over the whole batch."""
+    from pathlib import Path
+
+    from mpipar.run.launch import StopRequest
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if max(before[0], after[0]) > size:
+        pytest.skip(f"needs {max(before[0], after[0])} ranks")
+    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    reference = serial_reference(directory, 2, RESUMED_STEPS)  # global batch 2 * BATCH: one pipeline's batch
+    splits = synthetic(600, 100, seed=0)
+    out, problems = directory / "run", []
+    for phase, (ranks, placement) in enumerate((before, after)):
+        group = comm.Split(0 if rank < ranks else MPI.UNDEFINED, rank)
+        if group != MPI.COMM_NULL:
+            model = build_model()
+            settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=ranks, placement=placement)
+            run = session(group, out, 2 * BATCH, settings, steps=RESUMED_STEPS, resume=phase == 1)
+            if phase == 0:
+                run.stop = StopRequest()
+                run.stop.signal_name = "SIGUSR1"  # stop and save at the first flush (step 2)
+            strategy = PipelineStrategy(group, model, settings, batch_size=2 * BATCH, state=run.state,
+                                        checkpoint=run.resumed_from, say=run.say)
+            train(run, strategy, splits)
+            if phase == 1:
+                if run.state["step"] != 2:
+                    problems.append(f"resumed at step {run.state['step']}")
+                held = [layer for layer, owner in enumerate(strategy.placement.ranks) if owner == rank]
+                for layer in held:
+                    for (name, mine), theirs in zip(model[layer].named_parameters(), reference[layer].parameters()):
+                        if not torch.allclose(mine, theirs, **TOL):
+                            problems.append(f"layer {layer} {name}: {(mine - theirs).abs().max().item():.2e}")
+            group.Free()
+        comm.Barrier()
     assert_all_ranks(comm, not problems, "; ".join(problems))

@@ -26,11 +26,26 @@ from mpipar.pipeline.placement import Placement
 from mpipar.pipeline.replicas import ReplicaAverager
 from mpipar.pipeline.schedule import placement_bubble
 from mpipar.pipeline.timing import bubble_per_step
+from mpipar.run.consolidate import training_state
 from mpipar.run.evaluate import EvalResult
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.strategy import StepRecord
 
 __all__ = ["PipelineStrategy", "choose_placement"]
+
+LAYOUT = ("stages", "balance", "placement")
+
+
+def _new_layout(state: dict, config: PipelineConfig) -> bool:
+    """Whether ``state`` must be re-laid out: written by another number of ranks, or with other
+    layout settings."""
+    saved = state.get("config", {})
+    return bool(state.get("relayout")) or any(_plain(saved.get(key)) != _plain(getattr(config, key))
+                                              for key in LAYOUT)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Intracomm,
@@ -66,7 +81,12 @@ class PipelineStrategy:
         config: split and schedule.
         batch_size: samples per pipeline per step (checked to split into micro-batches).
         bucket_mb: gradient bucket size for the replicas' Allreduce.
-        state: the checkpoint being resumed (its placement is kept) or None.
+        state: the checkpoint being resumed or None. Its placement is kept when the
+            layout settings are the same (``auto`` does not profile again); otherwise
+            (other ``stages``, ``balance`` or ``placement``, or another number of ranks)
+            the model and optimizer state are re-laid out from every rank's file of
+            ``checkpoint`` onto the new placement.
+        checkpoint: the directory ``state`` came from.
         sample: a batch of inputs for ``balance="auto"`` profiling (rank 0).
         say: prints on rank 0.
     """
@@ -75,16 +95,21 @@ class PipelineStrategy:
     checkpoint_per_rank = True
 
     def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: PipelineConfig, *, batch_size: int,
-                 bucket_mb: float = 25.0, state: Optional[dict] = None, sample: Optional[torch.Tensor] = None,
-                 say: Callable[[str], None] = print):
+                 bucket_mb: float = 25.0, state: Optional[dict] = None, checkpoint=None,
+                 sample: Optional[torch.Tensor] = None, say: Callable[[str], None] = print):
         collective_check(world, lambda: check_microbatches(batch_size, config.microbatches),
                          "--batch-size and --microbatches")
         self.world, self.model, self.config = world, model, config
         self.grid = ProcessGrid(world, config.stages)
-        if state is not None:  # the checkpoint's own placement (auto balance could profile another)
+        self._relayout: Optional[dict] = None
+        if state is not None and not _new_layout(state, config):  # auto balance could profile another
             self.placement, self.predicted = Placement(tuple(state["placement"])), None
         else:
             self.placement, self.predicted = choose_placement(model, config, world, sample, say)
+            if state is not None:
+                self._relayout = collective_check(world, lambda: training_state(checkpoint), "re-laying out")
+                model.load_state_dict(self._relayout["model"])  # before the pipeline takes its stages
+                say(f"re-laid out the checkpoint's placement {state['placement']} as {list(self.placement.ranks)}")
         self.pipe = Pipeline(model, self.grid.pipeline_comm, self.placement, schedule=config.schedule,
                              microbatches=config.microbatches, loss_fn=F.cross_entropy)
         self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb)
@@ -98,6 +123,8 @@ class PipelineStrategy:
             "stages": self.pipe.num_stages, "microbatches": config.microbatches, "replicas": self.replicas,
             "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal}
         self._stage_seconds: Dict[int, List[float]] = {index: [0.0, 0.0] for index in self.pipe.stages}
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.parameter_names = [names[id(p)] for p in self.pipe.parameters()]
 
     def parameters(self):
         return list(self.pipe.parameters())
@@ -147,10 +174,19 @@ class PipelineStrategy:
         return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
 
     def state_dict(self) -> dict:
-        return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks)}
+        return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
+                "parameter_names": self.parameter_names}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pipe.local_module.load_state_dict(state["model"])
+        """This rank's stages; after a re-layout (loaded at construction), ``state["optimizer"]``
+        becomes this rank's parameters' optimizer state, taken by parameter name."""
+        if self._relayout is None:
+            self.pipe.local_module.load_state_dict(state["model"])
+            return
+        by_name, group = self._relayout["optimizer_by_name"], self._relayout["optimizer"]["param_groups"][0]
+        state["optimizer"] = {
+            "state": {i: by_name[name] for i, name in enumerate(self.parameter_names) if by_name.get(name)},
+            "param_groups": [{**group, "params": list(range(max(1, len(self.parameter_names))))}]}
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Write the measured bubble (``/steps/bubble_measured`` and the root attributes
@@ -174,10 +210,14 @@ class PipelineStrategy:
             attrs = {"bubble_ideal": self.ideal, "bubble_bound": bound, "bubble_measured": float("nan")}
             if "pipeline_busy" not in steps:
                 return {}, attrs
-            per_step = bubble_per_step(steps["pipeline_busy"], steps["pipeline_wall"], stages)
-            measured = per_step[1:] if len(per_step) > 1 else per_step  # the first step warms up
-            attrs["bubble_measured"] = float(measured.mean())
-            attrs["peak_activation_bytes_per_rank"] = json.dumps(steps["activation_bytes"].max(0).tolist())
+            world = self.world.Get_size()  # steps of this layout (a resumed run may have had another)
+            ours = steps["world_size"] == world if "world_size" in steps else np.ones(len(steps["pipeline_busy"]), bool)
+            per_step = np.full(len(ours), np.nan)
+            per_step[ours] = bubble_per_step(steps["pipeline_busy"][ours, :world], steps["pipeline_wall"][ours, :world],
+                                             stages)
+            measured = per_step[ours][1:] if ours.sum() > 1 else per_step[ours]  # the first step warms up
+            attrs["bubble_measured"] = float(measured.mean()) if len(measured) else float("nan")
+            attrs["peak_activation_bytes_per_rank"] = json.dumps(np.nanmax(steps["activation_bytes"], 0).tolist())
             return {"bubble_measured": per_step}, attrs
 
         attrs = metrics.write_derived(bubble)

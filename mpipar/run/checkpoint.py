@@ -36,8 +36,10 @@ _NAME = re.compile(r"^step-(\d{9})$")
 FORMAT = 2
 """Checkpoint format: 2 records files' sizes and SHA-256 in ``meta.json``; 1 (mpipar 0.1) did not."""
 
-FREE_SETTINGS = frozenset({"threads", "log_every", "flush_every", "checkpoint_every", "out"})
-"""Settings a resumed run may change: they do not change the results."""
+FREE_SETTINGS = frozenset({"threads", "log_every", "flush_every", "checkpoint_every", "out",
+                           "stages", "balance", "placement"})
+"""Settings a resumed run may change: they do not change the results (the layout of a pipeline
+included: a checkpoint is re-laid out on the new placement)."""
 
 
 def rng_state() -> Dict[str, Any]:
@@ -248,10 +250,12 @@ class Checkpointer:
 
         Raises:
             ValueError (an ``AgreedError``): on every rank when checkpoints exist but
-                none is intact (listing each with its problem; nothing is removed),
-                when ``explicit`` is damaged, or when the checkpoint was written by
-                another number of ranks in files per rank (a checkpoint of rank 0's file
-                alone, data parallelism's, resumes on any number of ranks).
+                none is intact (listing each with its problem; nothing is removed), or
+                when ``explicit`` is damaged.
+
+        A checkpoint of files per rank written by another number of ranks gives rank 0's
+        state with ``state["relayout"] = True``: the strategy rebuilds its part from
+        every rank's file (:func:`mpipar.run.consolidate.training_state`).
         """
         if explicit is not None:
             candidates = [Path(explicit)]
@@ -292,18 +296,18 @@ class Checkpointer:
             raise _Damaged("meta.json is missing (the checkpoint was never completed)") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise _Damaged(f"meta.json is unreadable ({exc})") from None
-        if per_rank and world_size != self.comm.Get_size():  # rank 0's file alone: any number of ranks reads it
-            raise agreed(ValueError)(
-                f"{checkpoint} was written by {world_size} ranks, this run has {self.comm.Get_size()}; resume with "
-                f"{world_size} ranks, or start a new run from its weights (mpipar-consolidate)")
-        source = self._file(checkpoint, self.rank if per_rank else 0)
+        relayout = per_rank and world_size != self.comm.Get_size()  # another layout: rank 0's part as the state
+        source = self._file(checkpoint, self.rank if per_rank and not relayout else 0)
         if files is not None and source.name not in files:
             raise _Damaged(f"{source.name} is not listed in meta.json")
         problem = verify_file(source, None if files is None else files[source.name])
         if problem:
             raise _Damaged(problem)
         try:
-            return read_state(source)
+            state = read_state(source)
+            if relayout:
+                state["relayout"] = True  # the strategy rebuilds its part from every rank's file
+            return state
         except ValueError as exc:
             raise _Damaged(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a format-1 file without checksum that does not load

@@ -25,7 +25,7 @@ import torch
 
 from mpipar.run.checkpoint import read_state, verify_file
 
-__all__ = ["find_checkpoint", "model_state", "main"]
+__all__ = ["find_checkpoint", "model_state", "training_state", "main"]
 
 
 def find_checkpoint(path) -> Path:
@@ -74,10 +74,29 @@ def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
     info = {"step": first.get("step"), "config": first.get("config"), "checkpoint": str(checkpoint)}
     if not meta.get("per_rank"):
         return dict(first["model"]), info
+    merged, _ = _merge_ranks(checkpoint, meta, first)
+    info["placement"] = first["placement"]
+    return merged, info
+
+
+def training_state(checkpoint) -> dict:
+    """A partitioned checkpoint as one training state for another layout: rank 0's state
+    (position, schedule, RNG, configuration), ``model`` under the unsplit model's names,
+    and ``optimizer_by_name``: each parameter's optimizer state by the same names (the
+    files must record ``parameter_names``, as pipeline checkpoints do). Local: no MPI."""
+    checkpoint = find_checkpoint(checkpoint)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    first = _load(checkpoint / "rank-0.pt", meta)
+    model, by_name = _merge_ranks(checkpoint, meta, first)
+    return {**first, "model": model, "optimizer_by_name": by_name}
+
+
+def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The first pipeline's rank files merged: (model tensors, optimizer state) by unsplit names."""
     placement = first["placement"]
     stages = max(placement) + 1  # ranks of the first pipeline: 0 .. stages-1
-    info["placement"] = placement
     merged: Dict[str, torch.Tensor] = {}
+    by_name: dict = {}
     for rank in range(stages):
         state = first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt", meta)
         if state.get("placement") != placement:
@@ -90,7 +109,10 @@ def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
             if name in merged:
                 raise ValueError(f"{checkpoint}: {name} is held by more than one rank")
             merged[name] = value
-    return merged, info
+        optimizer = state["optimizer"]["state"]
+        for index, name in enumerate(state.get("parameter_names", [])):
+            by_name[name] = optimizer.get(index)
+    return merged, by_name
 
 
 def main(argv=None) -> int:
