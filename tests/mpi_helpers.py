@@ -41,3 +41,11 @@ def run_mpi(n: int, *args: str, timeout: float = 180, env=None, cwd=ROOT) -> sub
         environ.pop(key)  # do not inherit the launching test's own MPI world
     return subprocess.run(mpirun_command(n, *args), capture_output=True, text=True, timeout=timeout,
                           env=environ, cwd=cwd)
+
+
+def assert_comm_still_usable(comm) -> None:
+    """After an error raised on every rank: a collective on ``comm`` still matches up (no rank
+    left an operation pending that would pair with this one) and gives the right sum."""
+    total = comm.allreduce(comm.Get_rank() + 1)
+    size = comm.Get_size()
+    assert_all_ranks(comm, total == size * (size + 1) // 2, f"allreduce after the error gave {total}")

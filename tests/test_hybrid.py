@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from mpi_helpers import assert_all_ranks
+from mpi_helpers import assert_all_ranks, assert_comm_still_usable
 from mpipar.comm.topology import ProcessGrid
 from mpipar.pipeline import Pipeline, Placement, ReplicaAverager
 
@@ -51,7 +51,7 @@ def test_stages_not_dividing_the_world_is_an_error_on_every_rank():
     size = comm.Get_size()
     with pytest.raises(ValueError, match=rf"{size + 1} pipeline stages do not divide the {size} processes"):
         ProcessGrid(comm, size + 1)
-    assert_all_ranks(comm, True)
+    assert_comm_still_usable(comm)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -111,4 +111,4 @@ def test_replicas_with_different_models_fail_together():
     width = 4 if comm.Get_rank() == 0 else 5
     with pytest.raises(ValueError, match="ranks disagree on the parameters"):
         ReplicaAverager(nn.Linear(width, 2), comm)
-    assert_all_ranks(comm, True)
+    assert_comm_still_usable(comm)

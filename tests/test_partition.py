@@ -8,7 +8,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_helpers import assert_all_ranks
+from mpi_helpers import assert_all_ranks, assert_comm_still_usable
 from mpipar.pipeline.partition import (
     auto_balance,
     balance_by_time,
@@ -108,4 +108,4 @@ def test_auto_balance_failure_is_raised_on_every_rank():
     sample = torch.randn(4, 8) if comm.Get_rank() == 0 else None
     with pytest.raises(ValueError, match="automatic balance on rank 0 failed"):
         auto_balance(model, sample, 1, comm, repeats=1)
-    assert_all_ranks(comm, True)
+    assert_comm_still_usable(comm)

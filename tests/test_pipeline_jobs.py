@@ -34,6 +34,8 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
             values = f[f"steps/{key}"][...]
             assert values.shape == (5, ranks) and np.isfinite(values).all() and (values >= 0).all()
         assert (f["steps/compute_time"][...] > 0).all()
+        parts = sum(f[f"steps/{key}"][...] for key in ("compute_time", "comm_time", "idle_time", "data_time"))
+        assert np.allclose(parts, f["steps/step_time"][...], rtol=1e-6, atol=1e-9)  # the split adds up
         assert (f["steps/bytes_sent"][...] > 0).all()  # every stage sends activations or gradients
         assert f["steps/bubble_measured"].shape == (5,)
     if "--balance" in args:
