@@ -109,9 +109,9 @@ def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, t
             if name in merged:
                 raise ValueError(f"{checkpoint}: {name} is held by more than one rank")
             merged[name] = value
-        optimizer = state["optimizer"]["state"]
-        for index, name in enumerate(state.get("parameter_names", [])):
-            by_name[name] = optimizer.get(index)
+        if "parameter_names" in state:  # the optimizer state of each parameter, by name
+            optimizer = state["optimizer"]["state"]
+            by_name.update((name, optimizer.get(index)) for index, name in enumerate(state["parameter_names"]))
     return merged, by_name
 
 
