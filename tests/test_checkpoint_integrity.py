@@ -176,3 +176,17 @@ def test_rng_state_round_trips_through_safe_loading(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
     assert os.path.getsize(tmp_path / "rng.pt") > 0
+
+
+def test_a_format_1_rng_state_still_loads_and_restores(tmp_path):
+    """mpipar 0.1 stored numpy's RNG state as a tuple holding an array: allow-listed, not arbitrary code."""
+    import numpy as np
+
+    from mpipar.run.checkpoint import set_rng_state
+
+    np.random.seed(11)
+    old = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": __import__("random").getstate()}
+    expected = np.random.rand(2)
+    torch.save(old, tmp_path / "rank-0.pt")
+    set_rng_state(read_state(tmp_path / "rank-0.pt"))
+    assert np.array_equal(np.random.rand(2), expected)

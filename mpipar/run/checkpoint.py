@@ -52,12 +52,23 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore :func:`rng_state`'s result."""
+    """Restore :func:`rng_state`'s result (or a format-1 checkpoint's numpy state tuple)."""
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    if isinstance(numpy, dict):
+        numpy = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)
     random.setstate(state["random"])
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs: format-1 checkpoints stored numpy's RNG state as one."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def file_digest(path) -> Dict[str, Any]:
@@ -87,7 +98,7 @@ def verify_file(path: Path, expected: Optional[Dict[str, Any]]) -> Optional[str]
 
 def read_state(path) -> Dict[str, Any]:
     """Load a checkpoint file (or ``mpipar-consolidate``'s output) on the CPU with
-    ``weights_only=True``. Local.
+    ``weights_only=True``, numpy arrays allowed (format-1 RNG states). Local.
 
     Raises:
         ValueError: the file holds objects other than tensors and plain values (it
@@ -95,7 +106,8 @@ def read_state(path) -> Dict[str, Any]:
             could run code.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):  # the allow-list: numpy arrays only
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
         raise ValueError(f"{path} holds objects mpipar does not store{f' ({found})' if found else ''}; refusing "
