@@ -138,3 +138,32 @@ def test_cuda_tensors(comm, cuda_aware, monkeypatch):
         torch.equal(pending.wait().cpu(), torch.full((10,), float(comm.Get_size()), dtype=torch.float16))
     monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
     assert_all_ranks(comm, ok)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64, torch.bfloat16, torch.bool])
+def test_allgather_stacks_in_rank_order(comm, dtype):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    local = (torch.arange(6).reshape(2, 3) + 10 * rank).to(dtype)
+    output = torch.empty(size, 2, 3, dtype=dtype)
+    mpi_tensor.allgather_(output, local, comm)
+    expected = torch.stack([(torch.arange(6).reshape(2, 3) + 10 * r).to(dtype) for r in range(size)])
+    assert_all_ranks(comm, torch.equal(output, expected), f"{dtype}: {output}")
+
+
+@pytest.mark.mpi
+def test_allgather_non_contiguous_input_and_output(comm):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    local = torch.full((3, 2), float(rank)).t()  # not contiguous
+    base = torch.zeros(3, size * 2)
+    output = base.t()  # not contiguous: staged, then written back
+    mpi_tensor.allgather_(output, local, comm)
+    expected = torch.cat([torch.full((2, 3), float(r)) for r in range(size)])
+    assert_all_ranks(comm, torch.equal(output, expected) and torch.equal(base, expected.t()), str(output))
+
+
+def test_allgather_output_of_the_wrong_size_is_refused():
+    with pytest.raises(ValueError, match="1 x 6 elements of torch.float32"):
+        mpi_tensor.allgather_(torch.empty(5), torch.empty(6), MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="torch.float64"):
+        mpi_tensor.allgather_(torch.empty(6, dtype=torch.float64), torch.empty(6), MPI.COMM_SELF)

@@ -40,6 +40,7 @@ from mpipar.diagnostics import debug as _debug
 __all__ = [
     "allreduce_",
     "iallreduce_",
+    "allgather_",
     "bcast_",
     "send",
     "recv_",
@@ -237,6 +238,35 @@ def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None) ->
     call = None if hooks is None else hooks.collective("iallreduce_", tensor, comm, _debug.op_name(op))
     request = comm.Iallreduce(MPI.IN_PLACE, work.buffer, op=_reduce_op(op))
     return PendingOp(request, work, tensor, call)
+
+
+def allgather_(output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm) -> torch.Tensor:
+    """Allgather of equal-size tensors into ``output``: read flat (row-major), ``output``
+    holds rank 0's ``tensor``, then rank 1's, ... (e.g. shape ``(size, *tensor.shape)``).
+
+    Collective: every rank of ``comm`` calls it with a ``tensor`` of the same shape and
+    dtype. Size 1: ``output`` becomes a copy of ``tensor``.
+
+    Raises:
+        ValueError: when ``output`` does not hold ``size * tensor.numel()`` elements of
+            ``tensor``'s dtype (raised before MPI is called).
+    """
+    size = comm.Get_size()
+    if output.dtype != tensor.dtype or output.numel() != size * tensor.numel():
+        raise ValueError(
+            f"allgather_: output must hold {size} x {tensor.numel()} elements of {tensor.dtype} "
+            f"(communicator size x tensor), got {output.numel()} of {output.dtype}")
+    work = _prepare(tensor, reduce=False, read=True, write=False)
+    into = _prepare(output, reduce=False, read=False, write=True)
+    into.buffer[1] = work.buffer[1]  # the receive count is per rank
+    hooks = _debug.hooks
+    if hooks is None:
+        comm.Allgather(work.buffer, into.buffer)
+    else:
+        with hooks.collective("allgather_", tensor, comm, ""):
+            comm.Allgather(work.buffer, into.buffer)
+    into.finish()
+    return output
 
 
 def bcast_(tensor: torch.Tensor, comm: MPI.Intracomm, root: int = 0) -> torch.Tensor:

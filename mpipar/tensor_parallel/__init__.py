@@ -1,0 +1,25 @@
+"""Tensor ("true") model parallelism, Megatron-style: layers split inside, over a tensor-parallel communicator."""
+
+from mpipar.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from mpipar.tensor_parallel.mappings import (
+    copy_to_parallel,
+    gather_from_parallel,
+    reduce_from_parallel,
+    scatter_to_parallel,
+)
+from mpipar.tensor_parallel.mlp import ParallelMLP
+from mpipar.tensor_parallel.partition import shard_bounds, shard_size
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "ParallelMLP",
+    "vocab_parallel_cross_entropy",
+    "copy_to_parallel",
+    "reduce_from_parallel",
+    "scatter_to_parallel",
+    "gather_from_parallel",
+    "shard_size",
+    "shard_bounds",
+]
