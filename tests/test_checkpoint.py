@@ -47,11 +47,15 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_per_rank_checkpoint_needs_same_world_size(comm, mpi_tmp_path):
+def test_per_rank_checkpoint_on_another_number_of_ranks_is_marked_for_relayout(comm, mpi_tmp_path):
+    """Files per rank read by another number of ranks: every rank gets rank 0's state, marked, so
+    the strategy rebuilds its part from all the files; on the same ranks, each its own."""
     from mpi4py import MPI
 
     directory = shared_dir(comm, mpi_tmp_path)
-    Checkpointer(directory, comm, per_rank=True).save(1, {"x": 1})
+    Checkpointer(directory, comm, per_rank=True).save(1, {"rank": comm.Get_rank()})
     comm.Barrier()
-    with pytest.raises(ValueError, match=f"written by {comm.Get_size()} ranks"):
-        Checkpointer(directory, MPI.COMM_SELF, per_rank=True).resume()
+    _, own = Checkpointer(directory, comm).resume()
+    _, alone = Checkpointer(directory, MPI.COMM_SELF).resume()
+    assert_all_ranks(comm, own == {"rank": comm.Get_rank()} and alone == {"rank": 0, "relayout": True},
+                     f"{own} {alone}")

@@ -219,10 +219,13 @@ def test_stop_signal_checkpoints_requeues_and_resumes(straight_run, tmp_path, jo
 
 
 def test_check_same_run_ignores_free_settings_and_names_the_others():
-    saved = {"lr": 0.1, "threads": 2, "out": "a", "schedule": "gpipe", "stages": 2}
-    check_same_run(saved, {**saved, "threads": 8, "out": "b", "flush_every": 7})
+    saved = {"lr": 0.1, "threads": 2, "out": "a", "schedule": "gpipe", "microbatches": 2, "stages": 2,
+             "balance": "even", "placement": None}
+    # free: threads, logging, output, and a pipeline's layout (re-laid out on resume)
+    check_same_run(saved, {**saved, "threads": 8, "out": "b", "flush_every": 7, "stages": 3, "balance": (2, 2, 1),
+                           "placement": (0, 1, 1)})
     with pytest.raises(ValueError, match=r"^the checkpoint was written with other settings: lr: checkpoint 0.1, "
-                                         r"now 0.2, stages: checkpoint 2, now None; resume with the same flags$"):
+                                         r"now 0.2, microbatches: checkpoint 2, now None; resume with the same flags$"):
         check_same_run(saved, {"lr": 0.2, "threads": 2, "out": "a", "schedule": "gpipe"})
 
 
