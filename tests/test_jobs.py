@@ -87,3 +87,29 @@ def test_nan_loss_stops_with_the_step_and_keeps_metrics(tmp_path):
     assert result.returncode != 0 and "the loss became" in output and "at step" in output, output
     with h5py.File(out / "metrics.h5", "r") as f:
         assert len(f["steps/loss"]) >= 1 and not np.isfinite(f["steps/loss"][-1])
+
+
+TP_JOB = str(ROOT / "jobs" / "mlp_tp.py")
+
+
+@pytest.mark.parametrize("ranks,tp", [(2, 2), (4, 2)])
+def test_mlp_tp_trains_with_split_layers_and_writes_metrics(tmp_path, ranks, tp):
+    out = tmp_path / "run"
+    result = run_mpi(ranks, TP_JOB, *TINY, "--max-steps", "5", "--epochs", "1", "--tp", str(tp), "--out", str(out),
+                     timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"every linear layer split over {tp} ranks" in result.stdout and "final test accuracy" in result.stdout
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert f.attrs["strategy"] == "tensor_parallel" and f.attrs["tp"] == tp
+        assert f.attrs["replicas"] == ranks // tp
+        assert f["steps/samples"][0] == 16 * (ranks // tp)  # each group's batch counted once
+        assert (f["steps/bytes_sent"][...] > 0).all()  # every rank all-reduces its layers' sums
+        assert sorted(p.name for p in (out / "checkpoints" / "step-000000005").glob("rank-*.pt")) == \
+            [f"rank-{r}.pt" for r in range(ranks)]
+
+
+def test_mlp_tp_refuses_a_split_the_layers_cannot_take(tmp_path):
+    result = run_mpi(3, TP_JOB, *TINY, "--max-steps", "2", "--out", str(tmp_path / "run"), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert output.count("cannot be split evenly over 3 tensor-parallel ranks") == 1, output

@@ -16,6 +16,7 @@ from mpipar.pipeline.strategy import PipelineStrategy
 from mpipar.run.config import TrainConfig
 from mpipar.run.loop import train
 from mpipar.run.session import Session
+from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
 
 STEPS, BATCH = 3, 6  # BATCH: samples per rank (data parallel) or per rank of the pipeline's batch
 RESUMED_STEPS = 8  # resume tests: stopped at step 2, then 6 steps with a learning rate that matters
@@ -51,13 +52,13 @@ def serial_reference(directory, size, steps=STEPS):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("kind", ["data_parallel", "pipeline", "hybrid"])
+@pytest.mark.parametrize("kind", ["data_parallel", "pipeline", "hybrid", "tensor", "tensor_x_data"])
 def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind):
     from pathlib import Path
 
     size, rank = comm.Get_size(), comm.Get_rank()
-    if kind == "hybrid" and size % 2:
-        pytest.skip("a 2-stage grid needs an even number of ranks")
+    if kind in ("hybrid", "tensor_x_data") and size % 2:
+        pytest.skip("a grid of groups of 2 needs an even number of ranks")
     directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
     reference = serial_reference(directory, size)
 
@@ -67,6 +68,12 @@ def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind)
         run = session(comm, directory / kind, BATCH)
         strategy = DataParallelStrategy(model, comm)
         held = range(len(model))
+    elif kind.startswith("tensor"):
+        settings = TensorParallelConfig(tp=size if kind == "tensor" else 2)
+        replicas = size // settings.tp
+        run = session(comm, directory / kind, BATCH * size // replicas, settings)
+        strategy = TensorParallelStrategy(comm, model, settings, state=run.state)
+        held = []  # the shards are compared below, gathered back into the unsplit layers
     else:
         stages = size if kind == "pipeline" else 2
         settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages)
@@ -78,6 +85,21 @@ def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind)
     stopped = train(run, strategy, splits)
 
     problems = [] if not stopped else ["stopped early"]
+    if kind.startswith("tensor"):  # each shard against its slice of the unsplit layer
+        position = rank % settings.tp
+        blocks = [module for module in strategy.model if hasattr(module, "fc1")]
+        linears = [module for module in reference.modules() if isinstance(module, torch.nn.Linear)]
+        pairs = []
+        for block, (fc1, fc2) in zip(blocks, zip(linears[::2], linears[1::2])):
+            rows = slice(position * block.fc1.out_per_rank, (position + 1) * block.fc1.out_per_rank)
+            columns = slice(position * block.fc2.in_per_rank, (position + 1) * block.fc2.in_per_rank)
+            pairs += [(block.fc1.weight, fc1.weight[rows]), (block.fc1.bias, fc1.bias[rows]),
+                      (block.fc2.weight, fc2.weight[:, columns]), (block.fc2.bias, fc2.bias)]
+        for index, (mine, theirs) in enumerate(pairs):
+            if mine.shape != theirs.shape or not torch.allclose(mine, theirs, **TOL):
+                problems.append(f"shard {index}: {tuple(mine.shape)} vs {tuple(theirs.shape)}")
+        if len(blocks) != 2:
+            problems.append(f"{len(blocks)} tensor-parallel blocks, expected 2")
     for layer in held:
         for (name, mine), theirs in zip(model[layer].named_parameters(), reference[layer].parameters()):
             if not torch.allclose(mine, theirs, **TOL):

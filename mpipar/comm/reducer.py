@@ -94,6 +94,7 @@ class GradientReducer:
         self._active = False
         self._next_launch = 0
         self._zeroed: set = set()       # parameters whose view begin() zero-filled (no gradient yet)
+        self._accumulated: set = set()  # parameters that received a gradient since begin()
         self._counts = torch.zeros(3, dtype=torch.int64)  # samples, signature, signature squared
         self._counts_request: Optional[mpi_tensor.PendingOp] = None
         self._samples: Optional[int] = None
@@ -138,6 +139,7 @@ class GradientReducer:
         if num_samples is not None and num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self._zeroed.clear()
+        self._accumulated.clear()
         with torch.no_grad():
             for bucket in self.buckets:
                 for p, view in zip(bucket.params, bucket.views):
@@ -161,6 +163,12 @@ class GradientReducer:
         self._counts[2] = signature * signature
         self._counts_request = mpi_tensor.iallreduce_(self._counts, self.comm)
 
+    def note_accumulated(self, param: nn.Parameter) -> None:
+        """``param`` received (part of) its gradient in this step (a post-accumulate hook);
+        :meth:`mark_ready` notes it too. Local. A parameter neither noted nor holding a
+        gradient from before :meth:`begin` counts as unused on this rank."""
+        self._accumulated.add(id(param))
+
     def mark_ready(self, param: nn.Parameter) -> None:
         """``param``'s gradient for this step is final. Local; may start bucket Allreduces.
 
@@ -175,6 +183,7 @@ class GradientReducer:
                 f"(shared across a reentrant activation checkpoint?); its bucket may already have been averaged. "
                 f"Use torch.utils.checkpoint with use_reentrant=False, or do not share the parameter")
         bucket.ready.add(id(param))
+        self._accumulated.add(id(param))
         self._launch_ready(force=False)
 
     def _launch_ready(self, force: bool) -> None:
@@ -197,7 +206,7 @@ class GradientReducer:
                     view.zero_()
                     used = False
                 else:
-                    used = id(p) in bucket.ready or id(p) not in self._zeroed
+                    used = id(p) in self._accumulated or id(p) not in self._zeroed
                     if p.grad.data_ptr() != view.data_ptr():
                         view.copy_(p.grad)  # .grad was replaced after begin (zero_grad between forward and backward)
                 p.grad = view

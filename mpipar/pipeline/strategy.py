@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
 from mpipar.data.datasets import ArrayDataset
 from mpipar.data.sharding import rank_batches
@@ -23,7 +24,6 @@ from mpipar.pipeline.executor import Pipeline
 from mpipar.pipeline.microbatch import check_microbatches
 from mpipar.pipeline.partition import auto_balance, format_report, gather_stage_times, stage_sums
 from mpipar.pipeline.placement import Placement
-from mpipar.pipeline.replicas import ReplicaAverager
 from mpipar.pipeline.schedule import placement_bubble
 from mpipar.pipeline.timing import bubble_per_step
 from mpipar.run.consolidate import training_state

@@ -1,4 +1,4 @@
-"""Data parallelism across pipeline replicas: one position's gradients averaged over its copies."""
+"""Data parallelism across replicas of a partitioned model: one position's gradients averaged over its copies."""
 
 from __future__ import annotations
 
@@ -89,7 +89,10 @@ class ReplicaAverager:
             self._final.update(id(p) for p in module.parameters() if p.requires_grad)
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
-        if self.reducer.active and id(param) in self._final:
+        if not self.reducer.active:
+            return
+        self.reducer.note_accumulated(param)
+        if id(param) in self._final:
             self._final.discard(id(param))
             self.reducer.mark_ready(param)
 

@@ -1,0 +1,64 @@
+"""Train the 4-layer MLP of jobs/mlp_mp.py with every layer split by neurons over ranks (tensor parallelism).
+
+Usage:
+    mpirun -n 2 python jobs/mlp_tp.py --data fashion-mnist
+    mpirun -n 2 python jobs/mlp_tp.py --data synthetic --max-steps 20 --out runs/mlp_tp
+    mpirun -n 2 python jobs/mlp_tp.py --data synthetic --max-steps 20 --out runs/mlp_tp --resume
+    mpirun -n 4 python jobs/mlp_tp.py --tp 2 --data synthetic --max-steps 20 --out runs/mlp_tp_dp
+
+The model is Flatten, fc1 (784-256), fc2 (256-128), fc3 (128-100), fc4 (100-10), as in
+jobs/mlp_mp.py, but instead of placing whole layers on ranks, --tp consecutive ranks
+(default: all) each hold a slice of every layer's neurons: fc1 and fc3 are column-parallel
+(split outputs), fc2 and fc4 row-parallel (split inputs), so each pair costs one Allreduce
+forward and one backward (the backward one overlapped with the weight gradient). The
+hidden sizes 256 and 100 must be divisible by --tp (1, 2 or 4). A world of k x tp ranks
+runs k data-parallel replicas. Writes OUT/metrics.h5 like the other jobs (tensor-parallel
+Allreduce time and bytes in the communication fields, the attribute tp); each rank
+checkpoints its own shards and --resume continues the latest one, bitwise as if never
+interrupted. As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1
+OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than cores needs --oversubscribe.
+"""
+
+import signal
+
+EARLY_SIGNALS = []  # Slurm's warning signal can come while torch is still importing
+for _name in ("SIGUSR1", "SIGTERM"):
+    signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mpi4py import MPI
+
+from mpipar import models
+from mpipar.diagnostics.failure import abort_on_exception
+from mpipar.run.cli import training_parser
+from mpipar.run.loop import train
+from mpipar.run.session import Session
+from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
+
+SIZES = (256, 128, 100)
+
+
+def main(argv=None) -> None:
+    comm = MPI.COMM_WORLD
+    abort_on_exception(comm)
+    parser = training_parser(__doc__, rank=comm.Get_rank(), out="runs/mlp_tp", epochs=3, lr=0.05,
+                             batch_help="samples per tensor-parallel group per step")
+    parser.add_argument("--tp", type=int, default=0, help="ranks that split every layer (0: all ranks)")
+    args = parser.parse_args(argv)
+
+    session = Session.from_args(comm, args, EARLY_SIGNALS, model="mlp-" + "-".join(map(str, SIZES)),
+                                settings=lambda: TensorParallelConfig(tp=args.tp or comm.Get_size()))
+    splits = session.data()
+    shape = splits.model_shape
+    model = models.mlp([shape["in_channels"] * shape["image_size"] ** 2, *SIZES, shape["num_classes"]])
+    strategy = TensorParallelStrategy(comm, model, session.settings, bucket_mb=session.config.bucket_mb,
+                                      state=session.state)
+    train(session, strategy, splits)
+
+
+if __name__ == "__main__":
+    main()
