@@ -16,8 +16,6 @@ from torch import nn
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
 from mpipar.data.datasets import ArrayDataset
-from mpipar.data.sharding import rank_batches
-from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.executor import Pipeline
@@ -27,7 +25,7 @@ from mpipar.pipeline.placement import Placement
 from mpipar.pipeline.schedule import placement_bubble
 from mpipar.pipeline.timing import bubble_per_step
 from mpipar.run.consolidate import training_state
-from mpipar.run.evaluate import EvalResult
+from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.strategy import StepRecord
 
@@ -156,22 +154,16 @@ class PipelineStrategy:
     def end_epoch(self) -> None:
         self.averager.sync_buffers(self.pipe.local_module)
 
-    @torch.no_grad()
-    def evaluate(self, dataset: ArrayDataset, batch_size: int = 1000) -> EvalResult:
-        """Mean cross-entropy and accuracy over ``dataset``, each replica taking a share.
+    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+        """Loss and accuracy over ``dataset``, each replica taking a share (the forward schedule).
         Collective over the world; every rank gets the same result."""
-        was_training = self.model.training
-        self.model.eval()
-        totals = np.zeros(3)
-        for indices in rank_batches(len(dataset), batch_size, self.replicas, self.replica, seed=0, epoch=0,
-                                    shuffle=False):
-            images, labels = dataset.batch(indices)
-            result = self.pipe.evaluate(images, labels, microbatches=math.gcd(len(labels), self.pipe.microbatches))
-            if self.pipe.holds_last_stage:
-                totals += (result.loss * len(labels), (result.outputs.argmax(1) == labels).sum().item(), len(labels))
-        totals = collectives.allreduce_sum(self.world, totals, "evaluation")
-        self.model.train(was_training)
-        return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
+
+        def outputs(images, labels):
+            micro = math.gcd(len(labels), self.pipe.microbatches)  # a short last batch
+            return self.pipe.evaluate(images, labels, microbatches=micro).outputs
+
+        return evaluate(self.model, dataset, self.world, shards=self.replicas, shard=self.replica, outputs=outputs,
+                        counts=self.pipe.holds_last_stage)
 
     def state_dict(self) -> dict:
         return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,19 +26,34 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
-             batch_size: int = 1000) -> EvalResult:
-    """Mean cross-entropy and accuracy over the whole ``dataset``, each rank taking a
-    share. Collective over ``comm``; every rank gets the same result."""
+def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm, batch_size: int = 1000, *,
+             shards: Optional[int] = None, shard: Optional[int] = None,
+             outputs: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
+             counts: bool = True) -> EvalResult:
+    """Mean cross-entropy and accuracy over the whole ``dataset``, in eval mode.
+    Collective over ``comm``; every rank gets the same result.
+
+    Args:
+        model: put in eval mode for the pass (and back).
+        dataset: what to evaluate.
+        comm: every rank of the job.
+        shards, shard: the dataset is split into ``shards`` parts (data-parallel
+            replicas; default: the ranks of ``comm``) and this rank takes part ``shard``.
+        outputs: ``outputs(images, labels)``, the logits of a batch, or None on a rank
+            that holds none (a pipeline's other stages); default ``model(images)``.
+        counts: whether this rank's totals count (one rank per replica does).
+    """
+    shards = comm.Get_size() if shards is None else shards
+    shard = comm.Get_rank() if shard is None else shard
     was_training = model.training
     model.eval()
     totals = np.zeros(3)  # loss sum, correct, count
-    for indices in rank_batches(len(dataset), batch_size, comm.Get_size(), comm.Get_rank(),
-                                seed=0, epoch=0, shuffle=False):
+    for indices in rank_batches(len(dataset), batch_size, shards, shard, seed=0, epoch=0, shuffle=False):
         images, labels = dataset.batch(indices)
-        logits = model(images)
-        totals += (F.cross_entropy(logits, labels, reduction="sum").item(),
-                   (logits.argmax(1) == labels).sum().item(), len(labels))
+        logits = model(images) if outputs is None else outputs(images, labels)
+        if counts and logits is not None:
+            totals += (F.cross_entropy(logits, labels, reduction="sum").item(),
+                       (logits.argmax(1) == labels).sum().item(), len(labels))
     collectives.allreduce_sum(comm, totals, "evaluation")
     model.train(was_training)
     return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))

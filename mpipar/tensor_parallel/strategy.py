@@ -6,8 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-import numpy as np
-import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
@@ -16,10 +14,8 @@ from mpipar.comm.reducer import CommStats
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
 from mpipar.data.datasets import ArrayDataset
-from mpipar.data.sharding import rank_batches
-from mpipar.diagnostics import collectives
 from mpipar.diagnostics.failure import agreed
-from mpipar.run.evaluate import EvalResult
+from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.strategy import StepRecord
 from mpipar.tensor_parallel.mlp import ParallelMLP
@@ -133,23 +129,11 @@ class TensorParallelStrategy:
     def end_epoch(self) -> None:
         self.averager.sync_buffers(self.model)
 
-    @torch.no_grad()
-    def evaluate(self, dataset: ArrayDataset, batch_size: int = 1000) -> EvalResult:
+    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
         """Loss and accuracy over ``dataset``, each replica taking a share; every rank of a
-        group computes the same outputs. Collective over the world."""
-        was_training = self.model.training
-        self.model.eval()
-        totals = np.zeros(3)
-        for indices in rank_batches(len(dataset), batch_size, self.replicas, self.replica, seed=0, epoch=0,
-                                    shuffle=False):
-            images, labels = dataset.batch(indices)
-            logits = self.model(images)
-            if self.counts_samples:
-                totals += (F.cross_entropy(logits, labels, reduction="sum").item(),
-                           (logits.argmax(1) == labels).sum().item(), len(labels))
-        totals = collectives.allreduce_sum(self.world, totals, "evaluation")
-        self.model.train(was_training)
-        return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))
+        group computes the same outputs, one counts them. Collective over the world."""
+        return evaluate(self.model, dataset, self.world, shards=self.replicas, shard=self.replica,
+                        counts=self.counts_samples)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "tp": self.config.tp}
