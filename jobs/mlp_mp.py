@@ -41,8 +41,6 @@ from mpipar.run.cli import add_pipeline_flags, training_parser
 from mpipar.run.loop import train
 from mpipar.run.session import Session
 
-SIZES = (256, 128, 100)
-
 
 def main(argv=None) -> None:
     comm = MPI.COMM_WORLD
@@ -52,13 +50,12 @@ def main(argv=None) -> None:
     add_pipeline_flags(parser, schedule="naive", microbatches=1, placement="0,0,1,1,0", stages=False)
     args = parser.parse_args(argv)
 
-    session = Session.from_args(comm, args, EARLY_SIGNALS, model="mlp-" + "-".join(map(str, SIZES)),
+    session = Session.from_args(comm, args, EARLY_SIGNALS, model="mlp-" + "-".join(map(str, models.MLP_SIZES)),
                                 settings=lambda: PipelineConfig(schedule=args.schedule, microbatches=args.microbatches,
                                                                 stages=len(set(args.placement)),
                                                                 placement=args.placement))
     splits = session.data()
-    shape = splits.model_shape
-    model = models.mlp([shape["in_channels"] * shape["image_size"] ** 2, *SIZES, shape["num_classes"]])
+    model = models.image_mlp(**splits.model_shape)
     strategy = PipelineStrategy(comm, model, session.settings, batch_size=session.config.batch_size,
                                 bucket_mb=session.config.bucket_mb, state=session.state,
                                 checkpoint=session.resumed_from, say=session.say)

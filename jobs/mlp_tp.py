@@ -39,8 +39,6 @@ from mpipar.run.loop import train
 from mpipar.run.session import Session
 from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
 
-SIZES = (256, 128, 100)
-
 
 def main(argv=None) -> None:
     comm = MPI.COMM_WORLD
@@ -50,11 +48,10 @@ def main(argv=None) -> None:
     parser.add_argument("--tp", type=int, default=0, help="ranks that split every layer (0: all ranks)")
     args = parser.parse_args(argv)
 
-    session = Session.from_args(comm, args, EARLY_SIGNALS, model="mlp-" + "-".join(map(str, SIZES)),
+    session = Session.from_args(comm, args, EARLY_SIGNALS, model="mlp-" + "-".join(map(str, models.MLP_SIZES)),
                                 settings=lambda: TensorParallelConfig(tp=args.tp or comm.Get_size()))
     splits = session.data()
-    shape = splits.model_shape
-    model = models.mlp([shape["in_channels"] * shape["image_size"] ** 2, *SIZES, shape["num_classes"]])
+    model = models.image_mlp(**splits.model_shape)
     strategy = TensorParallelStrategy(comm, model, session.settings, bucket_mb=session.config.bucket_mb,
                                       state=session.state)
     train(session, strategy, splits)

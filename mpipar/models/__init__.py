@@ -1,8 +1,19 @@
 """Models built as flat ``nn.Sequential`` so any strategy can cut them into stages."""
 
-from mpipar.models.zoo import BasicBlock, Bottleneck, mlp, resnet, resnet18, resnet50, resnet_small
+from mpipar.models.zoo import (
+    MLP_SIZES,
+    BasicBlock,
+    Bottleneck,
+    image_mlp,
+    mlp,
+    resnet,
+    resnet18,
+    resnet50,
+    resnet_small,
+)
 
-__all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp", "IMAGE_MODELS"]
+__all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp", "image_mlp",
+           "MLP_SIZES", "IMAGE_MODELS"]
 
 IMAGE_MODELS = {
     "resnet-small": resnet_small,  # 8 layers, 78k parameters: CPUs

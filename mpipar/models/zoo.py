@@ -6,7 +6,8 @@ from typing import Sequence
 
 from torch import nn
 
-__all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp"]
+__all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp", "image_mlp",
+           "MLP_SIZES"]
 
 
 class BasicBlock(nn.Module):
@@ -118,3 +119,12 @@ def mlp(sizes: Sequence[int], *, flatten: bool = True) -> nn.Sequential:
         last = i == len(sizes) - 2
         layers.append(nn.Linear(n_in, n_out) if last else nn.Sequential(nn.Linear(n_in, n_out), nn.ReLU()))
     return nn.Sequential(*layers)
+
+
+MLP_SIZES = (256, 128, 100)
+"""The hidden sizes of the jobs' MLP (jobs/mlp_mp.py, jobs/mlp_tp.py)."""
+
+
+def image_mlp(in_channels: int, num_classes: int, image_size: int, hidden=MLP_SIZES) -> nn.Sequential:
+    """:func:`mlp` for flattened ``in_channels x image_size x image_size`` images."""
+    return mlp([in_channels * image_size * image_size, *hidden, num_classes])
