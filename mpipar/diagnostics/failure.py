@@ -94,7 +94,10 @@ def abort_on_exception(comm: MPI.Intracomm) -> None:
                 sys.stderr.write(f"mpipar: error: {exc_type.__name__}: {exc}\n")
                 sys.stderr.flush()
             sys.stdout.flush()
-            os._exit(EXIT_AGREED_ERROR) if size > 1 else sys.exit(EXIT_AGREED_ERROR)
+            if size > 1:
+                _after_rank_0_spoke(comm)  # an early exit elsewhere would let the launcher kill rank 0 first
+                os._exit(EXIT_AGREED_ERROR)
+            sys.exit(EXIT_AGREED_ERROR)
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         prefixed = "".join(f"[rank {rank}/{size}] {line}\n" for line in text.rstrip().splitlines())
         sys.stderr.write(f"mpipar: rank {rank} of {size} failed; aborting the job\n{prefixed}")
@@ -105,6 +108,20 @@ def abort_on_exception(comm: MPI.Intracomm) -> None:
         os._exit(1)
 
     sys.excepthook = hook
+
+
+def _after_rank_0_spoke(comm: MPI.Intracomm, timeout: float = 5.0) -> None:
+    """Wait (at most ``timeout`` s) until every rank, rank 0 after printing, reached this
+    point: a non-blocking barrier, so a rank that never comes cannot hold the exit."""
+    import time
+
+    try:
+        request = comm.Ibarrier()
+        deadline = time.monotonic() + timeout
+        while not request.Test() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
 
 
 class FaultInjection:
