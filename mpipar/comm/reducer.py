@@ -98,7 +98,6 @@ class GradientReducer:
         self._counts = torch.zeros(3, dtype=torch.int64)  # samples, signature, signature squared
         self._counts_request: Optional[mpi_tensor.PendingOp] = None
         self._samples: Optional[int] = None
-        self._signature = 0
         self._weight = 1.0 / self.size
         self._used = torch.zeros(len(self.params), dtype=torch.int32)
         self._used_request: Optional[mpi_tensor.PendingOp] = None
@@ -154,7 +153,6 @@ class GradientReducer:
         self._next_launch = 0
         self._active = True
         self._samples = num_samples
-        self._signature = signature
         if self.size == 1:
             self._weight = 1.0
             return
