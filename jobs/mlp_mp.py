@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     model = models.image_mlp(**splits.model_shape)
     strategy = PipelineStrategy(comm, model, session.settings, batch_size=session.config.batch_size,
                                 bucket_mb=session.config.bucket_mb, state=session.state,
-                                checkpoint=session.resumed_from, say=session.say)
+                                checkpoint=session.resumed_from, say=session.say, device=session.device)
     train(session, strategy, splits)
 
 

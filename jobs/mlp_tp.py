@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     splits = session.data()
     model = models.image_mlp(**splits.model_shape)
     strategy = TensorParallelStrategy(comm, model, session.settings, bucket_mb=session.config.bucket_mb,
-                                      state=session.state)
+                                      state=session.state, device=session.device)
     train(session, strategy, splits)
 
 

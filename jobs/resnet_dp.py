@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     session = Session.from_args(comm, args, EARLY_SIGNALS)
     splits = session.data()
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
-    strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb)
+    strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb, device=session.device)
     train(session, strategy, splits)
 
 

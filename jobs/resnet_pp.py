@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     if pipeline.balance == "auto" and comm.Get_rank() == 0:
         sample = splits.train.batch(range(max(1, config.batch_size // pipeline.microbatches)))[0]
     strategy = PipelineStrategy(comm, model, pipeline, batch_size=config.batch_size, bucket_mb=config.bucket_mb,
-                                state=session.state, checkpoint=session.resumed_from, sample=sample, say=session.say)
+                                state=session.state, checkpoint=session.resumed_from, sample=sample, say=session.say,
+                                device=session.device)
     train(session, strategy, splits)
 
 

@@ -22,25 +22,16 @@ def test_dtype_table_and_unsupported_dtype():
 def test_transport_choice():
     assert mpi_tensor.transport_for(torch.zeros(3)) == "host"
     assert mpi_tensor.transport_for(torch.zeros(3, 4).t()) == "staged"
-    assert mpi_tensor.transport_for(torch.zeros(3, dtype=torch.float16), reduce=True) == "staged"
-    assert mpi_tensor.transport_for(torch.zeros(3, dtype=torch.bfloat16)) == "host"
+    assert mpi_tensor.transport_for(torch.zeros(3, dtype=torch.float16), "allreduce") == "staged"
+    assert mpi_tensor.transport_for(torch.zeros(3, dtype=torch.float16), "iallreduce") == "staged"
+    assert mpi_tensor.transport_for(torch.zeros(3, dtype=torch.bfloat16), "send") == "host"
 
 
 def test_host_transport_hands_mpi_the_tensor_memory():
     tensor = torch.arange(4.0)
-    work = mpi_tensor._prepare(tensor, reduce=True, read=True, write=True)
+    work = mpi_tensor._prepare(tensor, "allreduce", read=True, write=True)
     buffer = work.buffer[0]
     assert buffer.address == tensor.data_ptr() and buffer.nbytes == 16
-
-
-def test_cuda_aware_override(monkeypatch):
-    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
-    monkeypatch.setenv("MPIPAR_CUDA_AWARE", "1")
-    assert mpi_tensor.cuda_aware_mpi() is True
-    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
-    monkeypatch.setenv("MPIPAR_CUDA_AWARE", "0")
-    assert mpi_tensor.cuda_aware_mpi() is False
-    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
 
 
 @pytest.mark.mpi
@@ -116,28 +107,6 @@ def test_empty_tensor(comm):
     tensor = torch.empty(0)
     mpi_tensor.allreduce_(tensor, comm)
     assert_all_ranks(comm, tensor.numel() == 0)
-
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@needs_cuda
-@pytest.mark.mpi
-@pytest.mark.parametrize("cuda_aware", ["0", "1"])
-def test_cuda_tensors(comm, cuda_aware, monkeypatch):
-    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
-    monkeypatch.setenv("MPIPAR_CUDA_AWARE", cuda_aware)
-    if cuda_aware == "1" and getattr(MPI, "Query_cuda_support", lambda: False)() is False:
-        pytest.skip("this MPI is not CUDA-aware")
-    device = torch.device("cuda", comm.Get_rank() % torch.cuda.device_count())
-    tensor = torch.full((1000,), float(comm.Get_rank()), device=device) * 2
-    mpi_tensor.allreduce_(tensor, comm)
-    pending = mpi_tensor.iallreduce_(torch.ones(10, device=device, dtype=torch.float16), comm)
-    total = float(sum(range(comm.Get_size())) * 2)
-    ok = torch.equal(tensor.cpu(), torch.full((1000,), total)) and \
-        torch.equal(pending.wait().cpu(), torch.full((10,), float(comm.Get_size()), dtype=torch.float16))
-    monkeypatch.setattr(mpi_tensor, "_cuda_aware", None)
-    assert_all_ranks(comm, ok)
 
 
 @pytest.mark.mpi

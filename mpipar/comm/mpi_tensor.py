@@ -4,11 +4,19 @@ Nothing else in mpipar converts tensors for MPI. Three transports:
 
 * ``host``: a contiguous CPU tensor of an MPI-native dtype is handed to MPI as a
   raw buffer at its own address (no copy).
-* ``cuda-aware``: a CUDA tensor is handed to MPI as a device buffer; the current
-  CUDA stream is synchronised first (MPI does not know torch's streams).
-* ``staged``: anything else (CUDA tensors with an MPI that is not CUDA-aware,
-  non-contiguous tensors, fp16/bf16 in reductions) goes through a contiguous host
-  copy, pinned when the source is on a GPU; results are copied back.
+* ``cuda-aware``: a CUDA tensor is handed to MPI as a device buffer (detached, for
+  mpi4py's DLPack import); the current CUDA stream is synchronised first (MPI does
+  not know torch's streams). Only where :mod:`mpipar.comm.cuda_aware` allows it: a
+  CUDA-aware MPI, and a point-to-point call or a blocking collective.
+* ``staged``: anything else (CUDA tensors otherwise, non-contiguous tensors,
+  fp16/bf16 in reductions) goes through a contiguous host copy, pinned when the
+  source is on a GPU; results are copied back. The gradient reducer keeps its own
+  per-bucket pinned buffers and copies on a side stream (:mod:`mpipar.comm.staging`).
+
+MPI may be called from a thread other than the main one (autograd runs the backward
+of CUDA tensors, and so gradient hooks, on a device thread): that needs an MPI
+initialised with ``MPI_THREAD_MULTIPLE`` (mpi4py's default), checked at every call
+from another thread; a lower level raises RuntimeError instead of undefined behaviour.
 
 Reductions of float16 and bfloat16 are carried out in float32 (MPI has no
 reduction for them); point-to-point transfers and broadcasts of those dtypes move
@@ -20,21 +28,21 @@ sends a small header ahead of each point-to-point message; a stall watchdog
 (:mod:`mpipar.diagnostics.watchdog`) records which operation this rank waits in. Both act
 through ``debug.hooks``; while both are off every call costs one ``if`` more.
 
-Whether the MPI is CUDA-aware is probed once (``MPIX_Query_cuda_support`` through
-mpi4py where available) and can be forced with the environment variable
-``MPIPAR_CUDA_AWARE=1`` or ``0``.
+Whether the MPI is CUDA-aware is decided once by :mod:`mpipar.comm.cuda_aware`
+(``MPIX_Query_cuda_support`` from the loaded library; ``MPIPAR_CUDA_AWARE=1``/``0``
+overrides it).
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from mpi4py import MPI
 
+from mpipar.comm import cuda_aware
 from mpipar.diagnostics import debug as _debug
 
 __all__ = [
@@ -50,10 +58,10 @@ __all__ = [
     "wait_all",
     "mpi_datatype",
     "transport_for",
+    "choose_transport",
     "cuda_aware_mpi",
+    "check_thread",
 ]
-
-log = logging.getLogger("mpipar.comm.mpi_tensor")
 
 _MPI_DATATYPES = {
     torch.float32: MPI.FLOAT,
@@ -70,9 +78,6 @@ _MPI_DATATYPES = {
 # dtypes MPI can move as bytes but cannot reduce: reductions run in float32.
 _REDUCE_UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
-_cuda_aware: Optional[bool] = None
-
-
 def mpi_datatype(dtype: torch.dtype) -> MPI.Datatype:
     """The MPI datatype for a torch dtype. Raises TypeError for unsupported ones."""
     try:
@@ -87,42 +92,47 @@ def mpi_datatype(dtype: torch.dtype) -> MPI.Datatype:
 
 
 def cuda_aware_mpi() -> bool:
-    """True when device buffers may be handed to MPI directly.
-
-    ``MPIPAR_CUDA_AWARE`` (``1``/``0``) overrides the probe. The answer is
-    cached for the life of the process and the path taken is logged once.
-    """
-    global _cuda_aware
-    if _cuda_aware is None:
-        forced = os.environ.get("MPIPAR_CUDA_AWARE", "").strip().lower()
-        if forced in ("1", "true", "yes", "on"):
-            _cuda_aware, why = True, "MPIPAR_CUDA_AWARE=1"
-        elif forced in ("0", "false", "no", "off"):
-            _cuda_aware, why = False, "MPIPAR_CUDA_AWARE=0"
-        else:
-            query = getattr(MPI, "Query_cuda_support", None)
-            if query is None:
-                _cuda_aware, why = False, "this MPI cannot report CUDA support"
-            else:
-                _cuda_aware = bool(query())
-                why = "MPIX_Query_cuda_support()"
-        path = "CUDA-aware (device buffers to MPI)" if _cuda_aware else "staged via pinned host memory"
-        log.info("GPU tensors: %s [%s]", path, why)
-    return _cuda_aware
+    """True when this MPI takes device buffers (in the calls of ``cuda_aware.DEVICE_BUFFER_CALLS``)."""
+    return cuda_aware.cuda_awareness().aware
 
 
-def transport_for(tensor: torch.Tensor, reduce: bool = False) -> str:
-    """Which transport a tensor takes: 'host', 'cuda-aware' or 'staged'."""
+def transport_for(tensor: torch.Tensor, call: str = "allreduce") -> str:
+    """Which transport ``tensor`` takes in the mpi_tensor function named ``call``:
+    'host', 'cuda-aware' or 'staged'. Raises TypeError for a dtype MPI cannot carry."""
     mpi_datatype(tensor.dtype)  # raises TypeError early
-    if reduce and tensor.dtype in _REDUCE_UPCAST:
+    aware = tensor.is_cuda and cuda_aware_mpi()
+    return choose_transport(tensor.device.type, tensor.is_contiguous(), tensor.dtype in _REDUCE_UPCAST, call, aware)
+
+
+def choose_transport(device_type: str, contiguous: bool, half: bool, call: str, cuda_aware_mpi: bool) -> str:
+    """The rule behind :func:`transport_for`, for a tensor on ``device_type``: device
+    buffers go to MPI only from a CUDA-aware MPI and in the calls of
+    ``cuda_aware.DEVICE_BUFFER_CALLS``; half-precision reductions, non-contiguous
+    tensors and other devices are staged."""
+    if (half and call in ("allreduce", "iallreduce")) or not contiguous:
         return "staged"
-    if not tensor.is_contiguous():
-        return "staged"
-    if tensor.is_cuda:
-        return "cuda-aware" if cuda_aware_mpi() else "staged"
-    if tensor.device.type != "cpu":
-        return "staged"
-    return "host"
+    if device_type == "cuda":
+        return "cuda-aware" if cuda_aware_mpi and call in cuda_aware.DEVICE_BUFFER_CALLS else "staged"
+    return "host" if device_type == "cpu" else "staged"
+
+
+_thread_multiple: Optional[bool] = None
+
+
+def check_thread() -> None:
+    """Raise RuntimeError when MPI is called from a thread other than the main one and
+    MPI was not initialised with ``MPI_THREAD_MULTIPLE``. Local."""
+    global _thread_multiple
+    if threading.current_thread() is threading.main_thread():
+        return
+    if _thread_multiple is None:
+        _thread_multiple = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+    if not _thread_multiple:
+        raise RuntimeError(
+            f"mpipar called MPI from thread {threading.current_thread().name!r} (autograd's device thread runs "
+            f"the backward of CUDA tensors), but MPI was initialised with a thread level below "
+            f"MPI_THREAD_MULTIPLE; leave mpi4py.rc.thread_level at its default 'multiple' (and use an MPI "
+            f"that supports it)")
 
 
 @dataclass
@@ -143,14 +153,17 @@ def _spec(tensor: torch.Tensor, raw_bytes: bool) -> list:
     if raw_bytes or tensor.dtype in _REDUCE_UPCAST:
         return [_raw(tensor), tensor.numel() * tensor.element_size(), MPI.BYTE]
     datatype = mpi_datatype(tensor.dtype)
-    if tensor.is_cuda:
-        return [tensor, tensor.numel(), datatype]  # mpi4py reads __cuda_array_interface__
+    if tensor.is_cuda:  # mpi4py imports it through DLPack, which refuses tensors that require grad
+        return [tensor.detach(), tensor.numel(), datatype]
     return [_raw(tensor), tensor.numel(), datatype]
 
 
-def _prepare(tensor: torch.Tensor, *, reduce: bool, read: bool, write: bool) -> _Work:
-    """Make an MPI view of ``tensor``; ``read``: MPI reads it, ``write``: MPI writes it."""
-    path = transport_for(tensor, reduce=reduce)
+def _prepare(tensor: torch.Tensor, call: str, *, read: bool, write: bool) -> _Work:
+    """Make an MPI view of ``tensor`` for the function ``call``; ``read``: MPI reads it,
+    ``write``: MPI writes it."""
+    check_thread()
+    reduce = call in ("allreduce", "iallreduce")
+    path = transport_for(tensor, call)
     if path == "host":
         return _Work(_spec(tensor, raw_bytes=False), lambda: None, [tensor])
     if path == "cuda-aware":
@@ -160,11 +173,13 @@ def _prepare(tensor: torch.Tensor, *, reduce: bool, read: bool, write: bool) -> 
     host = torch.empty(tensor.shape, dtype=work_dtype, device="cpu",
                        pin_memory=tensor.is_cuda)
     if read:
-        host.copy_(tensor)
+        with torch.no_grad():
+            host.copy_(tensor)  # synchronous: MPI reads the host copy next
 
     def finish() -> None:
         if write:
-            tensor.copy_(host)
+            with torch.no_grad():
+                tensor.copy_(host)
 
     return _Work(_spec(host, raw_bytes=False), finish, [host, tensor])
 
@@ -218,7 +233,7 @@ def _reduce_op(op):
 def allreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None) -> torch.Tensor:
     """In-place Allreduce (default SUM). Collective: every rank of ``comm``
     calls it with a tensor of the same shape and dtype. Size 1: no-op."""
-    work = _prepare(tensor, reduce=True, read=True, write=True)
+    work = _prepare(tensor, "allreduce", read=True, write=True)
     hooks = _debug.hooks
     if hooks is None:
         comm.Allreduce(MPI.IN_PLACE, work.buffer, op=_reduce_op(op))
@@ -233,7 +248,7 @@ def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None) ->
     """Start an in-place non-blocking Allreduce. Collective: every rank starts the
     same sequence of these in the same order (in debug mode starting one blocks
     until every rank has started it, to compare them)."""
-    work = _prepare(tensor, reduce=True, read=True, write=True)
+    work = _prepare(tensor, "iallreduce", read=True, write=True)
     hooks = _debug.hooks
     call = None if hooks is None else hooks.collective("iallreduce_", tensor, comm, _debug.op_name(op))
     request = comm.Iallreduce(MPI.IN_PLACE, work.buffer, op=_reduce_op(op))
@@ -256,8 +271,8 @@ def allgather_(output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm) 
         raise ValueError(
             f"allgather_: output must hold {size} x {tensor.numel()} elements of {tensor.dtype} "
             f"(communicator size x tensor), got {output.numel()} of {output.dtype}")
-    work = _prepare(tensor, reduce=False, read=True, write=False)
-    into = _prepare(output, reduce=False, read=False, write=True)
+    work = _prepare(tensor, "allgather", read=True, write=False)
+    into = _prepare(output, "allgather", read=False, write=True)
     into.buffer[1] = work.buffer[1]  # the receive count is per rank
     hooks = _debug.hooks
     if hooks is None:
@@ -272,7 +287,7 @@ def allgather_(output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm) 
 def bcast_(tensor: torch.Tensor, comm: MPI.Intracomm, root: int = 0) -> torch.Tensor:
     """In-place broadcast from ``root``. Collective: same shape and dtype on every rank."""
     is_root = comm.Get_rank() == root
-    work = _prepare(tensor, reduce=False, read=is_root, write=not is_root)
+    work = _prepare(tensor, "bcast", read=is_root, write=not is_root)
     hooks = _debug.hooks
     if hooks is None:
         comm.Bcast(work.buffer, root=root)
@@ -285,7 +300,7 @@ def bcast_(tensor: torch.Tensor, comm: MPI.Intracomm, root: int = 0) -> torch.Te
 
 def send(tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int = 0) -> None:
     """Blocking send; the receiver calls ``recv_`` with the same shape and dtype."""
-    work = _prepare(tensor, reduce=False, read=True, write=False)
+    work = _prepare(tensor, "send", read=True, write=False)
     hooks = _debug.hooks
     if hooks is None:
         comm.Send(work.buffer, dest=dest, tag=tag)
@@ -296,7 +311,7 @@ def send(tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int = 0) -> 
 def recv_(tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int = 0) -> torch.Tensor:
     """Blocking receive into ``tensor`` (its shape and dtype must match the sender's;
     in debug mode a mismatch raises ``debug.MismatchError`` naming both)."""
-    work = _prepare(tensor, reduce=False, read=False, write=True)
+    work = _prepare(tensor, "recv", read=False, write=True)
     hooks = _debug.hooks
     if hooks is None:
         comm.Recv(work.buffer, source=source, tag=tag)
@@ -309,7 +324,7 @@ def recv_(tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int = 0) 
 
 def isend(tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int = 0) -> PendingOp:
     """Non-blocking send; do not modify ``tensor`` before ``wait()``."""
-    work = _prepare(tensor, reduce=False, read=True, write=False)
+    work = _prepare(tensor, "isend", read=True, write=False)
     hooks = _debug.hooks
     call = None if hooks is None else hooks.send(tensor, comm, dest, tag)
     return PendingOp(comm.Isend(work.buffer, dest=dest, tag=tag), work, tensor, call)
@@ -317,7 +332,7 @@ def isend(tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int = 0) ->
 
 def irecv_(tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int = 0) -> PendingOp:
     """Non-blocking receive into ``tensor``; its contents are valid after ``wait()``."""
-    work = _prepare(tensor, reduce=False, read=False, write=True)
+    work = _prepare(tensor, "irecv", read=False, write=True)
     hooks = _debug.hooks
     call = None if hooks is None else hooks.recv(tensor, comm, source, tag)
     return PendingOp(comm.Irecv(work.buffer, source=source, tag=tag), work, tensor, call)

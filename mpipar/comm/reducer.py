@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 
@@ -12,6 +13,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm import mpi_tensor
+from mpipar.comm.staging import HostMirror
 
 __all__ = ["GradientReducer", "CommStats", "average_buffers", "layout_signature"]
 
@@ -43,6 +45,7 @@ class _Bucket:
     views: List[torch.Tensor]
     ready: set = field(default_factory=set)
     pending: Optional[mpi_tensor.PendingOp] = None
+    mirror: Optional[HostMirror] = None  # a CUDA bucket's pinned host copy (MPI reduces it, not device memory)
 
 
 def layout_signature(values: Iterable) -> int:
@@ -69,7 +72,12 @@ class GradientReducer:
 
     Collective contract: every rank of ``comm`` builds the reducer with parameters
     of the same shapes and dtypes in the same order (callers agree on it first) and
-    calls :meth:`begin` and :meth:`finish` the same number of times. ``signature``
+    calls :meth:`begin` and :meth:`finish` the same number of times. A CUDA bucket is
+    copied to its pinned host mirror on a side stream when complete, and its
+    Allreduce starts once the copy has landed (polled, so backward never waits for
+    it); buckets still start in bucket order. With CUDA tensors the hooks run on
+    autograd's device thread: MPI must be initialised with ``MPI_THREAD_MULTIPLE``
+    (checked, RuntimeError otherwise). ``signature``
     (an int from :func:`layout_signature`) must be equal on every rank: it is
     checked inside the sample-count Allreduce, and a difference raises ValueError on
     every rank at the first bucket. Size 1: nothing is communicated; gradients are
@@ -89,6 +97,15 @@ class GradientReducer:
         self.params = list(params)
         self.stats = CommStats()
         self.buckets = self._build(self.params, bucket_cap_mb * 2**20)
+        if self.size > 1:
+            for bucket in self.buckets:
+                if bucket.buffer.is_cuda and mpi_tensor.transport_for(bucket.buffer, "iallreduce") == "staged":
+                    bucket.mirror = HostMirror(bucket.buffer)
+            if any(b.buffer.is_cuda for b in self.buckets) and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+                raise RuntimeError("averaging CUDA gradients calls MPI from autograd's device thread, which needs "
+                                   "MPI initialised with MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level='multiple', "
+                                   "the default)")
+        self._copying: deque = deque()  # buckets whose device -> host copy is in flight, in launch order
         self._bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket.params}
         self._first_flag = [sum(len(b.params) for b in self.buckets[:index]) for index in range(len(self.buckets))]
         self._active = False
@@ -192,6 +209,7 @@ class GradientReducer:
             self._launch(bucket)
             self.launched_early += not force
             self._next_launch += 1
+        self._start_copied(block=False)
         for bucket in self.buckets[:self._next_launch]:  # let MPI progress (no progress thread assumed)
             if bucket.pending is not None:
                 bucket.pending.test()
@@ -213,9 +231,24 @@ class GradientReducer:
             if self.size == 1:
                 return
             bucket.buffer.mul_(self._weight)
-        bucket.pending = mpi_tensor.iallreduce_(bucket.buffer, self.comm)
-        payload = bucket.buffer.numel() * bucket.buffer.element_size()
-        self.stats.bytes_sent += 2.0 * (self.size - 1) / self.size * payload
+        if bucket.mirror is None:
+            self._start_allreduce(bucket, bucket.buffer)
+        else:
+            bucket.mirror.download()
+            self._copying.append(bucket)
+            self._start_copied(block=False)
+
+    def _start_allreduce(self, bucket: _Bucket, tensor: torch.Tensor) -> None:
+        bucket.pending = mpi_tensor.iallreduce_(tensor, self.comm)
+        self.stats.bytes_sent += 2.0 * (self.size - 1) / self.size * tensor.numel() * tensor.element_size()
+
+    def _start_copied(self, block: bool) -> None:
+        """Start the Allreduces of mirrored buckets whose host copy has landed, in launch
+        order (all of them, waiting for each copy, when ``block``)."""
+        while self._copying and (block or self._copying[0].mirror.ready()):
+            bucket = self._copying.popleft()
+            bucket.mirror.wait()  # the GPU finishing the gradients: compute, not communication
+            self._start_allreduce(bucket, bucket.mirror.host)
 
     def _wait_counts(self) -> None:
         if self._counts_request is None:
@@ -243,6 +276,7 @@ class GradientReducer:
         if not self._active:
             return
         self._launch_ready(force=True)
+        self._start_copied(block=True)
         begin = time.perf_counter()
         if self.size > 1:
             self._used_request = mpi_tensor.iallreduce_(self._used, self.comm)
@@ -250,6 +284,8 @@ class GradientReducer:
             if bucket.pending is not None:
                 bucket.pending.wait()
                 bucket.pending = None
+                if bucket.mirror is not None:
+                    bucket.mirror.upload()
         if self._used_request is not None:
             self._used_request.wait()
             self._used_request = None

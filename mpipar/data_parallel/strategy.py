@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
@@ -24,16 +25,17 @@ class DataParallelStrategy:
     :class:`DataParallel` averages gradients (sample-weighted) during backward.
     Checkpoints are rank 0's model plus every rank's buffers (replicas' BatchNorm
     statistics differ between epoch ends; storing them all means saving never
-    changes the run); they resume on any number of ranks. Collective over ``comm``,
-    like the loop.
+    changes the run); they resume on any number of ranks. ``device``: where the
+    model goes (batches come there from the loop). Collective over ``comm``, like the loop.
     """
 
     name = "data_parallel"
     full_steps_only = False
     checkpoint_per_rank = False
 
-    def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0):
-        self.model = model
+    def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0,
+                 device: torch.device | str = "cpu"):
+        self.model = model.to(device)
         self.comm = comm
         self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb)
         self.replicas, self.replica = comm.Get_size(), comm.Get_rank()

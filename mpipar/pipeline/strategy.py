@@ -87,6 +87,7 @@ class PipelineStrategy:
         checkpoint: the directory ``state`` came from.
         sample: a batch of inputs for ``balance="auto"`` profiling (rank 0).
         say: prints on rank 0.
+        device: where this rank's stages go (the rest of ``model`` stays where it is).
     """
 
     full_steps_only = True
@@ -94,7 +95,8 @@ class PipelineStrategy:
 
     def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: PipelineConfig, *, batch_size: int,
                  bucket_mb: float = 25.0, state: Optional[dict] = None, checkpoint=None,
-                 sample: Optional[torch.Tensor] = None, say: Callable[[str], None] = print):
+                 sample: Optional[torch.Tensor] = None, say: Callable[[str], None] = print,
+                 device: torch.device | str = "cpu"):
         collective_check(world, lambda: check_microbatches(batch_size, config.microbatches),
                          "--batch-size and --microbatches")
         self.world, self.model, self.config = world, model, config
@@ -110,6 +112,8 @@ class PipelineStrategy:
                 say(f"re-laid out the checkpoint's placement {state['placement']} as {list(self.placement.ranks)}")
         self.pipe = Pipeline(model, self.grid.pipeline_comm, self.placement, schedule=config.schedule,
                              microbatches=config.microbatches, loss_fn=F.cross_entropy)
+        self.device = torch.device(device)
+        self.pipe.local_module.to(device)
         self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb)
         self.name = "pipeline" if self.grid.replicas == 1 else "pipeline_hybrid"
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
@@ -163,7 +167,7 @@ class PipelineStrategy:
             return self.pipe.evaluate(images, labels, microbatches=micro).outputs
 
         return evaluate(self.model, dataset, self.world, shards=self.replicas, shard=self.replica, outputs=outputs,
-                        counts=self.pipe.holds_last_stage)
+                        counts=self.pipe.holds_last_stage, device=self.device)
 
     def state_dict(self) -> dict:
         return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),

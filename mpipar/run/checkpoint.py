@@ -36,17 +36,20 @@ _NAME = re.compile(r"^step-(\d{9})$")
 FORMAT = 2
 """Checkpoint format: 2 records files' sizes and SHA-256 in ``meta.json``; 1 (mpipar 0.1) did not."""
 
-FREE_SETTINGS = frozenset({"threads", "log_every", "flush_every", "checkpoint_every", "out",
+FREE_SETTINGS = frozenset({"threads", "log_every", "flush_every", "checkpoint_every", "out", "device",
                            "stages", "balance", "placement"})
 """Settings a resumed run may change: they do not change the results (the layout of a pipeline
-included: a checkpoint is re-laid out on the new placement)."""
+included: a checkpoint is re-laid out on the new placement; the device too: checkpoints load on
+the CPU and move to wherever the model is)."""
 
 
 def rng_state() -> Dict[str, Any]:
     """This process's random number generator states (torch, numpy, random), as tensors and
     plain values (what ``weights_only`` loading accepts)."""
     name, keys, position, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "random": random.getstate(),
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else {}
+    return {"torch": torch.get_rng_state(), "random": random.getstate(), **cuda,
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
@@ -54,6 +57,9 @@ def rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore :func:`rng_state`'s result (or a format-1 checkpoint's numpy state tuple)."""
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")  # a GPU run's; a run resumed on other (or no) GPUs keeps its own seeds
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     numpy = state["numpy"]
     if isinstance(numpy, dict):
         numpy = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],

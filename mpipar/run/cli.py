@@ -47,6 +47,9 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks per node)")
     if models:
         p.add_argument("--model", choices=sorted(models), default="resnet-small")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="cuda: one GPU per rank (node-local rank mod visible GPUs); auto: cuda when every rank "
+                        "sees a GPU, else cpu")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
     p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
@@ -105,4 +108,4 @@ def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -
         data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
         model=model or args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device)

@@ -14,7 +14,8 @@ class TrainConfig:
     """What a training job was asked to do. Raises ValueError naming the bad field.
 
     ``batch_size`` is per rank; ``max_steps`` (optional) stops after that many
-    optimizer steps in total; ``threads`` is torch's intra-op threads per rank.
+    optimizer steps in total; ``threads`` is torch's intra-op threads per rank;
+    ``device``: ``cpu``, ``cuda`` (one GPU per rank) or ``auto`` (cuda when every rank has one).
     """
 
     data: str = "fashion-mnist"
@@ -32,6 +33,7 @@ class TrainConfig:
     flush_every: int = 50
     log_every: float = 10.0
     checkpoint_every: int = 0
+    device: str = "auto"
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -45,6 +47,8 @@ class TrainConfig:
             raise ValueError(f"--momentum and --weight-decay must be >= 0, got {self.momentum}, {self.weight_decay}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 

@@ -29,7 +29,7 @@ class EvalResult:
 def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm, batch_size: int = 1000, *,
              shards: Optional[int] = None, shard: Optional[int] = None,
              outputs: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
-             counts: bool = True) -> EvalResult:
+             counts: bool = True, device: Optional[torch.device] = None) -> EvalResult:
     """Mean cross-entropy and accuracy over the whole ``dataset``, in eval mode.
     Collective over ``comm``; every rank gets the same result.
 
@@ -42,14 +42,17 @@ def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
         outputs: ``outputs(images, labels)``, the logits of a batch, or None on a rank
             that holds none (a pipeline's other stages); default ``model(images)``.
         counts: whether this rank's totals count (one rank per replica does).
+        device: where batches go (default: where ``model``'s first parameter is).
     """
     shards = comm.Get_size() if shards is None else shards
     shard = comm.Get_rank() if shard is None else shard
+    if device is None:
+        device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     was_training = model.training
     model.eval()
     totals = np.zeros(3)  # loss sum, correct, count
     for indices in rank_batches(len(dataset), batch_size, shards, shard, seed=0, epoch=0, shuffle=False):
-        images, labels = dataset.batch(indices)
+        images, labels = (t.to(device) for t in dataset.batch(indices))
         logits = model(images) if outputs is None else outputs(images, labels)
         if counts and logits is not None:
             totals += (F.cross_entropy(logits, labels, reduction="sum").item(),

@@ -9,6 +9,7 @@ from typing import Callable
 
 from mpi4py import MPI
 
+from mpipar.comm import cuda_aware
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import agreed
 
@@ -18,7 +19,7 @@ __all__ = ["check_world_size", "threads_per_rank", "prepare_output_dir", "RootPr
 
 def mpi_library() -> str:
     """The MPI library's name and version, one line."""
-    return MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].split(",")[0]
+    return cuda_aware.library_name()
 
 
 def check_world_size(comm: MPI.Intracomm, environ=os.environ) -> None:

@@ -7,6 +7,7 @@ import time
 import torch
 
 from mpipar import __version__
+from mpipar.comm.device import to_device
 from mpipar.data.datasets import DataSplits
 from mpipar.data.sharding import rank_batches, steps_per_epoch
 from mpipar.run.checkpoint import rng_state, set_rng_state
@@ -70,7 +71,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     metrics = MetricsWriter(session.out / "metrics.h5", comm, strategy=strategy.name, config=session.run_config,
                             flush_every=config.flush_every, resume=session.resume, resume_at_step=step,
                             wait_groups=strategy.wait_groups,
-                            attrs={"model": config.model, **strategy.metrics_attrs})
+                            attrs={"model": config.model, **session.device_attrs, **strategy.metrics_attrs})
     say(f"mpipar {__version__}: {strategy.name} on {comm.Get_size()} ranks x {config.threads} threads, "
         f"{mpi_library()}")
     say(f"data: {splits.description}")
@@ -115,7 +116,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             session.watchdog.label(epoch=epoch + 1, step=step)
             clock = Stopwatch()
             indices = batches[step_in_epoch]
-            batch = train_set.batch(indices) if strategy.needs_batch() else None
+            batch = to_device(train_set.batch(indices), session.device) if strategy.needs_batch() else None
             data_time = clock.lap()
             optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
             record = strategy.train_step(batch)

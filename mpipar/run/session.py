@@ -9,6 +9,8 @@ from typing import Any, Callable, Optional
 import torch
 from mpi4py import MPI
 
+from mpipar.comm import cuda_aware
+from mpipar.comm.device import describe, select_device
 from mpipar.data.datasets import DataSplits, resolve
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.diagnostics.failure import FaultInjection
@@ -41,6 +43,8 @@ class Session:
         stop: the signal flag (:class:`~mpipar.run.launch.StopRequest`).
 
     Attributes:
+        device: this rank's device (:func:`~mpipar.comm.device.select_device` of ``config.device``).
+        device_attrs: the device and the CUDA-aware-MPI decision, for the metrics file.
         out: the output directory. ``checkpoints``: its :class:`Checkpointer`.
         state: the checkpoint being resumed (this rank's part) or None.
         run_config: ``config`` and ``settings`` as one dict.
@@ -58,7 +62,14 @@ class Session:
         agree_on(comm, "the configuration", {k: v for k, v in self.run_config.items() if k != "threads"},
                  hint="launch every rank with the same arguments")
         torch.set_num_threads(config.threads)
+        self.device = select_device(comm, config.device)
         torch.manual_seed(config.seed)
+        self.say(describe(comm, self.device))
+        self.device_attrs = {"device": self.device.type}
+        if self.device.type == "cuda":
+            decision = cuda_aware.cuda_awareness()
+            self.say(decision.describe())
+            self.device_attrs.update(cuda_aware=int(decision.aware), cuda_aware_reason=decision.reason)
         self.resume, self.requeue = resume or resume_from is not None, requeue
         self.stop = stop or StopRequest()
         self.fault = FaultInjection.from_environment(comm)

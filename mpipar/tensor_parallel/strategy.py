@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
@@ -81,6 +82,7 @@ class TensorParallelStrategy:
         config: the tensor-parallel degree.
         bucket_mb: gradient bucket size for the replicas' Allreduce.
         state: the checkpoint being resumed or None (it must have the same layout).
+        device: where this rank's shards go.
     """
 
     name = "tensor_parallel"
@@ -88,7 +90,8 @@ class TensorParallelStrategy:
     checkpoint_per_rank = True
 
     def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: TensorParallelConfig, *,
-                 bucket_mb: float = 25.0, state: Optional[dict] = None):
+                 bucket_mb: float = 25.0, state: Optional[dict] = None,
+                 device: torch.device | str = "cpu"):
         if state is not None and state.get("relayout"):
             raise agreed(ValueError)("a tensor-parallel checkpoint resumes only on the ranks that wrote it; "
                                      "re-laying it out on other ranks is not supported yet")
@@ -96,7 +99,7 @@ class TensorParallelStrategy:
         self.grid = ProcessGrid(world, config.tp)
         self.tp_comm = self.grid.pipeline_comm  # consecutive ranks: the neighbours that talk every layer
         self.stats = CommStats()
-        self.model = split_mlp(model, self.tp_comm, self.stats)
+        self.model = split_mlp(model, self.tp_comm, self.stats).to(device)
         self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb)
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts_samples = self.grid.stage == 0  # one rank of each group counts its samples
