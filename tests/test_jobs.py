@@ -5,6 +5,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mpi_helpers import ROOT, run_mpi
 
@@ -20,6 +21,7 @@ def test_resnet_dp_writes_every_metric(tmp_path, ranks):
     assert "samples/s" in result.stdout and "final test accuracy" in result.stdout
     with h5py.File(out / "metrics.h5", "r") as f:
         assert f.attrs["strategy"] == "data_parallel" and f.attrs["world_size"] == ranks
+        assert f.attrs["device"] == "cpu" and "cuda_aware" not in f.attrs  # auto, on a machine without GPUs
         config = json.loads(f.attrs["config"])
         assert config["max_steps"] == 7 and config["batch_size"] == 16
         for key in ("mpi_library", "torch_version", "mpi4py_version", "mpipar_version", "hosts"):
@@ -113,3 +115,33 @@ def test_mlp_tp_refuses_a_split_the_layers_cannot_take(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output, output
     assert output.count("cannot be split evenly over 3 tensor-parallel ranks") == 1, output
+
+
+def step_losses(out):
+    with h5py.File(out / "metrics.h5", "r") as f:
+        return f["steps/loss"][...]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resnet_dp_on_gpus_equals_the_cpu_run_and_resumes_on_the_cpu(tmp_path):
+    """2 ranks on the GPU (sharing one if there is only one) train like 2 ranks on the CPU
+    (float32, summation orders differ), record the CUDA-aware decision, and their checkpoint
+    resumes with --device cpu."""
+    steps = ("--max-steps", "6", "--checkpoint-every", "3")
+    gpu = run_mpi(2, JOB, *TINY, *steps, "--device", "cuda", "--out", str(tmp_path / "gpu"), timeout=300)
+    assert gpu.returncode == 0, gpu.stdout + gpu.stderr
+    assert "GPU tensors:" in gpu.stdout
+    cpu = run_mpi(2, JOB, *TINY, *steps, "--device", "cpu", "--out", str(tmp_path / "cpu"), timeout=300)
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr
+    np.testing.assert_allclose(step_losses(tmp_path / "gpu"), step_losses(tmp_path / "cpu"), rtol=2e-3)
+    with h5py.File(tmp_path / "gpu" / "metrics.h5", "r") as f:
+        assert f.attrs["device"] == "cuda" and "MPIX_Query_cuda_support" in f.attrs["cuda_aware_reason"] \
+            or "MPIPAR_CUDA_AWARE" in f.attrs["cuda_aware_reason"]
+    gpu_losses = step_losses(tmp_path / "gpu")
+    resumed = run_mpi(2, JOB, *TINY, *steps, "--device", "cpu", "--resume-from",
+                      str(tmp_path / "gpu" / "checkpoints" / "step-000000003"), "--out", str(tmp_path / "gpu"),
+                      timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    np.testing.assert_allclose(step_losses(tmp_path / "gpu"), gpu_losses, rtol=2e-3)  # steps 3-5 again, on the CPU
