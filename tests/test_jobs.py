@@ -129,7 +129,8 @@ def test_resnet_dp_on_gpus_equals_the_cpu_run_and_resumes_on_the_cpu(tmp_path):
     (float32, summation orders differ), record the CUDA-aware decision, and their checkpoint
     resumes with --device cpu."""
     steps = ("--max-steps", "6", "--checkpoint-every", "3")
-    gpu = run_mpi(2, JOB, *TINY, *steps, "--device", "cuda", "--out", str(tmp_path / "gpu"), timeout=300)
+    fp32 = {"NVIDIA_TF32_OVERRIDE": "0"}  # cuDNN convolutions use TF32 by default: compare float32 with float32
+    gpu = run_mpi(2, JOB, *TINY, *steps, "--device", "cuda", "--out", str(tmp_path / "gpu"), timeout=300, env=fp32)
     assert gpu.returncode == 0, gpu.stdout + gpu.stderr
     assert "GPU tensors:" in gpu.stdout
     cpu = run_mpi(2, JOB, *TINY, *steps, "--device", "cpu", "--out", str(tmp_path / "cpu"), timeout=300)
