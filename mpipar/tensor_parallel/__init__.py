@@ -1,5 +1,6 @@
 """Tensor ("true") model parallelism, Megatron-style: layers split inside, over a tensor-parallel communicator."""
 
+from mpipar.tensor_parallel.attention import ParallelSelfAttention, ParallelTransformerBlock
 from mpipar.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpipar.tensor_parallel.mappings import (
@@ -15,6 +16,8 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "ParallelMLP",
+    "ParallelSelfAttention",
+    "ParallelTransformerBlock",
     "vocab_parallel_cross_entropy",
     "copy_to_parallel",
     "reduce_from_parallel",
