@@ -29,6 +29,7 @@ from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.reducer import CommStats
+from mpipar.diagnostics.failure import agreed
 
 __all__ = ["copy_to_parallel", "reduce_from_parallel", "scatter_to_parallel", "gather_from_parallel",
            "all_reduce_", "all_gather_last_dim", "split_last_dim", "record_allreduce", "allreduce_bytes"]
@@ -89,14 +90,15 @@ def split_last_dim(tensor: torch.Tensor, comm: MPI.Intracomm) -> torch.Tensor:
     Local (no communication); every rank of ``comm`` takes its own part. Size 1: ``tensor``.
 
     Raises:
-        ValueError: when the group's size does not divide the last dimension.
+        ValueError: when the group's size does not divide the last dimension (on every rank: the
+            input is replicated, so each finds it alone).
     """
     size = comm.Get_size()
     if size == 1:
         return tensor
     width = tensor.shape[-1]
     if width % size:
-        raise ValueError(f"cannot split a last dimension of {width} over {size} tensor-parallel ranks "
+        raise agreed(ValueError)(f"cannot split a last dimension of {width} over {size} tensor-parallel ranks "
                          f"(shape {tuple(tensor.shape)}); use a multiple of {size}")
     shard = width // size
     rank = comm.Get_rank()
