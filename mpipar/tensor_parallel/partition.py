@@ -74,7 +74,7 @@ def agree_on_linears(comm: MPI.Intracomm, linears: Dict[str, nn.Linear], what: s
     def shapes() -> Dict[str, Tuple[int, int]]:
         for name, layer in linears.items():
             if not isinstance(layer, nn.Linear):
-                raise TypeError(f"{name} must be an nn.Linear, got {type(layer).__name__}")  # gather_checked prefixes it
+                raise TypeError(f"{name} must be an nn.Linear, got {type(layer).__name__}")
         return {name: (layer.in_features, layer.out_features) for name, layer in linears.items()}
 
     every_rank = gather_checked(comm, shapes, what)
