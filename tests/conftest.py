@@ -3,8 +3,14 @@
 pytest-mpi runs the same tests on every rank; a test that fails on one rank while
 the others wait in a collective would hang the run. Here a failed test prints its
 report with the rank and calls MPI_Abort, so the run ends with a non-zero exit.
+
+The ``device`` fixture runs a test on CPU and, marked ``cuda``, on a CUDA device.
+Where ``torch.cuda.is_available()`` is False every ``cuda``-marked test is skipped at
+collection (before any fixture, so no communicator is built for it). On a GPU machine,
+``pytest -m cuda`` and ``mpirun -n N pytest --only-mpi -m cuda`` run only those.
 """
 
+import functools
 import os
 import sys
 
@@ -21,8 +27,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """On several ranks, run only the MPI tests: serial tests (some launch mpirun
-    themselves) run once, in the plain ``pytest`` pass."""
+    """Without a GPU, skip the ``cuda`` tests. On several ranks, run only the MPI tests:
+    serial tests (some launch mpirun themselves) run once, in the plain ``pytest`` pass."""
+    if any(item.get_closest_marker("cuda") for item in items):
+        import torch
+
+        if not torch.cuda.is_available():
+            skip_cuda = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+            for item in items:
+                if item.get_closest_marker("cuda"):
+                    item.add_marker(skip_cuda)
     if not _with_mpi:
         return
     from mpi4py import MPI
@@ -54,3 +68,39 @@ def comm():
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
+
+
+CUDA_SKIP_REASON = "needs a CUDA device: torch.cuda.is_available() is False"
+
+
+@functools.cache
+def _cuda_device():
+    """This rank's GPU: its rank among the ranks on its node, modulo the node's GPUs
+    (ranks share a GPU when there are more ranks than GPUs). With one GPU no
+    communication; otherwise a collective over COMM_WORLD, at the first CUDA test,
+    which every rank reaches together (the same tests run on every rank)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    index = 0
+    if count > 1:
+        from mpi4py import MPI
+
+        node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+        index = node.Get_rank() % count
+        node.Free()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """The ``torch.device`` a test builds its models and batches on: CPU, then CUDA
+    (marked ``cuda``; skipped without a GPU, see ``pytest_collection_modifyitems``)."""
+    import torch
+
+    if request.param == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():  # also when the collection hook was bypassed
+        pytest.skip(CUDA_SKIP_REASON)
+    return _cuda_device()

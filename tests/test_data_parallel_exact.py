@@ -11,6 +11,11 @@ it compares the loss, every ``.grad`` (None or not, and its value) and, after
 Both call orders users write are covered: ``zero_grad`` before forward, and
 forward, ``zero_grad``, backward. Tests that expect an exception expect it on every
 rank; a hang ends the process (and so the MPI run) after ``HANG_S`` seconds.
+
+Every test runs on CPU and, where a GPU exists, on CUDA (the ``device`` fixture,
+``tests/conftest.py``): models are built on CPU from the seed and moved to the device,
+reference and replica alike, batches are generated on CPU and moved, and the
+comparisons run on device tensors with the same float64 tolerances.
 """
 
 import contextlib
@@ -70,6 +75,10 @@ def take(batch: dict, start: int, count: int) -> dict:
     return {k: (v[start:start + count] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
 
@@ -113,7 +122,7 @@ def dp_forward_backward(dp, optimizer, loss_fn, batch, order, **backward_kwargs)
     return loss
 
 
-def train_and_compare(comm, dp_comm, make_model, make_batch, loss_fn, order, *, steps=3,
+def train_and_compare(comm, dp_comm, make_model, make_batch, loss_fn, order, *, device, steps=3,
                       per_shard_reference=False, before_step=None, after_backward=None):
     """Train serial and DataParallel side by side; assert, after every step, equal
     loss, gradients (None-ness included) and parameters on every rank.
@@ -122,11 +131,12 @@ def train_and_compare(comm, dp_comm, make_model, make_batch, loss_fn, order, *, 
     first); ``loss_fn(model, batch)`` the mean loss over the batch's samples.
     ``per_shard_reference``: the serial loss is the sample-weighted mean of the
     loss of each rank's shard run separately (exact reference for BatchNorm).
+    Model and batches are made on CPU and moved to ``device``.
     Returns the (reference, replica, dp) triple after training.
     """
     size, rank = comm.Get_size(), comm.Get_rank()
     torch.manual_seed(0)
-    reference = make_model().double()
+    reference = make_model().double().to(device)
     replica = copy.deepcopy(reference)
     dp = mpipar.DataParallel(replica, dp_comm)
     opt_ref, opt_dp = make_optimizer(reference), make_optimizer(replica)
@@ -135,7 +145,7 @@ def train_and_compare(comm, dp_comm, make_model, make_batch, loss_fn, order, *, 
     for step in range(steps):
         if before_step is not None:
             before_step(step, reference, replica)
-        batch = make_batch(step, counts)
+        batch = to_device(make_batch(step, counts), device)
 
         opt_ref.zero_grad()
         if per_shard_reference:
@@ -175,13 +185,13 @@ def mlp() -> nn.Module:
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_plain_mlp_equals_serial(comm, dp_comm, order):
+def test_plain_mlp_equals_serial(comm, dp_comm, order, device):
     """Baseline: every parameter used on every rank."""
-    train_and_compare(comm, dp_comm, mlp, classification_batch(6), cross_entropy_loss, order, steps=4)
+    train_and_compare(comm, dp_comm, mlp, classification_batch(6), cross_entropy_loss, order, device=device, steps=4)
 
 
 @pytest.mark.mpi
-def test_harness_detects_a_wrong_gradient(comm, dp_comm):
+def test_harness_detects_a_wrong_gradient(comm, dp_comm, device):
     """The comparison is not vacuous: a replica whose gradient is off by 1e-9 is caught."""
     def perturb(step, dp, replica):
         with torch.no_grad():
@@ -189,7 +199,7 @@ def test_harness_detects_a_wrong_gradient(comm, dp_comm):
 
     with pytest.raises(AssertionError, match="0.weight.grad max abs difference"):
         train_and_compare(comm, dp_comm, mlp, classification_batch(6), cross_entropy_loss, ZERO_GRAD_FIRST,
-                          steps=1, after_backward=perturb)
+                          device=device, steps=1, after_backward=perturb)
 
 
 # -- 1./2. parameters unused on some or all ranks -------------------------------------
@@ -230,21 +240,21 @@ def two_branch_loss(model, batch):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("order", ORDERS)
-def test_parameter_unused_on_some_ranks_equals_serial(comm, dp_comm, order):
+def test_parameter_unused_on_some_ranks_equals_serial(comm, dp_comm, order, device):
     """Case 1: the branch is used by ranks r with (r + step) even, so every step some
     ranks use it and some do not (rank 0: used, unused, used, unused). A rank that
     did not use it contributes zeros, never the previous step's gradient."""
     uses = two_branch_batch(lambda step, rank: (rank + step) % 2 == 0)
-    train_and_compare(comm, dp_comm, TwoBranch, uses, two_branch_loss, order, steps=4)
+    train_and_compare(comm, dp_comm, TwoBranch, uses, two_branch_loss, order, device=device, steps=4)
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_parameter_unused_by_all_ranks_in_some_steps_equals_serial(comm, dp_comm, order):
+def test_parameter_unused_by_all_ranks_in_some_steps_equals_serial(comm, dp_comm, order, device):
     """In odd steps no rank uses the branch: serial leaves its .grad None in those
     steps (momentum and weight decay then skip it), and so must DataParallel."""
     uses = two_branch_batch(lambda step, rank: step % 2 == 0)
-    train_and_compare(comm, dp_comm, TwoBranch, uses, two_branch_loss, order, steps=4)
+    train_and_compare(comm, dp_comm, TwoBranch, uses, two_branch_loss, order, device=device, steps=4)
 
 
 class WithUnused(nn.Module):
@@ -259,7 +269,7 @@ class WithUnused(nn.Module):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_parameter_no_rank_uses_keeps_none_grad_and_does_not_move(comm, dp_comm, order):
+def test_parameter_no_rank_uses_keeps_none_grad_and_does_not_move(comm, dp_comm, order, device):
     """Case 2: a Linear that is never called: .grad stays None on every rank, and
     weight decay / momentum do not move it (as in serial)."""
     initial = {}
@@ -269,7 +279,7 @@ def test_parameter_no_rank_uses_keeps_none_grad_and_does_not_move(comm, dp_comm,
             initial.update({k: v.detach().clone() for k, v in replica.never_called.named_parameters()})
 
     _, replica, _ = train_and_compare(comm, dp_comm, WithUnused, classification_batch(6), cross_entropy_loss,
-                                      order, steps=3, before_step=remember)
+                                      order, device=device, steps=3, before_step=remember)
     ok = all(p.grad is None and torch.equal(p.detach(), initial[k]) for k, p in replica.never_called.named_parameters())
     assert_all_ranks(comm, ok, "never_called moved or has a .grad")
 
@@ -285,12 +295,12 @@ def mlp_first_layer_frozen() -> nn.Module:
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_frozen_before_wrapping_gets_no_grad_and_does_not_move(comm, dp_comm, order):
+def test_frozen_before_wrapping_gets_no_grad_and_does_not_move(comm, dp_comm, order, device):
     """Case 3a."""
     torch.manual_seed(0)
-    initial = mlp_first_layer_frozen().double()[0].weight.detach().clone()
+    initial = mlp_first_layer_frozen().double()[0].weight.detach().clone().to(device)
     _, replica, _ = train_and_compare(comm, dp_comm, mlp_first_layer_frozen, classification_batch(6),
-                                      cross_entropy_loss, order, steps=3)
+                                      cross_entropy_loss, order, device=device, steps=3)
     frozen = replica[0].weight
     assert_all_ranks(comm, frozen.grad is None and torch.equal(frozen.detach(), initial),
                      f"frozen weight: grad {'None' if frozen.grad is None else 'set'}, "
@@ -299,7 +309,7 @@ def test_frozen_before_wrapping_gets_no_grad_and_does_not_move(comm, dp_comm, or
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_frozen_on_every_rank_after_wrapping_gets_no_grad_from_then_on(comm, dp_comm, order):
+def test_frozen_on_every_rank_after_wrapping_gets_no_grad_from_then_on(comm, dp_comm, order, device):
     """Case 3b: after step 1 the first layer's weight is frozen on every rank (and in
     the serial reference): from then on .grad is None after zero_grad, it does not
     move, and everything else still equals serial."""
@@ -312,7 +322,7 @@ def test_frozen_on_every_rank_after_wrapping_gets_no_grad_from_then_on(comm, dp_
             frozen_at["value"] = replica[0].weight.detach().clone()
 
     _, replica, _ = train_and_compare(comm, dp_comm, mlp, classification_batch(6), cross_entropy_loss, order,
-                                      steps=4, before_step=freeze)
+                                      device=device, steps=4, before_step=freeze)
     w = replica[0].weight
     assert_all_ranks(comm, w.grad is None and torch.equal(w.detach(), frozen_at["value"]),
                      f"weight frozen after wrapping: grad {'None' if w.grad is None else 'set'}, "
@@ -321,17 +331,17 @@ def test_frozen_on_every_rank_after_wrapping_gets_no_grad_from_then_on(comm, dp_
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("order", ORDERS)
-def test_requires_grad_differing_between_ranks_raises_on_every_rank(comm, dp_comm, order):
+def test_requires_grad_differing_between_ranks_raises_on_every_rank(comm, dp_comm, order, device):
     """Case 3c: rank 0 alone freezes a parameter after wrapping (and after one good
     step): the next forward + backward raises ValueError on every rank, no hang."""
     rank = comm.Get_rank()
     counts, offsets = shard_counts(comm.Get_size())
     torch.manual_seed(0)
-    model = mlp().double()
+    model = mlp().double().to(device)
     dp = mpipar.DataParallel(model, dp_comm)
     optimizer = make_optimizer(model)
     for step in range(2):
-        batch = take(classification_batch(6)(step, counts), offsets[rank], counts[rank])
+        batch = to_device(take(classification_batch(6)(step, counts), offsets[rank], counts[rank]), device)
         if step == 1:
             if rank == 0:
                 model[0].weight.requires_grad_(False)
@@ -348,15 +358,15 @@ def test_requires_grad_differing_between_ranks_raises_on_every_rank(comm, dp_com
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_second_backward_after_one_forward_raises_on_every_rank(comm, dp_comm, order):
+def test_second_backward_after_one_forward_raises_on_every_rank(comm, dp_comm, order, device):
     """Case 4."""
     rank = comm.Get_rank()
     counts, offsets = shard_counts(comm.Get_size())
     torch.manual_seed(0)
-    model = mlp().double()
+    model = mlp().double().to(device)
     dp = mpipar.DataParallel(model, dp_comm)
     optimizer = make_optimizer(model)
-    batch = take(classification_batch(6)(0, counts), offsets[rank], counts[rank])
+    batch = to_device(take(classification_batch(6)(0, counts), offsets[rank], counts[rank]), device)
     loss = dp_forward_backward(dp, optimizer, cross_entropy_loss, batch, order, retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         loss.backward()
@@ -379,14 +389,14 @@ class SharedInAndOutOfCheckpoint(nn.Module):
 
 
 @pytest.mark.mpi
-def test_gradient_accumulated_twice_in_one_backward_raises_on_every_rank(comm, dp_comm):
+def test_gradient_accumulated_twice_in_one_backward_raises_on_every_rank(comm, dp_comm, device):
     """Case 5."""
     rank = comm.Get_rank()
     counts, offsets = shard_counts(comm.Get_size())
     torch.manual_seed(0)
-    model = SharedInAndOutOfCheckpoint().double()
+    model = SharedInAndOutOfCheckpoint().double().to(device)
     dp = mpipar.DataParallel(model, dp_comm)
-    batch = take(classification_batch(6)(0, counts), offsets[rank], counts[rank])
+    batch = to_device(take(classification_batch(6)(0, counts), offsets[rank], counts[rank]), device)
     with pytest.raises(RuntimeError, match="more than once"):
         cross_entropy_loss(dp, batch).backward()
     assert_comm_still_usable(dp_comm)
@@ -407,9 +417,10 @@ class CheckpointedTail(nn.Module):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_reentrant_checkpoint_without_shared_parameters_equals_serial(comm, dp_comm, order):
+def test_reentrant_checkpoint_without_shared_parameters_equals_serial(comm, dp_comm, order, device):
     """Case 5b: the reduction must not finish at the end of the inner backward."""
-    train_and_compare(comm, dp_comm, CheckpointedTail, classification_batch(6), cross_entropy_loss, order, steps=3)
+    train_and_compare(comm, dp_comm, CheckpointedTail, classification_batch(6), cross_entropy_loss, order,
+                      device=device, steps=3)
 
 
 # -- 6. inputs: keyword-only, non-tensor first, no tensor at all -----------------------
@@ -449,14 +460,14 @@ class ScaleFirst(nn.Module):
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("call", ["keyword_only", "non_tensor_first"])
-def test_sample_count_from_first_tensor_argument_equals_serial(comm, dp_comm, order, call):
+def test_sample_count_from_first_tensor_argument_equals_serial(comm, dp_comm, order, call, device):
     """Case 6: the sample count comes from the first tensor argument, keyword or positional."""
     if call == "keyword_only":
         train_and_compare(comm, dp_comm, KeywordOnlyLM, token_batch,
-                          lambda m, b: m(input_ids=b["input_ids"], labels=b["labels"]), order, steps=3)
+                          lambda m, b: m(input_ids=b["input_ids"], labels=b["labels"]), order, device=device, steps=3)
     else:
         train_and_compare(comm, dp_comm, ScaleFirst, classification_batch(6),
-                          lambda m, b: m(0.5, b["x"], b["y"]), order, steps=3)
+                          lambda m, b: m(0.5, b["x"], b["y"]), order, device=device, steps=3)
 
 
 class TakesAnInt(nn.Module):
@@ -469,9 +480,9 @@ class TakesAnInt(nn.Module):
 
 
 @pytest.mark.mpi
-def test_no_tensor_argument_without_num_samples_raises_on_every_rank(comm, dp_comm):
+def test_no_tensor_argument_without_num_samples_raises_on_every_rank(comm, dp_comm, device):
     """Case 6: with grad enabled, no tensor to count samples from and no num_samples: ValueError."""
-    dp = mpipar.DataParallel(TakesAnInt(), dp_comm)
+    dp = mpipar.DataParallel(TakesAnInt().to(device), dp_comm)
     with pytest.raises(ValueError, match="num_samples"):
         dp(n=3)
     with torch.no_grad():  # no backward to prepare: nothing to count
@@ -480,12 +491,12 @@ def test_no_tensor_argument_without_num_samples_raises_on_every_rank(comm, dp_co
 
 
 @pytest.mark.mpi
-def test_no_tensor_argument_with_explicit_num_samples_equals_serial(comm, dp_comm):
+def test_no_tensor_argument_with_explicit_num_samples_equals_serial(comm, dp_comm, device):
     """Case 6: explicit num_samples is used as the weight: rank k passes n = k + 1 and
     num_samples = k + 1, so the serial gradient is the (k + 1)-weighted mean of the
     ranks' gradients."""
     size, rank = comm.Get_size(), comm.Get_rank()
-    reference = TakesAnInt()
+    reference = TakesAnInt().to(device)
     dp = mpipar.DataParallel(copy.deepcopy(reference), dp_comm)
     counts = [k + 1 for k in range(size)]
     (sum(reference(n) * (n / sum(counts)) for n in counts)).backward()
@@ -519,9 +530,10 @@ def tied_batch(step, counts):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_tied_weights_equal_serial(comm, dp_comm, order):
+def test_tied_weights_equal_serial(comm, dp_comm, order, device):
     """Case 7: tied weights (one parameter, gradient from both uses)."""
-    _, replica, _ = train_and_compare(comm, dp_comm, TiedEmbedding, tied_batch, cross_entropy_loss, order, steps=4)
+    _, replica, _ = train_and_compare(comm, dp_comm, TiedEmbedding, tied_batch, cross_entropy_loss, order,
+                                      device=device, steps=4)
     assert_all_ranks(comm, replica.out.weight is replica.embed.weight, "the tie was broken")
 
 
@@ -539,11 +551,11 @@ def image_batch(step, counts):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_batchnorm_equals_sample_weighted_per_shard_reference(comm, dp_comm, order):
+def test_batchnorm_equals_sample_weighted_per_shard_reference(comm, dp_comm, order, device):
     """Case 7: BatchNorm in train mode normalises with each rank's own batch
     statistics, so the exact reference runs each rank's shard through the serial
     model separately and weights the shard losses by sample count."""
-    train_and_compare(comm, dp_comm, bn_convnet, image_batch, cross_entropy_loss, order, steps=3,
+    train_and_compare(comm, dp_comm, bn_convnet, image_batch, cross_entropy_loss, order, device=device, steps=3,
                       per_shard_reference=True)
 
 
@@ -551,7 +563,7 @@ def test_batchnorm_equals_sample_weighted_per_shard_reference(comm, dp_comm, ord
 
 
 @pytest.mark.mpi
-def test_grads_are_the_same_bucket_storage_every_step(comm, dp_comm):
+def test_grads_are_the_same_bucket_storage_every_step(comm, dp_comm, device):
     """Case 8: with zero_grad (set_to_none) before forward, after every backward each
     .grad is a view into the one bucket of this tiny model, at the same address every step."""
     seen = []
@@ -561,8 +573,8 @@ def test_grads_are_the_same_bucket_storage_every_step(comm, dp_comm):
         seen.append(([g.data_ptr() if g is not None else None for g in grads],
                      {g.untyped_storage().data_ptr() for g in grads if g is not None}))
 
-    train_and_compare(comm, dp_comm, mlp, classification_batch(6), cross_entropy_loss, ZERO_GRAD_FIRST, steps=4,
-                      after_backward=record)
+    train_and_compare(comm, dp_comm, mlp, classification_batch(6), cross_entropy_loss, ZERO_GRAD_FIRST,
+                      device=device, steps=4, after_backward=record)
     first_ptrs, first_storages = seen[0]
     ok = None not in first_ptrs and len(first_storages) == 1 and all(s == seen[0] for s in seen)
     assert_all_ranks(comm, ok, f"grad addresses and storages per step: {seen}")
@@ -573,7 +585,7 @@ def test_grads_are_the_same_bucket_storage_every_step(comm, dp_comm):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("order", ORDERS)
-def test_no_sync_accumulation_equals_serial_over_steps(comm, dp_comm, order):
+def test_no_sync_accumulation_equals_serial_over_steps(comm, dp_comm, order, device):
     """Case 9: two micro-batches under no_sync, then a synced one, per step; rank r's
     micro-batches hold r + 1, 2 and 1 samples, each loss weighted by its share of the
     rank's samples. Equals serial on all ranks' micro-batches concatenated."""
@@ -582,12 +594,12 @@ def test_no_sync_accumulation_equals_serial_over_steps(comm, dp_comm, order):
     local = [sum(m) for m in micro]
     total = sum(local)
     torch.manual_seed(0)
-    reference = mlp().double()
+    reference = mlp().double().to(device)
     replica = copy.deepcopy(reference)
     dp = mpipar.DataParallel(replica, dp_comm)
     opt_ref, opt_dp = make_optimizer(reference), make_optimizer(replica)
     for step in range(3):
-        batch = classification_batch(6)(step, local)
+        batch = to_device(classification_batch(6)(step, local), device)
         opt_ref.zero_grad()
         ref_loss = cross_entropy_loss(reference, batch)
         ref_loss.backward()

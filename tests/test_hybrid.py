@@ -1,4 +1,9 @@
-"""Pipelines replicated with data parallelism equal one process on the whole global batch."""
+"""Pipelines replicated with data parallelism equal one process on the whole global batch.
+
+The comparison runs on CPU and, where a GPU exists, on CUDA (the ``device`` fixture,
+``tests/conftest.py``): the model is built on CPU from the seed and moved there before the
+Pipeline is built; batches are made on CPU and moved.
+"""
 
 import copy
 
@@ -17,16 +22,16 @@ GLOBAL_BATCH = 24
 torch.set_num_threads(1)
 
 
-def make_model() -> nn.Sequential:
+def make_model(device="cpu") -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
-                         nn.Linear(8, 3)).double()
+                         nn.Linear(8, 3)).double().to(device)
 
 
-def global_batch(step: int):
+def global_batch(step: int, device="cpu"):
     generator = torch.Generator().manual_seed(7 + step)
-    return (torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator))
+    return (torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64).to(device),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator).to(device))
 
 
 @pytest.mark.mpi(min_size=1)
@@ -58,12 +63,12 @@ def test_stages_not_dividing_the_world_is_an_error_on_every_rank():
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("overlapped", [False, True])
-def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule, overlapped):
+def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule, overlapped, device):
     comm = MPI.COMM_WORLD
     if comm.Get_size() % stages:
         pytest.skip(f"{stages} stages do not divide {comm.Get_size()} ranks")
     grid = ProcessGrid(comm, stages)
-    model = make_model()
+    model = make_model(device)
     reference = copy.deepcopy(model)
     pipe = Pipeline(model, grid.pipeline_comm, Placement.even(len(model), stages), schedule=schedule,
                     microbatches=2, loss_fn=F.cross_entropy)
@@ -75,7 +80,7 @@ def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule, overlap
     share = GLOBAL_BATCH // grid.replicas
     problems = []
     for step in range(2):
-        inputs, targets = global_batch(step)
+        inputs, targets = global_batch(step, device)
         mine = slice(grid.replica * share, (grid.replica + 1) * share)
         optimizer.zero_grad()
         if overlapped:

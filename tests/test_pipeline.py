@@ -1,6 +1,9 @@
 """A pipeline on N ranks equals the unsplit model on one process: outputs, loss, every gradient.
 
 Run at several sizes: ``mpirun -n {1,2,3,4} python -m pytest --with-mpi tests/test_pipeline.py``.
+The comparisons with the unsplit model run on CPU and, where a GPU exists, on CUDA (the
+``device`` fixture, ``tests/conftest.py``): the model is built on CPU from the seed and
+moved there before the Pipeline is built; batches are made on CPU and moved.
 """
 
 import copy
@@ -21,18 +24,18 @@ BATCH = 12
 torch.set_num_threads(1)
 
 
-def make_model(width: int = 7, batchnorm: bool = False) -> nn.Sequential:
+def make_model(width: int = 7, batchnorm: bool = False, device="cpu") -> nn.Sequential:
     torch.manual_seed(0)
     layers = [("fc1", nn.Linear(5, width)), ("act1", nn.Tanh()), ("fc2", nn.Linear(width, width)),
               ("act2", nn.BatchNorm1d(width) if batchnorm else nn.Tanh()), ("fc3", nn.Linear(width, width)),
               ("fc4", nn.Linear(width, 3))]
-    return nn.Sequential(OrderedDict(layers)).double()
+    return nn.Sequential(OrderedDict(layers)).double().to(device)
 
 
-def make_batch(step: int = 0, batch: int = BATCH, features: int = 5, dtype=torch.float64):
+def make_batch(step: int = 0, batch: int = BATCH, features: int = 5, dtype=torch.float64, device="cpu"):
     generator = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(batch, features, generator=generator, dtype=dtype),
-            torch.randint(0, 3, (batch,), generator=generator))
+    return (torch.randn(batch, features, generator=generator, dtype=dtype).to(device),
+            torch.randint(0, 3, (batch,), generator=generator).to(device))
 
 
 def placements(size: int):
@@ -75,11 +78,11 @@ def compare_step(comm, pipe, model, reference, inputs, targets, result, what):
 @pytest.mark.parametrize("schedule", ["naive", "gpipe", "1f1b"])
 @pytest.mark.parametrize("placement_name", ["even", "round_robin", "sandwich", "reversed"])
 @pytest.mark.parametrize("microbatches", [1, 3, BATCH])
-def test_pipeline_equals_unsplit_model(comm_name, schedule, placement_name, microbatches):
+def test_pipeline_equals_unsplit_model(comm_name, schedule, placement_name, microbatches, device):
     comm = COMMS[comm_name]()
-    model = make_model()
+    model = make_model(device=device)
     reference = copy.deepcopy(model)
-    inputs, targets = make_batch()
+    inputs, targets = make_batch(device=device)
     F.cross_entropy(reference(inputs), targets).backward()
     placement = placements(comm.Get_size())[placement_name]
     pipe = Pipeline(model, comm, placement, schedule=schedule, microbatches=microbatches,
@@ -93,7 +96,7 @@ def test_pipeline_equals_unsplit_model(comm_name, schedule, placement_name, micr
 
 
 @pytest.mark.mpi(min_size=2)
-def test_mlp_with_fc1_fc4_on_rank_0_and_fc2_fc3_on_rank_1():
+def test_mlp_with_fc1_fc4_on_rank_0_and_fc2_fc3_on_rank_1(device):
     """The issue's example, placed by layer name: the activation goes 0 -> 1 -> 0."""
     comm = MPI.COMM_WORLD.Split(0 if MPI.COMM_WORLD.Get_rank() < 2 else MPI.UNDEFINED, 0)
     if comm == MPI.COMM_NULL:
@@ -101,9 +104,9 @@ def test_mlp_with_fc1_fc4_on_rank_0_and_fc2_fc3_on_rank_1():
         return
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(fc1=nn.Linear(5, 6), fc2=nn.Linear(6, 6), fc3=nn.Linear(6, 6),
-                                      fc4=nn.Linear(6, 3))).double()
+                                      fc4=nn.Linear(6, 3))).double().to(device)
     reference = copy.deepcopy(model)
-    inputs, targets = make_batch()
+    inputs, targets = make_batch(device=device)
     F.cross_entropy(reference(inputs), targets).backward()
     pipe = Pipeline(model, comm, {"fc1": 0, "fc4": 0, "fc2": 1, "fc3": 1}, schedule="1f1b", microbatches=4,
                     loss_fn=F.cross_entropy)
@@ -116,9 +119,9 @@ def test_mlp_with_fc1_fc4_on_rank_0_and_fc2_fc3_on_rank_1():
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_training_steps_match_serial_training(schedule):
+def test_training_steps_match_serial_training(schedule, device):
     comm = MPI.COMM_WORLD
-    model = make_model()
+    model = make_model(device=device)
     reference = copy.deepcopy(model)
     pipe = Pipeline(model, comm, placements(comm.Get_size())["round_robin"], schedule=schedule,
                     microbatches=4, loss_fn=F.cross_entropy)
@@ -126,7 +129,7 @@ def test_training_steps_match_serial_training(schedule):
     optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     for step in range(3):
-        inputs, targets = make_batch(step)
+        inputs, targets = make_batch(step, device=device)
         optimizer.zero_grad()
         reference_optimizer.zero_grad()
         F.cross_entropy(reference(inputs), targets).backward()
@@ -142,14 +145,14 @@ def test_training_steps_match_serial_training(schedule):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_batchnorm_sees_one_microbatch_at_a_time(schedule):
+def test_batchnorm_sees_one_microbatch_at_a_time(schedule, device):
     """With micro-batches, BatchNorm normalises each micro-batch and updates its running
     statistics once per micro-batch: the pipeline equals the unsplit model run
     micro-batch by micro-batch (mean loss over micro-batches), not on the whole batch."""
     comm, microbatches = MPI.COMM_WORLD, 3
-    model = make_model(batchnorm=True)
+    model = make_model(batchnorm=True, device=device)
     reference = copy.deepcopy(model)
-    inputs, targets = make_batch()
+    inputs, targets = make_batch(device=device)
     outputs = []
     for chunk, target in zip(inputs.chunk(microbatches), targets.chunk(microbatches)):
         out = reference(chunk)
@@ -175,11 +178,11 @@ def test_batchnorm_sees_one_microbatch_at_a_time(schedule):
 
 
 @pytest.mark.mpi(min_size=1)
-def test_evaluate_streams_forward_only_and_allows_another_microbatch_count():
+def test_evaluate_streams_forward_only_and_allows_another_microbatch_count(device):
     comm = MPI.COMM_WORLD
-    model = make_model(batchnorm=True)
+    model = make_model(batchnorm=True, device=device)
     model.eval()
-    inputs, targets = make_batch()
+    inputs, targets = make_batch(device=device)
     with torch.no_grad():
         expected = model(inputs)
     pipe = Pipeline(model, comm, placements(comm.Get_size())["sandwich"], schedule="1f1b", microbatches=4,
@@ -197,13 +200,13 @@ def test_evaluate_streams_forward_only_and_allows_another_microbatch_count():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_messages_above_the_eager_limit_and_float32():
+def test_messages_above_the_eager_limit_and_float32(device):
     """Activations of 8 x 4096 float32 (128 KiB) take MPI's rendezvous path."""
     comm = MPI.COMM_WORLD
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4096), nn.Tanh(), nn.Linear(4096, 4096), nn.Linear(4096, 3))
+    model = nn.Sequential(nn.Linear(5, 4096), nn.Tanh(), nn.Linear(4096, 4096), nn.Linear(4096, 3)).to(device)
     reference = copy.deepcopy(model)
-    inputs, targets = make_batch(batch=16, dtype=torch.float32)
+    inputs, targets = make_batch(batch=16, dtype=torch.float32, device=device)
     F.cross_entropy(reference(inputs), targets).backward()
     pipe = Pipeline(model, comm, tuple(i % comm.Get_size() for i in range(4)), schedule="1f1b",
                     microbatches=2, loss_fn=F.cross_entropy)

@@ -1,4 +1,8 @@
-"""Tensor parallelism against the unsplit layers, computed on every rank from the same seed."""
+"""Tensor parallelism against the unsplit layers, computed on every rank from the same seed.
+
+The equality tests run on CPU and, where a GPU exists, on CUDA (the ``device`` fixture,
+``tests/conftest.py``): layers and inputs are made on CPU from the seed and moved there.
+"""
 
 import copy
 import math
@@ -28,13 +32,13 @@ BATCH = 7
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 
 
-def make_linear(in_features, out_features, dtype=torch.float64, seed=0, bias=True):
+def make_linear(in_features, out_features, dtype=torch.float64, seed=0, bias=True, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    return nn.Linear(in_features, out_features, bias=bias).to(dtype).to(device)
 
 
-def random(*shape, dtype=torch.float64, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+def random(*shape, dtype=torch.float64, seed=1, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
 
 
 def my_shard(tensor, comm, dim=-1):
@@ -54,13 +58,13 @@ def test_shard_rule():
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gather_output", [False, True])
-def test_column_parallel_linear_equals_unsplit(comm, dtype, gather_output):
+def test_column_parallel_linear_equals_unsplit(comm, dtype, gather_output, device):
     p = comm.Get_size()
-    full = make_linear(13 * p, 17 * p, dtype)
+    full = make_linear(13 * p, 17 * p, dtype, device=device)
     layer = ColumnParallelLinear(full, comm, gather_output=gather_output)
-    x_full = random(BATCH, 13 * p, dtype=dtype).requires_grad_()
+    x_full = random(BATCH, 13 * p, dtype=dtype, device=device).requires_grad_()
     x_split = x_full.detach().clone().requires_grad_()
-    grad_output = random(BATCH, 17 * p, dtype=dtype, seed=2)
+    grad_output = random(BATCH, 17 * p, dtype=dtype, seed=2, device=device)
     expected = full(x_full)
     expected.backward(grad_output)
     output = layer(x_split)
@@ -76,13 +80,13 @@ def test_column_parallel_linear_equals_unsplit(comm, dtype, gather_output):
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("input_is_parallel", [True, False])
-def test_row_parallel_linear_equals_unsplit(comm, dtype, input_is_parallel):
+def test_row_parallel_linear_equals_unsplit(comm, dtype, input_is_parallel, device):
     p = comm.Get_size()
-    full = make_linear(13 * p, 17 * p, dtype)
+    full = make_linear(13 * p, 17 * p, dtype, device=device)
     layer = RowParallelLinear(full, comm, input_is_parallel=input_is_parallel)
-    x_full = random(BATCH, 13 * p, dtype=dtype).requires_grad_()
+    x_full = random(BATCH, 13 * p, dtype=dtype, device=device).requires_grad_()
     x_split = (my_shard(x_full, comm) if input_is_parallel else x_full).detach().clone().requires_grad_()
-    grad_output = random(BATCH, 17 * p, dtype=dtype, seed=2)
+    grad_output = random(BATCH, 17 * p, dtype=dtype, seed=2, device=device)
     expected = full(x_full)
     expected.backward(grad_output)
     output = layer(x_split)
@@ -96,24 +100,24 @@ def test_row_parallel_linear_equals_unsplit(comm, dtype, input_is_parallel):
 
 
 @pytest.mark.mpi
-def test_full_state_dict_gathers_the_unsplit_layers(comm):
+def test_full_state_dict_gathers_the_unsplit_layers(comm, device):
     p = comm.Get_size()
-    full = make_linear(13 * p, 17 * p)
+    full = make_linear(13 * p, 17 * p, device=device)
     column, row = ColumnParallelLinear(full, comm), RowParallelLinear(full, comm)
-    padded = ColumnParallelLinear(make_linear(5, 13, seed=3), comm, pad_output=True)
-    no_bias = RowParallelLinear(make_linear(4 * p, 3, bias=False), comm)
+    padded = ColumnParallelLinear(make_linear(5, 13, seed=3, device=device), comm, pad_output=True)
+    no_bias = RowParallelLinear(make_linear(4 * p, 3, bias=False, device=device), comm)
     ok = all(torch.equal(layer.full_state_dict()["weight"], full.weight) and
              torch.equal(layer.full_state_dict()["bias"], full.bias) for layer in (column, row))
-    ok = ok and torch.equal(padded.full_state_dict()["weight"], make_linear(5, 13, seed=3).weight)
+    ok = ok and torch.equal(padded.full_state_dict()["weight"], make_linear(5, 13, seed=3, device=device).weight)
     ok = ok and list(no_bias.full_state_dict()) == ["weight"]
     assert_all_ranks(comm, ok, "full_state_dict differs from the unsplit layer")
 
 
 @pytest.mark.mpi
-def test_padded_column_layer_with_gathered_output_equals_unsplit(comm):
-    full = make_linear(6, 13)  # 13 classes: padded to a multiple of 2, 3 and 4
+def test_padded_column_layer_with_gathered_output_equals_unsplit(comm, device):
+    full = make_linear(6, 13, device=device)  # 13 classes: padded to a multiple of 2, 3 and 4
     layer = ColumnParallelLinear(full, comm, gather_output=True, pad_output=True)
-    x = random(BATCH, 6)
+    x = random(BATCH, 6, device=device)
     expected = full(x)
     expected.sum().backward()
     output = layer(x)
@@ -127,9 +131,9 @@ def test_padded_column_layer_with_gathered_output_equals_unsplit(comm):
 
 
 @pytest.mark.mpi
-def test_mappings_are_conjugate_pairs(comm):
+def test_mappings_are_conjugate_pairs(comm, device):
     p, rank = comm.Get_size(), comm.Get_rank()
-    x = torch.arange(4.0 * p, dtype=torch.float64).reshape(2, 2 * p).requires_grad_()
+    x = torch.arange(4.0 * p, dtype=torch.float64, device=device).reshape(2, 2 * p).requires_grad_()
     copy_to_parallel(x, comm).mul(rank + 1).sum().backward()
     ok = torch.equal(x.grad, torch.full_like(x, p * (p + 1) / 2))
     x.grad = None
@@ -145,21 +149,21 @@ def test_mappings_are_conjugate_pairs(comm):
     assert_all_ranks(comm, ok, "a mapping's forward or backward is wrong")
 
 
-def mlp_pair(comm, width=6, hidden_per_rank=5):
+def mlp_pair(comm, width=6, hidden_per_rank=5, device="cpu"):
     """Full fc1/fc2 and the same block split over ``comm`` (hidden = hidden_per_rank * p)."""
     hidden = hidden_per_rank * comm.Get_size()
-    fc1, fc2 = make_linear(width, hidden, seed=4), make_linear(hidden, width, seed=5)
+    fc1, fc2 = make_linear(width, hidden, seed=4, device=device), make_linear(hidden, width, seed=5, device=device)
     reference = nn.Sequential(copy.deepcopy(fc1), nn.GELU(), copy.deepcopy(fc2))
     return reference, ParallelMLP(fc1, fc2, comm)
 
 
 @pytest.mark.mpi
-def test_parallel_mlp_training_equals_unsplit(comm):
-    reference, mlp = mlp_pair(comm)
+def test_parallel_mlp_training_equals_unsplit(comm, device):
+    reference, mlp = mlp_pair(comm, device=device)
     optimizers = [torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) for model in (reference, mlp)]
-    target = random(BATCH, 6, seed=6)
+    target = random(BATCH, 6, seed=6, device=device)
     for step in range(3):
-        x_full = random(BATCH, 6, seed=10 + step).requires_grad_()
+        x_full = random(BATCH, 6, seed=10 + step, device=device).requires_grad_()
         x_split = x_full.detach().clone().requires_grad_()
         outputs = []
         for model, x, optimizer in zip((reference, mlp), (x_full, x_split), optimizers):
@@ -237,14 +241,14 @@ def test_column_backward_starts_the_allreduce_before_dw_and_waits_after(comm, mo
 @pytest.mark.mpi
 @pytest.mark.parametrize("classes", ["6p", 13, 5])  # 13 and 5: uneven at p = 2..4; 5 at p = 4: a rank of padding
 @pytest.mark.parametrize("scale", [1.0, 1e4])
-def test_vocab_parallel_cross_entropy_equals_unsplit(comm, classes, scale):
+def test_vocab_parallel_cross_entropy_equals_unsplit(comm, classes, scale, device):
     p = comm.Get_size()
     num_classes = 6 * p if classes == "6p" else classes
     width = shard_size(num_classes, p, pad=True)
-    logits = (random(BATCH, num_classes) * scale).requires_grad_()
-    target = torch.arange(BATCH) * 5 % num_classes
+    logits = (random(BATCH, num_classes, device=device) * scale).requires_grad_()
+    target = torch.arange(BATCH, device=device) * 5 % num_classes
     target[0] = num_classes - 1
-    garbage = random(BATCH, width * p - num_classes, seed=3) * 1e5  # padding logits: must be ignored
+    garbage = random(BATCH, width * p - num_classes, seed=3, device=device) * 1e5  # padding logits: must be ignored
     padded = torch.cat([logits.detach(), garbage], dim=-1)
     local = my_shard(padded, comm).clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(local, target, comm, num_classes=num_classes)
@@ -260,12 +264,12 @@ def test_vocab_parallel_cross_entropy_equals_unsplit(comm, classes, scale):
 
 
 @pytest.mark.mpi
-def test_padded_classifier_with_split_cross_entropy_equals_unsplit(comm):
-    head = make_linear(6, 13, seed=7)
+def test_padded_classifier_with_split_cross_entropy_equals_unsplit(comm, device):
+    head = make_linear(6, 13, seed=7, device=device)
     layer = ColumnParallelLinear(head, comm, pad_output=True)
-    x_full = random(BATCH, 6).requires_grad_()
+    x_full = random(BATCH, 6, device=device).requires_grad_()
     x_split = x_full.detach().clone().requires_grad_()
-    target = torch.arange(BATCH) * 3 % 13
+    target = torch.arange(BATCH, device=device) * 3 % 13
     expected = F.cross_entropy(head(x_full) * 100, target)
     expected.backward()
     loss = vocab_parallel_cross_entropy(layer(x_split) * 100, target, comm, num_classes=layer.out_features)
