@@ -123,6 +123,9 @@ class Pipeline:
         schedule: ``"naive"``, ``"gpipe"`` or ``"1f1b"``.
         microbatches: micro-batches per batch; must divide the batch size.
         loss_fn: ``loss_fn(output, target)``, the mean loss over a micro-batch.
+        device: where this rank's stages run (their layers are moved there; activations and
+            gradients are received there, also for a stage without parameters). Default:
+            where each stage's layers already are.
 
     Raises:
         ValueError, TypeError: on every rank, for a bad placement (wrong length,
@@ -133,7 +136,8 @@ class Pipeline:
     def __init__(self, module: nn.Sequential, comm: MPI.Intracomm,
                  placement: Union[Placement, Sequence[int], Mapping[str, int], None] = None, *,
                  schedule: str = "1f1b", microbatches: int = 1,
-                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 device: Optional[torch.device] = None):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
 
@@ -152,9 +156,11 @@ class Pipeline:
         self.loss_fn = loss_fn
         self.stage_ranks = self.placement.stage_ranks
         self.stages: Dict[int, Stage] = {
-            index: Stage(index, len(self.stage_ranks), module[s.start:s.stop], s.start)
+            index: Stage(index, len(self.stage_ranks), module[s.start:s.stop], s.start, device=device)
             for index, s in enumerate(self.placement.segments) if s.rank == self.rank}
         self.local_module = nn.ModuleList(stage.module for stage in self.stages.values())
+        if device is not None:
+            self.local_module.to(device)
         self._programs: Dict[tuple, list] = {}
         self._spec_tables: Dict[tuple, tuple] = {}  # (input spec, train) -> (stage inputs, stage outputs)
         self._input_specs: Dict[int, TensorSpec] = {}

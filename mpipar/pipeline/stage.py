@@ -45,13 +45,16 @@ class Stage:
         num_stages: number of stages.
         module: the stage's layers (sharing parameters with the user's model).
         start: index of the first layer in the whole model (for messages).
+        device: where the stage runs (default: where its first parameter or buffer is, else the CPU).
     """
 
-    def __init__(self, index: int, num_stages: int, module: nn.Sequential, start: int = 0):
+    def __init__(self, index: int, num_stages: int, module: nn.Sequential, start: int = 0,
+                 device: Optional[torch.device] = None):
         self.index = index
         self.num_stages = num_stages
         self.module = module
         self.start = start
+        self._device = None if device is None else torch.device(device)
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
         self._stash: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -74,6 +77,8 @@ class Stage:
 
     @property
     def device(self) -> torch.device:
+        if self._device is not None:
+            return self._device
         for tensor in [*self.module.parameters(), *self.module.buffers()]:
             return tensor.device
         return torch.device("cpu")

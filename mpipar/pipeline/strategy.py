@@ -111,9 +111,8 @@ class PipelineStrategy:
                 model.load_state_dict(self._relayout["model"])  # before the pipeline takes its stages
                 say(f"re-laid out the checkpoint's placement {state['placement']} as {list(self.placement.ranks)}")
         self.pipe = Pipeline(model, self.grid.pipeline_comm, self.placement, schedule=config.schedule,
-                             microbatches=config.microbatches, loss_fn=F.cross_entropy)
+                             microbatches=config.microbatches, loss_fn=F.cross_entropy, device=device)
         self.device = torch.device(device)
-        self.pipe.local_module.to(device)
         self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb)
         self.name = "pipeline" if self.grid.replicas == 1 else "pipeline_hybrid"
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
