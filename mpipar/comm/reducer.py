@@ -193,6 +193,7 @@ class GradientReducer:
         """
         bucket = self.buckets[self._bucket_of[id(param)]]
         if id(param) in bucket.ready:
+            self._drain()
             raise RuntimeError(
                 f"a parameter of shape {tuple(param.shape)} received its gradient more than once in one backward "
                 f"(shared across a reentrant activation checkpoint?); its bucket may already have been averaged. "
@@ -249,6 +250,17 @@ class GradientReducer:
             bucket = self._copying.popleft()
             bucket.mirror.wait()  # the GPU finishing the gradients: compute, not communication
             self._start_allreduce(bucket, bucket.mirror.host)
+
+    def _drain(self) -> None:
+        """End a step that failed on every rank at the same point: start the Allreduces of
+        buckets whose host copy was still in flight and wait for every reduction started, so
+        every rank has completed the same operations and ``comm`` stays usable."""
+        self._start_copied(block=True)
+        for bucket in self.buckets:
+            if bucket.pending is not None:
+                bucket.pending.wait()
+                bucket.pending = None
+        self._active = False
 
     def _wait_counts(self) -> None:
         if self._counts_request is None:
