@@ -98,7 +98,8 @@ def _find_query() -> Optional[Callable[[], int]]:
 
 def library_name() -> str:
     """The MPI library's name and version, e.g. ``Open MPI v5.0.11``."""
-    return MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].split(",")[0]
+    first = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
+    return " ".join(first.split(",")[0].split())  # MPICH pads with spaces
 
 
 _decision: Optional[CudaAwareness] = None
