@@ -11,6 +11,7 @@ from mpipar.tensor_parallel.mappings import (
 )
 from mpipar.tensor_parallel.mlp import ParallelMLP
 from mpipar.tensor_parallel.partition import shard_bounds, shard_size
+from mpipar.tensor_parallel.random import ParallelDropout, TensorParallelRNG, split_dropout
 
 __all__ = [
     "ColumnParallelLinear",
@@ -25,4 +26,7 @@ __all__ = [
     "gather_from_parallel",
     "shard_size",
     "shard_bounds",
+    "TensorParallelRNG",
+    "ParallelDropout",
+    "split_dropout",
 ]

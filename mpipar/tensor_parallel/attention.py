@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -16,6 +17,7 @@ from mpipar.diagnostics.failure import agreed
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpipar.tensor_parallel.mlp import ParallelMLP
 from mpipar.tensor_parallel.partition import shard_size
+from mpipar.tensor_parallel.random import TensorParallelRNG, split_dropout
 
 __all__ = ["ParallelSelfAttention", "ParallelTransformerBlock"]
 
@@ -31,10 +33,20 @@ def _attention_config(full: Any) -> Dict[str, Any]:
             "dropout": float(full.dropout), "batch_first": bool(full.batch_first), "dtype": str(weight.dtype)}
 
 
-def _agree_on_attention(comm: MPI.Intracomm, full: nn.MultiheadAttention, what: str) -> Dict[str, Any]:
-    """:func:`_attention_config` checked on every rank and compared across ranks (one small allgather);
-    then the configurations this layer cannot split, refused. Every error is raised on every rank."""
-    every_rank = gather_checked(comm, lambda: _attention_config(full), what)
+def _agree_on_attention(comm: MPI.Intracomm, full: nn.MultiheadAttention, what: str,
+                        rng: Optional[TensorParallelRNG] = None) -> Dict[str, Any]:
+    """:func:`_attention_config` (and whether an RNG tracker was given) checked on every rank and compared
+    across ranks (one small allgather); then the configurations this layer cannot split, refused. Every
+    error is raised on every rank."""
+
+    def config():
+        if rng is not None and not isinstance(rng, TensorParallelRNG):
+            raise TypeError(f"rng must be a TensorParallelRNG, got {type(rng).__name__}")
+        found = _attention_config(full)
+        found["rng group size"] = None if rng is None else rng.size
+        return found
+
+    every_rank = gather_checked(comm, config, what)
     config = every_rank[0]
     differing = [rank for rank, found in enumerate(every_rank) if found != config]
     if differing:
@@ -51,13 +63,17 @@ def _agree_on_attention(comm: MPI.Intracomm, full: nn.MultiheadAttention, what: 
         unsupported.append("it must be built with batch_first=True (inputs are (batch, sequence, embed))")
     if unsupported:
         raise agreed(ValueError)(f"{what}: cannot split this nn.MultiheadAttention: " + "; ".join(unsupported))
-    if config["dropout"] > 0:
-        raise agreed(ValueError)(
-            f"{what}: dropout={config['dropout']} is not supported: dropout inside a split region needs a "
-            f"random stream per rank (each rank drops different heads' probabilities) besides the one shared "
-            f"by the replicated regions, and mpipar does not have per-rank RNG streams yet; build the "
-            f"nn.MultiheadAttention with dropout=0.0")
     size = comm.Get_size()
+    if config["dropout"] > 0 and rng is None:
+        raise agreed(ValueError)(
+            f"{what}: dropout={config['dropout']} is not supported: without rng=, dropout inside a split region "
+            f"needs per-rank RNG streams (each rank drops different heads' probabilities) besides the one "
+            f"shared by the replicated regions; pass rng=TensorParallelRNG(comm, seed), or build the "
+            f"nn.MultiheadAttention with dropout=0.0")
+    if rng is not None and config["rng group size"] != size:
+        raise agreed(ValueError)(f"{what}: rng was built over a group of {config['rng group size']} ranks, "
+                                 f"the attention over {size}; build it over the same tensor-parallel group")
+    config.pop("rng group size")
     heads = config["num_heads"]
     try:
         shard_size(heads, size, what=what)
@@ -90,8 +106,11 @@ class ParallelSelfAttention(nn.Module):
     x embed elements.
 
     Supported: ``batch_first=True``, one embed dim for q, k and v, with or without
-    biases, no ``add_bias_kv`` / ``add_zero_attn``, ``dropout=0`` (dropout inside a split
-    region needs per-rank random streams, which mpipar does not have yet).
+    biases, no ``add_bias_kv`` / ``add_zero_attn``. Dropout of the attention probabilities
+    (``full.dropout > 0``, in training mode) needs ``rng``: the probabilities are split by
+    heads, so each rank drops its heads' with its own mask, drawn inside
+    ``rng.split_region()``; the result is the unsplit attention with the full mask made
+    of the ranks' masks (head blocks in rank order). Without ``rng`` it is refused.
 
     Collective contract: every rank of ``comm`` builds the layer together from a full
     module of the same configuration (one small allgather checks it, before any
@@ -104,17 +123,22 @@ class ParallelSelfAttention(nn.Module):
         comm: the tensor-parallel group.
         stats: where the time blocked in MPI and the bytes sent accumulate (default: a new
             :class:`CommStats`, ``self.stats``).
+        rng: the group's :class:`~mpipar.tensor_parallel.random.TensorParallelRNG`, needed
+            for ``dropout > 0`` (given on every rank or on none).
 
     Raises:
         TypeError: on every rank, when some rank's ``full`` is not an ``nn.MultiheadAttention``.
         ValueError: on every rank, when the configurations differ between ranks, one is not
-            supported (above), ``dropout > 0``, or p does not divide the number of heads.
+            supported (above), ``dropout > 0`` without ``rng``, or p does not divide the number
+            of heads.
     """
 
-    def __init__(self, full: nn.MultiheadAttention, comm: MPI.Intracomm, *, stats: Optional[CommStats] = None):
+    def __init__(self, full: nn.MultiheadAttention, comm: MPI.Intracomm, *, stats: Optional[CommStats] = None,
+                 rng: Optional[TensorParallelRNG] = None):
         super().__init__()
         what = "ParallelSelfAttention"
-        config = _agree_on_attention(comm, full, what)
+        config = _agree_on_attention(comm, full, what, rng)
+        self.dropout, self.rng = config["dropout"], rng
         size = comm.Get_size()
         self.comm = comm
         self.embed_dim, self.num_heads = config["embed_dim"], config["num_heads"]
@@ -155,8 +179,26 @@ class ParallelSelfAttention(nn.Module):
         local = self.heads_per_rank
         q, k, v = self.qkv(x).view(batch, length, 3, local, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         mask = None if is_causal else self._local_mask(attn_mask, batch, length, x.dtype)
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, h/p, T, d)
+        if self.training and self.dropout > 0:
+            heads = self._attention_with_dropout(q, k, v, mask, is_causal)
+        else:
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, h/p, T, d)
         return self.out_proj(heads.transpose(1, 2).reshape(batch, length, local * self.head_dim))
+
+    def _attention_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d) + mask)``, dropped with this rank's split stream (its heads' part of
+        the full model's mask), times ``v``: ``nn.MultiheadAttention``'s order, written out so that the
+        mask is drawn from ``self.rng`` over ``(batch, h/p, T, T)``."""
+        scores = q.matmul(k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if is_causal:
+            length = q.shape[-2]
+            causal = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
+        probabilities = split_dropout(torch.softmax(scores, dim=-1), self.dropout, self.rng)
+        return probabilities.matmul(v)
 
     def _local_mask(self, mask: Optional[torch.Tensor], batch: int, length: int,
                     dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -192,7 +234,7 @@ class ParallelSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, heads_per_rank={self.heads_per_rank}, "
-                f"first_head={self.first_head}")
+                f"first_head={self.first_head}, dropout={self.dropout}")
 
 
 class ParallelTransformerBlock(nn.Module):
@@ -216,6 +258,7 @@ class ParallelTransformerBlock(nn.Module):
         comm: the tensor-parallel group.
         activation: the MLP's element-wise activation (default: ``nn.GELU()``).
         stats: where the time blocked in MPI and the bytes sent accumulate.
+        rng: the group's ``TensorParallelRNG``, for attention dropout (see :class:`ParallelSelfAttention`).
 
     Raises:
         TypeError: on every rank, when some rank's module has the wrong type.
@@ -225,7 +268,7 @@ class ParallelTransformerBlock(nn.Module):
 
     def __init__(self, attention: nn.MultiheadAttention, fc1: nn.Linear, fc2: nn.Linear, norm1: nn.LayerNorm,
                  norm2: nn.LayerNorm, comm: MPI.Intracomm, *, activation: Optional[nn.Module] = None,
-                 stats: Optional[CommStats] = None):
+                 stats: Optional[CommStats] = None, rng: Optional[TensorParallelRNG] = None):
         super().__init__()
         what = "ParallelTransformerBlock"
 
@@ -241,7 +284,7 @@ class ParallelTransformerBlock(nn.Module):
             listed = "; ".join(f"rank {rank}: {found}" for rank, found in enumerate(every_rank))
             raise agreed(ValueError)(f"{what}: the ranks were given LayerNorms of different shapes ({listed})")
         self.stats = CommStats() if stats is None else stats
-        self.attention = ParallelSelfAttention(attention, comm, stats=self.stats)
+        self.attention = ParallelSelfAttention(attention, comm, stats=self.stats, rng=rng)
         self.mlp = ParallelMLP(fc1, fc2, comm, activation, stats=self.stats)
         embed = self.attention.embed_dim
         found = {"norm1": every_rank[0][0][0], "norm2": every_rank[0][1][0],
