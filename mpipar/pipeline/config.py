@@ -23,6 +23,7 @@ class PipelineConfig:
         stages: ranks per pipeline; the data-parallel degree is the world size divided by it.
         balance: ``"even"`` (by layer count), ``"auto"`` (profiled) or layers per stage.
         placement: a rank per layer (may be non-contiguous); overrides ``balance``.
+        tp: ranks that split every stage's layers (tensor parallelism inside the stages).
     """
 
     schedule: str = "1f1b"
@@ -30,10 +31,13 @@ class PipelineConfig:
     stages: int = 2
     balance: Union[str, Tuple[int, ...]] = "even"
     placement: Optional[Tuple[int, ...]] = None
+    tp: int = 1
 
     def __post_init__(self):
         if self.schedule not in TRAIN_SCHEDULES or self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {list(TRAIN_SCHEDULES)}, got {self.schedule!r}")
+        if self.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {self.tp}")
         if self.microbatches < 1 or self.stages < 1:
             raise ValueError(f"--microbatches and --stages must be >= 1, got {self.microbatches}, {self.stages}")
         if isinstance(self.balance, str):

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+from mpipar.comm.reducer import CommStats
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
 from mpipar.data.datasets import ArrayDataset
 from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.executor import Pipeline
 from mpipar.pipeline.microbatch import check_microbatches
@@ -64,14 +66,31 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
     return Placement.from_balance(config.balance), None
 
 
+def _check_tensor_parallel(config: PipelineConfig, state: Optional[dict], split_layers) -> None:
+    """What tensor parallelism inside the stages cannot do yet: raised on every rank (all have
+    the same settings and checkpoint)."""
+    if split_layers is None:
+        raise agreed(ValueError)(f"--tp {config.tp}: this job's model has no tensor-parallel split; use --tp 1")
+    if config.balance == "auto":
+        raise agreed(ValueError)("--balance auto profiles the layers on one rank, which split layers cannot run "
+                                 "alone; with --tp > 1 use --balance even or N,N,...")
+    if state is not None and _new_layout(state, config):
+        raise agreed(ValueError)("a checkpoint with tensor-parallel stages resumes only on the layout that wrote it "
+                                 "(same ranks, --stages, --tp and balance)")
+
+
 class PipelineStrategy:
-    """Pipelines of ``config.stages`` ranks, ``world size / stages`` data-parallel replicas.
+    """Pipelines of ``config.stages`` stages of ``config.tp`` ranks each, ``world size / (stages tp)``
+    data-parallel replicas (a :class:`ProcessGrid`).
 
     Each replica runs the model as a :class:`Pipeline` (its schedule, micro-batches
     and placement) on its share of every global batch; each pipeline position's
     gradients are averaged over its replicas by a :class:`ReplicaAverager`, whose
     Allreduces start during the last micro-batch's backward. Every rank checkpoints
-    its own stages. Collective over ``world``, like the loop.
+    its own stages. With ``config.tp > 1`` the model's layers are first split over each
+    stage's tensor-parallel group by ``split_layers`` (every rank of a stage then runs
+    its shard of the stage, and the tensor-parallel ranks of consecutive stages form the
+    pipelines); one rank per group counts the loss. Collective over ``world``, like the loop.
 
     Args:
         world: the job's ranks.
@@ -88,6 +107,10 @@ class PipelineStrategy:
         sample: a batch of inputs for ``balance="auto"`` profiling (rank 0).
         say: prints on rank 0.
         device: where this rank's stages go (the rest of ``model`` stays where it is).
+        split_layers: ``split_layers(model, tp_comm, stats)``, the model with its layers split
+            over ``tp_comm`` as an ``nn.Sequential`` (e.g. :func:`mpipar.tensor_parallel.split_mlp`);
+            needed when ``config.tp > 1``, applied whenever given (at ``tp == 1`` the split layers
+            compute what the plain ones do).
     """
 
     full_steps_only = True
@@ -96,11 +119,19 @@ class PipelineStrategy:
     def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: PipelineConfig, *, batch_size: int,
                  bucket_mb: float = 25.0, state: Optional[dict] = None, checkpoint=None,
                  sample: Optional[torch.Tensor] = None, say: Callable[[str], None] = print,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu",
+                 split_layers: Optional[Callable[[nn.Sequential, MPI.Intracomm, CommStats], nn.Sequential]] = None):
         collective_check(world, lambda: check_microbatches(batch_size, config.microbatches),
                          "--batch-size and --microbatches")
-        self.world, self.model, self.config = world, model, config
-        self.grid = ProcessGrid(world, config.stages)
+        self.world, self.config = world, config
+        self.grid = ProcessGrid(world, config.stages, tp=config.tp)
+        self.tp_stats = CommStats()
+        parameter_count = sum(p.numel() for p in model.parameters())
+        if config.tp > 1:
+            _check_tensor_parallel(config, state, split_layers)
+        if split_layers is not None:  # at tp 1 the split layers are the ordinary ones
+            model = split_layers(model, self.grid.tp_comm, self.tp_stats)
+        self.model = model
         self._relayout: Optional[dict] = None
         if state is not None and not _new_layout(state, config):  # auto balance could profile another
             self.placement, self.predicted = Placement(tuple(state["placement"])), None
@@ -114,13 +145,15 @@ class PipelineStrategy:
                              microbatches=config.microbatches, loss_fn=F.cross_entropy, device=device)
         self.device = torch.device(device)
         self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb)
-        self.name = "pipeline" if self.grid.replicas == 1 else "pipeline_hybrid"
+        self.name = "pipeline" if self.grid.replicas == 1 and config.tp == 1 else "pipeline_hybrid"
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
-        stages = config.stages
-        self.wait_groups = [[replica * stages + stage for replica in range(self.replicas)] for stage in range(stages)]
+        self.counts = self.pipe.holds_last_stage and self.grid.tp_rank == 0  # one rank of a group counts
+        stages, tp = config.stages, config.tp
+        self.wait_groups = [[(replica * stages + stage) * tp + t for replica in range(self.replicas)]
+                            for stage in range(stages) for t in range(tp)]
         self.ideal = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks)
         self.metrics_attrs = {
-            "parameters": sum(p.numel() for p in model.parameters()), "schedule": config.schedule,
+            "parameters": parameter_count, "tp": tp, "schedule": config.schedule,
             "stages": self.pipe.num_stages, "microbatches": config.microbatches, "replicas": self.replicas,
             "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal}
         self._stage_seconds: Dict[int, List[float]] = {index: [0.0, 0.0] for index in self.pipe.stages}
@@ -131,7 +164,8 @@ class PipelineStrategy:
         return list(self.pipe.parameters())
 
     def describe(self) -> str:
-        return (f"{self.metrics_attrs['parameters']:,} parameters, {len(self.model)} layers; {self.grid}; "
+        return (f"{self.metrics_attrs['parameters']:,} parameters, {len(self.model)} layers"
+                f"{' after the tensor-parallel split' if self.config.tp > 1 else ''}; {self.grid}; "
                 f"{self.placement}; {self.pipe.schedule}; ideal bubble {self.ideal:.3f}")
 
     def needs_batch(self) -> bool:
@@ -142,15 +176,16 @@ class PipelineStrategy:
         self.averager.begin_step()  # replicas' gradients are reduced during the last micro-batch's backward
         result = self.pipe.step(images, labels, before_last_backward=self.averager.stage_finishing)
         self.averager.average()
-        reduced = self.averager.stats.take()
+        reduced, split = self.averager.stats.take(), self.tp_stats.take()
         times = result.times
         for index, (forward, backward) in result.stage_times.items():
             self._stage_seconds[index][0] += forward
             self._stage_seconds[index][1] += backward
-        samples = len(labels) if self.pipe.holds_last_stage else 0
-        return StepRecord(
-            loss=result.loss, samples=samples, compute_time=times.busy, comm_time=times.comm,
-            wait_time=reduced.wait_time, bytes_sent=reduced.bytes_sent + result.bytes_sent,
+        samples = len(labels) if self.counts else 0
+        return StepRecord(  # the stages' busy time includes their tensor-parallel Allreduces: moved to waits
+            loss=result.loss, samples=samples, compute_time=times.busy - split.wait_time, comm_time=times.comm,
+            wait_time=reduced.wait_time + split.wait_time,
+            bytes_sent=reduced.bytes_sent + result.bytes_sent + split.bytes_sent,
             extra=dict(pipeline_busy=times.busy, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
                        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0))
 
@@ -166,7 +201,7 @@ class PipelineStrategy:
             return self.pipe.evaluate(images, labels, microbatches=micro).outputs
 
         return evaluate(self.model, dataset, self.world, shards=self.replicas, shard=self.replica, outputs=outputs,
-                        counts=self.pipe.holds_last_stage, device=self.device)
+                        counts=self.counts, device=self.device)
 
     def state_dict(self) -> dict:
         return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
@@ -209,7 +244,7 @@ class PipelineStrategy:
             ours = steps["world_size"] == world if "world_size" in steps else np.ones(len(steps["pipeline_busy"]), bool)
             per_step = np.full(len(ours), np.nan)
             per_step[ours] = bubble_per_step(steps["pipeline_busy"][ours, :world], steps["pipeline_wall"][ours, :world],
-                                             stages)
+                                             stages, self.config.tp)
             measured = per_step[ours][1:] if ours.sum() > 1 else per_step[ours]  # the first step warms up
             attrs["bubble_measured"] = float(measured.mean()) if len(measured) else float("nan")
             attrs["peak_activation_bytes_per_rank"] = json.dumps(np.nanmax(steps["activation_bytes"], 0).tolist())

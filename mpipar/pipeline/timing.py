@@ -63,19 +63,22 @@ def measured_bubble(busy: Sequence[float], wall: Sequence[float]) -> float:
     return float(bubble_per_step(np.asarray([busy], float), np.asarray([wall], float), len(busy))[0])
 
 
-def bubble_per_step(busy: np.ndarray, wall: np.ndarray, stages: int) -> np.ndarray:
+def bubble_per_step(busy: np.ndarray, wall: np.ndarray, stages: int, tp: int = 1) -> np.ndarray:
     """:func:`measured_bubble` of every step, averaged over the pipelines.
 
     Args:
-        busy, wall: (steps, ranks) seconds per step and rank; ranks ``r*stages ..
-            (r+1)*stages - 1`` form pipeline ``r`` (:class:`~mpipar.comm.topology.ProcessGrid`).
+        busy, wall: (steps, ranks) seconds per step and rank, ranks laid out as
+            :class:`~mpipar.comm.topology.ProcessGrid` does: rank ``(r*stages + s)*tp + t``
+            is stage ``s`` of pipeline ``(r, t)``.
         stages: ranks per pipeline.
+        tp: tensor-parallel ranks per stage (each a pipeline of its own).
 
     Returns:
         (steps,) the bubble of each step, the mean over pipelines.
     """
     steps, ranks = busy.shape
-    busy_sum = busy.reshape(steps, ranks // stages, stages).sum(2)
-    longest = wall.reshape(steps, ranks // stages, stages).max(2)
+    shape = (steps, ranks // (stages * tp), stages, tp)
+    busy_sum = busy.reshape(shape).sum(2)
+    longest = wall.reshape(shape).max(2)
     per_pipeline = np.where(longest > 0, 1.0 - busy_sum / (stages * np.where(longest > 0, longest, 1.0)), 0.0)
-    return per_pipeline.mean(1)
+    return per_pipeline.reshape(steps, -1).mean(1)

@@ -14,7 +14,8 @@ gather_from_parallel   all-gather the last dim     keep this rank's shard
 
 Collective contract for all of them: every rank of ``comm`` applies the same maps in the
 same order to tensors of the same shape and dtype, and runs backward through them
-together. At size 1 every map is the identity and nothing is communicated. The time
+together. At size 1 every map is the identity and nothing is communicated; on the meta
+device (shape inference) nothing is communicated either and the shapes come out right. The time
 blocked in MPI and the bytes sent (ring estimates) go to an optional
 :class:`~mpipar.comm.reducer.CommStats`.
 """
@@ -55,7 +56,7 @@ def all_reduce_(tensor: torch.Tensor, comm: MPI.Intracomm, stats: Optional[CommS
     dtype. Size 1: returns ``tensor`` untouched, records nothing.
     """
     size = comm.Get_size()
-    if size == 1:
+    if size == 1 or tensor.device.type == "meta":  # shape inference (a pipeline's specs): nothing to add
         return tensor
     start = time.perf_counter()
     mpi_tensor.allreduce_(tensor, comm, op)
@@ -74,6 +75,8 @@ def all_gather_last_dim(tensor: torch.Tensor, comm: MPI.Intracomm,
     size = comm.Get_size()
     if size == 1:
         return tensor
+    if tensor.device.type == "meta":  # shape inference: the gathered shape, no data
+        return torch.empty((*tensor.shape[:-1], size * tensor.shape[-1]), dtype=tensor.dtype, device="meta")
     local = tensor.detach().contiguous()
     gathered = torch.empty((size, *local.shape), dtype=local.dtype, device=local.device)
     start = time.perf_counter()

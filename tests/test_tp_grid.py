@@ -1,0 +1,111 @@
+"""Tensor parallelism inside pipeline stages, on the 3D grid (data x pipeline x tensor parallel): the loop on
+N ranks equals the loop on one process over the whole batch (every shard against its slice of the unsplit
+layers after several optimizer steps). At 4 ranks: 2 stages x 2 tensor-parallel ranks; at 1-3 ranks: one
+stage split over all ranks; at 8 ranks (a serial test launching mpirun): 2 replicas x 2 stages x 2."""
+
+import h5py
+import pytest
+import torch
+from mpi4py import MPI
+from test_loop import BATCH, STEPS, TOL, build_model, serial_reference, session
+
+from mpi_helpers import ROOT, assert_all_ranks, run_mpi
+from mpipar.comm.topology import ProcessGrid
+from mpipar.data import synthetic
+from mpipar.pipeline.config import PipelineConfig
+from mpipar.pipeline.strategy import PipelineStrategy
+from mpipar.run.loop import train
+from mpipar.tensor_parallel.strategy import split_mlp
+
+
+def grid_for(size: int) -> tuple:
+    """(stages, tp) for ``size`` ranks: 2 x 2 (times replicas) where 4 divides it, else one stage."""
+    return (2, 2) if size % 4 == 0 else (1, size)
+
+
+def shard_problems(strategy: PipelineStrategy, reference: torch.nn.Module, tp_rank: int) -> list:
+    """Every parallel block this rank runs against its slice of the reference's linear layers."""
+    linears = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+    blocks = [m for m in strategy.model if hasattr(m, "fc1")]
+    held = {id(m) for stage in strategy.pipe.stages.values() for m in stage.module}
+    problems, compared = [], 0
+    for block, (fc1, fc2) in zip(blocks, zip(linears[::2], linears[1::2])):
+        if id(block) not in held:
+            continue
+        rows = slice(tp_rank * block.fc1.out_per_rank, (tp_rank + 1) * block.fc1.out_per_rank)
+        columns = slice(tp_rank * block.fc2.in_per_rank, (tp_rank + 1) * block.fc2.in_per_rank)
+        for mine, theirs in [(block.fc1.weight, fc1.weight[rows]), (block.fc1.bias, fc1.bias[rows]),
+                             (block.fc2.weight, fc2.weight[:, columns]), (block.fc2.bias, fc2.bias)]:
+            compared += 1
+            if mine.shape != theirs.shape or not torch.allclose(mine, theirs, **TOL):
+                difference = (mine - theirs).abs().max().item() if mine.shape == theirs.shape else "shape"
+                problems.append(f"block {blocks.index(block)}: {tuple(mine.shape)}, difference {difference}")
+    if not compared:
+        problems.append("no block held on this rank")
+    return problems
+
+
+@pytest.mark.mpi
+def test_tensor_parallel_stages_equal_the_loop_on_one_process(comm, mpi_tmp_path):
+    from pathlib import Path
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    stages, tp = grid_for(size)
+    replicas = size // (stages * tp)
+    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    reference = serial_reference(directory, size)
+    settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages, tp=tp)
+    batch = BATCH * size // replicas
+    run = session(comm, directory / "grid", batch, settings)
+    strategy = PipelineStrategy(comm, build_model(), settings, batch_size=batch, state=run.state, say=run.say,
+                                split_layers=split_mlp)
+    tp_rank = strategy.grid.tp_rank
+    stopped = train(run, strategy, synthetic(600, 100, seed=0))
+    problems = (["stopped early"] if stopped else []) + shard_problems(strategy, reference, tp_rank)
+
+
+    with h5py.File(directory / "grid" / "metrics.h5", "r") as f:
+        samples, tp_attr = f["steps/samples"][...].tolist(), int(f.attrs["tp"])
+    if samples != [BATCH * size] * STEPS or tp_attr != tp:
+        problems.append(f"metrics: samples per step {samples}, tp {tp_attr}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi
+def test_grid_coordinates_and_groups(comm):
+    """Rank (replica * stages + stage) * tp + t; each sub-communicator holds the ranks it should."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    stages, tp = grid_for(size)
+    with ProcessGrid(comm, stages, tp=tp) as grid:
+        coordinates = ((grid.replica * stages + grid.stage) * tp + grid.tp_rank == rank)
+        tp_ranks = grid.tp_comm.allgather(rank)
+        pipeline_ranks = grid.pipeline_comm.allgather(rank)
+        data_ranks = grid.data_comm.allgather(rank)
+        base = (grid.replica * stages + grid.stage) * tp
+        ok = (coordinates and tp_ranks == list(range(base, base + tp))
+              and pipeline_ranks == [(grid.replica * stages + s) * tp + grid.tp_rank for s in range(stages)]
+              and data_ranks == [(r * stages + grid.stage) * tp + grid.tp_rank for r in range(grid.replicas)])
+    assert_all_ranks(comm, ok, f"tp {tp_ranks}, pipeline {pipeline_ranks}, data {data_ranks}")
+
+
+@pytest.mark.mpi
+def test_a_grid_that_does_not_divide_the_world_is_refused_on_every_rank(comm):
+    size = comm.Get_size()
+    with pytest.raises(ValueError, match=rf"2 stages x {size + 1} tensor-parallel ranks do not divide the {size}"):
+        ProcessGrid(comm, 2, tp=size + 1)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_tp_stages_refuse_auto_balance_on_every_rank(comm):
+    settings = PipelineConfig(microbatches=1, stages=1, tp=comm.Get_size(), balance="auto")
+    with pytest.raises(ValueError, match="--balance auto profiles the layers on one rank"):
+        PipelineStrategy(comm, build_model(), settings, batch_size=4, split_layers=split_mlp)
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own 8 ranks")
+def test_eight_ranks_data_x_pipeline_x_tensor_parallel():
+    """2 replicas x 2 stages x 2 tensor-parallel ranks, on 8 processes, against one process."""
+    result = run_mpi(8, "-m", "pytest", "--only-mpi", "-q", "-p", "no:cacheprovider", "-x",
+                     str(ROOT / "tests" / "test_tp_grid.py"), "-k", "equal_the_loop or coordinates", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 passed" in result.stdout, result.stdout[-2000:]
