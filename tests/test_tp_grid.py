@@ -62,8 +62,6 @@ def test_tensor_parallel_stages_equal_the_loop_on_one_process(comm, mpi_tmp_path
     tp_rank = strategy.grid.tp_rank
     stopped = train(run, strategy, synthetic(600, 100, seed=0))
     problems = (["stopped early"] if stopped else []) + shard_problems(strategy, reference, tp_rank)
-
-
     with h5py.File(directory / "grid" / "metrics.h5", "r") as f:
         samples, tp_attr = f["steps/samples"][...].tolist(), int(f.attrs["tp"])
     if samples != [BATCH * size] * STEPS or tp_attr != tp:
