@@ -146,3 +146,31 @@ def test_resnet_dp_on_gpus_equals_the_cpu_run_and_resumes_on_the_cpu(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout
     np.testing.assert_allclose(step_losses(tmp_path / "gpu"), gpu_losses, rtol=2e-3)  # steps 3-5 again, on the CPU
+
+
+VIT_JOB = str(ROOT / "jobs" / "vit_tp.py")
+
+
+def test_vit_tp_trains_with_split_blocks_and_writes_metrics(tmp_path):
+    out = tmp_path / "run"
+    result = run_mpi(2, VIT_JOB, *TINY, "--max-steps", "4", "--epochs", "1", "--out", str(out), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model: vit-tiny" in result.stdout and "final test accuracy" in result.stdout, result.stdout
+    assert "every block's attention heads and MLP split (embeddings, norms and head replicated) over 2 ranks" \
+        in result.stdout, result.stdout
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert f.attrs["strategy"] == "tensor_parallel" and f.attrs["tp"] == 2 and f.attrs["replicas"] == 1
+        assert f.attrs["model"] == "vit-tiny"
+        assert f["steps/loss"].shape == (4,) and np.isfinite(f["steps/loss"][...]).all()
+        assert (f["steps/samples"][...] == 16).all()  # the group's batch counted once
+        assert (f["steps/bytes_sent"][...] > 0).all()  # every block all-reduces its partial sums
+        assert f["epochs/test_accuracy"].shape == (1,) and 0 <= f["epochs/test_accuracy"][0] <= 1
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000000004").glob("rank-*.pt")) == \
+        ["rank-0.pt", "rank-1.pt"]
+
+
+def test_vit_tp_refuses_a_tp_size_the_ranks_cannot_take(tmp_path):
+    result = run_mpi(2, VIT_JOB, *TINY, "--max-steps", "2", "--tp", "3", "--out", str(tmp_path / "run"), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert output.count("--tp 3 does not divide the 2 ranks into equal tensor-parallel groups") == 1, output

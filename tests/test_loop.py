@@ -208,3 +208,52 @@ def test_pipeline_resumed_on_another_layout_equals_one_process(comm, mpi_tmp_pat
             group.Free()
         comm.Barrier()
     assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+def build_vit():
+    """A float64 vision transformer whose heads (12) and hidden features (24) split over 1 to 4 ranks."""
+    torch.manual_seed(7)
+    return models.VisionTransformer(1, 10, 28, patch_size=7, dim=24, depth=2, heads=12, hidden=24).double()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["tensor", "tensor_x_data"])
+def test_vision_transformer_tensor_parallel_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind):
+    """The ViT with every block split (tp = world size; or tp 2 x data-parallel replicas on 4 ranks) through
+    the loop equals the unsplit ViT through the loop on one process over the whole batch, after several
+    optimizer steps: every tensor this rank holds against the same cut of the serial result (the
+    loop frees the strategy's groups at its end, so the serial model is cut over a new group)."""
+    from pathlib import Path
+
+    from mpipar.comm.reducer import CommStats
+    from mpipar.tensor_parallel.strategy import split_vit
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if kind == "tensor_x_data" and (size % 2 or size < 4):
+        pytest.skip("groups of 2 replicated needs an even number of ranks, at least 4")
+    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    splits = synthetic(600, 100, seed=0)
+    reference = build_vit()
+    serial = session(MPI.COMM_SELF, directory / f"serial-vit-{rank}", BATCH * size)
+    train(serial, DataParallelStrategy(reference, MPI.COMM_SELF), splits)
+
+    settings = TensorParallelConfig(tp=size if kind == "tensor" else 2)
+    replicas = size // settings.tp
+    run = session(comm, directory / kind, BATCH * size // replicas, settings)
+    strategy = TensorParallelStrategy(comm, build_vit(), settings, state=run.state)
+    stopped = train(run, strategy, splits)
+    group = comm.Split(rank // settings.tp, rank)
+    expected = split_vit(reference, group, CommStats()).state_dict()
+    group.Free()
+    held = strategy.model.state_dict()
+    problems = [] if not stopped else ["stopped early"]
+    if list(held) != list(expected):
+        problems.append(f"keys {list(held)}")
+    problems += [f"{name}: max difference {(held[name] - value).abs().max().item():.2e}"
+                 for name, value in expected.items()
+                 if name in held and not torch.allclose(held[name], value, **TOL)]
+    with h5py.File(directory / kind / "metrics.h5", "r") as f:
+        shape, samples = f["steps/comm_time"].shape, f["steps/samples"][...].tolist()
+    if shape != (STEPS, size) or samples != [BATCH * size] * STEPS:
+        problems.append(f"metrics: per-rank shape {shape}, samples per step {samples}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))

@@ -1,5 +1,7 @@
-"""Models built as flat ``nn.Sequential`` so any strategy can cut them into stages."""
+"""Models built as flat ``nn.Sequential`` so any strategy can cut them into stages, and a vision transformer
+whose blocks tensor parallelism splits."""
 
+from mpipar.models.vit import VIT_MODELS, TransformerBlock, VisionTransformer, vit_small, vit_tiny
 from mpipar.models.zoo import (
     MLP_SIZES,
     BasicBlock,
@@ -13,7 +15,8 @@ from mpipar.models.zoo import (
 )
 
 __all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp", "image_mlp",
-           "MLP_SIZES", "IMAGE_MODELS"]
+           "MLP_SIZES", "IMAGE_MODELS", "VisionTransformer", "TransformerBlock", "vit_tiny", "vit_small",
+           "VIT_MODELS"]
 
 IMAGE_MODELS = {
     "resnet-small": resnet_small,  # 8 layers, 78k parameters: CPUs
