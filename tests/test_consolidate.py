@@ -2,19 +2,29 @@
 
 Each job below trains briefly, evaluates and checkpoints at the epoch end; the
 consolidated model, evaluated on one process, must give the job's own final test
-accuracy and loss.
+accuracy and loss. Tensor parallelism is also checked in-process on N ranks: the
+consolidated checkpoint equals the live model's shards gathered back, and the unsplit
+model loaded from it computes the split model's outputs.
 """
+
+import json
+from pathlib import Path
 
 import h5py
 import pytest
 import torch
 from mpi4py import MPI
 
-from mpi_helpers import ROOT, run_mpi
+from mpi_helpers import ROOT, assert_all_ranks, run_mpi
 from mpipar import models
+from mpipar.data import synthetic
 from mpipar.data.datasets import resolve
+from mpipar.run.config import TrainConfig
 from mpipar.run.consolidate import main, model_state
 from mpipar.run.evaluate import evaluate
+from mpipar.run.loop import train
+from mpipar.run.session import Session
+from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
 
 TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--epochs", "1", "--max-steps", "6")
 
@@ -27,6 +37,7 @@ def MLP(in_channels, num_classes, image_size):  # jobs/mlp_mp.py's model
     ("resnet_dp.py", 2, (), models.resnet_small),
     ("mlp_mp.py", 2, (), MLP),  # fc1, fc4 on rank 0; fc2, fc3 on rank 1
     ("resnet_pp.py", 4, ("--stages", "2", "--microbatches", "2"), models.resnet_small),  # BatchNorm, 2 replicas
+    ("mlp_tp.py", 2, (), models.image_mlp),  # every layer split over 2 ranks (replicas: the MPI test below)
 ])
 def test_consolidated_model_reproduces_the_jobs_test_accuracy(tmp_path, job, ranks, args, make):
     out = tmp_path / "run"
@@ -62,4 +73,84 @@ def test_missing_checkpoint_or_rank_file_is_a_clear_error(tmp_path, capsys):
     torch.save({"model": {"0.1.weight": torch.ones(1)}, "placement": [0, 1], "step": 3, "config": {}},
                step / "rank-0.pt")
     with pytest.raises(FileNotFoundError, match="rank-1.pt is missing"):
+        model_state(tmp_path)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("tp", ["all", 2])
+def test_tensor_parallel_checkpoint_consolidates_to_the_gathered_model(comm, mpi_tmp_path, tp):
+    """A few loop steps of the job's MLP split over ``tp`` ranks (the rest replicas), checkpointed
+    per rank: the merged checkpoint is the live model's full_state_dict under the unsplit model's
+    names, bit for bit, and the unsplit model loaded from it gives the split model's outputs."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if tp == size:
+        pytest.skip(f"tp {tp} on {size} ranks: the same as 'all'")
+    tp = size if tp == "all" else tp
+    if size % tp or 256 % tp or 100 % tp:  # the job's hidden sizes
+        pytest.skip(f"tp {tp} on {size} ranks: not a layout of the job's MLP")
+    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0)) / f"tp{tp}"
+    splits = synthetic(200, 50, seed=0)
+    config = TrainConfig(data="synthetic", epochs=1, max_steps=3, batch_size=8, lr=0.05, threads=1,
+                         out=str(directory), model="mlp", flush_every=2, log_every=0, checkpoint_every=0)
+    run = Session(comm, config, settings=TensorParallelConfig(tp=tp))
+    torch.manual_seed(3)
+    unsplit = models.image_mlp(**splits.model_shape)
+    strategy = TensorParallelStrategy(comm, unsplit, run.settings, state=run.state)
+    strategy.finish = lambda *args: None  # keep the groups for the gather and forward below
+    train(run, strategy, splits)
+
+    linears = [name for name, module in unsplit.named_modules() if isinstance(module, torch.nn.Linear)]
+    blocks = [module for module in strategy.model if hasattr(module, "fc1")]
+    gathered = {}  # collective over each tensor-parallel group
+    for index, block in enumerate(blocks):
+        for key, value in block.full_state_dict().items():
+            layer, tensor = key.split(".")
+            gathered[f"{linears[2 * index + (layer == 'fc2')]}.{tensor}"] = value
+
+    merged, info = model_state(directory)
+    problems = [] if info["tp"] == tp and info["step"] == 3 else [f"info {info}"]
+    if strategy.stats.take().wait_time:  # the final evaluation's Allreduces are no next step's communication
+        problems.append("the evaluation left its communication time for the next step")
+    if merged.keys() != gathered.keys():
+        problems.append(f"names {sorted(merged)} vs gathered {sorted(gathered)}")
+    problems += [f"{name} differs" for name in gathered if name in merged and not torch.equal(merged[name],
+                                                                                             gathered[name])]
+    consolidated = models.image_mlp(**splits.model_shape)
+    consolidated.load_state_dict(merged)  # strict
+    images = splits.test.batch(list(range(16)))[0]
+    with torch.no_grad():
+        expected, got = strategy.model(images), consolidated(images)  # forward: collective over the group
+    if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        problems.append(f"outputs differ by up to {(got - expected).abs().max().item():.2e}")
+    strategy.grid.free()
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+def test_tensor_parallel_shards_merge_along_their_cut_dropping_padding(tmp_path):
+    """Hand-written rank files of tp 2: a column-parallel weight padded from 5 to 6 rows, a
+    row-parallel weight cut by columns and its bias whole on both ranks."""
+    step = tmp_path / "checkpoints" / "step-000000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 4, "world_size": 2, "per_rank": True}))
+    column, row = torch.arange(15.0).reshape(5, 3), torch.arange(12.0).reshape(2, 6)
+    padded = torch.cat([column, torch.zeros(1, 3)])
+    layout = {"1.fc1.weight": {"name": "1.0.weight", "dim": 0, "size": 5},
+              "1.fc2.weight": {"name": "2.weight", "dim": 1, "size": 6},
+              "1.fc2.bias": {"name": "2.bias", "dim": None, "size": 2}}
+    for tp_rank in range(2):
+        shard = {"1.fc1.weight": padded[3 * tp_rank:3 * tp_rank + 3],
+                 "1.fc2.weight": row[:, 3 * tp_rank:3 * tp_rank + 3], "1.fc2.bias": torch.ones(2)}
+        torch.save({"model": shard, "tp": 2, "tp_rank": tp_rank, "tp_layout": layout, "step": 4, "config": {}},
+                   step / f"rank-{tp_rank}.pt")
+    merged, info = model_state(tmp_path)
+    assert info["tp"] == 2 and list(merged) == ["1.0.weight", "2.weight", "2.bias"]
+    assert torch.equal(merged["1.0.weight"], column) and torch.equal(merged["2.bias"], torch.ones(2))
+    assert torch.equal(merged["2.weight"], row)
+
+    torch.save({"model": {}, "tp": 2, "tp_rank": 0, "tp_layout": layout, "step": 4, "config": {}},
+               step / "rank-1.pt")  # a second "rank 0"
+    with pytest.raises(ValueError, match="rank 1 was written as tensor-parallel rank 0 of 2"):
+        model_state(tmp_path)
+    torch.save({"model": {}, "tp": 2, "step": 4, "config": {}}, step / "rank-0.pt")  # before tp_layout existed
+    with pytest.raises(ValueError, match="without 'tp_layout'"):
         model_state(tmp_path)

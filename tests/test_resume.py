@@ -17,6 +17,7 @@ from mpi4py import MPI
 
 from mpi_helpers import ROOT, mpirun_command, run_mpi
 from mpipar.run.checkpoint import check_same_run
+from mpipar.run.consolidate import model_state
 from mpipar.run.launch import requeue_slurm_job
 
 RUN = ("--data", "synthetic", "--threads", "1", "--flush-every", "3", "--max-steps", "12", "--checkpoint-every", "5",
@@ -28,13 +29,19 @@ JOBS = {  # name: (script, ranks, arguments, MPIPAR_FAULT_AT_STEP)
     "resnet_pp": ("resnet_pp.py", 3, ("--batch-size", "16", "--schedule", "gpipe", "--microbatches", "4",
                                       "--balance", "auto"), "7:0"),
     "resnet_hybrid": ("resnet_pp.py", 4, ("--batch-size", "8", "--stages", "2", "--microbatches", "2"), "8:1"),
+    "mlp_tp": ("mlp_tp.py", 2, ("--batch-size", "16", "--tp", "2"), "8:0"),  # every layer split over both ranks
 }
-OTHER_RANKS = {"resnet_dp": 3, "mlp_mp": 4, "resnet_pp": 2, "resnet_hybrid": 2}  # a resume on another allocation
+OTHER_RANKS = {"resnet_dp": 3, "mlp_mp": 4, "resnet_pp": 2, "resnet_hybrid": 2,  # a resume on another allocation
+               "mlp_tp": 4}  # --tp 2 kept: 2 replicas, refused (SAME_RANKS_ONLY)
+SAME_RANKS_ONLY = {  # jobs whose checkpoint resumes only on the ranks that wrote it: the refusal
+    "mlp_tp": "a tensor-parallel checkpoint resumes only on the ranks that wrote it",
+}
 OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal names it); --lr is changed too
     "resnet_dp": (("--model", "resnet18"), "model: checkpoint 'resnet-small', now 'resnet18'", 0.1),
     "mlp_mp": (("--schedule", "1f1b"), "schedule: checkpoint 'naive', now '1f1b'", 0.05),
     "resnet_pp": (("--schedule", "1f1b"), "schedule: checkpoint 'gpipe', now '1f1b'", 0.05),
     "resnet_hybrid": (("--schedule", "gpipe"), "schedule: checkpoint '1f1b', now 'gpipe'", 0.05),
+    "mlp_tp": (("--tp", "1"), "tp: checkpoint 2, now 1", 0.05),
 }
 
 
@@ -147,6 +154,15 @@ def test_resume_with_other_settings_is_refused_and_on_other_ranks_goes_on(tmp_pa
     ranks, other = JOBS[job][1], OTHER_RANKS[job]
     moved = run_job(job, out, "--resume", ranks=other, timeout=240)
     output = moved.stdout + moved.stderr
+    if job in SAME_RANKS_ONLY:  # refused on every rank together (exit 2: no abort), once, and nothing spoiled
+        assert moved.returncode == 2 and "Traceback" not in output, output
+        assert len([line for line in output.splitlines() if SAME_RANKS_ONLY[job] in line]) == 1, output
+        assert checkpoints(out) == ["step-000000005"]
+        assert len(list((out / "checkpoints" / "step-000000005").glob("rank-*.pt"))) == ranks
+        assert model_state(out)[1]["step"] == 5  # every rank's file intact (verified against meta.json)
+        with h5py.File(out / "metrics.h5") as f:
+            assert len(f["steps/loss"]) >= 5 and int(f.attrs["world_size"]) == ranks
+        return
     assert moved.returncode == 0, output
     assert "resumed from" in output and "at step 5" in output, output
     if JOBS[job][0] != "resnet_dp.py":  # files per rank: model and optimizer re-laid out on the new placement

@@ -62,6 +62,8 @@ TINY_JOBS = {
     "mlp_mp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=4,  # 4 = 2 replicas
                          time_limit_launcher="mpirun"),
     "resnet_pp.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=3),  # 3 stages
+    "mlp_tp.sh": TinyJob(args=_tiny("--tp", "2"), steps=3, long_args=_long(), other_ntasks=4,  # 4 = 2 replicas
+                         time_limit_launcher="mpirun"),
 }
 
 JOB_TIMEOUT = 300  # seconds for a tiny job, queueing and Python start-up of every rank included

@@ -3,8 +3,12 @@
 Data-parallel checkpoints hold the whole model already (rank 0's file). Model and
 pipeline parallel checkpoints hold one file per rank with that rank's stages; the
 stages of the first pipeline (ranks ``0 .. stages-1``: replicas hold the same
-parameters) are merged under the unsplit ``nn.Sequential``'s names, so
-``model.load_state_dict(model_state(path))`` works on the model the job built.
+parameters) are merged under the unsplit ``nn.Sequential``'s names. Tensor-parallel
+checkpoints hold one file per rank with that rank's shards of every layer; the shards of
+the first group (ranks ``0 .. tp-1``) are concatenated along the dimension each was cut
+(rows of a column-parallel layer, columns of a row-parallel one; padding dropped), as the
+files' ``tp_layout`` records. Either way ``model.load_state_dict(model_state(path)[0])``
+works on the unsplit model the job built.
 
 Command line::
 
@@ -62,11 +66,11 @@ def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
 
     Returns:
         ``(state_dict, info)``; ``info`` holds ``step``, ``config`` and, for a
-        partitioned model, ``placement``.
+        partitioned model, ``placement`` (pipelines) or ``tp`` (tensor parallelism).
 
     Raises:
         FileNotFoundError: no checkpoint or a rank's file missing.
-        ValueError: a rank file that does not match the placement.
+        ValueError: a rank file that does not match the placement or the tensor-parallel layout.
     """
     checkpoint = find_checkpoint(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
@@ -74,6 +78,12 @@ def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
     info = {"step": first.get("step"), "config": first.get("config"), "checkpoint": str(checkpoint)}
     if not meta.get("per_rank"):
         return dict(first["model"]), info
+    if "tp" in first and "placement" not in first:
+        info["tp"] = first["tp"]
+        return _merge_shards(checkpoint, meta, first), info
+    if (first.get("config") or {}).get("tp", 1) > 1:
+        raise ValueError(f"{checkpoint}: a pipeline whose stages are split over tensor-parallel ranks "
+                         f"(tp {first['config']['tp']}) cannot be merged by mpipar-consolidate yet")
     merged, _ = _merge_ranks(checkpoint, meta, first)
     info["placement"] = first["placement"]
     return merged, info
@@ -93,7 +103,9 @@ def training_state(checkpoint) -> dict:
 
 def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
     """The first pipeline's rank files merged: (model tensors, optimizer state) by unsplit names."""
-    placement = first["placement"]
+    placement = first.get("placement")
+    if placement is None:
+        raise ValueError(f"{checkpoint}: rank 0's file records no pipeline placement: not a pipeline checkpoint")
     stages = max(placement) + 1  # ranks of the first pipeline: 0 .. stages-1
     merged: Dict[str, torch.Tensor] = {}
     by_name: dict = {}
@@ -113,6 +125,43 @@ def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, t
             optimizer = state["optimizer"]["state"]
             by_name.update((name, optimizer.get(index)) for index, name in enumerate(state["parameter_names"]))
     return merged, by_name
+
+
+def _merge_shards(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.Tensor]:
+    """The first tensor-parallel group's files (ranks ``0 .. tp-1``; replicas hold the same shards)
+    merged into the unsplit model's tensors, by the files' ``tp_layout``."""
+    tp, layout = first["tp"], first.get("tp_layout")
+    if "tp_layout" not in first:
+        raise ValueError(f"{checkpoint}: a tensor-parallel checkpoint without 'tp_layout' (written by an older "
+                         f"mpipar); resume the run for a step or more, so that it writes one that records it")
+    if layout is None:
+        raise ValueError(f"{checkpoint}: this tensor-parallel checkpoint records no layout: its model's split "
+                         f"cannot be merged by mpipar-consolidate (MLPs only, so far)")
+    states = [first] + [_load(checkpoint / f"rank-{rank}.pt", meta) for rank in range(1, tp)]
+    for rank, state in enumerate(states):
+        if (state.get("tp"), state.get("tp_rank"), state.get("tp_layout")) != (tp, rank, layout):
+            raise ValueError(f"{checkpoint}: rank {rank} was written as tensor-parallel rank {state.get('tp_rank')} "
+                             f"of {state.get('tp')} with another layout than rank 0 (rank 0 of {tp})")
+        if set(state["model"]) != set(layout):
+            raise ValueError(f"{checkpoint}: rank {rank} holds tensors {sorted(set(state['model']) ^ set(layout))} "
+                             f"that are not in the layout, or lacks them")
+    merged: Dict[str, torch.Tensor] = {}
+    for key, cut in layout.items():
+        shards = [state["model"][key] for state in states]
+        dim, size = cut["dim"], cut["size"]
+        if dim is None:  # whole on every rank (a row-parallel layer's bias)
+            value = shards[0]
+        else:
+            value = torch.cat(shards, dim=dim)
+            if value.shape[dim] < size:
+                raise ValueError(f"{checkpoint}: the shards of {key} hold {value.shape[dim]} features along "
+                                 f"dimension {dim}, fewer than the layer's {size}")
+            if value.shape[dim] > size:  # padding at the end of the last shards
+                value = value.narrow(dim, 0, size).clone()
+        if cut["name"] in merged:
+            raise ValueError(f"{checkpoint}: {cut['name']} is the unsplit name of more than one tensor")
+        merged[cut["name"]] = value
+    return merged
 
 
 def main(argv=None) -> int:
