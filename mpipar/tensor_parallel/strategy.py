@@ -1,10 +1,12 @@
-"""Tensor parallelism (every linear layer of an MLP split over a group), replicated with data parallelism."""
+"""Tensor parallelism (an MLP's linear layers, or a vision transformer's blocks, split over a group), replicated
+with data parallelism."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +17,19 @@ from mpipar.comm.reducer import CommStats
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
 from mpipar.data.datasets import ArrayDataset
+from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.diagnostics.failure import agreed
+from mpipar.models.vit import VisionTransformer
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.strategy import StepRecord
+from mpipar.tensor_parallel.attention import ParallelTransformerBlock
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpipar.tensor_parallel.mlp import ParallelMLP
+from mpipar.tensor_parallel.partition import shard_bounds
 
-__all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "shard_layout"]
+__all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "shard_layout", "Splitter", "SPLITTERS",
+           "split_vit", "model_kind", "split_parameters", "full_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -106,46 +113,192 @@ def shard_layout(model: nn.Sequential, split: nn.Module) -> Dict[str, Dict[str, 
     return layout
 
 
+def split_vit(model: VisionTransformer, comm: MPI.Intracomm, stats: CommStats) -> VisionTransformer:
+    """A copy of ``model`` whose every block is a :class:`ParallelTransformerBlock` (attention heads and
+    MLP hidden features split over ``comm``); the patch embedding, position embedding, final LayerNorm
+    and head stay whole on every rank (replicated: their inputs and output gradients are the same on
+    every rank, so their gradients are too). ``model`` is not modified. Collective over ``comm``.
+
+    Raises:
+        ValueError: on every rank, when the ranks' blocks differ, or when the group's size does not
+            divide every block's attention heads and MLP hidden features (naming the sizes that do).
+    """
+    blocks = model.blocks
+    shapes = [(block.attention.num_heads, block.fc1.out_features) for block in blocks]
+    agree_on(comm, "the vision transformer's blocks (heads, hidden features)", shapes,
+             hint="build the same model on every rank")
+    size = comm.Get_size()
+    if any(heads % size or hidden % size for heads, hidden in shapes):
+        heads = sorted({h for h, _ in shapes})
+        hidden = sorted({f for _, f in shapes})
+        fits = [d for d in range(1, max(heads + hidden) + 1) if all(h % d == 0 and f % d == 0 for h, f in shapes)]
+        raise agreed(ValueError)(
+            f"tensor parallelism: {size} tensor-parallel ranks cannot split this vision transformer's blocks "
+            f"evenly ({'/'.join(map(str, heads))} attention heads, {'/'.join(map(str, hidden))} MLP hidden "
+            f"features per block); use a tensor-parallel size (--tp) in {fits}")
+    parallel = nn.ModuleList(
+        ParallelTransformerBlock(block.attention, block.fc1, block.fc2, block.norm1, block.norm2, comm, stats=stats)
+        for block in blocks)
+    # Copy everything but the blocks (deepcopy takes the memo's entry for the block list).
+    return copy.deepcopy(model, memo={id(blocks): parallel})
+
+
+@dataclass(frozen=True)
+class Splitter:
+    """How a kind of model is split: ``split(model, comm, stats)`` returns the model with this rank's
+    shards (collective over the tensor-parallel group); ``what`` says what it splits (progress lines)."""
+
+    kind: str
+    split: Callable[[nn.Module, MPI.Intracomm, CommStats], nn.Module]
+    what: str
+
+
+SPLITTERS: Dict[str, Splitter] = {
+    "mlp": Splitter("mlp", split_mlp, "every linear layer split"),
+    "vit": Splitter("vit", split_vit, "every block's attention heads and MLP split (embeddings, norms and head "
+                                      "replicated)"),
+}
+"""The splitters by model kind (:func:`model_kind`)."""
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"vit"`` for a :class:`~mpipar.models.vit.VisionTransformer`, ``"mlp"`` for an ``nn.Sequential``
+    of linear layers (:func:`split_mlp` checks the rest). Local.
+
+    Raises:
+        TypeError: for any other model.
+    """
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, nn.Sequential):
+        return "mlp"
+    raise TypeError(f"tensor parallelism splits an nn.Sequential MLP or a VisionTransformer, got "
+                    f"{type(model).__name__}")
+
+
+def split_parameters(model: nn.Module) -> set:
+    """The ids of the parameters of ``model`` that are shards (a column-parallel layer's weight and
+    bias, a row-parallel layer's weight); every other parameter is replicated: whole and equal, with
+    equal gradients, on every rank of the tensor-parallel group. Local."""
+    split = set()
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            split.update(id(p) for p in (module.weight, module.bias) if p is not None)
+        elif isinstance(module, RowParallelLinear):
+            split.add(id(module.weight))
+    return split
+
+
+def _real_elements(model: nn.Module, comm: MPI.Intracomm) -> int:
+    """This rank's parameter elements that belong to the unsplit model: shards count their features
+    without padding, replicated parameters count on rank 0 of the group only. Local."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    split, total = split_parameters(model), 0
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            start, stop = shard_bounds(module.out_features, size, rank, pad=True)
+            total += (stop - start) * (module.in_features + (module.bias is not None))
+        elif isinstance(module, RowParallelLinear):
+            total += module.weight.numel()
+    if rank == 0:
+        total += sum(p.numel() for p in model.parameters() if id(p) not in split)
+    return total
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The unsplit model's state dict, on every rank: each submodule with a ``full_state_dict()``
+    (the parallel layers and blocks) gathered under its name, every other tensor as this rank holds
+    it. Collective over the tensor-parallel group (every rank calls it together)."""
+    state: Dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if hasattr(module, "full_state_dict"):
+            state.update({prefix + key: value for key, value in module.full_state_dict().items()})
+            return
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is not None and name not in module._non_persistent_buffers_set:
+                state[prefix + name] = tensor.detach().clone()
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(model, "")
+    return state
+
+
 class TensorParallelStrategy:
-    """Groups of ``config.tp`` consecutive ranks each hold every linear layer split by
-    neurons; the ``world size / tp`` groups are data-parallel replicas.
+    """Groups of ``config.tp`` consecutive ranks each hold the model split by a :class:`Splitter`
+    (an MLP: every linear layer split by neurons; a vision transformer: every block's heads and MLP
+    hidden features, the rest replicated); the ``world size / tp`` groups are data-parallel replicas.
 
     Within a group every rank sees the same batch and computes the full output (one
     Allreduce per layer pair forward, one backward, overlapped with the weight
     gradient); across groups each position's gradients are averaged by a
-    :class:`ReplicaAverager`. Every rank checkpoints its own shards. Collective over
-    ``world``, like the loop.
+    :class:`ReplicaAverager`. A replicated parameter has the same gradient on every rank of
+    a group, and the groups average it alike, so it stays equal. At construction the
+    parameters are counted (one small Allreduce): the shards summed over the group plus the
+    replicated ones must be the unsplit model's parameters. Every rank checkpoints its own
+    shards. Collective over ``world``, like the loop.
 
     Args:
         world: the job's ranks.
-        model: the unsplit MLP (every rank builds it from the same seed).
+        model: the unsplit model (every rank builds it from the same seed).
         config: the tensor-parallel degree.
+        splitter: how to split it: a :class:`Splitter`, a key of :data:`SPLITTERS`, or None
+            (chosen by :func:`model_kind`).
         bucket_mb: gradient bucket size for the replicas' Allreduce.
         state: the checkpoint being resumed or None (it must have the same layout).
         device: where this rank's shards go.
+
+    Raises:
+        ValueError: on every rank, when ``config.tp`` does not divide the world size, or for
+            what the splitter refuses.
+        TypeError: on every rank, for a model no splitter takes.
     """
 
     name = "tensor_parallel"
     full_steps_only = False
     checkpoint_per_rank = True
 
-    def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: TensorParallelConfig, *,
-                 bucket_mb: float = 25.0, state: Optional[dict] = None,
+    def __init__(self, world: MPI.Intracomm, model: nn.Module, config: TensorParallelConfig, *,
+                 splitter: Union[Splitter, str, None] = None, bucket_mb: float = 25.0, state: Optional[dict] = None,
                  device: torch.device | str = "cpu"):
         if state is not None and state.get("relayout"):
             raise agreed(ValueError)("a tensor-parallel checkpoint resumes only on the ranks that wrote it; "
                                      "re-laying it out on other ranks is not supported yet")
+        size = world.Get_size()
+
+        def check_tp():
+            if size % config.tp:
+                divisors = [d for d in range(1, size + 1) if size % d == 0]
+                raise ValueError(f"--tp {config.tp} does not divide the {size} ranks into equal tensor-parallel "
+                                 f"groups; use --tp in {divisors} or launch a multiple of {config.tp} ranks")
+
+        collective_check(world, check_tp, "tensor parallelism")
+        if splitter is None or isinstance(splitter, str):
+            kind = collective_check(world, lambda: model_kind(model) if splitter is None else splitter,
+                                    "tensor parallelism")
+            if kind not in SPLITTERS:
+                raise agreed(ValueError)(f"no tensor-parallel splitter {kind!r}; known: {sorted(SPLITTERS)}")
+            splitter = SPLITTERS[kind]
+        self.splitter = splitter
         self.world, self.config = world, config
         self.grid = ProcessGrid(world, config.tp)
         self.tp_comm = self.grid.pipeline_comm  # consecutive ranks: the neighbours that talk every layer
         self.stats = CommStats()
-        self.model = split_mlp(model, self.tp_comm, self.stats).to(device)
-        self.layout = shard_layout(model, self.model)
+        self.model = splitter.split(model, self.tp_comm, self.stats).to(device)
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        counted = self.tp_comm.allreduce(_real_elements(self.model, self.tp_comm))
+        if counted != self.parameter_count:  # the same sum on every rank of a group, hence every rank
+            raise agreed(ValueError)(
+                f"tensor parallelism ({splitter.kind}): the split model holds {counted:,} parameter elements "
+                f"(shards summed over the group, replicated ones once), the unsplit model {self.parameter_count:,}: "
+                f"the splitter lost or duplicated parameters")
+        # mpipar-consolidate's layout: MLPs only (a ViT's fused q/k/v rows are permuted per rank)
+        self.layout = shard_layout(model, self.model) if splitter.kind == "mlp" else None
         self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb)
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts_samples = self.grid.stage == 0  # one rank of each group counts its samples
         self.wait_groups = [list(range(world.Get_size()))]  # tensor and replica waits split over the world
-        self.parameter_count = sum(p.numel() for p in model.parameters())
         self.metrics_attrs = {"parameters": self.parameter_count, "tp": config.tp, "replicas": self.replicas}
 
     def parameters(self):
@@ -153,7 +306,7 @@ class TensorParallelStrategy:
 
     def describe(self) -> str:
         local = sum(p.numel() for p in self.model.parameters())
-        return (f"{self.parameter_count:,} parameters, every linear layer split over {self.config.tp} ranks "
+        return (f"{self.parameter_count:,} parameters, {self.splitter.what} over {self.config.tp} ranks "
                 f"({local:,} on this rank), {self.replicas} replica(s)")
 
     def needs_batch(self) -> bool:
