@@ -200,8 +200,10 @@ class PipelineStrategy:
             micro = math.gcd(len(labels), self.pipe.microbatches)  # a short last batch
             return self.pipe.evaluate(images, labels, microbatches=micro).outputs
 
-        return evaluate(self.model, dataset, self.world, shards=self.replicas, shard=self.replica, outputs=outputs,
-                        counts=self.counts, device=self.device)
+        result = evaluate(self.model, dataset, self.world, shards=self.replicas, shard=self.replica, outputs=outputs,
+                          counts=self.counts, device=self.device)
+        self.tp_stats.take()  # the evaluation's tensor-parallel Allreduces: not the next step's communication
+        return result
 
     def state_dict(self) -> dict:
         return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
