@@ -23,17 +23,7 @@ and --resume continues the latest one. As root, Open MPI needs OMPI_ALLOW_RUN_AS
 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than cores needs --oversubscribe.
 """
 
-import signal
-
-EARLY_SIGNALS = []  # Slurm's warning signal can come while torch is still importing
-for _name in ("SIGUSR1", "SIGTERM"):
-    signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_SIGNALS.append(signum))
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports
 from mpi4py import MPI
 
 from mpipar import models
