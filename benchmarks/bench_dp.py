@@ -19,19 +19,18 @@ MASTER_ADDR/MASTER_PORT, rank and size taken from MPI).
 
 import argparse
 import copy
-import inspect
-import os
-import socket
 import statistics
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from _bench import (  # before mpipar: the checkout on sys.path
+    abba,
+    ddp_no_buffer_sync,
+    init_gloo,
+    mpi_library,
+    paired,
+    time_steps,
+)
 from mpi4py import MPI
 
 import mpipar
@@ -39,28 +38,6 @@ from mpipar import models
 
 MODELS = {"resnet-small": models.resnet_small, "resnet18": lambda: models.resnet18(1, 10, 28),
           "mlp": lambda: models.mlp([784, 1024, 1024, 1024, 10])}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def time_steps(model, wrapped, batches, lr=0.01) -> float:
-    """Seconds for training steps over ``batches`` (after one warm-up step)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-    def step(images, labels):
-        optimizer.zero_grad()
-        F.cross_entropy(wrapped(images), labels).backward()
-        optimizer.step()
-
-    step(*batches[0])
-    start = time.perf_counter()
-    for images, labels in batches[1:]:
-        step(images, labels)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -76,9 +53,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(comm.bcast(free_port() if rank == 0 else None, root=0))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    init_gloo(comm)
 
     torch.manual_seed(0)
     base = MODELS[args.model]()
@@ -90,14 +65,12 @@ def main() -> None:
     mpipar_dp = mpipar.DataParallel(model_mpipar, comm, bucket_cap_mb=args.bucket_mb)
     model_ddp = copy.deepcopy(base)
     ddp_class = torch.nn.parallel.DistributedDataParallel
-    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-        inspect.signature(ddp_class).parameters else {"broadcast_buffers": False}  # renamed in newer torch
-    ddp = ddp_class(model_ddp, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True, **no_buffer_sync)
+    ddp = ddp_class(model_ddp, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True, **ddp_no_buffer_sync())
 
     results = {"mpipar": [], "ddp": []}
     contenders = [("mpipar", model_mpipar, mpipar_dp), ("ddp", model_ddp, ddp)]
     for round_index in range(args.rounds):
-        for name, model, wrapped in contenders if round_index % 2 == 0 else contenders[::-1]:  # ABBA
+        for name, model, wrapped in abba(contenders, round_index):
             comm.Barrier()
             seconds = comm.allreduce(time_steps(model, wrapped, batches), op=MPI.MAX)
             results[name].append(args.steps * args.batch_size * size / seconds)
@@ -106,17 +79,14 @@ def main() -> None:
         params = sum(p.numel() for p in base.parameters())
         print(f"model {args.model} ({params:,} parameters), {size} ranks x {args.threads} threads, "
               f"batch {args.batch_size}/rank, {args.steps} steps x {args.rounds} rounds, "
-              f"mpipar {mpipar.__version__} ({MPI.Get_library_version().split(',')[0].strip()}) vs "
+              f"mpipar {mpipar.__version__} ({mpi_library()}) vs "
               f"DDP (torch {torch.__version__}, gloo over TCP)")
         for name, values in results.items():
             print(f"{name:>7}: samples/s per round " + " ".join(f"{v:8.1f}" for v in values)
                   + f" | median {statistics.median(values):8.1f}")
-        ratios = sorted(a / b for a, b in zip(results["mpipar"], results["ddp"]))
-        low, high = ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]  # drop the extreme tenth each side
-        verdict = "no measurable difference" if low <= 1.0 <= high else \
-            ("mpipar faster" if low > 1.0 else "DDP faster")
-        print(f"mpipar / DDP samples/s, median of {len(ratios)} paired rounds: {statistics.median(ratios):.3f} "
-              f"(range {low:.3f}-{high:.3f}): {verdict}")
+        ratios = paired(results["mpipar"], results["ddp"])  # range: the extreme tenth dropped each side
+        print(f"mpipar / DDP samples/s, median of {ratios.count} paired rounds: "
+              + ratios.text("mpipar faster", "DDP faster"))
     dist.destroy_process_group()
 
 

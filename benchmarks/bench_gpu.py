@@ -29,20 +29,25 @@ are the summary (the GPU check script copies them into its summary file).
 import argparse
 import copy
 import datetime
-import inspect
+import functools
 import os
-import socket
 import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _bench import (  # before mpipar: the checkout on sys.path
+    abba,
+    ddp_no_buffer_sync,
+    init_gloo,
+    mpi_library,
+    paired,
+    sleeping_barrier,
+    time_steps,
+)
 from mpi4py import MPI
 
 import mpipar
@@ -86,41 +91,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def polite_barrier(comm) -> None:
-    """A barrier that sleeps instead of spinning, so waiting ranks leave the CPU to the one working."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(0.001)
-
-
 def make_batches(device, count: int, batch: int, seed: int) -> list:
     generator = torch.Generator(device=device).manual_seed(seed)
     return [(torch.randn(batch, *IMAGE_SHAPE, generator=generator, device=device),
              torch.randint(0, NUM_CLASSES, (batch,), generator=generator, device=device)) for _ in range(count)]
-
-
-def time_steps(model, wrapped, batches, device, lr=0.01) -> float:
-    """Seconds for training steps over ``batches[1:]``, after one warm-up step on ``batches[0]``."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-    def step(images, labels):
-        optimizer.zero_grad()
-        F.cross_entropy(wrapped(images), labels).backward()
-        optimizer.step()
-
-    step(*batches[0])
-    sync(device)
-    start = time.perf_counter()
-    for images, labels in batches[1:]:
-        step(images, labels)
-    sync(device)
-    return time.perf_counter() - start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_ddp(comm, base, device, bucket_mb: float):
@@ -129,17 +103,12 @@ def build_ddp(comm, base, device, bucket_mb: float):
     error = None
     model = ddp = None
     try:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: loopback only
-        os.environ["MASTER_PORT"] = str(comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0))
-        dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(),
-                                timeout=datetime.timedelta(seconds=30))
+        init_gloo(comm, timeout=datetime.timedelta(seconds=30))
         model = copy.deepcopy(base)
         ddp_class = torch.nn.parallel.DistributedDataParallel
-        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-            inspect.signature(ddp_class).parameters else {"broadcast_buffers": False}  # renamed in newer torch
         ddp = ddp_class(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True, **no_buffer_sync)
+                        bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True, **ddp_no_buffer_sync())
         probe = make_batches(device, 1, 2, seed=99)[0]  # one step: does gloo reduce these tensors?
         F.cross_entropy(ddp(probe[0]), probe[1]).backward()
         model.zero_grad()
@@ -156,23 +125,22 @@ def timed_mode(comm, name, contender, batches, single_batches, device) -> float:
     """Samples/s of one round of one mode, the same number on every rank."""
     size = comm.Get_size()
     model, wrapped = contender
+    device_sync = functools.partial(sync, device)
     comm.Barrier()
     if name == "single":
-        seconds = time_steps(model, wrapped, single_batches, device) if comm.Get_rank() == 0 else None
-        polite_barrier(comm)
+        seconds = time_steps(model, wrapped, single_batches, sync=device_sync) if comm.Get_rank() == 0 else None
+        sleeping_barrier(comm)
         seconds = comm.bcast(seconds, root=0)
     else:
-        seconds = comm.allreduce(time_steps(model, wrapped, batches, device), op=MPI.MAX)
+        seconds = comm.allreduce(time_steps(model, wrapped, batches, sync=device_sync), op=MPI.MAX)
     return (len(batches) - 1) * len(batches[0][1]) * size / seconds
 
 
 def ratio_summary(results: dict, top: str, bottom: str) -> str:
     """Median and [min-max] of the paired per-round ratios top/bottom, and what they say."""
-    ratios = [a / b for a, b in zip(results[top], results[bottom])]
-    low, high, median = min(ratios), max(ratios), statistics.median(ratios)
-    verdict = "no measurable difference" if low <= 1.0 <= high else f"{top if low > 1.0 else bottom} faster"
-    return (f"RESULT {top} / {bottom} samples/s, {len(ratios)} paired rounds: median {median:.3f} "
-            f"[{low:.3f}-{high:.3f}]: {verdict}")
+    ratios = paired(results[top], results[bottom], trim=False)
+    return (f"RESULT {top} / {bottom} samples/s, {ratios.count} paired rounds: median {ratios.median:.3f} "
+            f"[{ratios.low:.3f}-{ratios.high:.3f}]: {ratios.verdict(f'{top} faster', f'{bottom} faster')}")
 
 
 def bench_training(args, comm, device):
@@ -197,7 +165,7 @@ def bench_training(args, comm, device):
         f"model {args.model} ({params:,} parameters) on {device_name(device)}, {size} ranks, "
         f"batch {args.batch_size}/rank, {args.steps} steps x {args.rounds} rounds, torch threads "
         f"{torch.get_num_threads()}/rank",
-        f"transports: mpipar {mpipar.__version__} over {MPI.Get_library_version().split(',')[0].strip()} "
+        f"transports: mpipar {mpipar.__version__} over {mpi_library()} "
         f"(tensors on {device.type}: {cuda_transport}); DDP torch {torch.__version__} gloo over TCP on "
         f"localhost{' (copies CUDA tensors through host memory)' if device.type == 'cuda' else ''}; "
         f"single: rank 0 alone on {size} x batch")
@@ -207,7 +175,7 @@ def bench_training(args, comm, device):
     names = list(contenders)
     results = {name: [] for name in names}
     for round_index in range(args.rounds):
-        for name in names if round_index % 2 == 0 else names[::-1]:  # ABBA
+        for name in abba(names, round_index):
             results[name].append(timed_mode(comm, name, contenders[name], batches, single_batches, device))
 
     for name, values in results.items():
@@ -258,16 +226,15 @@ def bench_staged(args, comm, device):
         for tensor in tensors.values():
             time_allreduce(comm, tensor, 1)  # warm-up (pinned buffers, connections)
         seconds = {name: [] for name in tensors}
-        order = list(tensors)
         for round_index in range(rounds):
-            for name in order if round_index % 2 == 0 else order[::-1]:
+            for name in abba(tensors, round_index):
                 seconds[name].append(time_allreduce(comm, tensors[name], reps))
         nbytes = numel * 4
         gbps = {name: [nbytes / s / 1e9 for s in values] for name, values in seconds.items()}
-        ratios = [c / h for c, h in zip(gbps["cuda"], gbps["host"])]
+        ratios = paired(gbps["cuda"], gbps["host"], trim=False)
         say(comm, f"RESULT staged allreduce {mb:g} MiB: cuda {statistics.median(gbps['cuda']):.2f} GB/s, "
-                  f"host {statistics.median(gbps['host']):.2f} GB/s, cuda/host median {statistics.median(ratios):.3f} "
-                  f"[{min(ratios):.3f}-{max(ratios):.3f}] ({reps} calls x {rounds} rounds each)")
+                  f"host {statistics.median(gbps['host']):.2f} GB/s, cuda/host median {ratios.median:.3f} "
+                  f"[{ratios.low:.3f}-{ratios.high:.3f}] ({reps} calls x {rounds} rounds each)")
 
 
 def main() -> None:

@@ -26,18 +26,13 @@ per rank is the fair comparison with the single process on one core).
 
 import argparse
 import copy
-import os
-import socket
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _bench import init_gloo  # before mpipar: the checkout on sys.path
 from mpi4py import MPI
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -45,12 +40,6 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from mpipar import models
 from mpipar.pipeline import Pipeline, Placement, auto_balance, measured_bubble
 from mpipar.pipeline.schedule import Schedule, placement_bubble
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model(name: str, width: int, depth: int) -> nn.Sequential:
@@ -89,9 +78,7 @@ def main() -> None:
     if size != 2:
         raise SystemExit(f"bench_pipeline compares 2-stage pipelines: run with mpirun -n 2 (got {size})")
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(comm.bcast(free_port() if rank == 0 else None, root=0))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    init_gloo(comm)
 
     torch.manual_seed(0)
     base = make_model(args.model, args.width, args.depth)

@@ -32,17 +32,13 @@ tensors autograd saves for backward in one forward (counted once per storage, by
 import argparse
 import copy
 import os
-import socket
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _bench import abba, init_gloo, mpi_library, paired, sleeping_barrier  # before mpipar: the checkout on sys.path
 from mpi4py import MPI
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -69,19 +65,6 @@ class ParallelBlock(nn.Module):
 
     def forward(self, x):
         return x + self.mlp(x)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sleeping_barrier(comm) -> None:
-    """A barrier that sleeps while it waits (Open MPI's blocking one spins and would take a core)."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(0.002)
 
 
 def local_bytes(tensors) -> int:
@@ -123,9 +106,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(comm.bcast(free_port() if rank == 0 else None, root=0))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    init_gloo(comm)
     mesh = init_device_mesh("cpu", (size,))
 
     torch.manual_seed(0)
@@ -168,7 +149,7 @@ def main() -> None:
                     step(name)
                 seconds = (time.perf_counter() - start) / args.steps
                 torch.set_num_threads(args.threads)
-            sleeping_barrier(comm)
+            sleeping_barrier(comm, interval=0.002)
             return comm.bcast(seconds, root=0)
         step(name)
         comm.Barrier()
@@ -186,7 +167,7 @@ def main() -> None:
     seconds = {name: [] for name in names}
     shares = []
     for round_index in range(args.rounds):
-        for name in names if round_index % 2 == 0 else names[::-1]:  # ABBA
+        for name in abba(names, round_index):
             seconds[name].append(timed(name))
 
     memory = {}
@@ -201,22 +182,16 @@ def main() -> None:
         print(f"{args.layers} MLP blocks {args.hidden}->{ffn}->{args.hidden} ({total:,} parameters), {args.tokens} "
               f"tokens, fp32, {size} ranks x {args.threads} threads (one process: {single_threads} threads), "
               f"{args.steps} steps x {args.rounds} ABBA rounds; mpipar {mpipar.__version__} over "
-              f"{MPI.Get_library_version().split(',')[0].strip()} vs torch {torch.__version__} tensor parallel "
+              f"{mpi_library()} vs torch {torch.__version__} tensor parallel "
               f"over gloo (TCP, localhost); outputs agree to {error:.1e}")
         for name, values in seconds.items():
             print(f"{name:>11}: ms/step per round " + " ".join(f"{1e3 * v:7.1f}" for v in values)
                   + f" | median {1e3 * statistics.median(values):7.1f}")
-
-        def paired(numerator, denominator, faster, slower):
-            ratios = sorted(a / b for a, b in zip(seconds[numerator], seconds[denominator]))
-            low, high = ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]  # drop the extreme tenth
-            verdict = "no measurable difference" if low <= 1.0 <= high else (faster if low > 1.0 else slower)
-            return f"{statistics.median(ratios):.3f} (range {low:.3f}-{high:.3f}): {verdict}"
-
-        for name in ("mpipar", "torch"):
+        for name in ("mpipar", "torch"):  # ranges: the extreme tenth dropped each side
             print(f"speedup of {name} over one process (paired rounds): "
-                  + paired("one process", name, f"{name} faster", "one process faster"))
-        print("mpipar / torch steps/s (paired rounds): " + paired("torch", "mpipar", "mpipar faster", "torch faster"))
+                  + paired(seconds["one process"], seconds[name]).text(f"{name} faster", "one process faster"))
+        print("mpipar / torch steps/s (paired rounds): "
+              + paired(seconds["torch"], seconds["mpipar"]).text("mpipar faster", "torch faster"))
         print(f"mpipar communication share (CommStats wait / step time, mean over ranks, median of rounds): "
               f"{statistics.median(shares):.3f}")
         for name, (params, activations) in memory.items():

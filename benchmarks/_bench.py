@@ -1,0 +1,106 @@
+"""What the benchmarks share: the checkout on ``sys.path``, a gloo process group set up from MPI,
+timed SGD steps, ABBA round order and the summary of paired per-round ratios.
+
+A benchmark imports it before mpipar (``from _bench import ...``; the benchmark's own folder is on
+``sys.path`` when it runs as ``python benchmarks/NAME.py``), which finds mpipar in a checkout that
+was not installed.
+"""
+
+import inspect
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from mpi4py import MPI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(comm, timeout=None) -> None:
+    """``torch.distributed``'s gloo group over TCP on localhost, rank and size taken from ``comm``
+    (rendezvous via MASTER_ADDR/MASTER_PORT: rank 0 picks a free port and broadcasts it)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0))
+    dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(), timeout=timeout)
+
+
+def ddp_no_buffer_sync() -> dict:
+    """DDP's keyword for no buffer broadcast in every forward (``broadcast_buffers`` renamed in newer torch)."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
+def mpi_library() -> str:
+    """The MPI library's name and version, e.g. ``Open MPI v5.0.8``."""
+    return MPI.Get_library_version().split(",")[0].strip()
+
+
+def sleeping_barrier(comm, interval: float = 0.001) -> None:
+    """A barrier that sleeps while it waits (Open MPI's blocking one spins and would take a core from the
+    rank that works)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(interval)
+
+
+def time_steps(model, wrapped, batches, lr=0.01, sync=lambda: None) -> float:
+    """Seconds for SGD (momentum 0.9) steps over ``batches[1:]``, after one warm-up step on ``batches[0]``;
+    ``sync`` (e.g. the device's synchronize) runs before each clock reading."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def step(images, labels):
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(images), labels).backward()
+        optimizer.step()
+
+    step(*batches[0])
+    sync()
+    start = time.perf_counter()
+    for images, labels in batches[1:]:
+        step(images, labels)
+    sync()
+    return time.perf_counter() - start
+
+
+def abba(items, round_index: int) -> list:
+    """``items`` in order in even rounds and reversed in odd ones (ABBA), so that drift in machine load hits
+    all of them alike."""
+    items = list(items)
+    return items if round_index % 2 == 0 else items[::-1]
+
+
+class Paired(NamedTuple):
+    """Median and range of the paired per-round ratios, and how many rounds."""
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+    def verdict(self, faster: str, slower: str) -> str:
+        """"no measurable difference" when the range includes 1, else ``faster`` (ratio above 1) or ``slower``."""
+        return "no measurable difference" if self.low <= 1.0 <= self.high else (faster if self.low > 1.0 else slower)
+
+    def text(self, faster: str, slower: str) -> str:
+        return f"{self.median:.3f} (range {self.low:.3f}-{self.high:.3f}): {self.verdict(faster, slower)}"
+
+
+def paired(numerators, denominators, trim: bool = True) -> Paired:
+    """The per-round ratios numerator / denominator: their median and range, [min-max], or with ``trim`` the
+    extreme tenth dropped on each side (nothing dropped under 10 rounds)."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators))
+    cut = len(ratios) // 10 if trim else 0
+    return Paired(statistics.median(ratios), ratios[cut], ratios[-1 - cut], len(ratios))
