@@ -334,10 +334,71 @@ def test_time_limit_signal_flushes_metrics(slurm_cluster, tmp_path, script, laun
     check_metrics(result.out_dir / job.metrics, world_size=ntasks)
 
 
+@dataclass
+class RequeueJob:
+    """An endless run submitted with a short time limit, for the requeue test."""
+
+    job_id: str
+    log: Path
+    out_dir: Path
+    ntasks: int
+    deadline: float  # monotonic time by which it must have been requeued and resumed
+
+
+def submit_requeue_job(script: str, directory: Path) -> RequeueJob:
+    """Submit ``script`` endless with its short time limit (no --wait)."""
+    job = tiny_job(script)
+    limit = short_time_limit(script)
+    out_dir, log_pattern = directory / "run", directory / "slurm-%j.out"
+    args = [a.replace("{out}", str(out_dir)) for a in job.long_args] + ["--max-steps", "100000000"]
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={log_pattern}", f"--time={limit}",
+         f"--job-name=test-{Path(script).stem}", str(SLURM_DIR / script), *args],
+        capture_output=True, text=True, env=job_environment(), timeout=60)
+    job_id = submitted.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        pytest.fail(f"sbatch refused slurm/{script}: {submitted.stderr.strip()}")
+    return RequeueJob(job_id, directory / f"slurm-{job_id}.out", out_dir, default_ntasks(script),
+                      time.monotonic() + limit * 60 * 2 + 4 * SLURMCTLD_PERIOD)
+
+
+def cancel(job_id: str) -> Optional[str]:
+    """scancel (SIGTERM: stop, and do not requeue) and wait until Slurm has let go of the job;
+    the job's state when it would not go, else None."""
+    subprocess.run(["scancel", job_id], capture_output=True)
+    for _ in range(90):
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+        if not state.stdout.strip():
+            return None
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=KILL", "--full", job_id], capture_output=True)
+    return state.stdout.strip() or "?"
+
+
+@pytest.fixture(scope="module")
+def requeue_jobs(slurm_cluster, tmp_path_factory):
+    """Every script's endless run, submitted together at the first requeue test: each waits a
+    minute or more for Slurm's warning, so they wait at the same time (the local cluster
+    advertises enough CPUs for all of them at once). Whatever is left is cancelled at the end."""
+    scripts = [s for s in job_scripts() if s in TINY_JOBS]
+    needed = sum(default_ntasks(script) for script in scripts)
+    sinfo = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, env=job_environment())
+    cpus = max((int(v) for v in re.findall(r"\d+", sinfo.stdout)), default=0)
+    if cpus < needed:
+        pytest.fail(f"the requeue tests run {needed} tasks at once but the largest node advertises {cpus} CPUs; "
+                    f"restart the local cluster ('slurm/local-cluster.sh down' then 'up': 16 by default) or set "
+                    f"MPIPAR_SLURM_CPUS={needed}", pytrace=False)
+    jobs = {script: submit_requeue_job(script, tmp_path_factory.mktemp(f"requeue-{Path(script).stem}"))
+            for script in scripts}
+    yield jobs
+    for job in jobs.values():
+        cancel(job.job_id)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [s for s in job_scripts() if s in TINY_JOBS])
-def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, script):
+def test_time_limit_requeues_and_resumes(requeue_jobs, script):
     """On the warning signal the job checkpoints and requeues itself; the requeued job
     (same id, same directory) resumes from the checkpoint and continues the metrics
     file: the rows of the first run end exactly at the checkpoint's step, the second
@@ -346,27 +407,16 @@ def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, script):
     The run is endless on purpose (any machine speed gets the warning first); the
     test cancels it once the resumed run has flushed a few steps."""
     job = tiny_job(script)
-    ntasks = default_ntasks(script)
-    limit = short_time_limit(script)
-    out_dir, log_pattern = tmp_path / "run", tmp_path / "slurm-%j.out"
-    args = [a.replace("{out}", str(out_dir)) for a in job.long_args] + ["--max-steps", "100000000"]
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={log_pattern}", f"--time={limit}",
-         f"--job-name=test-{Path(script).stem}", str(SLURM_DIR / script), *args],
-        capture_output=True, text=True, env=job_environment(), timeout=60)
-    job_id = submitted.stdout.strip().split(";")[0]
-    assert job_id.isdigit(), f"sbatch refused slurm/{script}: {submitted.stderr.strip()}"
-    log = tmp_path / f"slurm-{job_id}.out"
+    run = requeue_jobs[script]
     resumed_at, rows = None, 0
-    deadline = time.monotonic() + limit * 60 * 2 + 4 * SLURMCTLD_PERIOD
     try:
-        while time.monotonic() < deadline:
-            text = log.read_text(errors="replace") if log.exists() else ""
+        while time.monotonic() < run.deadline:
+            text = run.log.read_text(errors="replace") if run.log.exists() else ""
             found = re.search(r"resumed from \S+ at step (\d+)", text)
             if found:
                 resumed_at = int(found.group(1))
                 try:
-                    with h5py.File(out_dir / job.metrics, "r") as f:
+                    with h5py.File(run.out_dir / job.metrics, "r") as f:
                         rows = len(f["steps/loss"])
                 except (OSError, KeyError):
                     rows = 0
@@ -374,24 +424,18 @@ def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, script):
                     break
             time.sleep(2)
     finally:
-        subprocess.run(["scancel", job_id], capture_output=True)  # SIGTERM: stop, and do not requeue
-        for _ in range(90):  # until Slurm has let go of the job
-            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-            if not state.stdout.strip():
-                break
-            time.sleep(1)
-        else:
-            subprocess.run(["scancel", "--signal=KILL", "--full", job_id], capture_output=True)
-            pytest.fail(f"job {job_id} still in the queue after scancel (state {state.stdout.strip()}): "
+        stuck = cancel(run.job_id)
+        if stuck is not None:
+            pytest.fail(f"job {run.job_id} still in the queue after scancel (state {stuck}): "
                         f"a cancelled job must not requeue itself")
-    text = log.read_text(errors="replace") if log.exists() else ""
+    text = run.log.read_text(errors="replace") if run.log.exists() else ""
     tail = "\n".join(text.splitlines()[-40:])
     assert resumed_at is not None, f"the job was never requeued and resumed within the wait:\n{tail}"
     assert "requeued Slurm job" in text and "SIGUSR1" in text, tail
     assert rows >= resumed_at + 10, f"the resumed run recorded only {rows - resumed_at} steps:\n{tail}"
-    with h5py.File(out_dir / job.metrics, "r") as f:
+    with h5py.File(run.out_dir / job.metrics, "r") as f:
         clock = f["steps/wall_clock"][()]
-        assert int(f.attrs["world_size"]) == ntasks
+        assert int(f.attrs["world_size"]) == run.ntasks
     restarts = [i for i in range(1, len(clock)) if clock[i] < clock[i - 1]]
     assert restarts == [resumed_at], (
         f"the metrics' clock restarts at rows {restarts}; a clean resume restarts it exactly at the "
