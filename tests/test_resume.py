@@ -4,6 +4,7 @@ the bitwise state of a run never interrupted, and a resume with other settings o
 Each test is one body, parametrised over every job in ``JOBS``.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_helpers import ROOT, mpirun_command, run_mpi
-from mpipar.run.checkpoint import check_same_run
-from mpipar.run.consolidate import model_state
+from mpipar.run.checkpoint import check_same_run, verify_file
 from mpipar.run.launch import requeue_slurm_job
 
 RUN = ("--data", "synthetic", "--threads", "1", "--flush-every", "3", "--max-steps", "12", "--checkpoint-every", "5",
@@ -30,11 +30,15 @@ JOBS = {  # name: (script, ranks, arguments, MPIPAR_FAULT_AT_STEP)
                                       "--balance", "auto"), "7:0"),
     "resnet_hybrid": ("resnet_pp.py", 4, ("--batch-size", "8", "--stages", "2", "--microbatches", "2"), "8:1"),
     "mlp_tp": ("mlp_tp.py", 2, ("--batch-size", "16", "--tp", "2"), "8:0"),  # every layer split over both ranks
+    "mlp_tp_pp": ("mlp_tp.py", 4, ("--batch-size", "16", "--tp", "2", "--stages", "2"), "8:3"),  # 2 stages x 2
+    "vit_tp": ("vit_tp.py", 2, ("--batch-size", "16", "--tp", "2"), "8:0"),  # heads and MLP split
 }
 OTHER_RANKS = {"resnet_dp": 3, "mlp_mp": 4, "resnet_pp": 2, "resnet_hybrid": 2,  # a resume on another allocation
-               "mlp_tp": 4}  # --tp 2 kept: 2 replicas, refused (SAME_RANKS_ONLY)
+               "mlp_tp": 4, "mlp_tp_pp": 8, "vit_tp": 4}  # tensor-parallel ones refused (SAME_RANKS_ONLY)
 SAME_RANKS_ONLY = {  # jobs whose checkpoint resumes only on the ranks that wrote it: the refusal
     "mlp_tp": "a tensor-parallel checkpoint resumes only on the ranks that wrote it",
+    "mlp_tp_pp": "a checkpoint with tensor-parallel stages resumes only on the layout that wrote it",
+    "vit_tp": "a tensor-parallel checkpoint resumes only on the ranks that wrote it",
 }
 OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal names it); --lr is changed too
     "resnet_dp": (("--model", "resnet18"), "model: checkpoint 'resnet-small', now 'resnet18'", 0.1),
@@ -42,6 +46,8 @@ OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal na
     "resnet_pp": (("--schedule", "1f1b"), "schedule: checkpoint 'gpipe', now '1f1b'", 0.05),
     "resnet_hybrid": (("--schedule", "gpipe"), "schedule: checkpoint '1f1b', now 'gpipe'", 0.05),
     "mlp_tp": (("--tp", "1"), "tp: checkpoint 2, now 1", 0.05),
+    "mlp_tp_pp": (("--schedule", "gpipe"), "schedule: checkpoint '1f1b', now 'gpipe'", 0.05),
+    "vit_tp": (("--model", "vit-small"), "model: checkpoint 'vit-tiny', now 'vit-small'", 0.05),
 }
 
 
@@ -159,7 +165,10 @@ def test_resume_with_other_settings_is_refused_and_on_other_ranks_goes_on(tmp_pa
         assert len([line for line in output.splitlines() if SAME_RANKS_ONLY[job] in line]) == 1, output
         assert checkpoints(out) == ["step-000000005"]
         assert len(list((out / "checkpoints" / "step-000000005").glob("rank-*.pt"))) == ranks
-        assert model_state(out)[1]["step"] == 5  # every rank's file intact (verified against meta.json)
+        saved = out / "checkpoints" / "step-000000005"  # every rank's file intact against meta.json
+        meta = json.loads((saved / "meta.json").read_text())
+        damaged = [problem for name, entry in meta["files"].items() if (problem := verify_file(saved / name, entry))]
+        assert meta["step"] == 5 and not damaged, damaged
         with h5py.File(out / "metrics.h5") as f:
             assert len(f["steps/loss"]) >= 5 and int(f.attrs["world_size"]) == ranks
         return
