@@ -49,3 +49,21 @@ def assert_comm_still_usable(comm) -> None:
     total = comm.allreduce(comm.Get_rank() + 1)
     size = comm.Get_size()
     assert_all_ranks(comm, total == size * (size + 1) // 2, f"allreduce after the error gave {total}")
+
+
+def count_tensor_calls(monkeypatch) -> list:
+    """Record the name of every mpi_tensor collective called from now on (the test's monkeypatch
+    undoes it); returns the list the names are appended to."""
+    from mpipar.comm import mpi_tensor
+
+    calls = []
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        return wrapper
+
+    for name in ("allreduce_", "iallreduce_", "allgather_", "bcast_"):
+        monkeypatch.setattr(mpi_tensor, name, counted(name, getattr(mpi_tensor, name)))
+    return calls

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_helpers import assert_all_ranks, assert_close_all_ranks, assert_comm_still_usable
+from mpi_helpers import assert_all_ranks, assert_close_all_ranks, assert_comm_still_usable, count_tensor_calls
 from mpipar.comm import mpi_tensor
 from mpipar.tensor_parallel import (
     ColumnParallelLinear,
@@ -191,16 +191,7 @@ def test_parallel_mlp_training_equals_unsplit(comm, device):
 def test_parallel_mlp_communicates_one_allreduce_each_way(comm, monkeypatch):
     p, width = comm.Get_size(), 6
     _, mlp = mlp_pair(comm, width=width)
-    calls = []
-
-    def counted(name, function):
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return function(*args, **kwargs)
-        return wrapper
-
-    for name in ("allreduce_", "iallreduce_", "allgather_", "bcast_"):
-        monkeypatch.setattr(mpi_tensor, name, counted(name, getattr(mpi_tensor, name)))
+    calls = count_tensor_calls(monkeypatch)
     x = random(BATCH, width).requires_grad_()
     output = mlp(x)
     forward_calls, forward_stats = list(calls), mlp.stats.take()

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_helpers import assert_all_ranks, assert_close_all_ranks, assert_comm_still_usable
-from mpipar.comm import mpi_tensor
+from mpi_helpers import assert_all_ranks, assert_close_all_ranks, assert_comm_still_usable, count_tensor_calls
 from mpipar.tensor_parallel import ParallelSelfAttention, ParallelTransformerBlock
 
 BATCH, LENGTH, EMBED, HEADS, HIDDEN = 2, 5, 24, 12, 24
@@ -227,16 +226,7 @@ def test_transformer_block_equals_unsplit(comm):
 def test_allreduces_each_way(comm, monkeypatch, module, allreduces):
     p = comm.Get_size()
     layer = ParallelSelfAttention(make_attention(), comm) if module == "attention" else Block().parallel(comm)
-    calls = []
-
-    def counted(name, function):
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return function(*args, **kwargs)
-        return wrapper
-
-    for name in ("allreduce_", "iallreduce_", "allgather_", "bcast_"):
-        monkeypatch.setattr(mpi_tensor, name, counted(name, getattr(mpi_tensor, name)))
+    calls = count_tensor_calls(monkeypatch)
     output = layer(random(BATCH, LENGTH, EMBED).requires_grad_(), is_causal=True)
     forward_calls, forward_stats = list(calls), layer.stats.take()
     calls.clear()
