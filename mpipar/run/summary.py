@@ -6,18 +6,17 @@ import argparse
 import json
 import sys
 
-import h5py
 import numpy as np
+
+from mpipar.report.reader import read_run
 
 __all__ = ["summarize", "main"]
 
 
 def summarize(path) -> str:
     """A short human-readable account of a run's metrics file."""
-    with h5py.File(path, "r") as f:
-        attrs = dict(f.attrs)
-        steps = {k: f["steps"][k][...] for k in f["steps"]} if "steps" in f else {}
-        epochs = {k: f["epochs"][k][...] for k in f["epochs"]} if "epochs" in f else {}
+    run = read_run(path)
+    attrs, steps, epochs = run.attrs, run.steps, run.epochs
     lines = [f"run: {attrs.get('strategy')} on {attrs.get('world_size')} ranks ({path})"]
     if not steps or len(steps.get("loss", [])) == 0:
         return "\n".join(lines + ["no steps recorded"])
@@ -54,8 +53,7 @@ def main(argv=None) -> int:
     try:
         print(summarize(args.metrics))
         if args.config:
-            with h5py.File(args.metrics, "r") as f:
-                print(json.dumps(json.loads(f.attrs["config"]), indent=2))
+            print(json.dumps(json.loads(read_run(args.metrics).attrs["config"]), indent=2))
     except (OSError, KeyError) as exc:
         print(f"mpipar-summary: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,1 @@
+"""Looking at finished (or killed) runs: reading metrics files, analysis, ``mpipar-report``."""

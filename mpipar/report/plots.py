@@ -1,0 +1,138 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display) and saved as PNGs.
+
+Each function takes runs (and analysis results) and a path, writes one PNG and returns the
+path, or returns None when the run has nothing to draw (e.g. no epochs yet).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mpipar.report import analysis  # noqa: E402
+from mpipar.report.reader import TIME_FIELDS, Run  # noqa: E402
+
+__all__ = ["loss_curve", "accuracy_curve", "time_split_bars", "step_heatmap", "bytes_sent_bars", "scaling_plot",
+           "time_split_by_run"]
+
+COLOURS = {"compute_time": "#4c72b0", "comm_time": "#dd8452", "idle_time": "#c44e52", "data_time": "#55a868"}
+LABELS = {"compute_time": "compute", "comm_time": "communication", "idle_time": "idle (waiting)",
+          "data_time": "data loading"}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_curve(run: Run, path: Path) -> Optional[Path]:
+    if run.num_steps == 0:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(run.num_steps), run.steps["loss"], marker="." if run.num_steps < 50 else None)
+    ax.set(xlabel="step", ylabel="training loss", title=f"{run.name}: loss per step")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def accuracy_curve(run: Run, path: Path) -> Optional[Path]:
+    accuracy = run.epochs.get("test_accuracy")
+    if accuracy is None or len(accuracy) == 0:
+        return None
+    epochs = run.epochs.get("epoch", np.arange(len(accuracy)))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, accuracy, marker="o")
+    ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{run.name}: test accuracy per epoch")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _stacked(ax, positions, split, labels=True):
+    bottom = np.zeros(len(positions))
+    for name in TIME_FIELDS:
+        values = np.nan_to_num(np.asarray(split[name], dtype=np.float64))
+        ax.bar(positions, values, bottom=bottom, color=COLOURS[name], label=LABELS[name] if labels else None)
+        bottom += values
+
+
+def time_split_bars(run: Run, path: Path) -> Optional[Path]:
+    if run.num_steps == 0:
+        return None
+    split = analysis.time_split(run)
+    ranks = np.arange(len(split["step_time"]))
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(ranks) + 3), 3.5))
+    _stacked(ax, ranks, split)
+    ax.set(xlabel="rank", ylabel="mean s per step", title=f"{run.name}: where each rank's time went")
+    ax.set_xticks(ranks)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def step_heatmap(run: Run, path: Path, straggler: Optional[analysis.Straggler]) -> Optional[Path]:
+    if run.num_steps == 0:
+        return None
+    measure = straggler.measure if straggler is not None else "step_time"
+    values = run.per_rank(measure)
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * values.shape[1] + 1.5)))
+    image = ax.imshow(np.ma.masked_invalid(values.T * 1000), aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(image, ax=ax, label=f"{measure.replace('_', ' ')} (ms)")
+    title = f"{run.name}: {measure.replace('_', ' ')} per step and rank"
+    if straggler is not None:
+        title += f"\nstraggler: rank {straggler.rank}, {100 * straggler.slower_by:.0f}% slower"
+    ax.set(xlabel="step", ylabel="rank", title=title)
+    if values.shape[1] <= 16:
+        ax.set_yticks(np.arange(values.shape[1]))
+    return _save(fig, path)
+
+
+def bytes_sent_bars(run: Run, path: Path) -> Optional[Path]:
+    if run.num_steps == 0:
+        return None
+    sent = np.nansum(run.per_rank("bytes_sent"), axis=0) / 1e6
+    ranks = np.arange(len(sent))
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(ranks) + 3), 3.5))
+    ax.bar(ranks, sent, color=COLOURS["comm_time"])
+    ax.set(xlabel="rank", ylabel="MB sent (whole run)", title=f"{run.name}: bytes sent per rank")
+    ax.set_xticks(ranks)
+    return _save(fig, path)
+
+
+def scaling_plot(scaling: analysis.Scaling, path: Path) -> Optional[Path]:
+    if len(scaling.ranks) < 2:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(scaling.ranks, scaling.samples_per_s, marker="o", label="measured")
+    left.plot(scaling.ranks, scaling.samples_per_s[0] * scaling.ranks / scaling.ranks[0], ls="--", color="grey",
+              label="linear")
+    left.set(xlabel="ranks", ylabel="samples/s", title="throughput")
+    left.legend(fontsize="small")
+    right.plot(scaling.ranks, scaling.efficiency, marker="o")
+    right.axhline(1.0, ls="--", color="grey")
+    right.set(xlabel="ranks", ylabel="efficiency", title="scaling efficiency vs the smallest run",
+              ylim=(0, max(1.1, float(np.nanmax(scaling.efficiency, initial=1.0)) * 1.1)))
+    for ax in (left, right):
+        ax.set_xticks(scaling.ranks)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def time_split_by_run(runs: Sequence[Run], path: Path) -> Optional[Path]:
+    runs = [r for r in runs if r.num_steps]
+    if len(runs) < 2:
+        return None
+    means = [{k: np.nanmean(v) for k, v in analysis.time_split(r).items()} for r in runs]
+    positions = np.arange(len(runs))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(runs) + 3), 3.8))
+    _stacked(ax, positions, {k: [m[k] for m in means] for k in TIME_FIELDS})
+    ax.set_xticks(positions, [f"{r.name}\n({r.world_size} ranks)" for r in runs], fontsize="small")
+    ax.set(ylabel="mean s per step (mean over ranks)", title="where the time went, per run")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)

@@ -1,0 +1,124 @@
+"""mpipar-report: reading runs, the straggler and scaling analysis, a self-contained HTML page."""
+
+import base64
+import io
+import json
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+import matplotlib.image  # noqa: E402
+
+from mpi_helpers import ROOT, run_mpi  # noqa: E402
+from mpipar.report import analysis  # noqa: E402
+from mpipar.report.cli import build_report, main  # noqa: E402
+from mpipar.report.reader import read_run  # noqa: E402
+from mpipar.run.summary import summarize  # noqa: E402
+
+JOB = str(ROOT / "jobs" / "resnet_dp.py")
+
+
+def write_metrics(path, ranks, steps=8, compute=None, epochs=2, samples_per_rank=16):
+    """A metrics.h5 in the layout MetricsWriter writes, with chosen per-rank times (seconds)."""
+    compute = np.full(ranks, 0.010) if compute is None else np.asarray(compute, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    comp = compute[None, :] * (1 + 0.02 * rng.random((steps, ranks)))
+    comm = np.full((steps, ranks), 0.002)
+    data = np.full((steps, ranks), 0.001)
+    step = comp.max(1, keepdims=True) + comm + data
+    idle = step - comp - comm - data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs.update(strategy="data_parallel", world_size=ranks, config=json.dumps({"ranks": ranks}))
+        per_rank = dict(compute_time=comp, comm_time=comm, idle_time=idle, data_time=data, step_time=step,
+                        bytes_sent=np.full((steps, ranks), 1e6), rank_loss=np.ones((steps, ranks)),
+                        rank_samples=np.full((steps, ranks), samples_per_rank))
+        for key, values in per_rank.items():
+            f[f"steps/{key}"] = values
+        f["steps/loss"] = np.linspace(2.3, 1.5, steps)
+        f["steps/samples"] = np.full(steps, samples_per_rank * ranks)
+        f["steps/world_size"] = np.full(steps, ranks)
+        f["steps/wall_clock"] = np.cumsum(step[:, 0])
+        if epochs:
+            f["epochs/epoch"] = np.arange(epochs, dtype=np.float64)
+            f["epochs/test_accuracy"] = np.linspace(0.3, 0.6, epochs)
+            f["epochs/test_loss"] = np.linspace(2.0, 1.2, epochs)
+    return path
+
+
+def images(report):
+    """The report's <img> sources, each checked to be an inlined PNG with more than one colour."""
+    text = report.read_text()
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', text)
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        png = base64.b64decode(src.split(",", 1)[1])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+        pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert pixels.reshape(-1, pixels.shape[-1]).std(0).max() > 0, "an image of one colour"
+    return text, sources
+
+
+def test_report_of_a_real_two_rank_run(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_mpi(2, JOB, "--data", "synthetic", "--batch-size", "16", "--threads", "1", "--max-steps", "6",
+                     "--out", str(run_dir), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = summarize(run_dir / "metrics.h5")
+    assert "run: data_parallel on 2 ranks" in summary and "final test accuracy" in summary
+    assert main([str(run_dir), "-o", str(tmp_path / "report")]) == 0
+    report = tmp_path / "report" / "report.html"
+    text, sources = images(report)
+    assert len(sources) == 5                        # loss, accuracy, time split, heat map, bytes sent
+    assert "data_parallel" in text and "2 ranks" in text and "Communication took" in text
+    assert len(list((tmp_path / "report").glob("*.png"))) == 5
+
+
+def test_a_run_killed_before_its_first_epoch(tmp_path):
+    run = read_run(write_metrics(tmp_path / "killed" / "metrics.h5", ranks=2, steps=3, epochs=0))
+    assert run.num_steps == 3 and run.epochs == {}
+    text, sources = images(build_report([tmp_path / "killed"], tmp_path / "report"))
+    assert len(sources) == 4                        # no accuracy yet
+    empty = tmp_path / "empty" / "metrics.h5"       # killed before the first flush: attributes only
+    empty.parent.mkdir()
+    with h5py.File(empty, "w") as f:
+        f.attrs.update(strategy="pipeline", world_size=4, config="{}")
+    text, sources = images(build_report([empty], tmp_path / "report2"))
+    assert sources == [] and "No steps recorded yet." in text
+
+
+def test_straggler_is_named(tmp_path):
+    slow = read_run(write_metrics(tmp_path / "slow" / "metrics.h5", ranks=4, compute=[0.01, 0.02, 0.01, 0.01]))
+    straggler = analysis.find_straggler(slow)
+    assert straggler is not None and straggler.rank == 1 and straggler.measure == "compute_time"
+    assert straggler.slower_by == pytest.approx(1.0, abs=0.1)
+    text, _ = images(build_report([slow.path], tmp_path / "report"))
+    sentence = analysis.straggler_sentence(slow, straggler)
+    assert sentence.startswith("Rank 1 was the straggler") and "above the median" in sentence
+    assert sentence in text
+    split = analysis.time_split(slow)
+    assert split["compute_time"][1] > 1.9 * split["compute_time"][0]
+    assert split["idle_time"][0] > split["idle_time"][1]  # the others wait for rank 1
+
+
+def test_no_straggler_when_ranks_are_equal(tmp_path):
+    even = read_run(write_metrics(tmp_path / "even" / "metrics.h5", ranks=4))
+    assert analysis.find_straggler(even) is None
+    text, _ = images(build_report([even.path], tmp_path / "report"))
+    assert "was the straggler" not in text and "No straggler" in text
+
+
+def test_scaling_across_runs(tmp_path):
+    one = write_metrics(tmp_path / "one" / "metrics.h5", ranks=1, compute=[0.010])
+    two = write_metrics(tmp_path / "two" / "metrics.h5", ranks=2, compute=[0.010, 0.010])
+    scale = analysis.scaling([read_run(two), read_run(one)])
+    assert scale.ranks.tolist() == [1, 2] and scale.efficiency[0] == pytest.approx(1.0)
+    assert scale.samples_per_s[1] > scale.samples_per_s[0] and 0.5 < scale.efficiency[1] <= 1.0
+    report = build_report([tmp_path / "two", tmp_path / "one"], tmp_path / "report")
+    text, sources = images(report)
+    assert (tmp_path / "report" / "scaling.png").stat().st_size > 2000
+    assert (tmp_path / "report" / "time_split_by_run.png").exists()
+    assert len(sources) == 2 + 5 + 5 and "Across runs" in text
