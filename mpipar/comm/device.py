@@ -11,7 +11,7 @@ from mpi4py import MPI
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
 
-__all__ = ["DEVICE_CHOICES", "select_device", "node_rank", "to_device", "describe"]
+__all__ = ["DEVICE_CHOICES", "select_device", "node_rank", "to_device", "describe", "module_device"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -76,6 +76,11 @@ def describe(comm: MPI.Intracomm, device: torch.device) -> str:
     parts = [f"{name} x{count}" if count > 1 else name for name, count in shared.items()]
     note = "; ranks share a GPU (slower than one each)" if any(c > 1 for c in shared.values()) else ""
     return f"devices: {', '.join(parts)}{note}"
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s first parameter or buffer is; the CPU when it has none."""
+    return next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
 
 
 def to_device(value: Any, device: torch.device) -> Any:

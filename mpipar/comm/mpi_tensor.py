@@ -61,6 +61,7 @@ __all__ = [
     "choose_transport",
     "cuda_aware_mpi",
     "check_thread",
+    "thread_multiple",
 ]
 
 _MPI_DATATYPES = {
@@ -119,15 +120,20 @@ def choose_transport(device_type: str, contiguous: bool, half: bool, call: str, 
 _thread_multiple: Optional[bool] = None
 
 
+def thread_multiple() -> bool:
+    """Whether MPI was initialised with ``MPI_THREAD_MULTIPLE`` (asked once). Local."""
+    global _thread_multiple
+    if _thread_multiple is None:
+        _thread_multiple = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+    return _thread_multiple
+
+
 def check_thread() -> None:
     """Raise RuntimeError when MPI is called from a thread other than the main one and
     MPI was not initialised with ``MPI_THREAD_MULTIPLE``. Local."""
-    global _thread_multiple
     if threading.current_thread() is threading.main_thread():
         return
-    if _thread_multiple is None:
-        _thread_multiple = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
-    if not _thread_multiple:
+    if not thread_multiple():
         raise RuntimeError(
             f"mpipar called MPI from thread {threading.current_thread().name!r} (autograd's device thread runs "
             f"the backward of CUDA tensors), but MPI was initialised with a thread level below "

@@ -101,7 +101,7 @@ class GradientReducer:
             for bucket in self.buckets:
                 if bucket.buffer.is_cuda and mpi_tensor.transport_for(bucket.buffer, "iallreduce") == "staged":
                     bucket.mirror = HostMirror(bucket.buffer)
-            if any(b.buffer.is_cuda for b in self.buckets) and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            if any(b.buffer.is_cuda for b in self.buckets) and not mpi_tensor.thread_multiple():
                 raise RuntimeError("averaging CUDA gradients calls MPI from autograd's device thread, which needs "
                                    "MPI initialised with MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level='multiple', "
                                    "the default)")
@@ -256,11 +256,17 @@ class GradientReducer:
         buckets whose host copy was still in flight and wait for every reduction started, so
         every rank has completed the same operations and ``comm`` stays usable."""
         self._start_copied(block=True)
+        self._wait_started(upload=False)
+        self._active = False
+
+    def _wait_started(self, upload: bool) -> None:
+        """Wait for every bucket reduction started; ``upload``: copy mirrored results back to the device."""
         for bucket in self.buckets:
             if bucket.pending is not None:
                 bucket.pending.wait()
                 bucket.pending = None
-        self._active = False
+                if upload and bucket.mirror is not None:
+                    bucket.mirror.upload()
 
     def _wait_counts(self) -> None:
         if self._counts_request is None:
@@ -292,12 +298,7 @@ class GradientReducer:
         begin = time.perf_counter()
         if self.size > 1:
             self._used_request = mpi_tensor.iallreduce_(self._used, self.comm)
-        for bucket in self.buckets:
-            if bucket.pending is not None:
-                bucket.pending.wait()
-                bucket.pending = None
-                if bucket.mirror is not None:
-                    bucket.mirror.upload()
+        self._wait_started(upload=True)
         if self._used_request is not None:
             self._used_request.wait()
             self._used_request = None

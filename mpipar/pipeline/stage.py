@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from mpipar.comm.device import module_device
+
 __all__ = ["Stage", "TensorSpec"]
 
 
@@ -77,11 +79,7 @@ class Stage:
 
     @property
     def device(self) -> torch.device:
-        if self._device is not None:
-            return self._device
-        for tensor in [*self.module.parameters(), *self.module.buffers()]:
-            return tensor.device
-        return torch.device("cpu")
+        return self._device if self._device is not None else module_device(self.module)
 
     def output_spec(self, input_spec: TensorSpec) -> TensorSpec:
         """The output of one micro-batch, found on the meta device (no compute, no state change)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from mpipar.comm.device import module_device
 from mpipar.data.datasets import ArrayDataset
 from mpipar.data.sharding import rank_batches
 from mpipar.diagnostics import collectives
@@ -47,7 +48,7 @@ def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
     shards = comm.Get_size() if shards is None else shards
     shard = comm.Get_rank() if shard is None else shard
     if device is None:
-        device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+        device = module_device(model)
     was_training = model.training
     model.eval()
     totals = np.zeros(3)  # loss sum, correct, count
