@@ -9,13 +9,13 @@ import torch
 from mpipar import __version__
 from mpipar.comm.device import to_device
 from mpipar.data.datasets import DataSplits
-from mpipar.data.sharding import rank_batches, steps_per_epoch
+from mpipar.data.sharding import rank_batches, step_plan, steps_per_epoch
 from mpipar.run.checkpoint import rng_state, set_rng_state
 from mpipar.run.evaluate import Stopwatch
 from mpipar.run.launch import mpi_library, requeue_slurm_job
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.session import Session
-from mpipar.run.strategy import Strategy
+from mpipar.run.strategy import StepShards, Strategy
 from mpipar.run.summary import summarize
 
 __all__ = ["train"]
@@ -68,6 +68,10 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         set_rng_state(state["rng"])
         step, start_epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
         loss_sum, seen = state["loss_sum"], state["samples_seen"]
+    steps_optimizer, shares_shards = getattr(strategy, "steps_optimizer", False), getattr(strategy, "shares_shards",
+                                                                                          False)
+    if steps_optimizer:
+        strategy.bind_optimizer(optimizer)
     metrics = MetricsWriter(session.out / "metrics.h5", comm, strategy=strategy.name, config=session.run_config,
                             flush_every=config.flush_every, resume=session.resume, resume_at_step=step,
                             wait_groups=strategy.wait_groups,
@@ -107,8 +111,12 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         if step >= total_steps and not skip:  # resumed from the final checkpoint: nothing left
             break
         epoch_start = time.perf_counter()
-        batches = rank_batches(len(train_set), batch_size, replicas, strategy.replica, seed=config.seed,
-                               epoch=epoch, global_batch=global_batch)[:in_epoch]
+        if shares_shards:  # every shard of every step: the strategy hands them out
+            batches = step_plan(len(train_set), batch_size, replicas, seed=config.seed, epoch=epoch,
+                                global_batch=global_batch)[:in_epoch]
+        else:
+            batches = rank_batches(len(train_set), batch_size, replicas, strategy.replica, seed=config.seed,
+                                   epoch=epoch, global_batch=global_batch)[:in_epoch]
         for step_in_epoch in range(skip, len(batches)):
             if step >= total_steps:
                 break
@@ -116,21 +124,28 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             session.watchdog.label(epoch=epoch + 1, step=step)
             clock = Stopwatch()
             indices = batches[step_in_epoch]
-            batch = to_device(train_set.batch(indices), session.device) if strategy.needs_batch() else None
+            if shares_shards:
+                batch = StepShards(step, replicas, lambda j, shards=indices: to_device(train_set.batch(shards[j]),
+                                                                                       session.device))
+            else:
+                batch = to_device(train_set.batch(indices), session.device) if strategy.needs_batch() else None
             data_time = clock.lap()
             optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
             record = strategy.train_step(batch)
             update_start = time.perf_counter()
-            optimizer.step()
+            if not steps_optimizer:
+                optimizer.step()
             lr_schedule.step()
             update_time = time.perf_counter() - update_start
             step_time = data_time + clock.lap()
+            data_time += record.data_time
             compute_time = None if record.compute_time is None else record.compute_time + update_time
             metrics.record_step(loss=record.loss, samples=record.samples, step_time=step_time, data_time=data_time,
                                 compute_time=compute_time, comm_time=record.comm_time, idle_time=record.idle_time,
                                 wait_time=record.wait_time, bytes_sent=record.bytes_sent, **record.extra)
             step += 1
-            loss_sum, seen = loss_sum + record.loss * len(indices), seen + len(indices)
+            weight = len(indices) if record.loss_weight is None else record.loss_weight
+            loss_sum, seen = loss_sum + record.loss * weight, seen + weight
             if metrics.maybe_flush(stop=session.stop.requested):
                 stopping = True
                 break

@@ -12,7 +12,7 @@ from mpipar.data.datasets import ArrayDataset
 from mpipar.run.evaluate import EvalResult
 from mpipar.run.metrics import MetricsWriter
 
-__all__ = ["StepRecord", "Strategy"]
+__all__ = ["StepRecord", "StepShards", "Strategy"]
 
 
 @dataclass
@@ -30,7 +30,10 @@ class StepRecord:
         wait_time: seconds blocked in collectives (gradient Allreduce): the metrics file
             splits it into communication (the least wait in the reducing group) and idle.
         bytes_sent: bytes this rank put on the wire.
+        data_time: seconds loading data inside the step (a strategy that fetches its own shards).
         extra: further per-rank values recorded as ``/steps/<name>`` (e.g. ``pipeline_busy``).
+        loss_weight: the weight of ``loss`` in this rank's running mean of the training loss
+            (the progress lines); None: the samples this rank read this step.
     """
 
     loss: float
@@ -40,7 +43,26 @@ class StepRecord:
     idle_time: Optional[float] = None
     wait_time: float = 0.0
     bytes_sent: float = 0.0
+    data_time: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)
+    loss_weight: Optional[float] = None
+
+
+@dataclass
+class StepShards:
+    """Every data shard of one step, for a strategy that hands them out itself
+    (``Strategy.shares_shards``: a parameter server's workers take shards as they
+    become free, so a fast worker computes more of them than a slow one).
+
+    Attributes:
+        step: the loop's step index (counted over the whole run).
+        count: how many shards the step has (``strategy.replicas``).
+        fetch: ``fetch(j)`` is shard ``j``'s ``(inputs, targets)`` on this rank's device.
+    """
+
+    step: int
+    count: int
+    fetch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]]
 
 
 class Strategy(Protocol):
@@ -62,6 +84,14 @@ class Strategy(Protocol):
         wait_groups: the ranks that reduce together, for splitting ``wait_time`` into
             communication and idle in the metrics file.
         metrics_attrs: root attributes for the metrics file.
+
+    Optional members (absent means False):
+        steps_optimizer: the strategy applies updates itself (a parameter server's
+            servers, local SGD); the loop calls ``bind_optimizer(optimizer)`` once
+            before the first step and never ``optimizer.step()``. The learning-rate
+            schedule still steps once per loop step.
+        shares_shards: ``train_step`` gets a :class:`StepShards` (every shard of the
+            step) instead of this rank's batch.
     """
 
     name: str
