@@ -1,4 +1,4 @@
-"""Train a ResNet with synchronous data parallelism over MPI.
+"""Train a ResNet with synchronous data parallelism over MPI, or with local SGD (model averaging).
 
 Usage:
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3
@@ -15,6 +15,22 @@ steps, at epoch ends, and on SIGUSR1/SIGTERM); --resume continues the latest one
 bitwise as if never interrupted. As root, Open MPI needs
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than
 cores needs --oversubscribe.
+
+Local SGD: every rank takes its own optimizer steps, and the ranks' models (parameters
+and BatchNorm statistics, weighted by samples) are averaged every H local steps and at
+every epoch end (evaluation and the epoch's checkpoint see the average):
+    mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --sync-every 8
+    mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --sync-every 8 --local-warmup 100
+    mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 1 --sync-every end
+    mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --sync-every 16 --outer-lr 0.7 --outer-momentum 0.9
+    sbatch slurm/resnet_dp.sh --data synthetic --max-steps 20 --sync-every 4 --local-warmup 4
+--sync-every 1 (the default) is the synchronous data parallelism above; 'end' (or 0)
+averages at epoch ends only: one-shot averaging (ParallelSGD) in a one-epoch run.
+--local-warmup N: N synchronous steps first (post-local SGD). --outer-lr, --outer-momentum:
+DiLoCo's outer Nesterov SGD on the global weights along global - average (1 and 0, the
+defaults, take the average as it is). /steps/synced in metrics.h5 marks the steps after
+which the ranks' parameters were equal. Every rank checkpoints its own model and optimizer
+state; --resume needs as many ranks as wrote the checkpoint.
 """
 
 from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports
@@ -23,6 +39,7 @@ from mpi4py import MPI
 from mpipar import models
 from mpipar.data_parallel.strategy import DataParallelStrategy
 from mpipar.diagnostics.failure import abort_on_exception
+from mpipar.local_sgd import LocalSGDConfig, LocalSGDStrategy, sync_every_flag
 from mpipar.run.cli import training_parser
 from mpipar.run.loop import train
 from mpipar.run.session import Session
@@ -33,12 +50,27 @@ def main(argv=None) -> None:
     abort_on_exception(comm)
     parser = training_parser(__doc__, rank=comm.Get_rank(), out="runs/resnet_dp",
                              batch_help="samples per rank per step", models=models.IMAGE_MODELS)
+    parser.add_argument("--sync-every", type=sync_every_flag, default=1, metavar="H",
+                        help="local SGD: average the models every H local steps (1: synchronous data parallelism; "
+                             "'end' or 0: at epoch ends only)")
+    parser.add_argument("--local-warmup", type=int, default=0, metavar="N",
+                        help="local SGD: N synchronous steps before the local ones")
+    parser.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer learning rate (1: plain average)")
+    parser.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo outer Nesterov momentum")
     args = parser.parse_args(argv)
 
-    session = Session.from_args(comm, args, EARLY_SIGNALS)
+    # the defaults are plain data parallelism: its settings and checkpoints stay as they were
+    local_sgd = (args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum) != (1, 0, 1.0, 0.0)
+    settings = (lambda: LocalSGDConfig(args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum)) \
+        if local_sgd else None  # validated on every rank together
+    session = Session.from_args(comm, args, EARLY_SIGNALS, settings=settings)
     splits = session.data()
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
-    strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb, device=session.device)
+    if local_sgd:
+        strategy = LocalSGDStrategy(model, comm, session.settings, bucket_mb=session.config.bucket_mb,
+                                    device=session.device, state=session.state)
+    else:
+        strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb, device=session.device)
     train(session, strategy, splits)
 
 

@@ -13,6 +13,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm import mpi_tensor
+from mpipar.comm.averaging import average_tensors
 from mpipar.comm.staging import HostMirror
 
 __all__ = ["GradientReducer", "CommStats", "average_buffers", "layout_signature"]
@@ -320,12 +321,6 @@ class GradientReducer:
 
 def average_buffers(module: nn.Module, comm: MPI.Intracomm) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over ``comm``;
-    other buffers are taken from rank 0. Collective over ``comm``."""
-    size = comm.Get_size()
-    with torch.no_grad():
-        for buffer in module.buffers():
-            if buffer.is_floating_point():
-                mpi_tensor.allreduce_(buffer, comm)
-                buffer.div_(size)
-            else:
-                mpi_tensor.bcast_(buffer, comm, 0)
+    other buffers are taken from rank 0. Collective over ``comm``: one flat Allreduce
+    (and broadcast) per dtype, by :func:`~mpipar.comm.averaging.average_tensors`."""
+    average_tensors(list(module.buffers()), comm)
