@@ -109,3 +109,48 @@ def test_auto_balance_failure_is_raised_on_every_rank():
     with pytest.raises(ValueError, match="automatic balance on rank 0 failed"):
         auto_balance(model, sample, 1, comm, repeats=1)
     assert_comm_still_usable(comm)
+
+
+def test_among_equally_slow_splits_the_most_even_one_is_chosen():
+    # the last layer (4) is the slowest stage in [1, 3, 1], [2, 2, 1] and [3, 1, 1]; [2, 2, 1]'s fastest is 2
+    assert balance_by_time([1, 1, 1, 1, 4], 3) == [2, 2, 1]
+    rng = random.Random(1)
+    for _ in range(100):
+        n = rng.randint(2, 8)
+        stages = rng.randint(1, n)
+        times = [rng.choice([0.5, 1.0, 2.0, 3.0]) for _ in range(n)]
+        sums = stage_sums(times, balance_by_time(times, stages))
+        splits = [stage_sums(times, [b - a for a, b in zip((0, *cuts), (*cuts, n))])
+                  for cuts in itertools.combinations(range(1, n), stages - 1)]
+        slowest = min(max(split) for split in splits)
+        assert max(sums) == pytest.approx(slowest)
+        assert min(sums) == pytest.approx(max(min(split) for split in splits if max(split) <= slowest + 1e-12))
+
+
+def test_memory_limit_moves_layers_off_a_stage_with_many_micro_batches_in_flight():
+    times, memory = [1, 1, 1, 1], [4, 1, 1, 1]  # the first layer keeps most activations
+    assert balance_by_time(times, 2) == [2, 2]
+    # 1F1B: stage 0 holds 2 micro-batches, stage 1 one; [2, 2] needs 2 * 5 = 10 on stage 0
+    assert balance_by_time(times, 2, memory=memory, in_flight=[2, 1], memory_limit=8) == [1, 3]
+    assert balance_by_time(times, 2, memory=memory, fixed_memory=[0, 0, 0, 5], in_flight=[2, 1],
+                           memory_limit=8) == [1, 3]  # stage 1: 3 + 5 = 8 fits
+    with pytest.raises(ValueError, match=r"within 0.0 MiB .*use more stages, fewer micro-batches"):
+        balance_by_time(times, 2, memory=memory, in_flight=[2, 1], memory_limit=7)
+
+
+def test_profile_counts_saved_activations_and_follows_skips():
+    from mpipar.pipeline.partition import stage_memory
+    from mpipar.pipeline.skip import AddSkip, SaveSkip, SkipSequential
+
+    torch.manual_seed(0)
+    model = SkipSequential(nn.Linear(8, 16), SaveSkip("r"), nn.Tanh(), nn.Linear(16, 16), AddSkip("r"),
+                           nn.Linear(16, 4))
+    profiles = profile_layers(model, torch.randn(6, 8), repeats=1)
+    assert [p.activation_bytes for p in profiles] == [4 * 6 * 16] * 5 + [4 * 6 * 4]
+    assert profiles[2].saved_bytes == 4 * 6 * 16  # tanh keeps its output
+    assert profiles[3].saved_bytes == 4 * 6 * 16  # the linear keeps its input
+    assert profiles[1].saved_bytes == 0 and profiles[4].saved_bytes == 0  # save and add keep nothing
+    memory = stage_memory(profiles, [3, 3], [2, 1], param_copies=3)
+    params = [p.param_bytes for p in profiles]
+    assert memory == [2 * sum(p.saved_bytes for p in profiles[:3]) + 3 * params[0],
+                      sum(p.saved_bytes for p in profiles[3:]) + 3 * (params[3] + params[5])]

@@ -23,11 +23,17 @@ from mpipar.pipeline.schedule import (
     Instruction,
     RecvActivation,
     RecvGrad,
+    RecvSkip,
+    RecvSkipGrad,
     Schedule,
     SendActivation,
     SendGrad,
+    SendSkip,
+    SendSkipGrad,
+    SkipInstruction,
     rank_program,
 )
+from mpipar.pipeline.skip import SkipEdge, find_skips
 from mpipar.pipeline.stage import Stage, TensorSpec
 from mpipar.pipeline.timing import StepClock, StepTimes
 
@@ -50,7 +56,8 @@ class StepResult:
         peak_in_flight: most micro-batches each local stage held activations for.
         activation_bytes: estimated peak bytes of activations saved for backward on
             this rank (peak in flight times the saved bytes of one micro-batch).
-        bytes_sent: bytes of activations and gradients this rank sent to other stages.
+        bytes_sent: bytes of activations, skips and gradients this rank sent to other stages.
+        skip_bytes_sent: the part of ``bytes_sent`` that carried skip tensors and their gradients.
     """
 
     loss: float
@@ -61,6 +68,7 @@ class StepResult:
     peak_in_flight: Dict[int, int] = field(default_factory=dict)
     activation_bytes: int = 0
     bytes_sent: int = 0
+    skip_bytes_sent: int = 0
 
 
 @dataclass
@@ -77,7 +85,10 @@ class _RunState:
     received: Dict[Instruction, torch.Tensor] = field(default_factory=dict)
     outgoing: Dict[Instruction, torch.Tensor] = field(default_factory=dict)
     sends: List[mpi_tensor.PendingOp] = field(default_factory=list)
+    skips: Dict[Tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (skip, micro-batch) -> tensor
+    skip_grads: Dict[Tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ... -> its gradient
     bytes_sent: int = 0
+    skip_bytes_sent: int = 0
 
 
 def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
@@ -108,6 +119,13 @@ class Pipeline:
     rank, never a hang. Tensors move with non-blocking sends and blocking receives
     in clock order (see :func:`~mpipar.pipeline.schedule.rank_program`), which
     cannot deadlock. Size 1 runs the same code with every stage on one rank.
+
+    Skip connections (:mod:`mpipar.pipeline.skip`: a ``SaveSkip`` layer and a later
+    ``AddSkip`` / ``CatSkip`` in a ``SkipSequential``) may span any stages: the skip
+    tensor of each micro-batch goes straight from the saving stage's rank to the using
+    stage's rank (no message when one rank holds both) and its gradient comes back the
+    same way, with tags of their own; its shape and dtype are agreed with the
+    activations'.
 
     Gradients of micro-batches accumulate into ``.grad`` (call ``zero_grad``
     between steps as usual) and equal the full-batch gradients of the mean loss.
@@ -147,9 +165,9 @@ class Pipeline:
                                 f"wrap the layers in nn.Sequential")
             chosen = _as_placement(placement, module, self.size)
             chosen.validate(len(module), self.size)
-            return chosen, Schedule(schedule, len(chosen.segments), microbatches)
+            return chosen, Schedule(schedule, len(chosen.segments), microbatches), find_skips(module)
 
-        self.placement, self.schedule = collective_check(comm, setup, "pipeline setup")
+        self.placement, self.schedule, self.skips = collective_check(comm, setup, "pipeline setup")
         agree_on(comm, "the pipeline (layers, placement, schedule, micro-batches)",
                  (len(module), self.placement.ranks, schedule, microbatches),
                  hint="build the model and the Pipeline with the same arguments on every rank")
@@ -165,9 +183,18 @@ class Pipeline:
         self._spec_tables: Dict[tuple, tuple] = {}  # (input spec, train) -> (stage inputs, stage outputs)
         self._input_specs: Dict[int, TensorSpec] = {}
         self._output_specs: Dict[int, TensorSpec] = {}
+        self._skip_specs: Dict[str, TensorSpec] = {}
+        stage_of = [index for index, s in enumerate(self.placement.segments) for _ in range(s.start, s.stop)]
+        self.stage_skips: Tuple[SkipEdge, ...] = tuple(  # the skips that cross stages, as stage indices
+            SkipEdge(edge.name, stage_of[edge.producer], stage_of[edge.consumer]) for edge in self.skips
+            if stage_of[edge.producer] != stage_of[edge.consumer])
+        self._uses = {index: [e.name for e in self.stage_skips if e.consumer == index] for index in self.stages}
+        self._saves = {index: [e.name for e in self.stage_skips if e.producer == index] for index in self.stages}
         self._handlers: Dict[type, Callable[[Instruction, _RunState], None]] = {
             RecvActivation: self._receive, RecvGrad: self._receive,
             SendActivation: self._send, SendGrad: self._send,
+            RecvSkip: self._receive_skip, RecvSkipGrad: self._receive_skip,
+            SendSkip: self._send_skip, SendSkipGrad: self._send_skip,
             Forward: self._forward, Backward: self._backward}
 
     # -- roles ----------------------------------------------------------------------
@@ -201,16 +228,21 @@ class Pipeline:
         if key not in self._programs:
             plan = self.schedule if train and microbatches == self.microbatches else \
                 Schedule(self.schedule.name if train else "forward", self.num_stages, microbatches)
-            top = 1 + 2 * self.num_stages * microbatches
+            top = self._skip_tag(len(self.stage_skips), False, 0, microbatches)
             tag_ub = self.comm.Get_attr(MPI.TAG_UB) or 32767  # not set on COMM_SELF or Split comms
             if top > tag_ub:
                 raise ValueError(f"{self.num_stages} stages x {microbatches} micro-batches need MPI tags up "
                                  f"to {top}, above this MPI's limit {tag_ub}; use fewer micro-batches")
-            self._programs[key] = rank_program(plan, self.stage_ranks, self.rank)
+            self._programs[key] = rank_program(plan, self.stage_ranks, self.rank,
+                                               [(e.producer, e.consumer) for e in self.stage_skips])
         return self._programs[key]
 
     def _tag(self, boundary: int, grad: bool, microbatch: int, microbatches: int) -> int:
         return 1 + (2 * boundary + int(grad)) * microbatches + microbatch
+
+    def _skip_tag(self, skip: int, grad: bool, microbatch: int, microbatches: int) -> int:
+        """Tags above every activation tag: a skip message can never match an activation receive."""
+        return 1 + (2 * self.num_stages + 2 * skip + int(grad)) * microbatches + microbatch
 
     # -- agreement ------------------------------------------------------------------
 
@@ -249,34 +281,46 @@ class Pipeline:
         key = (first["spec"], train)
         if key not in self._spec_tables:
             self._agree_shapes(first["spec"], train)
-            self._spec_tables[key] = (dict(self._input_specs), dict(self._output_specs))
-        self._input_specs, self._output_specs = (dict(table) for table in self._spec_tables[key])
+            self._spec_tables[key] = (dict(self._input_specs), dict(self._output_specs), dict(self._skip_specs))
+        self._input_specs, self._output_specs, self._skip_specs = (dict(t) for t in self._spec_tables[key])
 
     def _agree_shapes(self, input_spec: TensorSpec, train: bool) -> None:
-        """Pass each stage's output shape and dtype down the pipeline (pickled metadata)."""
+        """Pass each stage's output shape and dtype down the pipeline (pickled metadata), with those of
+        the skips saved so far and not used yet (a stage takes the ones it uses, adds the ones it saves)."""
         error = None
+        self._skip_specs = {}
         for index in sorted(self.stages):
             stage = self.stages[index]
             if stage.is_first:
-                spec = input_spec
+                spec, live = input_spec, {}
             else:
                 with debug.watched(self.comm, "recv", peer=self.stage_ranks[index - 1], tag=_SPEC_TAG,
                                    detail=f"activation shape for stage {index}"):
-                    spec = self.comm.recv(source=self.stage_ranks[index - 1], tag=_SPEC_TAG)
+                    spec, live = self.comm.recv(source=self.stage_ranks[index - 1], tag=_SPEC_TAG)
             out = None
             if spec is not None and error is None:
                 try:
-                    out = stage.output_spec(spec)
+                    used = {name: live[name] for name in self._uses[index]}
+                    out, saved = stage.output_spec(spec, used)
                     if train and not stage.is_last and not out.dtype.is_floating_point:
                         raise TypeError(f"its output dtype {out.dtype} cannot carry gradients back")
                     mpi_tensor.mpi_datatype(out.dtype)
+                    saved = {name: saved[name] for name in self._saves[index]}
+                    for name, skip in saved.items():
+                        if train and not skip.dtype.is_floating_point:
+                            raise TypeError(f"skip {name!r} has dtype {skip.dtype}, which cannot carry gradients back")
+                        mpi_tensor.mpi_datatype(skip.dtype)
+                    self._skip_specs.update(used)
+                    self._skip_specs.update(saved)
+                    live = {**{k: v for k, v in live.items() if k not in used}, **saved}
                 except Exception as exc:  # noqa: BLE001 - reported on every rank below
                     kind = next((k for k in (TypeError, ValueError) if isinstance(exc, k)), RuntimeError)
                     error = kind(f"stage {index} ({stage.layers}) on rank {self.rank} with input {spec}: "
                                  f"{type(exc).__name__}: {exc}")
             self._input_specs[index], self._output_specs[index] = spec, out
             if not stage.is_last:
-                self.comm.send(out, dest=self.stage_ranks[index + 1], tag=_SPEC_TAG)
+                self.comm.send((out, live if out is not None else None), dest=self.stage_ranks[index + 1],
+                               tag=_SPEC_TAG)
 
         def raise_local():
             if error is not None:
@@ -333,7 +377,7 @@ class Pipeline:
             stage_times={index: (stage.forward_busy, stage.backward_busy) for index, stage in self.stages.items()},
             peak_in_flight={index: stage.peak_in_flight for index, stage in self.stages.items()},
             activation_bytes=sum(s.peak_in_flight * s.saved_bytes for s in self.stages.values()),
-            bytes_sent=run.bytes_sent)
+            bytes_sent=run.bytes_sent, skip_bytes_sent=run.skip_bytes_sent)
 
     # -- instructions (one handler per instruction type, see _handlers) -------------
 
@@ -363,14 +407,43 @@ class Pipeline:
         with run.clock.communicating():
             run.sends.append(mpi_tensor.isend(tensor, self.comm, dest, tag))
 
+    def _skip_peer_and_tag(self, instruction: SkipInstruction, microbatches: int) -> Tuple[int, int]:
+        grad = isinstance(instruction, (SendSkipGrad, RecvSkipGrad))
+        return (self.stage_ranks[instruction.peer],
+                self._skip_tag(instruction.skip, grad, instruction.microbatch, microbatches))
+
+    def _receive_skip(self, instruction: Union[RecvSkip, RecvSkipGrad], run: _RunState) -> None:
+        name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
+        grad = isinstance(instruction, RecvSkipGrad)
+        source, tag = self._skip_peer_and_tag(instruction, run.microbatches)
+        buffer = self._skip_specs[name].empty(self.stages[instruction.stage].device)
+        with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
+                f"{'gradient of ' if grad else ''}skip {name!r} of micro-batch {i} for stage {instruction.stage}")):
+            self.comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
+        with run.clock.communicating():
+            (run.skip_grads if grad else run.skips)[name, i] = mpi_tensor.recv_(buffer, self.comm, source, tag)
+
+    def _send_skip(self, instruction: Union[SendSkip, SendSkipGrad], run: _RunState) -> None:
+        name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
+        dest, tag = self._skip_peer_and_tag(instruction, run.microbatches)
+        tensor = (run.skip_grads if isinstance(instruction, SendSkipGrad) else run.skips).pop((name, i))
+        size = tensor.numel() * tensor.element_size()
+        run.bytes_sent += size
+        run.skip_bytes_sent += size
+        with run.clock.communicating():
+            run.sends.append(mpi_tensor.isend(tensor, self.comm, dest, tag))
+
     def _forward(self, instruction: Forward, run: _RunState) -> None:
         index, i = instruction.stage, instruction.microbatch
         stage = self.stages[index]
         x = run.chunks[i] if stage.is_first else run.received.pop(RecvActivation(index, i))
+        used = {name: run.skips.pop((name, i)) for name in self._uses[index]}  # received, or saved on this rank
         begin = time.perf_counter()
-        y = stage.forward(i, x, train=run.train, target=run.target_chunks[i] if run.target_chunks else None,
-                          loss_fn=self.loss_fn, scale=1.0 / run.microbatches)
+        y, saved = stage.forward(i, x, train=run.train, target=run.target_chunks[i] if run.target_chunks else None,
+                                 loss_fn=self.loss_fn, scale=1.0 / run.microbatches, skips=used)
         stage.forward_busy += time.perf_counter() - begin
+        for name, tensor in saved.items():  # for SendSkip, or for a later stage on this rank
+            run.skips[name, i] = tensor.detach()
         if not stage.is_last:
             run.outgoing[SendActivation(index, i)] = y.detach()
 
@@ -378,11 +451,14 @@ class Pipeline:
         index, i = instruction.stage, instruction.microbatch
         stage = self.stages[index]
         grad_output = None if stage.is_last else run.received.pop(RecvGrad(index, i))
+        skip_grads = {name: run.skip_grads.pop((name, i)) for name in self._saves[index]}
         if run.before_last_backward is not None and instruction == run.last_backward[index]:
             run.before_last_backward(stage.module)
         begin = time.perf_counter()
-        grad_input = stage.backward(i, grad_output)
+        grad_input, used_grads = stage.backward(i, grad_output, skip_grads)
         stage.backward_busy += time.perf_counter() - begin
+        for name, grad in used_grads.items():  # for SendSkipGrad, or for an earlier stage on this rank
+            run.skip_grads[name, i] = grad
         if not stage.is_first:
             run.outgoing[SendGrad(index, i)] = grad_input
 

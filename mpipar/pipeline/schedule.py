@@ -38,6 +38,10 @@ __all__ = [
     "RecvGrad",
     "Backward",
     "SendGrad",
+    "SendSkip",
+    "RecvSkip",
+    "SendSkipGrad",
+    "RecvSkipGrad",
     "Schedule",
     "SCHEDULES",
     "rank_program",
@@ -99,6 +103,48 @@ class SendGrad(Instruction):
     """Send the gradient of this stage's input to stage ``stage - 1``."""
 
     code = "sg"
+
+
+@dataclass(frozen=True)
+class SkipInstruction(Instruction):
+    """A skip tensor (or its gradient) of ``microbatch`` between ``stage`` and stage ``peer``.
+
+    ``skip`` numbers the skip among those that cross stages (the executor's list).
+    """
+
+    skip: int = 0
+    peer: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.code}{self.microbatch}.{self.skip}"
+
+
+@dataclass(frozen=True)
+class SendSkip(SkipInstruction):
+    """Send skip ``skip`` of ``microbatch``, saved on ``stage``, to the later stage ``peer`` that uses it."""
+
+    code = "ss"
+
+
+@dataclass(frozen=True)
+class RecvSkip(SkipInstruction):
+    """Receive skip ``skip`` of ``microbatch`` for ``stage`` from the earlier stage ``peer`` that saved it."""
+
+    code = "rs"
+
+
+@dataclass(frozen=True)
+class SendSkipGrad(SkipInstruction):
+    """Send the gradient of skip ``skip`` of ``microbatch`` from ``stage`` (its user) back to stage ``peer``."""
+
+    code = "sk"
+
+
+@dataclass(frozen=True)
+class RecvSkipGrad(SkipInstruction):
+    """Receive the gradient of skip ``skip`` of ``microbatch`` for ``stage`` (which saved it) from stage ``peer``."""
+
+    code = "rk"
 
 
 def _compute_order(name: str, stages: int, microbatches: int, stage: int) -> List[Tuple[str, int]]:
@@ -264,25 +310,59 @@ class Schedule:
         return f"{self.name} schedule, {self.stages} stages, {self.microbatches} micro-batches"
 
 
-def rank_program(schedule: Schedule, stage_ranks: Sequence[int], rank: int) -> List[Instruction]:
+def _with_skips(group: List[Instruction], skips: Sequence[Tuple[int, int]], stage_ranks: Sequence[int],
+                has_backward: bool) -> List[Instruction]:
+    """``group`` (one compute step and its activation messages) with the skip messages it needs.
+
+    A forward receives the skips its stage uses before it and sends those its stage
+    saves after it; a backward receives the gradients of the skips its stage saved
+    before it and sends those of the skips its stage used after it. Skips between two
+    stages of one rank need no message (the executor hands them over in memory).
+    """
+    step = next(instruction for instruction in group if isinstance(instruction, (Forward, Backward)))
+    s, i = step.stage, step.microbatch
+    crossing = [(k, producer, consumer) for k, (producer, consumer) in enumerate(skips)
+                if stage_ranks[producer] != stage_ranks[consumer]]
+    if isinstance(step, Forward):
+        before = [RecvSkip(s, i, k, producer) for k, producer, consumer in crossing if consumer == s]
+        after = [SendSkip(s, i, k, consumer) for k, producer, consumer in crossing if producer == s]
+    elif has_backward:
+        before = [RecvSkipGrad(s, i, k, consumer) for k, producer, consumer in crossing if producer == s]
+        after = [SendSkipGrad(s, i, k, producer) for k, producer, consumer in crossing if consumer == s]
+    else:
+        before = after = []
+    at = group.index(step)
+    return group[:at] + before + [step] + group[at + 1:] + after
+
+
+def rank_program(schedule: Schedule, stage_ranks: Sequence[int], rank: int,
+                 skips: Sequence[Tuple[int, int]] = ()) -> List[Instruction]:
     """The instructions ``rank`` executes, for the stages it owns, in clock order.
 
     Args:
         schedule: the schedule.
         stage_ranks: the rank that owns each stage (``len == schedule.stages``).
         rank: the rank whose program to build.
+        skips: ``(saving stage, using stage)`` of every skip tensor that crosses stages
+            (saving < using); instruction ``skip`` fields index this list.
 
     Returns:
         The merged stream, ordered by (tick, stage). Every receive's matching send
-        sits at an earlier tick, so with non-blocking sends no order of ranks can
-        deadlock. Empty when ``rank`` owns no stage.
+        sits at an earlier tick (a skip's user runs after its saver, and its
+        backward before the saver's, as both lie on the chain of activations), so
+        with non-blocking sends no order of ranks can deadlock. Empty when ``rank``
+        owns no stage.
     """
     if len(stage_ranks) != schedule.stages:
         raise ValueError(f"{len(stage_ranks)} stage owners given for {schedule.stages} stages")
+    bad = [pair for pair in skips if not 0 <= pair[0] < pair[1] < schedule.stages]
+    if bad:
+        raise ValueError(f"skips must go from a stage to a later one among {schedule.stages} stages, got {bad}")
     keyed = []
     for stage, owner in enumerate(stage_ranks):
         if owner == rank:
             for tick, group in zip(schedule.ticks(stage), schedule.steps(stage)):
+                group = _with_skips(group, skips, stage_ranks, schedule.has_backward)
                 keyed += [((tick, stage, n), instruction) for n, instruction in enumerate(group)]
     return [instruction for _, instruction in sorted(keyed, key=lambda pair: pair[0])]
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mpipar.comm.device import module_device
+from mpipar.pipeline.skip import SkipSequential
 
 __all__ = ["Stage", "TensorSpec"]
 
@@ -37,7 +38,10 @@ class Stage:
 
     The stage runs one micro-batch at a time. ``forward`` keeps the input and the
     output (the loss, on the last stage) for ``backward``; nothing here
-    communicates. On the last stage the loss of each micro-batch is divided by the
+    communicates. A :class:`~mpipar.pipeline.skip.SkipSequential` stage also takes
+    the skip tensors it uses from earlier stages and gives back those it saves for
+    later ones; ``backward`` takes the gradients of the latter and returns those of
+    the former. On the last stage the loss of each micro-batch is divided by the
     number of micro-batches, so gradients accumulated over the micro-batches equal
     those of the mean loss over the whole batch (the loss function must be a mean
     over samples and the micro-batches equal in size).
@@ -59,7 +63,10 @@ class Stage:
         self._device = None if device is None else torch.device(device)
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
-        self._stash: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.uses_skips = isinstance(module, SkipSequential)
+        # micro-batch -> (input, output or scaled loss, skips used, skips saved)
+        self._stash: Dict[int, Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor],
+                                     Dict[str, torch.Tensor]]] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
         self.losses: Dict[int, torch.Tensor] = {}
         self.peak_in_flight = 0
@@ -81,16 +88,24 @@ class Stage:
     def device(self) -> torch.device:
         return self._device if self._device is not None else module_device(self.module)
 
-    def output_spec(self, input_spec: TensorSpec) -> TensorSpec:
-        """The output of one micro-batch, found on the meta device (no compute, no state change)."""
-        state = {name: torch.empty_like(t, device="meta")
+    def output_spec(self, input_spec: TensorSpec, skip_specs: Optional[Dict[str, TensorSpec]] = None
+                    ) -> Tuple[TensorSpec, Dict[str, TensorSpec]]:
+        """The output of one micro-batch and the skips the stage saves for later stages, given its input
+        and the skips it uses; found on the meta device (no compute, no state change)."""
+        meta = torch.device("meta")
+        state = {name: torch.empty_like(t, device=meta)
                  for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]}
+        skips = {name: spec.empty(meta) for name, spec in (skip_specs or {}).items()}
         with torch.no_grad():
-            out = functional_call(self.module, state, (input_spec.empty(torch.device("meta")),))
+            args = (input_spec.empty(meta), skips) if self.uses_skips else (input_spec.empty(meta),)
+            out = functional_call(self.module, state, args)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"stage {self.index} ({self.layers}) returns {type(out).__name__}; pipeline "
                             f"stages must pass a single tensor to the next stage")
-        return TensorSpec.of(out)
+        return TensorSpec.of(out), {name: TensorSpec.of(t) for name, t in skips.items()}
+
+    def _call(self, x: torch.Tensor, skips: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(x, skips) if self.uses_skips else self.module(x)
 
     def reset(self) -> None:
         """Forget what a previous (possibly failed) step left behind."""
@@ -101,33 +116,41 @@ class Stage:
 
     def forward(self, microbatch: int, x: torch.Tensor, *, train: bool,
                 target: Optional[torch.Tensor] = None,
-                loss_fn: Optional[Callable] = None, scale: float = 1.0) -> torch.Tensor:
-        """Run the stage on one micro-batch; returns the output activation."""
+                loss_fn: Optional[Callable] = None, scale: float = 1.0,
+                skips: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Run the stage on one micro-batch, using ``skips`` (those saved by earlier stages that
+        this stage uses). Returns the output activation and the skips this stage saves for later
+        stages."""
+        used = dict(skips or {})
+        saved = dict(used)  # the stage takes out what it uses and puts in what it saves
         if not train:
             with torch.no_grad():
-                y = self.module(x)
+                y = self._call(x, saved)
             if self.is_last:
                 self.outputs[microbatch] = y
                 if loss_fn is not None and target is not None:
                     self.losses[microbatch] = loss_fn(y, target).detach()
-            return y
+            return y, saved
         if not self.is_first and x.is_floating_point():
             x.requires_grad_(True)
+        for tensor in used.values():
+            if tensor.is_floating_point():
+                tensor.requires_grad_(True)
         if microbatch == 0:
-            y = self._forward_counting_saved(x)
+            y = self._forward_counting_saved(x, saved)
         else:
-            y = self.module(x)
+            y = self._call(x, saved)
         if self.is_last:
             loss = loss_fn(y, target)
             self.outputs[microbatch] = y.detach()
             self.losses[microbatch] = loss.detach()
-            self._stash[microbatch] = (x, loss * scale)
+            self._stash[microbatch] = (x, loss * scale, used, saved)
         else:
-            self._stash[microbatch] = (x, y)
+            self._stash[microbatch] = (x, y, used, saved)
         self.peak_in_flight = max(self.peak_in_flight, len(self._stash))
-        return y
+        return y, saved
 
-    def _forward_counting_saved(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_counting_saved(self, x: torch.Tensor, skips: Dict[str, torch.Tensor]) -> torch.Tensor:
         params = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
         seen: Dict[int, int] = {}
 
@@ -138,22 +161,33 @@ class Stage:
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            y = self.module(x)
+            y = self._call(x, skips)
         self.saved_bytes = sum(seen.values())
         return y
 
-    def backward(self, microbatch: int, grad_output: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Back-propagate one micro-batch; returns the gradient of the stage's input
-        (zeros where the input did not need one), or None on the first stage."""
-        x, y = self._stash.pop(microbatch)
+    def backward(self, microbatch: int, grad_output: Optional[torch.Tensor] = None,
+                 skip_grads: Optional[Dict[str, torch.Tensor]] = None
+                 ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        """Back-propagate one micro-batch from the output (with ``grad_output``, or the loss on the
+        last stage) and from the skips the stage saved (with their ``skip_grads``), in one pass.
+
+        Returns the gradient of the stage's input (None on the first stage) and of each skip it
+        used (zeros where the input or a skip did not get one)."""
+        x, y, used, saved = self._stash.pop(microbatch)
+        roots, grads = [], []
         if y.requires_grad:
-            if self.is_last:
-                y.backward()
-            else:
-                y.backward(grad_output)
+            roots.append(y)
+            grads.append(None if self.is_last else grad_output)
+        for name, tensor in saved.items():
+            if tensor.requires_grad:
+                roots.append(tensor)
+                grads.append(skip_grads[name])
+        if roots:
+            torch.autograd.backward(roots, grads)
+        used_grads = {name: t.grad if t.grad is not None else torch.zeros_like(t) for name, t in used.items()}
         if self.is_first:
-            return None
-        return x.grad if x.grad is not None else torch.zeros_like(x)
+            return None, used_grads
+        return (x.grad if x.grad is not None else torch.zeros_like(x)), used_grads
 
     def gathered_outputs(self) -> Optional[torch.Tensor]:
         """The last stage's outputs of all micro-batches, in order."""
