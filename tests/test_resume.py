@@ -32,13 +32,20 @@ JOBS = {  # name: (script, ranks, arguments, MPIPAR_FAULT_AT_STEP)
     "mlp_tp": ("mlp_tp.py", 2, ("--batch-size", "16", "--tp", "2"), "8:0"),  # every layer split over both ranks
     "mlp_tp_pp": ("mlp_tp.py", 4, ("--batch-size", "16", "--tp", "2", "--stages", "2"), "8:3"),  # 2 stages x 2
     "vit_tp": ("vit_tp.py", 2, ("--batch-size", "16", "--tp", "2"), "8:0"),  # heads and MLP split
+    # local SGD: a synchronous step, then averages after steps 4, 7 and 10 (counted from 1) and at the epoch end,
+    # with DiLoCo's outer momentum; the checkpoints of steps 3 and 5 fall between averages (the ranks' models
+    # differ), the one of step 5 after the outer momentum began
+    "resnet_dp_local_sgd": ("resnet_dp.py", 2, ("--batch-size", "16", "--sync-every", "3", "--local-warmup", "1",
+                                                "--outer-lr", "0.7", "--outer-momentum", "0.5"), "8"),
 }
 OTHER_RANKS = {"resnet_dp": 3, "mlp_mp": 4, "resnet_pp": 2, "resnet_hybrid": 2,  # a resume on another allocation
-               "mlp_tp": 4, "mlp_tp_pp": 8, "vit_tp": 4}  # tensor-parallel ones refused (SAME_RANKS_ONLY)
+               "mlp_tp": 4, "mlp_tp_pp": 8, "vit_tp": 4,  # tensor-parallel ones refused (SAME_RANKS_ONLY)
+               "resnet_dp_local_sgd": 3}
 SAME_RANKS_ONLY = {  # jobs whose checkpoint resumes only on the ranks that wrote it: the refusal
     "mlp_tp": "a tensor-parallel checkpoint resumes only on the ranks that wrote it",
     "mlp_tp_pp": "a checkpoint with tensor-parallel stages resumes only on the layout that wrote it",
     "vit_tp": "a tensor-parallel checkpoint resumes only on the ranks that wrote it",
+    "resnet_dp_local_sgd": "a local-SGD checkpoint resumes only on the number of ranks that wrote it",
 }
 OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal names it); --lr is changed too
     "resnet_dp": (("--model", "resnet18"), "model: checkpoint 'resnet-small', now 'resnet18'", 0.1),
@@ -48,6 +55,7 @@ OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal na
     "mlp_tp": (("--tp", "1"), "tp: checkpoint 2, now 1", 0.05),
     "mlp_tp_pp": (("--schedule", "gpipe"), "schedule: checkpoint '1f1b', now 'gpipe'", 0.05),
     "vit_tp": (("--model", "vit-small"), "model: checkpoint 'vit-tiny', now 'vit-small'", 0.05),
+    "resnet_dp_local_sgd": (("--sync-every", "2"), "sync_every: checkpoint 3, now 2", 0.1),
 }
 
 

@@ -264,6 +264,26 @@ def test_script_runs_under_sbatch(slurm_cluster, tmp_path, script, launcher):
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_local_sgd_runs_under_sbatch(slurm_cluster, tmp_path):
+    """slurm/resnet_dp.sh passes its arguments on to the job: local SGD (one synchronous step, then an
+    average every 2 local steps) runs under sbatch, every rank checkpoints its own model, and the metrics
+    mark the synchronised steps."""
+    script, steps = "resnet_dp.sh", 4
+    ntasks = default_ntasks(script)
+    result = submit(script, tmp_path, _tiny("--sync-every", "2", "--local-warmup", "1", steps=steps))
+    assert result.returncode == 0, result.describe()
+    assert_clean_output(result)
+    check_metrics(result.out_dir / "metrics.h5", world_size=ntasks, steps=steps)
+    with h5py.File(result.out_dir / "metrics.h5", "r") as f:
+        assert f.attrs["strategy"] == "local_sgd", result.describe()
+        synced = f["steps/synced"][()]
+    assert synced.tolist() == [[1.0] * ntasks, [0.0] * ntasks, [1.0] * ntasks, [0.0] * ntasks], synced
+    final = result.out_dir / "checkpoints" / f"step-{steps:09d}"
+    assert sorted(p.name for p in final.glob("rank-*.pt")) == sorted(f"rank-{r}.pt" for r in range(ntasks))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 @pytest.mark.parametrize("script", job_scripts())
 def test_wrong_mpi_plugin_fails_loudly(slurm_cluster, tmp_path, script):
     """``srun --mpi=pmi2`` with an MPI that only speaks PMIx starts every rank as
