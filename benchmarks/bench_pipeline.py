@@ -1,27 +1,28 @@
-"""Benchmark: a 2-stage mpipar pipeline vs torch.distributed.pipelining (gloo) vs one process.
+"""Benchmark: 2-stage pipelines split three ways (even, auto, fine-grained auto), mpipar and torch pipelining.
 
 Usage:
-    mpirun -n 2 python benchmarks/bench_pipeline.py
-    mpirun -n 2 python benchmarks/bench_pipeline.py --schedule gpipe --microbatches 16 --width 1024
+    mpirun -n 2 python benchmarks/bench_pipeline.py --model resnet-small --rounds 10
+    mpirun -n 2 python benchmarks/bench_pipeline.py --model mlp --schedule gpipe --microbatches 16 --width 1024
 
-The same model (an MLP of equal hidden layers or --model resnet-small), split in
-two by mpipar's profiling partitioner (--balance auto) or by layer count, and the
-same micro-batches run three ways, in alternating rounds so that drift in machine
-load hits all alike:
+The same model and micro-batches run as:
 
 * one process: rank 0 runs the whole model over the micro-batches with gradient
-  accumulation (the other rank waits);
-* mpipar: ``mpipar.pipeline.Pipeline`` over MPI Send/Recv, half the layers per rank;
-* torch: ``torch.distributed.pipelining`` with the same split, the same schedule
-  and a gloo process group (rendezvous on localhost, rank and size from MPI).
+  accumulation (the other rank waits, sleeping);
+* ``even``: mpipar's ``Pipeline`` with the block model split by layer count (resnet-small: 3|2);
+* ``auto``: the block model split by mpipar's profiling partitioner;
+* ``fine``: (resnet-small only) the same network as ``resnet-small-fine`` (30 layers, skip
+  connections across the cut) split by the partitioner;
+* each split also through ``torch.distributed.pipelining`` (``PipelineStage`` with the same
+  stage modules, the same schedule, a gloo group; for ``fine`` the skips crossing the cut
+  travel as extra stage outputs / inputs, which works for 2 stages).
 
-Rank 0 prints the median time per batch of each, the speedups over one process,
-and mpipar's measured bubble (1 - busy / (ranks * wall), from its per-rank timers)
-next to the ideal (p-1)/(m+p-1) for equal stages and to the bubble the schedule
-gives with the stage times measured in the same step (communication free): the
-gap between ideal and that bound is stage imbalance, the rest of the measured
-bubble is communication and the executor's overhead. Each rank uses --threads torch threads (one core
-per rank is the fair comparison with the single process on one core).
+Rounds alternate the order (ABBA) so that drift in machine load hits all alike. Rank 0
+prints, per variant, the median time per batch, and for mpipar the measured bubble
+(1 - busy / (ranks * wall)) beside the ideal (p-1)/(m+p-1), the bound that the
+measured stage times give with free communication (bound - ideal: imbalance; measured -
+bound: communication and overhead); then the paired per-round ratios (median and range
+over rounds, the extreme tenth trimmed at 10 rounds and more): "no measurable
+difference" where the range includes 1. Each rank uses --threads torch threads.
 """
 
 import argparse
@@ -32,13 +33,14 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _bench import init_gloo  # before mpipar: the checkout on sys.path
+from _bench import abba, init_gloo, mpi_library, paired, sleeping_barrier  # before mpipar: the checkout on sys.path
 from mpi4py import MPI
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from mpipar import models
-from mpipar.pipeline import Pipeline, Placement, auto_balance, measured_bubble
+from mpipar.pipeline import Pipeline, Placement, SkipSequential, auto_balance, find_skips, measured_bubble
+from mpipar.pipeline.partition import stage_sums
 from mpipar.pipeline.schedule import Schedule, placement_bubble
 
 
@@ -51,6 +53,21 @@ def make_model(name: str, width: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
+class _TorchStage(nn.Module):
+    """A stage for torch pipelining: skips crossing the cut become extra outputs (first stage) or inputs."""
+
+    def __init__(self, part: nn.Sequential, takes, gives):
+        super().__init__()
+        self.part, self.takes, self.gives = part, list(takes), list(gives)
+
+    def forward(self, x, *skips):
+        if not isinstance(self.part, SkipSequential):
+            return self.part(x)
+        store = dict(zip(self.takes, skips))
+        y = self.part(x, store)
+        return (y, *[store[name] for name in self.gives]) if self.gives else y
+
+
 def single_process_step(model, optimizer, images, labels, microbatches) -> None:
     optimizer.zero_grad()
     for chunk, target in zip(images.chunk(microbatches), labels.chunk(microbatches)):
@@ -60,17 +77,16 @@ def single_process_step(model, optimizer, images, labels, microbatches) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["mlp", "resnet-small"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "resnet-small"], default="resnet-small")
     parser.add_argument("--width", type=int, default=768, help="MLP hidden width")
     parser.add_argument("--depth", type=int, default=9, help="MLP linear layers (9: halves of equal cost)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--balance", choices=["auto", "even"], default="auto",
-                        help="split by profiled time (mpipar's partitioner) or by layer count; both use it")
+    parser.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
     args = parser.parse_args()
 
     comm = MPI.COMM_WORLD
@@ -78,7 +94,8 @@ def main() -> None:
     if size != 2:
         raise SystemExit(f"bench_pipeline compares 2-stage pipelines: run with mpirun -n 2 (got {size})")
     torch.set_num_threads(args.threads)
-    init_gloo(comm)
+    if not args.no_torch:
+        init_gloo(comm)
 
     torch.manual_seed(0)
     base = make_model(args.model, args.width, args.depth)
@@ -86,88 +103,121 @@ def main() -> None:
     batches = [(torch.randn(args.batch_size, 1, 28, 28, generator=generator),
                 torch.randint(0, 10, (args.batch_size,), generator=generator)) for _ in range(args.steps + 1)]
     micro = args.batch_size // args.microbatches
-    if args.balance == "auto":
-        balance, _ = auto_balance(base, batches[0][0][:micro], size, comm)
-        placement = Placement.from_balance(balance)
-    else:
-        placement = Placement.even(len(base), size)
-    segment = placement.segments[rank]
+    sample = batches[0][0][:micro]
+    schedule = Schedule(args.schedule, size, args.microbatches)
+    in_flight = [schedule.max_in_flight(stage) for stage in range(size)]
+
+    splits = {"even": (base, Placement.even(len(base), size), None)}
+    balance, profiles = auto_balance(base, sample, size, comm, in_flight=in_flight)
+    splits["auto"] = (base, Placement.from_balance(balance), stage_sums([p.time for p in profiles], balance))
+    if args.model == "resnet-small":
+        fine = models.split_blocks(copy.deepcopy(base))  # the same parameters
+        balance, profiles = auto_balance(fine, sample, size, comm, in_flight=in_flight)
+        splits["fine"] = (fine, Placement.from_balance(balance), stage_sums([p.time for p in profiles], balance))
 
     serial_model = copy.deepcopy(base)
     serial_optimizer = torch.optim.SGD(serial_model.parameters(), lr=0.01)
-
-    mpipar_model = copy.deepcopy(base)
-    pipe = Pipeline(mpipar_model, comm, placement, schedule=args.schedule, microbatches=args.microbatches,
-                    loss_fn=F.cross_entropy)
-    mpipar_optimizer = torch.optim.SGD(pipe.parameters(), lr=0.01)
-
-    torch_part = copy.deepcopy(base)[segment.start:segment.stop]
-    example = torch.randn(micro, 1, 28, 28)
-    with torch.no_grad():
-        example_in = example if rank == 0 else copy.deepcopy(base)[:segment.start](example)
-    stage = PipelineStage(torch_part, rank, size, torch.device("cpu"), input_args=example_in)
-    torch_schedule = (Schedule1F1B if args.schedule == "1f1b" else ScheduleGPipe)(
-        stage, args.microbatches, loss_fn=F.cross_entropy)
-    torch_optimizer = torch.optim.SGD(torch_part.parameters(), lr=0.01)
-
-    bubbles, bounds = [], []
 
     def run_serial(images, labels):
         if rank == 0:
             single_process_step(serial_model, serial_optimizer, images, labels, args.microbatches)
 
-    def run_mpipar(images, labels):
-        mpipar_optimizer.zero_grad()
-        result = pipe.step(images, labels)
-        mpipar_optimizer.step()
-        return result
+    runners = {"one process": run_serial}
+    bubbles = {name: [] for name in splits}
+    bounds = {name: [] for name in splits}
+    for name, (model, placement, _) in splits.items():
+        model = copy.deepcopy(model)
+        pipe = Pipeline(model, comm, placement, schedule=args.schedule, microbatches=args.microbatches,
+                        loss_fn=F.cross_entropy)
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.01)
 
-    def run_torch(images, labels):
-        torch_optimizer.zero_grad()
-        if rank == 0:
-            torch_schedule.step(images)
-        else:
-            torch_schedule.step(target=labels, losses=[])
-        torch_optimizer.step()
+        def run_mpipar(images, labels, pipe=pipe, optimizer=optimizer, name=name):
+            optimizer.zero_grad()
+            result = pipe.step(images, labels)
+            optimizer.step()
+            gathered = comm.allgather((result.times.busy, result.times.wall, result.stage_times))
+            bubbles[name].append(measured_bubble([b for b, _, _ in gathered], [w for _, w, _ in gathered]))
+            stage_times = {s: t for _, _, times in gathered for s, t in times.items()}
+            bounds[name].append(placement_bubble(pipe.schedule, pipe.stage_ranks, [
+                (f / args.microbatches, b / args.microbatches) for f, b in
+                (stage_times[s] for s in range(pipe.num_stages))]))
 
-    runners = {"one process": run_serial, "mpipar": run_mpipar, "torch pipelining": run_torch}
+        runners[f"mpipar {name}"] = run_mpipar
+        if args.no_torch:
+            continue
+        segment = placement.segments[rank]
+        crossing = [e.name for e in find_skips(model) if placement.ranks[e.producer] != placement.ranks[e.consumer]]
+        part = _TorchStage(copy.deepcopy(model)[segment.start:segment.stop], crossing if rank else [],
+                           [] if rank else crossing)
+        with torch.no_grad():  # example inputs: what the stage before gives
+            first = _TorchStage(copy.deepcopy(model)[:placement.segments[0].stop], [], crossing)
+            example = (sample,) if rank == 0 else first(sample)
+            example = example if isinstance(example, tuple) else (example,)
+        stage = PipelineStage(part, rank, size, torch.device("cpu"), input_args=example)
+        torch_schedule = (Schedule1F1B if args.schedule == "1f1b" else ScheduleGPipe)(
+            stage, args.microbatches, loss_fn=F.cross_entropy)
+        torch_optimizer = torch.optim.SGD(part.parameters(), lr=0.01)
+
+        def run_torch(images, labels, torch_schedule=torch_schedule, torch_optimizer=torch_optimizer):
+            torch_optimizer.zero_grad()
+            if rank == 0:
+                torch_schedule.step(images)
+            else:
+                torch_schedule.step(target=labels, losses=[])
+            torch_optimizer.step()
+
+        runners[f"torch {name}"] = run_torch
+
     seconds = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, run in runners.items():
+    for round_index in range(args.rounds):
+        for name in abba(runners, round_index):
+            run = runners[name]
             run(*batches[0])  # warm-up
-            comm.Barrier()
+            sleeping_barrier(comm)
             start = time.perf_counter()
             for images, labels in batches[1:]:
-                result = run(images, labels)
-                if name == "mpipar":
-                    gathered = comm.allgather((result.times.busy, result.times.wall, result.stage_times))
-                    bubbles.append(measured_bubble([b for b, _, _ in gathered], [w for _, w, _ in gathered]))
-                    stage_times = {s: t for _, _, times in gathered for s, t in times.items()}
-                    bounds.append(placement_bubble(pipe.schedule, pipe.stage_ranks, [
-                        (f / args.microbatches, b / args.microbatches) for f, b in
-                        (stage_times[s] for s in range(pipe.num_stages))]))
-            comm.Barrier()
+                run(images, labels)
+            sleeping_barrier(comm)
             seconds[name].append((time.perf_counter() - start) / args.steps)
 
     if rank == 0:
         params = sum(p.numel() for p in base.parameters())
-        ideal = Schedule(args.schedule, size, args.microbatches).ideal_bubble
-        print(f"model {args.model} ({params:,} parameters, {len(base)} layers, {args.balance} split "
-              f"{placement.balance()}), "
-              f"batch {args.batch_size} = {args.microbatches} x {micro}, {args.schedule}, {size} ranks x "
-              f"{args.threads} threads, {args.steps} steps x {args.rounds} rounds, torch {torch.__version__}")
-        serial = statistics.median(seconds["one process"])
+        print(f"model {args.model} ({params:,} parameters), batch {args.batch_size} = {args.microbatches} x {micro}, "
+              f"{args.schedule}, {size} ranks x {args.threads} threads, {args.steps} steps x {args.rounds} rounds "
+              f"(ABBA), torch {torch.__version__}, {mpi_library()}")
+        print("shared 2-core machine with other jobs running: times are noisy; compare the paired ratios below")
+        for name, (model, placement, predicted) in splits.items():
+            extra = "" if predicted is None else f", predicted stage ms {[round(1e3 * t, 2) for t in predicted]}"
+            print(f"split {name}: {len(model)} layers, {placement.balance()} layers per stage{extra}")
+        print()
+        print("| variant | ms/batch (median) | min-max over rounds | bubble measured | bound (measured stages) "
+              "| ideal | imbalance | comm + overhead |")
+        print("|---|---|---|---|---|---|---|---|")
+        ideal = schedule.ideal_bubble
         for name, values in seconds.items():
-            median = statistics.median(values)
-            print(f"{name:>17}: ms/batch per round " + " ".join(f"{1e3 * v:8.1f}" for v in values)
-                  + f" | median {1e3 * median:8.1f} | speedup over one process {serial / median:5.2f}")
-        measured, bound = statistics.median(bubbles), statistics.median(bounds)
-        print(f"mpipar bubble (median over steps): measured {measured:.3f}; ideal (p-1)/(m+p-1) = {ideal:.3f} "
-              f"with equal stages; {bound:.3f} for the measured stage times (imbalance "
-              f"{bound - ideal:+.3f}); communication and overhead {measured - bound:+.3f}")
-        ratio = statistics.median(seconds["torch pipelining"]) / statistics.median(seconds["mpipar"])
-        print(f"mpipar speedup / torch pipelining speedup: {ratio:.3f}")
-    dist.destroy_process_group()
+            row = (f"| {name} | {1e3 * statistics.median(values):.1f} | "
+                   f"{1e3 * min(values):.1f}-{1e3 * max(values):.1f} |")
+            split = name.split()[-1]
+            if name.startswith("mpipar"):
+                measured, bound = statistics.median(bubbles[split]), statistics.median(bounds[split])
+                row += f" {measured:.3f} | {bound:.3f} | {ideal:.3f} | {bound - ideal:+.3f} | {measured - bound:+.3f} |"
+            else:
+                row += " | | | | |"
+            print(row)
+        print()
+        print("paired per-round time ratios (median, range):")
+        pairs = [("mpipar even", "mpipar auto"), ("mpipar even", "mpipar fine"), ("mpipar auto", "mpipar fine"),
+                 ("one process", "mpipar fine")]
+        pairs += [(f"torch {name}", f"mpipar {name}") for name in splits]
+        for slow, fast in pairs:
+            if slow in seconds and fast in seconds:
+                ratio = paired(seconds[slow], seconds[fast])
+                print(f"  {slow} / {fast}: {ratio.text(f'{fast} faster', f'{slow} faster')}")
+        for name in splits:
+            measured = statistics.median(bubbles[name])
+            print(f"  mpipar {name}: measured bubble / ideal = {measured / ideal:.2f}")
+    if not args.no_torch:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

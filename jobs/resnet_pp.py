@@ -2,28 +2,39 @@
 
 Usage:
     mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule 1f1b --microbatches 8
-    mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --balance auto --out runs/pp
-    mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --balance auto --out runs/pp --resume
+    mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --out runs/pp
+    mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --out runs/pp --resume
+    mpirun -n 2 python jobs/resnet_pp.py --model resnet-small --balance even   # 5 block layers, split 3|2
+    mpirun -n 4 python jobs/resnet_pp.py --microbatches 8 --schedule gpipe --stage-memory-mb 64
     mpirun -n 4 python jobs/resnet_pp.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid
     sbatch slurm/resnet_pp.sh --data synthetic --max-steps 5
 
-The model's layers (stem, residual blocks, head) are cut into --stages contiguous
-stages (default: one per rank): --balance even (by layer count), auto (profiled:
-the slowest stage is minimised and predicted vs measured stage times are printed)
-or N,N,... layers per stage. --schedule gpipe runs all forwards then all
-backwards; 1f1b bounds the micro-batches in flight; naive runs one micro-batch at
-a time. With fewer stages than ranks, consecutive ranks form a pipeline and the
-world size / stages pipelines are data-parallel replicas: each takes
---batch-size samples per step and every stage's gradients are averaged over its
-replicas (with 4 ranks and --stages 2: pipelines {0,1} and {2,3}, gradient groups
-{0,2} and {1,3}). Writes OUT/metrics.h5 with the data-parallel schema plus the
-root attributes schedule, stages, microbatches, replicas, bubble_measured,
-bubble_ideal and bubble_bound, and per step and rank busy (compute),
-communication and idle time and activation bytes. Each rank checkpoints its own
-stages to OUT/checkpoints (every --checkpoint-every steps, at epoch ends, and on
-SIGUSR1/SIGTERM); --resume continues the latest one, bitwise as if never
-interrupted. As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1
-OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than cores needs --oversubscribe.
+The default model, resnet-small-fine, is resnet-small written as 30 small layers
+(convolution, BatchNorm, ReLU, and SaveSkip / AddSkip for each residual
+connection), so a stage boundary may fall inside a residual block: the skip
+tensor then goes straight from the stage that saves it to the one that adds it
+(mpipar.pipeline.skip). The layers are cut into --stages contiguous stages
+(default: one per rank): --balance auto (the default: every layer is profiled on
+rank 0, the slowest stage is minimised, and the chosen split, the predicted and
+the measured stage times are printed and stored in metrics.h5; with --stage-
+memory-mb every stage also keeps its parameters and the activations of the
+micro-batches in flight on it within that many MiB), even (by layer count) or
+N,N,... layers per stage; a resume keeps the checkpoint's placement. --model
+resnet-small is the same network as 5 block layers (stem, three blocks, head).
+--schedule gpipe runs all forwards then all backwards; 1f1b bounds the micro-
+batches in flight; naive runs one micro-batch at a time. With fewer stages than
+ranks, consecutive ranks form a pipeline and the world size / stages pipelines
+are data-parallel replicas: each takes --batch-size samples per step and every
+stage's gradients are averaged over its replicas (with 4 ranks and --stages 2:
+pipelines {0,1} and {2,3}, gradient groups {0,2} and {1,3}). Writes
+OUT/metrics.h5 with the data-parallel schema plus the root attributes schedule,
+stages, microbatches, replicas, bubble_measured, bubble_ideal and bubble_bound,
+and per step and rank busy (compute), communication and idle time and activation
+bytes. Each rank checkpoints its own stages to OUT/checkpoints (every
+--checkpoint-every steps, at epoch ends, and on SIGUSR1/SIGTERM); --resume
+continues the latest one, bitwise as if never interrupted. As root, Open MPI
+needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
+than cores needs --oversubscribe.
 """
 
 from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports
@@ -44,11 +55,15 @@ def main(argv=None) -> None:
     parser = training_parser(__doc__, rank=comm.Get_rank(), out="runs/resnet_pp", epochs=3, lr=0.05,
                              batch_help="samples per pipeline per step", models=models.IMAGE_MODELS)
     add_pipeline_flags(parser)
+    parser.add_argument("--stage-memory-mb", type=float, default=0.0,
+                        help="--balance auto: MiB a stage may hold (parameters, gradients, momentum, activations "
+                             "of its micro-batches in flight); 0: no limit")
+    parser.set_defaults(model="resnet-small-fine", balance="auto")  # balanced pipelines by default
     args = parser.parse_args(argv)
 
     session = Session.from_args(comm, args, EARLY_SIGNALS, settings=lambda: PipelineConfig(
         schedule=args.schedule, microbatches=args.microbatches, stages=args.stages or comm.Get_size(),
-        balance=args.balance))
+        balance=args.balance, stage_memory_mb=args.stage_memory_mb))
     splits = session.data()
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
     pipeline, config = session.settings, session.config

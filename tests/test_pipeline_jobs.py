@@ -47,7 +47,9 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
     ("resnet_pp.py", 3, ("--stages", "2"), "2 pipeline stages do not divide the 3 processes"),
     ("mlp_mp.py", 2, ("--placement", "0,0,1"), "covers 3 layers but the model has 5"),
     ("mlp_mp.py", 2, ("--placement", "0,0,2,2,0"), "--placement must give a rank in 0..1 to every layer"),
-    ("resnet_pp.py", 2, ("--balance", "2,9"), "covers 11 layers but the model has 5"),
+    ("resnet_pp.py", 2, ("--balance", "2,9"), "covers 11 layers but the model has 30"),  # resnet-small-fine
+    ("resnet_pp.py", 2, ("--model", "resnet-small", "--balance", "2,9"), "covers 11 layers but the model has 5"),
+    ("resnet_pp.py", 2, ("--stage-memory-mb", "0.01"), "keeps every stage within 0.0 MiB"),
     ("resnet_pp.py", 2, ("--schedule", "foo"), "invalid choice: 'foo'"),  # argparse: rank 0 says it
 ])
 def test_bad_pipeline_input_is_one_clear_message(tmp_path, job, ranks, args, message):

@@ -24,6 +24,9 @@ class PipelineConfig:
         balance: ``"even"`` (by layer count), ``"auto"`` (profiled) or layers per stage.
         placement: a rank per layer (may be non-contiguous); overrides ``balance``.
         tp: ranks that split every stage's layers (tensor parallelism inside the stages).
+        stage_memory_mb: with ``balance="auto"``, the most MiB a stage may hold (parameters, gradients,
+            momentum, and the saved activations of the micro-batches the schedule keeps in flight on
+            it); 0: no limit.
     """
 
     schedule: str = "1f1b"
@@ -32,6 +35,7 @@ class PipelineConfig:
     balance: Union[str, Tuple[int, ...]] = "even"
     placement: Optional[Tuple[int, ...]] = None
     tp: int = 1
+    stage_memory_mb: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in TRAIN_SCHEDULES or self.schedule not in SCHEDULES:
@@ -46,9 +50,16 @@ class PipelineConfig:
         elif len(self.balance) != self.stages or min(self.balance) < 1:
             raise ValueError(f"--balance must be 'even', 'auto' or {self.stages} positive layer counts "
                              f"'N,N,...', got {','.join(map(str, self.balance))!r}")
+        if self.stage_memory_mb < 0 or (self.stage_memory_mb and self.balance != "auto"):
+            raise ValueError(f"--stage-memory-mb must be >= 0 and is used by --balance auto only, got "
+                             f"{self.stage_memory_mb} with --balance {self.balance}")
         if self.placement is not None and sorted(set(self.placement)) != list(range(self.stages)):
             raise ValueError(f"--placement must give a rank in 0..{self.stages - 1} to every layer and use "
                              f"each of them, got {','.join(map(str, self.placement))!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings; ``stage_memory_mb`` only when set (checkpoints from before it compare equal)."""
+        settings = dataclasses.asdict(self)
+        if not settings["stage_memory_mb"]:
+            del settings["stage_memory_mb"]
+        return settings

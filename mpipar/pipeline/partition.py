@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -58,8 +57,9 @@ def profile_layers(module: nn.Sequential, sample: torch.Tensor, *, repeats: int 
 
     Each layer runs on the previous layer's output (a skip consumer also on the skip
     its ``SaveSkip`` kept). Timing goes in rounds that visit every layer once, so a
-    change in machine load hits all layers alike; the median over ``repeats`` rounds
-    (after ``warmup``) is kept. A layer computes its inputs' gradients only when an
+    change in machine load hits all layers alike; the fastest of ``repeats`` rounds
+    (after ``warmup``) is kept (load on a shared machine only ever adds time, and one
+    preempted layer would otherwise skew the split). A layer computes its inputs' gradients only when an
     earlier layer has trainable parameters, as in the real backward pass (the first
     stage never differentiates the batch). Gradients come from
     ``torch.autograd.grad`` so ``.grad`` is untouched, and buffers (BatchNorm
@@ -105,8 +105,7 @@ def profile_layers(module: nn.Sequential, sample: torch.Tensor, *, repeats: int 
             params = sum(p.numel() * p.element_size() for p in layer.parameters())
             y = outputs[index]
             args = tuple(arg.clone().requires_grad_(needs) for arg, needs in zip(inputs[index], needs_grad[index]))
-            profiles.append(LayerProfile(name, statistics.median(forward[index]),
-                                         statistics.median(backward[index]), params,
+            profiles.append(LayerProfile(name, min(forward[index]), min(backward[index]), params,
                                          y.numel() * y.element_size(), _saved_bytes(layer, args)))
     finally:
         with torch.no_grad():

@@ -22,9 +22,9 @@ from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.executor import Pipeline
 from mpipar.pipeline.microbatch import check_microbatches
-from mpipar.pipeline.partition import auto_balance, format_report, gather_stage_times, stage_sums
+from mpipar.pipeline.partition import auto_balance, format_report, gather_stage_times, stage_memory, stage_sums
 from mpipar.pipeline.placement import Placement
-from mpipar.pipeline.schedule import placement_bubble
+from mpipar.pipeline.schedule import Schedule, placement_bubble
 from mpipar.pipeline.timing import bubble_per_step
 from mpipar.run.consolidate import training_state
 from mpipar.run.evaluate import EvalResult, evaluate
@@ -53,16 +53,27 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
     """The placement ``config`` asks for, and the profiled per-layer seconds (``auto`` only).
 
     Collective over ``comm`` (``auto`` profiles on its rank 0, which must pass
-    ``sample``, and broadcasts, so every replica gets the same placement).
+    ``sample``, and broadcasts, so every replica gets the same placement). ``auto``
+    keeps every stage within ``config.stage_memory_mb`` (when set) with the
+    micro-batches the schedule keeps in flight on it, and prints the split with the
+    predicted time and memory of every stage.
     """
     if config.placement is not None:
         return Placement(config.placement), None
     if config.balance == "even":
         return Placement.even(len(model), config.stages), None
     if config.balance == "auto":
-        balance, profiles = auto_balance(model, sample, config.stages, comm)
-        say(f"auto balance {balance} from per-layer ms {[round(1e3 * p.time, 2) for p in profiles]}")
-        return Placement.from_balance(balance), [p.time for p in profiles]
+        schedule = Schedule(config.schedule, config.stages, config.microbatches)
+        in_flight = [schedule.max_in_flight(stage) for stage in range(config.stages)]
+        limit = config.stage_memory_mb * 2**20 if config.stage_memory_mb else None
+        balance, profiles = auto_balance(model, sample, config.stages, comm, in_flight=in_flight,
+                                         memory_limit=limit)
+        times = [p.time for p in profiles]
+        memory = stage_memory(profiles, balance, in_flight)
+        say(f"auto balance {balance} ({len(model)} layers) from per-layer ms {[round(1e3 * t, 2) for t in times]}; "
+            f"predicted ms per micro-batch {[round(1e3 * t, 2) for t in stage_sums(times, balance)]}, MiB per stage "
+            f"({config.schedule}: {in_flight} micro-batches in flight) {[round(m / 2**20, 1) for m in memory]}")
+        return Placement.from_balance(balance), times
     return Placement.from_balance(config.balance), None
 
 
@@ -134,7 +145,7 @@ class PipelineStrategy:
         self.model = model
         self._relayout: Optional[dict] = None
         if state is not None and not _new_layout(state, config):  # auto balance could profile another
-            self.placement, self.predicted = Placement(tuple(state["placement"])), None
+            self.placement, self.predicted = Placement(tuple(state["placement"])), state.get("layer_seconds")
         else:
             self.placement, self.predicted = choose_placement(model, config, world, sample, say)
             if state is not None:
@@ -207,7 +218,7 @@ class PipelineStrategy:
 
     def state_dict(self) -> dict:
         return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
-                "parameter_names": self.parameter_names}
+                "parameter_names": self.parameter_names, "layer_seconds": self.predicted}
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's stages; after a re-layout (loaded at construction), ``state["optimizer"]``
@@ -228,18 +239,22 @@ class PipelineStrategy:
         forward = gather_stage_times(comm, {i: s[0] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)
         backward = gather_stage_times(comm, {i: s[1] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)
         bound = float("nan")
+        stage_attrs = {"stage_layers": json.dumps(self.placement.balance())}
+        if self.predicted is not None:
+            predicted = stage_sums(self.predicted, self.placement.balance())
+            stage_attrs["stage_seconds_predicted"] = json.dumps(predicted)
         if steps_run:
             per_microbatch = steps_run * self.pipe.microbatches
             stage_times = [(f / per_microbatch, b / per_microbatch) for f, b in zip(forward, backward)]
             bound = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks, stage_times)
+            stage_attrs["stage_seconds_measured"] = json.dumps([f + b for f, b in stage_times])
             if self.predicted is not None:
                 say("per-stage time per micro-batch (replica 0):\n" + format_report(
-                    self.placement.balance(), stage_sums(self.predicted, self.placement.balance()),
-                    [f + b for f, b in stage_times]))
+                    self.placement.balance(), predicted, [f + b for f, b in stage_times]))
         stages = self.config.stages
 
         def bubble(steps: dict) -> tuple:
-            attrs = {"bubble_ideal": self.ideal, "bubble_bound": bound, "bubble_measured": float("nan")}
+            attrs = {"bubble_ideal": self.ideal, "bubble_bound": bound, "bubble_measured": float("nan"), **stage_attrs}
             if "pipeline_busy" not in steps:
                 return {}, attrs
             world = self.world.Get_size()  # steps of this layout (a resumed run may have had another)
