@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -101,23 +102,15 @@ class LocalSGDStrategy:
     def needs_batch(self) -> bool:
         return True
 
-    def in_warmup(self) -> bool:
-        """Whether the next step is synchronous."""
-        return self.step < self.config.local_warmup
-
     def train_step(self, batch) -> StepRecord:
         """Forward, backward, this rank's optimizer step and, when due, the average. Collective."""
         images, labels = batch
-        warmup = self.in_warmup()
-        if warmup:
+        warmup = self.step < self.config.local_warmup
+        if self.outer is not None and self.step == self.config.local_warmup:
+            self.outer.reset()  # the warm-up's result (or the initial weights) is the first global weights
+        with contextlib.nullcontext() if warmup else self.dp.no_sync():  # warm-up: gradients averaged in backward
             loss = F.cross_entropy(self.dp(images), labels)
-            loss.backward()  # gradients averaged over the ranks
-        else:
-            if self.outer is not None and self.config.local_warmup and self.step == self.config.local_warmup:
-                self.outer.reset()  # the warm-up's result is the first global weights
-            with self.dp.no_sync():
-                loss = F.cross_entropy(self.dp(images), labels)
-                loss.backward()
+            loss.backward()
         self.optimizer.step()
         self.step += 1
         self.steps_since_average += 1
