@@ -55,7 +55,8 @@ def average_tensors(tensors: Sequence[torch.Tensor], comm: MPI.Intracomm, weight
     averaged, broadcast = _groups(tensors)
     waited, sent = 0.0, 0.0
     for members in averaged.values():
-        work_dtype = torch.promote_types(members[0].dtype, torch.float32)  # half precision: float32 sums
+        # half precision in float32: the sums, and the weights' total (float16 counts exactly only to 2048)
+        work_dtype = torch.promote_types(members[0].dtype, torch.float32)
         flat = torch.cat([*(t.reshape(-1).to(work_dtype) * weight for t in members),
                           torch.tensor([weight, float(weight < 0)], dtype=work_dtype, device=members[0].device)])
         begin = time.perf_counter()
@@ -66,24 +67,25 @@ def average_tensors(tensors: Sequence[torch.Tensor], comm: MPI.Intracomm, weight
         if negative or total <= 0:
             raise agreed(ValueError)(f"average_tensors: weights must be >= 0 and not all zero; {int(negative)} "
                                      f"rank(s) gave a negative weight, the weights sum to {total}")
-        flat = flat[:-2].div_(total)
-        offset = 0
-        for t in members:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _unflatten(flat[:-2].div_(total), members)
     for members in broadcast.values():
         flat = torch.cat([t.reshape(-1) for t in members])
         begin = time.perf_counter()
         mpi_tensor.bcast_(flat, comm, root)
         waited += time.perf_counter() - begin
         sent += (size - 1) / size * flat.numel() * flat.element_size()
-        offset = 0
-        for t in members:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _unflatten(flat, members)
     if stats is not None:
         stats.wait_time += waited
         stats.bytes_sent += sent
+
+
+def _unflatten(flat: torch.Tensor, members: List[torch.Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` back into ``members`` (converting to each one's dtype)."""
+    offset = 0
+    for t in members:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def _groups(tensors: Sequence[torch.Tensor]) -> Tuple[Dict[tuple, List[torch.Tensor]], Dict[tuple, List[torch.Tensor]]]:
