@@ -376,13 +376,12 @@ def test_auto_balance_of_the_fine_resnet_gives_stages_within_15_percent(stages):
     """From one profile (the assertion is on the profiled costs, not on wall-clock times)."""
     torch.manual_seed(0)
     model = models.resnet_fine((2, 2, 2), (8, 16, 32), image_size=16).double()
-    profiles = profile_layers(model, torch.randn(4, 1, 16, 16, dtype=torch.float64), repeats=5)
+    profiles = profile_layers(model, torch.randn(4, 1, 16, 16, dtype=torch.float64), repeats=15)
     times = [p.time for p in profiles]
     balance = balance_by_time(times, stages)
     sums = stage_sums(times, balance)
     assert len(balance) == stages and max(sums) <= 1.15 * min(sums), (balance, sums)
-    # the block model's 5 layers cannot do that: its best split by the same costs
+    # the block model's 8 layers (cut points a subset of these) cannot have a faster slowest stage
     blocks = list(itertools.accumulate([3] + [8] * 6 + [3]))  # fine layers per block-model layer, cumulative
     block_times = [sum(times[a:b]) for a, b in zip([0] + blocks[:-1], blocks)]
-    block_sums = stage_sums(block_times, balance_by_time(block_times, stages))
-    assert max(block_sums) / min(block_sums) > max(sums) / min(sums)
+    assert max(stage_sums(block_times, balance_by_time(block_times, stages))) >= max(sums)
