@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -135,7 +136,11 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             update_start = time.perf_counter()
             if not steps_optimizer:
                 optimizer.step()
-            lr_schedule.step()
+                lr_schedule.step()
+            else:  # the strategy stepped it (or this rank holds nothing to step): not the misuse torch warns of
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                    lr_schedule.step()
             update_time = time.perf_counter() - update_start
             step_time = data_time + clock.lap()
             data_time += record.data_time
@@ -155,7 +160,8 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             now = time.perf_counter()
             if config.log_every and now - last_log >= config.log_every:
                 last_log = now
-                say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {loss_sum / seen:.4f} "
+                mean_loss = loss_sum / max(seen, 1)  # a parameter-server worker may not have computed yet
+                say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {mean_loss:.4f} "
                     f"{(step - first_step) * global_batch / (now - run_start):.0f} samples/s")
         if stopping:  # mid-epoch: the resumed run finishes this epoch, then evaluates it
             save_checkpoint(epoch, step_in_epoch + 1)

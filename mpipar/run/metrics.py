@@ -19,6 +19,9 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
   datasets then have as many columns as the most ranks, and the others read NaN, or 0
   for sample counts).
 * ``/epochs/{epoch,train_loss,test_loss,test_accuracy,wall_time,last_step}`` (E,).
+* tables a strategy adds through :meth:`MetricsWriter.write_table` (e.g. ``/updates``, one row per
+  parameter-server update), each with a ``step`` column so a resumed run drops the rows after
+  its checkpoint.
 
 Steps are buffered in memory and written by rank 0 at each flush (every
 ``flush_every`` steps and at each epoch end); the file is opened, appended and
@@ -33,7 +36,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import h5py
 import mpi4py
@@ -233,6 +236,28 @@ class MetricsWriter:
                     f.attrs[key] = value
         return collectives.bcast(self.comm, attrs, "metrics: derived values", root=self.root)
 
+    def write_table(self, name: str, columns: Dict[str, np.ndarray], attrs: Optional[dict] = None,
+                    histograms: Sequence[str] = ()) -> None:
+        """Append this rank's rows to the table ``/<name>`` (one dataset per column, the rows of
+        all ranks in rank order), set ``attrs`` (``root``'s) on the group, and store for each
+        column in ``histograms`` the counts of its whole stored (integer) column as
+        ``/<name>/<column>_histogram``. Collective; every rank passes the same column names,
+        with a ``step`` column (a resumed run drops the rows of steps after its checkpoint)."""
+        gathered = collectives.gather(self.comm, columns, f"metrics: table {name}", root=self.root)
+        if self.is_root:
+            with h5py.File(self.path, "a") as f:
+                for column in gathered[0]:
+                    values = np.concatenate([np.asarray(cols[column]).reshape(-1) for cols in gathered])
+                    _append(f, f"{name}/{column}", values)
+                for column in histograms:
+                    counts = np.bincount(np.maximum(f[f"{name}/{column}"][...].astype(np.int64), 0))
+                    if f"{name}/{column}_histogram" in f:
+                        del f[f"{name}/{column}_histogram"]
+                    f.create_dataset(f"{name}/{column}_histogram", data=counts)
+                for key, value in (attrs or {}).items():
+                    f[name].attrs[key] = value
+        collectives.bcast(self.comm, None, f"metrics: table {name}", root=self.root)
+
     def _write(self, gathered: List[List[dict]], epochs: List[dict]):
         n = len(gathered[0])
         columns: Dict[str, np.ndarray] = {}
@@ -276,9 +301,16 @@ class MetricsWriter:
 
 
 def _truncate(f: h5py.File, steps: int) -> None:
-    """Drop step rows beyond ``steps`` and epochs that ended after it."""
+    """Drop step rows beyond ``steps``, epochs that ended after it, and table rows of later steps."""
     for dataset in f["steps"].values():
         dataset.resize(steps, axis=0)
+    for name, group in f.items():
+        if name not in ("steps", "epochs") and isinstance(group, h5py.Group) and "step" in group:
+            keep = np.flatnonzero(group["step"][...] < steps)
+            for column in [c for c in group if not c.endswith("_histogram")]:
+                kept = group[column][...][keep]
+                group[column].resize(len(kept), axis=0)
+                group[column][...] = kept
     if "epochs/last_step" in f:
         keep = int((f["epochs/last_step"][...] <= steps).sum())
         for dataset in f["epochs"].values():

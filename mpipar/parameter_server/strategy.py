@@ -1,0 +1,225 @@
+"""The parameter server as a strategy of the one training loop: servers hold the weights, workers push gradients."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from mpipar.comm import mpi_tensor
+from mpipar.data.datasets import ArrayDataset
+from mpipar.diagnostics import collectives
+from mpipar.diagnostics.agree import collective_check
+from mpipar.parameter_server.config import ParameterServerConfig
+from mpipar.parameter_server.flat import FlatShares
+from mpipar.parameter_server.server import UPDATE_COLUMNS, Server
+from mpipar.parameter_server.tickets import Tickets
+from mpipar.parameter_server.worker import Worker
+from mpipar.run.evaluate import EvalResult, evaluate
+from mpipar.run.metrics import MetricsWriter
+from mpipar.run.strategy import StepRecord, StepShards
+
+__all__ = ["ParameterServerStrategy"]
+
+
+class ParameterServerStrategy:
+    """Ranks ``0..servers-1`` of ``comm`` are servers, each holding a share of the trainable
+    parameters (whole tensors, balanced by size) and the optimizer over it; the others are
+    workers, each with the whole model. A step's global batch is ``workers`` shards of
+    ``batch_size``; workers take shards as tickets from server 0, compute the gradient, push
+    it to the servers and take the weights back (:class:`Server`, :class:`Worker`). ``mode``
+    (:class:`ParameterServerConfig`): ``sync`` equals data parallelism; ``async`` lets a fast
+    worker compute more shards than a slow one; ``bounded`` caps the staleness.
+
+    Steps: every rank runs every loop step; a server's step ends when every shard of it has
+    been applied, a worker's when no shard of it is left to take, so the loop's collectives
+    (metrics flushes, checkpoints, evaluation) are the only points where all ranks meet.
+    At epoch ends and checkpoints the servers broadcast their weights to every rank and the
+    workers' BatchNorm statistics are averaged into the servers' copies; evaluation then runs
+    on every rank's identical model.
+
+    Metrics: per step and rank ``updates`` (versions applied on a server, shards computed on a
+    worker), ``staleness_mean`` / ``staleness_max``; at the end the table ``/updates`` (one row
+    per applied gradient: server, worker, step, shard, base and applied version, staleness,
+    bytes) and ``/updates/staleness_histogram``.
+
+    Collective contract: construction, :meth:`end_epoch`, :meth:`evaluate`,
+    :meth:`state_dict` and :meth:`finish` are collective over ``comm``; :meth:`train_step`
+    is point-to-point between workers and servers. Checkpoints are per rank and resume on
+    the same layout (ranks and servers).
+
+    Raises:
+        ValueError: on every rank, when no rank is left for a worker, there are fewer
+            trainable parameters than servers, or the straggler is not a worker.
+    """
+
+    name = "parameter_server"
+    full_steps_only = False
+    checkpoint_per_rank = True
+    steps_optimizer = True
+    shares_shards = True
+
+    def __init__(self, comm: MPI.Intracomm, model: nn.Module, settings: ParameterServerConfig, *,
+                 batch_size: int, weight_decay: float = 0.0, device: torch.device | str = "cpu"):
+        size, rank = comm.Get_size(), comm.Get_rank()
+        servers = settings.servers
+
+        def check():
+            if size - servers < 1:
+                raise ValueError(f"--servers {servers} on {size} ranks leaves no worker; launch more ranks "
+                                 f"or use fewer servers")
+            if settings.straggler >= size:
+                raise ValueError(f"--straggler {settings.straggler} is not a rank of this {size}-rank job")
+            FlatShares.check(model, servers)
+
+        collective_check(comm, check, "parameter server layout")
+        self.flat = FlatShares(model.to(device), servers)  # parameters become views into its buffers
+        self.comm, self.model, self.settings = comm, model, settings
+        self.is_server = rank < servers
+        workers = list(range(servers, size))
+        self.replicas = len(workers)
+        self.replica = 0 if self.is_server else rank - servers
+        self.wait_groups = [list(range(size))]
+        self.layout = (size, servers)
+        self.slowdown = settings.slowdown if rank == settings.straggler else 1.0
+        self.server: Optional[Server] = None
+        self.worker: Optional[Worker] = None
+        if self.is_server:
+            tickets = Tickets(len(workers), sync=settings.mode == "sync", bound=settings.bound) if rank == 0 else None
+            self.server = Server(comm, rank, workers, self.flat, sync=settings.mode == "sync",
+                                 global_batch=batch_size * len(workers), weight_decay=weight_decay,
+                                 staleness_lr=settings.staleness_lr, tickets=tickets)
+        else:
+            self.worker = Worker(comm, servers, self.flat)
+        shares = [self.flat.numel(s) for s in range(servers)]
+        self.metrics_attrs = {"parameters": sum(p.numel() for p in model.parameters()), "servers": servers,
+                              "workers": len(workers), "mode": settings.mode, "staleness_bound": settings.staleness,
+                              "server_shares": np.asarray(shares)}
+
+    # -- what the loop asks -------------------------------------------------------------
+
+    def parameters(self):
+        return list(self.flat.params[self.comm.Get_rank()]) if self.is_server else []
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Servers step the loop's optimizer once per update; its weight decay is applied by the
+        server in proportion to each update's share of a step instead (see :class:`Server`)."""
+        for group in optimizer.param_groups:
+            group["weight_decay"] = 0.0
+        if self.server is not None:
+            self.server.optimizer = optimizer
+
+    def describe(self) -> str:
+        shares = ", ".join(f"{self.flat.numel(s):,}" for s in range(self.settings.servers))
+        bound = f" (staleness <= {self.settings.staleness})" if self.settings.mode == "bounded" else ""
+        return (f"parameter server, {self.settings.mode}{bound}: {self.settings.servers} server(s) holding "
+                f"[{shares}] parameters, {self.replicas} workers")
+
+    def needs_batch(self) -> bool:
+        return not self.is_server
+
+    def train_step(self, shards: StepShards) -> StepRecord:
+        if self.server is not None:
+            self.server.serve(shards.step)
+            times = self.server.take_times()
+            staleness = times["staleness"]
+            return StepRecord(loss=times["loss"], samples=0, compute_time=times["compute"],
+                              comm_time=times["comm"], idle_time=times["idle"], bytes_sent=times["bytes"],
+                              loss_weight=times["loss_samples"], extra=_staleness_fields(staleness))
+        return self._work(shards)
+
+    def _work(self, shards: StepShards) -> StepRecord:
+        compute = data = loss_sum = 0.0
+        samples = 0
+        ticket = self.worker.exchange(shards.step)
+        while ticket is not None:
+            start = time.perf_counter()
+            images, labels = shards.fetch(ticket[1])
+            fetched = time.perf_counter()
+            data += fetched - start
+            for grads in self.flat.grads:
+                grads.zero_()
+            loss = F.cross_entropy(self.model(images), labels)
+            loss.backward()
+            value = loss.item()
+            if self.slowdown > 1.0:  # an experiment's straggler: compute at 1/slowdown of the speed
+                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - fetched))
+            compute += time.perf_counter() - fetched
+            loss_sum, samples = loss_sum + value * len(labels), samples + len(labels)
+            ticket = self.worker.exchange(shards.step, (ticket, len(labels), value))
+        times = self.worker.take_times()
+        return StepRecord(loss=loss_sum / max(samples, 1), samples=samples, compute_time=compute,
+                          comm_time=times["comm"], idle_time=times["idle"], bytes_sent=times["bytes"],
+                          data_time=data, loss_weight=samples,
+                          extra=_staleness_fields(times["staleness"]))
+
+    def end_epoch(self) -> None:
+        self._synchronise()
+
+    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+        return evaluate(self.model, dataset, self.comm)
+
+    def state_dict(self) -> dict:
+        self._synchronise()
+        version = self.server.version if self.server is not None else None
+        return {"model": self.model.state_dict(), "parameter_server": {"layout": self.layout, "version": version}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("parameter_server", {}).get("layout")
+        if saved is None or tuple(saved) != self.layout:
+            raise ValueError(f"this checkpoint was written by a parameter-server job of (ranks, servers) = "
+                             f"{None if saved is None else tuple(saved)}; this job is {self.layout}: resume with "
+                             f"the same ranks and --servers")
+        self.model.load_state_dict(state["model"])
+        if self.server is not None:
+            self.server.version = state["parameter_server"]["version"]
+        self._exchange_versions()
+
+    def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
+        columns = (self.server.take_updates() if self.server is not None
+                   else {name: np.zeros(0, dtype=np.int64) for name in UPDATE_COLUMNS})
+        if self.server is not None:
+            self.server.close()
+        metrics.write_table("updates", columns, histograms=("staleness",))
+        staleness = collectives.gather(self.comm, columns["staleness"].tolist() if self.is_server else [],
+                                       "parameter server: staleness", root=0)
+        if staleness is not None:
+            values = [s for part in staleness for s in part]
+            if values:
+                say(f"parameter server: {len(values)} updates applied in this run, staleness mean "
+                    f"{np.mean(values):.2f}, max {max(values)}")
+
+    # -- synchronisation points (collective) -----------------------------------------------
+
+    def _synchronise(self) -> None:
+        """Every rank takes the servers' weights; the servers take the workers' mean BatchNorm
+        statistics. Collective."""
+        for server in range(self.settings.servers):
+            mpi_tensor.bcast_(self.flat.weights[server], self.comm, root=server)
+        self._exchange_versions()
+        workers, first_worker = self.replicas, self.settings.servers
+        with torch.no_grad():
+            for buffer in self.model.buffers():
+                if buffer.is_floating_point():
+                    if self.is_server:
+                        buffer.zero_()
+                    mpi_tensor.allreduce_(buffer, self.comm)
+                    buffer.div_(workers)
+                else:
+                    mpi_tensor.bcast_(buffer, self.comm, root=first_worker)
+
+    def _exchange_versions(self) -> None:
+        versions = collectives.allgather(self.comm, None if self.server is None else self.server.version,
+                                         "parameter server: versions")
+        if self.worker is not None:
+            self.worker.versions = versions[:self.settings.servers]
+
+
+def _staleness_fields(staleness) -> dict:
+    return {"updates": len(staleness), "staleness_mean": float(np.mean(staleness)) if staleness else 0.0,
+            "staleness_max": float(max(staleness)) if staleness else 0.0}

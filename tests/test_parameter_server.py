@@ -1,0 +1,244 @@
+"""The parameter server against single-process references: one worker equals SGD bitwise, the
+synchronous server equals data parallelism, every asynchronous run equals the delayed-gradient
+replay of its own recorded updates, and the staleness bound holds in the records."""
+
+import random
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpi_helpers import assert_all_ranks
+from mpipar import models
+from mpipar.data import synthetic
+from mpipar.data.sharding import step_plan
+from mpipar.data_parallel.strategy import DataParallelStrategy
+from mpipar.parameter_server import ParameterServerConfig, ParameterServerStrategy
+from mpipar.parameter_server.placement import assign_to_servers
+from mpipar.parameter_server.tickets import NONE_LEFT, WAIT, Tickets
+from mpipar.run.config import TrainConfig
+from mpipar.run.loop import train
+from mpipar.run.session import Session
+
+BATCH, STEPS, LR, MOMENTUM, DECAY = 6, 5, 0.05, 0.9, 1e-3
+SIZES = (784, 16, 12, 10)
+
+
+# -- pure parts -------------------------------------------------------------------------------
+
+def test_sync_tickets_give_each_worker_its_own_shard_once_per_step():
+    tickets = Tickets(3, sync=True, bound=None)
+    assert [tickets.grant(w, 0) for w in (2, 0, 1)] == [(0, 2), (0, 0), (0, 1)]
+    assert tickets.grant(0, 0) == NONE_LEFT
+    assert tickets.grant(1, 1) == (1, 1)
+
+
+def test_async_tickets_go_to_whoever_asks_until_the_step_is_handed_out():
+    tickets = Tickets(2, sync=False, bound=None)
+    assert [tickets.grant(0, 4), tickets.grant(0, 4), tickets.grant(1, 4)] == [(4, 0), (4, 1), NONE_LEFT]
+
+
+def simulate(workers, bound, rounds=400, seed=0):
+    """Workers with random compute times take tickets and push through the rule; returns the
+    staleness of every applied gradient (one server applying on arrival)."""
+    rng = random.Random(seed)
+    tickets, version, clock = Tickets(workers, sync=False, bound=bound), 0, 0.0
+    busy, waiting, staleness, step = {}, list(range(workers)), [], 0  # busy: worker -> (finish, ticket, base)
+    while len(staleness) < rounds:
+        for worker in list(waiting):
+            decision = tickets.grant(worker, step)
+            if decision == NONE_LEFT:
+                step += 1
+                decision = tickets.grant(worker, step)
+            if decision == WAIT:
+                continue
+            busy[worker] = (clock + rng.uniform(0.5, 2.0), decision, version)
+            waiting.remove(worker)
+        worker = min(busy, key=lambda w: busy[w][0])
+        clock, ticket, base = busy.pop(worker)
+        staleness.append(version - base)
+        version += 1
+        tickets.applied([ticket])
+        waiting.append(worker)
+    return staleness
+
+
+@pytest.mark.parametrize("workers,bound", [(3, 0), (3, 1), (4, 2), (4, 5)])
+def test_the_grant_rule_keeps_every_gradient_within_the_bound(workers, bound):
+    staleness = simulate(workers, bound)
+    assert max(staleness) <= bound
+    assert max(staleness) >= min(bound, workers - 1)  # the bound is reached, not merely respected
+
+
+def test_unbounded_equal_workers_see_staleness_near_workers_minus_one():
+    staleness = simulate(4, None)
+    assert 2.0 <= np.mean(staleness) <= 4.0, np.mean(staleness)
+
+
+def test_parameters_are_balanced_over_servers_and_every_server_gets_one():
+    owner = assign_to_servers([100, 10, 60, 50], 2)
+    loads = [sum(size for size, o in zip([100, 10, 60, 50], owner) if o == s) for s in range(2)]
+    assert sorted(loads) == [110, 110]
+    with pytest.raises(ValueError, match="every server needs at least one"):
+        assign_to_servers([5, 5], 3)
+
+
+def test_one_sided_needs_async_mode():
+    with pytest.raises(ValueError, match="--mode async"):
+        ParameterServerConfig(mode="sync", one_sided=True)
+
+
+# -- through the loop ---------------------------------------------------------------------------
+
+class ToFloat64(torch.nn.Module):
+    def forward(self, images):
+        return images.double()
+
+
+def build_model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(ToFloat64(), *models.mlp(list(SIZES))).double()
+
+
+def run_session(comm, out, batch_size, settings=None, steps=STEPS):
+    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=batch_size, lr=LR,
+                         momentum=MOMENTUM, weight_decay=DECAY, threads=1, out=str(out), model="mlp",
+                         flush_every=2, log_every=0)
+    return Session(comm, config, settings=settings)
+
+
+def splits():
+    return synthetic(300, 50, seed=0)
+
+
+def shared_directory(comm, tmp):
+    return Path(comm.bcast(str(tmp) if comm.Get_rank() == 0 else None, root=0))
+
+
+def serial(directory, batch_size):
+    """The loop on one process (COMM_SELF), plain data parallelism of one rank."""
+    model = build_model()
+    train(run_session(MPI.COMM_SELF, directory / f"serial-{MPI.COMM_WORLD.Get_rank()}", batch_size),
+          DataParallelStrategy(model, MPI.COMM_SELF), splits())
+    return model
+
+
+def parameter_server_run(comm, directory, settings, name):
+    """The parameter server on the first ``ranks`` ranks; returns (model, comm) there, None elsewhere."""
+    model = build_model()
+    run = run_session(comm, directory / name, BATCH, settings)
+    strategy = ParameterServerStrategy(comm, model, settings, batch_size=BATCH, weight_decay=DECAY)
+    train(run, strategy, splits())
+    return model
+
+
+def first_ranks(comm, n):
+    sub = comm.Split(0 if comm.Get_rank() < n else MPI.UNDEFINED, comm.Get_rank())
+    return None if sub == MPI.COMM_NULL else sub
+
+
+@pytest.mark.mpi(min_size=2)
+def test_one_server_and_one_async_worker_equal_single_process_sgd_bitwise(comm, mpi_tmp_path):
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial(directory, BATCH)
+    sub, problems = first_ranks(comm, 2), []
+    if sub is not None:
+        model = parameter_server_run(sub, directory, ParameterServerConfig(mode="async"), "async-1")
+        for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+            if not torch.equal(mine, theirs):
+                problems.append(f"{name}: max difference {(mine - theirs).abs().max().item():.2e}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("servers", [1, 2])
+def test_synchronous_server_equals_data_parallelism(comm, mpi_tmp_path, servers):
+    size = comm.Get_size()
+    workers = size - servers
+    if workers < 2:
+        pytest.skip(f"{servers} servers and 2 workers need {servers + 2} ranks")
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial(directory, BATCH * workers)
+    model = parameter_server_run(comm, directory, ParameterServerConfig(mode="sync", servers=servers), "sync")
+    problems = [f"{name}: max difference {(mine - theirs).abs().max().item():.2e}"
+                for (name, mine), theirs in zip(model.named_parameters(), reference.parameters())
+                if not torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)]
+    with h5py.File(directory / "sync" / "metrics.h5", "r") as f:
+        staleness = f["updates/staleness"][...]
+        if len(staleness) != STEPS * workers * servers or staleness.any():
+            problems.append(f"{len(staleness)} update records, staleness {sorted(set(staleness.tolist()))}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+def replay(updates, batch_size, workers, lr_by_step):
+    """The delayed-gradient reference: one process applies, in the server's order, the gradient
+    of each recorded shard at the weights of its recorded base version, weighted and decayed as
+    documented, with the same optimizer."""
+    model = build_model()
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True)
+    data = splits().train
+    plan = step_plan(len(data), batch_size, workers, seed=0, epoch=0)
+    history = [[p.detach().clone() for p in params]]
+    for step, shard, base, server_step in updates:
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, old in zip(params, history[base]):
+                p.copy_(old)
+        model.zero_grad()
+        images, labels = data.batch(plan[step][shard])
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        share = len(labels) / (batch_size * workers)
+        with torch.no_grad():
+            for p, old in zip(params, saved):
+                p.grad.mul_(share).add_(old, alpha=DECAY * share)
+                p.copy_(old)
+        optimizer.param_groups[0].update(lr_by_step[server_step])
+        optimizer.step()
+        history.append([p.detach().clone() for p in params])
+    return model
+
+
+def lr_by_step(steps):
+    """The loop's one-cycle schedule: (learning rate, momentum) of every step."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR, momentum=MOMENTUM, nesterov=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=steps, pct_start=0.15)
+    rates = []
+    for _ in range(steps):
+        rates.append({key: optimizer.param_groups[0][key] for key in ("lr", "momentum")})
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("mode,bound", [("async", None), ("bounded", 0), ("bounded", 1)])
+def test_asynchronous_runs_equal_the_delayed_gradient_replay_of_their_updates(comm, mpi_tmp_path, mode, bound):
+    size = comm.Get_size()
+    workers = size - 1
+    directory = shared_directory(comm, mpi_tmp_path)
+    settings = ParameterServerConfig(mode=mode, staleness=bound or 0)
+    model = parameter_server_run(comm, directory, settings, f"{mode}-{bound}")
+    with h5py.File(directory / f"{mode}-{bound}" / "metrics.h5", "r") as f:
+        table = {name: f[f"updates/{name}"][...] for name in ("step", "shard", "base_version", "version",
+                                                                "staleness", "server_step")}
+        per_rank_updates = f["steps/updates"][...].sum(0)
+    order = np.argsort(table["version"])
+    updates = [(int(table["step"][i]), int(table["shard"][i]), int(table["base_version"][i]),
+                int(table["server_step"][i])) for i in order]
+    reference = replay(updates, BATCH, workers, lr_by_step(STEPS))
+    problems = [f"{name}: max difference {(mine - theirs).abs().max().item():.2e}"
+                for (name, mine), theirs in zip(model.named_parameters(), reference.parameters())
+                if not torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)]
+    if sorted((s, h) for s, h, _, _ in updates) != [(s, h) for s in range(STEPS) for h in range(workers)]:
+        problems.append("not every shard of every step was applied exactly once")
+    if not (table["version"][order] == np.arange(len(order))).all():
+        problems.append("versions are not 0, 1, 2, ...")
+    if bound is not None and table["staleness"].max() > bound:
+        problems.append(f"staleness {table['staleness'].max()} above the bound {bound}")
+    if per_rank_updates[0] != STEPS * workers or per_rank_updates[1:].sum() != STEPS * workers:
+        problems.append(f"updates per rank {per_rank_updates.tolist()}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
