@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
     config = session.config
     strategy = ParameterServerStrategy(comm, model, session.settings, batch_size=config.batch_size,
-                                       weight_decay=config.weight_decay, device=session.device)
+                                       weight_decay=config.weight_decay, momentum=config.momentum,
+                                       device=session.device)
     train(session, strategy, splits)
 
 

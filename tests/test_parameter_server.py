@@ -242,3 +242,88 @@ def test_asynchronous_runs_equal_the_delayed_gradient_replay_of_their_updates(co
     if per_rank_updates[0] != STEPS * workers or per_rank_updates[1:].sum() != STEPS * workers:
         problems.append(f"updates per rank {per_rank_updates.tolist()}")
     assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_one_sided_windows_sum_every_accumulate_exactly_and_count_tickets(comm):
+    from mpipar.parameter_server.flat import FlatShares
+    from mpipar.parameter_server.one_sided import TICKET, VERSION, WindowShares
+
+    size, rank, servers, rounds = comm.Get_size(), comm.Get_rank(), 1 if comm.Get_size() < 4 else 2, 25
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    flat = FlatShares(model, servers)
+    shares = WindowShares(comm, flat, servers)
+    tickets = []
+    if rank >= servers:
+        for _ in range(rounds):
+            tickets.append(shares.fetch_add(TICKET))
+            for server in range(servers):
+                shares.accumulate(server, torch.ones_like(flat.weights[server]))
+            shares.fetch_add(VERSION)
+    comm.Barrier()
+    workers = size - servers
+    problems = []
+    if rank < servers and not bool((flat.weights[rank] == rounds * workers).all()):
+        problems.append(f"server {rank} holds {sorted(set(flat.weights[rank].tolist()))}, expected {rounds * workers}")
+    everyone = sorted(t for part in comm.allgather(tickets) for t in part)
+    if everyone != list(range(rounds * workers)):
+        problems.append("tickets were not 0..n-1, each once")
+    if rank >= servers and shares.read_counter(VERSION) != rounds * workers:
+        problems.append(f"version counter {shares.read_counter(VERSION)}")
+    comm.Barrier()
+    shares.free()
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+def plain_session(comm, out, settings, steps=STEPS):
+    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=BATCH, lr=LR, momentum=0.0,
+                         weight_decay=0.0, threads=1, out=str(out), model="mlp", flush_every=2, log_every=0)
+    return Session(comm, config, settings=settings)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_one_sided_training_applies_every_shard_once(comm, mpi_tmp_path):
+    directory = shared_directory(comm, mpi_tmp_path)
+    settings = ParameterServerConfig(mode="async", one_sided=True)
+    model = build_model()
+    strategy = ParameterServerStrategy(comm, model, settings, batch_size=BATCH)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(plain_session(comm, directory / "one-sided", settings), strategy, splits())
+    workers = comm.Get_size() - 1
+    with h5py.File(directory / "one-sided" / "metrics.h5", "r") as f:
+        applied = sorted(zip(f["updates/step"][...].tolist(), f["updates/shard"][...].tolist()))
+        versions = sorted(f["updates/version"][...].tolist())
+    problems = []
+    if applied != [(s, h) for s in range(STEPS) for h in range(workers)] or versions != list(range(len(applied))):
+        problems.append(f"applied {applied}, versions {versions}")
+    if all(torch.equal(a, b) for a, b in zip(before, model.parameters())):
+        problems.append("the weights never moved")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_slowed_worker_computes_fewer_shards_only_when_asynchronous(comm, mpi_tmp_path, mode):
+    directory = shared_directory(comm, mpi_tmp_path)
+    straggler = comm.Get_size() - 1
+    settings = ParameterServerConfig(mode=mode, straggler=straggler, slowdown=30.0)
+    strategy = ParameterServerStrategy(comm, build_model(), settings, batch_size=BATCH)
+    steps = 8
+    train(plain_session(comm, directory / mode, settings, steps=steps), strategy, splits())
+    with h5py.File(directory / mode / "metrics.h5", "r") as f:
+        shards = f["steps/updates"][...].sum(0)[1:]  # per worker
+    slow, others = shards[-1], shards[:-1]
+    ok = slow < others.min() if mode == "async" else (shards == steps).all()
+    assert_all_ranks(comm, bool(ok), f"{mode}: shards per worker {shards.tolist()} (the last one is slowed 30x)")
+
+
+def test_a_job_without_a_worker_rank_fails_on_every_rank_with_a_clear_error(tmp_path):
+    from mpi_helpers import run_mpi
+
+    result = run_mpi(2, "jobs/resnet_ps.py", "--data", "synthetic", "--max-steps", "2", "--servers", "2",
+                     "--out", str(tmp_path / "run"), timeout=120)
+    assert result.returncode != 0
+    assert "--servers 2 on 2 ranks leaves no worker" in result.stdout + result.stderr

@@ -17,6 +17,7 @@ from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
 from mpipar.parameter_server.config import ParameterServerConfig
 from mpipar.parameter_server.flat import FlatShares
+from mpipar.parameter_server.one_sided import TICKET, VERSION, WindowShares, check_passive_progress, one_sided_step
 from mpipar.parameter_server.server import UPDATE_COLUMNS, Server
 from mpipar.parameter_server.tickets import Tickets
 from mpipar.parameter_server.worker import Worker
@@ -65,7 +66,8 @@ class ParameterServerStrategy:
     shares_shards = True
 
     def __init__(self, comm: MPI.Intracomm, model: nn.Module, settings: ParameterServerConfig, *,
-                 batch_size: int, weight_decay: float = 0.0, device: torch.device | str = "cpu"):
+                 batch_size: int, weight_decay: float = 0.0, momentum: float = 0.0,
+                 device: torch.device | str = "cpu"):
         size, rank = comm.Get_size(), comm.Get_rank()
         servers = settings.servers
 
@@ -75,6 +77,9 @@ class ParameterServerStrategy:
                                  f"or use fewer servers")
             if settings.straggler >= size:
                 raise ValueError(f"--straggler {settings.straggler} is not a rank of this {size}-rank job")
+            if settings.one_sided and (momentum or weight_decay or torch.device(device).type != "cpu"):
+                raise ValueError(f"--one-sided updates are plain SGD on CPU: pass --momentum 0 --weight-decay 0 "
+                                 f"(got {momentum}, {weight_decay}) and --device cpu (got {device})")
             FlatShares.check(model, servers)
 
         collective_check(comm, check, "parameter server layout")
@@ -89,7 +94,13 @@ class ParameterServerStrategy:
         self.slowdown = settings.slowdown if rank == settings.straggler else 1.0
         self.server: Optional[Server] = None
         self.worker: Optional[Worker] = None
-        if self.is_server:
+        self.shares: Optional[WindowShares] = None
+        self.global_batch, self.optimizer, self._held = batch_size * len(workers), None, []
+        self._one_sided_rows = {name: [] for name in UPDATE_COLUMNS}
+        if settings.one_sided:
+            self.shares = WindowShares(comm, self.flat, servers)
+            check_passive_progress(comm, self.shares, servers)
+        elif self.is_server:
             tickets = Tickets(len(workers), sync=settings.mode == "sync", bound=settings.bound) if rank == 0 else None
             self.server = Server(comm, rank, workers, self.flat, sync=settings.mode == "sync",
                                  global_batch=batch_size * len(workers), weight_decay=weight_decay,
@@ -111,6 +122,7 @@ class ParameterServerStrategy:
         server in proportion to each update's share of a step instead (see :class:`Server`)."""
         for group in optimizer.param_groups:
             group["weight_decay"] = 0.0
+        self.optimizer = optimizer
         if self.server is not None:
             self.server.optimizer = optimizer
 
@@ -124,6 +136,8 @@ class ParameterServerStrategy:
         return not self.is_server
 
     def train_step(self, shards: StepShards) -> StepRecord:
+        if self.shares is not None:
+            return self._one_sided(shards)
         if self.server is not None:
             self.server.serve(shards.step)
             times = self.server.take_times()
@@ -132,6 +146,42 @@ class ParameterServerStrategy:
                               comm_time=times["comm"], idle_time=times["idle"], bytes_sent=times["bytes"],
                               loss_weight=times["loss_samples"], extra=_staleness_fields(staleness))
         return self._work(shards)
+
+    def _compute(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """The gradient of one shard into ``flat.grads`` (slowed down on an experiment's straggler); its loss."""
+        start = time.perf_counter()
+        for grads in self.flat.grads:
+            grads.zero_()
+        loss = F.cross_entropy(self.model(images), labels)
+        loss.backward()
+        if self.slowdown > 1.0:  # an experiment's straggler: compute at 1/slowdown of the speed
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - start))
+        return loss.item()
+
+    def _one_sided(self, shards: StepShards) -> StepRecord:
+        if self.is_server:  # the workers update the windows; the server only meets them in the loop's collectives
+            return StepRecord(loss=0.0, samples=0, compute_time=0.0, loss_weight=0,
+                              extra=_staleness_fields([]))
+        start, timing = time.perf_counter(), {"data": 0.0}
+
+        def compute(shard: int):
+            fetch_start = time.perf_counter()
+            images, labels = shards.fetch(shard)
+            timing["data"] += time.perf_counter() - fetch_start
+            return len(labels), self._compute(images, labels)
+
+        result = one_sided_step(self.shares, self.flat, workers=self.replicas, step=shards.step, held=self._held,
+                                compute=compute, lr=self.optimizer.param_groups[0]["lr"],
+                                global_batch=self.global_batch, worker_rank=self.comm.Get_rank())
+        for name, values in result["rows"].items():
+            self._one_sided_rows[name] += values
+        samples = result["samples"]
+        total = time.perf_counter() - start
+        return StepRecord(loss=result["loss_sum"] / max(samples, 1), samples=samples,
+                          compute_time=total - result["comm"] - timing["data"], comm_time=result["comm"],
+                          idle_time=0.0, data_time=timing["data"], loss_weight=samples,
+                          bytes_sent=sum(result["rows"]["bytes"]),
+                          extra=_staleness_fields(result["rows"]["staleness"]))
 
     def _work(self, shards: StepShards) -> StepRecord:
         compute = data = loss_sum = 0.0
@@ -142,13 +192,7 @@ class ParameterServerStrategy:
             images, labels = shards.fetch(ticket[1])
             fetched = time.perf_counter()
             data += fetched - start
-            for grads in self.flat.grads:
-                grads.zero_()
-            loss = F.cross_entropy(self.model(images), labels)
-            loss.backward()
-            value = loss.item()
-            if self.slowdown > 1.0:  # an experiment's straggler: compute at 1/slowdown of the speed
-                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - fetched))
+            value = self._compute(images, labels)
             compute += time.perf_counter() - fetched
             loss_sum, samples = loss_sum + value * len(labels), samples + len(labels)
             ticket = self.worker.exchange(shards.step, (ticket, len(labels), value))
@@ -167,6 +211,8 @@ class ParameterServerStrategy:
     def state_dict(self) -> dict:
         self._synchronise()
         version = self.server.version if self.server is not None else None
+        if self.shares is not None:
+            version = self.shares.read_counter(VERSION) if self.comm.Get_rank() == 0 else None
         return {"model": self.model.state_dict(), "parameter_server": {"layout": self.layout, "version": version}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -178,15 +224,22 @@ class ParameterServerStrategy:
         self.model.load_state_dict(state["model"])
         if self.server is not None:
             self.server.version = state["parameter_server"]["version"]
+        if self.shares is not None and self.comm.Get_rank() == 0:
+            self.shares.set_counter(TICKET, state["step"] * self.replicas)
+            self.shares.set_counter(VERSION, state["parameter_server"]["version"])
+        self.comm.Barrier()
         self._exchange_versions()
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
-        columns = (self.server.take_updates() if self.server is not None
-                   else {name: np.zeros(0, dtype=np.int64) for name in UPDATE_COLUMNS})
         if self.server is not None:
+            columns = self.server.take_updates()
             self.server.close()
+        else:
+            columns = {name: np.asarray(values, dtype=np.int64) for name, values in self._one_sided_rows.items()}
+        if self.shares is not None:
+            self.shares.free()
         metrics.write_table("updates", columns, histograms=("staleness",))
-        staleness = collectives.gather(self.comm, columns["staleness"].tolist() if self.is_server else [],
+        staleness = collectives.gather(self.comm, columns["staleness"].tolist(),
                                        "parameter server: staleness", root=0)
         if staleness is not None:
             values = [s for part in staleness for s in part]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 
+import numpy as np
 import torch
 
 from mpipar import __version__
 from mpipar.comm.device import to_device
 from mpipar.data.datasets import DataSplits
 from mpipar.data.sharding import rank_batches, step_plan, steps_per_epoch
+from mpipar.diagnostics import collectives
 from mpipar.run.checkpoint import rng_state, set_rng_state
 from mpipar.run.evaluate import Stopwatch
 from mpipar.run.launch import mpi_library, requeue_slurm_job
@@ -58,9 +61,10 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         total_steps = state.get("total_steps", total_steps)  # epoch's short last step by one)
     params = strategy.parameters()
     optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=config.lr,
-                                momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+                                momentum=config.momentum, weight_decay=config.weight_decay,
+                                nesterov=config.momentum > 0)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                      pct_start=0.15)
+                                                      pct_start=0.15, cycle_momentum=config.momentum > 0)
     step, start_epoch, skip, loss_sum, seen = 0, 0, 0, 0.0, 0
     if state is not None:
         strategy.load_state_dict(state)
@@ -139,7 +143,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                 lr_schedule.step()
             else:  # the strategy stepped it (or this rank holds nothing to step): not the misuse torch warns of
                 with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                     lr_schedule.step()
             update_time = time.perf_counter() - update_start
             step_time = data_time + clock.lap()
@@ -170,7 +174,8 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             strategy.end_epoch()
             result = strategy.evaluate(test_set)
             wall = time.perf_counter() - epoch_start
-            train_loss = loss_sum / max(seen, 1)
+            summed = collectives.allreduce_sum(comm, np.array([loss_sum, seen], dtype=np.float64), "train loss")
+            train_loss = summed[0] / max(summed[1], 1)  # over every rank's samples, not rank 0's alone
             metrics.record_epoch(epoch=epoch + 1, train_loss=train_loss, test_loss=result.loss,
                                  test_accuracy=result.accuracy, wall_time=wall)
             stopping = metrics.flush(stop=session.stop.requested)
