@@ -37,15 +37,18 @@ JOBS = {  # name: (script, ranks, arguments, MPIPAR_FAULT_AT_STEP)
     # differ), the one of step 5 after the outer momentum began
     "resnet_dp_local_sgd": ("resnet_dp.py", 2, ("--batch-size", "16", "--sync-every", "3", "--local-warmup", "1",
                                                 "--outer-lr", "0.7", "--outer-momentum", "0.5"), "8"),
+    # the synchronous parameter server: 1 server, 2 workers; the fault kills a worker
+    "resnet_ps": ("resnet_ps.py", 3, ("--batch-size", "8", "--mode", "sync"), "8:2"),
 }
 OTHER_RANKS = {"resnet_dp": 3, "mlp_mp": 4, "resnet_pp": 2, "resnet_hybrid": 2,  # a resume on another allocation
                "mlp_tp": 4, "mlp_tp_pp": 8, "vit_tp": 4,  # tensor-parallel ones refused (SAME_RANKS_ONLY)
-               "resnet_dp_local_sgd": 3}
+               "resnet_dp_local_sgd": 3, "resnet_ps": 4}
 SAME_RANKS_ONLY = {  # jobs whose checkpoint resumes only on the ranks that wrote it: the refusal
     "mlp_tp": "a tensor-parallel checkpoint resumes only on the ranks that wrote it",
     "mlp_tp_pp": "a checkpoint with tensor-parallel stages resumes only on the layout that wrote it",
     "vit_tp": "a tensor-parallel checkpoint resumes only on the ranks that wrote it",
     "resnet_dp_local_sgd": "a local-SGD checkpoint resumes only on the number of ranks that wrote it",
+    "resnet_ps": "a parameter-server checkpoint resumes only on the ranks and --servers that wrote it",
 }
 OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal names it); --lr is changed too
     "resnet_dp": (("--model", "resnet18"), "model: checkpoint 'resnet-small', now 'resnet18'", 0.1),
@@ -56,6 +59,7 @@ OTHER_SETTINGS = {  # name: (a flag that changes results, and how the refusal na
     "mlp_tp_pp": (("--schedule", "gpipe"), "schedule: checkpoint '1f1b', now 'gpipe'", 0.05),
     "vit_tp": (("--model", "vit-small"), "model: checkpoint 'vit-tiny', now 'vit-small'", 0.05),
     "resnet_dp_local_sgd": (("--sync-every", "2"), "sync_every: checkpoint 3, now 2", 0.1),
+    "resnet_ps": (("--mode", "async"), "mode: checkpoint 'sync', now 'async'", 0.1),
 }
 
 
@@ -107,7 +111,8 @@ def assert_same_as_uninterrupted(straight, resumed):
             for key, value in buffers_a.items():  # every replica's own statistics
                 assert torch.equal(value, buffers_b[key]), (rank, key)
         optimizer_a, optimizer_b = a["optimizer"]["state"], b["optimizer"]["state"]
-        assert optimizer_a.keys() == optimizer_b.keys() and optimizer_a
+        holds_parameters = not (a.get("parameter_server") and a["parameter_server"]["version"] is None)
+        assert optimizer_a.keys() == optimizer_b.keys() and (optimizer_a or not holds_parameters)  # a PS worker
         for index, state in optimizer_a.items():
             assert torch.equal(state["momentum_buffer"], optimizer_b[index]["momentum_buffer"]), index
         assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]

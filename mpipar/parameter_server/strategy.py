@@ -15,6 +15,7 @@ from mpipar.comm import mpi_tensor
 from mpipar.data.datasets import ArrayDataset
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.failure import agreed
 from mpipar.parameter_server.config import ParameterServerConfig
 from mpipar.parameter_server.flat import FlatShares
 from mpipar.parameter_server.one_sided import TICKET, VERSION, WindowShares, check_passive_progress, one_sided_step
@@ -203,13 +204,13 @@ class ParameterServerStrategy:
                           extra=_staleness_fields(times["staleness"]))
 
     def end_epoch(self) -> None:
-        self._synchronise()
+        self._synchronise(workers_too=True)
 
     def evaluate(self, dataset: ArrayDataset) -> EvalResult:
         return evaluate(self.model, dataset, self.comm)
 
     def state_dict(self) -> dict:
-        self._synchronise()
+        self._synchronise(workers_too=False)
         version = self.server.version if self.server is not None else None
         if self.shares is not None:
             version = self.shares.read_counter(VERSION) if self.comm.Get_rank() == 0 else None
@@ -218,9 +219,9 @@ class ParameterServerStrategy:
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("parameter_server", {}).get("layout")
         if saved is None or tuple(saved) != self.layout:
-            raise ValueError(f"this checkpoint was written by a parameter-server job of (ranks, servers) = "
-                             f"{None if saved is None else tuple(saved)}; this job is {self.layout}: resume with "
-                             f"the same ranks and --servers")
+            raise agreed(ValueError)(
+                f"a parameter-server checkpoint resumes only on the ranks and --servers that wrote it (its (ranks, "
+                f"servers): {None if saved is None else tuple(saved)}; this job: {self.layout}); resume with those")
         self.model.load_state_dict(state["model"])
         if self.server is not None:
             self.server.version = state["parameter_server"]["version"]
@@ -249,22 +250,25 @@ class ParameterServerStrategy:
 
     # -- synchronisation points (collective) -----------------------------------------------
 
-    def _synchronise(self) -> None:
+    def _synchronise(self, *, workers_too: bool) -> None:
         """Every rank takes the servers' weights; the servers take the workers' mean BatchNorm
-        statistics. Collective."""
+        statistics, and with ``workers_too`` the workers as well (an epoch end, as data
+        parallelism does; a checkpoint leaves the workers' own statistics, so saving never
+        changes the run). Collective."""
         for server in range(self.settings.servers):
             mpi_tensor.bcast_(self.flat.weights[server], self.comm, root=server)
         self._exchange_versions()
-        workers, first_worker = self.replicas, self.settings.servers
         with torch.no_grad():
             for buffer in self.model.buffers():
                 if buffer.is_floating_point():
-                    if self.is_server:
-                        buffer.zero_()
-                    mpi_tensor.allreduce_(buffer, self.comm)
-                    buffer.div_(workers)
+                    total = torch.zeros_like(buffer) if self.is_server else buffer.clone()
+                    mpi_tensor.allreduce_(total, self.comm)
+                    if self.is_server or workers_too:
+                        buffer.copy_(total.div_(self.replicas))
+                elif self.is_server or workers_too:
+                    mpi_tensor.bcast_(buffer, self.comm, root=self.settings.servers)
                 else:
-                    mpi_tensor.bcast_(buffer, self.comm, root=first_worker)
+                    mpi_tensor.bcast_(buffer.clone(), self.comm, root=self.settings.servers)
 
     def _exchange_versions(self) -> None:
         versions = collectives.allgather(self.comm, None if self.server is None else self.server.version,
