@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+import time
 
-__all__ = ["TAG_CONTROL", "TAG_GRADIENT", "TAG_REPLY", "TAG_WEIGHTS", "PUSH", "REQUEST", "PULL",
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["wait_any", "TAG_CONTROL", "TAG_GRADIENT", "TAG_REPLY", "TAG_WEIGHTS", "PUSH", "REQUEST", "PULL",
            "control", "reply", "Control", "Reply"]
 
 # Tags by message type; a pair of ranks never confuses one type for another.
@@ -52,3 +55,19 @@ class Reply:
     @property
     def ticket(self):
         return None if self.ticket_step < 0 else (self.ticket_step, self.ticket_shard)
+
+
+SPIN_SECONDS, NAP_SECONDS = 5e-5, 2e-4
+
+
+def wait_any(requests) -> int:
+    """``MPI.Request.Waitany`` that naps between polls after a short spin: a server or worker
+    waiting for messages leaves its core to the ranks that compute (a blocking MPI wait spins,
+    which on an oversubscribed node takes the core a worker needs). Returns the index."""
+    start = time.perf_counter()
+    while True:
+        index, done = MPI.Request.Testany(requests)
+        if done:
+            return index
+        if time.perf_counter() - start > SPIN_SECONDS:
+            time.sleep(NAP_SECONDS)

@@ -96,7 +96,7 @@ class Server:
         while self._applied[step] < self.shards or (self.tickets is not None and
                                                     len(self._told_done[step]) < len(self.workers)):
             start = time.perf_counter()
-            slot = MPI.Request.Waitany(self._requests)
+            slot = protocol.wait_any(self._requests)
             arrival = time.perf_counter()
             self.idle += arrival - start
             worker = self.workers[slot]

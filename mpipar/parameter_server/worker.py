@@ -72,7 +72,7 @@ class Worker:
     def _receive(self, server: int):
         """A reply from ``server`` and, with a grant or to a pull, its weights."""
         header = np.zeros(len(protocol.REPLY_FIELDS))
-        self.comm.Recv(header, source=server, tag=protocol.TAG_REPLY)
+        protocol.wait_any([self.comm.Irecv(header, source=server, tag=protocol.TAG_REPLY)])
         answer = protocol.Reply(header)
         if answer.ticket is not None or server > 0:
             mpi_tensor.recv_(self.flat.weights[server], self.comm, server, protocol.TAG_WEIGHTS)
