@@ -36,7 +36,7 @@ def MLP(in_channels, num_classes, image_size):  # jobs/mlp_mp.py's model
 @pytest.mark.parametrize("job,ranks,args,make", [
     ("resnet_dp.py", 2, (), models.resnet_small),
     ("mlp_mp.py", 2, (), MLP),  # fc1, fc4 on rank 0; fc2, fc3 on rank 1
-    ("resnet_pp.py", 4, ("--stages", "2", "--microbatches", "2"), models.resnet_small),  # BatchNorm, 2 replicas
+    ("resnet_pp.py", 4, ("--stages", "2", "--microbatches", "2"), models.resnet_small_fine),  # BatchNorm, 2 replicas
     ("mlp_tp.py", 2, (), models.image_mlp),  # every layer split over 2 ranks (replicas: the MPI test below)
 ])
 def test_consolidated_model_reproduces_the_jobs_test_accuracy(tmp_path, job, ranks, args, make):
