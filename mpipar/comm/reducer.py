@@ -15,6 +15,7 @@ from torch import nn
 from mpipar.comm import mpi_tensor
 from mpipar.comm.averaging import average_tensors
 from mpipar.comm.staging import HostMirror
+from mpipar.diagnostics import events
 
 __all__ = ["GradientReducer", "CommStats", "average_buffers", "layout_signature"]
 
@@ -47,6 +48,8 @@ class _Bucket:
     ready: set = field(default_factory=set)
     pending: Optional[mpi_tensor.PendingOp] = None
     mirror: Optional[HostMirror] = None  # a CUDA bucket's pinned host copy (MPI reduces it, not device memory)
+    launched: Optional[float] = None    # in a sampled step (events.active()): when its Allreduce started
+    completed: Optional[float] = None   # and when a test() first found it complete
 
 
 def layout_signature(values: Iterable) -> int:
@@ -168,6 +171,7 @@ class GradientReducer:
                     p.grad = view
                 bucket.ready.clear()
                 bucket.pending = None
+                bucket.launched = bucket.completed = None
         self._next_launch = 0
         self._active = True
         self._samples = num_samples
@@ -213,8 +217,9 @@ class GradientReducer:
             self._next_launch += 1
         self._start_copied(block=False)
         for bucket in self.buckets[:self._next_launch]:  # let MPI progress (no progress thread assumed)
-            if bucket.pending is not None:
-                bucket.pending.test()
+            if bucket.pending is not None and bucket.pending.test() and bucket.launched is not None \
+                    and bucket.completed is None:
+                bucket.completed = time.perf_counter()
 
     def _launch(self, bucket: _Bucket) -> None:
         with torch.no_grad():
@@ -241,6 +246,8 @@ class GradientReducer:
             self._start_copied(block=False)
 
     def _start_allreduce(self, bucket: _Bucket, tensor: torch.Tensor) -> None:
+        if events.active() is not None:
+            bucket.launched = time.perf_counter()
         bucket.pending = mpi_tensor.iallreduce_(tensor, self.comm)
         self.stats.bytes_sent += 2.0 * (self.size - 1) / self.size * tensor.numel() * tensor.element_size()
 
@@ -261,11 +268,20 @@ class GradientReducer:
         self._active = False
 
     def _wait_started(self, upload: bool) -> None:
-        """Wait for every bucket reduction started; ``upload``: copy mirrored results back to the device."""
-        for bucket in self.buckets:
+        """Wait for every bucket reduction started; ``upload``: copy mirrored results back to the device.
+        In a sampled step each bucket's wait and its Allreduce (launch to completion) are events."""
+        recorder = events.active()
+        for index, bucket in enumerate(self.buckets):
             if bucket.pending is not None:
+                begin = time.perf_counter() if recorder is not None else 0.0
                 bucket.pending.wait()
                 bucket.pending = None
+                if recorder is not None and bucket.launched is not None:
+                    end = time.perf_counter()
+                    recorder.add("wait_bucket", begin, end, index=index)
+                    recorder.add("allreduce", bucket.launched, bucket.completed or end, index=index,
+                                 nbytes=2.0 * (self.size - 1) / self.size * bucket.buffer.numel()
+                                 * bucket.buffer.element_size())
                 if upload and bucket.mirror is not None:
                     bucket.mirror.upload()
 
@@ -274,7 +290,11 @@ class GradientReducer:
             return
         begin = time.perf_counter()
         self._counts_request.wait()
-        self.stats.wait_time += time.perf_counter() - begin
+        end = time.perf_counter()
+        self.stats.wait_time += end - begin
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("wait", begin, end)
         self._counts_request = None
         total, signatures, squares = (int(v) for v in self._counts)
         if self.size * squares != signatures * signatures:  # not all equal (zero variance iff equal)
@@ -303,7 +323,11 @@ class GradientReducer:
         if self._used_request is not None:
             self._used_request.wait()
             self._used_request = None
-        self.stats.wait_time += time.perf_counter() - begin
+        end = time.perf_counter()
+        self.stats.wait_time += end - begin
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("wait", begin, end)
         self._active = False
         flat = [p for bucket in self.buckets for p in bucket.params]
         for p, used in zip(flat, self._used.tolist()):

@@ -12,6 +12,7 @@ import torch
 from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
+from mpipar.diagnostics import events
 from mpipar.parameter_server import protocol
 from mpipar.parameter_server.flat import FlatShares
 from mpipar.parameter_server.tickets import NONE_LEFT, WAIT, Tickets
@@ -99,12 +100,18 @@ class Server:
             slot = protocol.wait_any(self._requests)
             arrival = time.perf_counter()
             self.idle += arrival - start
+            recorder = events.active()
+            if recorder is not None:
+                recorder.add("server_wait", start, arrival)
             worker = self.workers[slot]
             message = protocol.Control(self._control[worker].copy())
             self._requests[slot] = self.comm.Irecv(self._control[worker], source=worker, tag=protocol.TAG_CONTROL)
             if message.kind & protocol.PUSH:
                 mpi_tensor.recv_(self._buffers[worker], self.comm, worker, protocol.TAG_GRADIENT)
-                self.comm_time += time.perf_counter() - arrival
+                received = time.perf_counter()
+                self.comm_time += received - arrival
+                if recorder is not None:
+                    recorder.add("receive_push", arrival, received, peer=worker, nbytes=self.bytes_per_push)
                 push = _Push(worker, message.step, message.shard, message.base_version, message.samples,
                              message.loss)
                 self._pending[worker] = push
@@ -136,6 +143,7 @@ class Server:
 
     def _apply(self, pushes: List[_Push], *, combined: bool) -> None:
         """One update (one version) from ``pushes``: sample-weighted gradients, the optimizer's step."""
+        start = time.perf_counter()
         total = sum(p.samples for p in pushes) if combined else self.global_batch
         share_sum = 0.0
         self.grads.zero_()
@@ -157,6 +165,9 @@ class Server:
             self._applied[push.step] += 1
         if self.tickets is not None:
             self.tickets.applied([(p.step, p.shard) for p in pushes])
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("apply", start, time.perf_counter(), index=self.version)
 
     def _record(self, push: _Push, staleness: int) -> None:
         for name, value in zip(UPDATE_COLUMNS, (self.index, push.worker, push.step, push.shard, push.base_version,
@@ -188,7 +199,11 @@ class Server:
             ops.append(mpi_tensor.isend(self.weights.clone(), self.comm, worker, protocol.TAG_WEIGHTS))
             self.bytes_sent += self.bytes_per_push
         self._outgoing[worker] = [_Hold(ops[0], header), *ops[1:]]
-        self.comm_time += time.perf_counter() - start
+        end = time.perf_counter()
+        self.comm_time += end - start
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("reply", start, end, peer=worker, nbytes=self.bytes_per_push if len(ops) > 1 else 0)
         return True
 
     def take_times(self) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
+from mpipar.diagnostics import events
 from mpipar.parameter_server import protocol
 from mpipar.parameter_server.flat import FlatShares
 
@@ -51,6 +52,7 @@ class Worker:
         else:
             record = protocol.control(protocol.REQUEST, step)
             raw.append((self.comm.Isend(record, dest=0, tag=protocol.TAG_CONTROL), record))
+        posted = time.perf_counter()
         answer, held = self._receive(0)
         ticket = answer.ticket
         if push is not None and answer.staleness >= 0:
@@ -63,7 +65,13 @@ class Worker:
                 held += server_held
         MPI.Request.Waitall([request for request, _ in raw])
         mpi_tensor.wait_all(ops)
-        round_trip = time.perf_counter() - start
+        end = time.perf_counter()
+        round_trip = end - start
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("exchange", start, end, index=step)
+            for server in range(self.servers if push is not None else 0):  # completion seen at the wait
+                recorder.add("push", posted, end, peer=server, nbytes=self.bytes_per_push[server])
         idle = min(held, round_trip)
         self.idle += idle
         self.comm_time += round_trip - idle
@@ -71,12 +79,18 @@ class Worker:
 
     def _receive(self, server: int):
         """A reply from ``server`` and, with a grant or to a pull, its weights."""
+        start = time.perf_counter()
         header = np.zeros(len(protocol.REPLY_FIELDS))
         protocol.wait_any([self.comm.Irecv(header, source=server, tag=protocol.TAG_REPLY)])
         answer = protocol.Reply(header)
-        if answer.ticket is not None or server > 0:
+        weights = answer.ticket is not None or server > 0
+        if weights:
             mpi_tensor.recv_(self.flat.weights[server], self.comm, server, protocol.TAG_WEIGHTS)
             self.versions[server] = answer.version
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("pull", start, time.perf_counter(), peer=server,
+                         index=answer.version if weights else -1)
         return answer, answer.hold
 
     def take_times(self) -> dict:

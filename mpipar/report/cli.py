@@ -1,15 +1,19 @@
-"""``mpipar-report RUN [RUN ...] [-o OUTDIR]``: see where the time went.
+"""``mpipar-report RUN [RUN ...] [-o OUTDIR] [--trace OUT.json]``: see where the time went.
 
 Reads run directories (or their ``metrics.h5``) and writes ``OUTDIR/report.html``, one
 self-contained page with the PNGs inlined, and the PNGs beside it. One run: loss and
-accuracy, each rank's time split, a step x rank heat map with the straggler, bytes sent.
-Several runs: each of those, plus throughput and scaling efficiency against ranks and the
-time split side by side.
+accuracy, each rank's time split, a step x rank heat map with the straggler, bytes sent,
+and the steps sampled with ``--trace-steps`` as a Gantt chart per rank. Several runs: each
+of those, plus throughput and scaling efficiency against ranks and the time split side by
+side. ``--trace OUT.json``: the sampled events as Chrome trace JSON, for
+https://ui.perfetto.dev or chrome://tracing (several runs: one file each, OUT_<i>_<run>.json).
+Works on finished runs, runs killed part-way and runs still going (whatever was flushed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -17,10 +21,10 @@ from typing import List, Sequence
 
 import numpy as np
 
-from mpipar.report import analysis, html, plots
+from mpipar.report import analysis, html, plots, trace
 from mpipar.report.reader import Run, read_run
 
-__all__ = ["build_report", "main"]
+__all__ = ["build_report", "write_traces", "main"]
 
 
 def _slug(text: str) -> str:
@@ -53,9 +57,35 @@ def _run_section(run: Run, index: int, outdir: Path) -> html.Section:
                (plots.accuracy_curve(run, outdir / f"{prefix}_accuracy.png"), "test accuracy per epoch"),
                (plots.time_split_bars(run, outdir / f"{prefix}_time_split.png"), "time split per rank"),
                (plots.step_heatmap(run, outdir / f"{prefix}_heatmap.png", straggler), "step x rank heat map"),
-               (plots.bytes_sent_bars(run, outdir / f"{prefix}_bytes_sent.png"), "bytes sent per rank")]
+               (plots.bytes_sent_bars(run, outdir / f"{prefix}_bytes_sent.png"), "bytes sent per rank"),
+               (plots.step_gantt(run, outdir / f"{prefix}_gantt.png"), "sampled steps per rank")]
     fragments.extend(html.image_tag(png, alt) for png, alt in figures)
+    fragments.append(html.paragraph(_events_sentence(run)))
     return f"{run.name} ({run.strategy}, {run.world_size} ranks)", fragments
+
+
+def _events_sentence(run: Run) -> str:
+    steps = run.traced_steps
+    if not len(steps):
+        return ("No timed events in this run (train with --trace-steps FIRST-LAST to record some steps' data "
+                "loading, forward and backward, bucket Allreduces and optimizer per rank).")
+    offsets = np.asarray(run.event_attrs.get("clock_offsets", [0.0]), dtype=np.float64)
+    shown = steps[:plots.GANTT_STEPS]
+    return (f"Timed events of {len(steps)} sampled steps ({steps[0]}-{steps[-1]}); the chart shows steps "
+            f"{shown[0]}-{shown[-1]}. Clocks aligned to rank 0's (largest offset measured "
+            f"{1e6 * np.abs(offsets).max():.1f} us). mpipar-report RUN --trace trace.json writes them for "
+            f"Perfetto or chrome://tracing.")
+
+
+def write_traces(paths: Sequence, out) -> List[Path]:
+    """Each run's events as Chrome trace JSON: ``out`` for one run, else ``out``'s stem with
+    ``_<i>_<run>`` added, one file per run. Returns the paths."""
+    runs = [read_run(p) for p in paths]
+    out = Path(out)
+    if len(runs) == 1:
+        return [trace.write_trace(runs[0], out)]
+    return [trace.write_trace(run, out.with_name(f"{out.stem}_{i}_{_slug(run.name)}{out.suffix or '.json'}"))
+            for i, run in enumerate(runs)]
 
 
 def build_report(paths: Sequence, outdir) -> Path:
@@ -84,13 +114,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a run directory or its metrics.h5")
     parser.add_argument("-o", "--out", default="report", help="output directory (default: ./report)")
+    parser.add_argument("--trace", metavar="OUT.json",
+                        help="also write the sampled events (--trace-steps) as Chrome trace JSON for Perfetto")
     args = parser.parse_args(argv)
     try:
         report = build_report(args.runs, args.out)
+        traces = write_traces(args.runs, args.trace) if args.trace else []
     except (OSError, KeyError) as exc:
         print(f"mpipar-report: error: {exc}", file=sys.stderr)
         return 1
     print(report)
+    for path in traces:
+        events = len(json.loads(path.read_text())["traceEvents"])
+        print(path if events else f"{path} (empty: the run has no events; train with --trace-steps FIRST-LAST)")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -19,7 +20,7 @@ from mpipar.report import analysis  # noqa: E402
 from mpipar.report.reader import TIME_FIELDS, Run  # noqa: E402
 
 __all__ = ["loss_curve", "accuracy_curve", "time_split_bars", "step_heatmap", "bytes_sent_bars", "scaling_plot",
-           "time_split_by_run"]
+           "time_split_by_run", "step_gantt"]
 
 COLOURS = {"compute_time": "#4c72b0", "comm_time": "#dd8452", "idle_time": "#c44e52", "data_time": "#55a868"}
 LABELS = {"compute_time": "compute", "comm_time": "communication", "idle_time": "idle (waiting)",
@@ -135,4 +136,61 @@ def time_split_by_run(runs: Sequence[Run], path: Path) -> Optional[Path]:
     ax.set_xticks(positions, [f"{r.name}\n({r.world_size} ranks)" for r in runs], fontsize="small")
     ax.set(ylabel="mean s per step (mean over ranks)", title="where the time went, per run")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+EVENT_COLOURS = {"step": "#e6e6e6", "data": COLOURS["data_time"], "shard_data": COLOURS["data_time"],
+                 "train_step": COLOURS["compute_time"], "optimizer": "#8172b3", "apply": "#8172b3",
+                 "wait": COLOURS["idle_time"], "server_wait": COLOURS["idle_time"], "wait_bucket": "#8c2d2f",
+                 "exchange": COLOURS["comm_time"], "pull": "#b35806", "receive_push": COLOURS["comm_time"],
+                 "reply": "#b35806", "allreduce": COLOURS["comm_time"], "push": COLOURS["comm_time"]}
+GANTT_STEPS = 4
+
+
+def step_gantt(run: Run, path: Path, steps: int = GANTT_STEPS) -> Optional[Path]:
+    """The first ``steps`` sampled steps as a Gantt chart, a row per rank on the run's one clock:
+    the step (grey), its data / train_step / optimizer, the waits and exchanges inside them
+    (narrower), and transfers in flight (a thin bar under the row)."""
+    events = run.events
+    if not len(events.get("step", [])):
+        return None
+    names, levels = run.event_names, run.event_levels
+    shown = np.isin(events["step"], run.traced_steps[:steps])
+    rank, code, lane = events["rank"][shown], events["name"][shown], events["lane"][shown]
+    start = events["start"][shown] * 1000
+    width = np.maximum(events["duration"][shown], 0.0) * 1000
+    origin = start.min()
+    start = start - origin
+    ranks = int(rank.max()) + 1
+    fig, ax = plt.subplots(figsize=(11, min(22, max(2.8, 0.32 * ranks + 1.8))))
+    heights = {0: 0.8, 1: 0.56, 2: 0.34, 3: 0.18}
+    drawn = []
+    for c in np.unique(code).tolist():
+        name = names[c] if c < len(names) else f"event {c}"
+        level = levels[c] if c < len(levels) else 1
+        colour = EVENT_COLOURS.get(name, "#999999")
+        for is_comm in (False, True):
+            mine = (code == c) & ((lane != 0) == is_comm)
+            if not mine.any():
+                continue
+            for r in np.unique(rank[mine]).tolist():
+                sel = mine & (rank == r)
+                if is_comm:   # under the row
+                    y, h = r + 0.3, 0.12
+                else:
+                    h = heights.get(level, 0.18)
+                    y = r - h / 2
+                ax.broken_barh(list(zip(start[sel], width[sel])), (y, h), facecolors=colour,
+                               edgecolor="none" if level or is_comm else "#bbbbbb", linewidth=0.5)
+            drawn.append((name, colour, is_comm))
+    handles = [matplotlib.patches.Patch(color=colour, label=name + (" (in flight)" if is_comm else ""))
+               for name, colour, is_comm in drawn]
+    ax.set_ylim(ranks - 0.5, -0.5)
+    if ranks <= 32:
+        ax.set_yticks(np.arange(ranks))
+    first, last = run.traced_steps[0], run.traced_steps[:steps][-1]
+    ax.set(xlabel="ms (one clock for all ranks)", ylabel="rank",
+           title=f"{run.name}: sampled steps {first}-{last}, per rank")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

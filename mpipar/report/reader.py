@@ -8,9 +8,10 @@ run does not load torch or MPI.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, List, Optional, Union
 
 import h5py
 import numpy as np
@@ -23,12 +24,16 @@ TIME_FIELDS = ("compute_time", "comm_time", "idle_time", "data_time")
 @dataclass
 class Run:
     """One run's metrics. ``steps`` maps each ``/steps`` dataset to its array: (S,) or (S, W),
-    NaN (floats) or 0 (counts) where a rank did not run the step; ``epochs`` likewise (E,)."""
+    NaN (floats) or 0 (counts) where a rank did not run the step; ``epochs`` likewise (E,);
+    ``events`` the ``/events`` table's columns (empty without ``--trace-steps``) and
+    ``event_attrs`` its attributes."""
 
     path: Path
     attrs: Dict[str, object] = field(default_factory=dict)
     steps: Dict[str, np.ndarray] = field(default_factory=dict)
     epochs: Dict[str, np.ndarray] = field(default_factory=dict)
+    events: Dict[str, np.ndarray] = field(default_factory=dict)
+    event_attrs: Dict[str, object] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -58,6 +63,21 @@ class Run:
         values = self.steps.get(name)
         return np.zeros((self.num_steps, 0)) if values is None else np.asarray(values, dtype=np.float64)
 
+    @property
+    def event_names(self) -> List[str]:
+        """The names of the ``/events`` codes."""
+        return json.loads(self.event_attrs["names"]) if "names" in self.event_attrs else []
+
+    @property
+    def event_levels(self) -> List[int]:
+        """Each code's nesting depth on the main lane."""
+        return json.loads(self.event_attrs["levels"]) if "levels" in self.event_attrs else []
+
+    @property
+    def traced_steps(self) -> np.ndarray:
+        """The steps with events, in order."""
+        return np.unique(self.events["step"]) if "step" in self.events else np.zeros(0, dtype=np.int64)
+
     def sizes(self) -> np.ndarray:
         """The ranks that ran each step (S,): ``/steps/world_size``, else the run's world size."""
         if "world_size" in self.steps:
@@ -71,18 +91,46 @@ def metrics_path(path: Union[str, Path]) -> Path:
     return path / "metrics.h5" if path.is_dir() else path
 
 
-def read_run(path: Union[str, Path]) -> Run:
+def read_run(path: Union[str, Path], *, patience: float = 10.0) -> Run:
     """Load a run directory or metrics file: whatever was flushed (no steps or epochs yet is fine).
 
+    A run still going: its rank 0 holds the file (and HDF5's lock on it) only while it
+    appends a flush, so an open that fails is tried again for up to ``patience`` seconds;
+    columns caught between two appends are cut to the rows every column has.
+
     Raises:
-        OSError: the file is missing or not HDF5.
+        OSError: the file is missing or not HDF5 (or stayed locked for ``patience`` seconds).
     """
     path = metrics_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such metrics file")
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return _read(path)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _read(path: Path) -> Run:
     with h5py.File(path, "r") as f:
         attrs = {key: _plain(value) for key, value in f.attrs.items()}
-        steps = {k: f["steps"][k][...] for k in f["steps"]} if "steps" in f else {}
-        epochs = {k: f["epochs"][k][...] for k in f["epochs"]} if "epochs" in f else {}
-    return Run(path=path, attrs=attrs, steps=steps, epochs=epochs)
+        steps = _group(f, "steps")
+        epochs = _group(f, "epochs")
+        events = _group(f, "events", skip="_histogram")
+        event_attrs = {key: _plain(value) for key, value in f["events"].attrs.items()} if "events" in f else {}
+    return Run(path=path, attrs=attrs, steps=steps, epochs=epochs, events=events, event_attrs=event_attrs)
+
+
+def _group(f: h5py.File, name: str, skip: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """A group's datasets, cut to the rows all of them have (a flush may be under way)."""
+    if name not in f:
+        return {}
+    columns = {k: f[name][k][...] for k in f[name] if not (skip and k.endswith(skip))}
+    rows = min((len(v) for v in columns.values()), default=0)
+    return {k: v[:rows] for k, v in columns.items()}
 
 
 def _plain(value):

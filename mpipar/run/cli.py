@@ -6,7 +6,7 @@ import argparse
 
 from mpipar.run.config import TrainConfig
 
-__all__ = ["training_parser", "train_config", "add_pipeline_flags", "rank_list"]
+__all__ = ["training_parser", "train_config", "add_pipeline_flags", "rank_list", "step_range"]
 
 
 class _RankParser(argparse.ArgumentParser):
@@ -59,6 +59,10 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
                    help="continue from the newest intact checkpoint in --out (start fresh when there is none)")
     p.add_argument("--resume-from", metavar="CHECKPOINT",
                    help="continue from this checkpoint directory (OUT/checkpoints/step-N); implies --resume")
+    p.add_argument("--trace-steps", type=step_range, default=None, metavar="FIRST-LAST",
+                   help="record timed events (data, forward+backward, each gradient bucket's Allreduce, optimizer, "
+                        "parameter-server pushes and pulls) of these steps (0-based, e.g. 20-25 or 7) in metrics.h5; "
+                        "mpipar-report RUN --trace out.json shows them in Perfetto")
     p.add_argument("--requeue", action="store_true",
                    help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     return p
@@ -73,6 +77,18 @@ def rank_list(text: str) -> tuple:
     if any(value < 0 for value in values):
         raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
     return values
+
+
+def step_range(text: str) -> tuple:
+    """``"20-25"`` -> ``(20, 25)``, ``"7"`` -> ``(7, 7)``: an argparse type for ``--trace-steps``."""
+    first, _, last = text.partition("-")
+    try:
+        steps = (int(first), int(last or first))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST or STEP (0-based step indices), got {text!r}") from None
+    if not 0 <= steps[0] <= steps[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= FIRST <= LAST, got {text!r}")
+    return steps
 
 
 def balance_flag(text: str):
@@ -108,4 +124,5 @@ def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -
         data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
         model=model or args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device)
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
+        trace_steps=args.trace_steps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 __all__ = ["TrainConfig"]
 
@@ -15,7 +15,9 @@ class TrainConfig:
 
     ``batch_size`` is per rank; ``max_steps`` (optional) stops after that many
     optimizer steps in total; ``threads`` is torch's intra-op threads per rank;
-    ``device``: ``cpu``, ``cuda`` (one GPU per rank) or ``auto`` (cuda when every rank has one).
+    ``device``: ``cpu``, ``cuda`` (one GPU per rank) or ``auto`` (cuda when every rank has one);
+    ``trace_steps``: ``(first, last)`` loop steps (0-based, inclusive) whose timed events are
+    recorded in the metrics file's ``/events``, or None (none).
     """
 
     data: str = "fashion-mnist"
@@ -34,6 +36,7 @@ class TrainConfig:
     log_every: float = 10.0
     checkpoint_every: int = 0
     device: str = "auto"
+    trace_steps: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -49,6 +52,10 @@ class TrainConfig:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.trace_steps is not None:
+            first, last = self.trace_steps
+            if not 0 <= first <= last:
+                raise ValueError(f"--trace-steps must be FIRST-LAST with 0 <= FIRST <= LAST, got {first}-{last}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 

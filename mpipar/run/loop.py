@@ -14,8 +14,8 @@ from mpipar.comm.device import to_device
 from mpipar.data.datasets import DataSplits
 from mpipar.data.sharding import rank_batches, step_plan, steps_per_epoch
 from mpipar.diagnostics import collectives
+from mpipar.diagnostics.events import EventRecorder
 from mpipar.run.checkpoint import rng_state, set_rng_state
-from mpipar.run.evaluate import Stopwatch
 from mpipar.run.launch import mpi_library, requeue_slurm_job
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.session import Session
@@ -77,9 +77,10 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                                                                                           False)
     if steps_optimizer:
         strategy.bind_optimizer(optimizer)
+    recorder = EventRecorder(comm, config.trace_steps) if config.trace_steps is not None else None
     metrics = MetricsWriter(session.out / "metrics.h5", comm, strategy=strategy.name, config=session.run_config,
                             flush_every=config.flush_every, resume=session.resume, resume_at_step=step,
-                            wait_groups=strategy.wait_groups,
+                            wait_groups=strategy.wait_groups, events=recorder,
                             attrs={"model": config.model, **session.device_attrs, **strategy.metrics_attrs})
     say(f"mpipar {__version__}: {strategy.name} on {comm.Get_size()} ranks x {config.threads} threads, "
         f"{mpi_library()}")
@@ -127,15 +128,19 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                 break
             session.fault.maybe_fail(step)
             session.watchdog.label(epoch=epoch + 1, step=step)
-            clock = Stopwatch()
+            step_start = time.perf_counter()
+            sampled = recorder is not None and recorder.begin_step(step)
             indices = batches[step_in_epoch]
             if shares_shards:
-                batch = StepShards(step, replicas, lambda j, shards=indices: to_device(train_set.batch(shards[j]),
-                                                                                       session.device))
+                def fetch(j, shards=indices):
+                    return to_device(train_set.batch(shards[j]), session.device)
+                batch = StepShards(step, replicas, _traced_fetch(recorder, fetch) if sampled else fetch)
             else:
                 batch = to_device(train_set.batch(indices), session.device) if strategy.needs_batch() else None
-            data_time = clock.lap()
+            data_end = time.perf_counter()
+            data_time = data_end - step_start
             optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
+            train_start = time.perf_counter()
             record = strategy.train_step(batch)
             update_start = time.perf_counter()
             if not steps_optimizer:
@@ -146,7 +151,14 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                     warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                     lr_schedule.step()
             update_time = time.perf_counter() - update_start
-            step_time = data_time + clock.lap()
+            step_end = time.perf_counter()
+            step_time = step_end - step_start
+            if sampled:
+                recorder.add("step", step_start, step_end)
+                recorder.add("data", step_start, data_end)
+                recorder.add("train_step", train_start, update_start)
+                recorder.add("optimizer", update_start, update_start + update_time)
+                recorder.end_step()
             data_time += record.data_time
             compute_time = None if record.compute_time is None else record.compute_time + update_time
             metrics.record_step(loss=record.loss, samples=record.samples, step_time=step_time, data_time=data_time,
@@ -195,3 +207,13 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         say(summarize(metrics.path))
     session.watchdog.stop()
     return stopping
+
+
+def _traced_fetch(recorder: EventRecorder, fetch):
+    """``fetch`` recording each shard it loads as a ``shard_data`` event (index: the shard)."""
+    def traced(j):
+        start = time.perf_counter()
+        batch = fetch(j)
+        recorder.add("shard_data", start, time.perf_counter(), index=j)
+        return batch
+    return traced

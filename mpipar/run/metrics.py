@@ -22,6 +22,10 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
 * tables a strategy adds through :meth:`MetricsWriter.write_table` (e.g. ``/updates``, one row per
   parameter-server update), each with a ``step`` column so a resumed run drops the rows after
   its checkpoint.
+* ``/events`` (with ``--trace-steps``): the timed events of the sampled steps, one row per event
+  and rank (:data:`mpipar.diagnostics.events.COLUMNS`: step, rank, name code, lane, start and
+  duration in seconds on rank 0's clock, bytes, peer, index); its attributes hold the names,
+  lanes and levels of the codes and each rank's measured clock offset from rank 0.
 
 Steps are buffered in memory and written by rank 0 at each flush (every
 ``flush_every`` steps and at each epoch end); the file is opened, appended and
@@ -47,6 +51,7 @@ from mpi4py import MPI
 from mpipar import __version__
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
+from mpipar.diagnostics.events import EventRecorder
 from mpipar.diagnostics.failure import AgreedError
 from mpipar.run.launch import mpi_library
 
@@ -82,6 +87,8 @@ class MetricsWriter:
             continues the file with no duplicated or missing steps.
         wait_groups: the ranks that wait in collectives together (data-parallel
             groups); default: all ranks of ``comm``.
+        events: this rank's :class:`~mpipar.diagnostics.events.EventRecorder` (on every rank
+            or none): its rows are appended to ``/events`` at each flush.
 
     Raises:
         FileExistsError, PermissionError, OSError: on every rank, before any
@@ -90,7 +97,8 @@ class MetricsWriter:
 
     def __init__(self, path, comm: MPI.Intracomm, *, strategy: str, config: dict,
                  attrs: Optional[dict] = None, flush_every: int = 50, root: int = 0, resume: bool = False,
-                 resume_at_step: Optional[int] = None, wait_groups: Optional[List[List[int]]] = None):
+                 resume_at_step: Optional[int] = None, wait_groups: Optional[List[List[int]]] = None,
+                 events: Optional[EventRecorder] = None):
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.path = Path(path)
@@ -98,6 +106,7 @@ class MetricsWriter:
         self.root = root
         self.is_root = comm.Get_rank() == root
         self.flush_every = flush_every
+        self.events = events
         self.world_size = comm.Get_size()
         self.wait_groups = wait_groups or [list(range(self.world_size))]
         if sorted(rank for group in self.wait_groups for rank in group) != list(range(self.world_size)):
@@ -204,6 +213,8 @@ class MetricsWriter:
                 raise RuntimeError(f"ranks recorded different numbers of steps since the last flush: {counts}")
             verdict = (self._write(rows, self._epochs), any(flag for _, flag in gathered))
         bad_step, stop_anywhere = collectives.bcast(self.comm, verdict, "metrics flush", root=self.root)
+        if self.events is not None and self.events.buffered_steps:  # the same on every rank
+            self.write_table("events", self.events.take(), attrs=self.events.attrs())
         self.steps_written += len(self._steps)
         self._steps, self._epochs = [], []
         if bad_step is not None:

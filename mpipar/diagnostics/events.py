@@ -1,0 +1,185 @@
+"""Timed events of a few sampled steps, per rank, on one clock per run: the recorder every part of mpipar calls.
+
+The loop makes one :class:`EventRecorder` per run when ``--trace-steps`` asks for it and
+tells it where each step begins and ends; during a sampled step the recorder is
+:func:`active` and anyone (the loop, the gradient reducer, the parameter server, a
+pipeline's executor) adds what it timed::
+
+    recorder = events.active()          # None outside sampled steps: the cost is one call
+    if recorder is not None:
+        recorder.add("allreduce", launched, completed, nbytes=size, index=bucket)
+
+Times are ``time.perf_counter()`` values of the calling rank; :meth:`EventRecorder.take`
+moves them onto rank 0's clock with the offsets measured at construction, as seconds
+since the recorder was built on rank 0. ``MetricsWriter`` stores the rows as the table
+``/events`` (see :data:`COLUMNS`) with the vocabulary and the offsets as its attributes.
+A new kind of event is a line in :data:`VOCABULARY`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from mpipar.diagnostics import collectives
+
+__all__ = ["EventRecorder", "active", "VOCABULARY", "COLUMNS", "MAIN", "COMM"]
+
+MAIN, COMM = 0, 1
+"""Lanes: ``MAIN`` events of one rank nest or follow each other (what the rank's thread
+did); ``COMM`` events are transfers in flight, which may overlap each other and the main lane."""
+
+VOCABULARY: Dict[str, Tuple[int, int]] = {
+    # name: (lane, level) -- level: nesting depth on the main lane (0: the whole step)
+    "step": (MAIN, 0),              # the loop's step: data + train_step + optimizer (= /steps/step_time)
+    "data": (MAIN, 1),              # loading the step's batch (a parameter-server worker: each shard, level 2)
+    "train_step": (MAIN, 1),        # the strategy's step: forward, backward, gradient reduction
+    "optimizer": (MAIN, 1),         # the loop's optimizer and schedule step
+    "wait": (MAIN, 2),              # blocked in the gradient reducer (the step's wait_time)
+    "wait_bucket": (MAIN, 3),       # inside a wait: one bucket's Allreduce completing (index: bucket)
+    "allreduce": (COMM, 0),         # a bucket's Allreduce from launch to completion (index: bucket)
+    "shard_data": (MAIN, 2),        # a parameter-server worker fetching one shard
+    "exchange": (MAIN, 2),          # a parameter-server worker's round trip (push, ticket, pulls)
+    "pull": (MAIN, 3),              # inside an exchange: a server's reply and weights (peer: server)
+    "push": (COMM, 0),              # a worker's gradient to a server, posted to completed (peer: server)
+    "server_wait": (MAIN, 2),       # a server waiting for the next request (its idle time)
+    "receive_push": (MAIN, 2),      # a server receiving a gradient (peer: worker)
+    "apply": (MAIN, 2),             # a server applying an update (index: the version it makes)
+    "reply": (MAIN, 2),             # a server answering a request or pull (peer: worker)
+}
+NAMES = tuple(VOCABULARY)
+_CODE = {name: code for code, name in enumerate(NAMES)}
+COLUMNS = ("step", "rank", "name", "lane", "start", "duration", "bytes", "peer", "index")
+"""The ``/events`` table: ``name`` is a code into the ``names`` attribute; ``start`` and
+``duration`` are seconds on rank 0's clock (0: the recorder's construction there)."""
+
+_active: Optional[EventRecorder] = None
+
+
+def active() -> Optional[EventRecorder]:
+    """The recorder of the step being sampled on this rank, else None."""
+    return _active
+
+
+class EventRecorder:
+    """This rank's events of the steps ``first..last`` (inclusive; loop step indices).
+
+    Collective contract: the constructor is collective over ``comm`` (it measures the
+    offset of every rank's clock from rank 0's by ping-pong on a duplicate of ``comm``,
+    keeping each rank's round trip of least delay); every rank must call
+    :meth:`begin_step` / :meth:`end_step` for the same steps, so :attr:`buffered_steps`
+    is the same everywhere. Everything else is local. Size 1: the offset is 0.
+
+    Args:
+        comm: the run's ranks.
+        steps: ``(first, last)`` step indices to sample, inclusive.
+        rounds: ping-pong round trips per rank for the clock offsets.
+    """
+
+    def __init__(self, comm: MPI.Intracomm, steps: Tuple[int, int], *, rounds: int = 8):
+        first, last = steps
+        if first < 0 or last < first:
+            raise ValueError(f"trace steps must be first <= last, both >= 0, got {steps}")
+        self.first, self.last = first, last
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        offsets, delays = _clock_offsets(comm, rounds)
+        self.offsets = np.asarray(offsets, dtype=np.float64)   # rank r's clock minus rank 0's, seconds
+        self.delays = np.asarray(delays, dtype=np.float64)     # the round trip each offset came from
+        origin = collectives.bcast(comm, time.perf_counter(), "events: clock origin", root=0)
+        self._origin = origin + self.offsets[self.rank]        # rank 0's origin, on this rank's clock
+        self._rows: List[tuple] = []
+        self._step: Optional[int] = None
+        self.buffered_steps = 0
+
+    # -- the loop --------------------------------------------------------------------
+
+    def samples(self, step: int) -> bool:
+        return self.first <= step <= self.last
+
+    def begin_step(self, step: int) -> bool:
+        """Start recording ``step`` when it is sampled (then this recorder is :func:`active`); True if so."""
+        global _active
+        if not self.samples(step):
+            _active = None
+            return False
+        self._step = step
+        self.buffered_steps += 1
+        _active = self
+        return True
+
+    def end_step(self) -> None:
+        global _active
+        _active = None
+        self._step = None
+
+    # -- anyone, during a sampled step -------------------------------------------------
+
+    def add(self, name: str, start: float, end: float, *, nbytes: float = 0.0, peer: int = -1,
+            index: int = -1) -> None:
+        """An event from ``start`` to ``end`` (``time.perf_counter()`` values). Local; cheap."""
+        self._rows.append((self._step, _CODE[name], start, end, nbytes, peer, index))
+
+    @contextmanager
+    def span(self, name: str, **args) -> Iterator[None]:
+        """Record the ``with`` block as an event ``name`` (keywords as in :meth:`add`)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, start, time.perf_counter(), **args)
+
+    # -- MetricsWriter -----------------------------------------------------------------
+
+    def take(self) -> Dict[str, np.ndarray]:
+        """The rows since the last call as the table's columns, times on the run's clock; resets."""
+        rows, self._rows, self.buffered_steps = self._rows, [], 0
+        table = np.array([r[:2] + r[4:] for r in rows], dtype=np.float64).reshape(-1, 5)
+        times = np.array([r[2:4] for r in rows], dtype=np.float64).reshape(-1, 2)
+        codes = table[:, 1].astype(np.int64)
+        lanes = np.array([VOCABULARY[NAMES[c]][0] for c in codes], dtype=np.int64)
+        return {"step": table[:, 0].astype(np.int64), "rank": np.full(len(rows), self.rank, dtype=np.int64),
+                "name": codes, "lane": lanes, "start": times[:, 0] - self._origin,
+                "duration": times[:, 1] - times[:, 0], "bytes": table[:, 2], "peer": table[:, 3].astype(np.int64),
+                "index": table[:, 4].astype(np.int64)}
+
+    def attrs(self) -> dict:
+        """The table's attributes: the vocabulary and how the clocks were aligned."""
+        return {"names": json.dumps(NAMES), "levels": json.dumps([VOCABULARY[n][1] for n in NAMES]),
+                "lanes": json.dumps([VOCABULARY[n][0] for n in NAMES]), "clock_offsets": self.offsets,
+                "clock_round_trips": self.delays, "trace_steps": np.array([self.first, self.last]),
+                "clock": "seconds on rank 0's perf_counter since the recorder started; rank r's clock minus "
+                         "rank 0's is clock_offsets[r] (ping-pong, least of the round trips clock_round_trips)"}
+
+
+def _clock_offsets(comm: MPI.Intracomm, rounds: int) -> Tuple[List[float], List[float]]:
+    """Each rank's clock minus rank 0's, from the ping-pong of least round trip with rank 0,
+    and that round trip. Collective; the same lists on every rank."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    offsets, delays = [0.0] * size, [0.0] * size
+    if size > 1:
+        pingpong = comm.Dup()
+        try:
+            stamp = np.zeros(1)
+            for peer in range(1, size):
+                if rank == 0:
+                    best = (float("inf"), 0.0)
+                    for _ in range(rounds):
+                        sent = time.perf_counter()
+                        pingpong.Send(stamp, dest=peer)
+                        pingpong.Recv(stamp, source=peer)
+                        back = time.perf_counter()
+                        best = min(best, (back - sent, float(stamp[0]) - (sent + back) / 2))
+                    delays[peer], offsets[peer] = best
+                elif rank == peer:
+                    for _ in range(rounds):
+                        pingpong.Recv(stamp, source=0)
+                        stamp[0] = time.perf_counter()
+                        pingpong.Send(stamp, dest=0)
+        finally:
+            pingpong.Free()
+    return collectives.bcast(comm, (offsets, delays), "events: clock offsets", root=0)
