@@ -1,0 +1,290 @@
+"""Timed events of sampled steps: the recorder, /events against the per-step fields, the Chrome
+trace's structure, the Gantt chart, and the report opened in a real headless browser."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mpi_helpers import ROOT, assert_all_ranks, mpirun_command, run_mpi
+from mpipar.diagnostics import events
+from mpipar.diagnostics.events import EventRecorder
+from mpipar.run.checkpoint import FREE_SETTINGS
+from mpipar.run.cli import step_range
+from mpipar.run.config import TrainConfig
+
+pytest.importorskip("matplotlib")
+import matplotlib.image  # noqa: E402
+
+from mpipar.report import trace  # noqa: E402
+from mpipar.report.cli import build_report, main  # noqa: E402
+from mpipar.report.reader import read_run  # noqa: E402
+
+TRACED = (2, 4)   # sampled steps of the real runs
+
+
+# -- flags and settings --------------------------------------------------------------------
+
+def test_trace_steps_flag_and_setting():
+    assert step_range("20-25") == (20, 25) and step_range("7") == (7, 7)
+    for bad in ("5-2", "a-b", "-3"):
+        with pytest.raises(Exception, match="expected"):
+            step_range(bad)
+    with pytest.raises(ValueError, match="--trace-steps"):
+        TrainConfig(trace_steps=(4, 1))
+    assert "trace_steps" in FREE_SETTINGS   # a resumed run may trace other steps
+
+
+# -- the recorder on every rank (MPI passes) -----------------------------------------------
+
+@pytest.mark.mpi
+def test_clock_offsets_and_reducer_events(comm):
+    """On one node every rank shares the monotonic clock: each measured offset is within half
+    its round trip of 0. In a sampled step the gradient reducer's waits add up to its wait time
+    and each bucket's Allreduce is one event with its bytes (none at size 1); outside sampled steps nothing is
+    recorded."""
+    from mpipar.data_parallel.wrapper import DataParallel
+
+    recorder = EventRecorder(comm, (1, 1))
+    size = comm.Get_size()
+    assert recorder.offsets.shape == (size,) and recorder.offsets[0] == 0.0
+    ok = all(abs(o) <= d / 2 + 1e-6 for o, d in zip(recorder.offsets[1:], recorder.delays[1:]))
+    assert_all_ranks(comm, ok, f"offsets {recorder.offsets} vs round trips {recorder.delays}")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    dp = DataParallel(model, comm, bucket_cap_mb=16 * 4 / 2**20)   # several buckets
+    waits = []
+    for step in range(3):
+        recorder.begin_step(step)
+        assert (events.active() is recorder) == (step == 1)
+        dp(torch.randn(5, 8)).sum().backward()
+        waits.append(dp.stats.take().wait_time)
+        recorder.end_step()
+    assert events.active() is None and recorder.buffered_steps == 1
+    table = recorder.take()
+    assert set(table) == set(events.COLUMNS) and (table["step"] == 1).all() and (table["rank"] == comm.rank).all()
+    names = np.array(events.NAMES)[table["name"]]
+    buckets = len(dp.buckets) if size > 1 else 0   # size 1: nothing is communicated
+    allreduce = names == "allreduce"
+    sent = table["bytes"][allreduce].sum()
+    assert_all_ranks(comm, np.isclose(table["duration"][names == "wait"].sum(), waits[1], rtol=1e-9, atol=1e-12),
+                     f"wait events {table['duration'][names == 'wait'].sum()} vs wait_time {waits[1]}")
+    assert_all_ranks(comm, allreduce.sum() == buckets, f"{allreduce.sum()} Allreduces")
+    expected = 2 * (size - 1) / size * 4 * sum(p.numel() for p in model.parameters())
+    assert_all_ranks(comm, np.isclose(sent, expected), f"bytes {sent} vs {expected}")
+    assert_all_ranks(comm, (table["duration"] >= 0).all() and (table["lane"][allreduce] == events.COMM).all())
+
+
+# -- the Chrome trace's structure ------------------------------------------------------------
+
+def check_chrome_trace(document: dict, ranks: int) -> dict:
+    """What Perfetto and chrome://tracing need: a traceEvents list; one process per rank, named;
+    complete events with numeric ts/dur (microseconds) >= 0; on each thread, events nested or
+    apart (never partly overlapping). Returns the X events by (pid, tid)."""
+    document = json.loads(json.dumps(document))   # plain JSON
+    assert isinstance(document["traceEvents"], list) and document.get("displayTimeUnit") in ("ms", "ns")
+    named = {e["pid"] for e in document["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
+    assert named == set(range(ranks))
+    tracks = {}
+    for event in document["traceEvents"]:
+        assert event["ph"] in ("X", "M"), event
+        if event["ph"] == "X":
+            assert isinstance(event["name"], str) and isinstance(event["pid"], int) and isinstance(event["tid"], int)
+            assert isinstance(event["ts"], (int, float)) and isinstance(event["dur"], (int, float))
+            assert event["dur"] >= 0 and np.isfinite(event["ts"]) and isinstance(event["args"], dict)
+            tracks.setdefault((event["pid"], event["tid"]), []).append(event)
+    assert {pid for pid, _ in tracks} == set(range(ranks))
+    for (pid, tid), track in tracks.items():
+        open_ends = []
+        for event in sorted(track, key=lambda e: (e["ts"], -e["dur"])):
+            while open_ends and open_ends[-1] <= event["ts"]:
+                open_ends.pop()
+            end = event["ts"] + event["dur"]
+            assert not open_ends or end <= open_ends[-1] + 1e-6, f"rank {pid} thread {tid}: {event} overlaps"
+            open_ends.append(end)
+    return tracks
+
+
+def test_trace_lanes_keep_transfers_apart(tmp_path):
+    """Transfers in flight that overlap go to different threads; events of the main lane nest."""
+    path = tmp_path / "run" / "metrics.h5"
+    path.parent.mkdir()
+    code = {name: i for i, name in enumerate(events.NAMES)}
+    rows = [  # step, rank, name, start, duration
+        (0, 0, "step", 0.0, 1.0), (0, 0, "train_step", 0.1, 0.8), (0, 0, "wait", 0.7, 0.2),
+        (0, 0, "allreduce", 0.3, 0.5), (0, 0, "allreduce", 0.4, 0.2), (0, 0, "allreduce", 0.85, 0.1),
+        (0, 1, "step", 0.0, 1.0), (0, 1, "data", 0.0, 0.1)]
+    with h5py.File(path, "w") as f:
+        f.attrs.update(strategy="data_parallel", world_size=2, config="{}", hosts=json.dumps(["a", "b"]))
+        columns = {"step": [r[0] for r in rows], "rank": [r[1] for r in rows], "name": [code[r[2]] for r in rows],
+                   "lane": [events.VOCABULARY[r[2]][0] for r in rows], "start": [r[3] for r in rows],
+                   "duration": [r[4] for r in rows], "bytes": [100.0] * len(rows), "peer": [-1] * len(rows),
+                   "index": [0] * len(rows)}
+        for name, values in columns.items():
+            f[f"events/{name}"] = np.asarray(values)
+        levels = [level for _, level in events.VOCABULARY.values()]
+        f["events"].attrs.update(names=json.dumps(events.NAMES), levels=json.dumps(levels), clock_offsets=np.zeros(2))
+        del f["events/duration"]      # caught mid-flush: the last column one row short
+        f["events/duration"] = np.asarray(columns["duration"][:-1])
+    run = read_run(path)
+    assert len(run.events["step"]) == len(rows) - 1
+    tracks = check_chrome_trace(trace.chrome_trace(run), ranks=2)
+    assert sorted(len(t) for (pid, _), t in tracks.items() if pid == 0) == [1, 2, 3]   # main + two lanes
+    x = [e for e in trace.chrome_trace(run)["traceEvents"] if e["ph"] == "X"]
+    assert x[0]["ts"] == 0.0 and x[0]["dur"] == pytest.approx(1e6) and x[0]["args"]["bytes"] == 100
+
+
+# -- real runs -----------------------------------------------------------------------------
+
+def _environment():
+    environ = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    for key in [k for k in environ if k.startswith(("OMPI_COMM_WORLD", "PMIX_", "OMPI_MCA_ess", "PRTE_"))]:
+        environ.pop(key)
+    return environ
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """A 2-rank data-parallel run with traced steps, reported on while it still runs."""
+    out = tmp_path_factory.mktemp("trace") / "dp"
+    job = mpirun_command(2, str(ROOT / "jobs" / "resnet_dp.py"), "--data", "synthetic", "--batch-size", "16",
+                         "--threads", "1", "--max-steps", "24", "--flush-every", "2", "--trace-steps",
+                         f"{TRACED[0]}-{TRACED[1]}", "--out", str(out))
+    process = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_environment(),
+                               cwd=ROOT)
+    during = None
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if (out / "metrics.h5").exists():
+                run = read_run(out)
+                if len(run.traced_steps) == TRACED[1] - TRACED[0] + 1 and process.poll() is None:
+                    during = (run.num_steps, build_report([out], out.parent / "report_during"))
+                    break
+            time.sleep(0.2)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    return out, during
+
+
+def _sums_agree(run, ranks):
+    """Per rank, the events of each covered field add up to the /steps field over the sampled steps."""
+    names = np.array(run.event_names)[run.events["name"]]
+    sampled = run.traced_steps
+    per_step = {k: run.per_rank(k)[sampled] for k in ("step_time", "data_time", "comm_time", "idle_time")}
+    for rank in ranks:
+        mine = run.events["rank"] == rank
+
+        def total(*which, mine=mine):
+            return run.events["duration"][mine & np.isin(names, which)].sum()
+
+        assert total("step") == pytest.approx(per_step["step_time"][:, rank].sum(), rel=0.01), rank
+        yield rank, names, mine, per_step, total
+
+
+def test_events_agree_with_step_fields_data_parallel(dp_run):
+    out, _ = dp_run
+    run = read_run(out)
+    assert run.traced_steps.tolist() == list(range(TRACED[0], TRACED[1] + 1))
+    for rank, names, mine, per_step, total in _sums_agree(run, range(2)):
+        assert total("data") == pytest.approx(per_step["data_time"][:, rank].sum(), rel=0.01)
+        blocked = per_step["comm_time"][:, rank].sum() + per_step["idle_time"][:, rank].sum()
+        assert total("wait") == pytest.approx(blocked, rel=0.01)   # the reducer's wait_time, split by the file
+        assert (names[mine] == "allreduce").sum() >= 3 and run.events["bytes"][mine].sum() > 0
+    assert np.abs(run.event_attrs["clock_offsets"]).max() < 0.01
+
+
+def test_chrome_trace_of_a_real_run(dp_run, tmp_path):
+    out, _ = dp_run
+    path = tmp_path / "trace.json"
+    assert main([str(out), "-o", str(tmp_path / "report"), "--trace", str(path)]) == 0
+    tracks = check_chrome_trace(json.loads(path.read_text()), ranks=2)
+    main_names = {e["name"] for e in tracks[(0, 0)]}
+    assert {"step", "data", "train_step", "optimizer", "wait"} <= main_names
+    assert {e["name"] for e in tracks[(0, 1)]} == {"allreduce"}
+    steps = [e for e in tracks[(1, 0)] if e["name"] == "step"]
+    assert len(steps) == 3 and all(e["dur"] > 100 for e in steps)   # microseconds: a step takes > 0.1 ms
+
+
+def test_report_while_running_and_after(dp_run):
+    out, during = dp_run
+    assert during is not None, "the run ended before the report could be made while it ran"
+    steps_then, report = during
+    assert 0 < steps_then < 24 and "sampled steps" in report.read_text()
+    assert (report.parent / "0_dp_gantt.png").stat().st_size > 5000
+    text = build_report([out], out.parent / "report_after").read_text()
+    assert text.count("<img ") == 6 and "Timed events of 3 sampled steps (2-4)" in text
+
+
+def test_events_agree_with_step_fields_parameter_server(tmp_path):
+    """A server (rank 0) and two workers: each worker's exchanges are its comm + idle time; the
+    server's waits are its idle time and its receives and replies its communication."""
+    out = tmp_path / "ps"
+    result = run_mpi(3, "jobs/resnet_ps.py", "--data", "synthetic", "--batch-size", "16", "--threads", "1",
+                     "--max-steps", "5", "--mode", "async", "--trace-steps", "1-3", "--out", str(out), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = read_run(out)
+    for rank, names, mine, per_step, total in _sums_agree(run, range(3)):
+        comm, idle = per_step["comm_time"][:, rank].sum(), per_step["idle_time"][:, rank].sum()
+        if rank == 0:
+            assert total("server_wait") == pytest.approx(idle, rel=0.01)
+            assert total("receive_push", "reply") == pytest.approx(comm, rel=0.01)
+            assert (names[mine] == "apply").any()
+        else:
+            assert total("exchange") == pytest.approx(comm + idle, rel=0.01)
+            assert (names[mine] == "push").any() and (names[mine] == "pull").any()
+    check_chrome_trace(trace.chrome_trace(run), ranks=3)
+    assert build_report([out], tmp_path / "report").read_text().count("<img ") == 6
+
+
+# -- a real browser --------------------------------------------------------------------------
+
+def chromium():
+    """Debian's chromium; skipped when missing, a failure in CI (CI=true) where it is installed."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "chromium not found (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " [CI=true: .ci/run installs it]", pytrace=False)
+        pytest.skip(message)
+    return found
+
+
+def screenshot(browser, page, png, size=(1200, 3200)):
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                             f"--screenshot={png}", f"--window-size={size[0]},{size[1]}", page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert png.exists(), result.stdout + result.stderr
+    return matplotlib.image.imread(png)[..., :3]
+
+
+def chart_bands(pixels):
+    """Saturated (chart) pixels: their share of the page and how many separate bands of rows hold them."""
+    saturated = (pixels.max(-1) - pixels.min(-1)) > 0.25
+    rows = np.flatnonzero(saturated.sum(1) > 20)
+    return saturated.mean(), (1 + int((np.diff(rows) > 15).sum())) if len(rows) else 0
+
+
+def test_report_renders_in_a_headless_browser(dp_run, tmp_path):
+    browser = chromium()
+    out, _ = dp_run
+    report = build_report([out], tmp_path / "report")
+    share, bands = chart_bands(screenshot(browser, report, tmp_path / "page.png"))
+    assert share > 0.03 and bands >= 5, (share, bands)   # six charts, the accuracy one a single dot
+    broken = tmp_path / "broken.html"                   # the same page with its images broken
+    broken.write_text(report.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA"))
+    share_broken, bands_broken = chart_bands(screenshot(browser, broken, tmp_path / "broken.png"))
+    assert share_broken < 0.002 and bands_broken <= 1, (share_broken, bands_broken)
+
+
+def test_comm_lanes():
+    starts, ends = np.array([0.0, 1.0, 2.0, 5.0]), np.array([3.0, 2.0, 4.0, 6.0])
+    assert trace.comm_lanes(starts, ends).tolist() == [0, 1, 1, 0]
