@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import h5py
@@ -138,6 +139,29 @@ def test_trace_lanes_keep_transfers_apart(tmp_path):
     assert sorted(len(t) for (pid, _), t in tracks.items() if pid == 0) == [1, 2, 3]   # main + two lanes
     x = [e for e in trace.chrome_trace(run)["traceEvents"] if e["ph"] == "X"]
     assert x[0]["ts"] == 0.0 and x[0]["dur"] == pytest.approx(1e6) and x[0]["args"]["bytes"] == 100
+
+
+def test_a_flush_waits_for_a_reader(tmp_path):
+    """A report reading a run still going holds HDF5's lock for a moment: the run's next flush
+    waits for it instead of failing."""
+    from mpi4py import MPI
+
+    from mpipar.run.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.h5"
+    writer = MetricsWriter(path, MPI.COMM_SELF, strategy="data_parallel", config={}, flush_every=1)
+    writer.record_step(loss=1.0, samples=4, step_time=0.01)
+    writer.flush()
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time, h5py\n"
+                               f"f = h5py.File({str(path)!r}, 'r'); print('open', flush=True); time.sleep(1.0)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "open"
+    writer.record_step(loss=0.5, samples=4, step_time=0.01)
+    start = time.monotonic()
+    writer.flush()
+    waited = time.monotonic() - start
+    reader.wait(timeout=30)
+    assert read_run(path).num_steps == 2 and waited > 0.2
 
 
 # -- real runs -----------------------------------------------------------------------------

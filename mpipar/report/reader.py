@@ -108,7 +108,7 @@ def read_run(path: Union[str, Path], *, patience: float = 10.0) -> Run:
     while True:
         try:
             return _read(path)
-        except OSError:
+        except BlockingIOError:   # "unable to lock file": rank 0 is appending a flush
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -30,7 +30,8 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
 Steps are buffered in memory and written by rank 0 at each flush (every
 ``flush_every`` steps and at each epoch end); the file is opened, appended and
 closed each time, so a run killed part-way leaves a readable file with everything
-up to the last flush.
+up to the last flush, and a run still going can be read between flushes (a flush
+that finds a reader holding the file waits for it).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class MetricsWriter:
                                   f"(runs are never overwritten)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         existed = self.path.exists()
-        with h5py.File(self.path, "a" if resume else "w-") as f:
+        with _open(self.path, "a" if resume else "w-") as f:
             if existed and "steps/loss" in f:
                 steps = len(f["steps/loss"])
                 if resume_at_step is not None and resume_at_step < steps:
@@ -236,7 +237,7 @@ class MetricsWriter:
         """
         attrs = None
         if self.is_root:
-            with h5py.File(self.path, "a") as f:
+            with _open(self.path, "a") as f:
                 steps = {name: data[...] for name, data in f["steps"].items()} if "steps" in f else {}
                 datasets, attrs = derive(steps)
                 for name, values in datasets.items():
@@ -256,7 +257,7 @@ class MetricsWriter:
         with a ``step`` column (a resumed run drops the rows of steps after its checkpoint)."""
         gathered = collectives.gather(self.comm, columns, f"metrics: table {name}", root=self.root)
         if self.is_root:
-            with h5py.File(self.path, "a") as f:
+            with _open(self.path, "a") as f:
                 for column in gathered[0]:
                     values = np.concatenate([np.asarray(cols[column]).reshape(-1) for cols in gathered])
                     _append(f, f"{name}/{column}", values)
@@ -302,13 +303,26 @@ class MetricsWriter:
             if not finite.all():
                 first = int(np.argmin(finite))
                 bad_step = (self.steps_written + first, "nan" if np.isnan(losses[first]).any() else "inf")
-        with h5py.File(self.path, "a") as f:
+        with _open(self.path, "a") as f:
             for key, values in columns.items():
                 _append(f, f"steps/{key}", values)
             for key in EPOCH_FIELDS:
                 if epochs:
                     _append(f, f"epochs/{key}", np.array([e[key] for e in epochs], dtype=np.float64))
         return bad_step
+
+
+def _open(path: Path, mode: str, patience: float = 30.0) -> h5py.File:
+    """Open the file for writing; while a reader (``mpipar-report``, ``mpipar-summary`` on a run
+    still going) holds HDF5's lock on it, try again for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return h5py.File(path, mode)
+        except BlockingIOError:   # "unable to lock file": a reader has it open for a moment
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _truncate(f: h5py.File, steps: int) -> None:
