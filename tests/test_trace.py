@@ -164,6 +164,32 @@ def test_a_flush_waits_for_a_reader(tmp_path):
     assert read_run(path).num_steps == 2 and waited > 0.2
 
 
+def test_events_written_at_flushes_and_cut_on_resume(tmp_path):
+    """Events reach /events at the flush after their step; a run resumed from step k drops the
+    events of steps >= k with the steps themselves."""
+    from mpi4py import MPI
+
+    from mpipar.run.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.h5"
+    recorder = EventRecorder(MPI.COMM_SELF, (1, 3))
+    writer = MetricsWriter(path, MPI.COMM_SELF, strategy="data_parallel", config={}, flush_every=2, events=recorder)
+    for step in range(5):
+        if recorder.begin_step(step):
+            with recorder.span("train_step"):
+                time.sleep(0.001)
+            recorder.end_step()
+        writer.record_step(loss=1.0, samples=4, step_time=0.01)
+        writer.maybe_flush()
+        assert len(read_run(path).events.get("step", [])) == {0: 0, 1: 1, 2: 1, 3: 3, 4: 3}[step]
+    writer.close()
+    run = read_run(path)
+    assert run.traced_steps.tolist() == [1, 2, 3] and (run.events["duration"] >= 0.001).all()
+    assert run.event_names[run.events["name"][0]] == "train_step" and run.event_attrs["trace_steps"].tolist() == [1, 3]
+    MetricsWriter(path, MPI.COMM_SELF, strategy="data_parallel", config={}, resume=True, resume_at_step=2)
+    assert read_run(path).traced_steps.tolist() == [1]
+
+
 # -- real runs -----------------------------------------------------------------------------
 
 def _environment():

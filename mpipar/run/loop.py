@@ -91,6 +91,9 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
            f" (the checkpoint's, over {replicas} replicas)")
         + (f" (of {planned}; partial steps dropped)" if in_epoch != planned else "")
         + f"; {total_steps} steps; metrics -> {metrics.path}")
+    if recorder is not None:
+        say(f"tracing steps {config.trace_steps[0]}-{config.trace_steps[1]}: timed events -> {metrics.path}:/events "
+            f"(mpipar-report {session.out} --trace trace.json)")
     if state is not None:
         say(f"resumed from {session.resumed_from} at step {step} (epoch {start_epoch + 1}, step {skip} of it)")
         if global_batch != batch_size * replicas:
