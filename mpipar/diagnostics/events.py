@@ -73,7 +73,9 @@ class EventRecorder:
     offset of every rank's clock from rank 0's by ping-pong on a duplicate of ``comm``,
     keeping each rank's round trip of least delay); every rank must call
     :meth:`begin_step` / :meth:`end_step` for the same steps, so :attr:`buffered_steps`
-    is the same everywhere. Everything else is local. Size 1: the offset is 0.
+    is the same everywhere, and the first sampled :meth:`begin_step` is collective too
+    (the offsets are measured again there, so clocks that drift apart over a long run
+    are aligned where the events are). Everything else is local. Size 1: the offset is 0.
 
     Args:
         comm: the run's ranks.
@@ -86,12 +88,12 @@ class EventRecorder:
         if first < 0 or last < first:
             raise ValueError(f"trace steps must be first <= last, both >= 0, got {steps}")
         self.first, self.last = first, last
+        self.comm, self.rounds = comm, rounds
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        offsets, delays = _clock_offsets(comm, rounds)
-        self.offsets = np.asarray(offsets, dtype=np.float64)   # rank r's clock minus rank 0's, seconds
-        self.delays = np.asarray(delays, dtype=np.float64)     # the round trip each offset came from
-        origin = collectives.bcast(comm, time.perf_counter(), "events: clock origin", root=0)
-        self._origin = origin + self.offsets[self.rank]        # rank 0's origin, on this rank's clock
+        self._align()
+        self.offsets_at_start = self.offsets
+        self._origin0 = collectives.bcast(comm, time.perf_counter(), "events: clock origin", root=0)  # rank 0's
+        self._aligned_for_sampling = False
         self._rows: List[tuple] = []
         self._step: Optional[int] = None
         self.buffered_steps = 0
@@ -107,6 +109,9 @@ class EventRecorder:
         if not self.samples(step):
             _active = None
             return False
+        if not self._aligned_for_sampling:   # collective: every rank samples the same steps
+            self._align()
+            self._aligned_for_sampling = True
         self._step = step
         self.buffered_steps += 1
         _active = self
@@ -116,6 +121,11 @@ class EventRecorder:
         global _active
         _active = None
         self._step = None
+
+    def _align(self) -> None:
+        offsets, delays = _clock_offsets(self.comm, self.rounds)
+        self.offsets = np.asarray(offsets, dtype=np.float64)   # rank r's clock minus rank 0's, seconds
+        self.delays = np.asarray(delays, dtype=np.float64)     # the round trip each offset came from
 
     # -- anyone, during a sampled step -------------------------------------------------
 
@@ -143,7 +153,7 @@ class EventRecorder:
         codes = table[:, 1].astype(np.int64)
         lanes = np.array([VOCABULARY[NAMES[c]][0] for c in codes], dtype=np.int64)
         return {"step": table[:, 0].astype(np.int64), "rank": np.full(len(rows), self.rank, dtype=np.int64),
-                "name": codes, "lane": lanes, "start": times[:, 0] - self._origin,
+                "name": codes, "lane": lanes, "start": times[:, 0] - self.offsets[self.rank] - self._origin0,
                 "duration": times[:, 1] - times[:, 0], "bytes": table[:, 2], "peer": table[:, 3].astype(np.int64),
                 "index": table[:, 4].astype(np.int64)}
 
@@ -151,9 +161,11 @@ class EventRecorder:
         """The table's attributes: the vocabulary and how the clocks were aligned."""
         return {"names": json.dumps(NAMES), "levels": json.dumps([VOCABULARY[n][1] for n in NAMES]),
                 "lanes": json.dumps([VOCABULARY[n][0] for n in NAMES]), "clock_offsets": self.offsets,
-                "clock_round_trips": self.delays, "trace_steps": np.array([self.first, self.last]),
+                "clock_round_trips": self.delays, "clock_offsets_at_start": self.offsets_at_start,
+                "trace_steps": np.array([self.first, self.last]),
                 "clock": "seconds on rank 0's perf_counter since the recorder started; rank r's clock minus "
-                         "rank 0's is clock_offsets[r] (ping-pong, least of the round trips clock_round_trips)"}
+                         "rank 0's is clock_offsets[r] (ping-pong at the first sampled step, least of the round "
+                         "trips clock_round_trips; clock_offsets_at_start: the same at the run's start)"}
 
 
 def _clock_offsets(comm: MPI.Intracomm, rounds: int) -> Tuple[List[float], List[float]]:

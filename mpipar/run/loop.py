@@ -131,8 +131,8 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                 break
             session.fault.maybe_fail(step)
             session.watchdog.label(epoch=epoch + 1, step=step)
+            sampled = recorder is not None and recorder.begin_step(step)  # collective at the first sampled step
             step_start = time.perf_counter()
-            sampled = recorder is not None and recorder.begin_step(step)
             indices = batches[step_in_epoch]
             if shares_shards:
                 def fetch(j, shards=indices):
