@@ -3,6 +3,7 @@ trace's structure, the Gantt chart, and the report opened in a real headless bro
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,6 +300,7 @@ def test_events_agree_with_step_fields_parameter_server(tmp_path):
 
 # -- a real browser --------------------------------------------------------------------------
 
+@pytest.fixture
 def chromium():
     """Debian's chromium; skipped when missing, a failure in CI (CI=true) where it is installed."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -325,16 +327,28 @@ def chart_bands(pixels):
     return saturated.mean(), (1 + int((np.diff(rows) > 15).sum())) if len(rows) else 0
 
 
-def test_report_renders_in_a_headless_browser(dp_run, tmp_path):
-    browser = chromium()
+def decoded_images(browser, page, probe):
+    """Per <img> of ``page`` as the browser loaded it: '1' decoded (naturalWidth > 0), '0' broken."""
+    script = ("<script>window.addEventListener('load', () => document.body.setAttribute('data-decoded', "
+              "Array.from(document.images, i => i.complete && i.naturalWidth > 0 ? 1 : 0).join('')));</script>")
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                             "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.findall(r'data-decoded="([01]*)"', result.stdout)
+    assert found, result.stderr[-2000:]
+    return found[0]
+
+
+def test_report_renders_in_a_headless_browser(chromium, dp_run, tmp_path):
+    """Chromium decodes every image of the page, and its screenshot shows charts: coloured
+    (saturated) pixels in several bands down the page. (A page whose images are broken scores
+    '000000', a share of 5e-5 and no band.)"""
+    browser = chromium
     out, _ = dp_run
     report = build_report([out], tmp_path / "report")
+    assert decoded_images(browser, report, tmp_path / "report" / "probe.html") == "111111"
     share, bands = chart_bands(screenshot(browser, report, tmp_path / "page.png"))
-    assert share > 0.03 and bands >= 5, (share, bands)   # six charts, the accuracy one a single dot
-    broken = tmp_path / "broken.html"                   # the same page with its images broken
-    broken.write_text(report.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA"))
-    share_broken, bands_broken = chart_bands(screenshot(browser, broken, tmp_path / "broken.png"))
-    assert share_broken < 0.002 and bands_broken <= 1, (share_broken, bands_broken)
+    assert share > 0.03 and bands >= 3, (share, bands)
 
 
 def test_comm_lanes():
