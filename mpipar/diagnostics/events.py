@@ -13,7 +13,8 @@ Times are ``time.perf_counter()`` values of the calling rank; :meth:`EventRecord
 moves them onto rank 0's clock with the offsets measured at construction, as seconds
 since the recorder was built on rank 0. ``MetricsWriter`` stores the rows as the table
 ``/events`` (see :data:`COLUMNS`) with the vocabulary and the offsets as its attributes.
-A new kind of event is a line in :data:`VOCABULARY`.
+A new kind of event is a line at the end of :data:`VOCABULARY` (codes are positions, and a
+file keeps the names of its own codes).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ VOCABULARY: Dict[str, Tuple[int, int]] = {
     "receive_push": (MAIN, 2),      # a server receiving a gradient (peer: worker)
     "apply": (MAIN, 2),             # a server applying an update (index: the version it makes)
     "reply": (MAIN, 2),             # a server answering a request or pull (peer: worker)
+    # for a pipeline's executor (not recorded yet), index: the micro-batch
+    "forward": (MAIN, 2),           # a stage's forward of one micro-batch
+    "backward": (MAIN, 2),          # a stage's backward of one micro-batch
+    "recv_activation": (MAIN, 2),   # blocked receiving an activation (peer: the previous stage's rank)
+    "recv_grad": (MAIN, 2),         # blocked receiving a gradient (peer: the next stage's rank)
+    "send_activation": (COMM, 0),   # an activation in flight, posted to completed (peer, bytes)
+    "send_grad": (COMM, 0),         # a gradient in flight, posted to completed (peer, bytes)
 }
 NAMES = tuple(VOCABULARY)
 _CODE = {name: code for code, name in enumerate(NAMES)}

@@ -143,7 +143,10 @@ EVENT_COLOURS = {"step": "#e6e6e6", "data": COLOURS["data_time"], "shard_data": 
                  "train_step": COLOURS["compute_time"], "optimizer": "#8172b3", "apply": "#8172b3",
                  "wait": COLOURS["idle_time"], "server_wait": COLOURS["idle_time"], "wait_bucket": "#8c2d2f",
                  "exchange": COLOURS["comm_time"], "pull": "#b35806", "receive_push": COLOURS["comm_time"],
-                 "reply": "#b35806", "allreduce": COLOURS["comm_time"], "push": COLOURS["comm_time"]}
+                 "reply": "#b35806", "allreduce": COLOURS["comm_time"], "push": COLOURS["comm_time"],
+                 "forward": "#64b5cd", "backward": COLOURS["compute_time"], "recv_activation": COLOURS["idle_time"],
+                 "recv_grad": COLOURS["idle_time"], "send_activation": COLOURS["comm_time"],
+                 "send_grad": COLOURS["comm_time"]}
 GANTT_STEPS = 4
 
 
