@@ -169,7 +169,7 @@ def test_a_flush_waits_for_a_reader(tmp_path):
 
 def test_events_written_at_flushes_and_cut_on_resume(tmp_path):
     """Events reach /events at the flush after their step; a run resumed from step k drops the
-    events of steps >= k with the steps themselves."""
+    events of steps >= k with the steps themselves, and its own events follow on the file's clock."""
     from mpi4py import MPI
 
     from mpipar.run.metrics import MetricsWriter
@@ -189,8 +189,20 @@ def test_events_written_at_flushes_and_cut_on_resume(tmp_path):
     run = read_run(path)
     assert run.traced_steps.tolist() == [1, 2, 3] and (run.events["duration"] >= 0.001).all()
     assert run.event_names[run.events["name"][0]] == "train_step" and run.event_attrs["trace_steps"].tolist() == [1, 3]
-    MetricsWriter(path, MPI.COMM_SELF, strategy="data_parallel", config={}, resume=True, resume_at_step=2)
+    time.sleep(0.05)
+    recorder = EventRecorder(MPI.COMM_SELF, (2, 2))   # the resumed run's events follow on, on the file's clock
+    writer = MetricsWriter(path, MPI.COMM_SELF, strategy="data_parallel", config={}, resume=True, resume_at_step=2,
+                           events=recorder)
     assert read_run(path).traced_steps.tolist() == [1]
+    recorder.begin_step(2)
+    with recorder.span("train_step"):
+        time.sleep(0.001)
+    recorder.end_step()
+    writer.record_step(loss=1.0, samples=4, step_time=0.01)
+    writer.close()
+    run = read_run(path)
+    assert run.traced_steps.tolist() == [1, 2] and run.events["start"][1] > run.events["start"][0] + 0.05
+    check_chrome_trace(trace.chrome_trace(run), ranks=1)
 
 
 # -- real runs -----------------------------------------------------------------------------

@@ -100,7 +100,9 @@ class EventRecorder:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._align()
         self.offsets_at_start = self.offsets
-        self._origin0 = collectives.bcast(comm, time.perf_counter(), "events: clock origin", root=0)  # rank 0's
+        self._origin0, self.origin_unix = collectives.bcast(comm, (time.perf_counter(), time.time()),
+                                                            "events: clock origin", root=0)  # rank 0's
+        self._shift = 0.0   # this run's origin after the file's (a resumed run)
         self._aligned_for_sampling = False
         self._rows: List[tuple] = []
         self._step: Optional[int] = None
@@ -129,6 +131,12 @@ class EventRecorder:
         global _active
         _active = None
         self._step = None
+
+    def continue_clock(self, origin_unix: Optional[float]) -> None:
+        """Put this run's events on the clock of the run that started the file (a resumed run:
+        ``origin_unix`` is the file's ``clock_origin_unix``; None: this run started it). Local;
+        pass every rank the same value."""
+        self._shift = 0.0 if origin_unix is None else self.origin_unix - float(origin_unix)
 
     def _align(self) -> None:
         offsets, delays = _clock_offsets(self.comm, self.rounds)
@@ -160,8 +168,9 @@ class EventRecorder:
         times = np.array([r[2:4] for r in rows], dtype=np.float64).reshape(-1, 2)
         codes = table[:, 1].astype(np.int64)
         lanes = np.array([VOCABULARY[NAMES[c]][0] for c in codes], dtype=np.int64)
+        start = times[:, 0] - self.offsets[self.rank] - self._origin0 + self._shift   # on the file's clock
         return {"step": table[:, 0].astype(np.int64), "rank": np.full(len(rows), self.rank, dtype=np.int64),
-                "name": codes, "lane": lanes, "start": times[:, 0] - self.offsets[self.rank] - self._origin0,
+                "name": codes, "lane": lanes, "start": start,
                 "duration": times[:, 1] - times[:, 0], "bytes": table[:, 2], "peer": table[:, 3].astype(np.int64),
                 "index": table[:, 4].astype(np.int64)}
 
@@ -171,7 +180,9 @@ class EventRecorder:
                 "lanes": json.dumps([VOCABULARY[n][0] for n in NAMES]), "clock_offsets": self.offsets,
                 "clock_round_trips": self.delays, "clock_offsets_at_start": self.offsets_at_start,
                 "trace_steps": np.array([self.first, self.last]),
-                "clock": "seconds on rank 0's perf_counter since the recorder started; rank r's clock minus "
+                "clock_origin_unix": self.origin_unix - self._shift,
+                "clock": "seconds on rank 0's perf_counter since the recorder started (clock_origin_unix, its "
+                         "time.time(); a resumed run's events follow on by wall time); rank r's clock minus "
                          "rank 0's is clock_offsets[r] (ping-pong at the first sampled step, least of the round "
                          "trips clock_round_trips; clock_offsets_at_start: the same at the run's start)"}
 

@@ -70,7 +70,7 @@ def _events_sentence(run: Run) -> str:
         return ("No timed events in this run (train with --trace-steps FIRST-LAST to record some steps' data "
                 "loading, forward and backward, bucket Allreduces and optimizer per rank).")
     offsets = np.asarray(run.event_attrs.get("clock_offsets", [0.0]), dtype=np.float64)
-    shown = steps[:plots.GANTT_STEPS]
+    shown = plots.gantt_steps(run)
     return (f"Timed events of {len(steps)} sampled steps ({steps[0]}-{steps[-1]}); the chart shows steps "
             f"{shown[0]}-{shown[-1]}. Clocks aligned to rank 0's (largest offset measured "
             f"{1e6 * np.abs(offsets).max():.1f} us). mpipar-report RUN --trace trace.json writes them for "

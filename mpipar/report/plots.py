@@ -20,7 +20,7 @@ from mpipar.report import analysis  # noqa: E402
 from mpipar.report.reader import TIME_FIELDS, Run  # noqa: E402
 
 __all__ = ["loss_curve", "accuracy_curve", "time_split_bars", "step_heatmap", "bytes_sent_bars", "scaling_plot",
-           "time_split_by_run", "step_gantt"]
+           "time_split_by_run", "step_gantt", "gantt_steps"]
 
 COLOURS = {"compute_time": "#4c72b0", "comm_time": "#dd8452", "idle_time": "#c44e52", "data_time": "#55a868"}
 LABELS = {"compute_time": "compute", "comm_time": "communication", "idle_time": "idle (waiting)",
@@ -150,15 +150,24 @@ EVENT_COLOURS = {"step": "#e6e6e6", "data": COLOURS["data_time"], "shard_data": 
 GANTT_STEPS = 4
 
 
+def gantt_steps(run: Run, steps: int = GANTT_STEPS) -> np.ndarray:
+    """The steps the Gantt chart shows: the first sampled one and those right after it, at most
+    ``steps`` (a resumed run's later samples are left to the trace)."""
+    traced = run.traced_steps[:steps]
+    breaks = np.flatnonzero(np.diff(traced) != 1)
+    return traced[:breaks[0] + 1] if len(breaks) else traced
+
+
 def step_gantt(run: Run, path: Path, steps: int = GANTT_STEPS) -> Optional[Path]:
-    """The first ``steps`` sampled steps as a Gantt chart, a row per rank on the run's one clock:
+    """Up to ``steps`` consecutive sampled steps as a Gantt chart, a row per rank on the run's one clock:
     the step (grey), its data / train_step / optimizer, the waits and exchanges inside them
     (narrower), and transfers in flight (a thin bar under the row)."""
     events = run.events
     if not len(events.get("step", [])):
         return None
     names, levels = run.event_names, run.event_levels
-    shown = np.isin(events["step"], run.traced_steps[:steps])
+    chosen = gantt_steps(run, steps)
+    shown = np.isin(events["step"], chosen)
     rank, code, lane = events["rank"][shown], events["name"][shown], events["lane"][shown]
     start = events["start"][shown] * 1000
     width = np.maximum(events["duration"][shown], 0.0) * 1000
@@ -191,7 +200,7 @@ def step_gantt(run: Run, path: Path, steps: int = GANTT_STEPS) -> Optional[Path]
     ax.set_ylim(ranks - 0.5, -0.5)
     if ranks <= 32:
         ax.set_yticks(np.arange(ranks))
-    first, last = run.traced_steps[0], run.traced_steps[:steps][-1]
+    first, last = chosen[0], chosen[-1]
     ax.set(xlabel="ms (one clock for all ranks)", ylabel="rank",
            title=f"{run.name}: sampled steps {first}-{last}, per rank")
     ax.grid(axis="x", alpha=0.3)

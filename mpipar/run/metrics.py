@@ -135,6 +135,14 @@ class MetricsWriter:
         self.steps_written = collective_check(
             comm, lambda: self._create(all_attrs, resume, resume_at_step) if self.is_root else 0, "metrics file")
         self.steps_written = collectives.bcast(comm, self.steps_written, "metrics: steps written", root=root)
+        if events is not None:   # a resumed run's events continue the file's clock
+            origin = self._events_origin() if self.is_root and resume else None
+            events.continue_clock(collectives.bcast(comm, origin, "metrics: events clock", root=root))
+
+    def _events_origin(self) -> Optional[float]:
+        with _open(self.path, "r") as f:
+            origin = f["events"].attrs.get("clock_origin_unix") if "events" in f else None
+        return None if origin is None else float(origin)
 
     def _create(self, attrs: dict, resume: bool, resume_at_step: Optional[int]) -> int:
         if self.path.exists() and not resume:
