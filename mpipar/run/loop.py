@@ -72,7 +72,13 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         lr_schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
         step, start_epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
-        loss_sum, seen = state["loss_sum"], state["samples_seen"]
+        loss_sum, seen = state["loss_sum"], state["samples_seen"]  # rank 0's (files of mpipar before 0.2)
+        by_rank = state.get("loss_sums_by_rank")
+        if by_rank is not None and len(by_rank) == comm.Get_size():
+            loss_sum, seen = by_rank[comm.Get_rank()]  # every rank its own, so the epoch's mean is bitwise the same
+        elif by_rank is not None:  # another number of ranks: the epoch so far counts once, on rank 0
+            first = comm.Get_rank() == 0
+            loss_sum, seen = (sum(a for a, _ in by_rank), sum(b for _, b in by_rank)) if first else (0.0, 0)
     steps_optimizer, shares_shards = getattr(strategy, "steps_optimizer", False), getattr(strategy, "shares_shards",
                                                                                           False)
     if steps_optimizer:
@@ -108,6 +114,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         metrics.flush()
         path = session.checkpoints.save(step, {
             "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
+            "loss_sums_by_rank": collectives.allgather(comm, (loss_sum, seen), "checkpoint: train loss sums"),
             "samples_seen": seen, "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
             "rng": rng_state(), "config": session.run_config, "global_batch": global_batch, "replicas": replicas,
             "total_steps": total_steps,
