@@ -6,6 +6,8 @@ Usage:
     mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --out runs/pp --resume
     mpirun -n 2 python jobs/resnet_pp.py --model resnet-small --balance even   # 5 block layers, split 3|2
     mpirun -n 4 python jobs/resnet_pp.py --microbatches 8 --schedule gpipe --stage-memory-mb 64
+    mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule pipedream --microbatches 8 --epochs 1
+    mpirun -n 4 python jobs/resnet_pp.py --data fashion-mnist --schedule 2bw --microbatches 8 --epochs 1
     mpirun -n 4 python jobs/resnet_pp.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid
     sbatch slurm/resnet_pp.sh --data synthetic --max-steps 5
 
@@ -22,7 +24,15 @@ micro-batches in flight on it within that many MiB), even (by layer count) or
 N,N,... layers per stage; a resume keeps the checkpoint's placement. --model
 resnet-small is the same network as 5 block layers (stem, three blocks, head).
 --schedule gpipe runs all forwards then all backwards; 1f1b bounds the micro-
-batches in flight; naive runs one micro-batch at a time. With fewer stages than
+batches in flight; naive runs one micro-batch at a time; pipedream and 2bw never
+flush (PipeDream with weight stashing, an update per micro-batch; PipeDream-2BW, an
+update per batch on weights one version old): each step takes one batch into the
+full pipeline, the optimizer is stepped by the pipeline at every update, the
+pipeline is drained at epoch ends and checkpoints (the checkpoint holds the stashed
+weight versions; resumes are bitwise), and metrics.h5 gets per step and rank
+stash_bytes, weight_versions, updates and staleness_mean and the table
+/pipeline_updates (forward and applied version of every update); they need
+--microbatches >= stages - 1, one pipeline (--stages = ranks) and --tp 1. With fewer stages than
 ranks, consecutive ranks form a pipeline and the world size / stages pipelines
 are data-parallel replicas: each takes --batch-size samples per step and every
 stage's gradients are averaged over its replicas (with 4 ranks and --stages 2:
@@ -54,7 +64,7 @@ def main(argv=None) -> None:
     abort_on_exception(comm)
     parser = training_parser(__doc__, rank=comm.Get_rank(), out="runs/resnet_pp", epochs=3, lr=0.05,
                              batch_help="samples per pipeline per step", models=models.IMAGE_MODELS)
-    add_pipeline_flags(parser)
+    add_pipeline_flags(parser, asynchronous=True)
     parser.add_argument("--stage-memory-mb", type=float, default=0.0,
                         help="--balance auto: MiB a stage may hold (parameters, gradients, momentum, activations "
                              "of its micro-batches in flight); 0: no limit")

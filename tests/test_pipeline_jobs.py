@@ -59,3 +59,33 @@ def test_bad_pipeline_input_is_one_clear_message(tmp_path, job, ranks, args, mes
     assert result.returncode != 0, output
     assert "Traceback" not in output, output
     assert output.count(message) == 1, output
+
+
+def test_async_pipeline_job_records_staleness_and_stash(tmp_path):
+    """resnet_pp.py --schedule 2bw (never flushes): per step and rank the stash and the staleness of the
+    updates, the table of every update, a drain (checkpoint) in the middle, the bubble fields."""
+    out = tmp_path / "run"
+    result = run_mpi(2, str(ROOT / "jobs" / "resnet_pp.py"), *TINY, "--max-steps", "5", "--out", str(out),
+                     "--schedule", "2bw", "--microbatches", "2", "--model", "resnet-small", "--balance", "even",
+                     "--checkpoint-every", "3", timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pipeline bubble: measured" in result.stdout and "final test accuracy" in result.stdout
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert f.attrs["schedule"] == "2bw" and f.attrs["bubble_ideal"] == 0.0
+        assert json.loads(f.attrs["staleness_per_stage"]) == [1, 1]
+        assert json.loads(f.attrs["weight_versions_per_stage"]) == [2, 2]
+        assert f["steps/loss"].shape == (5,) and np.isfinite(f["steps/loss"][...]).all()
+        assert (f["steps/samples"][...] == 16).all()  # counted once, on the last stage's rank
+        versions, stash = f["steps/weight_versions"][...], f["steps/stash_bytes"][...]
+        assert versions.shape == (5, 2) and versions.max() == 2 and (stash > 0).all()
+        # updates (of 2 micro-batches) in each step's window: stage 1 applies batch k's in step k, stage 0 one
+        # window later, except the ones that the drains at the checkpoint (after step 3) and the end apply
+        assert f["steps/updates"][...].T.tolist() == [[0, 2, 2, 0, 2], [2] * 5]
+        table = f["pipeline_updates"]
+        # 5 batches x 2 micro-batches x 2 stages; batch 0 applied to version 0, later ones with staleness 1
+        assert sorted(zip(table["stage"][...], table["microbatch"][...])) == [(s, g) for s in (0, 1)
+                                                                              for g in range(10)]
+        staleness = table["staleness"][...]
+        assert (staleness == (table["microbatch"][...] >= 2)).all()
+        assert table["staleness_histogram"][...].tolist() == [4, 16]
+        assert 0 <= f.attrs["bubble_measured"] < 1 and len(json.loads(f.attrs["peak_stash_bytes_per_rank"])) == 2

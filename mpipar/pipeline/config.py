@@ -10,7 +10,7 @@ from mpipar.pipeline.schedule import SCHEDULES
 
 __all__ = ["PipelineConfig", "TRAIN_SCHEDULES"]
 
-TRAIN_SCHEDULES = ("gpipe", "1f1b", "naive")
+TRAIN_SCHEDULES = ("gpipe", "1f1b", "naive", "pipedream", "2bw")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class PipelineConfig:
     """How the model is split and scheduled. Raises ValueError naming the bad flag.
 
     Attributes:
-        schedule: one of :data:`TRAIN_SCHEDULES`.
+        schedule: one of :data:`TRAIN_SCHEDULES` (``pipedream`` and ``2bw`` never flush; see
+            :class:`~mpipar.pipeline.strategy.PipelineStrategy`).
         microbatches: micro-batches per batch (must divide the batch).
         stages: ranks per pipeline; the data-parallel degree is the world size divided by it.
         balance: ``"even"`` (by layer count), ``"auto"`` (profiled) or layers per stage.
@@ -44,6 +45,10 @@ class PipelineConfig:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
         if self.microbatches < 1 or self.stages < 1:
             raise ValueError(f"--microbatches and --stages must be >= 1, got {self.microbatches}, {self.stages}")
+        if self.schedule in ("pipedream", "2bw") and self.microbatches < self.stages - 1:
+            raise ValueError(f"--schedule {self.schedule} with {self.stages} stages needs --microbatches >= "
+                             f"{self.stages - 1} (the micro-batches a stage holds across a batch's end), got "
+                             f"{self.microbatches}")
         if isinstance(self.balance, str):
             if self.balance not in ("even", "auto"):
                 raise ValueError(f"--balance must be 'even', 'auto' or layers per stage, got {self.balance!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,11 +32,14 @@ from mpipar.pipeline.schedule import (
     SendSkip,
     SendSkipGrad,
     SkipInstruction,
+    Update,
     rank_program,
+    window_program,
 )
 from mpipar.pipeline.skip import SkipEdge, find_skips
 from mpipar.pipeline.stage import Stage, TensorSpec
 from mpipar.pipeline.timing import StepClock, StepTimes
+from mpipar.pipeline.versions import WeightVersions
 
 __all__ = ["Pipeline", "StepResult"]
 
@@ -47,7 +51,9 @@ class StepResult:
     """What one step (or evaluation) gave on this rank.
 
     Attributes:
-        loss: mean loss over the whole batch, on every rank (NaN without targets).
+        loss: mean loss over the whole batch, on every rank (NaN without targets); for an
+            asynchronous schedule's step on the rank of the last stage only (NaN elsewhere: a
+            broadcast would make every step wait for the last stage, the flush it avoids).
         outputs: the model's outputs for the whole batch on the rank holding the
             last stage; None elsewhere.
         times: this rank's busy / communication / idle seconds.
@@ -58,6 +64,11 @@ class StepResult:
             this rank (peak in flight times the saved bytes of one micro-batch).
         bytes_sent: bytes of activations, skips and gradients this rank sent to other stages.
         skip_bytes_sent: the part of ``bytes_sent`` that carried skip tensors and their gradients.
+        weight_versions: asynchronous schedules: most weight versions each local stage held.
+        stash_bytes: asynchronous schedules: most bytes of stashed weight copies on this rank
+            (the sum of the local stages' peaks).
+        updates: asynchronous schedules: ``(stage, micro-batch, forward version, applied version)``
+            of every update this rank applied in the step (micro-batches numbered over the run).
     """
 
     loss: float
@@ -69,6 +80,9 @@ class StepResult:
     activation_bytes: int = 0
     bytes_sent: int = 0
     skip_bytes_sent: int = 0
+    weight_versions: Dict[int, int] = field(default_factory=dict)
+    stash_bytes: int = 0
+    updates: List[Tuple[int, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +103,8 @@ class _RunState:
     skip_grads: Dict[Tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ... -> its gradient
     bytes_sent: int = 0
     skip_bytes_sent: int = 0
+    base: int = 0  # run-wide number of the batch's first micro-batch (asynchronous schedules)
+    tag_count: int = 0  # micro-batch numbers in tags are taken modulo this (default: microbatches)
 
 
 def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
@@ -133,12 +149,27 @@ class Pipeline:
     at a time: outputs match the unsplit model run micro-batch by micro-batch, and
     running statistics are updated once per micro-batch.
 
+    Asynchronous schedules (``pipedream``, ``2bw``) never flush: each :meth:`step` takes one
+    batch into the pipeline and leaves the last ``stages - stage - 1`` micro-batches of each
+    stage in flight for the next step (:func:`~mpipar.pipeline.schedule.window_program`);
+    :meth:`drain` (collective) finishes them, and :meth:`evaluate` and
+    :meth:`async_state_dict` drain first. Each stage keeps weight versions
+    (:class:`~mpipar.pipeline.versions.WeightVersions`): a micro-batch's forward and backward
+    use the version the schedule gives it, its gradient goes to the stashed copy, and at each
+    ``Update`` the optimizer given to :meth:`bind_optimizer` steps the stage's parameters
+    with that gradient (the learning rate it has then). Gradients never accumulate into the
+    parameters' ``.grad``. The first step after a drain agrees on the batch like a flushing
+    step; later steps exchange no metadata and broadcast no loss (either would stall every
+    stage once per step): their batches must have the fill's shape (checked on the ranks of
+    the first and last stage only; to change it, :meth:`drain` first).
+
     Args:
         module: the whole model.
         comm: the pipeline's communicator.
         placement: a :class:`Placement`, a list of ranks (one per layer), a
             ``{layer name: rank}`` mapping, or None for an even contiguous split.
-        schedule: ``"naive"``, ``"gpipe"`` or ``"1f1b"``.
+        schedule: ``"naive"``, ``"gpipe"``, ``"1f1b"``, or the asynchronous ``"pipedream"`` and
+            ``"2bw"`` (see below).
         microbatches: micro-batches per batch; must divide the batch size.
         loss_fn: ``loss_fn(output, target)``, the mean loss over a micro-batch.
         device: where this rank's stages run (their layers are moved there; activations and
@@ -195,7 +226,17 @@ class Pipeline:
             SendActivation: self._send, SendGrad: self._send,
             RecvSkip: self._receive_skip, RecvSkipGrad: self._receive_skip,
             SendSkip: self._send_skip, SendSkipGrad: self._send_skip,
-            Forward: self._forward, Backward: self._backward}
+            Forward: self._forward, Backward: self._backward, Update: self._update}
+        # asynchronous schedules: weight versions per stage, and what lives from one step to the next
+        self.versions: Dict[int, WeightVersions] = {
+            index: WeightVersions(index, stage.module, self.schedule) for index, stage in self.stages.items()
+        } if self.schedule.is_async else {}
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._batches = 0  # batches taken in over the run
+        self._in_flight = False  # a step left micro-batches in the pipeline (the next runs "steady")
+        self._async_run: Optional[_RunState] = None
+        self._previous_sends: List[mpi_tensor.PendingOp] = []
+        self._batch_spec: Optional[tuple] = None
 
     # -- roles ----------------------------------------------------------------------
 
@@ -228,14 +269,26 @@ class Pipeline:
         if key not in self._programs:
             plan = self.schedule if train and microbatches == self.microbatches else \
                 Schedule(self.schedule.name if train else "forward", self.num_stages, microbatches)
-            top = self._skip_tag(len(self.stage_skips), False, 0, microbatches)
-            tag_ub = self.comm.Get_attr(MPI.TAG_UB) or 32767  # not set on COMM_SELF or Split comms
-            if top > tag_ub:
-                raise ValueError(f"{self.num_stages} stages x {microbatches} micro-batches need MPI tags up "
-                                 f"to {top}, above this MPI's limit {tag_ub}; use fewer micro-batches")
+            self._check_tags(2 * microbatches if plan.is_async else microbatches)
             self._programs[key] = rank_program(plan, self.stage_ranks, self.rank,
                                                [(e.producer, e.consumer) for e in self.stage_skips])
         return self._programs[key]
+
+    def _window(self, window: str) -> list:
+        """This rank's program of an asynchronous schedule's ``window``, cached."""
+        key = ("window", window)
+        if key not in self._programs:
+            self._check_tags(2 * self.microbatches)
+            self._programs[key] = window_program(self.schedule, self.stage_ranks, self.rank, window,
+                                                 [(e.producer, e.consumer) for e in self.stage_skips])
+        return self._programs[key]
+
+    def _check_tags(self, microbatches: int) -> None:
+        top = self._skip_tag(len(self.stage_skips), False, 0, microbatches)
+        tag_ub = self.comm.Get_attr(MPI.TAG_UB) or 32767  # not set on COMM_SELF or Split comms
+        if top > tag_ub:
+            raise ValueError(f"{self.num_stages} stages x {microbatches} micro-batches need MPI tags up "
+                             f"to {top}, above this MPI's limit {tag_ub}; use fewer micro-batches")
 
     def _tag(self, boundary: int, grad: bool, microbatch: int, microbatches: int) -> int:
         return 1 + (2 * boundary + int(grad)) * microbatches + microbatch
@@ -249,6 +302,9 @@ class Pipeline:
     def _check_batch(self, inputs, targets, train: bool, microbatches: int) -> dict:
         self._program(train, microbatches)
         report = {"microbatches": microbatches}
+        if train and self.schedule.is_async and self.stages and self._optimizer is None:
+            raise ValueError(f"the {self.schedule.name} schedule steps an optimizer at each update: call "
+                             f"pipe.bind_optimizer(optimizer) before the first step")
         if self.holds_first_stage:
             if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
                 raise TypeError(f"rank {self.rank} holds the first stage and needs the input batch as a "
@@ -278,6 +334,7 @@ class Pipeline:
                        f"targets on rank {self.last_stage_rank}")
         if problem:
             raise agreed(ValueError)(f"pipeline batch: {problem}")
+        self._batch_spec = (first["spec"], first["batch"])
         key = (first["spec"], train)
         if key not in self._spec_tables:
             self._agree_shapes(first["spec"], train)
@@ -337,9 +394,138 @@ class Pipeline:
         ``before_last_backward(stage_module)`` runs right before the last backward of
         each local stage, after which that stage's gradients are final (e.g.
         :meth:`~mpipar.pipeline.ReplicaAverager.stage_finishing`, to reduce them
-        while the backward still runs)."""
+        while the backward still runs; not with an asynchronous schedule, whose updates are its own).
+
+        An asynchronous schedule's step runs one window (see the class notes): it needs
+        :meth:`bind_optimizer` first."""
+        if self.schedule.is_async:
+            if before_last_backward is not None:
+                raise ValueError(f"{self.schedule.name} applies its updates itself; before_last_backward "
+                                 f"(replicas reducing gradients) needs a flushing schedule")
+            return self._run_async(inputs, targets)
         return self._run(inputs, targets, train=True, microbatches=self.microbatches,
                          before_last_backward=before_last_backward)
+
+    # -- asynchronous schedules -------------------------------------------------------
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer an asynchronous schedule steps at each ``Update``, with only the updating
+        stage's parameters holding a gradient (an optimizer skips parameters without one).
+        Local (no communication)."""
+        self._optimizer = optimizer
+
+    def _step_optimizer(self, params: List[nn.Parameter]) -> None:
+        if self._optimizer is None:
+            raise RuntimeError(f"the {self.schedule.name} schedule steps an optimizer at each update: call "
+                               f"pipe.bind_optimizer(optimizer) before the first step")
+        self._optimizer.step()
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an asynchronous schedule's last step left micro-batches in the pipeline."""
+        return self._in_flight
+
+    def _check_steady_batch(self, inputs, targets) -> None:
+        """Local checks of a steady step's batch against the fill's (no communication)."""
+        spec, batch = self._batch_spec
+        if self.holds_first_stage:
+            size = check_microbatches(inputs.shape[0], self.microbatches) if isinstance(inputs, torch.Tensor) \
+                and inputs.dim() else None
+            if size is None or TensorSpec((size, *inputs.shape[1:]), inputs.dtype) != spec:
+                raise ValueError(f"rank {self.rank}: a steady step of {self.schedule.name} needs batches like the "
+                                 f"fill's ({batch} x {spec}); call drain() before changing the batch")
+        if self.holds_last_stage and (not isinstance(targets, torch.Tensor) or targets.shape[:1] != (batch,)):
+            raise ValueError(f"rank {self.rank}: a steady step of {self.schedule.name} needs {batch} targets on "
+                             f"the last stage's rank")
+
+    def _async_state(self, clock: StepClock) -> _RunState:
+        if self._async_run is None:
+            self._async_run = _RunState(clock=clock, train=True, microbatches=self.microbatches, chunks=None,
+                                        target_chunks=None, last_backward={}, before_last_backward=None,
+                                        tag_count=2 * self.microbatches)
+        run = self._async_run
+        run.clock, run.base, run.bytes_sent, run.skip_bytes_sent = clock, self._batches * self.microbatches, 0, 0
+        return run
+
+    def _execute_window(self, window: str, run: _RunState) -> None:
+        for instruction in self._window(window):
+            instruction = dataclasses.replace(instruction, microbatch=run.base + instruction.microbatch)
+            self._handlers[type(instruction)](instruction, run)
+
+    def _run_async(self, inputs, targets) -> StepResult:
+        clock = StepClock()
+        window = "steady" if self._in_flight else "fill"
+        if window == "fill":  # the pipeline is empty: agree like a flushing step (waiting: idle)
+            self._agree_batch(inputs, targets, True, self.microbatches)
+        else:
+            self._check_steady_batch(inputs, targets)
+        for stage in self.stages.values():
+            stage.outputs.clear()
+            stage.losses.clear()
+            stage.forward_busy = stage.backward_busy = 0.0
+            stage.peak_in_flight = 0
+        for versions in self.versions.values():
+            versions.reset_peaks()
+        run = self._async_state(clock)
+        run.chunks = list(inputs.chunk(self.microbatches)) if self.holds_first_stage else None
+        run.target_chunks = list(targets.chunk(self.microbatches)) if self.holds_last_stage else None
+        self._execute_window(window, run)
+        self._batches += 1
+        self._in_flight = True
+        with clock.communicating():  # the previous window's sends: received in this window at the latest
+            mpi_tensor.wait_all(self._previous_sends)
+        self._previous_sends, run.sends = run.sends, []
+        clock.busy = sum(stage.busy for stage in self.stages.values())
+        last = self.stages.get(self.num_stages - 1)
+        mean = last.mean_loss() if last is not None else None
+        return StepResult(
+            loss=math.nan if mean is None else mean, outputs=last.gathered_outputs() if last else None,
+            times=clock.finish(),
+            stage_busy={index: stage.busy for index, stage in self.stages.items()},
+            stage_times={index: (stage.forward_busy, stage.backward_busy) for index, stage in self.stages.items()},
+            peak_in_flight={index: stage.peak_in_flight for index, stage in self.stages.items()},
+            activation_bytes=sum(s.peak_in_flight * s.saved_bytes for s in self.stages.values()),
+            bytes_sent=run.bytes_sent, skip_bytes_sent=run.skip_bytes_sent,
+            weight_versions={index: v.peak_versions for index, v in self.versions.items()},
+            stash_bytes=sum(v.peak_bytes for v in self.versions.values()),
+            updates=self.take_updates())
+
+    def take_updates(self) -> List[Tuple[int, int, int, int]]:
+        """``(stage, micro-batch, forward version, applied version)`` of the local updates not yet
+        reported (a step reports its own; this gives a drain's). Local."""
+        return [(index, *record) for index, v in self.versions.items() for record in v.take_records()]
+
+    def drain(self) -> None:
+        """Finish the micro-batches an asynchronous schedule left in flight (their backwards and
+        updates), so that nothing is in the pipeline. Collective over ``comm``; nothing to do
+        for a flushing schedule or when already drained (the same on every rank). Results do
+        not depend on where drains happen: versions follow the schedule's rule."""
+        if not self._in_flight:
+            return
+        run = self._async_state(StepClock())
+        run.chunks = run.target_chunks = None
+        self._execute_window("drain", run)
+        mpi_tensor.wait_all(self._previous_sends + run.sends)
+        self._previous_sends, run.sends = [], []
+        run.received.clear()
+        self._in_flight = False
+
+    def async_state_dict(self) -> dict:
+        """After a :meth:`drain` (done here; collective): the batch count and each local stage's
+        weight versions that later forwards will use (``{}`` for a flushing schedule)."""
+        if not self.schedule.is_async:
+            return {}
+        self.drain()
+        return {"batches": self._batches,
+                "stages": {index: versions.state_dict() for index, versions in self.versions.items()}}
+
+    def load_async_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`async_state_dict` (same schedule and placement). Local."""
+        if not self.schedule.is_async:
+            return
+        self._batches = int(state["batches"])
+        for index, versions in self.versions.items():
+            versions.load_state_dict(state["stages"][index])
 
     def evaluate(self, inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None, *,
                  microbatches: Optional[int] = None) -> StepResult:
@@ -387,12 +573,13 @@ class Pipeline:
         upstream = isinstance(instruction, (RecvActivation, SendGrad))  # the peer holds stage - 1
         peer_stage = instruction.stage - 1 if upstream else instruction.stage + 1
         boundary = min(instruction.stage, peer_stage)
-        return self.stage_ranks[peer_stage], self._tag(boundary, grad, instruction.microbatch, microbatches)
+        return self.stage_ranks[peer_stage], self._tag(boundary, grad, instruction.microbatch % microbatches,
+                                                       microbatches)
 
     def _receive(self, instruction: Union[RecvActivation, RecvGrad], run: _RunState) -> None:
         index, i = instruction.stage, instruction.microbatch
         grad = isinstance(instruction, RecvGrad)
-        source, tag = self._peer_and_tag(instruction, run.microbatches)
+        source, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
         buffer = (self._output_specs if grad else self._input_specs)[index].empty(self.stages[index].device)
         with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
                 f"{'gradient' if grad else 'activation'} of micro-batch {i} for stage {index}")):
@@ -401,7 +588,7 @@ class Pipeline:
             run.received[instruction] = mpi_tensor.recv_(buffer, self.comm, source, tag)
 
     def _send(self, instruction: Union[SendActivation, SendGrad], run: _RunState) -> None:
-        dest, tag = self._peer_and_tag(instruction, run.microbatches)
+        dest, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
         tensor = run.outgoing.pop(instruction)
         run.bytes_sent += tensor.numel() * tensor.element_size()
         with run.clock.communicating():
@@ -410,12 +597,12 @@ class Pipeline:
     def _skip_peer_and_tag(self, instruction: SkipInstruction, microbatches: int) -> Tuple[int, int]:
         grad = isinstance(instruction, (SendSkipGrad, RecvSkipGrad))
         return (self.stage_ranks[instruction.peer],
-                self._skip_tag(instruction.skip, grad, instruction.microbatch, microbatches))
+                self._skip_tag(instruction.skip, grad, instruction.microbatch % microbatches, microbatches))
 
     def _receive_skip(self, instruction: Union[RecvSkip, RecvSkipGrad], run: _RunState) -> None:
         name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
         grad = isinstance(instruction, RecvSkipGrad)
-        source, tag = self._skip_peer_and_tag(instruction, run.microbatches)
+        source, tag = self._skip_peer_and_tag(instruction, run.tag_count or run.microbatches)
         buffer = self._skip_specs[name].empty(self.stages[instruction.stage].device)
         with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
                 f"{'gradient of ' if grad else ''}skip {name!r} of micro-batch {i} for stage {instruction.stage}")):
@@ -425,7 +612,7 @@ class Pipeline:
 
     def _send_skip(self, instruction: Union[SendSkip, SendSkipGrad], run: _RunState) -> None:
         name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
-        dest, tag = self._skip_peer_and_tag(instruction, run.microbatches)
+        dest, tag = self._skip_peer_and_tag(instruction, run.tag_count or run.microbatches)
         tensor = (run.skip_grads if isinstance(instruction, SendSkipGrad) else run.skips).pop((name, i))
         size = tensor.numel() * tensor.element_size()
         run.bytes_sent += size
@@ -436,11 +623,13 @@ class Pipeline:
     def _forward(self, instruction: Forward, run: _RunState) -> None:
         index, i = instruction.stage, instruction.microbatch
         stage = self.stages[index]
-        x = run.chunks[i] if stage.is_first else run.received.pop(RecvActivation(index, i))
+        x = run.chunks[i - run.base] if stage.is_first else run.received.pop(RecvActivation(index, i))
         used = {name: run.skips.pop((name, i)) for name in self._uses[index]}  # received, or saved on this rank
+        weights = self.versions[index].weights_for(i) if run.train and self.versions else None
         begin = time.perf_counter()
-        y, saved = stage.forward(i, x, train=run.train, target=run.target_chunks[i] if run.target_chunks else None,
-                                 loss_fn=self.loss_fn, scale=1.0 / run.microbatches, skips=used)
+        y, saved = stage.forward(i, x, train=run.train,
+                                 target=run.target_chunks[i - run.base] if run.target_chunks else None,
+                                 loss_fn=self.loss_fn, scale=1.0 / run.microbatches, skips=used, weights=weights)
         stage.forward_busy += time.perf_counter() - begin
         for name, tensor in saved.items():  # for SendSkip, or for a later stage on this rank
             run.skips[name, i] = tensor.detach()
@@ -456,11 +645,18 @@ class Pipeline:
             run.before_last_backward(stage.module)
         begin = time.perf_counter()
         grad_input, used_grads = stage.backward(i, grad_output, skip_grads)
+        if self.versions:
+            self.versions[index].take_gradient(i)
         stage.backward_busy += time.perf_counter() - begin
         for name, grad in used_grads.items():  # for SendSkipGrad, or for an earlier stage on this rank
             run.skip_grads[name, i] = grad
         if not stage.is_first:
             run.outgoing[SendGrad(index, i)] = grad_input
+
+    def _update(self, instruction: Update, run: _RunState) -> None:
+        begin = time.perf_counter()
+        self.versions[instruction.stage].update(self._step_optimizer)
+        self.stages[instruction.stage].backward_busy += time.perf_counter() - begin  # compute: counted as busy
 
     def _broadcast_loss(self) -> float:
         value = torch.full((1,), math.nan, dtype=torch.float64)

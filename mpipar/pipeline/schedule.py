@@ -15,6 +15,15 @@ Schedules:
   forward and one backward (PipeDream-flush / Megatron 1F1B); at most
   ``stages - stage`` micro-batches are in flight on a stage.
 * ``forward``: forwards only (evaluation).
+* ``pipedream``: 1F1B that never flushes (PipeDream): every backward is followed by an
+  ``Update`` of its stage; a stage keeps (stashes) the weight version each in-flight
+  micro-batch used in its forward for its backward, ``stages - stage`` versions.
+* ``2bw``: the same order with one ``Update`` per batch (PipeDream-2BW): batch ``k``
+  runs on version ``k - 1`` everywhere, two versions per stage, staleness 1.
+
+``window_program`` cuts an asynchronous stream into the fill, steady and drain windows
+an executor runs one batch at a time; ``Schedule.version_table``, ``staleness`` and
+``weight_versions`` read the weight versions off the stream.
 
 ``Schedule.ticks()`` places every compute step on a unit-time clock (each forward or
 backward takes one tick and starts as soon as its stage is free and its input has
@@ -26,6 +35,7 @@ rank that posts its sends without blocking (``isend``) can never deadlock.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,13 +52,18 @@ __all__ = [
     "RecvSkip",
     "SendSkipGrad",
     "RecvSkipGrad",
+    "Update",
     "Schedule",
     "SCHEDULES",
+    "ASYNC_SCHEDULES",
     "rank_program",
+    "window_program",
     "placement_bubble",
 ]
 
-SCHEDULES = ("naive", "gpipe", "1f1b", "forward")
+ASYNC_SCHEDULES = ("pipedream", "2bw")  # never flush: the pipeline stays full from batch to batch
+SCHEDULES = ("naive", "gpipe", "1f1b", "forward", *ASYNC_SCHEDULES)
+WINDOWS = ("fill", "steady", "drain")
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,14 @@ class SendGrad(Instruction):
 
 
 @dataclass(frozen=True)
+class Update(Instruction):
+    """Apply the gradient that the backward of ``microbatch`` completed on ``stage`` (asynchronous
+    schedules): the stage's weights become their next version. No peer."""
+
+    code = "U"
+
+
+@dataclass(frozen=True)
 class SkipInstruction(Instruction):
     """A skip tensor (or its gradient) of ``microbatch`` between ``stage`` and stage ``peer``.
 
@@ -156,7 +179,8 @@ def _compute_order(name: str, stages: int, microbatches: int, stage: int) -> Lis
         return [step for i in range(m) for step in (("F", i), ("B", i))]
     if name == "gpipe":
         return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    # 1f1b: warm-up forwards, steady one-forward-one-backward, cool-down backwards.
+    # 1f1b (pipedream, 2bw: over all their batches' micro-batches): warm-up forwards, steady one-forward-
+    # one-backward, cool-down backwards.
     warmup = min(stages - stage - 1, m)
     order = [("F", i) for i in range(warmup)]
     for i in range(m - warmup):
@@ -207,25 +231,85 @@ def _simulate(streams: Sequence[Sequence[Instruction]], stages: int, duration: C
 class Schedule:
     """The order of forward and backward steps of every stage.
 
+    The flushing schedules (``naive``, ``gpipe``, ``1f1b``, ``forward``) run one batch of
+    ``microbatches`` and end empty. The asynchronous ones never flush: ``pipedream``
+    (1F1B without a flush, an :class:`Update` after every backward, weight stashing) and
+    ``2bw`` (the same order, one :class:`Update` per batch, two weight versions); their
+    stream covers ``batches`` consecutive batches (micro-batches ``0 .. batches *
+    microbatches - 1``), and :func:`window_program` cuts it into the fill, steady and
+    drain windows an executor runs, one batch per step.
+
     Args:
         name: one of ``SCHEDULES``.
         stages: number of pipeline stages (>= 1).
-        microbatches: number of micro-batches per step (>= 1).
+        microbatches: number of micro-batches per batch (>= 1; for ``pipedream`` and ``2bw``
+            at least ``stages - 1``, so that a batch covers the micro-batches in flight).
+        batches: batches in the stream (asynchronous schedules only; default 1).
 
     Raises:
-        ValueError: unknown name, or stages / microbatches below 1.
+        ValueError: unknown name, stages / microbatches / batches below 1, or too few
+            micro-batches for an asynchronous schedule.
     """
 
     name: str
     stages: int
     microbatches: int
+    batches: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {self.name!r}; choose one of {SCHEDULES}")
-        for what, value in (("stages", self.stages), ("microbatches", self.microbatches)):
+        for what, value in (("stages", self.stages), ("microbatches", self.microbatches),
+                            ("batches", self.batches)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"a schedule needs {what} >= 1 (an int), got {value!r}")
+        if self.batches > 1 and not self.is_async:
+            raise ValueError(f"{self.name} flushes after every batch; batches={self.batches} needs one of "
+                             f"{ASYNC_SCHEDULES}")
+        if self.is_async and self.microbatches < self.stages - 1:
+            raise ValueError(f"{self.name} with {self.stages} stages needs microbatches >= stages - 1 = "
+                             f"{self.stages - 1}, got {self.microbatches}; use more micro-batches")
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the schedule never flushes (``pipedream``, ``2bw``)."""
+        return self.name in ASYNC_SCHEDULES
+
+    @property
+    def total_microbatches(self) -> int:
+        """Micro-batches in the stream: ``batches * microbatches``."""
+        return self.batches * self.microbatches
+
+    def warmup(self, stage: int) -> int:
+        """Forwards ``stage`` runs before its first backward in 1F1B order: ``stages - stage - 1``
+        (at most the micro-batches in the stream); the micro-batches it holds across a batch's end
+        in an asynchronous schedule."""
+        return min(self.stages - stage - 1, self.total_microbatches)
+
+    def updates_after(self, microbatch: int) -> bool:
+        """Whether the backward of ``microbatch`` is followed by an :class:`Update`: after every one
+        for ``pipedream``, after a batch's last one for ``2bw``, never for a flushing schedule (the
+        caller steps its optimizer after the batch)."""
+        if self.name == "pipedream":
+            return True
+        return self.name == "2bw" and microbatch % self.microbatches == self.microbatches - 1
+
+    def forward_version(self, stage: int, microbatch: int) -> int:
+        """The weight version (updates applied on ``stage`` before it) that the forward of
+        ``microbatch`` uses, and its backward too (weight stashing); any micro-batch number >= 0,
+        not only those of the stream.
+
+        ``pipedream``: the newest version when the forward runs in the steady stream,
+        ``max(0, microbatch - warmup(stage))``; the rule is kept after a drain, so draining
+        changes timing, never results. ``2bw``: batch ``k`` uses version ``max(0, k - 1)``
+        on every stage (one version behind the newest, the same for the whole batch).
+        Flushing schedules: 0 (the weights of the step).
+        """
+        if self.name == "pipedream":
+            return max(0, microbatch - (self.stages - stage - 1))
+        if self.name == "2bw":
+            return max(0, microbatch // self.microbatches - 1)
+        return 0
 
     @property
     def has_backward(self) -> bool:
@@ -235,7 +319,7 @@ class Schedule:
         """[('F', 0), ('B', 0), ...]: the forward/backward order on ``stage``."""
         if not 0 <= stage < self.stages:
             raise ValueError(f"stage {stage} out of range for {self.stages} stages")
-        return _compute_order(self.name, self.stages, self.microbatches, stage)
+        return _compute_order("1f1b" if self.is_async else self.name, self.stages, self.total_microbatches, stage)
 
     def _compute_steps(self, stage: int) -> List[Instruction]:
         """``compute_order(stage)`` as ``Forward`` / ``Backward`` instructions."""
@@ -255,6 +339,7 @@ class Schedule:
                 group = [] if last else [RecvGrad(stage, microbatch)]
                 group.append(step)
                 group += [] if first else [SendGrad(stage, microbatch)]
+                group += [Update(stage, microbatch)] if self.updates_after(microbatch) else []
             groups.append(group)
         return groups
 
@@ -301,10 +386,71 @@ class Schedule:
     def ideal_bubble(self) -> float:
         """Idle fraction of a stage with equal stage times and free communication.
 
-        ``(p-1)/(m+p-1)`` for gpipe, 1f1b and forward; ``(p-1)/p`` for naive.
+        ``(p-1)/(m+p-1)`` for gpipe, 1f1b and forward; ``(p-1)/p`` for naive; 0 for
+        pipedream and 2bw in steady state (they never flush; only a drain and the refill
+        after it, at epoch ends and checkpoints, cost ``(p-1)`` ticks each).
         """
         p, m = self.stages, self.microbatches
+        if self.is_async:
+            return 0.0
         return (p - 1) / p if self.name == "naive" else (p - 1) / (m + p - 1)
+
+    # -- weight versions (asynchronous schedules) -------------------------------------
+
+    def version_table(self, stage: int) -> List[Tuple[int, int, int]]:
+        """``(micro-batch, forward version, applied version)`` of every micro-batch of the stream on
+        ``stage``: the version its forward and backward use (:meth:`forward_version`) and the version
+        its gradient is applied to (the :class:`Update` instructions before the one that applies
+        it). Flushing schedules: ``(i, 0, 0)`` (the optimizer steps after the batch).
+
+        Raises:
+            RuntimeError: a forward would need a version its stage has not made yet.
+        """
+        if not self.is_async:
+            return [(i, 0, 0) for i in range(self.total_microbatches)]
+        live, forward, applied, waiting = 0, {}, {}, []
+        for instruction in self.instructions(stage):
+            if isinstance(instruction, Forward):
+                version = self.forward_version(stage, instruction.microbatch)
+                if version > live:
+                    raise RuntimeError(f"{self}: the forward of micro-batch {instruction.microbatch} on stage "
+                                       f"{stage} needs version {version}, but only {live} exists")
+                forward[instruction.microbatch] = version
+            elif isinstance(instruction, Backward):
+                waiting.append(instruction.microbatch)
+            elif isinstance(instruction, Update):
+                applied.update((i, live) for i in waiting)
+                waiting, live = [], live + 1
+        return [(i, forward[i], applied[i]) for i in sorted(applied)]
+
+    def _steady(self) -> Schedule:
+        """The same schedule over three batches: its last batch is in steady state."""
+        return Schedule(self.name, self.stages, self.microbatches, batches=3) if self.is_async else self
+
+    def staleness(self) -> List[int]:
+        """Steady-state staleness per stage: applied minus forward version of a micro-batch of the
+        last of three batches. ``pipedream``: ``stages - stage - 1``; ``2bw``: 1; flushing: 0."""
+        steady = self._steady()
+        return [steady.version_table(s)[-1][2] - steady.version_table(s)[-1][1] for s in range(self.stages)]
+
+    def weight_versions(self) -> List[int]:
+        """Most weight versions each stage holds at once in steady state: the newest (the
+        optimizer's) and every one that an in-flight micro-batch used in its forward and needs
+        again in its backward. ``pipedream``: ``stages - stage``; ``2bw``: 2; flushing: 1."""
+        steady, peaks = self._steady(), []
+        for stage in range(self.stages):
+            live, in_flight, peak = 0, {}, 1
+            for instruction in steady.instructions(stage):
+                if isinstance(instruction, Forward):
+                    in_flight[instruction.microbatch] = steady.forward_version(stage, instruction.microbatch)
+                    peak = max(peak, len(set(in_flight.values()) | {live}))
+                elif isinstance(instruction, Backward):
+                    del in_flight[instruction.microbatch]
+                elif isinstance(instruction, Update):
+                    live += 1
+                    peak = max(peak, len(set(in_flight.values()) | {live}))
+            peaks.append(peak)
+        return peaks
 
     def __str__(self) -> str:
         return f"{self.name} schedule, {self.stages} stages, {self.microbatches} micro-batches"
@@ -332,7 +478,27 @@ def _with_skips(group: List[Instruction], skips: Sequence[Tuple[int, int]], stag
     else:
         before = after = []
     at = group.index(step)
-    return group[:at] + before + [step] + group[at + 1:] + after
+    updates = [instruction for instruction in group if isinstance(instruction, Update)]
+    rest = [instruction for instruction in group[at + 1:] if not isinstance(instruction, Update)]
+    return group[:at] + before + [step] + rest + after + updates  # messages out before the update
+
+def _keyed(schedule: Schedule, stage_ranks: Sequence[int], rank: int, skips: Sequence[Tuple[int, int]],
+           window: Callable[[int], Tuple[int, int]]) -> List[Instruction]:
+    """The instructions of ``rank``'s stages whose compute step's position in the stage's order
+    lies in ``window(stage)`` (a ``[start, stop)`` range), in (tick, stage) order."""
+    if len(stage_ranks) != schedule.stages:
+        raise ValueError(f"{len(stage_ranks)} stage owners given for {schedule.stages} stages")
+    bad = [pair for pair in skips if not 0 <= pair[0] < pair[1] < schedule.stages]
+    if bad:
+        raise ValueError(f"skips must go from a stage to a later one among {schedule.stages} stages, got {bad}")
+    keyed = []
+    for stage, owner in enumerate(stage_ranks):
+        if owner == rank:
+            start, stop = window(stage)
+            for tick, group in list(zip(schedule.ticks(stage), schedule.steps(stage)))[start:stop]:
+                group = _with_skips(group, skips, stage_ranks, schedule.has_backward)
+                keyed += [((tick, stage, n), instruction) for n, instruction in enumerate(group)]
+    return [instruction for _, instruction in sorted(keyed, key=lambda pair: pair[0])]
 
 
 def rank_program(schedule: Schedule, stage_ranks: Sequence[int], rank: int,
@@ -353,18 +519,42 @@ def rank_program(schedule: Schedule, stage_ranks: Sequence[int], rank: int,
         with non-blocking sends no order of ranks can deadlock. Empty when ``rank``
         owns no stage.
     """
-    if len(stage_ranks) != schedule.stages:
-        raise ValueError(f"{len(stage_ranks)} stage owners given for {schedule.stages} stages")
-    bad = [pair for pair in skips if not 0 <= pair[0] < pair[1] < schedule.stages]
-    if bad:
-        raise ValueError(f"skips must go from a stage to a later one among {schedule.stages} stages, got {bad}")
-    keyed = []
-    for stage, owner in enumerate(stage_ranks):
-        if owner == rank:
-            for tick, group in zip(schedule.ticks(stage), schedule.steps(stage)):
-                group = _with_skips(group, skips, stage_ranks, schedule.has_backward)
-                keyed += [((tick, stage, n), instruction) for n, instruction in enumerate(group)]
-    return [instruction for _, instruction in sorted(keyed, key=lambda pair: pair[0])]
+    return _keyed(schedule, stage_ranks, rank, skips, lambda stage: (0, 2 * schedule.total_microbatches))
+
+
+def window_program(schedule: Schedule, stage_ranks: Sequence[int], rank: int, window: str,
+                   skips: Sequence[Tuple[int, int]] = ()) -> List[Instruction]:
+    """What ``rank`` runs of an asynchronous schedule in one step (one batch) or in a drain.
+
+    Stage ``s`` holds ``w = warmup(s)`` micro-batches across a batch's end: a batch's
+    window on it ends right after the backward of the batch's micro-batch ``m - 1 - w``,
+    before the next batch's first forward. Micro-batches are numbered from the batch
+    the window takes in (negative: the previous batch's, ``-1`` its last).
+
+    * ``fill`` (the first batch after a start or a drain): warm-up forwards and the
+      batch's 1F1B pairs, ``F0 .. F(m-1)`` and ``B0 .. B(m-1-w)``;
+    * ``steady`` (every later batch): ``F0 .. F(m-1)`` with ``B(-w) .. B(m-1-w)``;
+    * ``drain``: the backwards still due, ``B(-w) .. B(-1)``: afterwards nothing is in
+      flight (before an evaluation or a checkpoint).
+
+    Every receive of a window has its send in the same window or an earlier one (a
+    send may be received in the next window: a gradient sent by the stage after ``s``
+    for a micro-batch that ``s`` still holds), so ranks that run their windows in
+    order, each in (tick, stage) order, cannot deadlock, and a collective between two
+    windows cannot either. Update instructions follow the schedule's rule.
+    """
+    if not schedule.is_async:
+        raise ValueError(f"{schedule.name} flushes every batch; windows are for {ASYNC_SCHEDULES}")
+    if window not in WINDOWS:
+        raise ValueError(f"unknown window {window!r}; choose one of {WINDOWS}")
+    p, m = schedule.stages, schedule.microbatches
+    frame = Schedule(schedule.name, p, m, batches=1 if window == "drain" else 2)
+    fill_end = {stage: 2 * m - frame.warmup(stage) for stage in range(p)}
+    bounds = {"fill": lambda s: (0, fill_end[s]), "steady": lambda s: (fill_end[s], fill_end[s] + 2 * m),
+              "drain": lambda s: (fill_end[s], 2 * m)}[window]
+    shift = 0 if window == "fill" else m
+    program = _keyed(frame, stage_ranks, rank, skips, bounds)
+    return [dataclasses.replace(instruction, microbatch=instruction.microbatch - shift) for instruction in program]
 
 
 def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
@@ -376,7 +566,8 @@ def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
     gives each stage's (forward, backward) duration per micro-batch; by default
     every step takes one unit. Returns the idle fraction ``1 - work / (ranks *
     makespan)``. With one stage per rank and equal stages this is
-    :attr:`Schedule.ideal_bubble`; a rank holding several stages (``[0, 1, 0]``)
+    :attr:`Schedule.ideal_bubble`; for ``pipedream`` and ``2bw`` it is the steady state's,
+    ``1 - work / (ranks * the busiest rank's work)``; a rank holding several stages (``[0, 1, 0]``)
     cannot run them at once, and unequal ``stage_times`` (measured ones, say) give
     the bubble that the imbalance alone costs.
     """
@@ -384,6 +575,12 @@ def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
         stage_times = [(1.0, 1.0)] * schedule.stages
     if len(stage_times) != schedule.stages or any(t < 0 for pair in stage_times for t in pair):
         raise ValueError(f"need (forward, backward) times >= 0 for {schedule.stages} stages, got {stage_times}")
+    if schedule.is_async:  # steady state: the busiest rank sets the pace, the others wait for it
+        per_rank: Dict[int, float] = {}
+        for stage, rank in enumerate(stage_ranks):
+            per_rank[rank] = per_rank.get(rank, 0.0) + sum(stage_times[stage])
+        slowest = max(per_rank.values())
+        return 0.0 if slowest <= 0 else 1.0 - sum(per_rank.values()) / (len(per_rank) * slowest)
 
     def duration(step: Instruction) -> float:
         forward, backward = stage_times[step.stage]

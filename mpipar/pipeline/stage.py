@@ -104,8 +104,12 @@ class Stage:
                             f"stages must pass a single tensor to the next stage")
         return TensorSpec.of(out), {name: TensorSpec.of(t) for name, t in skips.items()}
 
-    def _call(self, x: torch.Tensor, skips: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module(x, skips) if self.uses_skips else self.module(x)
+    def _call(self, x: torch.Tensor, skips: Dict[str, torch.Tensor],
+              weights: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        args = (x, skips) if self.uses_skips else (x,)
+        if weights is None:
+            return self.module(*args)
+        return functional_call(self.module, weights, args)  # the module's own buffers (BatchNorm statistics)
 
     def reset(self) -> None:
         """Forget what a previous (possibly failed) step left behind."""
@@ -117,10 +121,12 @@ class Stage:
     def forward(self, microbatch: int, x: torch.Tensor, *, train: bool,
                 target: Optional[torch.Tensor] = None,
                 loss_fn: Optional[Callable] = None, scale: float = 1.0,
-                skips: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                skips: Optional[Dict[str, torch.Tensor]] = None,
+                weights: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Run the stage on one micro-batch, using ``skips`` (those saved by earlier stages that
-        this stage uses). Returns the output activation and the skips this stage saves for later
-        stages."""
+        this stage uses) and, when given, ``weights`` (parameter name -> tensor: a stashed weight
+        version, which then gets the gradient instead of the parameters). Returns the output
+        activation and the skips this stage saves for later stages."""
         used = dict(skips or {})
         saved = dict(used)  # the stage takes out what it uses and puts in what it saves
         if not train:
@@ -137,9 +143,9 @@ class Stage:
             if tensor.is_floating_point():
                 tensor.requires_grad_(True)
         if microbatch == 0:
-            y = self._forward_counting_saved(x, saved)
+            y = self._forward_counting_saved(x, saved, weights)
         else:
-            y = self._call(x, saved)
+            y = self._call(x, saved, weights)
         if self.is_last:
             loss = loss_fn(y, target)
             self.outputs[microbatch] = y.detach()
@@ -150,8 +156,10 @@ class Stage:
         self.peak_in_flight = max(self.peak_in_flight, len(self._stash))
         return y, saved
 
-    def _forward_counting_saved(self, x: torch.Tensor, skips: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_counting_saved(self, x: torch.Tensor, skips: Dict[str, torch.Tensor],
+                                weights: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         params = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
+        params |= {t.untyped_storage().data_ptr() for t in (weights or {}).values()}
         seen: Dict[int, int] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,7 +169,7 @@ class Stage:
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            y = self._call(x, skips)
+            y = self._call(x, skips, weights)
         self.saved_bytes = sum(seen.values())
         return y
 

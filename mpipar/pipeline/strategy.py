@@ -1,4 +1,5 @@
-"""Pipelines (layer-partitioned model parallelism, GPipe, 1F1B), replicated over a process grid, as a strategy."""
+"""Pipelines (layer-partitioned model parallelism, GPipe, 1F1B, PipeDream, 2BW), replicated over a process grid,
+as a strategy."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from mpipar.pipeline.executor import Pipeline
 from mpipar.pipeline.microbatch import check_microbatches
 from mpipar.pipeline.partition import auto_balance, format_report, gather_stage_times, stage_memory, stage_sums
 from mpipar.pipeline.placement import Placement
-from mpipar.pipeline.schedule import Schedule, placement_bubble
+from mpipar.pipeline.schedule import ASYNC_SCHEDULES, Schedule, placement_bubble
 from mpipar.pipeline.timing import bubble_per_step
 from mpipar.run.consolidate import training_state
 from mpipar.run.evaluate import EvalResult, evaluate
@@ -90,6 +91,17 @@ def _check_tensor_parallel(config: PipelineConfig, state: Optional[dict], split_
                                  "(same ranks, --stages, --tp and balance)")
 
 
+def _check_asynchronous(config: PipelineConfig, grid: ProcessGrid, state: Optional[dict], world_size: int) -> None:
+    """What the schedules that never flush cannot do yet: raised on every rank (same settings everywhere)."""
+    if grid.replicas > 1 or config.tp > 1:
+        raise agreed(ValueError)(f"--schedule {config.schedule} updates each stage on its own and cannot average "
+                                 f"gradients over replicas or split layers yet; use --stages = the world size "
+                                 f"({world_size}) and --tp 1, or a flushing schedule")
+    if state is not None and _new_layout(state, config):
+        raise agreed(ValueError)(f"a {config.schedule} checkpoint (stashed weight versions per stage) resumes only "
+                                 f"on the layout that wrote it (same ranks, --stages and balance)")
+
+
 class PipelineStrategy:
     """Pipelines of ``config.stages`` stages of ``config.tp`` ranks each, ``world size / (stages tp)``
     data-parallel replicas (a :class:`ProcessGrid`).
@@ -102,6 +114,24 @@ class PipelineStrategy:
     stage's tensor-parallel group by ``split_layers`` (every rank of a stage then runs
     its shard of the stage, and the tensor-parallel ranks of consecutive stages form the
     pipelines); one rank per group counts the loss. Collective over ``world``, like the loop.
+
+    The asynchronous schedules (``pipedream``, ``2bw``; one pipeline, no tensor parallelism)
+    map onto the loop as follows: a loop step takes one batch of ``microbatches`` into the
+    pipeline and returns once this rank's part of it is done, leaving each stage's last
+    ``stages - stage - 1`` micro-batches in flight for the next step, so in steady state no
+    stage waits for a flush. The pipeline steps the loop's optimizer itself
+    (``steps_optimizer``, :meth:`bind_optimizer`) at every update the schedule makes, with
+    the learning rate the one-cycle schedule has then. The pipeline is drained (the
+    backwards in flight finished and applied, a collective) at every epoch end (before
+    evaluation) and at every checkpoint; since the weight version each micro-batch uses is
+    fixed by the schedule's rule, not by timing, a drain changes no result, and the
+    checkpoint holds the stashed versions that later forwards will use
+    (``pipeline_async``), so a resumed run is bitwise the uninterrupted one. Per step and
+    rank the metrics get ``stash_bytes``, ``weight_versions``, ``updates`` and
+    ``staleness_mean``; at the end the table ``/pipeline_updates`` holds every update of this
+    launch (step, rank, stage, micro-batch, forward and applied version, staleness, with a
+    histogram of the staleness). The loss of an asynchronous step is counted on the last
+    stage's rank only (no per-step broadcast).
 
     Args:
         world: the job's ranks.
@@ -136,6 +166,12 @@ class PipelineStrategy:
                          "--batch-size and --microbatches")
         self.world, self.config = world, config
         self.grid = ProcessGrid(world, config.stages, tp=config.tp)
+        self.asynchronous = config.schedule in ASYNC_SCHEDULES
+        if self.asynchronous:
+            _check_asynchronous(config, self.grid, state, world.Get_size())
+        self.steps_optimizer = self.asynchronous  # the loop then calls bind_optimizer, never optimizer.step()
+        self._step = 0 if state is None else int(state["step"])
+        self._updates: List[tuple] = []  # (step, stage, micro-batch, forward version, applied version)
         self.tp_stats = CommStats()
         parameter_count = sum(p.numel() for p in model.parameters())
         if config.tp > 1:
@@ -167,6 +203,9 @@ class PipelineStrategy:
             "parameters": parameter_count, "tp": tp, "schedule": config.schedule,
             "stages": self.pipe.num_stages, "microbatches": config.microbatches, "replicas": self.replicas,
             "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal}
+        if self.asynchronous:
+            self.metrics_attrs.update(staleness_per_stage=json.dumps(self.pipe.schedule.staleness()),
+                                      weight_versions_per_stage=json.dumps(self.pipe.schedule.weight_versions()))
         self._stage_seconds: Dict[int, List[float]] = {index: [0.0, 0.0] for index in self.pipe.stages}
         names = {id(p): name for name, p in model.named_parameters()}
         self.parameter_names = [names[id(p)] for p in self.pipe.parameters()]
@@ -182,8 +221,38 @@ class PipelineStrategy:
     def needs_batch(self) -> bool:
         return self.pipe.holds_first_stage or self.pipe.holds_last_stage
 
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The loop's optimizer, stepped by an asynchronous pipeline at each update."""
+        self.pipe.bind_optimizer(optimizer)
+
+    def _async_step(self, images, labels) -> StepRecord:
+        result = self.pipe.step(images, labels)
+        times = result.times
+        for index, (forward, backward) in result.stage_times.items():
+            self._stage_seconds[index][0] += forward
+            self._stage_seconds[index][1] += backward
+        self._updates += [(self._step, *update) for update in result.updates]
+        staleness = [applied - used for _, _, used, applied in result.updates]
+        self._step += 1
+        return StepRecord(  # the loss on the last stage's rank only: a broadcast would stall every stage
+            loss=result.loss if self.counts else 0.0, samples=len(labels) if self.counts else 0,
+            loss_weight=None if self.counts else 0, compute_time=times.busy, comm_time=times.comm,
+            bytes_sent=result.bytes_sent,
+            extra=dict(pipeline_busy=times.busy, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
+                       max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+                       stash_bytes=result.stash_bytes, weight_versions=max(result.weight_versions.values(), default=0),
+                       updates=len(staleness),
+                       staleness_mean=float(np.mean(staleness)) if staleness else float("nan")))
+
+    def _drain(self) -> None:
+        """Finish what the pipeline holds (collective); its updates count for the last step."""
+        self.pipe.drain()
+        self._updates += [(self._step - 1, *update) for update in self.pipe.take_updates()]
+
     def train_step(self, batch) -> StepRecord:
         images, labels = batch if batch is not None else (None, None)
+        if self.asynchronous:
+            return self._async_step(images, labels)
         self.averager.begin_step()  # replicas' gradients are reduced during the last micro-batch's backward
         result = self.pipe.step(images, labels, before_last_backward=self.averager.stage_finishing)
         self.averager.average()
@@ -201,6 +270,7 @@ class PipelineStrategy:
                        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0))
 
     def end_epoch(self) -> None:
+        self._drain()
         self.averager.sync_buffers(self.pipe.local_module)
 
     def evaluate(self, dataset: ArrayDataset) -> EvalResult:
@@ -217,24 +287,46 @@ class PipelineStrategy:
         return result
 
     def state_dict(self) -> dict:
-        return {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
-                "parameter_names": self.parameter_names, "layer_seconds": self.predicted}
+        """This rank's stages; an asynchronous pipeline is drained first (collective) and adds its
+        stashed weight versions and counters (``pipeline_async``)."""
+        state = {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
+                 "parameter_names": self.parameter_names, "layer_seconds": self.predicted}
+        if self.asynchronous:
+            self._drain()
+            state["model"] = self.pipe.local_module.state_dict()  # after the drain's updates
+            state["pipeline_async"] = self.pipe.async_state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's stages; after a re-layout (loaded at construction), ``state["optimizer"]``
         becomes this rank's parameters' optimizer state, taken by parameter name."""
         if self._relayout is None:
             self.pipe.local_module.load_state_dict(state["model"])
+            if self.asynchronous:
+                self.pipe.load_async_state_dict(state["pipeline_async"])
             return
         by_name, group = self._relayout["optimizer_by_name"], self._relayout["optimizer"]["param_groups"][0]
         state["optimizer"] = {
             "state": {i: by_name[name] for i, name in enumerate(self.parameter_names) if by_name.get(name)},
             "param_groups": [{**group, "params": list(range(max(1, len(self.parameter_names))))}]}
 
+    def _write_updates(self, metrics: MetricsWriter) -> None:
+        """The table ``/pipeline_updates``: every update of this launch on every rank. Collective."""
+        rows = np.array(self._updates, dtype=np.int64).reshape(-1, 5)
+        rank = self.world.Get_rank()
+        columns = {"step": rows[:, 0], "rank": np.full(len(rows), rank, np.int64), "stage": rows[:, 1],
+                   "microbatch": rows[:, 2], "forward_version": rows[:, 3], "applied_version": rows[:, 4],
+                   "staleness": rows[:, 4] - rows[:, 3]}
+        metrics.write_table("pipeline_updates", columns, histograms=["staleness"], attrs={
+            "schedule": self.config.schedule, "staleness_per_stage": json.dumps(self.pipe.schedule.staleness())})
+
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Write the measured bubble (``/steps/bubble_measured`` and the root attributes
         ``bubble_measured``, ``bubble_bound``, ``peak_activation_bytes_per_rank``), print the
         per-stage report and the bubble's parts, and free the grid. Collective over the world."""
+        if self.asynchronous:
+            self._drain()
+            self._write_updates(metrics)
         comm = self.grid.pipeline_comm
         forward = gather_stage_times(comm, {i: s[0] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)
         backward = gather_stage_times(comm, {i: s[1] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)
@@ -265,6 +357,8 @@ class PipelineStrategy:
             measured = per_step[ours][1:] if ours.sum() > 1 else per_step[ours]  # the first step warms up
             attrs["bubble_measured"] = float(measured.mean()) if len(measured) else float("nan")
             attrs["peak_activation_bytes_per_rank"] = json.dumps(np.nanmax(steps["activation_bytes"], 0).tolist())
+            if "stash_bytes" in steps:
+                attrs["peak_stash_bytes_per_rank"] = json.dumps(np.nanmax(steps["stash_bytes"], 0).tolist())
             return {"bubble_measured": per_step}, attrs
 
         attrs = metrics.write_derived(bubble)

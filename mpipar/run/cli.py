@@ -97,13 +97,17 @@ def balance_flag(text: str):
 
 
 def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b", microbatches: int = 4,
-                       placement: str = None, stages: bool = True) -> None:
+                       placement: str = None, stages: bool = True, asynchronous: bool = False) -> None:
     """The flags of the pipeline jobs: ``--schedule``, ``--microbatches``, ``--balance``
     (or ``--placement`` when ``placement`` gives its default) and ``--stages``.
-    Placements and balances are parsed here, once, into tuples of ints."""
-    parser.add_argument("--schedule", choices=["gpipe", "1f1b", "naive"], default=schedule,
+    Placements and balances are parsed here, once, into tuples of ints. ``asynchronous``
+    also offers the schedules that never flush (``pipedream``, ``2bw``)."""
+    parser.add_argument("--schedule", choices=["gpipe", "1f1b", "naive"] + (["pipedream", "2bw"] if asynchronous
+                                                                           else []), default=schedule,
                         help="gpipe: all forwards then all backwards; 1f1b: bounded in-flight micro-batches; "
-                             "naive: one micro-batch at a time")
+                             "naive: one micro-batch at a time" + ("; pipedream: never flushes, an update per "
+                             "micro-batch, weight stashing; 2bw: never flushes, an update per batch, two "
+                             "weight versions" if asynchronous else ""))
     parser.add_argument("--microbatches", type=int, default=microbatches,
                         help="micro-batches per batch (must divide it)")
     if placement is None:
