@@ -12,7 +12,8 @@ pipedream / 2bw the fill), ``--steps`` timed steps between two sleeping barriers
 asynchronous pipelines stay full across them; their final drain is outside the timed
 block, as it happens once per epoch or checkpoint), then a drain. Rank 0 prints per
 variant the median ms per batch and the measured bubble of the timed block,
-``1 - sum(busy) / (ranks x wall)``, beside the ideal one; then the paired per-round ratios
+``1 - sum(busy) / (ranks x wall)``, beside the ideal one and each rank's busy time per
+batch (forward, backward and, for pipedream / 2bw, the updates and weight copies); then the paired per-round ratios
 against 1F1B (median and range, the extreme tenth trimmed at 10 rounds and more; "no
 measurable difference" when the range includes 1).
 
@@ -81,6 +82,7 @@ def timing(args) -> None:
 
     seconds = {key: [] for key in runners}
     bubbles = {key: [] for key in runners}
+    busy_per_batch = {key: [] for key in runners}  # per round: each rank's busy seconds per batch
     for round_index in range(args.rounds):
         for key in abba(runners, round_index):
             pipe, step = runners[key]
@@ -92,8 +94,9 @@ def timing(args) -> None:
             wall = time.perf_counter() - start
             pipe.drain()
             seconds[key].append(wall / args.steps)
-            total = comm.allreduce(worked)
-            bubbles[key].append(1.0 - total / (size * wall))
+            worked_by_rank = comm.allgather(worked)
+            bubbles[key].append(1.0 - sum(worked_by_rank) / (size * wall))
+            busy_per_batch[key].append([w / args.steps for w in worked_by_rank])
 
     if rank == 0:
         params = sum(p.numel() for p in make_model(args.width, args.depth).parameters())
@@ -102,12 +105,15 @@ def timing(args) -> None:
               f"rounds (ABBA), torch {torch.__version__}, {mpi_library()}")
         print("shared 2-core machine with other jobs running: times are noisy; compare the paired ratios below")
         print()
-        print("| schedule | m | ms/batch (median) | min-max over rounds | bubble measured (median) | ideal |")
-        print("|---|---|---|---|---|---|")
+        print("| schedule | m | ms/batch (median) | min-max over rounds | busy ms/batch per rank (median) "
+              "| bubble measured (median) | ideal |")
+        print("|---|---|---|---|---|---|---|")
         for (name, m), values in seconds.items():
             ideal = Schedule(name, size, m).ideal_bubble
+            busy = [1e3 * statistics.median(b[r] for b in busy_per_batch[name, m]) for r in range(size)]
             print(f"| {name} | {m} | {1e3 * statistics.median(values):.1f} | {1e3 * min(values):.1f}-"
-                  f"{1e3 * max(values):.1f} | {statistics.median(bubbles[name, m]):.3f} | {ideal:.3f} |")
+                  f"{1e3 * max(values):.1f} | {', '.join(f'{b:.1f}' for b in busy)} | "
+                  f"{statistics.median(bubbles[name, m]):.3f} | {ideal:.3f} |")
         print()
         print("paired per-round time ratios, 1F1B / other (above 1: the other is faster):")
         for m in args.microbatches:
