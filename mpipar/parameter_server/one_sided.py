@@ -80,10 +80,11 @@ class WindowShares:
             window.Free()
 
 
-def check_passive_progress(comm: MPI.Intracomm, shares: WindowShares, servers: int, wait: float = 0.5) -> None:
+def check_passive_progress(comm: MPI.Intracomm, shares: WindowShares, servers: int, wait: float = 2.0) -> None:
     """Refuse, on every rank, an MPI whose one-sided operations need the target to call MPI: the
     servers sleep ``wait`` seconds outside MPI while each worker reads a counter with a request it
     polls; a read still pending then means the updates would only move when the servers call MPI.
+    (Generous: on a loaded, oversubscribed node a worker may get little CPU in that time.)
     Collective over ``comm``.
 
     Raises:
