@@ -273,3 +273,15 @@ def test_missing_optimizer_is_an_error_on_every_rank():
     updates += pipe.take_updates()  # 2bw: one update per stage, recorded for each micro-batch in it
     expected = [(stage, i, 0, 0) for stage in pipe.stages for i in range(MICROBATCHES)]
     assert_all_ranks(comm, updates == expected, f"after the error: {updates}")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_replicated_async_pipelines_are_refused_on_every_rank():
+    from mpipar.pipeline.strategy import PipelineStrategy
+
+    comm = MPI.COMM_WORLD
+    config = PipelineConfig(schedule="pipedream", stages=1, microbatches=2, balance="even")
+    with pytest.raises(ValueError, match=r"cannot average gradients over replicas or split layers yet; use "
+                                         rf"--stages = the world size \({comm.Get_size()}\)") as caught:
+        PipelineStrategy(comm, make_model(), config, batch_size=8)
+    assert_all_ranks(comm, True, str(caught.value))
