@@ -41,6 +41,19 @@ def test_async_tickets_go_to_whoever_asks_until_the_step_is_handed_out():
     assert [tickets.grant(0, 4), tickets.grant(0, 4), tickets.grant(1, 4)] == [(4, 0), (4, 1), NONE_LEFT]
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_slow_worker_asking_about_an_old_step_hears_none_left_not_a_shard_again(sync):
+    tickets, given = Tickets(2, sync=sync, bound=None), []
+    for step in range(6):  # worker 0 runs ahead: in async mode it takes both shards of every step
+        while (ticket := tickets.grant(0, step)) != NONE_LEFT:
+            given.append(ticket)
+    for step in range(6):  # worker 1 comes to each step late
+        while (ticket := tickets.grant(1, step)) != NONE_LEFT:
+            given.append(ticket)
+        assert tickets.finished(step)
+    assert sorted(given) == [(step, shard) for step in range(6) for shard in range(2)]
+
+
 def simulate(workers, bound, rounds=400, seed=0):
     """Workers with random compute times take tickets and push through the rule; returns the
     staleness of every applied gradient (one server applying on arrival)."""
@@ -315,9 +328,12 @@ def test_a_slowed_worker_computes_fewer_shards_only_when_asynchronous(comm, mpi_
     train(plain_session(comm, directory / mode, settings, steps=steps), strategy, splits())
     with h5py.File(directory / mode / "metrics.h5", "r") as f:
         shards = f["steps/updates"][...].sum(0)[1:]  # per worker
+        applied = sorted(zip(f["updates/step"][...].tolist(), f["updates/shard"][...].tolist()))
     slow, others = shards[-1], shards[:-1]
     ok = slow < others.min() if mode == "async" else (shards == steps).all()
-    assert_all_ranks(comm, bool(ok), f"{mode}: shards per worker {shards.tolist()} (the last one is slowed 30x)")
+    once = applied == [(s, h) for s in range(steps) for h in range(len(shards))]  # no shard computed twice
+    assert_all_ranks(comm, bool(ok) and once, f"{mode}: shards per worker {shards.tolist()} (the last one is slowed "
+                                              f"30x); every shard applied once: {once}")
 
 
 def test_a_job_without_a_worker_rank_fails_on_every_rank_with_a_clear_error(tmp_path):

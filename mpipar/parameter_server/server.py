@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -68,7 +68,6 @@ class Server:
         self._by_step: Dict[int, List[_Push]] = {}     # sync: a step's pushes
         self._waiting: List[tuple] = []                # (worker, Control, arrival) not answered yet
         self._applied = Counter()                      # step -> pushes applied
-        self._told_done: Dict[int, set] = defaultdict(set)  # server 0: step -> workers told "none left"
         self._done_through: Optional[int] = None       # sync: every step up to this one applied
         self._outgoing: Dict[int, list] = {w: [] for w in workers}
         self._control = {w: np.zeros(len(protocol.CONTROL_FIELDS)) for w in workers}
@@ -94,8 +93,7 @@ class Server:
         if self._done_through is None:
             self._done_through = step - 1
         self._serving = step
-        while self._applied[step] < self.shards or (self.tickets is not None and
-                                                    len(self._told_done[step]) < len(self.workers)):
+        while self._applied[step] < self.shards or (self.tickets is not None and not self.tickets.finished(step)):
             start = time.perf_counter()
             slot = protocol.wait_any(self._requests)
             arrival = time.perf_counter()
@@ -121,7 +119,8 @@ class Server:
                 self._waiting.append((worker, message, arrival))
             self._progress()
         self._applied.pop(step, None)
-        self._told_done.pop(step, None)
+        if self.tickets is not None:
+            self.tickets.forget(step)
 
     def _progress(self) -> None:
         """Apply what may be applied, then answer what may be answered."""
@@ -185,8 +184,6 @@ class Server:
             if decision == WAIT:
                 return False
             ticket = None if decision == NONE_LEFT else decision
-            if ticket is None:
-                self._told_done[message.step].add(worker)
         elif self.sync and self._done_through < message.step - 1:
             return False  # sync: the weights must include every earlier step
         start = time.perf_counter()

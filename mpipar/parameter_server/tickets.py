@@ -33,35 +33,50 @@ def may_grant(applied_since_grant, bound: Optional[int]) -> bool:
 
 
 class Tickets:
-    """Server 0's book of tickets. ``grant`` answers a worker; ``applied`` records an update."""
+    """Server 0's book of tickets. ``grant`` answers a worker; ``applied`` records an update.
 
-    def __init__(self, shards: int, *, sync: bool, bound: Optional[int]):
+    A step's book is kept until every worker has been told that none of its shards is left: a
+    slow worker may ask for a ticket of a step long after a fast one has moved several steps on,
+    and must then hear "none left", not get a shard that was already handed out.
+    """
+
+    def __init__(self, shards: int, *, sync: bool, bound: Optional[int], workers: Optional[int] = None):
         if shards < 1:
             raise ValueError(f"a step needs at least one shard, got {shards}")
         self.shards, self.sync, self.bound = shards, sync, bound
+        self.workers = shards if workers is None else workers
         self.next_shard: Dict[int, int] = {}           # step -> shards handed out (dynamic mode)
         self.granted: Dict[int, set] = {}              # step -> shards handed out (sync mode)
+        self.told_done: Dict[int, set] = {}            # step -> workers told that none is left
         self.in_flight: Dict[Tuple[int, int], int] = {}  # ticket -> updates applied since its grant
+        self._closed: set = set()                      # steps every worker has finished
 
     def grant(self, worker: int, step: int):
         """A ticket ``(step, shard)`` for ``worker``, :data:`NONE_LEFT` or :data:`WAIT`."""
         if self.sync:
             taken = self.granted.setdefault(step, set())
             if worker >= self.shards or worker in taken:
-                return NONE_LEFT
+                return self._none_left(worker, step)
             taken.add(worker)
             ticket = (step, worker)
         else:
             shard = self.next_shard.get(step, 0)
             if shard >= self.shards:
-                return NONE_LEFT
+                return self._none_left(worker, step)
             if not may_grant(self.in_flight.values(), self.bound):
                 return WAIT
             self.next_shard[step] = shard + 1
             ticket = (step, shard)
         self.in_flight[ticket] = 0
-        self._forget_before(step)
         return ticket
+
+    def finished(self, step: int) -> bool:
+        """Whether every worker has been told that no shard of ``step`` is left."""
+        return step in self._closed
+
+    def forget(self, step: int) -> None:
+        """The server is done with ``step``."""
+        self._closed.discard(step)
 
     def applied(self, tickets) -> None:
         """One update (one version) applied the gradients of ``tickets``."""
@@ -70,7 +85,11 @@ class Tickets:
         for ticket in self.in_flight:
             self.in_flight[ticket] += 1
 
-    def _forget_before(self, step: int) -> None:
-        for book in (self.next_shard, self.granted):
-            for old in [s for s in book if s < step - 1]:
-                del book[old]
+    def _none_left(self, worker: int, step: int) -> str:
+        told = self.told_done.setdefault(step, set())
+        told.add(worker)
+        if len(told) == self.workers:  # nobody can ask about this step any more
+            for book in (self.next_shard, self.granted, self.told_done):
+                book.pop(step, None)
+            self._closed.add(step)
+        return NONE_LEFT
