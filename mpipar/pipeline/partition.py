@@ -14,6 +14,7 @@ from mpipar.diagnostics import collectives
 from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.placement import even_balance
 from mpipar.pipeline.skip import SaveSkip, SkipConsumer
+from mpipar.pipeline.stage import counting_saved_bytes
 
 __all__ = ["LayerProfile", "profile_layers", "balance_by_time", "stage_sums", "stage_memory", "auto_balance",
            "gather_stage_times", "format_report"]
@@ -37,16 +38,7 @@ class LayerProfile:
 
 def _saved_bytes(layer: nn.Module, args: tuple) -> int:
     """Bytes autograd saves for the backward when ``layer(*args)`` runs (parameters not counted)."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: Dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.enable_grad(), counting_saved_bytes(layer.parameters()) as seen:
         layer(*args)
     return sum(seen.values())
 

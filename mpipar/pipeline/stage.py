@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -12,7 +13,24 @@ from torch.func import functional_call
 from mpipar.comm.device import module_device
 from mpipar.pipeline.skip import SkipSequential
 
-__all__ = ["Stage", "TensorSpec"]
+__all__ = ["Stage", "TensorSpec", "counting_saved_bytes"]
+
+
+@contextmanager
+def counting_saved_bytes(exclude: Iterable[torch.Tensor]) -> Iterator[Dict[int, int]]:
+    """Count what autograd saves for the backward inside the block: yields a dict storage -> bytes
+    (tensors sharing storage with ``exclude``, e.g. the parameters, are not counted). Local."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: Dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield seen
 
 
 @dataclass(frozen=True)
@@ -158,17 +176,7 @@ class Stage:
 
     def _forward_counting_saved(self, x: torch.Tensor, skips: Dict[str, torch.Tensor],
                                 weights: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        params = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
-        params |= {t.untyped_storage().data_ptr() for t in (weights or {}).values()}
-        seen: Dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with counting_saved_bytes([*self.module.parameters(), *(weights or {}).values()]) as seen:
             y = self._call(x, skips, weights)
         self.saved_bytes = sum(seen.values())
         return y
