@@ -1,14 +1,32 @@
-"""mpipar: PyTorch training across MPI processes, with metrics of where the time goes."""
+"""mpipar: PyTorch training across MPI processes, with metrics of where the time goes.
+
+The names below load on first use (PEP 562), so ``import mpipar.report`` (``mpipar-report``,
+``mpipar-summary``) does not import torch or MPI.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from mpipar.comm import mpi_tensor  # noqa: E402,F401
-from mpipar.comm.reducer import GradientReducer  # noqa: E402
-from mpipar.data import sharding  # noqa: E402,F401
-from mpipar.data_parallel.wrapper import DataParallel  # noqa: E402
-from mpipar.diagnostics import agree, failure  # noqa: E402,F401
-from mpipar.run.loop import train  # noqa: E402
-from mpipar.run.metrics import MetricsWriter  # noqa: E402
+_LAZY = {  # name: (module, attribute or None for the module itself)
+    "DataParallel": ("mpipar.data_parallel.wrapper", "DataParallel"),
+    "GradientReducer": ("mpipar.comm.reducer", "GradientReducer"),
+    "MetricsWriter": ("mpipar.run.metrics", "MetricsWriter"),
+    "train": ("mpipar.run.loop", "train"),
+    "agree": ("mpipar.diagnostics.agree", None),
+    "failure": ("mpipar.diagnostics.failure", None),
+    "mpi_tensor": ("mpipar.comm.mpi_tensor", None),
+    "sharding": ("mpipar.data.sharding", None),
+}
 
-__all__ = ["DataParallel", "GradientReducer", "MetricsWriter", "train", "agree", "failure", "mpi_tensor", "sharding",
-           "__version__"]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mpipar' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
