@@ -12,6 +12,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm import mpi_tensor
+from mpipar.comm.averaging import average_tensors
 from mpipar.data.datasets import ArrayDataset
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
@@ -258,17 +259,11 @@ class ParameterServerStrategy:
         for server in range(self.settings.servers):
             mpi_tensor.bcast_(self.flat.weights[server], self.comm, root=server)
         self._exchange_versions()
-        with torch.no_grad():
-            for buffer in self.model.buffers():
-                if buffer.is_floating_point():
-                    total = torch.zeros_like(buffer) if self.is_server else buffer.clone()
-                    mpi_tensor.allreduce_(total, self.comm)
-                    if self.is_server or workers_too:
-                        buffer.copy_(total.div_(self.replicas))
-                elif self.is_server or workers_too:
-                    mpi_tensor.bcast_(buffer, self.comm, root=self.settings.servers)
-                else:
-                    mpi_tensor.bcast_(buffer.clone(), self.comm, root=self.settings.servers)
+        buffers = list(self.model.buffers())
+        takes_mean = self.is_server or workers_too
+        with torch.no_grad():  # servers weigh 0: the mean is the workers'; a checkpoint's workers average copies
+            average_tensors(buffers if takes_mean else [b.clone() for b in buffers], self.comm,
+                            weight=0.0 if self.is_server else 1.0, root=self.settings.servers)
 
     def _exchange_versions(self) -> None:
         versions = collectives.allgather(self.comm, None if self.server is None else self.server.version,
