@@ -3,6 +3,8 @@ N ranks equals the loop on one process over the whole batch (every shard against
 layers after several optimizer steps). At 4 ranks: 2 stages x 2 tensor-parallel ranks; at 1-3 ranks: one
 stage split over all ranks; at 8 ranks (a serial test launching mpirun): 2 replicas x 2 stages x 2."""
 
+import json
+
 import h5py
 import pytest
 import torch
@@ -10,7 +12,7 @@ from mpi4py import MPI
 from test_loop import BATCH, STEPS, TOL, build_model, serial_reference, session
 
 from mpi_helpers import ROOT, assert_all_ranks, run_mpi
-from mpipar.comm.topology import ProcessGrid
+from mpipar.comm.topology import ProcessGrid, node_order
 from mpipar.data import synthetic
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.strategy import PipelineStrategy
@@ -69,21 +71,62 @@ def test_tensor_parallel_stages_equal_the_loop_on_one_process(comm, mpi_tmp_path
     assert_all_ranks(comm, not problems, "; ".join(problems))
 
 
+def grid_problems(comm, grid: ProcessGrid, stages: int, tp: int) -> list:
+    """The sub-communicators against the grid's coordinates: the rank at logical position
+    ``(replica * stages + stage) * tp + t`` of ``grid.order`` has those coordinates."""
+    rank, order = comm.Get_rank(), grid.order
+    position = (grid.replica * stages + grid.stage) * tp + grid.tp_rank
+    base = (grid.replica * stages + grid.stage) * tp
+    expected = {"position": rank,
+                "tp": [order[base + t] for t in range(tp)],
+                "pipeline": [order[(grid.replica * stages + s) * tp + grid.tp_rank] for s in range(stages)],
+                "data": [order[(r * stages + grid.stage) * tp + grid.tp_rank] for r in range(grid.replicas)],
+                "coordinates": (grid.replica, grid.stage, grid.tp_rank)}
+    found = {"position": order[position], "tp": grid.tp_comm.allgather(rank),
+             "pipeline": grid.pipeline_comm.allgather(rank), "data": grid.data_comm.allgather(rank),
+             "coordinates": tuple(grid.coordinates()[rank])}
+    return [f"{key}: {found[key]} instead of {expected[key]}" for key in expected if found[key] != expected[key]]
+
+
 @pytest.mark.mpi
 def test_grid_coordinates_and_groups(comm):
-    """Rank (replica * stages + stage) * tp + t; each sub-communicator holds the ranks it should."""
-    size, rank = comm.Get_size(), comm.Get_rank()
-    stages, tp = grid_for(size)
+    """On one node the logical order is the rank order: rank (replica * stages + stage) * tp + t."""
+    stages, tp = grid_for(comm.Get_size())
     with ProcessGrid(comm, stages, tp=tp) as grid:
-        coordinates = ((grid.replica * stages + grid.stage) * tp + grid.tp_rank == rank)
-        tp_ranks = grid.tp_comm.allgather(rank)
-        pipeline_ranks = grid.pipeline_comm.allgather(rank)
-        data_ranks = grid.data_comm.allgather(rank)
-        base = (grid.replica * stages + grid.stage) * tp
-        ok = (coordinates and tp_ranks == list(range(base, base + tp))
-              and pipeline_ranks == [(grid.replica * stages + s) * tp + grid.tp_rank for s in range(stages)]
-              and data_ranks == [(r * stages + grid.stage) * tp + grid.tp_rank for r in range(grid.replicas)])
-    assert_all_ranks(comm, ok, f"tp {tp_ranks}, pipeline {pipeline_ranks}, data {data_ranks}")
+        problems = grid_problems(comm, grid, stages, tp)
+        if grid.order != list(range(comm.Get_size())) and len(set(grid.nodes)) == 1:
+            problems.append(f"one node, yet the order is {grid.order}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+def test_node_order_groups_ranks_node_by_node():
+    assert node_order([0, 0, 1, 1]) == [0, 1, 2, 3]                 # block placement: unchanged
+    assert node_order([0, 1, 0, 1]) == [0, 2, 1, 3]                 # mpirun --map-by node: regrouped
+    assert node_order([0, 1, 2, 0, 1, 2]) == [0, 3, 1, 4, 2, 5]
+    assert node_order([1, 0, 0, 1]) == [1, 2, 0, 3]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_round_robin_nodes_keep_tensor_parallel_groups_inside_a_node(comm):
+    """Ranks dealt to nodes round robin (as ``--map-by node`` does): the grid regroups them so that
+    tensor-parallel groups (and, where they fit, pipelines) stay inside a node and replicas cross nodes."""
+    size = comm.Get_size()
+    nodes = [rank % 2 for rank in range(size)]
+    per_node = [nodes.count(node) for node in (0, 1)]
+    tp = per_node[1] if per_node[0] == per_node[1] else 1  # a node's ranks form one group when they can
+    stages = 1
+    with ProcessGrid(comm, stages, tp=tp, nodes=nodes) as grid:
+        problems = grid_problems(comm, grid, stages, tp)
+        members = grid.tp_comm.allgather(comm.Get_rank())
+        if len({nodes[rank] for rank in members}) != 1:
+            problems.append(f"tensor-parallel group {members} spans nodes {[nodes[r] for r in members]}")
+        spans = grid.spans()
+        if spans["tp"] != 0 or (grid.replicas > 1 and tp > 1 and spans["data"] != grid.tp):
+            problems.append(f"spans {spans}")
+        attrs = grid.metrics_attrs()
+        if len(json.loads(attrs["grid_coordinates"])) != size or "node 1" not in grid.describe():
+            problems.append(f"attrs {attrs}, description {grid.describe()}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
 
 
 @pytest.mark.mpi

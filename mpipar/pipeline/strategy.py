@@ -37,12 +37,13 @@ __all__ = ["PipelineStrategy", "choose_placement"]
 LAYOUT = ("stages", "balance", "placement")
 
 
-def _new_layout(state: dict, config: PipelineConfig) -> bool:
-    """Whether ``state`` must be re-laid out: written by another number of ranks, or with other
-    layout settings."""
+def _new_layout(state: dict, config: PipelineConfig, grid: ProcessGrid) -> bool:
+    """Whether ``state`` must be re-laid out: written by another number of ranks, with other
+    layout settings, or with the ranks on the nodes in another order (the grid's positions moved)."""
     saved = state.get("config", {})
-    return bool(state.get("relayout")) or any(_plain(saved.get(key)) != _plain(getattr(config, key))
-                                              for key in LAYOUT)
+    order = state.get("grid_order", list(range(len(grid.order))))  # before node-aware grids: rank order
+    return (bool(state.get("relayout")) or list(order) != grid.order
+            or any(_plain(saved.get(key)) != _plain(getattr(config, key)) for key in LAYOUT))
 
 
 def _plain(value):
@@ -78,7 +79,7 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
     return Placement.from_balance(config.balance), None
 
 
-def _check_tensor_parallel(config: PipelineConfig, state: Optional[dict], split_layers) -> None:
+def _check_tensor_parallel(config: PipelineConfig, grid: ProcessGrid, state: Optional[dict], split_layers) -> None:
     """What tensor parallelism inside the stages cannot do yet: raised on every rank (all have
     the same settings and checkpoint)."""
     if split_layers is None:
@@ -86,7 +87,7 @@ def _check_tensor_parallel(config: PipelineConfig, state: Optional[dict], split_
     if config.balance == "auto":
         raise agreed(ValueError)("--balance auto profiles the layers on one rank, which split layers cannot run "
                                  "alone; with --tp > 1 use --balance even or N,N,...")
-    if state is not None and _new_layout(state, config):
+    if state is not None and _new_layout(state, config, grid):
         raise agreed(ValueError)("a checkpoint with tensor-parallel stages resumes only on the layout that wrote it "
                                  "(same ranks, --stages, --tp and balance)")
 
@@ -97,7 +98,7 @@ def _check_asynchronous(config: PipelineConfig, grid: ProcessGrid, state: Option
         raise agreed(ValueError)(f"--schedule {config.schedule} updates each stage on its own and cannot average "
                                  f"gradients over replicas or split layers yet; use --stages = the world size "
                                  f"({world_size}) and --tp 1, or a flushing schedule")
-    if state is not None and _new_layout(state, config):
+    if state is not None and _new_layout(state, config, grid):
         raise agreed(ValueError)(f"a {config.schedule} checkpoint (stashed weight versions per stage) resumes only "
                                  f"on the layout that wrote it (same ranks, --stages and balance)")
 
@@ -175,12 +176,12 @@ class PipelineStrategy:
         self.tp_stats = CommStats()
         parameter_count = sum(p.numel() for p in model.parameters())
         if config.tp > 1:
-            _check_tensor_parallel(config, state, split_layers)
+            _check_tensor_parallel(config, self.grid, state, split_layers)
         if split_layers is not None:  # at tp 1 the split layers are the ordinary ones
             model = split_layers(model, self.grid.tp_comm, self.tp_stats)
         self.model = model
         self._relayout: Optional[dict] = None
-        if state is not None and not _new_layout(state, config):  # auto balance could profile another
+        if state is not None and not _new_layout(state, config, self.grid):  # auto balance could profile another
             self.placement, self.predicted = Placement(tuple(state["placement"])), state.get("layer_seconds")
         else:
             self.placement, self.predicted = choose_placement(model, config, world, sample, say)
@@ -196,13 +197,14 @@ class PipelineStrategy:
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts = self.pipe.holds_last_stage and self.grid.tp_rank == 0  # one rank of a group counts
         stages, tp = config.stages, config.tp
-        self.wait_groups = [[(replica * stages + stage) * tp + t for replica in range(self.replicas)]
+        self.wait_groups = [[self.grid.rank_of(replica, stage, t) for replica in range(self.replicas)]
                             for stage in range(stages) for t in range(tp)]
         self.ideal = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks)
         self.metrics_attrs = {
             "parameters": parameter_count, "tp": tp, "schedule": config.schedule,
             "stages": self.pipe.num_stages, "microbatches": config.microbatches, "replicas": self.replicas,
-            "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal}
+            "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal,
+            **self.grid.metrics_attrs()}
         if self.asynchronous:
             self.metrics_attrs.update(staleness_per_stage=json.dumps(self.pipe.schedule.staleness()),
                                       weight_versions_per_stage=json.dumps(self.pipe.schedule.weight_versions()))
@@ -216,7 +218,7 @@ class PipelineStrategy:
     def describe(self) -> str:
         return (f"{self.metrics_attrs['parameters']:,} parameters, {len(self.model)} layers"
                 f"{' after the tensor-parallel split' if self.config.tp > 1 else ''}; {self.grid}; "
-                f"{self.placement}; {self.pipe.schedule}; ideal bubble {self.ideal:.3f}")
+                f"{self.placement}; {self.pipe.schedule}; ideal bubble {self.ideal:.3f}\n{self.grid.describe()}")
 
     def needs_batch(self) -> bool:
         return self.pipe.holds_first_stage or self.pipe.holds_last_stage
@@ -290,7 +292,8 @@ class PipelineStrategy:
         """This rank's stages; an asynchronous pipeline is drained first (collective) and adds its
         stashed weight versions and counters (``pipeline_async``)."""
         state = {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
-                 "parameter_names": self.parameter_names, "layer_seconds": self.predicted}
+                 "parameter_names": self.parameter_names, "layer_seconds": self.predicted,
+                 "grid_order": self.grid.order}
         if self.asynchronous:
             self._drain()
             state["model"] = self.pipe.local_module.state_dict()  # after the drain's updates
@@ -352,8 +355,9 @@ class PipelineStrategy:
             world = self.world.Get_size()  # steps of this layout (a resumed run may have had another)
             ours = steps["world_size"] == world if "world_size" in steps else np.ones(len(steps["pipeline_busy"]), bool)
             per_step = np.full(len(ours), np.nan)
-            per_step[ours] = bubble_per_step(steps["pipeline_busy"][ours, :world], steps["pipeline_wall"][ours, :world],
-                                             stages, self.config.tp)
+            logical = self.grid.order  # bubble_per_step reads the columns in the grid's logical order
+            per_step[ours] = bubble_per_step(steps["pipeline_busy"][ours][:, logical],
+                                             steps["pipeline_wall"][ours][:, logical], stages, self.config.tp)
             measured = per_step[ours][1:] if ours.sum() > 1 else per_step[ours]  # the first step warms up
             attrs["bubble_measured"] = float(measured.mean()) if len(measured) else float("nan")
             attrs["peak_activation_bytes_per_rank"] = json.dumps(np.nanmax(steps["activation_bytes"], 0).tolist())

@@ -2,10 +2,11 @@
 
 Data-parallel checkpoints hold the whole model already (rank 0's file). Model and
 pipeline parallel checkpoints hold one file per rank with that rank's stages; the
-stages of the first pipeline (ranks ``0 .. stages-1``: replicas hold the same
-parameters) are merged under the unsplit ``nn.Sequential``'s names. Tensor-parallel
-checkpoints hold one file per rank with that rank's shards of every layer; the shards of
-the first group (ranks ``0 .. tp-1``) are concatenated along the dimension each was cut
+stages of the first pipeline (the grid's first ``stages`` ranks in its node-by-node
+order, ``grid_order`` in the files: replicas hold the same parameters) are merged under
+the unsplit ``nn.Sequential``'s names. Tensor-parallel checkpoints hold one file per rank
+with that rank's shards of every layer; the shards of the first group (the grid's first
+``tp`` ranks) are concatenated along the dimension each was cut
 (rows of a column-parallel layer, columns of a row-parallel one; padding dropped), as the
 files' ``tp_layout`` records. Either way ``model.load_state_dict(model_state(path)[0])``
 works on the unsplit model the job built.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -106,10 +107,10 @@ def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, t
     placement = first.get("placement")
     if placement is None:
         raise ValueError(f"{checkpoint}: rank 0's file records no pipeline placement: not a pipeline checkpoint")
-    stages = max(placement) + 1  # ranks of the first pipeline: 0 .. stages-1
+    stages = max(placement) + 1  # the first pipeline: the grid's first `stages` ranks
     merged: Dict[str, torch.Tensor] = {}
     by_name: dict = {}
-    for rank in range(stages):
+    for rank in _first_ranks(first, stages):
         state = first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt", meta)
         if state.get("placement") != placement:
             raise ValueError(f"{checkpoint}: rank {rank} was written with placement {state.get('placement')}, "
@@ -127,6 +128,12 @@ def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, t
     return merged, by_name
 
 
+def _first_ranks(first: dict, count: int) -> List[int]:
+    """The ranks at the grid's first ``count`` positions (rank 0's file records the grid's
+    node-by-node order; files written before it had none: rank order)."""
+    return list(first.get("grid_order") or range(count))[:count]
+
+
 def _merge_shards(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.Tensor]:
     """The first tensor-parallel group's files (ranks ``0 .. tp-1``; replicas hold the same shards)
     merged into the unsplit model's tensors, by the files' ``tp_layout``."""
@@ -137,11 +144,12 @@ def _merge_shards(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.
     if layout is None:
         raise ValueError(f"{checkpoint}: this tensor-parallel checkpoint records no layout: its model's split "
                          f"cannot be merged by mpipar-consolidate (MLPs only, so far)")
-    states = [first] + [_load(checkpoint / f"rank-{rank}.pt", meta) for rank in range(1, tp)]
-    for rank, state in enumerate(states):
-        if (state.get("tp"), state.get("tp_rank"), state.get("tp_layout")) != (tp, rank, layout):
+    ranks = _first_ranks(first, tp)
+    states = [first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt", meta) for rank in ranks]
+    for position, (rank, state) in enumerate(zip(ranks, states)):
+        if (state.get("tp"), state.get("tp_rank"), state.get("tp_layout")) != (tp, position, layout):
             raise ValueError(f"{checkpoint}: rank {rank} was written as tensor-parallel rank {state.get('tp_rank')} "
-                             f"of {state.get('tp')} with another layout than rank 0 (rank 0 of {tp})")
+                             f"of {state.get('tp')} with another layout than rank 0 (expected rank {position} of {tp})")
         if set(state["model"]) != set(layout):
             raise ValueError(f"{checkpoint}: rank {rank} holds tensors {sorted(set(state['model']) ^ set(layout))} "
                              f"that are not in the layout, or lacks them")

@@ -282,8 +282,17 @@ class TensorParallelStrategy:
             splitter = SPLITTERS[kind]
         self.splitter = splitter
         self.world, self.config = world, config
-        self.grid = ProcessGrid(world, config.tp)
-        self.tp_comm = self.grid.pipeline_comm  # consecutive ranks: the neighbours that talk every layer
+        self.grid = ProcessGrid(world, 1, tp=config.tp)  # groups of consecutive ranks inside a node
+        self.tp_comm = self.grid.tp_comm
+
+        def check_placement():
+            saved = None if state is None else state.get("grid_order")
+            if saved is not None and list(saved) != self.grid.order:
+                raise ValueError("a tensor-parallel checkpoint resumes only with every rank at the place in the "
+                                 "grid that wrote it; the ranks now sit on the nodes in another order (launch "
+                                 "with the same ranks per node and the same --map-by)")
+
+        collective_check(world, check_placement, "resuming tensor parallelism")
         self.stats = CommStats()
         self.model = splitter.split(model, self.tp_comm, self.stats).to(device)
         self.parameter_count = sum(p.numel() for p in model.parameters())
@@ -297,9 +306,10 @@ class TensorParallelStrategy:
         self.layout = shard_layout(model, self.model) if splitter.kind == "mlp" else None
         self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb)
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
-        self.counts_samples = self.grid.stage == 0  # one rank of each group counts its samples
+        self.counts_samples = self.grid.tp_rank == 0  # one rank of each group counts its samples
         self.wait_groups = [list(range(world.Get_size()))]  # tensor and replica waits split over the world
-        self.metrics_attrs = {"parameters": self.parameter_count, "tp": config.tp, "replicas": self.replicas}
+        self.metrics_attrs = {"parameters": self.parameter_count, "tp": config.tp, "replicas": self.replicas,
+                              **self.grid.metrics_attrs()}
 
     def parameters(self):
         return list(self.model.parameters())
@@ -307,7 +317,7 @@ class TensorParallelStrategy:
     def describe(self) -> str:
         local = sum(p.numel() for p in self.model.parameters())
         return (f"{self.parameter_count:,} parameters, {self.splitter.what} over {self.config.tp} ranks "
-                f"({local:,} on this rank), {self.replicas} replica(s)")
+                f"({local:,} on this rank), {self.replicas} replica(s)\n{self.grid.describe()}")
 
     def needs_batch(self) -> bool:
         return True
@@ -338,7 +348,7 @@ class TensorParallelStrategy:
         """This rank's shards, with what ``mpipar-consolidate`` needs to merge a group's files:
         ``tp``, this rank's position in its group (``tp_rank``) and :func:`shard_layout`."""
         return {"model": self.model.state_dict(), "tp": self.config.tp, "tp_rank": self.tp_comm.Get_rank(),
-                "tp_layout": self.layout}
+                "tp_layout": self.layout, "grid_order": self.grid.order}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
