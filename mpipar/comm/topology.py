@@ -140,8 +140,9 @@ class ProcessGrid:
                 "data": spanning(lambda c: (c[1], c[2]))}
 
     def metrics_attrs(self) -> dict:
-        """The placement for the metrics file: each rank's host and (replica, stage, tp rank)."""
-        return {"grid_hosts": json.dumps(self.hosts), "grid_coordinates": json.dumps(self.coordinates())}
+        """The placement for the metrics file: (replica, stage, tp rank) of each rank (the loop
+        stores each rank's host as ``hosts``)."""
+        return {"grid_coordinates": json.dumps(self.coordinates())}
 
     def describe(self) -> str:
         """Where every rank sits, node by node, and which groups cross nodes (one line per node)."""
