@@ -122,3 +122,49 @@ def test_scaling_across_runs(tmp_path):
     assert (tmp_path / "report" / "scaling.png").stat().st_size > 2000
     assert (tmp_path / "report" / "time_split_by_run.png").exists()
     assert len(sources) == 2 + 5 + 5 and "Across runs" in text
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("microbatches", [1, 3, 4])
+def test_ideal_pipeline_timeline_is_the_schedules_simulation(stages, microbatches):
+    """The ideal chart is the schedule simulated: equal stage times give GPipe's and 1F1B's
+    (S-1)/(M+S-1) and the naive schedule's (S-1)/S, each stage's row in the schedule's order
+    (GPipe: every forward before any backward; 1F1B: S-1-s warm-up forwards on stage s); unequal
+    times on a non-contiguous placement give placement_bubble's number."""
+    from mpipar.pipeline.schedule import Schedule, placement_bubble
+    from mpipar.report import pipeline
+
+    ranks = list(range(stages))
+    equal = [(1.0, 2.0)] * stages
+    for name, bubble in (("gpipe", (stages - 1) / (microbatches + stages - 1)),
+                         ("1f1b", (stages - 1) / (microbatches + stages - 1)), ("naive", (stages - 1) / stages)):
+        timeline = pipeline.ideal_timeline(name, ranks, microbatches, equal)
+        assert timeline.bubble == pytest.approx(bubble, abs=1e-12), name
+        for stage, spans in timeline.rows.items():
+            order = [(s.kind, s.microbatch) for s in spans]
+            assert order == Schedule(name, stages, microbatches).compute_order(stage)
+            assert all(a.end <= b.start + 1e-12 for a, b in zip(spans, spans[1:]))
+    gpipe = pipeline.ideal_timeline("gpipe", ranks, microbatches, equal)
+    assert gpipe.makespan == pytest.approx(3.0 * (microbatches + stages - 1))
+    uneven = [(0.5 + s, 1.0 + 0.3 * s) for s in range(3)]
+    placed = pipeline.ideal_timeline("1f1b", [0, 1, 0], microbatches, uneven)
+    assert set(placed.rows) == {0, 1}
+    assert placed.bubble == pytest.approx(placement_bubble(Schedule("1f1b", 3, microbatches), [0, 1, 0], uneven))
+    assert pipeline.stage_ranks_of([0, 0, 1, 1, 0]) == [0, 1, 0]
+
+
+def test_point_to_point_matrix_and_heat_map(tmp_path):
+    """/p2p rows (one per rank, peer and flush) add up to the rank x rank matrix, drawn as a heat
+    map for runs that have them; a run without them has neither."""
+    path = write_metrics(tmp_path / "pp" / "metrics.h5", ranks=3)
+    with h5py.File(path, "a") as f:
+        rows = [(3, 0, 1, 100.0), (3, 1, 0, 40.0), (3, 1, 2, 100.0), (3, 2, 1, 40.0), (7, 0, 1, 100.0),
+                (7, 1, 2, 100.0)]
+        for column, values in zip(("step", "rank", "peer", "bytes"), zip(*rows)):
+            f[f"p2p/{column}"] = np.asarray(values)
+    run = read_run(path)
+    assert run.p2p_matrix().tolist() == [[0, 200, 0], [40, 0, 200], [0, 40, 0]]
+    text, sources = images(build_report([path], tmp_path / "report"))
+    assert len(sources) == 6 and "rank x rank" in text and (tmp_path / "report" / "0_pp_p2p.png").exists()
+    plain = read_run(write_metrics(tmp_path / "dp" / "metrics.h5", ranks=2))
+    assert plain.p2p_matrix() is None

@@ -85,6 +85,96 @@ def test_clock_offsets_and_reducer_events(comm):
     assert_all_ranks(comm, (table["duration"] >= 0).all() and (table["lane"][allreduce] == events.COMM).all())
 
 
+def _boundary_bytes(model, microbatch_rows):
+    """Bytes of one micro-batch's output of each layer (what crosses a stage boundary after it)."""
+    x, sizes = torch.zeros(microbatch_rows, model[0].in_features), []
+    for layer in model:
+        x = layer(x)
+        sizes.append(x.numel() * x.element_size())
+    return sizes
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "pipedream"])
+def test_pipeline_events_and_point_to_point_bytes(comm, schedule):
+    """In a sampled step every stage records a forward and a backward per micro-batch, adding up to
+    the step's compute (stage_times); each transfer is one event with its peer and bytes, on the
+    COMM lane (an asynchronous schedule's sends complete in the next step and still count for the
+    step that posted them); mpi_tensor's whole-run count per peer is what the schedule implies:
+    micro-batches x activation bytes to the next stage's rank, x gradient bytes back, every step."""
+    from mpipar.comm import mpi_tensor
+    from mpipar.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 10), torch.nn.ReLU(),
+                                torch.nn.Linear(10, 6), torch.nn.Linear(6, 4))
+    microbatches, rows, steps = 3, 2, 3
+    pipe = Pipeline(model, comm, schedule=schedule, microbatches=microbatches, loss_fn=torch.nn.functional.mse_loss)
+    pipe.bind_optimizer(torch.optim.SGD(pipe.parameters(), lr=0.01))
+    recorder = EventRecorder(comm, (1, 1))
+    mpi_tensor.take_sent(comm)   # count from here
+    results = []
+    for step in range(steps):
+        recorder.begin_step(step)
+        results.append(pipe.step(torch.randn(microbatches * rows, 8), torch.randn(microbatches * rows, 4)))
+        recorder.end_step()
+    pipe.drain()
+    sent = mpi_tensor.take_sent(comm)
+    table = recorder.take()
+    names = np.array(events.NAMES)[table["name"]]
+    assert_all_ranks(comm, (table["step"] == 1).all(), f"steps {set(table['step'].tolist())}")
+    compute = np.isin(names, ("forward", "backward", "update"))
+    busy = sum(f + b for f, b in results[1].stage_times.values())
+    assert_all_ranks(comm, np.isclose(table["duration"][compute].sum(), busy, rtol=0.01),
+                     f"events {table['duration'][compute].sum()} vs stage_times {busy}")
+    for kind in ("forward", "backward"):
+        mine = names == kind
+        got = sorted(zip(table["stage"][mine].tolist(), (table["index"][mine] % microbatches).tolist()))
+        want = sorted((stage, i) for stage in pipe.stages for i in range(microbatches))
+        assert_all_ranks(comm, got == want, f"{kind}: {got} vs {want}")
+    boundary = _boundary_bytes(model, rows)
+    last_layer = [s.stop - 1 for s in pipe.placement.segments]
+    expected = {}   # peer -> bytes the schedule implies per step
+    for stage in pipe.stages:
+        if stage + 1 < pipe.num_stages:
+            expected[pipe.stage_ranks[stage + 1]] = expected.get(pipe.stage_ranks[stage + 1], 0) + \
+                microbatches * boundary[last_layer[stage]]
+        if stage > 0:
+            expected[pipe.stage_ranks[stage - 1]] = expected.get(pipe.stage_ranks[stage - 1], 0) + \
+                microbatches * boundary[last_layer[stage - 1]]
+    transfers = np.isin(names, ("send_activation", "send_grad"))
+    per_peer = {int(p): float(table["bytes"][transfers & (table["peer"] == p)].sum())
+                for p in np.unique(table["peer"][transfers])}
+    assert_all_ranks(comm, per_peer == {p: float(b) for p, b in expected.items()},
+                     f"sampled step's transfer events {per_peer} vs the schedule {expected}")
+    assert_all_ranks(comm, sent == {p: steps * b for p, b in expected.items()},
+                     f"whole-run count {sent} vs {steps} x {expected}")
+    assert_all_ranks(comm, (table["lane"][transfers] == events.COMM).all() and (table["duration"] >= 0).all())
+    received = np.isin(names, ("recv_activation", "recv_grad"))
+    assert_all_ranks(comm, received.sum() == transfers.sum(), f"{received.sum()} receives vs {transfers.sum()} sends")
+
+
+@pytest.mark.mpi
+def test_tensor_parallel_collectives_are_events(comm):
+    """In a sampled step each tensor-parallel Allreduce and Allgather is an event whose time and
+    bytes are what the layer's CommStats counts; none at size 1 (nothing is communicated)."""
+    from mpipar.comm.reducer import CommStats
+    from mpipar.tensor_parallel.mappings import all_gather_last_dim, all_reduce_
+
+    recorder, stats = EventRecorder(comm, (0, 0)), CommStats()
+    recorder.begin_step(0)
+    all_reduce_(torch.ones(10), comm, stats)
+    all_gather_last_dim(torch.ones(2, 3), comm, stats)
+    recorder.end_step()
+    table = recorder.take()
+    names = np.array(events.NAMES)[table["name"]].tolist()
+    expected = [] if comm.Get_size() == 1 else ["tp_allreduce", "tp_gather"]
+    assert_all_ranks(comm, names == expected, f"{names}")
+    assert_all_ranks(comm, np.isclose(table["bytes"].sum(), stats.bytes_sent) and
+                     np.isclose(table["duration"].sum(), stats.wait_time, rtol=1e-6, atol=1e-9),
+                     f"{table['bytes'].sum()} B, {table['duration'].sum()} s vs {stats}")
+
+
 # -- the Chrome trace's structure ------------------------------------------------------------
 
 def check_chrome_trace(document: dict, ranks: int) -> dict:
@@ -307,7 +397,91 @@ def test_events_agree_with_step_fields_parameter_server(tmp_path):
             assert total("exchange") == pytest.approx(comm + idle, rel=0.01)
             assert (names[mine] == "push").any() and (names[mine] == "pull").any()
     check_chrome_trace(trace.chrome_trace(run), ranks=2)
-    assert build_report([out], tmp_path / "report").read_text().count("<img ") == 6
+    assert build_report([out], tmp_path / "report").read_text().count("<img ") == 7   # with the rank x rank matrix
+    matrix = run.p2p_matrix()
+    assert matrix[1, 0] > 0 and matrix[0, 1] > 0   # gradients pushed, weights pulled
+
+
+@pytest.fixture(scope="module", params=[(2, "gpipe"), (3, "1f1b")], ids=["2-gpipe", "3-1f1b"])
+def pp_run(request, tmp_path_factory):
+    """A pipeline of the fine-grained ResNet (skips across stages) with traced steps, a flush per step."""
+    ranks, schedule = request.param
+    out = tmp_path_factory.mktemp("trace") / f"pp{ranks}"
+    result = run_mpi(ranks, "jobs/resnet_pp.py", "--data", "synthetic", "--batch-size", "16", "--threads", "1",
+                     "--max-steps", "4", "--schedule", schedule, "--microbatches", "4", "--balance", "even",
+                     "--flush-every", "1", "--trace-steps", "1-2", "--out", str(out), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, ranks
+
+
+def test_pipeline_events_agree_with_step_fields_and_p2p(pp_run):
+    """Per rank the forwards and backwards add up to the pipeline's compute of the sampled steps
+    (with the optimizer, to /steps/compute_time);
+    each send event has a receive of the same bytes on its peer; the send events of the sampled
+    steps, per rank and peer, are exactly the /p2p rows of those steps (a flush per step); every
+    training step sends the same."""
+    out, ranks = pp_run
+    run = read_run(out)
+    for rank, names, mine, _, total in _sums_agree(run, range(ranks)):
+        busy = run.per_rank("pipeline_busy")[run.traced_steps][:, rank].sum()
+        assert total("forward", "backward") == pytest.approx(busy, rel=0.01)
+        compute = run.per_rank("compute_time")[run.traced_steps][:, rank].sum()   # the loop adds the optimizer
+        assert total("forward", "backward", "optimizer") == pytest.approx(compute, rel=0.01)
+        assert set(run.events["index"][mine & (names == "forward")].tolist()) == set(range(4))
+    names = np.array(run.event_names)[run.events["name"]]
+    ev = run.events
+    sends = {"send_activation": "recv_activation", "send_grad": "recv_grad", "send_skip": "recv_skip",
+             "send_skip_grad": "recv_skip_grad"}
+    for send, receive in sends.items():
+        for i in np.flatnonzero(names == send):
+            match = (names == receive) & (ev["rank"] == ev["peer"][i]) & (ev["peer"] == ev["rank"][i]) & \
+                (ev["step"] == ev["step"][i]) & (ev["index"] == ev["index"][i]) & (ev["bytes"] == ev["bytes"][i])
+            assert match.sum() >= 1, (send, i)
+    assert (names == "send_activation").sum() == 2 * 4 * (ranks - 1) and (names == "send_skip").any()
+    transfers = np.isin(names, list(sends))
+    p2p = run.p2p
+    for step in (1, 2):
+        for rank in range(ranks):
+            for peer in range(ranks):
+                from_events = ev["bytes"][transfers & (ev["step"] == step) & (ev["rank"] == rank) &
+                                          (ev["peer"] == peer)].sum()
+                row = p2p["bytes"][(p2p["step"] == step) & (p2p["rank"] == rank) & (p2p["peer"] == peer)].sum()
+                first = p2p["bytes"][(p2p["step"] == 0) & (p2p["rank"] == rank) & (p2p["peer"] == peer)].sum()
+                assert from_events == row == first, (step, rank, peer, from_events, row, first)
+                if abs(rank - peer) != 1:
+                    assert row == 0
+    matrix = run.p2p_matrix()
+    assert matrix.shape == (ranks, ranks) and (matrix[np.arange(ranks - 1), np.arange(1, ranks)] > 0).all()
+
+
+def test_pipeline_trace_and_schedule_chart(pp_run, tmp_path):
+    """The Chrome trace has each rank's forwards and backwards (with micro-batch and stage) and its
+    transfers on their own threads; the report draws the measured and ideal schedule and prints both
+    bubbles, the ideal one being the schedule's simulation with the measured stage times
+    (placement_bubble), and the rank x rank matrix."""
+    from mpipar.pipeline.schedule import Schedule, placement_bubble
+    from mpipar.report import pipeline
+
+    out, ranks = pp_run
+    path = tmp_path / "trace.json"
+    assert main([str(out), "-o", str(tmp_path / "report"), "--trace", str(path)]) == 0
+    tracks = check_chrome_trace(json.loads(path.read_text()), ranks=ranks)
+    for rank in range(ranks):
+        forwards = [e for e in tracks[(rank, 0)] if e["name"] == "forward"]
+        assert len(forwards) == 2 * 4 and {e["args"]["stage"] for e in forwards} == {rank}
+        assert {e["args"]["index"] for e in forwards} == set(range(4))
+        assert any(e["name"].startswith("send_") for (pid, tid), t in tracks.items() if pid == rank and tid
+                   for e in t)
+    run = read_run(out)
+    text = (tmp_path / "report" / "report.html").read_text()
+    assert (tmp_path / "report" / f"0_pp{ranks}_schedule.png").stat().st_size > 5000
+    assert (tmp_path / "report" / f"0_pp{ranks}_p2p.png").stat().st_size > 5000
+    measured, ideal = pipeline.measured_timeline(run), pipeline.ideal_for_run(run)
+    expected = placement_bubble(Schedule(run.attrs["schedule"], ranks, 4), list(range(ranks)),
+                                pipeline.stage_times(run))
+    assert ideal.bubble == pytest.approx(expected, rel=1e-9) and 0 < ideal.bubble < measured.bubble + 0.2
+    assert f"measured {measured.bubble:.3f}" in text and f"ideal {ideal.bubble:.3f}" in text
+    assert text.count("<img ") == 8
 
 
 # -- a real browser --------------------------------------------------------------------------

@@ -28,6 +28,10 @@ sends a small header ahead of each point-to-point message; a stall watchdog
 (:mod:`mpipar.diagnostics.watchdog`) records which operation this rank waits in. Both act
 through ``debug.hooks``; while both are off every call costs one ``if`` more.
 
+Point-to-point bytes: every ``send`` and ``isend`` adds its bytes to this process's count per
+communicator and destination; :func:`take_sent` hands them over as ranks of another communicator
+(``MetricsWriter`` stores them at each flush as the run's rank x rank matrix, ``/p2p``).
+
 Whether the MPI is CUDA-aware is decided once by :mod:`mpipar.comm.cuda_aware`
 (``MPIX_Query_cuda_support`` from the loaded library; ``MPIPAR_CUDA_AWARE=1``/``0``
 overrides it).
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from mpi4py import MPI
@@ -62,6 +66,7 @@ __all__ = [
     "cuda_aware_mpi",
     "check_thread",
     "thread_multiple",
+    "take_sent",
 ]
 
 _MPI_DATATYPES = {
@@ -304,9 +309,44 @@ def bcast_(tensor: torch.Tensor, comm: MPI.Intracomm, root: int = 0) -> torch.Te
     return tensor
 
 
+_sent: Dict[int, Tuple[MPI.Group, Dict[int, int]]] = {}  # communicator handle -> (its group, dest -> bytes)
+
+
+def _count_sent(comm: MPI.Intracomm, dest: int, nbytes: int) -> None:
+    key = comm.py2f()
+    counted = _sent.get(key)
+    if counted is None:
+        counted = _sent[key] = (comm.Get_group(), {})
+    counted[1][dest] = counted[1].get(dest, 0) + nbytes
+
+
+def take_sent(comm: MPI.Intracomm) -> Dict[int, int]:
+    """Bytes this process sent with :func:`send` and :func:`isend` since the last call (on any
+    communicator), by destination as a rank of ``comm``; destinations outside ``comm`` are left
+    out. Resets the counts. Local.
+
+    Counts are kept per communicator handle with the communicator's group, so a communicator
+    freed and its handle reused between two calls would have its bytes translated with the old
+    group (mpipar keeps its point-to-point communicators for the whole run)."""
+    target = comm.Get_group()
+    totals: Dict[int, int] = {}
+    try:
+        for group, by_dest in _sent.values():
+            dests = list(by_dest)
+            for dest, rank in zip(dests, MPI.Group.Translate_ranks(group, dests, target)):
+                if rank != MPI.UNDEFINED:
+                    totals[rank] = totals.get(rank, 0) + by_dest[dest]
+            group.Free()
+    finally:
+        _sent.clear()
+        target.Free()
+    return totals
+
+
 def send(tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int = 0) -> None:
     """Blocking send; the receiver calls ``recv_`` with the same shape and dtype."""
     work = _prepare(tensor, "send", read=True, write=False)
+    _count_sent(comm, dest, tensor.numel() * tensor.element_size())
     hooks = _debug.hooks
     if hooks is None:
         comm.Send(work.buffer, dest=dest, tag=tag)
@@ -331,6 +371,7 @@ def recv_(tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int = 0) 
 def isend(tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int = 0) -> PendingOp:
     """Non-blocking send; do not modify ``tensor`` before ``wait()``."""
     work = _prepare(tensor, "isend", read=True, write=False)
+    _count_sent(comm, dest, tensor.numel() * tensor.element_size())
     hooks = _debug.hooks
     call = None if hooks is None else hooks.send(tensor, comm, dest, tag)
     return PendingOp(comm.Isend(work.buffer, dest=dest, tag=tag), work, tensor, call)

@@ -52,19 +52,34 @@ VOCABULARY: Dict[str, Tuple[int, int]] = {
     "receive_push": (MAIN, 2),      # a server receiving a gradient (peer: worker)
     "apply": (MAIN, 2),             # a server applying an update (index: the version it makes)
     "reply": (MAIN, 2),             # a server answering a request or pull (peer: worker)
-    # for a pipeline's executor (not recorded yet), index: the micro-batch
+    # a pipeline's executor: index the micro-batch (asynchronous schedules: numbered over the run),
+    # stage the stage; peers are ranks of the pipeline's communicator
     "forward": (MAIN, 2),           # a stage's forward of one micro-batch
-    "backward": (MAIN, 2),          # a stage's backward of one micro-batch
-    "recv_activation": (MAIN, 2),   # blocked receiving an activation (peer: the previous stage's rank)
-    "recv_grad": (MAIN, 2),         # blocked receiving a gradient (peer: the next stage's rank)
+    "backward": (MAIN, 2),          # a stage's backward of one micro-batch (with its weight-stash bookkeeping)
+    "recv_activation": (MAIN, 2),   # blocked receiving an activation, waiting included (peer: previous stage)
+    "recv_grad": (MAIN, 2),         # blocked receiving a gradient, waiting included (peer: next stage)
     "send_activation": (COMM, 0),   # an activation in flight, posted to completed (peer, bytes)
     "send_grad": (COMM, 0),         # a gradient in flight, posted to completed (peer, bytes)
+    "recv_skip": (MAIN, 2),         # blocked receiving a skip tensor (peer: the saving stage's rank)
+    "recv_skip_grad": (MAIN, 2),    # blocked receiving a skip tensor's gradient (peer: the using stage's rank)
+    "send_skip": (COMM, 0),         # a skip tensor in flight, posted to completed (peer, bytes)
+    "send_skip_grad": (COMM, 0),    # a skip tensor's gradient in flight, posted to completed (peer, bytes)
+    "update": (MAIN, 2),            # an asynchronous pipeline's stage update (compute; index: the micro-batch)
+    "wait_sends": (MAIN, 2),        # a pipeline rank completing its posted sends (the step's, or the previous one's)
+    # tensor parallelism (mappings): a split layer's collectives, blocked time (bytes: ring estimate)
+    "tp_allreduce": (MAIN, 3),      # an Allreduce of a row-parallel output or a column-parallel input gradient
+    "tp_gather": (MAIN, 3),         # an Allgather of split outputs or gradients
+    # the one-sided parameter server: a worker's passive-target epochs (peer: server, bytes)
+    "window_get": (MAIN, 3),        # reading a server's weights (Get_accumulate NO_OP, lock to unlock)
+    "window_accumulate": (MAIN, 3),  # adding an update to a server's weights (Accumulate, lock to unlock)
 }
 NAMES = tuple(VOCABULARY)
 _CODE = {name: code for code, name in enumerate(NAMES)}
-COLUMNS = ("step", "rank", "name", "lane", "start", "duration", "bytes", "peer", "index")
+COLUMNS = ("step", "rank", "name", "lane", "start", "duration", "bytes", "peer", "index", "stage")
 """The ``/events`` table: ``name`` is a code into the ``names`` attribute; ``start`` and
-``duration`` are seconds on rank 0's clock (0: the recorder's construction there)."""
+``duration`` are seconds on rank 0's clock (0: the recorder's construction there); ``peer``,
+``index`` and ``stage`` are -1 where they do not apply (a file written before ``stage``
+existed has no such column; readers take it as -1)."""
 
 _active: Optional[EventRecorder] = None
 
@@ -146,9 +161,16 @@ class EventRecorder:
     # -- anyone, during a sampled step -------------------------------------------------
 
     def add(self, name: str, start: float, end: float, *, nbytes: float = 0.0, peer: int = -1,
-            index: int = -1) -> None:
-        """An event from ``start`` to ``end`` (``time.perf_counter()`` values). Local; cheap."""
-        self._rows.append((self._step, _CODE[name], start, end, nbytes, peer, index))
+            index: int = -1, stage: int = -1, step: Optional[int] = None) -> None:
+        """An event from ``start`` to ``end`` (``time.perf_counter()`` values) of the step being
+        sampled, or of ``step`` (a transfer posted in a sampled step and seen completed later:
+        keep the recorder and the step from the post). Local; cheap."""
+        self._rows.append((self._step if step is None else step, _CODE[name], start, end, nbytes, peer, index, stage))
+
+    @property
+    def step(self) -> Optional[int]:
+        """The step being sampled (None between sampled steps)."""
+        return self._step
 
     @contextmanager
     def span(self, name: str, **args) -> Iterator[None]:
@@ -164,7 +186,7 @@ class EventRecorder:
     def take(self) -> Dict[str, np.ndarray]:
         """The rows since the last call as the table's columns, times on the run's clock; resets."""
         rows, self._rows, self.buffered_steps = self._rows, [], 0
-        table = np.array([r[:2] + r[4:] for r in rows], dtype=np.float64).reshape(-1, 5)
+        table = np.array([r[:2] + r[4:] for r in rows], dtype=np.float64).reshape(-1, 6)
         times = np.array([r[2:4] for r in rows], dtype=np.float64).reshape(-1, 2)
         codes = table[:, 1].astype(np.int64)
         lanes = np.array([VOCABULARY[NAMES[c]][0] for c in codes], dtype=np.int64)
@@ -172,7 +194,7 @@ class EventRecorder:
         return {"step": table[:, 0].astype(np.int64), "rank": np.full(len(rows), self.rank, dtype=np.int64),
                 "name": codes, "lane": lanes, "start": start,
                 "duration": times[:, 1] - times[:, 0], "bytes": table[:, 2], "peer": table[:, 3].astype(np.int64),
-                "index": table[:, 4].astype(np.int64)}
+                "index": table[:, 4].astype(np.int64), "stage": table[:, 5].astype(np.int64)}
 
     def attrs(self) -> dict:
         """The table's attributes: the vocabulary and how the clocks were aligned."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpipar.diagnostics import collectives
+from mpipar.diagnostics import collectives, events
 from mpipar.diagnostics.failure import agreed
 from mpipar.parameter_server.flat import FlatShares
 from mpipar.parameter_server.server import UPDATE_COLUMNS
@@ -65,15 +65,24 @@ class WindowShares:
     def read(self, server: int) -> None:
         """This rank's ``flat.weights[server]`` := the server's current weights."""
         target = self.flat.weights[server].numpy()
+        start = time.perf_counter()
         self.windows[server].Lock(server, MPI.LOCK_SHARED)
         self.windows[server].Get_accumulate(np.zeros_like(target), target, server, op=MPI.NO_OP)
         self.windows[server].Unlock(server)
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("window_get", start, time.perf_counter(), nbytes=target.nbytes, peer=server)
 
     def accumulate(self, server: int, update: torch.Tensor) -> None:
         """The server's weights += ``update`` (element-wise atomic)."""
+        start = time.perf_counter()
         self.windows[server].Lock(server, MPI.LOCK_SHARED)
         self.windows[server].Accumulate(update.numpy(), server, op=MPI.SUM)
         self.windows[server].Unlock(server)
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("window_accumulate", start, time.perf_counter(),
+                         nbytes=update.numel() * update.element_size(), peer=server)
 
     def free(self) -> None:
         for window in [*self.windows, self.counter_window]:

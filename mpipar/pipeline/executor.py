@@ -13,7 +13,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm import mpi_tensor
-from mpipar.diagnostics import debug
+from mpipar.diagnostics import debug, events
 from mpipar.diagnostics.agree import agree_on, collective_check, gather_checked
 from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.microbatch import check_microbatches
@@ -236,6 +236,7 @@ class Pipeline:
         self._in_flight = False  # a step left micro-batches in the pipeline (the next runs "steady")
         self._async_run: Optional[_RunState] = None
         self._previous_sends: List[mpi_tensor.PendingOp] = []
+        self._traced_sends: Dict[mpi_tensor.PendingOp, tuple] = {}  # sends posted in a sampled step -> their event
         self._batch_spec: Optional[tuple] = None
 
     # -- roles ----------------------------------------------------------------------
@@ -473,7 +474,7 @@ class Pipeline:
         self._batches += 1
         self._in_flight = True
         with clock.communicating():  # the previous window's sends: received in this window at the latest
-            mpi_tensor.wait_all(self._previous_sends)
+            self._wait_sends(self._previous_sends)
         self._previous_sends, run.sends = run.sends, []
         clock.busy = sum(stage.busy for stage in self.stages.values())
         last = self.stages.get(self.num_stages - 1)
@@ -505,7 +506,7 @@ class Pipeline:
         run = self._async_state(StepClock())
         run.chunks = run.target_chunks = None
         self._execute_window("drain", run)
-        mpi_tensor.wait_all(self._previous_sends + run.sends)
+        self._wait_sends(self._previous_sends + run.sends)
         self._previous_sends, run.sends = [], []
         run.received.clear()
         self._in_flight = False
@@ -541,6 +542,7 @@ class Pipeline:
         for stage in self.stages.values():
             stage.reset()
             stage.peak_in_flight = 0
+        self._traced_sends.clear()  # a failed step's
         self._agree_batch(inputs, targets, train, microbatches)  # waiting for other ranks: idle
         program = self._program(train, microbatches)
         run = _RunState(
@@ -553,7 +555,7 @@ class Pipeline:
         for instruction in program:
             self._handlers[type(instruction)](instruction, run)
         with clock.communicating():
-            mpi_tensor.wait_all(run.sends)
+            self._wait_sends(run.sends)
         loss = self._broadcast_loss()  # waits for the last stage to finish: idle
         clock.busy = sum(stage.busy for stage in self.stages.values())
         outputs = self.stages[self.num_stages - 1].gathered_outputs() if self.holds_last_stage else None
@@ -581,18 +583,52 @@ class Pipeline:
         grad = isinstance(instruction, RecvGrad)
         source, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
         buffer = (self._output_specs if grad else self._input_specs)[index].empty(self.stages[index].device)
+        recorder = events.active()
+        begin = time.perf_counter() if recorder is not None else 0.0
         with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
                 f"{'gradient' if grad else 'activation'} of micro-batch {i} for stage {index}")):
             self.comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
         with run.clock.communicating():
             run.received[instruction] = mpi_tensor.recv_(buffer, self.comm, source, tag)
+        if recorder is not None:
+            recorder.add("recv_grad" if grad else "recv_activation", begin, time.perf_counter(),
+                         nbytes=buffer.numel() * buffer.element_size(), peer=source, index=i, stage=index)
 
     def _send(self, instruction: Union[SendActivation, SendGrad], run: _RunState) -> None:
         dest, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
         tensor = run.outgoing.pop(instruction)
-        run.bytes_sent += tensor.numel() * tensor.element_size()
+        run.bytes_sent += self._post(tensor, dest, tag, run, instruction,
+                                     "send_grad" if isinstance(instruction, SendGrad) else "send_activation")
+
+    def _post(self, tensor: torch.Tensor, dest: int, tag: int, run: _RunState, instruction: Instruction,
+              event: str) -> int:
+        """Post a non-blocking send (its completion: :meth:`_wait_sends`); in a sampled step remember
+        its event. Returns its bytes."""
+        size = tensor.numel() * tensor.element_size()
         with run.clock.communicating():
-            run.sends.append(mpi_tensor.isend(tensor, self.comm, dest, tag))
+            posted = time.perf_counter()
+            op = mpi_tensor.isend(tensor, self.comm, dest, tag)
+        run.sends.append(op)
+        recorder = events.active()
+        if recorder is not None:
+            self._traced_sends[op] = (recorder, recorder.step, event, posted, size, dest, instruction.microbatch,
+                                      instruction.stage)
+        return size
+
+    def _wait_sends(self, ops: List[mpi_tensor.PendingOp]) -> None:
+        """Complete posted sends; a send posted in a sampled step becomes its event (posted to seen
+        completed here, on the step that posted it) and, in a sampled step, the wait an event too."""
+        recorder = events.active()
+        begin = time.perf_counter()
+        for op in ops:
+            op.wait()
+            traced = self._traced_sends.pop(op, None) if self._traced_sends else None
+            if traced is not None:
+                owner, step, event, posted, size, dest, microbatch, stage = traced
+                owner.add(event, posted, time.perf_counter(), nbytes=size, peer=dest, index=microbatch, stage=stage,
+                          step=step)
+        if recorder is not None and ops:
+            recorder.add("wait_sends", begin, time.perf_counter())
 
     def _skip_peer_and_tag(self, instruction: SkipInstruction, microbatches: int) -> Tuple[int, int]:
         grad = isinstance(instruction, (SendSkipGrad, RecvSkipGrad))
@@ -604,21 +640,25 @@ class Pipeline:
         grad = isinstance(instruction, RecvSkipGrad)
         source, tag = self._skip_peer_and_tag(instruction, run.tag_count or run.microbatches)
         buffer = self._skip_specs[name].empty(self.stages[instruction.stage].device)
+        recorder = events.active()
+        begin = time.perf_counter() if recorder is not None else 0.0
         with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
                 f"{'gradient of ' if grad else ''}skip {name!r} of micro-batch {i} for stage {instruction.stage}")):
             self.comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
         with run.clock.communicating():
             (run.skip_grads if grad else run.skips)[name, i] = mpi_tensor.recv_(buffer, self.comm, source, tag)
+        if recorder is not None:
+            recorder.add("recv_skip_grad" if grad else "recv_skip", begin, time.perf_counter(),
+                         nbytes=buffer.numel() * buffer.element_size(), peer=source, index=i, stage=instruction.stage)
 
     def _send_skip(self, instruction: Union[SendSkip, SendSkipGrad], run: _RunState) -> None:
         name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
         dest, tag = self._skip_peer_and_tag(instruction, run.tag_count or run.microbatches)
-        tensor = (run.skip_grads if isinstance(instruction, SendSkipGrad) else run.skips).pop((name, i))
-        size = tensor.numel() * tensor.element_size()
+        grad = isinstance(instruction, SendSkipGrad)
+        tensor = (run.skip_grads if grad else run.skips).pop((name, i))
+        size = self._post(tensor, dest, tag, run, instruction, "send_skip_grad" if grad else "send_skip")
         run.bytes_sent += size
         run.skip_bytes_sent += size
-        with run.clock.communicating():
-            run.sends.append(mpi_tensor.isend(tensor, self.comm, dest, tag))
 
     def _forward(self, instruction: Forward, run: _RunState) -> None:
         index, i = instruction.stage, instruction.microbatch
@@ -630,7 +670,11 @@ class Pipeline:
         y, saved = stage.forward(i, x, train=run.train,
                                  target=run.target_chunks[i - run.base] if run.target_chunks else None,
                                  loss_fn=self.loss_fn, scale=1.0 / run.microbatches, skips=used, weights=weights)
-        stage.forward_busy += time.perf_counter() - begin
+        end = time.perf_counter()
+        stage.forward_busy += end - begin
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("forward", begin, end, index=i, stage=index)
         for name, tensor in saved.items():  # for SendSkip, or for a later stage on this rank
             run.skips[name, i] = tensor.detach()
         if not stage.is_last:
@@ -647,7 +691,11 @@ class Pipeline:
         grad_input, used_grads = stage.backward(i, grad_output, skip_grads)
         if self.versions:
             self.versions[index].take_gradient(i)
-        stage.backward_busy += time.perf_counter() - begin
+        end = time.perf_counter()
+        stage.backward_busy += end - begin
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("backward", begin, end, index=i, stage=index)
         for name, grad in used_grads.items():  # for SendSkipGrad, or for an earlier stage on this rank
             run.skip_grads[name, i] = grad
         if not stage.is_first:
@@ -656,7 +704,11 @@ class Pipeline:
     def _update(self, instruction: Update, run: _RunState) -> None:
         begin = time.perf_counter()
         self.versions[instruction.stage].update(self._step_optimizer)
-        self.stages[instruction.stage].backward_busy += time.perf_counter() - begin  # compute: counted as busy
+        end = time.perf_counter()
+        self.stages[instruction.stage].backward_busy += end - begin  # compute: counted as busy
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("update", begin, end, index=instruction.microbatch, stage=instruction.stage)
 
     def _broadcast_loss(self) -> float:
         value = torch.full((1,), math.nan, dtype=torch.float64)

@@ -3,7 +3,9 @@
 Reads run directories (or their ``metrics.h5``) and writes ``OUTDIR/report.html``, one
 self-contained page with the PNGs inlined, and the PNGs beside it. One run: loss and
 accuracy, each rank's time split, a step x rank heat map with the straggler, bytes sent,
-and the steps sampled with ``--trace-steps`` as a Gantt chart per rank. Several runs: each
+the steps sampled with ``--trace-steps`` as a Gantt chart per rank; for a pipeline, its last
+sampled step as measured beside the ideal schedule with the same stage times (bubbles shaded
+and compared); for runs with point-to-point traffic, the rank x rank matrix of bytes sent. Several runs: each
 of those, plus throughput and scaling efficiency against ranks and the time split side by
 side. ``--trace OUT.json``: the sampled events as Chrome trace JSON, for
 https://ui.perfetto.dev or chrome://tracing (several runs: one file each, OUT_<i>_<run>.json).
@@ -22,6 +24,7 @@ from typing import List, Sequence
 import numpy as np
 
 from mpipar.report import analysis, html, plots, trace
+from mpipar.report import pipeline as pipeline_analysis
 from mpipar.report.reader import Run, read_run
 
 __all__ = ["build_report", "write_traces", "main"]
@@ -61,6 +64,15 @@ def _run_section(run: Run, index: int, outdir: Path) -> html.Section:
                (plots.step_gantt(run, outdir / f"{prefix}_gantt.png"), "sampled steps per rank")]
     fragments.extend(html.image_tag(png, alt) for png, alt in figures)
     fragments.append(html.paragraph(_events_sentence(run)))
+    schedule = plots.pipeline_schedule(run, outdir / f"{prefix}_schedule.png")
+    if schedule is not None:
+        fragments.append(html.paragraph(_bubble_sentence(run), "verdict"))
+        fragments.append(html.image_tag(schedule, "measured and ideal pipeline schedule"))
+    p2p = plots.p2p_heatmap(run, outdir / f"{prefix}_p2p.png")
+    if p2p is not None:
+        fragments.append(html.paragraph("Point-to-point bytes over the run (evaluation included), rank x rank: "
+                                        "rows send, columns receive."))
+        fragments.append(html.image_tag(p2p, "point-to-point bytes, rank x rank"))
     return f"{run.name} ({run.strategy}, {run.world_size} ranks)", fragments
 
 
@@ -75,6 +87,22 @@ def _events_sentence(run: Run) -> str:
             f"{shown[0]}-{shown[-1]}. Clocks aligned to rank 0's (largest offset measured "
             f"{1e6 * np.abs(offsets).max():.1f} us). mpipar-report RUN --trace trace.json writes them for "
             f"Perfetto or chrome://tracing.")
+
+
+def _bubble_sentence(run: Run) -> str:
+    """Measured vs ideal bubble of the pipeline chart, in words."""
+    measured = pipeline_analysis.measured_timeline(run)
+    ideal = pipeline_analysis.ideal_for_run(run)
+    text = (f"Pipeline bubble of sampled step {int(run.traced_steps[-1])}: measured {measured.bubble:.3f} "
+            f"(idle share of the ranks' time from the first forward to the last backward)")
+    if ideal is None:
+        return text + (f"; no ideal schedule drawn for {run.attrs.get('schedule')} (one step of an asynchronous "
+                       f"schedule is a window of the pipeline, not the whole schedule).")
+    times = pipeline_analysis.stage_times(run)
+    per_stage = ", ".join(f"{1000 * f:.2f}/{1000 * b:.2f}" for f, b in times)
+    return text + (f"; ideal {ideal.bubble:.3f} ({run.attrs['schedule']} simulated with the measured mean forward/"
+                   f"backward ms per micro-batch of each stage, {per_stage}, and free communication; "
+                   f"{ideal.makespan * 1000:.1f} ms vs {measured.makespan * 1000:.1f} ms measured).")
 
 
 def write_traces(paths: Sequence, out) -> List[Path]:

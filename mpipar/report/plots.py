@@ -17,10 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mpipar.report import analysis  # noqa: E402
+from mpipar.report import pipeline as pipeline_analysis  # noqa: E402
 from mpipar.report.reader import TIME_FIELDS, Run  # noqa: E402
 
 __all__ = ["loss_curve", "accuracy_curve", "time_split_bars", "step_heatmap", "bytes_sent_bars", "scaling_plot",
-           "time_split_by_run", "step_gantt", "gantt_steps"]
+           "time_split_by_run", "step_gantt", "gantt_steps", "pipeline_schedule", "p2p_heatmap"]
 
 COLOURS = {"compute_time": "#4c72b0", "comm_time": "#dd8452", "idle_time": "#c44e52", "data_time": "#55a868"}
 LABELS = {"compute_time": "compute", "comm_time": "communication", "idle_time": "idle (waiting)",
@@ -146,7 +147,10 @@ EVENT_COLOURS = {"step": "#e6e6e6", "data": COLOURS["data_time"], "shard_data": 
                  "reply": "#b35806", "allreduce": COLOURS["comm_time"], "push": COLOURS["comm_time"],
                  "forward": "#64b5cd", "backward": COLOURS["compute_time"], "recv_activation": COLOURS["idle_time"],
                  "recv_grad": COLOURS["idle_time"], "send_activation": COLOURS["comm_time"],
-                 "send_grad": COLOURS["comm_time"]}
+                 "send_grad": COLOURS["comm_time"], "recv_skip": COLOURS["idle_time"],
+                 "recv_skip_grad": COLOURS["idle_time"], "send_skip": "#b35806", "send_skip_grad": "#b35806",
+                 "update": "#8172b3", "wait_sends": "#8c2d2f", "tp_allreduce": COLOURS["comm_time"],
+                 "tp_gather": COLOURS["comm_time"], "window_get": "#b35806", "window_accumulate": COLOURS["comm_time"]}
 GANTT_STEPS = 4
 
 
@@ -205,4 +209,81 @@ def step_gantt(run: Run, path: Path, steps: int = GANTT_STEPS) -> Optional[Path]
            title=f"{run.name}: sampled steps {first}-{last}, per rank")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+BUBBLE_COLOUR = "#f4c7c3"
+
+
+def _draw_timeline(ax, timeline: pipeline_analysis.Timeline, title: str) -> None:
+    """Rows of forward (light) and backward (dark) bars, each labelled with its micro-batch and
+    coloured by it; the idle time of each row (the bubble) shaded behind them."""
+    palette = plt.get_cmap("tab20").colors
+    rows = list(timeline.rows)
+    for y, rank in enumerate(rows):
+        ax.broken_barh([(0.0, timeline.makespan * 1000)], (y - 0.4, 0.8), facecolors=BUBBLE_COLOUR, hatch="//",
+                       edgecolor="#e08a82", linewidth=0)
+        for span in timeline.rows[rank]:
+            colour = palette[(2 * span.microbatch + (span.kind == "F")) % len(palette)]
+            width = (span.end - span.start) * 1000
+            ax.broken_barh([(span.start * 1000, width)], (y - 0.4, 0.8), facecolors=colour, edgecolor="white",
+                           linewidth=0.5)
+            if width > timeline.makespan * 1000 / 90:
+                ax.text(span.start * 1000 + width / 2, y, f"{span.kind}{span.microbatch}", ha="center", va="center",
+                        fontsize="x-small")
+    labels = []
+    for rank in rows:
+        stages = sorted({span.stage for span in timeline.rows[rank]})
+        labels.append(f"rank {rank}\nstage {','.join(map(str, stages))}")
+    ax.set_yticks(range(len(rows)), labels, fontsize="small")
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set(title=title, xlabel="ms from the first forward")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def pipeline_schedule(run: Run, path: Path) -> Optional[Path]:
+    """A pipeline run's last sampled step as measured (forward F and backward B of each
+    micro-batch per rank of the first pipeline) above the same schedule simulated with the
+    measured mean stage times and free communication, both on one time axis, the bubble shaded."""
+    if not pipeline_analysis.is_pipeline(run):
+        return None
+    measured = pipeline_analysis.measured_timeline(run)
+    if measured is None:
+        return None
+    ideal = pipeline_analysis.ideal_for_run(run)
+    panels = [(measured, f"measured: step {int(run.traced_steps[-1])}, bubble {measured.bubble:.3f}")]
+    if ideal is not None:
+        panels.append((ideal, f"ideal: {run.attrs['schedule']} with the measured mean stage times, free "
+                              f"communication, bubble {ideal.bubble:.3f}"))
+    rows = sum(len(t.rows) for t, _ in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.6 + 0.55 * rows + 0.8 * len(panels)), sharex=True,
+                             squeeze=False)
+    for ax, (timeline, title) in zip(axes[:, 0], panels):
+        _draw_timeline(ax, timeline, title)
+    handles = [matplotlib.patches.Patch(facecolor=BUBBLE_COLOUR, edgecolor="#e08a82", hatch="//",
+                                        label="idle (bubble)")]
+    axes[0, 0].legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"{run.name}: {run.attrs['schedule']}, {run.attrs['stages']} stages, {run.attrs['microbatches']} "
+                 f"micro-batches (F3: forward of micro-batch 3)", fontsize="medium")
+    return _save(fig, path)
+
+
+def p2p_heatmap(run: Run, path: Path) -> Optional[Path]:
+    """Bytes each rank sent to each peer point to point over the run (None without such traffic)."""
+    matrix = run.p2p_matrix()
+    if matrix is None:
+        return None
+    size = len(matrix)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * size + 3), max(3.5, 0.5 * size + 2)))
+    image = ax.imshow(matrix / 1e6, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="MB sent (whole run)")
+    if size <= 8:
+        top = matrix.max() / 1e6
+        for (sender, peer), value in np.ndenumerate(matrix / 1e6):
+            ax.text(peer, sender, f"{value:.3g}", ha="center", va="center", fontsize="small",
+                    color="black" if value > 0.6 * top else "white")
+    if size <= 32:
+        ax.set_xticks(range(size))
+        ax.set_yticks(range(size))
+    ax.set(xlabel="to rank", ylabel="from rank", title=f"{run.name}: point-to-point bytes, rank x rank")
     return _save(fig, path)

@@ -25,8 +25,9 @@ TIME_FIELDS = ("compute_time", "comm_time", "idle_time", "data_time")
 class Run:
     """One run's metrics. ``steps`` maps each ``/steps`` dataset to its array: (S,) or (S, W),
     NaN (floats) or 0 (counts) where a rank did not run the step; ``epochs`` likewise (E,);
-    ``events`` the ``/events`` table's columns (empty without ``--trace-steps``) and
-    ``event_attrs`` its attributes."""
+    ``events`` the ``/events`` table's columns (empty without ``--trace-steps``; ``stage`` -1
+    throughout in a file written before that column existed) and ``event_attrs`` its
+    attributes; ``p2p`` the ``/p2p`` table's columns (point-to-point bytes, see :meth:`p2p_matrix`)."""
 
     path: Path
     attrs: Dict[str, object] = field(default_factory=dict)
@@ -34,6 +35,7 @@ class Run:
     epochs: Dict[str, np.ndarray] = field(default_factory=dict)
     events: Dict[str, np.ndarray] = field(default_factory=dict)
     event_attrs: Dict[str, object] = field(default_factory=dict)
+    p2p: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -78,6 +80,16 @@ class Run:
         """The steps with events, in order."""
         return np.unique(self.events["step"]) if "step" in self.events else np.zeros(0, dtype=np.int64)
 
+    def p2p_matrix(self) -> Optional[np.ndarray]:
+        """Bytes each rank sent to each peer point to point over the run, (W, W) with rows the
+        senders; None when the run recorded no point-to-point traffic."""
+        if not len(self.p2p.get("bytes", [])):
+            return None
+        size = max(self.world_size, int(self.p2p["rank"].max()) + 1, int(self.p2p["peer"].max()) + 1)
+        matrix = np.zeros((size, size))
+        np.add.at(matrix, (self.p2p["rank"].astype(np.int64), self.p2p["peer"].astype(np.int64)), self.p2p["bytes"])
+        return matrix
+
     def sizes(self) -> np.ndarray:
         """The ranks that ran each step (S,): ``/steps/world_size``, else the run's world size."""
         if "world_size" in self.steps:
@@ -121,7 +133,10 @@ def _read(path: Path) -> Run:
         epochs = _group(f, "epochs")
         events = _group(f, "events", skip="_histogram")
         event_attrs = {key: _plain(value) for key, value in f["events"].attrs.items()} if "events" in f else {}
-    return Run(path=path, attrs=attrs, steps=steps, epochs=epochs, events=events, event_attrs=event_attrs)
+        p2p = _group(f, "p2p")
+    if events and "stage" not in events:
+        events["stage"] = np.full(len(events["step"]), -1, dtype=np.int64)
+    return Run(path=path, attrs=attrs, steps=steps, epochs=epochs, events=events, event_attrs=event_attrs, p2p=p2p)
 
 
 def _group(f: h5py.File, name: str, skip: Optional[str] = None) -> Dict[str, np.ndarray]:

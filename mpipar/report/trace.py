@@ -74,6 +74,8 @@ def chrome_trace(run: Run) -> dict:
             args["peer"] = int(events["peer"][i])
         if events["index"][i] >= 0:
             args["index"] = int(events["index"][i])
+        if "stage" in events and events["stage"][i] >= 0:
+            args["stage"] = int(events["stage"][i])
         name = names[int(events["name"][i])]
         ts = round(float(start_us[i]), 3)  # ends rounded too: a child never ends after its parent
         trace.append({"name": name, "cat": "comm" if thread[i] else "step", "ph": "X",

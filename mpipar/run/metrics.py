@@ -26,6 +26,10 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
   and rank (:data:`mpipar.diagnostics.events.COLUMNS`: step, rank, name code, lane, start and
   duration in seconds on rank 0's clock, bytes, peer, index); its attributes hold the names,
   lanes and levels of the codes and each rank's measured clock offset from rank 0.
+* ``/p2p`` (runs with point-to-point traffic: pipelines, the two-sided parameter server): bytes
+  each rank sent to each peer with ``mpi_tensor.send``/``isend``, one row per (rank, peer) and
+  flush (``step``: the flush's last step; evaluation's transfers included): ``step, rank, peer,
+  bytes``; their sum over rows is the run's rank x rank matrix.
 
 Steps are buffered in memory and written by rank 0 at each flush (every
 ``flush_every`` steps and at each epoch end); the file is opened, appended and
@@ -50,6 +54,7 @@ import torch
 from mpi4py import MPI
 
 from mpipar import __version__
+from mpipar.comm import mpi_tensor
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.events import EventRecorder
@@ -116,6 +121,7 @@ class MetricsWriter:
         self._steps: List[dict] = []
         self._epochs: List[dict] = []
         self.steps_written = 0
+        mpi_tensor.take_sent(comm)  # /p2p counts from here (not an earlier run's or test's in this process)
         hosts = collectives.allgather(comm, MPI.Get_processor_name(), "metrics: host names")
         if self.is_root:
             all_attrs = {
@@ -224,12 +230,23 @@ class MetricsWriter:
         bad_step, stop_anywhere = collectives.bcast(self.comm, verdict, "metrics flush", root=self.root)
         if self.events is not None and self.events.buffered_steps:  # the same on every rank
             self.write_table("events", self.events.take(), attrs=self.events.attrs())
+        self._write_point_to_point(max(0, self.steps_written + len(self._steps) - 1))
         self.steps_written += len(self._steps)
         self._steps, self._epochs = [], []
         if bad_step is not None:
             raise NonFiniteLossError(f"the loss became {bad_step[1]} at step {bad_step[0]}; stopped. "
                                      f"Metrics up to that step are in {self.path}. Try a lower learning rate.")
         return stop_anywhere
+
+    def _write_point_to_point(self, step: int) -> None:
+        """Append this rank's point-to-point bytes since the last flush to ``/p2p``. Collective."""
+        sent = mpi_tensor.take_sent(self.comm)
+        peers = np.array(sorted(sent), dtype=np.int64)
+        self.write_table("p2p", {"step": np.full(len(peers), step, dtype=np.int64),
+                                 "rank": np.full(len(peers), self.comm.Get_rank(), dtype=np.int64),
+                                 "peer": peers, "bytes": np.array([sent[p] for p in peers.tolist()], dtype=np.float64)},
+                         attrs={"about": "bytes sent by rank to peer (ranks of the run) with mpi_tensor.send/isend "
+                                         "since the previous row's flush; step: the flush's last step"})
 
     def close(self) -> None:
         """Final flush. Collective."""
@@ -262,9 +279,10 @@ class MetricsWriter:
         all ranks in rank order), set ``attrs`` (``root``'s) on the group, and store for each
         column in ``histograms`` the counts of its whole stored (integer) column as
         ``/<name>/<column>_histogram``. Collective; every rank passes the same column names,
-        with a ``step`` column (a resumed run drops the rows of steps after its checkpoint)."""
+        with a ``step`` column (a resumed run drops the rows of steps after its checkpoint). Rows of no
+        rank: nothing is written (a table that never had rows does not exist)."""
         gathered = collectives.gather(self.comm, columns, f"metrics: table {name}", root=self.root)
-        if self.is_root:
+        if self.is_root and any(len(np.asarray(c).reshape(-1)) for cols in gathered for c in cols.values()):
             with _open(self.path, "a") as f:
                 for column in gathered[0]:
                     values = np.concatenate([np.asarray(cols[column]).reshape(-1) for cols in gathered])

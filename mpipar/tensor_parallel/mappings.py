@@ -17,7 +17,8 @@ same order to tensors of the same shape and dtype, and runs backward through the
 together. At size 1 every map is the identity and nothing is communicated; on the meta
 device (shape inference) nothing is communicated either and the shapes come out right. The time
 blocked in MPI and the bytes sent (ring estimates) go to an optional
-:class:`~mpipar.comm.reducer.CommStats`.
+:class:`~mpipar.comm.reducer.CommStats`, and in a step sampled by ``--trace-steps`` each
+Allreduce and Allgather is a ``tp_allreduce`` / ``tp_gather`` event with those bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.reducer import CommStats
+from mpipar.diagnostics import events
 from mpipar.diagnostics.failure import agreed
 
 __all__ = ["copy_to_parallel", "reduce_from_parallel", "scatter_to_parallel", "gather_from_parallel",
@@ -42,10 +44,16 @@ def allreduce_bytes(payload_bytes: int, size: int) -> float:
 
 
 def record_allreduce(stats: Optional[CommStats], tensor: torch.Tensor, size: int, seconds: float) -> None:
-    """Add one Allreduce of ``tensor`` over ``size`` ranks, blocked ``seconds``, to ``stats`` (if any)."""
+    """Add one Allreduce of ``tensor`` over ``size`` ranks, blocked ``seconds`` until now, to ``stats``
+    (if any), and in a sampled step as an event."""
     if stats is not None:
         stats.wait_time += seconds
         stats.bytes_sent += allreduce_bytes(tensor.numel() * tensor.element_size(), size)
+    recorder = events.active()
+    if recorder is not None:
+        end = time.perf_counter()
+        recorder.add("tp_allreduce", end - seconds, end,
+                     nbytes=allreduce_bytes(tensor.numel() * tensor.element_size(), size))
 
 
 def all_reduce_(tensor: torch.Tensor, comm: MPI.Intracomm, stats: Optional[CommStats] = None,
@@ -81,9 +89,13 @@ def all_gather_last_dim(tensor: torch.Tensor, comm: MPI.Intracomm,
     gathered = torch.empty((size, *local.shape), dtype=local.dtype, device=local.device)
     start = time.perf_counter()
     mpi_tensor.allgather_(gathered, local, comm)
+    end = time.perf_counter()
     if stats is not None:
-        stats.wait_time += time.perf_counter() - start
+        stats.wait_time += end - start
         stats.bytes_sent += (size - 1) * local.numel() * local.element_size()
+    recorder = events.active()
+    if recorder is not None:
+        recorder.add("tp_gather", start, end, nbytes=(size - 1) * local.numel() * local.element_size())
     return gathered.movedim(0, -2).reshape(*local.shape[:-1], size * local.shape[-1])
 
 
