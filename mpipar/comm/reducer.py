@@ -14,6 +14,7 @@ from torch import nn
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.averaging import average_tensors
+from mpipar.comm.buckets import assign_buckets
 from mpipar.comm.staging import HostMirror
 from mpipar.diagnostics import events
 
@@ -126,17 +127,8 @@ class GradientReducer:
 
     @staticmethod
     def _build(params: List[nn.Parameter], cap: float) -> List[_Bucket]:
-        groups: List[List[nn.Parameter]] = []
-        size = 0
-        for p in reversed(params):
-            nbytes = p.numel() * p.element_size()
-            last = groups[-1] if groups else None
-            if last and size + nbytes <= cap and (p.dtype, p.device) == (last[0].dtype, last[0].device):
-                last.append(p)
-                size += nbytes
-            else:
-                groups.append([p])
-                size = nbytes
+        groups = [[params[index] for index in group] for group in assign_buckets(
+            [p.numel() * p.element_size() for p in params], [(p.dtype, p.device) for p in params], cap)]
         buckets = []
         for group in groups:
             buffer = torch.zeros(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)

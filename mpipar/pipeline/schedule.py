@@ -59,6 +59,7 @@ __all__ = [
     "rank_program",
     "window_program",
     "placement_bubble",
+    "simulate_step",
 ]
 
 ASYNC_SCHEDULES = ("pipedream", "2bw")  # never flush: the pipeline stays full from batch to batch
@@ -198,13 +199,15 @@ def _depends_on(step: Instruction, stages: int) -> Tuple[Instruction, ...]:
 
 
 def _simulate(streams: Sequence[Sequence[Instruction]], stages: int, duration: Callable[[Instruction], float],
-              stuck: str) -> Dict[Instruction, Tuple[float, float]]:
+              stuck: str, transfer: Optional[Callable[[Instruction, Instruction], float]] = None
+              ) -> Dict[Instruction, Tuple[float, float]]:
     """(start, finish) of every compute step when each worker runs its stream in order.
 
     A worker (a stage, or a rank holding several stages) runs one step at a time;
-    a step starts once its worker is free and its inputs have finished, and lasts
-    ``duration(step)``. Communication is free. The result is in the order the steps
-    were placed. Raises ``RuntimeError(stuck)`` when no worker can go on (a cycle).
+    a step starts once its worker is free and its inputs have arrived, and lasts
+    ``duration(step)``. An input arrives ``transfer(input, step)`` seconds after it
+    finished (communication is free when ``transfer`` is None). The result is in the
+    order the steps were placed. Raises ``RuntimeError(stuck)`` when no worker can go on (a cycle).
     """
     spans: Dict[Instruction, Tuple[float, float]] = {}
     position = [0] * len(streams)
@@ -217,7 +220,8 @@ def _simulate(streams: Sequence[Sequence[Instruction]], stages: int, duration: C
             step = stream[position[w]]
             needs = _depends_on(step, stages)
             if all(need in spans for need in needs):
-                start = max([free_at[w]] + [spans[need][1] for need in needs])
+                start = max([free_at[w]] + [spans[need][1] + (transfer(need, step) if transfer else 0)
+                                            for need in needs])
                 free_at[w] = start + duration(step)
                 spans[step] = (start, free_at[w])
                 position[w] += 1
@@ -582,14 +586,36 @@ def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
         slowest = max(per_rank.values())
         return 0.0 if slowest <= 0 else 1.0 - sum(per_rank.values()) / (len(per_rank) * slowest)
 
+    spans = simulate_step(schedule, stage_ranks, stage_times)
+    work = sum(finish - start for start, finish in spans.values())
+    makespan = max(finish for _, finish in spans.values())
+    return 0.0 if makespan <= 0 else 1.0 - work / (len(set(stage_ranks)) * makespan)
+
+
+def simulate_step(schedule: Schedule, stage_ranks: Sequence[int], stage_times: Sequence[Tuple[float, float]],
+                  transfer_times: Optional[Sequence[float]] = None) -> Dict[Instruction, Tuple[float, float]]:
+    """(start, finish) of every forward and backward of one batch of a flushing ``schedule``.
+
+    Each rank runs its :func:`rank_program` in order, one step at a time; a stage's
+    forward and backward take ``stage_times[stage]`` seconds; an activation or gradient
+    crossing the boundary after stage ``s`` between two ranks takes ``transfer_times[s]``
+    seconds (none when both stages are on one rank; free when ``transfer_times`` is None).
+    """
+
     def duration(step: Instruction) -> float:
         forward, backward = stage_times[step.stage]
         return backward if isinstance(step, Backward) else forward
 
+    def transfer(source: Instruction, target: Instruction) -> float:
+        if transfer_times is None or stage_ranks[source.stage] == stage_ranks[target.stage]:
+            return 0.0
+        return transfer_times[min(source.stage, target.stage)]
+
+    if transfer_times is not None and len(transfer_times) != schedule.stages - 1:
+        raise ValueError(f"need a transfer time for each of the {schedule.stages - 1} stage boundaries, "
+                         f"got {len(transfer_times)}")
     ranks = sorted(set(stage_ranks))
     streams = [[step for step in rank_program(schedule, stage_ranks, r) if isinstance(step, (Forward, Backward))]
                for r in ranks]
-    spans = _simulate(streams, schedule.stages, duration, f"{schedule} deadlocks on stage ranks {tuple(stage_ranks)}")
-    work = sum(duration(step) for step in spans)
-    makespan = max(finish for _, finish in spans.values())
-    return 0.0 if makespan <= 0 else 1.0 - work / (len(ranks) * makespan)
+    return _simulate(streams, schedule.stages, duration, f"{schedule} deadlocks on stage ranks {tuple(stage_ranks)}",
+                     transfer)

@@ -63,6 +63,9 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
                    help="record timed events (data, forward+backward, each gradient bucket's Allreduce, optimizer, "
                         "parameter-server pushes and pulls) of these steps (0-based, e.g. 20-25 or 7) in metrics.h5; "
                         "mpipar-report RUN --trace out.json shows them in Perfetto")
+    p.add_argument("--machine", metavar="FILE", default=None,
+                   help="a machine file of mpipar-calibrate: the run stores its predicted step time and parts in "
+                        "metrics.h5 (predicted_* attributes) beside the measured ones; free on --resume")
     p.add_argument("--requeue", action="store_true",
                    help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     return p

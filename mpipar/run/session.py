@@ -41,10 +41,15 @@ class Session:
         resume_from: continue from this checkpoint directory (implies ``resume``).
         requeue: on Slurm's warning signal, checkpoint and requeue the job.
         stop: the signal flag (:class:`~mpipar.run.launch.StopRequest`).
+        machine: a machine file (``mpipar-calibrate``): the step is predicted for this layout and
+            the ``predicted_*`` attributes go to the metrics file; not part of the settings, so
+            free on resume (a resumed run's metrics file keeps the attributes it was created with).
 
     Attributes:
         device: this rank's device (:func:`~mpipar.comm.device.select_device` of ``config.device``).
-        device_attrs: the device and the CUDA-aware-MPI decision, for the metrics file.
+        device_attrs: the device and the CUDA-aware-MPI decision, and with ``machine`` the
+            prediction's ``predicted_*`` attributes, for the metrics file.
+        prediction: the :class:`~mpipar.cost.model.Prediction` of the step, or None.
         out: the output directory. ``checkpoints``: its :class:`Checkpointer`.
         state: the checkpoint being resumed (this rank's part) or None.
         run_config: ``config`` and ``settings`` as one dict.
@@ -52,7 +57,8 @@ class Session:
     """
 
     def __init__(self, comm: MPI.Intracomm, config: TrainConfig, *, settings: Any = None, resume: bool = False,
-                 resume_from: Optional[str] = None, requeue: bool = False, stop: Optional[StopRequest] = None):
+                 resume_from: Optional[str] = None, requeue: bool = False, stop: Optional[StopRequest] = None,
+                 machine: Optional[str] = None):
         self.comm = comm
         self.config = config
         self.settings = settings
@@ -70,6 +76,7 @@ class Session:
             decision = cuda_aware.cuda_awareness()
             self.say(decision.describe())
             self.device_attrs.update(cuda_aware=int(decision.aware), cuda_aware_reason=decision.reason)
+        self.prediction = None if machine is None else self._predict(machine)
         self.resume, self.requeue = resume or resume_from is not None, requeue
         self.stop = stop or StopRequest()
         self.fault = FaultInjection.from_environment(comm)
@@ -95,7 +102,26 @@ class Session:
             comm, lambda: (train_config(args, threads=threads, model=model), settings() if settings else None),
             "configuration")
         return cls(comm, config, settings=strategy_settings, resume=args.resume, resume_from=args.resume_from,
-                   requeue=args.requeue, stop=StopRequest.install(early_signals))
+                   requeue=args.requeue, stop=StopRequest.install(early_signals), machine=args.machine)
+
+    def _predict(self, path: str):
+        """The step predicted from the machine file at ``path`` for this job; its attributes join
+        ``device_attrs``. Collective (the file is read on every rank, errors raised together)."""
+        from mpipar.comm.topology import node_indices
+        from mpipar.cost import Machine, predict_run
+
+        machine = collective_check(self.comm, lambda: Machine.load(path), "--machine")
+        nodes = node_indices(self.comm)
+        prediction, why_not = predict_run(
+            machine, model=self.config.model, batch_size=self.config.batch_size, bucket_mb=self.config.bucket_mb,
+            settings=self.settings, ranks=self.comm.Get_size(), ranks_per_node=max(map(nodes.count, set(nodes))))
+        if prediction is None:
+            self.say(f"--machine {path}: no prediction: {why_not}")
+            return None
+        self.device_attrs.update(prediction.attrs(), predicted_machine=str(path))
+        self.say(f"predicted ({path}): {prediction.strategy} {prediction.layout.shape} step "
+                 f"{1e3 * prediction.step:.1f} ms, compute {1e3 * prediction.compute:.1f} ms; {prediction.why()}")
+        return prediction
 
     def data(self) -> DataSplits:
         """The training and test data of ``config.data`` (checked to be the same on every rank). Collective."""

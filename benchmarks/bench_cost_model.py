@@ -1,0 +1,170 @@
+"""Predicted vs measured: Allreduce and point-to-point, a data-parallel step, a pipeline's bubble.
+
+Usage (a driver; it launches every MPI run itself):
+    python benchmarks/bench_cost_model.py --rounds 3 --out benchmarks/results/cost_model-DATE.md
+    python benchmarks/bench_cost_model.py --rounds 1 --quick     # a smoke run
+
+Each round calibrates a machine file on 2 ranks (``mpipar-calibrate``, layer times of resnet-small
+at micro-batches 8..128), then, with that file only: times ping-pong and Allreduce from 64 KiB to
+64 MiB on 2 and 4 ranks (shared memory; at 4 ranks the Allreduce is the ring model's extrapolation
+from the 2-rank fit), runs ``jobs/resnet_dp.py`` on 2 ranks and ``jobs/resnet_pp.py`` (resnet-small,
+3|2 split, 1F1B) at 4 and 8 micro-batches with ``--machine``, and reads predicted and measured back
+from their metrics files (``mpipar.cost.report_rows``). Medians over rounds; the load average is
+recorded with every round. With ``--nodes-script slurm/emulated-nodes.sh`` the comm part also runs
+across 2 emulated nodes (see that script's header).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = tuple(2**k for k in range(16, 27, 2))  # 64 KiB ... 64 MiB
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split(" ")[0]
+
+
+def mpirun(ranks: int, *args: str, timeout: float = 600) -> str:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    mpirun_path = Path(sys.executable).parent / "mpirun"
+    command = [str(mpirun_path), "-n", str(ranks), "--oversubscribe", sys.executable, *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def worker_comm(path: str, sizes) -> None:
+    """Under mpirun: one-way times between ranks 0 and 1 and Allreduce times on every rank, as JSON on rank 0."""
+    from mpi4py import MPI
+
+    from mpipar.cost.calibrate import allreduce_times, ping_pong
+
+    comm = MPI.COMM_WORLD
+    p2p = ping_pong(comm, 0, 1, sizes, budget=2.0)
+    allreduce = allreduce_times(comm, sizes, budget=2.0)
+    if comm.Get_rank() == 0:
+        Path(path).write_text(json.dumps({"sizes": list(sizes), "p2p": p2p, "allreduce": allreduce}))
+
+
+def comm_round(machine_path: Path, ranks: int, sizes, work: Path) -> list:
+    from mpipar.cost import Machine
+
+    link = Machine.load(machine_path).within
+    out = work / f"comm-{ranks}.json"
+    mpirun(ranks, __file__, "--worker-comm", str(out), "--sizes", ",".join(map(str, sizes)))
+    data = json.loads(out.read_text())
+    rows = []
+    for nbytes, p2p, allreduce in zip(data["sizes"], data["p2p"], data["allreduce"]):
+        rows.append(("p2p", ranks, nbytes, link.p2p_seconds(nbytes), p2p))
+        rows.append(("allreduce", ranks, nbytes, link.allreduce_seconds(nbytes, ranks), allreduce))
+    return rows
+
+
+def job_round(machine_path: Path, work: Path, name: str, job: str, *args: str) -> dict:
+    from mpipar.cost import report_rows
+
+    out = work / name
+    mpirun(2, str(ROOT / "jobs" / job), "--data", "synthetic", "--threads", "1", "--machine", str(machine_path),
+           "--out", str(out), *args)
+    return {quantity: (predicted, measured) for quantity, predicted, measured in report_rows(out / "metrics.h5")}
+
+
+def ratio(predicted: float, measured: float) -> float:
+    return measured / predicted if predicted > 0 else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="steps of each job")
+    parser.add_argument("--quick", action="store_true", help="sizes to 4 MiB, quick calibration")
+    parser.add_argument("--out", help="write the Markdown table here")
+    parser.add_argument("--worker-comm", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_comm:
+        worker_comm(args.worker_comm, [int(s) for s in args.sizes.split(",")])
+        return
+    sizes = SIZES[:3] if args.quick else SIZES
+    comm_rows, dp_rows, pp_rows, loads = [], [], {4: [], 8: []}, []
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_index in range(args.rounds):
+            work = Path(scratch) / f"round-{round_index}"
+            work.mkdir()
+            machine = work / "machine.json"
+            before = load()
+            mpirun(2, "-m", "mpipar.cost.calibrate", "--out", str(machine), "--microbatch-sizes", "8,16,32,64,128",
+                   *(["--quick"] if args.quick else []))
+            for ranks in (2, 4):
+                comm_rows += comm_round(machine, ranks, sizes, work)
+            dp_rows.append(job_round(machine, work, "dp", "resnet_dp.py", "--batch-size", "64",
+                                     "--max-steps", str(args.steps)))
+            for micro in (4, 8):
+                pp_rows[micro].append(job_round(machine, work, f"pp{micro}", "resnet_pp.py", "--model",
+                                                "resnet-small", "--balance", "even", "--batch-size", "128",
+                                                "--microbatches", str(micro), "--schedule", "1f1b",
+                                                "--max-steps", str(args.steps)))
+            loads.append(f"{before} -> {load()}")
+            print(f"round {round_index + 1}/{args.rounds} done, load {loads[-1]}", flush=True)
+    lines = [f"# Cost model: predicted vs measured ({time.strftime('%Y-%m-%d')})", "",
+             f"Command: `python benchmarks/bench_cost_model.py {' '.join(sys.argv[1:])}`", "",
+             f"Load average (1 min) at the start and end of each round: {'; '.join(loads)}. 2 cores, shared.", "",
+             "Each round calibrates on 2 ranks, then predicts from that file alone. Medians over rounds of "
+             "measured / predicted.", "",
+             "## Point-to-point (one way) and Allreduce, shared memory", "",
+             "| operation | ranks | size | predicted ms | measured ms | measured/predicted | within 25% |",
+             "|---|---|---|---|---|---|---|"]
+    keys = sorted({row[:3] for row in comm_rows})
+    for operation, ranks, nbytes in keys:
+        group = [row for row in comm_rows if row[:3] == (operation, ranks, nbytes)]
+        predicted = statistics.median(row[3] for row in group)
+        measured = statistics.median(row[4] for row in group)
+        r = statistics.median(ratio(row[3], row[4]) for row in group)
+        lines.append(f"| {operation} | {ranks} | {nbytes // 1024} KiB | {1e3 * predicted:.3f} | {1e3 * measured:.3f} | "
+                     f"{r:.2f} | {'yes' if abs(r - 1) <= 0.25 else 'no'} |")
+    lines += ["", "## Data-parallel step (resnet-small, 64 samples per rank, 2 ranks) and pipeline bubble "
+              "(resnet-small 3|2, 1F1B, 128 per batch)", "",
+              "| run | quantity | predicted | measured | measured/predicted | target | met |", "|---|---|---|---|---|---|---|"]
+
+    def add(run, rows, quantity, target):
+        values = [row[quantity] for row in rows if quantity in row]
+        if not values:
+            lines.append(f"| {run} | {quantity} | - | - | - | {target} | no data |")
+            return
+        predicted = statistics.median(v[0] for v in values)
+        measured = statistics.median(v[1] for v in values)
+        if quantity == "bubble":
+            gap = statistics.median(100 * (v[1] - v[0]) for v in values)
+            lines.append(f"| {run} | bubble | {predicted:.3f} | {measured:.3f} | {gap:+.1f} points | within 6 points "
+                         f"| {'yes' if abs(gap) <= 6 else 'no'} |")
+        else:
+            r = statistics.median(ratio(*v) for v in values)
+            lines.append(f"| {run} | {quantity} | {predicted:.4f} | {measured:.4f} | {r:.2f} | {target} | "
+                         f"{'yes' if target and abs(r - 1) <= 0.15 else '-' if not target else 'no'} |")
+
+    add("DP 2 ranks", dp_rows, "step s", "within 15%")
+    add("DP 2 ranks", dp_rows, "compute s", "")
+    add("DP 2 ranks", dp_rows, "not computing s", "")
+    for micro in (4, 8):
+        add(f"PP 2 stages, {micro} micro-batches", pp_rows[micro], "bubble", "")
+        add(f"PP 2 stages, {micro} micro-batches", pp_rows[micro], "step s", "")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

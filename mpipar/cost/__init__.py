@@ -1,0 +1,17 @@
+"""The cost model: a machine file of measured message and layer costs, step-time predictions, and the planner."""
+
+from mpipar.cost.machine import Band, LayerCost, Link, Machine, ModelProfile, fit_bands, interconnect
+from mpipar.cost.model import (
+    Layout,
+    Prediction,
+    predict_data_parallel,
+    predict_pipeline,
+    predict_tensor_parallel,
+    tensor_parallel_allreduces,
+)
+from mpipar.cost.plan import plan
+from mpipar.cost.run import format_rows, predict_run, report_rows
+
+__all__ = ["Band", "Link", "LayerCost", "ModelProfile", "Machine", "fit_bands", "interconnect", "Layout",
+           "Prediction", "predict_data_parallel", "predict_pipeline", "predict_tensor_parallel",
+           "tensor_parallel_allreduces", "plan", "predict_run", "report_rows", "format_rows"]

@@ -1,0 +1,234 @@
+"""``mpipar-calibrate``: measure message costs and layer times on the communicator given; write a machine file.
+
+Launch: ``mpirun -n 4 mpipar-calibrate --model resnet-small --out machine.json`` (about a minute; ``--quick``
+a few seconds). Ranks that share memory (``COMM_TYPE_SHARED``) are one node; with several nodes the links
+across them are measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpipar.comm import mpi_tensor
+from mpipar.comm.topology import node_indices
+from mpipar.cost.machine import Band, LayerCost, Link, Machine, ModelProfile, fit_bands
+from mpipar.diagnostics import collectives
+
+__all__ = ["ping_pong", "allreduce_times", "measure_link", "profile_model", "calibrate", "main"]
+
+SIZES = tuple(2**k for k in range(3, 27, 2)) + (2**26,)  # 8 B ... 64 MiB, every factor of 4
+QUICK_SIZES = tuple(2**k for k in range(3, 21, 2))  # 8 B ... 256 KiB
+
+
+def _repeats(nbytes: int, budget: float) -> int:
+    """More repetitions for small messages (their times are short and noisy)."""
+    return int(min(200, max(3, budget * 2**20 / max(nbytes, 1))))
+
+
+def ping_pong(comm: MPI.Intracomm, peer_a: int, peer_b: int, sizes: Sequence[int], *, budget: float = 1.0
+              ) -> List[float]:
+    """Median one-way seconds (half a round trip) of a message of each size between ``peer_a`` and ``peer_b``.
+
+    Collective over ``comm``: every rank calls it with the same arguments; ranks other than the two
+    peers wait in the closing broadcast. Returns the same list on every rank.
+    """
+    rank = comm.Get_rank()
+    result = []
+    for nbytes in sizes:
+        buffer = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32)
+        times = []
+        if rank in (peer_a, peer_b):
+            other = peer_b if rank == peer_a else peer_a
+            for _ in range(_repeats(nbytes, budget) + 1):
+                begin = time.perf_counter()
+                if rank == peer_a:
+                    mpi_tensor.send(buffer, comm, other, tag=7)
+                    mpi_tensor.recv_(buffer, comm, other, tag=7)
+                else:
+                    mpi_tensor.recv_(buffer, comm, other, tag=7)
+                    mpi_tensor.send(buffer, comm, other, tag=7)
+                times.append((time.perf_counter() - begin) / 2)
+        result.append(float(np.median(times[1:])) if times else 0.0)
+    return collectives.bcast(comm, result, "calibrate: ping-pong times", root=peer_a)
+
+
+def allreduce_times(comm: MPI.Intracomm, sizes: Sequence[int], *, budget: float = 1.0) -> List[float]:
+    """Median seconds of an Allreduce (sum) of each size over ``comm``, the slowest rank's. Collective."""
+    result = []
+    for nbytes in sizes:
+        buffer = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32)
+        times = []
+        for _ in range(_repeats(nbytes, budget) + 1):
+            comm.Barrier()
+            begin = time.perf_counter()
+            mpi_tensor.allreduce_(buffer, comm)
+            times.append(time.perf_counter() - begin)
+        result.append(float(np.median(times[1:])))
+    return np.max(collectives.allgather(comm, result, "calibrate: Allreduce times"), axis=0).tolist()
+
+
+def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[MPI.Intracomm], sizes: Sequence[int],
+                 description: str, *, budget: float = 1.0) -> Tuple[Link, dict]:
+    """The :class:`Link` between ``peer_a`` and ``peer_b`` (ping-pong) and of Allreduces on ``ring``.
+
+    Collective over ``comm``; ``ring`` is this rank's group whose Allreduce is timed (its ranks call
+    together; None on ranks outside every timed group). Every rank returns the same link, fitted on
+    ``peer_a``, and the raw times.
+    """
+    one_way = ping_pong(comm, peer_a, peer_b, sizes, budget=budget)
+    reduce_times = allreduce_times(ring, sizes, budget=budget) if ring is not None else None
+    ranks = ring.Get_size() if ring is not None else 0
+    reduce_times, ranks = collectives.bcast(comm, (reduce_times, ranks), "calibrate: Allreduce fit", root=peer_a)
+    p2p = fit_bands(sizes, one_way)
+    if ranks > 1:
+        allreduce = fit_bands(sizes, reduce_times, scale_alpha=2 * (ranks - 1), scale_beta=2 * (ranks - 1) / ranks)
+    else:  # a ring of one rank: a ring of two over this link
+        allreduce = tuple(Band(b.max_bytes, b.alpha, b.beta) for b in p2p)
+    raw = {"sizes": list(sizes), "p2p_seconds": one_way, "allreduce_seconds": reduce_times, "allreduce_ranks": ranks}
+    return Link(p2p, allreduce, max(ranks, 2), description), raw
+
+
+def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) -> ModelProfile:
+    """Each layer's forward and backward at each micro-batch size (the pipeline's layer profiler,
+    :func:`~mpipar.pipeline.partition.profile_layers`) and the whole model's training step. Local."""
+    from mpipar import models
+    from mpipar.pipeline.partition import profile_layers
+
+    factories = {**models.IMAGE_MODELS, "mlp": models.image_mlp}
+    if model_name not in factories:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(factories)}")
+    model = factories[model_name](in_channels=1, num_classes=10, image_size=28)
+    if not isinstance(model, torch.nn.Sequential):
+        raise ValueError(f"model {model_name!r} is not a sequence of layers; the profiler needs one")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    layers, steps = {}, {}
+    for size in sizes:
+        sample = torch.randn(size, 1, 28, 28)
+        profiles = profile_layers(model, sample, repeats=repeats)
+        children = list(model.children())
+        layers[size] = tuple(LayerCost(p.name, p.forward_time, p.backward_time,
+                                       tuple(q.numel() * q.element_size() for q in child.parameters()
+                                             if q.requires_grad), p.activation_bytes, p.saved_bytes)
+                             for p, child in zip(profiles, children))
+        labels = torch.randint(0, 10, (size,))
+        times = []
+        for _ in range(repeats + 1):
+            begin = time.perf_counter()
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(sample), labels).backward()
+            optimizer.step()
+            times.append(time.perf_counter() - begin)
+        steps[size] = float(min(times[1:]))
+    return ModelProfile(model_name, layers, steps)
+
+
+def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-small",),
+              microbatch_sizes: Sequence[int] = (8, 32, 128), quick: bool = False,
+              say=print) -> Tuple[Machine, dict]:
+    """Measure ``comm``'s links and the models' layers: the same ``(Machine, raw times)`` on every rank.
+
+    Collective over ``comm``. Ranks on one node (``COMM_TYPE_SHARED``) give the link within a node
+    (ping-pong between its first two ranks, Allreduce over the node's ranks); with several nodes,
+    the first ranks of two nodes give the link across (Allreduce over one rank per node). Every rank
+    profiles the models at once, so each has the share of the machine it has in training; the median
+    over ranks is kept. Size 1 measures compute only (the links are then those of a ring of two
+    ranks on the same node, with no time).
+    """
+    sizes = QUICK_SIZES if quick else SIZES
+    budget = 0.05 if quick else 1.0
+    rank, nodes = comm.Get_rank(), node_indices(comm)
+    per_node = max(nodes.count(node) for node in set(nodes))
+    node_comm = comm.Split(nodes[rank], rank)
+    first_of = {node: nodes.index(node) for node in set(nodes)}
+    leaders = comm.Split(0 if first_of[nodes[rank]] == rank else MPI.UNDEFINED, rank)
+    try:
+        zero = (Band(None, 0.0, 0.0),)
+        within, raw = Link(zero, zero, 2, "shared memory"), {}
+        mates = [r for r in range(comm.Get_size()) if nodes[r] == nodes[0]]
+        if len(mates) > 1:
+            say(f"calibrate: within a node, ranks {mates[0]} and {mates[1]}; Allreduce over {len(mates)} ranks")
+            within, raw["within"] = measure_link(comm, mates[0], mates[1], node_comm if nodes[rank] == nodes[0]
+                                                 else None, sizes, "shared memory", budget=budget)
+        across = None
+        if len(set(nodes)) > 1:
+            say(f"calibrate: across nodes, ranks {first_of[0]} and {first_of[1]}; Allreduce over "
+                f"{len(set(nodes))} ranks (one per node)")
+            across, raw["across"] = measure_link(comm, first_of[0], first_of[1],
+                                                 leaders if leaders != MPI.COMM_NULL else None, sizes,
+                                                 "the measured network", budget=budget)
+        profiles = {}
+        for name in model_names:
+            say(f"calibrate: profiling {name} at micro-batches {list(microbatch_sizes)} on every rank")
+            mine = profile_model(name, microbatch_sizes, repeats=2 if quick else 5)
+            gathered = collectives.allgather(comm, mine, f"calibrate: {name} profiles")
+            profiles[name] = _median_profile(gathered)
+    finally:
+        node_comm.Free()
+        if leaders != MPI.COMM_NULL:
+            leaders.Free()
+    host = collectives.bcast(comm, socket.gethostname(), "calibrate: host")
+    return Machine(within, across, profiles, comm.Get_size(), per_node, host,
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), raw
+
+
+def _median_profile(profiles: Sequence[ModelProfile]) -> ModelProfile:
+    """Per layer and size, the median over ranks of forward and backward times."""
+    first = profiles[0]
+    layers = {}
+    for size, costs in first.layers.items():
+        layers[size] = tuple(LayerCost(
+            cost.name, float(np.median([p.layers[size][i].forward for p in profiles])),
+            float(np.median([p.layers[size][i].backward for p in profiles])), cost.param_bytes,
+            cost.activation_bytes, cost.saved_bytes) for i, cost in enumerate(costs))
+    steps = {size: float(np.median([p.step_seconds[size] for p in profiles])) for size in first.step_seconds}
+    return ModelProfile(first.name, layers, steps)
+
+
+def _sizes(text: str) -> Tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected sizes >= 1, got {text!r}")
+    return values
+
+
+def main(argv=None) -> None:
+    comm = MPI.COMM_WORLD
+    parser = argparse.ArgumentParser(prog="mpipar-calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="machine.json", help="the machine file to write (JSON)")
+    parser.add_argument("--model", action="append", help="a model whose layers to time (repeatable; "
+                        "default resnet-small)")
+    parser.add_argument("--microbatch-sizes", type=_sizes, default=(8, 32, 128),
+                        help="samples per micro-batch to time the layers at (default 8,32,128)")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions: seconds, not a minute")
+    args = parser.parse_args(argv)
+    say = print if comm.Get_rank() == 0 else (lambda *_: None)
+    begin = time.perf_counter()
+    machine, raw = calibrate(comm, model_names=args.model or ["resnet-small"],
+                             microbatch_sizes=args.microbatch_sizes, quick=args.quick, say=say)
+    if comm.Get_rank() == 0:
+        path = machine.save(args.out)
+        raw_path = path.with_suffix(".raw.json")
+        import json
+        raw_path.write_text(json.dumps(raw, indent=1) + "\n")
+        say(f"calibrate: {comm.Get_size()} ranks, {machine.ranks_per_node} per node, "
+            f"{time.perf_counter() - begin:.1f} s -> {path} (raw times: {raw_path})")
+        for name, link in (("within a node", machine.within), ("across nodes", machine.across)):
+            if link is not None:
+                say(f"  {name}: 8 B one-way {1e6 * link.p2p_seconds(8):.1f} us, 64 MiB "
+                    f"{2**26 / link.p2p_seconds(2**26) / 1e9:.2f} GB/s")
+    comm.Barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The machine file: message costs per size band (within and across nodes) and a model's layer times, as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+__all__ = ["Band", "Link", "LayerCost", "ModelProfile", "Machine", "BAND_EDGES", "fit_bands", "interconnect"]
+
+FORMAT = 1
+# Upper ends of the size bands (bytes): Open MPI's shared-memory eager limit (4 KiB), TCP's (64 KiB), then
+# the cache sizes where a copy's bandwidth changes; the last band is open.
+BAND_EDGES = (4096, 65536, 2**20, 2**24)
+
+
+@dataclass(frozen=True)
+class Band:
+    """``seconds = alpha + beta * bytes`` for messages of at most ``max_bytes`` (None: any larger size)."""
+
+    max_bytes: Optional[int]
+    alpha: float
+    beta: float
+
+    def __post_init__(self):
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"a band needs alpha, beta >= 0, got {self.alpha}, {self.beta}")
+
+
+@dataclass(frozen=True)
+class Link:
+    """Costs between two ranks of one kind of link (``within`` a node or ``across`` nodes).
+
+    ``p2p``: a one-way message (half a ping-pong). ``allreduce``: the ring model's per-step
+    costs, so an Allreduce of ``n`` bytes on ``p`` ranks takes ``2 (p-1) alpha + 2 (p-1)/p n beta``
+    (fitted to Allreduces measured on ``allreduce_ranks`` ranks).
+    """
+
+    p2p: Tuple[Band, ...]
+    allreduce: Tuple[Band, ...]
+    allreduce_ranks: int = 2
+    description: str = ""
+
+    def __post_init__(self):
+        for name, bands in (("p2p", self.p2p), ("allreduce", self.allreduce)):
+            if not bands or bands[-1].max_bytes is not None:
+                raise ValueError(f"{name} needs bands ending with an open one (max_bytes None), got {bands}")
+
+    @staticmethod
+    def _band(bands: Sequence[Band], nbytes: float) -> Band:
+        return next(b for b in bands if b.max_bytes is None or nbytes <= b.max_bytes)
+
+    def p2p_seconds(self, nbytes: float) -> float:
+        """One message of ``nbytes`` from one rank to another (0 for an empty message)."""
+        if nbytes <= 0:
+            return 0.0
+        band = self._band(self.p2p, nbytes)
+        return band.alpha + band.beta * nbytes
+
+    def allreduce_seconds(self, nbytes: float, ranks: int) -> float:
+        """An Allreduce of ``nbytes`` per rank over ``ranks`` ranks (ring model; 0 on one rank)."""
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        band = self._band(self.allreduce, nbytes)
+        return 2 * (ranks - 1) * band.alpha + 2 * (ranks - 1) / ranks * nbytes * band.beta
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer at one micro-batch size: seconds and bytes (as :class:`~mpipar.pipeline.partition.LayerProfile`)."""
+
+    name: str
+    forward: float
+    backward: float
+    param_bytes: Tuple[int, ...]  # each trainable parameter, in the model's order
+    activation_bytes: int  # the output of one micro-batch
+    saved_bytes: int  # what autograd keeps of one micro-batch for the backward
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A model's layers timed at several micro-batch sizes, and its whole step.
+
+    ``layers[b]``: the layers at micro-batch size ``b``; ``step_seconds[b]``: forward, loss, backward and
+    optimizer step of the whole model on a batch of ``b`` (one process).
+    """
+
+    name: str
+    layers: Dict[int, Tuple[LayerCost, ...]]
+    step_seconds: Dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError(f"model {self.name!r} needs layers at one micro-batch size at least")
+        counts = {len(layers) for layers in self.layers.values()}
+        if len(counts) != 1:
+            raise ValueError(f"model {self.name!r} has different layer counts at different sizes: {sorted(counts)}")
+
+    @property
+    def sizes(self) -> Tuple[int, ...]:
+        return tuple(sorted(self.layers))
+
+    @property
+    def num_layers(self) -> int:
+        return len(next(iter(self.layers.values())))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What ``mpipar-calibrate`` measured: links within and across nodes, and models' layer times.
+
+    ``across`` is None when the calibration ran on one node (a plan for several nodes then needs
+    ``--interconnect``). ``ranks``, ``ranks_per_node``: the calibration's layout.
+    """
+
+    within: Link
+    across: Optional[Link] = None
+    models: Dict[str, ModelProfile] = field(default_factory=dict)
+    ranks: int = 1
+    ranks_per_node: int = 1
+    host: str = ""
+    date: str = ""
+
+    def link(self, same_node: bool) -> Link:
+        """The link between two ranks; raises ValueError when nothing across nodes is known."""
+        if same_node:
+            return self.within
+        if self.across is None:
+            raise ValueError("the machine file has no link across nodes (calibrated on one node): describe one "
+                             "with --interconnect, e.g. '1gbit,1ms' or 'ib-hdr'")
+        return self.across
+
+    def with_across(self, link: Link) -> Machine:
+        return dataclasses.replace(self, across=link)
+
+    def profile(self, model: str) -> ModelProfile:
+        if model not in self.models:
+            raise ValueError(f"the machine file has no layer times of model {model!r} (it has "
+                             f"{sorted(self.models)}); run mpipar-calibrate --model {model}")
+        return self.models[model]
+
+    def to_json(self) -> dict:
+        def link(value: Optional[Link]):
+            return None if value is None else dataclasses.asdict(value)
+        return {"format": FORMAT, "host": self.host, "date": self.date, "ranks": self.ranks,
+                "ranks_per_node": self.ranks_per_node, "within": link(self.within), "across": link(self.across),
+                "models": {name: {"layers": {str(size): [dataclasses.asdict(layer) for layer in layers]
+                                             for size, layers in profile.layers.items()},
+                                  "step_seconds": {str(size): t for size, t in profile.step_seconds.items()}}
+                           for name, profile in self.models.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Machine:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"machine file format {data.get('format')!r} is not {FORMAT}; run mpipar-calibrate again")
+
+        def link(value) -> Optional[Link]:
+            if value is None:
+                return None
+            return Link(p2p=tuple(Band(**b) for b in value["p2p"]),
+                        allreduce=tuple(Band(**b) for b in value["allreduce"]),
+                        allreduce_ranks=value["allreduce_ranks"], description=value["description"])
+
+        models = {name: ModelProfile(name, {int(size): tuple(LayerCost(**{**layer, "param_bytes": tuple(
+                      layer["param_bytes"])}) for layer in layers) for size, layers in entry["layers"].items()},
+                      {int(size): t for size, t in entry["step_seconds"].items()})
+                  for name, entry in data["models"].items()}
+        return cls(within=link(data["within"]), across=link(data["across"]), models=models, ranks=data["ranks"],
+                   ranks_per_node=data["ranks_per_node"], host=data["host"], date=data["date"])
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path) -> Machine:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read the machine file {path}: {exc}; write one with mpipar-calibrate") from None
+
+
+def fit_bands(sizes: Sequence[float], seconds: Sequence[float], *, scale_alpha: float = 1.0,
+              scale_beta: float = 1.0, edges: Sequence[int] = BAND_EDGES) -> Tuple[Band, ...]:
+    """Least-relative-error fit of ``seconds = scale_alpha * alpha + scale_beta * bytes * beta`` per band. Pure.
+
+    Each band is fitted to the measurements inside it (with the nearest one on each side when it
+    holds only one, so two points always pin a line); alpha and beta are kept >= 0. Bands with no measurement take
+    the previous band's values. ``scale_alpha``, ``scale_beta``: the ring Allreduce's
+    ``2 (p-1)`` and ``2 (p-1)/p``.
+    """
+    import numpy as np
+
+    points = sorted(zip(map(float, sizes), map(float, seconds)))
+    if len(points) < 2:
+        raise ValueError(f"need at least 2 measurements to fit alpha and beta, got {len(points)}")
+    fitted = []  # (upper edge, alpha, beta) or (upper edge, None, None) for a band without measurements
+    lower = 0
+    for upper in list(edges) + [None]:
+        inside = [i for i, (n, _) in enumerate(points) if n > lower and (upper is None or n <= upper)]
+        lower = upper
+        if not inside:
+            fitted.append((upper, None, None))
+            continue
+        chosen = inside if len(inside) >= 2 else sorted(
+            set(inside) | {max(inside[0] - 1, 0), min(inside[-1] + 1, len(points) - 1)})
+        n = np.array([points[i][0] for i in chosen])
+        t = np.array([points[i][1] for i in chosen])
+        design = np.stack([scale_alpha / t, scale_beta * n / t], axis=1)  # rows / t: relative error
+        alpha, beta = np.linalg.lstsq(design, np.ones_like(t), rcond=None)[0]
+        if alpha < 0:
+            alpha, beta = 0.0, float(np.sum(n / t) / np.sum(n * n / (t * t))) / scale_beta
+        elif beta < 0:
+            alpha, beta = float(np.median(t)) / scale_alpha, 0.0
+        fitted.append((upper, float(alpha), float(beta)))
+    known = [(a, b) for _, a, b in fitted if a is not None]
+    bands, last = [], known[0]  # a band without measurements takes its neighbour's values
+    for upper, alpha, beta in fitted:
+        last = (alpha, beta) if alpha is not None else last
+        bands.append(Band(upper, *last))
+    return tuple(bands)
+
+
+_PRESETS = {  # name: (bandwidth bits/s, latency s)
+    "1gbit": (1e9, 50e-6), "10gbe": (10e9, 20e-6), "25gbe": (25e9, 10e-6), "100gbe": (100e9, 5e-6),
+    "ib-edr": (100e9, 1.5e-6), "ib-hdr": (200e9, 1.5e-6), "ib-ndr": (400e9, 1.5e-6),
+}
+_UNITS = {"gbit": 1e9, "mbit": 1e6, "tbit": 1e12}
+_TIMES = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def interconnect(text: str) -> Link:
+    """A described link across nodes: a preset (``ib-hdr``, ``ib-ndr``, ``ib-edr``, ``10gbe``,
+    ``25gbe``, ``100gbe``, ``1gbit``) or ``BANDWIDTH,LATENCY`` such as ``1gbit,1ms`` or ``100gbit,2us``.
+    One band; the Allreduce is a ring over it. Raises ValueError with the accepted forms."""
+    words = text.lower().replace(" ", "").split(",")
+    try:
+        if len(words) == 1 and words[0] in _PRESETS:
+            bits, latency = _PRESETS[words[0]]
+        elif len(words) == 2:
+            unit = next(u for u in _UNITS if words[0].endswith(u))
+            bits = float(words[0][:-len(unit)] or 1) * _UNITS[unit]
+            time_unit = next(u for u in ("us", "ms", "s") if words[1].endswith(u))
+            latency = float(words[1][:-len(time_unit)]) * _TIMES[time_unit]
+        else:
+            raise ValueError
+    except (ValueError, StopIteration):
+        raise ValueError(f"--interconnect must be one of {sorted(_PRESETS)} or BANDWIDTH,LATENCY such as "
+                         f"'1gbit,1ms' or '100gbit,2us', got {text!r}") from None
+    band = (Band(None, latency, 8.0 / bits),)
+    return Link(p2p=band, allreduce=band, allreduce_ranks=2, description=text)

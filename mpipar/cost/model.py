@@ -1,0 +1,238 @@
+"""Predicted step time, its parts and memory per rank for data parallelism, pipelines, tensor parallelism and grids.
+
+Pure Python over a :class:`~mpipar.cost.machine.Machine`: no MPI, nothing is run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from mpipar.comm.buckets import assign_buckets
+from mpipar.cost.machine import LayerCost, Link, Machine, ModelProfile
+
+__all__ = ["Layout", "Prediction", "layers_at", "step_overhead", "predict_data_parallel", "predict_pipeline",
+           "tensor_parallel_allreduces", "predict_tensor_parallel", "OPTIMIZER_COPIES"]
+
+OPTIMIZER_COPIES = 3  # weights, gradients, momentum: what a rank keeps per parameter byte
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``ranks`` as ``dp`` replicas of ``pp`` stages of ``tp`` ranks, ``ranks_per_node`` consecutive ranks a node.
+
+    Rank ``(replica * pp + stage) * tp + t``, as :class:`~mpipar.comm.topology.ProcessGrid` lays ranks
+    out node by node. Raises ValueError when the degrees do not multiply to ``ranks``.
+    """
+
+    ranks: int
+    ranks_per_node: int
+    dp: int = 0  # 0: ranks / (pp * tp)
+    pp: int = 1
+    tp: int = 1
+
+    def __post_init__(self):
+        if self.ranks < 1 or self.ranks_per_node < 1 or self.pp < 1 or self.tp < 1:
+            raise ValueError(f"ranks, ranks per node, pp and tp must be >= 1, got {self.ranks}, "
+                             f"{self.ranks_per_node}, {self.pp}, {self.tp}")
+        if self.dp == 0:
+            object.__setattr__(self, "dp", self.ranks // (self.pp * self.tp))
+        if self.dp * self.pp * self.tp != self.ranks:
+            raise ValueError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} is not {self.ranks} ranks; "
+                             f"choose degrees whose product is the rank count")
+
+    def rank(self, replica: int, stage: int, t: int = 0) -> int:
+        return (replica * self.pp + stage) * self.tp + t
+
+    def spans_nodes(self, ranks: Sequence[int]) -> bool:
+        return len({rank // self.ranks_per_node for rank in ranks}) > 1
+
+    def boundary_across(self, stage: int) -> bool:
+        """Whether stage ``stage`` and ``stage + 1`` sit on different nodes in any replica."""
+        return any(self.spans_nodes([self.rank(r, stage), self.rank(r, stage + 1)]) for r in range(self.dp))
+
+    def dp_across(self) -> bool:
+        return any(self.spans_nodes([self.rank(r, s, t) for r in range(self.dp)])
+                   for s in range(self.pp) for t in range(self.tp))
+
+    def tp_across(self) -> bool:
+        return any(self.spans_nodes([self.rank(r, s, t) for t in range(self.tp)])
+                   for r in range(self.dp) for s in range(self.pp))
+
+    @property
+    def shape(self) -> str:
+        return f"{self.dp} x {self.pp} x {self.tp}"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One step of one strategy on one layout: seconds, their parts, and the most bytes a rank holds.
+
+    ``compute``: the busiest rank's forward, backward and update. ``exposed_comm``: Allreduce time that
+    ends after the backward (data parallelism, replicas) plus tensor-parallel Allreduces. ``p2p``: what the
+    pipeline's activation and gradient messages add to its makespan. ``bubble``: the pipeline's idle share
+    (``1 - busy / (stages * makespan)``, as measured).
+    """
+
+    strategy: str
+    layout: Layout
+    step: float
+    compute: float
+    exposed_comm: float = 0.0
+    p2p: float = 0.0
+    bubble: float = 0.0
+    memory_bytes: float = 0.0
+    microbatches: int = 1
+    link: str = ""
+
+    def attrs(self) -> dict:
+        """The ``predicted_*`` attributes a run's metrics file stores."""
+        return {"predicted_strategy": self.strategy, "predicted_shape": self.layout.shape,
+                "predicted_step_seconds": self.step, "predicted_compute_seconds": self.compute,
+                "predicted_exposed_comm_seconds": self.exposed_comm, "predicted_p2p_seconds": self.p2p,
+                "predicted_bubble": self.bubble, "predicted_memory_bytes": self.memory_bytes}
+
+    def why(self) -> str:
+        """A sentence: where the step goes."""
+        share = (lambda seconds: f"{100 * seconds / self.step:.0f}%") if self.step > 0 else (lambda _: "0%")
+        on = f" on {self.link}" if self.link else ""
+        if self.layout.pp == 1 and self.layout.tp == 1:
+            if self.layout.dp == 1:
+                return "one rank: compute only"
+            return f"{share(self.exposed_comm)} of the step is exposed Allreduce{on}"
+        parts = []
+        if self.layout.pp > 1:
+            parts += [f"bubble {100 * self.bubble:.0f}%", f"p2p {share(self.p2p)}"]
+        if self.layout.dp > 1 or self.layout.tp > 1:
+            parts.append(f"Allreduce {share(self.exposed_comm)}")
+        return ", ".join(parts) + on
+
+
+def _interpolate(points: Sequence[Tuple[float, float]], x: float) -> float:
+    """Piecewise linear through ``points`` (sorted by x), extended by the end segments; proportional with one."""
+    if len(points) == 1:
+        x0, y0 = points[0]
+        return y0 * x / x0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1 or (x1, y1) == points[-1]:
+            return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    raise AssertionError("unreachable")
+
+
+def layers_at(profile: ModelProfile, batch: float) -> List[LayerCost]:
+    """Every layer's cost at micro-batch size ``batch`` (interpolated between the calibrated sizes,
+    extrapolated linearly beyond them; bytes in proportion to the nearest size)."""
+    if batch <= 0:
+        raise ValueError(f"the micro-batch must hold samples, got {batch}")
+    sizes = profile.sizes
+    nearest = min(sizes, key=lambda size: abs(size - batch))
+    result = []
+    for index in range(profile.num_layers):
+        def curve(attribute, index=index):
+            return [(size, getattr(profile.layers[size][index], attribute)) for size in sizes]
+        reference = profile.layers[nearest][index]
+        result.append(LayerCost(reference.name, _interpolate(curve("forward"), batch),
+                                _interpolate(curve("backward"), batch), reference.param_bytes,
+                                round(reference.activation_bytes * batch / nearest),
+                                round(reference.saved_bytes * batch / nearest)))
+    return result
+
+
+def step_overhead(profile: ModelProfile, batch: float) -> float:
+    """The whole step's time beyond the sum of its layers (loss, optimizer, Python) at ``batch``; 0 when unknown."""
+    points = [(size, seconds - sum(layer.forward + layer.backward for layer in profile.layers[size]))
+              for size, seconds in sorted(profile.step_seconds.items()) if size in profile.layers]
+    return max(0.0, _interpolate(points, batch)) if points else 0.0
+
+
+def _param_bytes(layers: Sequence[LayerCost]) -> int:
+    return sum(sum(layer.param_bytes) for layer in layers)
+
+
+def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *,
+                          bucket_mb: float = 25.0) -> Prediction:
+    """Data parallelism: forward, then the backward layer by layer (last first); each gradient bucket
+    (:func:`~mpipar.comm.buckets.assign_buckets`, as the reducer forms them) starts its ring Allreduce
+    when its last gradient is ready and the previous bucket is done; what ends after the backward is
+    exposed. ``batch``: samples per rank."""
+    layers = layers_at(profile, batch)
+    link = machine.link(not layout.dp_across())
+    forward = sum(layer.forward for layer in layers)
+    ready, clock = [0.0] * len(layers), forward
+    for index in reversed(range(len(layers))):
+        clock += layers[index].backward
+        ready[index] = clock
+    backward_end = clock
+    owner = [index for index, layer in enumerate(layers) for _ in layer.param_bytes]
+    nbytes = [size for layer in layers for size in layer.param_bytes]
+    network_free = 0.0
+    for bucket in assign_buckets(nbytes, [0] * len(nbytes), bucket_mb * 2**20):
+        start = max(network_free, max(ready[owner[i]] for i in bucket))
+        network_free = start + link.allreduce_seconds(sum(nbytes[i] for i in bucket), layout.dp)
+    exposed = max(0.0, network_free - backward_end)
+    overhead = step_overhead(profile, batch)
+    memory = OPTIMIZER_COPIES * sum(nbytes) + sum(layer.saved_bytes for layer in layers)
+    return Prediction("DP", layout, backward_end + exposed + overhead, backward_end + overhead, exposed,
+                      memory_bytes=memory, link=link.description)
+
+
+def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, microbatches: int,
+                     schedule: str = "1f1b", balance: Optional[Sequence[int]] = None) -> Prediction:
+    """A flushing pipeline of ``layout.pp`` stages (one per rank) on ``batch`` samples per replica in
+    ``microbatches`` micro-batches: the schedule simulated (:func:`~mpipar.pipeline.schedule.simulate_step`)
+    with each stage's forward and backward per micro-batch and each boundary's point-to-point message;
+    then each stage's gradients averaged over the ``layout.dp`` replicas (not overlapped). ``balance``:
+    layers per stage (default: the split with the fastest slowest stage, as ``--balance auto``)."""
+    from mpipar.pipeline.partition import balance_by_time, stage_sums
+    from mpipar.pipeline.schedule import Schedule, simulate_step
+
+    stages = layout.pp
+    layers = layers_at(profile, batch / microbatches)
+    if balance is None:
+        balance = balance_by_time([layer.forward + layer.backward for layer in layers], stages)
+    forwards = stage_sums([layer.forward for layer in layers], balance)
+    backwards = stage_sums([layer.backward for layer in layers], balance)
+    ends = [sum(balance[:stage + 1]) - 1 for stage in range(stages)]
+    transfers = [machine.link(not layout.boundary_across(stage)).p2p_seconds(layers[ends[stage]].activation_bytes)
+                 for stage in range(stages - 1)]
+    plan = Schedule(schedule, stages, microbatches)
+    stage_times = list(zip(forwards, backwards))
+
+    def makespan(transfer_times):
+        spans = simulate_step(plan, list(range(stages)), stage_times, transfer_times)
+        return max(finish for _, finish in spans.values())
+
+    with_messages = makespan(transfers)
+    p2p = with_messages - makespan(None)
+    busy = [microbatches * (f + b) for f, b in stage_times]
+    bubble = 1.0 - sum(busy) / (stages * with_messages) if with_messages > 0 else 0.0
+    dp_link = machine.link(not layout.dp_across())
+    stage_params = stage_sums([_param_bytes([layer]) for layer in layers], balance)
+    allreduce = max(dp_link.allreduce_seconds(size, layout.dp) for size in stage_params)
+    overhead = step_overhead(profile, batch) * max(stage_params) / max(sum(stage_params), 1)
+    saved = stage_sums([layer.saved_bytes for layer in layers], balance)
+    memory = max(OPTIMIZER_COPIES * params + plan.max_in_flight(stage) * activations
+                 for stage, (params, activations) in enumerate(zip(stage_params, saved)))
+    links = {machine.link(not layout.boundary_across(s)).description for s in range(stages - 1)} | (
+        {dp_link.description} if layout.dp > 1 else set())
+    return Prediction("PP" if layout.dp == 1 else "PP x DP", layout, with_messages + allreduce + overhead,
+                      max(busy) + overhead, allreduce, p2p, bubble, memory, microbatches,
+                      " / ".join(sorted(link for link in links if link)))
+
+
+def tensor_parallel_allreduces(blocks: int, kind: str = "transformer") -> Tuple[int, int]:
+    """(forward, backward) Allreduces per micro-batch of Megatron-split ``blocks``: a transformer block
+    (attention pair + MLP pair) has 2 and 2, an MLP pair (column then row parallel) 1 and 1."""
+    per_block = {"transformer": 2, "mlp": 1}
+    if kind not in per_block:
+        raise ValueError(f"kind must be one of {sorted(per_block)}, got {kind!r}")
+    return blocks * per_block[kind], blocks * per_block[kind]
+
+
+def predict_tensor_parallel(compute: float, layout: Layout, link: Link, *, allreduces: int,
+                            allreduce_bytes: float, split_share: float = 1.0) -> Prediction:
+    """Tensor parallelism over ``layout.tp`` ranks: the split share of ``compute`` (one rank's seconds
+    unsplit) divided by ``tp``, plus ``allreduces`` blocking Allreduces of ``allreduce_bytes`` each."""
+    communication = allreduces * link.allreduce_seconds(allreduce_bytes, layout.tp)
+    busy = compute * (1 - split_share) + compute * split_share / layout.tp
+    return Prediction("TP", layout, busy + communication, busy, communication, link=link.description)
