@@ -220,24 +220,26 @@ def _draw_timeline(ax, timeline: pipeline_analysis.Timeline, title: str) -> None
     coloured by it; the idle time of each row (the bubble) shaded behind them."""
     palette = plt.get_cmap("tab20").colors
     rows = list(timeline.rows)
-    for y, rank in enumerate(rows):
-        ax.broken_barh([(0.0, timeline.makespan * 1000)], (y - 0.4, 0.8), facecolors=BUBBLE_COLOUR, hatch="//",
-                       edgecolor="#e08a82", linewidth=0)
-        for span in timeline.rows[rank]:
-            colour = palette[(2 * span.microbatch + (span.kind == "F")) % len(palette)]
-            width = (span.end - span.start) * 1000
-            ax.broken_barh([(span.start * 1000, width)], (y - 0.4, 0.8), facecolors=colour, edgecolor="white",
-                           linewidth=0.5)
-            if width > timeline.makespan * 1000 / 90:
-                ax.text(span.start * 1000 + width / 2, y, f"{span.kind}{span.microbatch}", ha="center", va="center",
-                        fontsize="x-small")
+    ax.barh(range(len(rows)), timeline.makespan * 1000, height=0.8, color=BUBBLE_COLOUR, hatch="//",
+            edgecolor="#e08a82", linewidth=0)
+    for y, rank in enumerate(rows):   # one collection per row: thousands of spans draw in a moment
+        row = timeline.rows[rank]
+        ax.broken_barh([(s.start * 1000, (s.end - s.start) * 1000) for s in row], (y - 0.4, 0.8), edgecolor="white",
+                       linewidth=0.5, facecolors=[palette[(2 * s.microbatch + (s.kind == "F")) % len(palette)]
+                                                  for s in row])
+    spans = [(y, span) for y, rank in enumerate(rows) for span in timeline.rows[rank]]
+    widest = timeline.makespan * 1000 / 90   # labels where they fit, and not thousands of them
+    labelled = [(y, s) for y, s in spans if (s.end - s.start) * 1000 > widest][:160]
+    for y, span in labelled:
+        ax.text((span.start + span.end) * 500, y, f"{span.kind}{span.microbatch}", ha="center", va="center",
+                fontsize="x-small")
     labels = []
     for rank in rows:
         stages = sorted({span.stage for span in timeline.rows[rank]})
         labels.append(f"rank {rank}\nstage {','.join(map(str, stages))}")
     ax.set_yticks(range(len(rows)), labels, fontsize="small")
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set(title=title, xlabel="ms from the first forward")
+    ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -260,6 +262,7 @@ def pipeline_schedule(run: Run, path: Path) -> Optional[Path]:
                              squeeze=False)
     for ax, (timeline, title) in zip(axes[:, 0], panels):
         _draw_timeline(ax, timeline, title)
+    axes[-1, 0].set_xlabel("ms from the first forward")
     handles = [matplotlib.patches.Patch(facecolor=BUBBLE_COLOUR, edgecolor="#e08a82", hatch="//",
                                         label="idle (bubble)")]
     axes[0, 0].legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -274,7 +277,7 @@ def p2p_heatmap(run: Run, path: Path) -> Optional[Path]:
     if matrix is None:
         return None
     size = len(matrix)
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * size + 3), max(3.5, 0.5 * size + 2)))
+    fig, ax = plt.subplots(figsize=(min(9.0, max(4.5, 0.5 * size + 3)), min(8.0, max(3.5, 0.5 * size + 2))))
     image = ax.imshow(matrix / 1e6, cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="MB sent (whole run)")
     if size <= 8:
