@@ -540,3 +540,27 @@ def test_report_renders_in_a_headless_browser(chromium, dp_run, tmp_path):
 def test_comm_lanes():
     starts, ends = np.array([0.0, 1.0, 2.0, 5.0]), np.array([3.0, 2.0, 4.0, 6.0])
     assert trace.comm_lanes(starts, ends).tolist() == [0, 1, 1, 0]
+
+
+def test_a_file_without_the_stage_column_takes_new_events(tmp_path):
+    """A run resumed on a file whose /events predate the ``stage`` column: the earlier rows read
+    stage -1, the new ones their stage, and no row is lost."""
+    from mpi4py import MPI
+
+    from mpipar.run.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.h5"
+    recorder = EventRecorder(MPI.COMM_SELF, (0, 1))
+    writer = MetricsWriter(path, MPI.COMM_SELF, strategy="pipeline", config={}, events=recorder)
+    for step in range(2):
+        recorder.begin_step(step)
+        now = time.perf_counter()
+        recorder.add("forward", now, now + 0.001, index=1, stage=step)
+        recorder.end_step()
+        writer.record_step(loss=1.0, samples=4, step_time=0.01)
+        writer.flush()
+        if step == 0:   # as an older mpipar wrote it
+            with h5py.File(path, "a") as f:
+                del f["events/stage"]
+    run = read_run(path)
+    assert run.events["stage"].tolist() == [-1, 1] and run.events["index"].tolist() == [1, 1]

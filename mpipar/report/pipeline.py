@@ -2,8 +2,8 @@
 
 Pure functions over :class:`~mpipar.report.reader.Run`: the measured forward and backward of
 each micro-batch on each rank (from ``/events``), and the ideal timeline: the run's schedule
-simulated by :mod:`mpipar.pipeline.schedule` (the one simulator, the one ``placement_bubble``
-uses) with the measured mean forward and backward time of each stage and free communication.
+simulated by :func:`mpipar.pipeline.schedule.simulate_step` (the one simulator; ``placement_bubble``
+uses it too) with the measured mean forward and backward time of each stage and free communication.
 """
 
 from __future__ import annotations
@@ -122,26 +122,19 @@ def ideal_timeline(schedule: str, stage_ranks: Sequence[int], microbatches: int,
                    times: Sequence[Tuple[float, float]]) -> Timeline:
     """``schedule`` over ``microbatches`` on stages placed on ``stage_ranks``, each forward and
     backward of stage s lasting ``times[s]``, communication free: the spans of
-    :mod:`mpipar.pipeline.schedule`'s simulator (imported here, so reading runs needs no torch),
-    one row per rank. Its :attr:`Timeline.bubble` is ``placement_bubble`` of the same arguments."""
-    from mpipar.pipeline.schedule import Backward, Forward, Schedule, _simulate, rank_program
+    :func:`mpipar.pipeline.schedule.simulate_step`, the one simulator (imported here, so reading
+    runs needs no torch), one row per rank. Its :attr:`Timeline.bubble` is ``placement_bubble``
+    of the same arguments."""
+    from mpipar.pipeline.schedule import Backward, Schedule, simulate_step
 
-    plan = Schedule(schedule, len(stage_ranks), microbatches)
+    spans = simulate_step(Schedule(schedule, len(stage_ranks), microbatches), stage_ranks, times)
     ranks = sorted(set(stage_ranks))
-    streams = [[step for step in rank_program(plan, stage_ranks, r) if isinstance(step, (Forward, Backward))]
-               for r in ranks]
-
-    def duration(step) -> float:
-        forward, backward = times[step.stage]
-        return backward if isinstance(step, Backward) else forward
-
-    spans = _simulate(streams, plan.stages, duration, f"{plan} deadlocks on stage ranks {tuple(stage_ranks)}")
     rows: Dict[int, List[Span]] = {r: [] for r in ranks}
     for step, (start, end) in spans.items():
         rows[stage_ranks[step.stage]].append(Span("B" if isinstance(step, Backward) else "F", step.stage,
                                                   step.microbatch, start, end))
     makespan = max((end for _, end in spans.values()), default=0.0)
-    return Timeline({r: sorted(spans, key=lambda s: s.start) for r, spans in rows.items()}, makespan)
+    return Timeline({r: sorted(row, key=lambda s: s.start) for r, row in rows.items()}, makespan)
 
 
 def ideal_for_run(run: Run) -> Optional[Timeline]:

@@ -280,12 +280,17 @@ class MetricsWriter:
         column in ``histograms`` the counts of its whole stored (integer) column as
         ``/<name>/<column>_histogram``. Collective; every rank passes the same column names,
         with a ``step`` column (a resumed run drops the rows of steps after its checkpoint). Rows of no
-        rank: nothing is written (a table that never had rows does not exist)."""
+        rank: nothing is written (a table that never had rows does not exist). A column the stored
+        table lacks (a file of an older mpipar, resumed) reads -1 (NaN for floats) in its earlier rows."""
         gathered = collectives.gather(self.comm, columns, f"metrics: table {name}", root=self.root)
         if self.is_root and any(len(np.asarray(c).reshape(-1)) for cols in gathered for c in cols.values()):
             with _open(self.path, "a") as f:
+                before = len(f[f"{name}/step"]) if f"{name}/step" in f else 0
                 for column in gathered[0]:
                     values = np.concatenate([np.asarray(cols[column]).reshape(-1) for cols in gathered])
+                    if before and f"{name}/{column}" not in f:   # a column newer than the file's rows: -1 / NaN
+                        _append(f, f"{name}/{column}", np.full(before, np.nan if values.dtype.kind == "f" else -1,
+                                                               dtype=values.dtype))
                     _append(f, f"{name}/{column}", values)
                 for column in histograms:
                     counts = np.bincount(np.maximum(f[f"{name}/{column}"][...].astype(np.int64), 0))
