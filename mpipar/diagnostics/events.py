@@ -2,8 +2,8 @@
 
 The loop makes one :class:`EventRecorder` per run when ``--trace-steps`` asks for it and
 tells it where each step begins and ends; during a sampled step the recorder is
-:func:`active` and anyone (the loop, the gradient reducer, the parameter server, a
-pipeline's executor) adds what it timed::
+:func:`active` and anyone (the loop, the gradient reducer, the parameter server and its
+one-sided windows, a pipeline's executor, the tensor-parallel maps) adds what it timed::
 
     recorder = events.active()          # None outside sampled steps: the cost is one call
     if recorder is not None:
