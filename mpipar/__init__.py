@@ -4,7 +4,7 @@ The names below load on first use (PEP 562), so ``import mpipar.report`` (``mpip
 ``mpipar-summary``) does not import torch or MPI.
 """
 
-import importlib
+from mpipar._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -21,12 +21,4 @@ _LAZY = {  # name: (module, attribute or None for the module itself)
 
 __all__ = [*_LAZY, "__version__"]
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'mpipar' has no attribute {name!r}")
-    module_name, attribute = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attribute is None else getattr(module, attribute)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("mpipar", _LAZY, globals())

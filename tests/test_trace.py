@@ -53,7 +53,7 @@ def test_clock_offsets_and_reducer_events(comm):
     with its bytes (none at size 1); outside sampled steps nothing is recorded."""
     from mpipar.data_parallel.wrapper import DataParallel
 
-    recorder = EventRecorder(comm, (1, 1))
+    recorder = EventRecorder(run_comm, (1, 1))
     size = comm.Get_size()
     assert recorder.offsets.shape == (size,) and recorder.offsets[0] == 0.0
     ok = all(abs(o) <= d / 2 + 1e-6 for o, d in zip(recorder.offsets[1:], recorder.delays[1:]))
@@ -101,9 +101,14 @@ def test_pipeline_events_and_point_to_point_bytes(comm, schedule):
     the step's compute (stage_times); each transfer is one event with its peer and bytes, on the
     COMM lane (an asynchronous schedule's sends complete in the next step and still count for the
     step that posted them); mpi_tensor's whole-run count per peer is what the schedule implies:
-    micro-batches x activation bytes to the next stage's rank, x gradient bytes back, every step."""
+    micro-batches x activation bytes to the next stage's rank, x gradient bytes back, every step.
+    The pipeline runs on a sub-communicator with the ranks reversed: events name peers as the run's
+    ranks (as in a grid's pipelines), the count as the pipeline communicator's."""
     from mpipar.comm import mpi_tensor
     from mpipar.pipeline import Pipeline
+
+    size = comm.Get_size()
+    run_comm, comm = comm, comm.Split(0, key=size - 1 - comm.Get_rank())
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 10), torch.nn.ReLU(),
@@ -111,7 +116,7 @@ def test_pipeline_events_and_point_to_point_bytes(comm, schedule):
     microbatches, rows, steps = 3, 2, 3
     pipe = Pipeline(model, comm, schedule=schedule, microbatches=microbatches, loss_fn=torch.nn.functional.mse_loss)
     pipe.bind_optimizer(torch.optim.SGD(pipe.parameters(), lr=0.01))
-    recorder = EventRecorder(comm, (1, 1))
+    recorder = EventRecorder(run_comm, (1, 1))
     mpi_tensor.take_sent(comm)   # count from here
     results = []
     for step in range(steps):
@@ -145,13 +150,14 @@ def test_pipeline_events_and_point_to_point_bytes(comm, schedule):
     transfers = np.isin(names, ("send_activation", "send_grad"))
     per_peer = {int(p): float(table["bytes"][transfers & (table["peer"] == p)].sum())
                 for p in np.unique(table["peer"][transfers])}
-    assert_all_ranks(comm, per_peer == {p: float(b) for p, b in expected.items()},
-                     f"sampled step's transfer events {per_peer} vs the schedule {expected}")
+    assert_all_ranks(comm, per_peer == {size - 1 - p: float(b) for p, b in expected.items()},
+                     f"sampled step's transfer events {per_peer} vs the schedule {expected} (pipeline ranks)")
     assert_all_ranks(comm, sent == {p: steps * b for p, b in expected.items()},
                      f"whole-run count {sent} vs {steps} x {expected}")
     assert_all_ranks(comm, (table["lane"][transfers] == events.COMM).all() and (table["duration"] >= 0).all())
     received = np.isin(names, ("recv_activation", "recv_grad"))
     assert_all_ranks(comm, received.sum() == transfers.sum(), f"{received.sum()} receives vs {transfers.sum()} sends")
+    comm.Free()
 
 
 @pytest.mark.mpi

@@ -120,6 +120,7 @@ class EventRecorder:
         self._shift = 0.0   # this run's origin after the file's (a resumed run)
         self._aligned_for_sampling = False
         self._rows: List[tuple] = []
+        self._translations: Dict[int, List[int]] = {}
         self._step: Optional[int] = None
         self.buffered_steps = 0
 
@@ -161,11 +162,28 @@ class EventRecorder:
     # -- anyone, during a sampled step -------------------------------------------------
 
     def add(self, name: str, start: float, end: float, *, nbytes: float = 0.0, peer: int = -1,
-            index: int = -1, stage: int = -1, step: Optional[int] = None) -> None:
+            peer_comm: Optional[MPI.Comm] = None, index: int = -1, stage: int = -1,
+            step: Optional[int] = None) -> None:
         """An event from ``start`` to ``end`` (``time.perf_counter()`` values) of the step being
         sampled, or of ``step`` (a transfer posted in a sampled step and seen completed later:
-        keep the recorder and the step from the post). Local; cheap."""
+        keep the recorder and the step from the post). ``peer`` is a rank of ``peer_comm`` when
+        given (a sub-communicator: a pipeline of a grid), stored as the run's rank. Local; cheap."""
+        if peer_comm is not None and peer >= 0:
+            peer = self._run_ranks(peer_comm)[peer]
         self._rows.append((self._step if step is None else step, _CODE[name], start, end, nbytes, peer, index, stage))
+
+    def _run_ranks(self, comm: MPI.Comm) -> List[int]:
+        """The run's rank of every rank of ``comm`` (computed once per communicator). Local."""
+        key = comm.py2f()
+        if key not in self._translations:
+            group, run_group = comm.Get_group(), self.comm.Get_group()
+            try:
+                self._translations[key] = list(MPI.Group.Translate_ranks(group, list(range(group.Get_size())),
+                                                                         run_group))
+            finally:
+                group.Free()
+                run_group.Free()
+        return self._translations[key]
 
     @property
     def step(self) -> Optional[int]:

@@ -1,15 +1,21 @@
-"""Layer-partitioned model parallelism and pipeline parallelism over MPI Send/Recv."""
+"""Layer-partitioned model parallelism and pipeline parallelism over MPI Send/Recv.
 
-from mpipar.comm.replicas import ReplicaAverager
-from mpipar.pipeline.executor import Pipeline, StepResult
-from mpipar.pipeline.partition import auto_balance, balance_by_time, profile_layers
-from mpipar.pipeline.placement import Placement, Segment, even_balance
-from mpipar.pipeline.schedule import SCHEDULES, Schedule
-from mpipar.pipeline.skip import AddSkip, CatSkip, SaveSkip, SkipConsumer, SkipSequential, find_skips
-from mpipar.pipeline.stage import Stage, TensorSpec
-from mpipar.pipeline.timing import StepTimes, measured_bubble
+The names below load on first use (PEP 562): ``mpipar.pipeline.schedule`` (pure) can be imported,
+e.g. by ``mpipar-report``, without torch or MPI.
+"""
 
-__all__ = ["Pipeline", "StepResult", "Placement", "Segment", "even_balance", "Schedule", "SCHEDULES",
-           "Stage", "TensorSpec", "StepTimes", "measured_bubble",
-           "SaveSkip", "AddSkip", "CatSkip", "SkipConsumer", "SkipSequential", "find_skips",
-           "ReplicaAverager", "auto_balance", "balance_by_time", "profile_layers"]
+from mpipar._lazy import lazy_getattr
+
+_LAZY = {name: (module, name) for module, names in {
+    "mpipar.comm.replicas": ["ReplicaAverager"],
+    "mpipar.pipeline.executor": ["Pipeline", "StepResult"],
+    "mpipar.pipeline.partition": ["auto_balance", "balance_by_time", "profile_layers"],
+    "mpipar.pipeline.placement": ["Placement", "Segment", "even_balance"],
+    "mpipar.pipeline.schedule": ["SCHEDULES", "Schedule"],
+    "mpipar.pipeline.skip": ["AddSkip", "CatSkip", "SaveSkip", "SkipConsumer", "SkipSequential", "find_skips"],
+    "mpipar.pipeline.stage": ["Stage", "TensorSpec"],
+    "mpipar.pipeline.timing": ["StepTimes", "measured_bubble"],
+}.items() for name in names}
+
+__all__ = list(_LAZY)
+__getattr__ = lazy_getattr("mpipar.pipeline", _LAZY, globals())

@@ -592,7 +592,8 @@ class Pipeline:
             run.received[instruction] = mpi_tensor.recv_(buffer, self.comm, source, tag)
         if recorder is not None:
             recorder.add("recv_grad" if grad else "recv_activation", begin, time.perf_counter(),
-                         nbytes=buffer.numel() * buffer.element_size(), peer=source, index=i, stage=index)
+                         nbytes=buffer.numel() * buffer.element_size(), peer=source, peer_comm=self.comm, index=i,
+                         stage=index)
 
     def _send(self, instruction: Union[SendActivation, SendGrad], run: _RunState) -> None:
         dest, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
@@ -625,7 +626,8 @@ class Pipeline:
             traced = self._traced_sends.pop(op, None) if self._traced_sends else None
             if traced is not None:
                 owner, step, event, posted, size, dest, microbatch, stage = traced
-                owner.add(event, posted, time.perf_counter(), nbytes=size, peer=dest, index=microbatch, stage=stage,
+                owner.add(event, posted, time.perf_counter(), nbytes=size, peer=dest, peer_comm=self.comm,
+                          index=microbatch, stage=stage,
                           step=step)
         if recorder is not None and ops:
             recorder.add("wait_sends", begin, time.perf_counter())
@@ -649,7 +651,8 @@ class Pipeline:
             (run.skip_grads if grad else run.skips)[name, i] = mpi_tensor.recv_(buffer, self.comm, source, tag)
         if recorder is not None:
             recorder.add("recv_skip_grad" if grad else "recv_skip", begin, time.perf_counter(),
-                         nbytes=buffer.numel() * buffer.element_size(), peer=source, index=i, stage=instruction.stage)
+                         nbytes=buffer.numel() * buffer.element_size(), peer=source, peer_comm=self.comm, index=i,
+                         stage=instruction.stage)
 
     def _send_skip(self, instruction: Union[SendSkip, SendSkipGrad], run: _RunState) -> None:
         name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
