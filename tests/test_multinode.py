@@ -171,6 +171,16 @@ def test_parallel_tests_pass_across_nodes(nodes):
     assert " passed" in done.stdout and " failed" not in done.stdout, describe(done)
 
 
+def test_grids_place_groups_inside_nodes_under_map_by_node(nodes):
+    """Ranks dealt round robin (mpirun --map-by node: 0 and 2 on n1, 1 and 3 on n2): the process
+    grid regroups them node by node, so tensor-parallel groups stay inside a node, and the
+    data x pipeline x tensor-parallel grid still equals one process."""
+    done = on_nodes("-n", "4", "--map-by", "node", PYTHON, "-m", "pytest", "--only-mpi", "-q", "-p",
+                    "no:cacheprovider", "tests/test_tp_grid.py", timeout=300)
+    assert done.returncode == 0, describe(done)
+    assert " passed" in done.stdout and " failed" not in done.stdout, describe(done)
+
+
 def _slurm_needed(nodes):
     if nodes.slurm:
         return
@@ -253,11 +263,6 @@ def test_script_runs_on_two_nodes(two_node_jobs, script):
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(reason="mpipar.run.launch.check_world_size compares SLURM_NTASKS on every rank, but ranks that "
-                          "mpirun starts on other nodes (through 'srun prted') see that step's SLURM_NTASKS=1 and "
-                          "exit with an AgreedError that only those ranks raise (rank 0 prints nothing): the "
-                          "expected size must come from rank 0 (comm.bcast). Remove this marker with the fix.",
-                   strict=False)
 def test_mpirun_inside_a_two_node_allocation(two_node_jobs):
     """LAUNCHER=mpirun in a 2-node allocation: Open MPI starts its daemon on the second node
     with srun, and the ranks there inherit that step's SLURM_NTASKS=1."""

@@ -63,9 +63,11 @@ def images(report):
 
 
 def test_report_of_a_real_two_rank_run(tmp_path):
+    """A real run whose rank 1 is made a straggler by the test switch (0.3 s more compute per step):
+    the report names it."""
     run_dir = tmp_path / "run"
     result = run_mpi(2, JOB, "--data", "synthetic", "--batch-size", "16", "--threads", "1", "--max-steps", "6",
-                     "--out", str(run_dir), timeout=120)
+                     "--out", str(run_dir), env={"MPIPAR_SLOW_RANK": "1:0.3"}, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = summarize(run_dir / "metrics.h5")
     assert "run: data_parallel on 2 ranks" in summary and "final test accuracy" in summary
@@ -74,6 +76,7 @@ def test_report_of_a_real_two_rank_run(tmp_path):
     text, sources = images(report)
     assert len(sources) == 5                        # loss, accuracy, time split, heat map, bytes sent
     assert "data_parallel" in text and "2 ranks" in text and "Communication took" in text
+    assert "Rank 1 was the straggler" in text and "Rank 0 was" not in text
     assert len(list((tmp_path / "report").glob("*.png"))) == 5
 
 

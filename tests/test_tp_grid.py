@@ -106,6 +106,24 @@ def test_node_order_groups_ranks_node_by_node():
     assert node_order([1, 0, 0, 1]) == [1, 2, 0, 3]
 
 
+@pytest.mark.mpi
+def test_tensor_parallel_groups_stay_inside_a_node(comm):
+    """On the real nodes (COMM_TYPE_SHARED): with as many ranks on every node, a multiple of the
+    group size, each tensor-parallel group shares one node, whatever the placement (across
+    emulated nodes, tests/test_multinode.py runs this file under mpirun --map-by node too)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    per_node, node_leader = node.Get_size(), node.bcast(comm.Get_rank(), root=0)
+    node.Free()
+    sizes = set(comm.allgather(per_node))
+    tp = per_node if len(sizes) == 1 else 1
+    with ProcessGrid(comm, 1, tp=tp) as grid:
+        leaders = grid.tp_comm.allgather(node_leader)
+        problems = grid_problems(comm, grid, 1, tp)
+        if len(set(leaders)) != 1 or grid.spans()["tp"]:
+            problems.append(f"tensor-parallel group of {tp} spans nodes with leaders {leaders}; order {grid.order}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
 @pytest.mark.mpi(min_size=2)
 def test_round_robin_nodes_keep_tensor_parallel_groups_inside_a_node(comm):
     """Ranks dealt to nodes round robin (as ``--map-by node`` does): the grid regroups them so that

@@ -53,7 +53,7 @@ def test_clock_offsets_and_reducer_events(comm):
     with its bytes (none at size 1); outside sampled steps nothing is recorded."""
     from mpipar.data_parallel.wrapper import DataParallel
 
-    recorder = EventRecorder(run_comm, (1, 1))
+    recorder = EventRecorder(comm, (1, 1))
     size = comm.Get_size()
     assert recorder.offsets.shape == (size,) and recorder.offsets[0] == 0.0
     ok = all(abs(o) <= d / 2 + 1e-6 for o, d in zip(recorder.offsets[1:], recorder.delays[1:]))

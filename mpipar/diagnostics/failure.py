@@ -125,22 +125,41 @@ def _after_rank_0_spoke(comm: MPI.Intracomm, timeout: float = 5.0) -> None:
 
 
 class FaultInjection:
-    """Deliberate crashes for testing recovery: ``MPIPAR_FAULT_AT_STEP=N`` (or
-    ``N:RANK``) makes that rank (default: the last) kill itself with SIGKILL when
-    it reaches step N, exactly as a node failure would."""
+    """Deliberate faults for testing recovery and diagnostics: ``MPIPAR_FAULT_AT_STEP=N`` (or
+    ``N:RANK``) makes that rank (default: the last) kill itself with SIGKILL when it reaches
+    step N, exactly as a node failure would; ``MPIPAR_SLOW_RANK=RANK:SECONDS`` makes that rank
+    a straggler: it sleeps that long in every step, counted as its compute (a slower processor)."""
 
-    def __init__(self, step=None, rank=None):
+    def __init__(self, step=None, rank=None, slow_seconds: float = 0.0):
         self.step = step
         self.rank = rank
+        self.slow_seconds = slow_seconds
 
     @classmethod
     def from_environment(cls, comm: MPI.Intracomm, environ=os.environ) -> FaultInjection:
         spec = environ.get("MPIPAR_FAULT_AT_STEP", "").strip()
+        slow = environ.get("MPIPAR_SLOW_RANK", "").strip()
+        slow_seconds = 0.0
+        if slow:
+            rank, _, seconds = slow.partition(":")
+            try:
+                slow_rank, slow_value = int(rank), float(seconds)
+            except ValueError:
+                raise ValueError(f"MPIPAR_SLOW_RANK={slow!r}: expected RANK:SECONDS, e.g. 1:0.05") from None
+            slow_seconds = slow_value if slow_rank == comm.Get_rank() else 0.0
         if not spec:
-            return cls()
+            return cls(slow_seconds=slow_seconds)
         step, _, rank = spec.partition(":")
         target = int(rank) if rank else comm.Get_size() - 1
-        return cls(int(step), target if target == comm.Get_rank() else None)
+        return cls(int(step), target if target == comm.Get_rank() else None, slow_seconds)
+
+    def maybe_slow(self) -> float:
+        """Sleep this rank's ``MPIPAR_SLOW_RANK`` seconds (0 on the others); returns them."""
+        if self.slow_seconds > 0:
+            import time
+
+            time.sleep(self.slow_seconds)
+        return self.slow_seconds
 
     def maybe_fail(self, step: int) -> None:
         if self.rank is not None and step == self.step:

@@ -10,6 +10,7 @@ from typing import Callable
 from mpi4py import MPI
 
 from mpipar.comm import cuda_aware
+from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import agreed
 
@@ -29,6 +30,10 @@ def check_world_size(comm: MPI.Intracomm, environ=os.environ) -> None:
     that only speaks PMIx) starts every task as its own world of size 1, which
     would otherwise train N independent models and exit 0.
 
+    Collective over ``comm`` (rank 0's environment decides: ranks that ``mpirun`` starts on
+    other nodes see their node daemon's one-task Slurm step). A wrongly launched job is
+    a world of size 1 on every task, where each task checks its own environment.
+
     Raises:
         RuntimeError: when ``SLURM_NTASKS`` (or ``MPIPAR_EXPECTED_WORLD_SIZE``)
             differs from ``comm``'s size, with how to launch correctly.
@@ -36,6 +41,9 @@ def check_world_size(comm: MPI.Intracomm, environ=os.environ) -> None:
     expected = environ.get("MPIPAR_EXPECTED_WORLD_SIZE") or (
         environ.get("SLURM_NTASKS") if "SLURM_JOB_ID" in environ else None)
     size = comm.Get_size()
+    # rank 0's view: ranks that mpirun starts on other nodes of an allocation run under the
+    # one-task Slurm step of their node's daemon (SLURM_NTASKS=1 there)
+    expected = collectives.bcast(comm, expected, "the launch's task count", root=0)
     if expected is None or int(expected) == size:
         return
     raise agreed(RuntimeError)(  # every rank sees the same sizes

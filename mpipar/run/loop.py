@@ -153,6 +153,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                 batch = to_device(train_set.batch(indices), session.device) if strategy.needs_batch() else None
             data_end = time.perf_counter()
             data_time = data_end - step_start
+            slowed = session.fault.maybe_slow()  # a test's straggler: its extra compute
             optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
             train_start = time.perf_counter()
             record = strategy.train_step(batch)
@@ -174,7 +175,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                 recorder.add("optimizer", update_start, update_start + update_time)
                 recorder.end_step()
             data_time += record.data_time
-            compute_time = None if record.compute_time is None else record.compute_time + update_time
+            compute_time = None if record.compute_time is None else record.compute_time + update_time + slowed
             metrics.record_step(loss=record.loss, samples=record.samples, step_time=step_time, data_time=data_time,
                                 compute_time=compute_time, comm_time=record.comm_time, idle_time=record.idle_time,
                                 wait_time=record.wait_time, bytes_sent=record.bytes_sent, **record.extra)
