@@ -34,50 +34,59 @@ def load() -> str:
     return Path("/proc/loadavg").read_text().split(" ")[0]
 
 
-def mpirun(ranks: int, *args: str, timeout: float = 600) -> str:
+def mpirun(ranks: int, *args: str, timeout: float = 600, nodes_script: str = None) -> str:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     mpirun_path = Path(sys.executable).parent / "mpirun"
     command = [str(mpirun_path), "-n", str(ranks), "--oversubscribe", sys.executable, *args]
+    if nodes_script:  # on the emulated nodes: the script's mpirun (hostfile, options), absolute paths
+        command = ["bash", nodes_script, "mpirun", "-n", str(ranks), sys.executable, *args]
+        env["MPIRUN"] = str(mpirun_path)
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
 
 
-def worker_comm(path: str, sizes) -> None:
-    """Under mpirun: one-way times between ranks 0 and 1 and Allreduce times on every rank, as JSON on rank 0."""
+def worker_comm(path: str, sizes, peer: int = 1) -> None:
+    """Under mpirun: one-way times between ranks 0 and ``peer`` and Allreduce times on every rank, as JSON on rank 0."""
     from mpi4py import MPI
 
     from mpipar.cost.calibrate import allreduce_times, ping_pong
 
     comm = MPI.COMM_WORLD
-    p2p = ping_pong(comm, 0, 1, sizes, budget=2.0)
+    p2p = ping_pong(comm, 0, peer, sizes, budget=2.0)
     allreduce = allreduce_times(comm, sizes, budget=2.0)
     if comm.Get_rank() == 0:
         Path(path).write_text(json.dumps({"sizes": list(sizes), "p2p": p2p, "allreduce": allreduce}))
 
 
-def comm_round(machine_path: Path, ranks: int, sizes, work: Path) -> list:
+def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: str = None) -> list:
+    """Measured and predicted rows; across nodes the ping-pong goes from rank 0 to the first rank of
+    the second node and the Allreduce's ring crosses nodes (predicted with the link across)."""
     from mpipar.cost import Machine
 
-    link = Machine.load(machine_path).within
-    out = work / f"comm-{ranks}.json"
-    mpirun(ranks, __file__, "--worker-comm", str(out), "--sizes", ",".join(map(str, sizes)))
+    machine = Machine.load(machine_path)
+    link, peer, where = (machine.across, machine.ranks_per_node, "2 nodes") if nodes_script else (
+        machine.within, 1, "shared memory")
+    out = work / f"comm-{ranks}-{where.replace(' ', '-')}.json"
+    mpirun(ranks, str(Path(__file__).resolve()), "--worker-comm", str(out), "--sizes", ",".join(map(str, sizes)),
+           "--peer", str(peer), nodes_script=nodes_script)
     data = json.loads(out.read_text())
     rows = []
     for nbytes, p2p, allreduce in zip(data["sizes"], data["p2p"], data["allreduce"]):
-        rows.append(("p2p", ranks, nbytes, link.p2p_seconds(nbytes), p2p))
-        rows.append(("allreduce", ranks, nbytes, link.allreduce_seconds(nbytes, ranks), allreduce))
+        rows.append(("p2p", where, ranks, nbytes, link.p2p_seconds(nbytes), p2p))
+        rows.append(("allreduce", where, ranks, nbytes, link.allreduce_seconds(nbytes, ranks), allreduce))
     return rows
 
 
-def job_round(machine_path: Path, work: Path, name: str, job: str, *args: str) -> dict:
+def job_round(machine_path: Path, work: Path, name: str, job: str, *args: str, ranks: int = 2,
+              nodes_script: str = None) -> dict:
     from mpipar.cost import report_rows
 
     out = work / name
-    mpirun(2, str(ROOT / "jobs" / job), "--data", "synthetic", "--threads", "1", "--machine", str(machine_path),
-           "--out", str(out), *args)
+    mpirun(ranks, str(ROOT / "jobs" / job), "--data", "synthetic", "--threads", "1", "--machine", str(machine_path),
+           "--out", str(out), *args, nodes_script=nodes_script)
     return {quantity: (predicted, measured) for quantity, predicted, measured in report_rows(out / "metrics.h5")}
 
 
@@ -91,14 +100,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps of each job")
     parser.add_argument("--quick", action="store_true", help="sizes to 4 MiB, quick calibration")
     parser.add_argument("--out", help="write the Markdown table here")
+    parser.add_argument("--nodes-script", help="also across 2 emulated nodes of 2 ranks each, brought up with this "
+                        "script (slurm/nodes/emulated-nodes.sh up 2); they must be up already")
     parser.add_argument("--worker-comm", help=argparse.SUPPRESS)
+    parser.add_argument("--peer", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_comm:
-        worker_comm(args.worker_comm, [int(s) for s in args.sizes.split(",")])
+        worker_comm(args.worker_comm, [int(s) for s in args.sizes.split(",")], args.peer)
         return
     sizes = SIZES[:3] if args.quick else SIZES
-    comm_rows, dp_rows, pp_rows, loads = [], [], {4: [], 8: []}, []
+    comm_rows, dp_rows, nodes_dp_rows, pp_rows, loads, nodes_notes = [], [], [], {4: [], 8: []}, [], []
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
             work = Path(scratch) / f"round-{round_index}"
@@ -116,27 +128,52 @@ def main() -> None:
                                                 "resnet-small", "--balance", "even", "--batch-size", "128",
                                                 "--microbatches", str(micro), "--schedule", "1f1b",
                                                 "--max-steps", str(args.steps)))
+            if args.nodes_script:
+                try:
+                    state = subprocess.run(["bash", args.nodes_script, "status"], capture_output=True, text=True,
+                                           cwd=ROOT)
+                    if state.returncode != 0:
+                        raise RuntimeError("the emulated nodes are not up")
+                    links = next((line.strip() for line in state.stdout.splitlines()
+                                  if line.startswith(("links:", "shaped:"))), "?")
+                    nodes_machine = work / "machine-nodes.json"
+                    mpirun(4, "-m", "mpipar.cost.calibrate", "--out", str(nodes_machine), "--microbatch-sizes",
+                           "8,16,32,64,128", *(["--quick"] if args.quick else []), nodes_script=args.nodes_script)
+                    rows = comm_round(nodes_machine, 4, sizes, work, args.nodes_script)
+                    dp = job_round(nodes_machine, work, "dp-nodes", "resnet_dp.py", "--batch-size", "64",
+                                   "--max-steps", str(args.steps), ranks=4, nodes_script=args.nodes_script)
+                    comm_rows += rows
+                    nodes_dp_rows.append(dp)
+                    nodes_notes.append(f"round {round_index + 1}: 2 emulated nodes, {links}")
+                except RuntimeError as exc:  # the nodes belong to whoever brought them up; they may go down
+                    nodes_notes.append(f"round {round_index + 1}: across nodes skipped: {str(exc).splitlines()[-1]}")
             loads.append(f"{before} -> {load()}")
             print(f"round {round_index + 1}/{args.rounds} done, load {loads[-1]}", flush=True)
     lines = [f"# Cost model: predicted vs measured ({time.strftime('%Y-%m-%d')})", "",
              f"Command: `python benchmarks/bench_cost_model.py {' '.join(sys.argv[1:])}`", "",
              f"Load average (1 min) at the start and end of each round: {'; '.join(loads)}. 2 cores, shared.", "",
-             "Each round calibrates on 2 ranks, then predicts from that file alone. Medians over rounds of "
-             "measured / predicted.", "",
-             "## Point-to-point (one way) and Allreduce, shared memory", "",
-             "| operation | ranks | size | predicted ms | measured ms | measured/predicted | within 25% |",
-             "|---|---|---|---|---|---|---|"]
-    keys = sorted({row[:3] for row in comm_rows})
-    for operation, ranks, nbytes in keys:
-        group = [row for row in comm_rows if row[:3] == (operation, ranks, nbytes)]
-        predicted = statistics.median(row[3] for row in group)
-        measured = statistics.median(row[4] for row in group)
-        r = statistics.median(ratio(row[3], row[4]) for row in group)
-        lines.append(f"| {operation} | {ranks} | {nbytes // 1024} KiB | {1e3 * predicted:.3f} | {1e3 * measured:.3f} | "
-                     f"{r:.2f} | {'yes' if abs(r - 1) <= 0.25 else 'no'} |")
+             *([f"Emulated nodes: {'; '.join(nodes_notes)}.", ""] if nodes_notes else []),
+             "Each round calibrates on 2 ranks (across nodes: on the 4 ranks of 2 emulated nodes), then predicts "
+             "from that file alone. Predicted and measured: medians over rounds; the ratio: the median of the "
+             "rounds' ratios, and their range.", "",
+             "## Point-to-point (one way) and Allreduce", "",
+             "| operation | where | ranks | size | predicted ms | measured ms | measured/predicted (rounds' range) | "
+             "within 25% |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({row[:4] for row in comm_rows}, key=lambda key: (key[1] != "shared memory", key))
+    for operation, where, ranks, nbytes in keys:
+        group = [row for row in comm_rows if row[:4] == (operation, where, ranks, nbytes)]
+        predicted = statistics.median(row[4] for row in group)
+        measured = statistics.median(row[5] for row in group)
+        ratios = sorted(ratio(row[4], row[5]) for row in group)
+        r = statistics.median(ratios)
+        lines.append(f"| {operation} | {where} | {ranks} | {nbytes // 1024} KiB | {1e3 * predicted:.3f} | "
+                     f"{1e3 * measured:.3f} | {r:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) | "
+                     f"{'yes' if abs(r - 1) <= 0.25 else 'no'} |")
     lines += ["", "## Data-parallel step (resnet-small, 64 samples per rank, 2 ranks) and pipeline bubble "
               "(resnet-small 3|2, 1F1B, 128 per batch)", "",
-              "| run | quantity | predicted | measured | measured/predicted | target | met |", "|---|---|---|---|---|---|---|"]
+              "| run | quantity | predicted | measured | measured/predicted | target | met |",
+              "|---|---|---|---|---|---|---|"]
 
     def add(run, rows, quantity, target):
         values = [row[quantity] for row in rows if quantity in row]
@@ -150,13 +187,18 @@ def main() -> None:
             lines.append(f"| {run} | bubble | {predicted:.3f} | {measured:.3f} | {gap:+.1f} points | within 6 points "
                          f"| {'yes' if abs(gap) <= 6 else 'no'} |")
         else:
-            r = statistics.median(ratio(*v) for v in values)
-            lines.append(f"| {run} | {quantity} | {predicted:.4f} | {measured:.4f} | {r:.2f} | {target} | "
+            ratios = sorted(ratio(*v) for v in values)
+            r = statistics.median(ratios)
+            lines.append(f"| {run} | {quantity} | {predicted:.4f} | {measured:.4f} | {r:.2f} ({ratios[0]:.2f}-"
+                         f"{ratios[-1]:.2f}) | {target} | "
                          f"{'yes' if target and abs(r - 1) <= 0.15 else '-' if not target else 'no'} |")
 
     add("DP 2 ranks", dp_rows, "step s", "within 15%")
     add("DP 2 ranks", dp_rows, "compute s", "")
     add("DP 2 ranks", dp_rows, "not computing s", "")
+    if args.nodes_script:
+        add("DP 2 nodes x 2 ranks", nodes_dp_rows, "step s", "within 15%")
+        add("DP 2 nodes x 2 ranks", nodes_dp_rows, "not computing s", "")
     for micro in (4, 8):
         add(f"PP 2 stages, {micro} micro-batches", pp_rows[micro], "bubble", "")
         add(f"PP 2 stages, {micro} micro-batches", pp_rows[micro], "step s", "")

@@ -254,3 +254,22 @@ def test_a_job_with_machine_stores_its_prediction(tmp_path):
 
     rows = dict((name, (predicted, measured)) for name, predicted, measured in report_rows(out / "metrics.h5"))
     assert rows["step s"][0] > 0 and rows["step s"][1] > 0
+
+
+def test_predict_run_reads_the_jobs_settings():
+    from mpipar.cost import predict_run
+    from mpipar.pipeline.config import PipelineConfig
+
+    profile = profile_of([(1.0, 2.0, [1000], 100, 10)] * 4, sizes=(2,))
+    machine = machine_of(profile)
+    pipeline, _ = predict_run(machine, model="toy", batch_size=8, bucket_mb=25, ranks=2, ranks_per_node=2,
+                              settings=PipelineConfig(schedule="gpipe", microbatches=4, stages=2, balance="even"))
+    assert pipeline.strategy == "PP" and pipeline.bubble == pytest.approx(1 / 5)
+    dp, _ = predict_run(machine, model="toy", batch_size=8, bucket_mb=25, settings=None, ranks=2, ranks_per_node=2)
+    assert dp.strategy == "DP" and dp.step == pytest.approx(4 * 12.0)  # one calibrated size: in proportion
+    none, why = predict_run(machine, model="toy", batch_size=8, bucket_mb=25, settings=None, ranks=4,
+                            ranks_per_node=2)
+    assert none is None and "--interconnect" in why
+    none, why = predict_run(machine, model="other", batch_size=8, bucket_mb=25, settings=None, ranks=2,
+                            ranks_per_node=2)
+    assert none is None and "mpipar-calibrate --model other" in why

@@ -34,7 +34,8 @@ def _repeats(nbytes: int, budget: float) -> int:
 
 def ping_pong(comm: MPI.Intracomm, peer_a: int, peer_b: int, sizes: Sequence[int], *, budget: float = 1.0
               ) -> List[float]:
-    """Median one-way seconds (half a round trip) of a message of each size between ``peer_a`` and ``peer_b``.
+    """Fastest one-way seconds (half a round trip) of a message of each size between ``peer_a`` and ``peer_b``
+    (the fastest of the repetitions: load on a shared machine only ever adds time, as in the layer profiler).
 
     Collective over ``comm``: every rank calls it with the same arguments; ranks other than the two
     peers wait in the closing broadcast. Returns the same list on every rank.
@@ -55,22 +56,27 @@ def ping_pong(comm: MPI.Intracomm, peer_a: int, peer_b: int, sizes: Sequence[int
                     mpi_tensor.recv_(buffer, comm, other, tag=7)
                     mpi_tensor.send(buffer, comm, other, tag=7)
                 times.append((time.perf_counter() - begin) / 2)
-        result.append(float(np.median(times[1:])) if times else 0.0)
+        result.append(float(min(times[1:])) if times else 0.0)
     return collectives.bcast(comm, result, "calibrate: ping-pong times", root=peer_a)
 
 
 def allreduce_times(comm: MPI.Intracomm, sizes: Sequence[int], *, budget: float = 1.0) -> List[float]:
-    """Median seconds of an Allreduce (sum) of each size over ``comm``, the slowest rank's. Collective."""
+    """Seconds of an Allreduce (sum) of each size over ``comm``: the mean of back-to-back Allreduces after a
+    Barrier (so the Barrier's skew between ranks is spread over them), the fastest of 3 such runs, the
+    slowest rank's. Collective."""
     result = []
     for nbytes in sizes:
         buffer = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32)
-        times = []
-        for _ in range(_repeats(nbytes, budget) + 1):
+        count = max(1, _repeats(nbytes, budget) // 3)
+        mpi_tensor.allreduce_(buffer, comm)  # warm-up
+        runs = []
+        for _ in range(3):
             comm.Barrier()
             begin = time.perf_counter()
-            mpi_tensor.allreduce_(buffer, comm)
-            times.append(time.perf_counter() - begin)
-        result.append(float(np.median(times[1:])))
+            for _ in range(count):
+                mpi_tensor.allreduce_(buffer, comm)
+            runs.append((time.perf_counter() - begin) / count)
+        result.append(float(min(runs)))
     return np.max(collectives.allgather(comm, result, "calibrate: Allreduce times"), axis=0).tolist()
 
 
@@ -97,7 +103,8 @@ def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[M
 
 def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) -> ModelProfile:
     """Each layer's forward and backward at each micro-batch size (the pipeline's layer profiler,
-    :func:`~mpipar.pipeline.partition.profile_layers`) and the whole model's training step. Local."""
+    :func:`~mpipar.pipeline.partition.profile_layers`: the fastest round) and the whole model's training
+    step (the median of ``repeats``). Local."""
     from mpipar import models
     from mpipar.pipeline.partition import profile_layers
 
@@ -125,7 +132,7 @@ def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) ->
             torch.nn.functional.cross_entropy(model(sample), labels).backward()
             optimizer.step()
             times.append(time.perf_counter() - begin)
-        steps[size] = float(min(times[1:]))
+        steps[size] = float(np.median(times[1:]))  # the typical step, as a run's metrics report it
     return ModelProfile(model_name, layers, steps)
 
 

@@ -23,18 +23,21 @@ def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: flo
     if model not in machine.models:
         return None, f"the machine file has no layer times of {model} (mpipar-calibrate --model {model})"
     profile = machine.profile(model)
-    if settings is None:
-        return predict_data_parallel(profile, batch_size, Layout(ranks, ranks_per_node), machine,
-                                     bucket_mb=bucket_mb), ""
     kind = type(settings).__name__
-    if kind == "PipelineConfig" and settings.tp == 1 and settings.placement is None \
-            and settings.schedule in ("gpipe", "1f1b", "naive"):
-        from mpipar.pipeline.placement import even_balance
-        balance = (even_balance(profile.num_layers, settings.stages) if settings.balance == "even"
-                   else None if settings.balance == "auto" else list(settings.balance))
-        layout = Layout(ranks, ranks_per_node, pp=settings.stages)
-        return predict_pipeline(profile, batch_size, layout, machine, microbatches=settings.microbatches,
-                                schedule=settings.schedule, balance=balance), ""
+    try:
+        if settings is None:
+            return predict_data_parallel(profile, batch_size, Layout(ranks, ranks_per_node), machine,
+                                         bucket_mb=bucket_mb), ""
+        if kind == "PipelineConfig" and settings.tp == 1 and settings.placement is None \
+                and settings.schedule in ("gpipe", "1f1b", "naive"):
+            from mpipar.pipeline.placement import even_balance
+            balance = (even_balance(profile.num_layers, settings.stages) if settings.balance == "even"
+                       else None if settings.balance == "auto" else list(settings.balance))
+            layout = Layout(ranks, ranks_per_node, pp=settings.stages)
+            return predict_pipeline(profile, batch_size, layout, machine, microbatches=settings.microbatches,
+                                    schedule=settings.schedule, balance=balance), ""
+    except ValueError as exc:  # e.g. ranks across nodes and a machine file of one node
+        return None, str(exc)
     return None, f"no cost model for {kind} with these settings yet"
 
 
