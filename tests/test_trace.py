@@ -543,6 +543,19 @@ def test_report_renders_in_a_headless_browser(chromium, dp_run, tmp_path):
     assert share > 0.03 and bands >= 3, (share, bands)
 
 
+def test_pipeline_report_renders_in_a_headless_browser(chromium, pp_run, tmp_path):
+    """A pipeline run's page (the schedule chart and the point-to-point map besides the rest)
+    decodes every image and shows charts in Chromium."""
+    out, ranks = pp_run
+    if ranks != 2:
+        pytest.skip("one pipeline page is enough")
+    report = build_report([out], tmp_path / "report")
+    decoded = decoded_images(chromium, report, tmp_path / "report" / "probe.html")
+    assert len(decoded) >= 7 and set(decoded) == {"1"}, decoded
+    share, bands = chart_bands(screenshot(chromium, report, tmp_path / "page.png"))
+    assert share > 0.03 and bands >= 3, (share, bands)
+
+
 def test_comm_lanes():
     starts, ends = np.array([0.0, 1.0, 2.0, 5.0]), np.array([3.0, 2.0, 4.0, 6.0])
     assert trace.comm_lanes(starts, ends).tolist() == [0, 1, 1, 0]
