@@ -171,3 +171,20 @@ def test_point_to_point_matrix_and_heat_map(tmp_path):
     assert len(sources) == 6 and "rank x rank" in text and (tmp_path / "report" / "0_pp_p2p.png").exists()
     plain = read_run(write_metrics(tmp_path / "dp" / "metrics.h5", ranks=2))
     assert plain.p2p_matrix() is None
+
+
+def test_predicted_beside_measured(tmp_path):
+    """A run trained with --machine stores predicted_* attributes: the report puts them beside the
+    measured medians (here compute 0.010-0.0102 s per step, step ~0.013 s), with the ratio."""
+    path = write_metrics(tmp_path / "predicted" / "metrics.h5", ranks=2)
+    with h5py.File(path, "a") as f:
+        f.attrs.update(predicted_strategy="data_parallel", predicted_step_seconds=0.02,
+                       predicted_compute_seconds=0.01, predicted_bubble=0.0, predicted_machine="machine.json")
+    text, _ = images(build_report([path.parent], tmp_path / "report"))
+    assert "Predicted by the cost model (data_parallel, machine file machine.json)" in text
+    rows = re.findall(r"<tr><td>(step s|compute s)</td><td>([0-9.]+)</td><td>([0-9.]+)</td><td>([0-9.]+)</td>", text)
+    found = {name: (float(p), float(m), float(r)) for name, p, m, r in rows}
+    assert found["step s"][0] == 0.02 and 0.012 < found["step s"][1] < 0.014 and found["step s"][2] < 0.75
+    assert found["compute s"][0] == 0.01 and 0.0099 < found["compute s"][1] < 0.0103
+    plain = build_report([write_metrics(tmp_path / "plain" / "metrics.h5", ranks=2).parent], tmp_path / "r2")
+    assert "Predicted by the cost model" not in plain.read_text()

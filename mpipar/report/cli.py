@@ -63,6 +63,7 @@ def _run_section(run: Run, index: int, outdir: Path) -> html.Section:
                (plots.bytes_sent_bars(run, outdir / f"{prefix}_bytes_sent.png"), "bytes sent per rank"),
                (plots.step_gantt(run, outdir / f"{prefix}_gantt.png"), "sampled steps per rank")]
     fragments.extend(html.image_tag(png, alt) for png, alt in figures)
+    fragments.extend(_predicted_fragments(run))
     fragments.append(html.paragraph(_events_sentence(run)))
     schedule = plots.pipeline_schedule(run, outdir / f"{prefix}_schedule.png")
     if schedule is not None:
@@ -74,6 +75,21 @@ def _run_section(run: Run, index: int, outdir: Path) -> html.Section:
                                         "rows send, columns receive."))
         fragments.append(html.image_tag(p2p, "point-to-point bytes, rank x rank"))
     return f"{run.name} ({run.strategy}, {run.world_size} ranks)", fragments
+
+
+def _predicted_fragments(run: Run) -> list:
+    """The cost model's prediction beside the measurement, for a run trained with ``--machine``."""
+    from mpipar.cost.run import report_rows  # pure; the report's only use of the cost model
+
+    rows = report_rows(run)
+    if not rows:
+        return []
+    table = [[name, f"{predicted:.4f}", f"{measured:.4f}", f"{measured / predicted:.2f}" if predicted > 0 else "-"]
+             for name, predicted, measured in rows]
+    return [html.paragraph(f"Predicted by the cost model ({run.attrs.get('predicted_strategy', run.strategy)}, "
+                           f"machine file {run.attrs.get('predicted_machine', '?')}) beside measured: medians "
+                           f"over the steps after the first."),
+            html.table(["quantity", "predicted", "measured", "measured / predicted"], table)]
 
 
 def _events_sentence(run: Run) -> str:
