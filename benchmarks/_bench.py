@@ -23,17 +23,25 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
 def init_gloo(comm, timeout=None) -> None:
-    """``torch.distributed``'s gloo group over TCP on localhost, rank and size taken from ``comm``
-    (rendezvous via MASTER_ADDR/MASTER_PORT: rank 0 picks a free port and broadcasts it)."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0))
+    """``torch.distributed``'s gloo group over TCP, rank and size taken from ``comm`` (rendezvous via
+    MASTER_ADDR/MASTER_PORT: rank 0 picks a free port and broadcasts it with its address: localhost when
+    every rank is on its node, else the address its host name resolves to, e.g. an emulated node's)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    one_node = comm.allreduce(int(node.Get_size() == comm.Get_size()), op=MPI.MIN) == 1
+    node.Free()
+    if comm.Get_rank() == 0:
+        address = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_node else
+                                                    socket.gethostbyname(socket.gethostname()))
+        rendezvous = (address, free_port(address))
+    os.environ["MASTER_ADDR"], port = comm.bcast(rendezvous if comm.Get_rank() == 0 else None, root=0)
+    os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(), timeout=timeout)
 
 
