@@ -61,7 +61,8 @@ def worker_comm(path: str, sizes, peer: int = 1) -> None:
         Path(path).write_text(json.dumps({"sizes": list(sizes), "p2p": p2p, "allreduce": allreduce}))
 
 
-def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: str = None) -> list:
+def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: str = None, label: str = None
+               ) -> list:
     """Measured and predicted rows; across nodes the ping-pong goes from rank 0 to the first rank of
     the second node and the Allreduce's ring crosses nodes (predicted with the link across)."""
     from mpipar.cost import Machine
@@ -69,7 +70,8 @@ def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: 
     machine = Machine.load(machine_path)
     link, peer, where = (machine.across, machine.ranks_per_node, "2 nodes") if nodes_script else (
         machine.within, 1, "shared memory")
-    out = work / f"comm-{ranks}-{where.replace(' ', '-')}.json"
+    where = label or where
+    out = work / f"comm-{ranks}-{where.replace(' ', '-').replace(',', '')}.json"
     mpirun(ranks, str(Path(__file__).resolve()), "--worker-comm", str(out), "--sizes", ",".join(map(str, sizes)),
            "--peer", str(peer), nodes_script=nodes_script)
     data = json.loads(out.read_text())
@@ -119,8 +121,12 @@ def main() -> None:
             before = load()
             mpirun(2, "-m", "mpipar.cost.calibrate", "--out", str(machine), "--microbatch-sizes", "8,16,32,64,128",
                    *(["--quick"] if args.quick else []))
-            for ranks in (2, 4):
-                comm_rows += comm_round(machine, ranks, sizes, work)
+            machine4 = work / "machine-4.json"  # the same calibration on 4 ranks (links; layers at one size)
+            mpirun(4, "-m", "mpipar.cost.calibrate", "--out", str(machine4), "--microbatch-sizes", "8",
+                   *(["--quick"] if args.quick else []))
+            comm_rows += comm_round(machine, 2, sizes, work)
+            comm_rows += comm_round(machine, 4, sizes, work, label="shared memory, 2-rank file")
+            comm_rows += comm_round(machine4, 4, sizes, work, label="shared memory, 4-rank file")
             dp_rows.append(job_round(machine, work, "dp", "resnet_dp.py", "--batch-size", "64",
                                      "--max-steps", str(args.steps)))
             for micro in (4, 8):
@@ -153,14 +159,15 @@ def main() -> None:
              f"Command: `python benchmarks/bench_cost_model.py {' '.join(sys.argv[1:])}`", "",
              f"Load average (1 min) at the start and end of each round: {'; '.join(loads)}. 2 cores, shared.", "",
              *([f"Emulated nodes: {'; '.join(nodes_notes)}.", ""] if nodes_notes else []),
-             "Each round calibrates on 2 ranks (across nodes: on the 4 ranks of 2 emulated nodes), then predicts "
-             "from that file alone. Predicted and measured: medians over rounds; the ratio: the median of the "
+             "Each round calibrates on 2 ranks and on 4 (across nodes: on the 4 ranks of 2 emulated nodes), then "
+             "predicts from those files alone (4 ranks: from the 2-rank file, the ring model's extrapolation, and "
+             "from the 4-rank file). Predicted and measured: medians over rounds; the ratio: the median of the "
              "rounds' ratios, and their range.", "",
              "## Point-to-point (one way) and Allreduce", "",
              "| operation | where | ranks | size | predicted ms | measured ms | measured/predicted (rounds' range) | "
              "within 25% |",
              "|---|---|---|---|---|---|---|---|"]
-    keys = sorted({row[:4] for row in comm_rows}, key=lambda key: (key[1] != "shared memory", key))
+    keys = sorted({row[:4] for row in comm_rows}, key=lambda key: (not key[1].startswith("shared"), key))
     for operation, where, ranks, nbytes in keys:
         group = [row for row in comm_rows if row[:4] == (operation, where, ranks, nbytes)]
         predicted = statistics.median(row[4] for row in group)
