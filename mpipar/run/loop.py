@@ -220,6 +220,12 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     strategy.finish(metrics, say, step - first_step)
     if not stopping and comm.Get_rank() == 0:
         say(summarize(metrics.path))
+        if getattr(session, "prediction", None) is not None:  # --machine: the cost model beside the measurement
+            from mpipar.cost.run import format_rows, report_rows
+
+            rows = report_rows(metrics.path)
+            if rows:
+                say(format_rows(rows))
     session.watchdog.stop()
     return stopping
 
