@@ -136,3 +136,33 @@ def test_allgather_output_of_the_wrong_size_is_refused():
         mpi_tensor.allgather_(torch.empty(5), torch.empty(6), MPI.COMM_SELF)
     with pytest.raises(ValueError, match="torch.float64"):
         mpi_tensor.allgather_(torch.empty(6, dtype=torch.float64), torch.empty(6), MPI.COMM_SELF)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_sent_bytes_survive_freed_communicators(comm):
+    """Bytes sent on a communicator freed before they are taken, then on a larger one that may get its
+    handle back, are both counted, as ranks of the communicator asked (a handle-keyed count once
+    translated the larger one's destinations with the freed one's smaller group and crashed)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    mpi_tensor.take_sent(comm)
+    pairs = comm.Split(color=rank // 2, key=rank)  # {0, 1}, {2, 3}, ...: a small communicator
+    partner = pairs.Get_rank() ^ 1
+    if partner < pairs.Get_size():
+        op = mpi_tensor.isend(torch.ones(3, dtype=torch.float64), pairs, partner)
+        mpi_tensor.recv_(torch.empty(3, dtype=torch.float64), pairs, partner)
+        op.wait()
+    pairs.Free()
+    reversed_comm = comm.Split(color=0, key=size - 1 - rank)  # every rank, in reverse order
+    last = size - 1  # rank 0 of comm is the last of reversed_comm
+    if rank == 0:
+        mpi_tensor.send(torch.ones(5, dtype=torch.float32), reversed_comm, 0)  # to comm's last rank
+    if rank == size - 1:
+        mpi_tensor.recv_(torch.empty(5, dtype=torch.float32), reversed_comm, last)
+    reversed_comm.Free()
+    sent = mpi_tensor.take_sent(comm)
+    expected = {}
+    if rank ^ 1 < size:
+        expected[rank ^ 1] = 24
+    if rank == 0:
+        expected[size - 1] = expected.get(size - 1, 0) + 20
+    assert_all_ranks(comm, sent == expected, f"counted {sent}, expected {expected}")

@@ -188,3 +188,23 @@ def test_predicted_beside_measured(tmp_path):
     assert found["compute s"][0] == 0.01 and 0.0099 < found["compute s"][1] < 0.0103
     plain = build_report([write_metrics(tmp_path / "plain" / "metrics.h5", ranks=2).parent], tmp_path / "r2")
     assert "Predicted by the cost model" not in plain.read_text()
+
+
+@pytest.mark.parametrize("job,args,strategy", [
+    ("mlp_tp.py", ("--tp", "2"), "tensor_parallel"),
+    ("mlp_mp.py", (), "pipeline"),  # layers placed 0 | 1 | 1 | 0: model parallelism through the pipeline
+    ("resnet_dp.py", ("--sync-every", "2"), "local_sgd"),
+], ids=["tensor_parallel", "model_parallel", "local_sgd"])
+def test_report_of_each_strategy(tmp_path, job, args, strategy):
+    """A small real run of each strategy not covered above (data parallel, pipelines and the parameter
+    server are in tests/test_trace.py) gives a report whose images are all real PNGs, with the sampled
+    steps drawn."""
+    run_dir = tmp_path / "run"
+    result = run_mpi(2, str(ROOT / "jobs" / job), "--data", "synthetic", "--batch-size", "16", "--threads", "1",
+                     "--max-steps", "4", "--trace-steps", "1-2", "--out", str(run_dir), *args, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text, sources = images(build_report([run_dir], tmp_path / "report"))
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        recorded = str(f.attrs["strategy"])
+    assert recorded == strategy and f"({strategy}, 2 ranks)" in text, (recorded, text[:500])
+    assert len(sources) >= 5 and "Timed events of 2 sampled steps" in text, len(sources)

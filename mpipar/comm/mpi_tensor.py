@@ -309,30 +309,29 @@ def bcast_(tensor: torch.Tensor, comm: MPI.Intracomm, root: int = 0) -> torch.Te
     return tensor
 
 
-_sent: Dict[int, Tuple[MPI.Group, Dict[int, int]]] = {}  # communicator handle -> (its group, dest -> bytes)
+_sent: Dict[int, Tuple[MPI.Comm, MPI.Group, Dict[int, int]]] = {}
+"""Bytes sent since the last :func:`take_sent`, keyed by the communicator object's ``id``: (the object,
+kept so that its id is not reused while counted; its group, taken at the first send; dest -> bytes).
+Not keyed by handle: a freed communicator's handle is reused by the next one, and translating a new
+communicator's destinations with an old, smaller group reads past its end (a crash in Open MPI)."""
 
 
 def _count_sent(comm: MPI.Intracomm, dest: int, nbytes: int) -> None:
-    key = comm.py2f()
-    counted = _sent.get(key)
+    counted = _sent.get(id(comm))
     if counted is None:
-        counted = _sent[key] = (comm.Get_group(), {})
-    counted[1][dest] = counted[1].get(dest, 0) + nbytes
+        counted = _sent[id(comm)] = (comm, comm.Get_group(), {})
+    counted[2][dest] = counted[2].get(dest, 0) + nbytes
 
 
 def take_sent(comm: MPI.Intracomm) -> Dict[int, int]:
     """Bytes this process sent with :func:`send` and :func:`isend` since the last call (on any
-    communicator), by destination as a rank of ``comm``; destinations outside ``comm`` are left
-    out. Resets the counts. Local.
-
-    Counts are kept per communicator handle with the communicator's group, so a communicator
-    freed and its handle reused between two calls would have its bytes translated with the old
-    group (mpipar keeps its point-to-point communicators for the whole run)."""
+    communicator, freed ones included), by destination as a rank of ``comm``; destinations
+    outside ``comm`` are left out. Resets the counts. Local."""
     target = comm.Get_group()
     totals: Dict[int, int] = {}
     try:
-        for group, by_dest in _sent.values():
-            dests = list(by_dest)
+        for _, group, by_dest in _sent.values():
+            dests = [dest for dest in by_dest if 0 <= dest < group.Get_size()]
             for dest, rank in zip(dests, MPI.Group.Translate_ranks(group, dests, target)):
                 if rank != MPI.UNDEFINED:
                     totals[rank] = totals.get(rank, 0) + by_dest[dest]
