@@ -140,8 +140,8 @@ class ProcessGrid:
                 "data": spanning(lambda c: (c[1], c[2]))}
 
     def metrics_attrs(self) -> dict:
-        """The placement for the metrics file: (replica, stage, tp rank) of each rank (the loop
-        stores each rank's host as ``hosts``)."""
+        """The placement for the metrics file: (replica, stage, tp rank) of each rank
+        (``MetricsWriter`` stores each rank's host as ``hosts``)."""
         return {"grid_coordinates": json.dumps(self.coordinates())}
 
     def describe(self) -> str:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import warnings
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from mpipar import __version__
 from mpipar.comm.device import to_device
@@ -89,9 +87,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     metrics = MetricsWriter(session.out / "metrics.h5", comm, strategy=strategy.name, config=session.run_config,
                             flush_every=config.flush_every, resume=session.resume, resume_at_step=step,
                             wait_groups=strategy.wait_groups, events=recorder,
-                            attrs={"model": config.model, **session.device_attrs, **strategy.metrics_attrs,
-                                   "hosts": json.dumps(collectives.allgather(comm, MPI.Get_processor_name(),
-                                                                             "the host of each rank"))})
+                            attrs={"model": config.model, **session.device_attrs, **strategy.metrics_attrs})
     say(f"mpipar {__version__}: {strategy.name} on {comm.Get_size()} ranks x {config.threads} threads, "
         f"{mpi_library()}")
     say(f"data: {splits.description}")
