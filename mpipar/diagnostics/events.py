@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from mpi4py import MPI
 
-from mpipar.diagnostics import collectives
+from mpipar.diagnostics import collectives, debug
 
 __all__ = ["EventRecorder", "active", "VOCABULARY", "COLUMNS", "MAIN", "COMM"]
 
@@ -53,7 +53,7 @@ VOCABULARY: Dict[str, Tuple[int, int]] = {
     "apply": (MAIN, 2),             # a server applying an update (index: the version it makes)
     "reply": (MAIN, 2),             # a server answering a request or pull (peer: worker)
     # a pipeline's executor: index the micro-batch (asynchronous schedules: numbered over the run),
-    # stage the stage; peers are ranks of the pipeline's communicator
+    # stage the stage; peers are the run's ranks (translated from the pipeline's communicator)
     "forward": (MAIN, 2),           # a stage's forward of one micro-batch
     "backward": (MAIN, 2),          # a stage's backward of one micro-batch (with its weight-stash bookkeeping)
     "recv_activation": (MAIN, 2),   # blocked receiving an activation, waiting included (peer: previous stage)
@@ -120,7 +120,6 @@ class EventRecorder:
         self._shift = 0.0   # this run's origin after the file's (a resumed run)
         self._aligned_for_sampling = False
         self._rows: List[tuple] = []
-        self._translations: Dict[int, List[int]] = {}
         self._step: Optional[int] = None
         self.buffered_steps = 0
 
@@ -169,21 +168,8 @@ class EventRecorder:
         keep the recorder and the step from the post). ``peer`` is a rank of ``peer_comm`` when
         given (a sub-communicator: a pipeline of a grid), stored as the run's rank. Local; cheap."""
         if peer_comm is not None and peer >= 0:
-            peer = self._run_ranks(peer_comm)[peer]
+            peer = debug.comm_members(peer_comm, self.comm)[peer]  # cached on peer_comm
         self._rows.append((self._step if step is None else step, _CODE[name], start, end, nbytes, peer, index, stage))
-
-    def _run_ranks(self, comm: MPI.Comm) -> List[int]:
-        """The run's rank of every rank of ``comm`` (computed once per communicator). Local."""
-        key = comm.py2f()
-        if key not in self._translations:
-            group, run_group = comm.Get_group(), self.comm.Get_group()
-            try:
-                self._translations[key] = list(MPI.Group.Translate_ranks(group, list(range(group.Get_size())),
-                                                                         run_group))
-            finally:
-                group.Free()
-                run_group.Free()
-        return self._translations[key]
 
     @property
     def step(self) -> Optional[int]:
