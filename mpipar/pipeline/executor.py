@@ -627,8 +627,7 @@ class Pipeline:
             if traced is not None:
                 owner, step, event, posted, size, dest, microbatch, stage = traced
                 owner.add(event, posted, time.perf_counter(), nbytes=size, peer=dest, peer_comm=self.comm,
-                          index=microbatch, stage=stage,
-                          step=step)
+                          index=microbatch, stage=stage, step=step)
         if recorder is not None and ops:
             recorder.add("wait_sends", begin, time.perf_counter())
 

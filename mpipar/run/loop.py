@@ -216,7 +216,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     strategy.finish(metrics, say, step - first_step)
     if not stopping and comm.Get_rank() == 0:
         say(summarize(metrics.path))
-        if getattr(session, "prediction", None) is not None:  # --machine: the cost model beside the measurement
+        if session.prediction is not None:  # --machine: the cost model beside the measurement
             from mpipar.cost.run import format_rows, report_rows
 
             rows = report_rows(metrics.path)
