@@ -45,13 +45,14 @@ def shares(total: int, size: int, skew: int):
     return counts, offsets
 
 
-def train_both(comm, make_model, device, *, steps=4, per_rank=6, skew=0, bucket_mb=25.0, weighted=True):
+def train_both(comm, make_model, device, *, steps=4, per_rank=6, skew=0, bucket_mb=25.0, weighted=True,
+               out_of_place=None):
     """Train a DataParallel replica and a serial reference on ``device``; return both models."""
     size, rank = comm.Get_size(), comm.Get_rank()
     torch.manual_seed(0)
     reference = make_model().double().to(device)
     replica = copy.deepcopy(reference)
-    dp = mpipar.DataParallel(replica, comm, bucket_cap_mb=bucket_mb, weighted=weighted)
+    dp = mpipar.DataParallel(replica, comm, bucket_cap_mb=bucket_mb, weighted=weighted, out_of_place=out_of_place)
     opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     opt_dp = torch.optim.SGD(replica.parameters(), lr=0.1, momentum=0.9)
     total = per_rank * size
@@ -85,6 +86,28 @@ def test_equal_shards_match_one_process_on_whole_batch(comm, make_model, device)
 def test_unequal_shards_give_sample_weighted_mean(comm, skew, device):
     reference, replica = train_both(comm, tiny_mlp, device, per_rank=7, skew=skew)
     assert_same_parameters(comm, reference, replica)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("skew", [0, 2])
+def test_out_of_place_reduction_matches_one_process(comm, skew):
+    """Buckets reduced from separate send buffers (the default across nodes) give the same training;
+    the send buffers exist (so the path ran) and ``.grad`` stay views into the buckets."""
+    skew = skew if comm.Get_size() > 1 else 0
+    reference, replica = train_both(comm, tiny_convnet, "cpu", per_rank=7, skew=skew, bucket_mb=1e-4,
+                                    out_of_place=True)
+    assert_same_parameters(comm, reference, replica)
+    dp = mpipar.DataParallel(copy.deepcopy(reference), comm, bucket_cap_mb=1e-4, out_of_place=True)
+    sources = [bucket.source is not None for bucket in dp.buckets]
+    assert_all_ranks(comm, all(sources) if comm.Get_size() > 1 else not any(sources),
+                     f"send buffers {sources} at size {comm.Get_size()}")
+
+
+@pytest.mark.mpi
+def test_out_of_place_defaults_to_whether_ranks_span_nodes(comm):
+    from mpipar.comm.topology import node_indices
+    dp = mpipar.DataParallel(tiny_mlp(), comm)
+    assert_all_ranks(comm, dp.out_of_place == (len(set(node_indices(comm))) > 1), "out_of_place default")
 
 
 @pytest.mark.mpi(min_size=2)

@@ -255,14 +255,30 @@ def allreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None) -> 
     return tensor
 
 
-def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None) -> PendingOp:
-    """Start an in-place non-blocking Allreduce. Collective: every rank starts the
-    same sequence of these in the same order (in debug mode starting one blocks
-    until every rank has started it, to compare them)."""
-    work = _prepare(tensor, "iallreduce", read=True, write=True)
+def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None, *,
+                source: Optional[torch.Tensor] = None) -> PendingOp:
+    """Start a non-blocking Allreduce into ``tensor``: in place, or of ``source`` (a host tensor of the
+    same shape and dtype holding this rank's contribution; ``tensor`` then only receives, and must be
+    a host tensor too). Out of place matters on Open MPI: its non-blocking Allreduce reduces an
+    in-place buffer up a binomial tree and broadcasts it down, moving the whole buffer on every
+    level, where out of place it takes Rabenseifner's reduce-scatter + allgather (4+ ranks, 64 KiB+).
+    Collective: every rank starts the same sequence of these in the same order (in debug mode
+    starting one blocks until every rank has started it, to compare them)."""
     hooks = _debug.hooks
+    if source is None:
+        work = _prepare(tensor, "iallreduce", read=True, write=True)
+        call = None if hooks is None else hooks.collective("iallreduce_", tensor, comm, _debug.op_name(op))
+        request = comm.Iallreduce(MPI.IN_PLACE, work.buffer, op=_reduce_op(op))
+        return PendingOp(request, work, tensor, call)
+    if tensor.is_cuda or source.is_cuda or source.shape != tensor.shape or source.dtype != tensor.dtype:
+        raise ValueError(f"iallreduce_: source must be a host tensor like the host result tensor, got "
+                         f"{source.dtype} {tuple(source.shape)} on {source.device} for {tensor.dtype} "
+                         f"{tuple(tensor.shape)} on {tensor.device}")
+    send = _prepare(source, "iallreduce", read=True, write=False)
+    work = _prepare(tensor, "iallreduce", read=False, write=True)
+    work.keep_alive.append(send)
     call = None if hooks is None else hooks.collective("iallreduce_", tensor, comm, _debug.op_name(op))
-    request = comm.Iallreduce(MPI.IN_PLACE, work.buffer, op=_reduce_op(op))
+    request = comm.Iallreduce(send.buffer, work.buffer, op=_reduce_op(op))
     return PendingOp(request, work, tensor, call)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.reducer import GradientReducer, average_buffers
+from mpipar.comm.topology import spans_nodes
 from mpipar.diagnostics.agree import agree_on
 
 __all__ = ["ReplicaAverager"]
@@ -57,7 +58,7 @@ class ReplicaAverager:
             for tensor in [*module.parameters(), *module.buffers()]:
                 mpi_tensor.bcast_(tensor.data, comm, 0)
         self.comm = comm
-        self.reducer = GradientReducer(params, comm, bucket_cap_mb=bucket_cap_mb)
+        self.reducer = GradientReducer(params, comm, bucket_cap_mb=bucket_cap_mb, out_of_place=spans_nodes(comm))
         self.stats = self.reducer.stats
         self._final: set = set()  # parameters whose next accumulation completes this step's gradient
         if comm.Get_size() > 1:

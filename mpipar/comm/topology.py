@@ -11,7 +11,7 @@ from mpi4py import MPI
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import agree_on, collective_check
 
-__all__ = ["ProcessGrid", "node_indices", "node_order"]
+__all__ = ["ProcessGrid", "node_indices", "node_order", "spans_nodes"]
 
 
 def node_indices(comm: MPI.Intracomm) -> List[int]:
@@ -29,6 +29,12 @@ def node_indices(comm: MPI.Intracomm) -> List[int]:
     leaders = collectives.allgather(comm, leader, "node of each rank")
     numbering = {first: index for index, first in enumerate(sorted(set(leaders)))}
     return [numbering[first] for first in leaders]
+
+
+def spans_nodes(comm: MPI.Intracomm) -> bool:
+    """Whether the ranks of ``comm`` are on more than one node. Collective over ``comm``
+    (as :func:`node_indices`); the same answer on every rank; False on one rank."""
+    return comm.Get_size() > 1 and len(set(node_indices(comm))) > 1
 
 
 def node_order(nodes: Sequence[int]) -> List[int]:

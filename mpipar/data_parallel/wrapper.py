@@ -12,6 +12,7 @@ from torch import nn
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.reducer import CommStats, GradientReducer, average_buffers, layout_signature
+from mpipar.comm.topology import spans_nodes
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import agree_on
 
@@ -52,13 +53,16 @@ class DataParallel(nn.Module):
         bucket_cap_mb: target bucket size in MiB.
         root: rank whose initial parameters and buffers everyone takes.
         weighted: weight by sample counts (True) or take the plain mean.
+        out_of_place: reduce each bucket from a separate send buffer (one more
+            bucket-sized host buffer each); None (default): when ``comm`` spans nodes
+            (see :class:`~mpipar.comm.reducer.GradientReducer`). The same on every rank.
 
     Raises:
         ValueError: on every rank, when the ranks' models differ.
     """
 
     def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0,
-                 root: int = 0, weighted: bool = True):
+                 root: int = 0, weighted: bool = True, out_of_place: Optional[bool] = None):
         super().__init__()
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
@@ -75,6 +79,7 @@ class DataParallel(nn.Module):
         with torch.no_grad():
             for tensor in [*module.parameters(), *module.buffers()]:
                 mpi_tensor.bcast_(tensor.data, comm, root)
+        self.out_of_place = spans_nodes(comm) if out_of_place is None else out_of_place
         self._hooked: set = set()
         self._trainable: tuple = ()
         self._reducer: Optional[GradientReducer] = None
@@ -105,7 +110,8 @@ class DataParallel(nn.Module):
             if id(p) not in self._hooked:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
                 self._hooked.add(id(p))
-        self._reducer = GradientReducer(reduced, self.comm, bucket_cap_mb=self.bucket_cap_mb)
+        self._reducer = GradientReducer(reduced, self.comm, bucket_cap_mb=self.bucket_cap_mb,
+                                        out_of_place=self.out_of_place)
         self._reducer.stats = self.stats  # one account across rebuilds
         self._reduced_ids = {id(p) for p in reduced}
 
