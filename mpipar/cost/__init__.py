@@ -11,7 +11,9 @@ from mpipar.cost.model import (
 )
 from mpipar.cost.plan import plan
 from mpipar.cost.run import format_rows, predict_run, report_rows
+from mpipar.cost.tensor import TensorPrediction, predict_tensor_grid, profile_name, tensor_degrees
 
 __all__ = ["Band", "Link", "LayerCost", "ModelProfile", "Machine", "fit_bands", "interconnect", "Layout",
            "Prediction", "predict_data_parallel", "predict_pipeline", "predict_tensor_parallel",
-           "tensor_parallel_allreduces", "plan", "predict_run", "report_rows", "format_rows"]
+           "tensor_parallel_allreduces", "plan", "predict_run", "report_rows", "format_rows",
+           "TensorPrediction", "predict_tensor_grid", "profile_name", "tensor_degrees"]

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 from mpipar.cost.machine import Machine, interconnect
 from mpipar.cost.model import Layout, Prediction, predict_data_parallel, predict_pipeline
+from mpipar.cost.tensor import predict_tensor_grid, tensor_degrees
 
 __all__ = ["PlanRow", "candidates", "plan", "format_plan", "main"]
 
@@ -28,17 +29,25 @@ def candidates(ranks: int, num_layers: int) -> List[tuple]:
 
 def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_node: int, *, bucket_mb: float = 25.0,
          schedule: str = "1f1b", microbatch_choices: Sequence[int] = (1, 2, 4)) -> List[PlanRow]:
-    """Every data x pipeline grid of ``ranks``, fastest predicted step first (then least memory).
+    """Every data x pipeline grid of ``ranks``, and for a model with tensor-parallel profiles in the machine
+    file (a vision transformer: ``MODEL/tpT``) every data x tensor grid instead of the pipelines (no job
+    pipelines a vision transformer); fastest predicted step first (then least memory).
 
     The global batch is ``batch_size * ranks`` in every row (``batch_size`` per rank, as data parallelism
     takes it); a pipeline of ``pp`` stages splits its replica's share into ``k * pp`` micro-batches for
-    each ``k`` of ``microbatch_choices`` that divides it, and the best is kept. Pure.
+    each ``k`` of ``microbatch_choices`` that divides it, and the best is kept; a tensor-parallel group of
+    ``tp`` ranks takes ``tp * batch_size`` samples. Pure.
     """
     profile = machine.profile(model)
     extrapolated = ranks > machine.ranks or ranks_per_node != machine.ranks_per_node or (
         machine.across is not None and machine.across.description != "the measured network")
     rows = []
-    for dp, pp in candidates(ranks, profile.num_layers):
+    degrees = tensor_degrees(machine, model)
+    for tp in degrees:
+        if ranks % tp == 0:
+            rows.append(predict_tensor_grid(machine, model, batch_size * tp, Layout(ranks, ranks_per_node, tp=tp),
+                                            bucket_mb=bucket_mb))
+    for dp, pp in candidates(ranks, 1 if degrees else profile.num_layers):
         layout = Layout(ranks, ranks_per_node, dp=dp, pp=pp)
         replica_batch = batch_size * ranks // dp
         if pp == 1:

@@ -18,7 +18,10 @@ def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: flo
 
     Data parallelism when ``settings`` is None; a flushing pipeline (grid) for a
     :class:`~mpipar.pipeline.config.PipelineConfig` with ``tp`` 1 (``balance`` even, auto or given;
-    a ``placement`` is not modelled); other strategies have no model yet.
+    a ``placement`` is not modelled); replicas of tensor-parallel groups for a
+    :class:`~mpipar.tensor_parallel.strategy.TensorParallelConfig` (``batch_size`` per group; the machine
+    file's ``MODEL/tpT`` profile, :func:`~mpipar.cost.tensor.predict_tensor_grid`); other strategies have
+    no model yet.
     """
     if model not in machine.models:
         return None, f"the machine file has no layer times of {model} (mpipar-calibrate --model {model})"
@@ -36,6 +39,10 @@ def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: flo
             layout = Layout(ranks, ranks_per_node, pp=settings.stages)
             return predict_pipeline(profile, batch_size, layout, machine, microbatches=settings.microbatches,
                                     schedule=settings.schedule, balance=balance), ""
+        if kind == "TensorParallelConfig":
+            from mpipar.cost.tensor import predict_tensor_grid
+            return predict_tensor_grid(machine, model, batch_size, Layout(ranks, ranks_per_node, tp=settings.tp),
+                                       bucket_mb=bucket_mb), ""
     except ValueError as exc:  # e.g. ranks across nodes and a machine file of one node
         return None, str(exc)
     return None, f"no cost model for {kind} with these settings yet"
