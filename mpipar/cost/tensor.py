@@ -150,7 +150,7 @@ class _RankZeroOf:
     communication taken out: the checks' allgathers return this rank's value ``size`` times and every
     Allreduce is an Allreduce over ``MPI.COMM_SELF`` (the call, no message; the prediction adds the
     messages' time from the link). Lets :class:`~mpipar.tensor_parallel.ParallelTransformerBlock` build
-    and run rank 0's shard in one process. Not for debug mode (``MPIPAR_DEBUG``), which checks calls."""
+    and run rank 0's shard in one process (with debug mode's hooks off: :func:`profile_tensor_parallel`)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -208,7 +208,8 @@ def _modules():
 def rank_model(model_name: str, tp: int):
     """``model_name`` as rank 0 of ``tp`` tensor-parallel ranks computes it: an ``nn.Sequential`` of ``embed``,
     ``block0`` ... (each the project's ``ParallelTransformerBlock`` built over :class:`_RankZeroOf`, so its
-    heads and hidden features are this rank's share) and ``head``. Local: no communication.
+    heads and hidden features are this rank's share) and ``head``. Local: no communication (build and run it
+    outside debug mode, or as :func:`profile_tensor_parallel` does, with debug mode's hooks off).
 
     Raises:
         ValueError: when ``tp`` does not divide the heads and hidden features.
@@ -242,6 +243,17 @@ def profile_tensor_parallel(model_name: str, sizes: Sequence[int], tp: int, *, r
     backward per layer by the pipeline's layer profiler (the fastest round), and the rank's whole step
     (forward, loss, backward, SGD step; the median of ``repeats``), named :func:`profile_name`. Local: one
     process, no communication."""
+    from mpipar.diagnostics import debug
+
+    saved_hooks = debug.hooks
+    debug.hooks = None  # the stand-in group's calls are no collectives for debug mode or a watchdog to follow
+    try:
+        return _profile(model_name, sizes, tp, repeats)
+    finally:
+        debug.hooks = saved_hooks
+
+
+def _profile(model_name: str, sizes: Sequence[int], tp: int, repeats: int) -> ModelProfile:
     import numpy as np
     import torch
 
