@@ -57,8 +57,10 @@ def worker_comm(path: str, sizes, peer: int = 1) -> None:
     comm = MPI.COMM_WORLD
     p2p = ping_pong(comm, 0, peer, sizes, budget=2.0)
     allreduce = allreduce_times(comm, sizes, budget=2.0)
+    gradient = allreduce_times(comm, sizes, budget=2.0, gradient=True)
     if comm.Get_rank() == 0:
-        Path(path).write_text(json.dumps({"sizes": list(sizes), "p2p": p2p, "allreduce": allreduce}))
+        Path(path).write_text(json.dumps({"sizes": list(sizes), "p2p": p2p, "allreduce": allreduce,
+                                          "gradient": gradient}))
 
 
 def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: str = None, label: str = None
@@ -75,10 +77,13 @@ def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: 
     mpirun(ranks, str(Path(__file__).resolve()), "--worker-comm", str(out), "--sizes", ",".join(map(str, sizes)),
            "--peer", str(peer), nodes_script=nodes_script)
     data = json.loads(out.read_text())
+    nodes = [rank // machine.ranks_per_node for rank in range(ranks)] if nodes_script else [0] * ranks
     rows = []
-    for nbytes, p2p, allreduce in zip(data["sizes"], data["p2p"], data["allreduce"]):
+    for nbytes, p2p, allreduce, gradient in zip(data["sizes"], data["p2p"], data["allreduce"], data["gradient"]):
         rows.append(("p2p", where, ranks, nbytes, link.p2p_seconds(nbytes), p2p))
         rows.append(("allreduce", where, ranks, nbytes, link.allreduce_seconds(nbytes, ranks), allreduce))
+        rows.append(("gradient allreduce", where, ranks, nbytes, machine.gradient_allreduce_seconds(nbytes, nodes),
+                     gradient))
     return rows
 
 

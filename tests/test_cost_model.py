@@ -105,7 +105,8 @@ def test_bucket_assignment_is_the_reducers():
 def test_dp_one_bucket_does_not_overlap():
     # 4 layers, forward 1 s, backward 2 s each, one 1 MiB parameter each; one bucket of 4 MiB
     profile = profile_of([(1.0, 2.0, [MiB], 0, 0)] * 4)
-    link = linear_link(0.0, 1.0 / MiB)  # 2 ranks: an Allreduce of n bytes takes n * beta = 1 s per MiB
+    # 2 ranks: Open MPI's non-blocking Allreduce is a binomial tree, the bucket up then down: 2 n beta = 1 s per MiB
+    link = linear_link(0.0, 0.5 / MiB)
     layout = Layout(2, 1)
     p = predict_data_parallel(profile, 8, layout, machine_of(profile, across=link), bucket_mb=4)
     assert layout.dp_across()
@@ -114,7 +115,7 @@ def test_dp_one_bucket_does_not_overlap():
 
 def test_dp_buckets_smaller_than_backward_expose_only_the_last():
     profile = profile_of([(1.0, 2.0, [MiB], 0, 0)] * 4)
-    link = linear_link(0.0, 0.5 / MiB)  # each 1 MiB bucket: 0.5 s, shorter than the next layer's backward
+    link = linear_link(0.0, 0.25 / MiB)  # each 1 MiB bucket: 0.5 s, shorter than the next layer's backward
     p = predict_data_parallel(profile, 8, Layout(2, 1), machine_of(profile, across=link), bucket_mb=1)
     assert p.exposed_comm == pytest.approx(0.5) and p.step == pytest.approx(12.5)
     assert "4% of the step is exposed Allreduce on test link" in p.why()
@@ -124,7 +125,7 @@ def test_dp_buckets_smaller_than_backward_expose_only_the_last():
 
 def test_dp_buckets_longer_than_backward_queue_up():
     profile = profile_of([(1.0, 2.0, [MiB], 0, 0)] * 4)
-    link = linear_link(0.0, 3.0 / MiB)  # each bucket 3 s, a layer's backward 2 s: they queue
+    link = linear_link(0.0, 1.5 / MiB)  # each bucket 3 s (up and down the tree), a layer's backward 2 s: they queue
     p = predict_data_parallel(profile, 8, Layout(2, 1), machine_of(profile, across=link), bucket_mb=1)
     # buckets ready at 6, 8, 10, 12; the network runs 6-9, 9-12, 12-15, 15-18
     assert p.exposed_comm == pytest.approx(6.0) and p.step == pytest.approx(18.0)
@@ -155,7 +156,7 @@ def test_gpipe_messages_add_two_transfers_per_boundary():
 
 def test_pipeline_replicas_average_each_stage():
     profile = profile_of([(1.0, 2.0, [MiB], 0, 0)] * 2)
-    link = linear_link(0.0, 1.0 / MiB)
+    link = linear_link(0.0, 0.5 / MiB)  # 2 replicas: each stage's 1 MiB up and down a binomial tree, 1 s
     p = predict_pipeline(profile, 16, Layout(4, 2, pp=2), machine_of(profile, across=link), microbatches=2)
     assert p.layout.dp == 2 and p.layout.dp_across() and not p.layout.boundary_across(0)
     assert p.exposed_comm == pytest.approx(1.0) and p.step == pytest.approx(3.0 * 3 + 1.0)

@@ -17,11 +17,12 @@ import torch
 from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
-from mpipar.comm.topology import node_indices
+from mpipar.comm.topology import node_indices, spans_nodes
 from mpipar.cost.machine import Band, LayerCost, Link, Machine, ModelProfile, fit_bands
 from mpipar.diagnostics import collectives
 
-__all__ = ["ping_pong", "allreduce_times", "measure_link", "profile_model", "calibrate", "main"]
+__all__ = ["ping_pong", "allreduce_times", "reduce_seconds_per_byte", "measure_link", "profile_model", "calibrate",
+           "main"]
 
 SIZES = tuple(2**k for k in range(3, 27, 2)) + (2**26,)  # 8 B ... 64 MiB, every factor of 4
 QUICK_SIZES = tuple(2**k for k in range(3, 21, 2))  # 8 B ... 256 KiB
@@ -60,24 +61,49 @@ def ping_pong(comm: MPI.Intracomm, peer_a: int, peer_b: int, sizes: Sequence[int
     return collectives.bcast(comm, result, "calibrate: ping-pong times", root=peer_a)
 
 
-def allreduce_times(comm: MPI.Intracomm, sizes: Sequence[int], *, budget: float = 1.0) -> List[float]:
+def allreduce_times(comm: MPI.Intracomm, sizes: Sequence[int], *, budget: float = 1.0,
+                    gradient: bool = False) -> List[float]:
     """Seconds of an Allreduce (sum) of each size over ``comm``: the mean of back-to-back Allreduces after a
     Barrier (so the Barrier's skew between ranks is spread over them), the fastest of 3 such runs, the
-    slowest rank's. Collective."""
+    slowest rank's. ``gradient``: the non-blocking Allreduce as the gradient reducer starts and waits for
+    it (out of place when ``comm`` spans nodes), instead of the blocking in-place one. Collective."""
+    source = None
+    if gradient and spans_nodes(comm):
+        source = torch.zeros(max(max(sizes) // 4, 1), dtype=torch.float32)
+
+    def reduce(buffer):
+        if not gradient:
+            return mpi_tensor.allreduce_(buffer, comm)
+        return mpi_tensor.iallreduce_(buffer, comm, source=None if source is None else
+                                      source[:buffer.numel()]).wait()
+
     result = []
     for nbytes in sizes:
         buffer = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32)
         count = max(1, _repeats(nbytes, budget) // 3)
-        mpi_tensor.allreduce_(buffer, comm)  # warm-up
+        reduce(buffer)  # warm-up
         runs = []
         for _ in range(3):
             comm.Barrier()
             begin = time.perf_counter()
             for _ in range(count):
-                mpi_tensor.allreduce_(buffer, comm)
+                reduce(buffer)
             runs.append((time.perf_counter() - begin) / count)
         result.append(float(min(runs)))
     return np.max(collectives.allgather(comm, result, "calibrate: Allreduce times"), axis=0).tolist()
+
+
+def reduce_seconds_per_byte(nbytes: int = 2**25, repeats: int = 5) -> float:
+    """Seconds per byte of adding one float32 buffer into another on one core (what an MPI reduction
+    does with each received piece; the size of a gradient bucket, beyond the caches), the fastest of
+    ``repeats``. Local (each rank measures its own core)."""
+    into, received = np.ones(nbytes // 4, np.float32), np.ones(nbytes // 4, np.float32)
+    times = []
+    for _ in range(repeats + 1):
+        begin = time.perf_counter()
+        np.add(into, received, out=into)
+        times.append(time.perf_counter() - begin)
+    return min(times[1:]) / nbytes
 
 
 def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[MPI.Intracomm], sizes: Sequence[int],
@@ -104,13 +130,17 @@ def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[M
 def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) -> ModelProfile:
     """Each layer's forward and backward at each micro-batch size (the pipeline's layer profiler,
     :func:`~mpipar.pipeline.partition.profile_layers`: the fastest round) and the whole model's training
-    step (the median of ``repeats``). Local."""
+    step (the median of ``repeats``). A vision transformer (not a sequence of layers) is timed as one rank of
+    tensor parallelism 1 runs it (:func:`mpipar.cost.tensor.profile_tensor_parallel`). Local."""
     from mpipar import models
     from mpipar.pipeline.partition import profile_layers
 
     factories = {**models.IMAGE_MODELS, "mlp": models.image_mlp}
+    if model_name in models.VIT_MODELS:
+        from mpipar.cost.tensor import profile_tensor_parallel
+        return profile_tensor_parallel(model_name, sizes, 1, repeats=repeats)
     if model_name not in factories:
-        raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(factories)}")
+        raise ValueError(f"unknown model {model_name!r}; choose one of {sorted([*factories, *models.VIT_MODELS])}")
     model = factories[model_name](in_channels=1, num_classes=10, image_size=28)
     if not isinstance(model, torch.nn.Sequential):
         raise ValueError(f"model {model_name!r} is not a sequence of layers; the profiler needs one")
@@ -170,19 +200,25 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
             across, raw["across"] = measure_link(comm, first_of[0], first_of[1],
                                                  leaders if leaders != MPI.COMM_NULL else None, sizes,
                                                  "the measured network", budget=budget)
+        reduce_cost = float(np.median(collectives.allgather(
+            comm, reduce_seconds_per_byte(repeats=2 if quick else 5), "calibrate: reduction cost")))
         profiles = {}
         for name in model_names:
             say(f"calibrate: profiling {name} at micro-batches {list(microbatch_sizes)} on every rank")
             mine = profile_model(name, microbatch_sizes, repeats=2 if quick else 5)
             gathered = collectives.allgather(comm, mine, f"calibrate: {name} profiles")
             profiles[name] = _median_profile(gathered)
+            from mpipar.cost.tensor import tensor_profiles  # a vision transformer: one rank of each tp too
+            for key, split in tensor_profiles(name, microbatch_sizes, ranks=comm.Get_size(),
+                                              repeats=2 if quick else 5).items():
+                profiles[key] = _median_profile(collectives.allgather(comm, split, f"calibrate: {key} profiles"))
     finally:
         node_comm.Free()
         if leaders != MPI.COMM_NULL:
             leaders.Free()
     host = collectives.bcast(comm, socket.gethostname(), "calibrate: host")
     return Machine(within, across, profiles, comm.Get_size(), per_node, host,
-                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), raw
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), reduce_cost), raw
 
 
 def _median_profile(profiles: Sequence[ModelProfile]) -> ModelProfile:
@@ -214,7 +250,9 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="machine.json", help="the machine file to write (JSON)")
     parser.add_argument("--model", action="append", help="a model whose layers to time (repeatable; "
-                        "default resnet-small)")
+                        "default resnet-small); a vision transformer (vit-tiny, vit-small) is also timed as one "
+                        "rank of each tensor-parallel degree that divides it, up to 4 or the rank count "
+                        "(entries MODEL/tpT)")
     parser.add_argument("--microbatch-sizes", type=_sizes, default=(8, 32, 128),
                         help="samples per micro-batch to time the layers at (default 8,32,128)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions: seconds, not a minute")

@@ -113,6 +113,7 @@ class Machine:
 
     ``across`` is None when the calibration ran on one node (a plan for several nodes then needs
     ``--interconnect``). ``ranks``, ``ranks_per_node``: the calibration's layout.
+    ``reduce_seconds_per_byte``: adding a received float32 buffer into another (one core).
     """
 
     within: Link
@@ -122,6 +123,17 @@ class Machine:
     ranks_per_node: int = 1
     host: str = ""
     date: str = ""
+    reduce_seconds_per_byte: float = 0.0
+
+    def gradient_allreduce_seconds(self, nbytes: float, nodes: Sequence[int]) -> float:
+        """The gradient reducer's non-blocking Allreduce of ``nbytes`` over ranks on ``nodes`` (``nodes[i]``:
+        the node of the group's rank ``i``): in place inside a node, out of place across nodes, as
+        :class:`~mpipar.comm.reducer.GradientReducer` calls it, priced by :mod:`mpipar.cost.allreduce`."""
+        from mpipar.cost.allreduce import allreduce_seconds
+
+        return allreduce_seconds(nbytes, nodes, self.within, self.across,
+                                 reduce_seconds_per_byte=self.reduce_seconds_per_byte,
+                                 in_place=len(set(nodes)) <= 1)
 
     def link(self, same_node: bool) -> Link:
         """The link between two ranks; raises ValueError when nothing across nodes is known."""
@@ -145,7 +157,8 @@ class Machine:
         def link(value: Optional[Link]):
             return None if value is None else dataclasses.asdict(value)
         return {"format": FORMAT, "host": self.host, "date": self.date, "ranks": self.ranks,
-                "ranks_per_node": self.ranks_per_node, "within": link(self.within), "across": link(self.across),
+                "ranks_per_node": self.ranks_per_node, "reduce_seconds_per_byte": self.reduce_seconds_per_byte,
+                "within": link(self.within), "across": link(self.across),
                 "models": {name: {"layers": {str(size): [dataclasses.asdict(layer) for layer in layers]
                                              for size, layers in profile.layers.items()},
                                   "step_seconds": {str(size): t for size, t in profile.step_seconds.items()}}
@@ -168,7 +181,8 @@ class Machine:
                       {int(size): t for size, t in entry["step_seconds"].items()})
                   for name, entry in data["models"].items()}
         return cls(within=link(data["within"]), across=link(data["across"]), models=models, ranks=data["ranks"],
-                   ranks_per_node=data["ranks_per_node"], host=data["host"], date=data["date"])
+                   ranks_per_node=data["ranks_per_node"], host=data["host"], date=data["date"],
+                   reduce_seconds_per_byte=float(data.get("reduce_seconds_per_byte", 0.0)))
 
     def save(self, path) -> Path:
         path = Path(path)

@@ -45,15 +45,22 @@ class Layout:
         return (replica * self.pp + stage) * self.tp + t
 
     def spans_nodes(self, ranks: Sequence[int]) -> bool:
-        return len({rank // self.ranks_per_node for rank in ranks}) > 1
+        return len(set(self.nodes_of(ranks))) > 1
+
+    def nodes_of(self, ranks: Sequence[int]) -> List[int]:
+        """The node of each of ``ranks``."""
+        return [rank // self.ranks_per_node for rank in ranks]
+
+    def replicas_of(self, stage: int = 0, t: int = 0) -> List[int]:
+        """The ranks holding position (``stage``, ``t``) in every replica: a data-parallel group."""
+        return [self.rank(r, stage, t) for r in range(self.dp)]
 
     def boundary_across(self, stage: int) -> bool:
         """Whether stage ``stage`` and ``stage + 1`` sit on different nodes in any replica."""
         return any(self.spans_nodes([self.rank(r, stage), self.rank(r, stage + 1)]) for r in range(self.dp))
 
     def dp_across(self) -> bool:
-        return any(self.spans_nodes([self.rank(r, s, t) for r in range(self.dp)])
-                   for s in range(self.pp) for t in range(self.tp))
+        return any(self.spans_nodes(self.replicas_of(s, t)) for s in range(self.pp) for t in range(self.tp))
 
     def tp_across(self) -> bool:
         return any(self.spans_nodes([self.rank(r, s, t) for t in range(self.tp)])
@@ -152,9 +159,10 @@ def _param_bytes(layers: Sequence[LayerCost]) -> int:
 def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *,
                           bucket_mb: float = 25.0) -> Prediction:
     """Data parallelism: forward, then the backward layer by layer (last first); each gradient bucket
-    (:func:`~mpipar.comm.buckets.assign_buckets`, as the reducer forms them) starts its ring Allreduce
-    when its last gradient is ready and the previous bucket is done; what ends after the backward is
-    exposed. ``batch``: samples per rank."""
+    (:func:`~mpipar.comm.buckets.assign_buckets`, as the reducer forms them) starts its non-blocking
+    Allreduce (:meth:`~mpipar.cost.machine.Machine.gradient_allreduce_seconds`: the MPI's algorithm, node
+    aware) when its last gradient is ready and the previous bucket is done; what ends after the backward
+    is exposed. ``batch``: samples per rank."""
     layers = layers_at(profile, batch)
     link = machine.link(not layout.dp_across())
     forward = sum(layer.forward for layer in layers)
@@ -164,11 +172,12 @@ def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, mac
         ready[index] = clock
     backward_end = clock
     owner = [index for index, layer in enumerate(layers) for _ in layer.param_bytes]
+    group = layout.nodes_of(layout.replicas_of())
     nbytes = [size for layer in layers for size in layer.param_bytes]
     network_free = 0.0
     for bucket in assign_buckets(nbytes, [0] * len(nbytes), bucket_mb * 2**20):
         start = max(network_free, max(ready[owner[i]] for i in bucket))
-        network_free = start + link.allreduce_seconds(sum(nbytes[i] for i in bucket), layout.dp)
+        network_free = start + machine.gradient_allreduce_seconds(sum(nbytes[i] for i in bucket), group)
     exposed = max(0.0, network_free - backward_end)
     overhead = step_overhead(profile, batch)
     memory = OPTIMIZER_COPIES * sum(nbytes) + sum(layer.saved_bytes for layer in layers)
@@ -208,7 +217,8 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     bubble = 1.0 - sum(busy) / (stages * with_messages) if with_messages > 0 else 0.0
     dp_link = machine.link(not layout.dp_across())
     stage_params = stage_sums([_param_bytes([layer]) for layer in layers], balance)
-    allreduce = max(dp_link.allreduce_seconds(size, layout.dp) for size in stage_params)
+    allreduce = max(machine.gradient_allreduce_seconds(size, layout.nodes_of(layout.replicas_of(stage)))
+                    for stage, size in enumerate(stage_params))
     overhead = step_overhead(profile, batch) * max(stage_params) / max(sum(stage_params), 1)
     saved = stage_sums([layer.saved_bytes for layer in layers], balance)
     memory = max(OPTIMIZER_COPIES * params + plan.max_in_flight(stage) * activations
