@@ -166,3 +166,27 @@ def test_sent_bytes_survive_freed_communicators(comm):
     if rank == 0:
         expected[size - 1] = expected.get(size - 1, 0) + 20
     assert_all_ranks(comm, sent == expected, f"counted {sent}, expected {expected}")
+
+
+class _LateRequest:
+    """A request that completes at its ``tests``-th Test()."""
+
+    def __init__(self, tests: int):
+        self.left = tests
+
+    def Test(self):
+        self.left -= 1
+        return self.left <= 0
+
+
+def test_a_long_wait_naps_between_tests_and_a_short_one_does_not(monkeypatch):
+    from mpipar.comm import mpi_tensor
+
+    naps = []
+    monkeypatch.setattr(mpi_tensor.time, "sleep", lambda seconds: naps.append(seconds))
+    mpi_tensor._wait_politely(_LateRequest(3))  # done within the spin
+    assert naps == []
+    monkeypatch.setattr(mpi_tensor, "SPIN_SECONDS", 0.0)
+    request = _LateRequest(6)
+    mpi_tensor._wait_politely(request)
+    assert request.left == 0 and naps and all(s == mpi_tensor.NAP_SECONDS for s in naps)

@@ -40,6 +40,7 @@ overrides it).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -218,7 +219,7 @@ class PendingOp:
     def wait(self) -> torch.Tensor:
         if not self._done:
             if self._call is None:
-                self._request.Wait()
+                _wait_politely(self._request)
             else:
                 self._call.wait(self._request)
             self._complete()
@@ -229,6 +230,24 @@ class PendingOp:
         self._work = None
         self._call = None
         self._done = True
+
+
+SPIN_SECONDS = 1e-3  # then sleep between tests: a long wait leaves the core to ranks that compute
+NAP_SECONDS = 1e-4
+
+
+def _wait_politely(request: MPI.Request) -> None:
+    """Complete ``request``: test it in a tight loop for up to ``SPIN_SECONDS`` (short waits stay
+    fast), then every ``NAP_SECONDS`` (each test also progresses MPI). MPI's own Wait spins the
+    whole time, which on shared or oversubscribed cores takes the CPU from the ranks it waits for."""
+    if request.Test():
+        return
+    deadline = time.perf_counter() + SPIN_SECONDS
+    while time.perf_counter() < deadline:
+        if request.Test():
+            return
+    while not request.Test():
+        time.sleep(NAP_SECONDS)
 
 
 def wait_all(ops) -> None:
