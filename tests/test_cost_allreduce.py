@@ -102,3 +102,16 @@ def test_a_thousand_ranks_price_quickly(algorithm):
     nodes = tuple(rank // 8 for rank in range(1024))
     t = allreduce_seconds(25 * MiB, nodes, link(1e-6, 1e-11), link(2e-6, 4e-11), algorithm=algorithm)
     assert t > allreduce_seconds(25 * MiB, nodes[:8], link(1e-6, 1e-11), link(2e-6, 4e-11), algorithm=algorithm)
+
+
+def test_inside_a_node_the_calibrated_fit_of_the_reducers_call_is_used():
+    fitted = (Band(None, 1e-5, 1e-9),)
+    within = Link((Band(None, 0.0, 1e-10),), (Band(None, 0.0, 1e-10),), 2, "shared memory", gradient=fitted)
+    machine = Machine(within, link(1e-3, 1e-8), reduce_seconds_per_byte=5e-11)
+    n = 4 * MiB
+    assert machine.gradient_allreduce_seconds(n, [0, 0]) == pytest.approx(2 * (1e-5 + 1e-9 * n))
+    assert machine.gradient_allreduce_seconds(n, [0] * 4) == pytest.approx(4 * (1e-5 + 1e-9 * n))
+    assert machine.gradient_allreduce_seconds(n, [0] * 5) == pytest.approx(6 * (1e-5 + 1e-9 * n))
+    # across nodes the rounds are priced (the fit is of one node's call)
+    assert machine.gradient_allreduce_seconds(n, [0, 0, 1, 1]) == pytest.approx(allreduce_seconds(
+        n, [0, 0, 1, 1], within, machine.across, reduce_seconds_per_byte=5e-11, algorithm="rabenseifner"))

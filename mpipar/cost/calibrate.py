@@ -107,8 +107,9 @@ def reduce_seconds_per_byte(nbytes: int = 2**25, repeats: int = 5) -> float:
 
 
 def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[MPI.Intracomm], sizes: Sequence[int],
-                 description: str, *, budget: float = 1.0) -> Tuple[Link, dict]:
-    """The :class:`Link` between ``peer_a`` and ``peer_b`` (ping-pong) and of Allreduces on ``ring``.
+                 description: str, *, budget: float = 1.0, gradient: bool = False) -> Tuple[Link, dict]:
+    """The :class:`Link` between ``peer_a`` and ``peer_b`` (ping-pong) and of Allreduces on ``ring``
+    (blocking; with ``gradient`` also the reducer's in-place non-blocking one, as binomial levels).
 
     Collective over ``comm``; ``ring`` is this rank's group whose Allreduce is timed (its ranks call
     together; None on ranks outside every timed group). Every rank returns the same link, fitted on
@@ -116,15 +117,23 @@ def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[M
     """
     one_way = ping_pong(comm, peer_a, peer_b, sizes, budget=budget)
     reduce_times = allreduce_times(ring, sizes, budget=budget) if ring is not None else None
+    timed = gradient and ring is not None
+    gradient_times = allreduce_times(ring, sizes, budget=budget, gradient=True) if timed else None
     ranks = ring.Get_size() if ring is not None else 0
-    reduce_times, ranks = collectives.bcast(comm, (reduce_times, ranks), "calibrate: Allreduce fit", root=peer_a)
+    reduce_times, gradient_times, ranks = collectives.bcast(
+        comm, (reduce_times, gradient_times, ranks), "calibrate: Allreduce fit", root=peer_a)
     p2p = fit_bands(sizes, one_way)
+    gradient = ()
     if ranks > 1:
         allreduce = fit_bands(sizes, reduce_times, scale_alpha=2 * (ranks - 1), scale_beta=2 * (ranks - 1) / ranks)
+        if gradient_times:
+            levels = 2 * (ranks - 1).bit_length()  # the binomial tree's rounds, up and down
+            gradient = fit_bands(sizes, gradient_times, scale_alpha=levels, scale_beta=levels)
     else:  # a ring of one rank: a ring of two over this link
         allreduce = tuple(Band(b.max_bytes, b.alpha, b.beta) for b in p2p)
-    raw = {"sizes": list(sizes), "p2p_seconds": one_way, "allreduce_seconds": reduce_times, "allreduce_ranks": ranks}
-    return Link(p2p, allreduce, max(ranks, 2), description), raw
+    raw = {"sizes": list(sizes), "p2p_seconds": one_way, "allreduce_seconds": reduce_times,
+           "gradient_allreduce_seconds": gradient_times, "allreduce_ranks": ranks}
+    return Link(p2p, allreduce, max(ranks, 2), description, gradient), raw
 
 
 def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) -> ModelProfile:
@@ -192,7 +201,7 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
         if len(mates) > 1:
             say(f"calibrate: within a node, ranks {mates[0]} and {mates[1]}; Allreduce over {len(mates)} ranks")
             within, raw["within"] = measure_link(comm, mates[0], mates[1], node_comm if nodes[rank] == nodes[0]
-                                                 else None, sizes, "shared memory", budget=budget)
+                                                 else None, sizes, "shared memory", budget=budget, gradient=True)
         across = None
         if len(set(nodes)) > 1:
             say(f"calibrate: across nodes, ranks {first_of[0]} and {first_of[1]}; Allreduce over "

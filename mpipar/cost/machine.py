@@ -33,18 +33,23 @@ class Band:
 class Link:
     """Costs between two ranks of one kind of link (``within`` a node or ``across`` nodes).
 
-    ``p2p``: a one-way message (half a ping-pong). ``allreduce``: the ring model's per-step
-    costs, so an Allreduce of ``n`` bytes on ``p`` ranks takes ``2 (p-1) alpha + 2 (p-1)/p n beta``
-    (fitted to Allreduces measured on ``allreduce_ranks`` ranks).
+    ``p2p``: a one-way message (half a ping-pong). ``allreduce``: the blocking Allreduce as the ring
+    model's per-step costs, so ``n`` bytes on ``p`` ranks take ``2 (p-1) alpha + 2 (p-1)/p n beta``
+    (fitted to Allreduces measured on ``allreduce_ranks`` ranks). ``gradient``: the gradient reducer's
+    in-place non-blocking Allreduce as a binomial tree's per-level costs, so ``p`` ranks take
+    ``2 ceil(log2 p) (alpha + n beta)`` (fitted on the same ranks; empty when not measured).
     """
 
     p2p: Tuple[Band, ...]
     allreduce: Tuple[Band, ...]
     allreduce_ranks: int = 2
     description: str = ""
+    gradient: Tuple[Band, ...] = ()
 
     def __post_init__(self):
-        for name, bands in (("p2p", self.p2p), ("allreduce", self.allreduce)):
+        for name, bands in (("p2p", self.p2p), ("allreduce", self.allreduce), ("gradient", self.gradient)):
+            if name == "gradient" and not bands:
+                continue
             if not bands or bands[-1].max_bytes is not None:
                 raise ValueError(f"{name} needs bands ending with an open one (max_bytes None), got {bands}")
 
@@ -58,6 +63,16 @@ class Link:
             return 0.0
         band = self._band(self.p2p, nbytes)
         return band.alpha + band.beta * nbytes
+
+    def gradient_seconds(self, nbytes: float, ranks: int) -> Optional[float]:
+        """The reducer's in-place non-blocking Allreduce over ``ranks`` ranks on this link, from the
+        fitted binomial levels; None when the link has no such fit."""
+        if not self.gradient:
+            return None
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        band = self._band(self.gradient, nbytes)
+        return 2 * (ranks - 1).bit_length() * (band.alpha + band.beta * nbytes)
 
     def allreduce_seconds(self, nbytes: float, ranks: int) -> float:
         """An Allreduce of ``nbytes`` per rank over ``ranks`` ranks (ring model; 0 on one rank)."""
@@ -128,9 +143,15 @@ class Machine:
     def gradient_allreduce_seconds(self, nbytes: float, nodes: Sequence[int]) -> float:
         """The gradient reducer's non-blocking Allreduce of ``nbytes`` over ranks on ``nodes`` (``nodes[i]``:
         the node of the group's rank ``i``): in place inside a node, out of place across nodes, as
-        :class:`~mpipar.comm.reducer.GradientReducer` calls it, priced by :mod:`mpipar.cost.allreduce`."""
+        :class:`~mpipar.comm.reducer.GradientReducer` calls it. Inside a node the calibrated fit of that
+        call (``within.gradient``) when there is one; otherwise, and across nodes, its algorithm's rounds
+        priced by :mod:`mpipar.cost.allreduce`."""
         from mpipar.cost.allreduce import allreduce_seconds
 
+        if len(set(nodes)) <= 1:
+            fitted = self.within.gradient_seconds(nbytes, len(nodes))
+            if fitted is not None:
+                return fitted
         return allreduce_seconds(nbytes, nodes, self.within, self.across,
                                  reduce_seconds_per_byte=self.reduce_seconds_per_byte,
                                  in_place=len(set(nodes)) <= 1)
@@ -174,7 +195,8 @@ class Machine:
                 return None
             return Link(p2p=tuple(Band(**b) for b in value["p2p"]),
                         allreduce=tuple(Band(**b) for b in value["allreduce"]),
-                        allreduce_ranks=value["allreduce_ranks"], description=value["description"])
+                        allreduce_ranks=value["allreduce_ranks"], description=value["description"],
+                        gradient=tuple(Band(**b) for b in value.get("gradient", ())))
 
         models = {name: ModelProfile(name, {int(size): tuple(LayerCost(**{**layer, "param_bytes": tuple(
                       layer["param_bytes"])}) for layer in layers) for size, layers in entry["layers"].items()},
