@@ -34,13 +34,15 @@ def load() -> str:
     return Path("/proc/loadavg").read_text().split(" ")[0]
 
 
-def mpirun(ranks: int, *args: str, timeout: float = 600, nodes_script: str = None) -> str:
+def mpirun(ranks: int, *args: str, timeout: float = 600, nodes_script: str = None, per_node: bool = False) -> str:
+    """``per_node``: one rank per emulated node (``--map-by node``)."""
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     mpirun_path = Path(sys.executable).parent / "mpirun"
     command = [str(mpirun_path), "-n", str(ranks), "--oversubscribe", sys.executable, *args]
     if nodes_script:  # on the emulated nodes: the script's mpirun (hostfile, options), absolute paths
-        command = ["bash", nodes_script, "mpirun", "-n", str(ranks), sys.executable, *args]
+        command = ["bash", nodes_script, "mpirun", "-n", str(ranks), *(["--map-by", "node"] if per_node else []),
+                   sys.executable, *args]
         env["MPIRUN"] = str(mpirun_path)
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if result.returncode != 0:
@@ -63,21 +65,23 @@ def worker_comm(path: str, sizes, peer: int = 1) -> None:
                                           "gradient": gradient}))
 
 
-def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: str = None, label: str = None
-               ) -> list:
+def comm_round(machine_path: Path, ranks: int, sizes, work: Path, nodes_script: str = None, label: str = None,
+               per_node: bool = False) -> list:
     """Measured and predicted rows; across nodes the ping-pong goes from rank 0 to the first rank of
-    the second node and the Allreduce's ring crosses nodes (predicted with the link across)."""
+    the second node and the Allreduce crosses nodes (predicted with the link across); ``per_node``:
+    one rank per node."""
     from mpipar.cost import Machine
 
     machine = Machine.load(machine_path)
-    link, peer, where = (machine.across, machine.ranks_per_node, "2 nodes") if nodes_script else (
+    on_node = 1 if per_node else machine.ranks_per_node
+    link, peer, where = (machine.across, on_node, "2 nodes") if nodes_script else (
         machine.within, 1, "shared memory")
     where = label or where
     out = work / f"comm-{ranks}-{where.replace(' ', '-').replace(',', '')}.json"
     mpirun(ranks, str(Path(__file__).resolve()), "--worker-comm", str(out), "--sizes", ",".join(map(str, sizes)),
-           "--peer", str(peer), nodes_script=nodes_script)
+           "--peer", str(peer), nodes_script=nodes_script, per_node=per_node)
     data = json.loads(out.read_text())
-    nodes = [rank // machine.ranks_per_node for rank in range(ranks)] if nodes_script else [0] * ranks
+    nodes = [rank // on_node for rank in range(ranks)] if nodes_script else [0] * ranks
     rows = []
     for nbytes, p2p, allreduce, gradient in zip(data["sizes"], data["p2p"], data["allreduce"], data["gradient"]):
         rows.append(("p2p", where, ranks, nbytes, link.p2p_seconds(nbytes), p2p))
@@ -151,6 +155,8 @@ def main() -> None:
                     mpirun(4, "-m", "mpipar.cost.calibrate", "--out", str(nodes_machine), "--microbatch-sizes",
                            "8,16,32,64,128", *(["--quick"] if args.quick else []), nodes_script=args.nodes_script)
                     rows = comm_round(nodes_machine, 4, sizes, work, args.nodes_script)
+                    rows += comm_round(nodes_machine, 2, sizes, work, args.nodes_script,
+                                       label="2 nodes, 1 rank each", per_node=True)
                     dp = job_round(nodes_machine, work, "dp-nodes", "resnet_dp.py", "--batch-size", "64",
                                    "--max-steps", str(args.steps), ranks=4, nodes_script=args.nodes_script)
                     comm_rows += rows

@@ -59,7 +59,7 @@ def test_a_damaged_machine_file_is_one_clear_error(tmp_path):
 
 def test_fit_recovers_alpha_and_beta_per_band():
     sizes = [2**k for k in range(3, 27)]
-    truth = {4096: (2e-6, 1e-10), 65536: (5e-6, 2e-10), MiB: (1e-5, 1.5e-10), 16 * MiB: (4e-5, 3e-10),
+    truth = {4096: (2e-6, 1e-10), 65535: (5e-6, 2e-10), MiB: (1e-5, 1.5e-10), 16 * MiB: (4e-5, 3e-10),
              None: (2e-4, 4e-10)}
     band_of = [next(edge for edge in truth if edge is None or n <= edge) for n in sizes]
     seconds = [truth[edge][0] + truth[edge][1] * n for edge, n in zip(band_of, sizes)]

@@ -163,8 +163,10 @@ def test_ranks_see_two_per_node(nodes):
 
 def test_parallel_tests_pass_across_nodes(nodes):
     """The MPI tests that compare data parallelism, pipelines and tensor-parallel grids with
-    their serial references (bitwise or to tight tolerances), with ranks on two nodes."""
-    files = ["tests/test_data_parallel_exact.py", "tests/test_pipeline.py", "tests/test_tp_grid.py"]
+    their serial references (bitwise or to tight tolerances), with ranks on two nodes; across them
+    data parallelism reduces out of place, and the default says so."""
+    files = ["tests/test_data_parallel_exact.py", "tests/test_pipeline.py", "tests/test_tp_grid.py",
+             "tests/test_data_parallel.py::test_out_of_place_defaults_to_whether_ranks_span_nodes"]
     done = on_nodes("-n", "4", PYTHON, "-m", "pytest", "--only-mpi", "-q", "-p", "no:cacheprovider", *files,
                     timeout=420)
     assert done.returncode == 0, describe(done)

@@ -142,7 +142,6 @@ def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) ->
     step (the median of ``repeats``). A vision transformer (not a sequence of layers) is timed as one rank of
     tensor parallelism 1 runs it (:func:`mpipar.cost.tensor.profile_tensor_parallel`). Local."""
     from mpipar import models
-    from mpipar.pipeline.partition import profile_layers
 
     factories = {**models.IMAGE_MODELS, "mlp": models.image_mlp}
     if model_name in models.VIT_MODELS:
@@ -153,17 +152,27 @@ def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) ->
     model = factories[model_name](in_channels=1, num_classes=10, image_size=28)
     if not isinstance(model, torch.nn.Sequential):
         raise ValueError(f"model {model_name!r} is not a sequence of layers; the profiler needs one")
+    return profile_layers_and_step(model_name, model, sizes, (1, 28, 28), 10, repeats=repeats)
+
+
+def profile_layers_and_step(name: str, model: torch.nn.Module, sizes: Sequence[int], image_shape: Sequence[int],
+                            num_classes: int, *, repeats: int = 5) -> ModelProfile:
+    """The :class:`ModelProfile` named ``name`` of ``model`` (a sequence of layers) on random images of
+    ``image_shape`` at each batch size of ``sizes``: each child's forward and backward (the fastest
+    round) and the training step with cross-entropy and SGD (the median, as a run's metrics report it).
+    Local."""
+    from mpipar.pipeline.partition import profile_layers
+
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
     layers, steps = {}, {}
     for size in sizes:
-        sample = torch.randn(size, 1, 28, 28)
+        sample = torch.randn(size, *image_shape)
         profiles = profile_layers(model, sample, repeats=repeats)
-        children = list(model.children())
         layers[size] = tuple(LayerCost(p.name, p.forward_time, p.backward_time,
                                        tuple(q.numel() * q.element_size() for q in child.parameters()
                                              if q.requires_grad), p.activation_bytes, p.saved_bytes)
-                             for p, child in zip(profiles, children))
-        labels = torch.randint(0, 10, (size,))
+                             for p, child in zip(profiles, model.children()))
+        labels = torch.randint(0, num_classes, (size,))
         times = []
         for _ in range(repeats + 1):
             begin = time.perf_counter()
@@ -171,8 +180,8 @@ def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) ->
             torch.nn.functional.cross_entropy(model(sample), labels).backward()
             optimizer.step()
             times.append(time.perf_counter() - begin)
-        steps[size] = float(np.median(times[1:]))  # the typical step, as a run's metrics report it
-    return ModelProfile(model_name, layers, steps)
+        steps[size] = float(np.median(times[1:]))
+    return ModelProfile(name, layers, steps)
 
 
 def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-small",),

@@ -11,9 +11,10 @@ from typing import Dict, Optional, Sequence, Tuple
 __all__ = ["Band", "Link", "LayerCost", "ModelProfile", "Machine", "BAND_EDGES", "fit_bands", "interconnect"]
 
 FORMAT = 1
-# Upper ends of the size bands (bytes): Open MPI's shared-memory eager limit (4 KiB), TCP's (64 KiB), then
-# the cache sizes where a copy's bandwidth changes; the last band is open.
-BAND_EDGES = (4096, 65536, 2**20, 2**24)
+# Upper ends of the size bands (bytes): Open MPI's shared-memory eager limit (4 KiB), TCP's (64 KiB counting
+# its header, so a 64 KiB payload already takes the rendezvous path), then the cache sizes where a copy's
+# bandwidth changes; the last band is open.
+BAND_EDGES = (4096, 65535, 2**20, 2**24)
 
 
 @dataclass(frozen=True)

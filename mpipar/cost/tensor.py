@@ -13,7 +13,6 @@ imports torch, when it runs.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from functools import cache
 from typing import Dict, List, Optional, Sequence
@@ -254,33 +253,12 @@ def profile_tensor_parallel(model_name: str, sizes: Sequence[int], tp: int, *, r
 
 
 def _profile(model_name: str, sizes: Sequence[int], tp: int, repeats: int) -> ModelProfile:
-    import numpy as np
-    import torch
+    from mpipar.cost.calibrate import profile_layers_and_step
 
-    from mpipar.cost.machine import LayerCost
-    from mpipar.pipeline.partition import profile_layers
-
-    model = rank_model(model_name, tp)
     shape = _vit_shape(model_name)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-    layers, steps = {}, {}
-    for size in sizes:
-        sample = torch.randn(size, shape["in_channels"], shape["image_size"], shape["image_size"])
-        profiles = profile_layers(model, sample, repeats=repeats)
-        layers[size] = tuple(LayerCost(p.name, p.forward_time, p.backward_time,
-                                       tuple(q.numel() * q.element_size() for q in child.parameters()
-                                             if q.requires_grad), p.activation_bytes, p.saved_bytes)
-                             for p, child in zip(profiles, model.children()))
-        labels = torch.randint(0, shape["num_classes"], (size,))
-        times = []
-        for _ in range(repeats + 1):
-            begin = time.perf_counter()
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(sample), labels).backward()
-            optimizer.step()
-            times.append(time.perf_counter() - begin)
-        steps[size] = float(np.median(times[1:]))
-    return ModelProfile(profile_name(model_name, tp), layers, steps)
+    return profile_layers_and_step(profile_name(model_name, tp), rank_model(model_name, tp), sizes,
+                                   (shape["in_channels"], shape["image_size"], shape["image_size"]),
+                                   shape["num_classes"], repeats=repeats)
 
 
 def tensor_profiles(model_name: str, sizes: Sequence[int], *, ranks: int = 1, repeats: int = 5,
