@@ -428,16 +428,18 @@ def test_time_limit_requeues_and_resumes(requeue_jobs, script):
     run's begin right after it (no duplicated or missing steps).
 
     The run is endless on purpose (any machine speed gets the warning first); the
-    test cancels it once the resumed run has flushed a few steps."""
+    test cancels it once the resumed run has flushed a few steps. Jobs are checked one
+    after another, so a later one may have been requeued again by then: every restart
+    of the metrics' clock must then be one of the log's resumes, in order."""
     job = tiny_job(script)
     run = requeue_jobs[script]
     resumed_at, rows = None, 0
     try:
         while time.monotonic() < run.deadline:
             text = run.log.read_text(errors="replace") if run.log.exists() else ""
-            found = re.search(r"resumed from \S+ at step (\d+)", text)
+            found = re.findall(r"resumed from \S+ at step (\d+)", text)
             if found:
-                resumed_at = int(found.group(1))
+                resumed_at = int(found[-1])
                 try:
                     with h5py.File(run.out_dir / job.metrics, "r") as f:
                         rows = len(f["steps/loss"])
@@ -460,6 +462,7 @@ def test_time_limit_requeues_and_resumes(requeue_jobs, script):
         clock = f["steps/wall_clock"][()]
         assert int(f.attrs["world_size"]) == run.ntasks
     restarts = [i for i in range(1, len(clock)) if clock[i] < clock[i - 1]]
-    assert restarts == [resumed_at], (
+    resumes = [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", text)]
+    assert resumes and restarts == resumes, (
         f"the metrics' clock restarts at rows {restarts}; a clean resume restarts it exactly at the "
-        f"checkpoint's step {resumed_at}")
+        f"checkpoint's step, and the log's resumes are at steps {resumes}")
