@@ -168,25 +168,39 @@ def test_sent_bytes_survive_freed_communicators(comm):
     assert_all_ranks(comm, sent == expected, f"counted {sent}, expected {expected}")
 
 
-class _LateRequest:
-    """A request that completes at its ``tests``-th Test()."""
+def _request_sent_after(naps: list, count: int, monkeypatch):
+    """A receive on ``MPI.COMM_SELF`` whose message is sent at the ``count``-th nap (0: at once); each
+    nap's length is appended to ``naps`` instead of sleeping."""
+    from mpipar.comm import mpi_tensor
 
-    def __init__(self, tests: int):
-        self.left = tests
+    inbox, outbox = bytearray(8), bytearray(8)
+    request = MPI.COMM_SELF.Irecv(inbox, source=0, tag=31)
+    sends = []
 
-    def Test(self):
-        self.left -= 1
-        return self.left <= 0
+    def nap(seconds):
+        naps.append(seconds)
+        if len(naps) == count:
+            sends.append(MPI.COMM_SELF.Isend(outbox, dest=0, tag=31))
+
+    monkeypatch.setattr(mpi_tensor.time, "sleep", nap)
+    if count == 0:
+        sends.append(MPI.COMM_SELF.Isend(outbox, dest=0, tag=31))
+    return request, sends
 
 
 def test_a_long_wait_naps_between_tests_and_a_short_one_does_not(monkeypatch):
-    from mpipar.comm import mpi_tensor
-
     naps = []
-    monkeypatch.setattr(mpi_tensor.time, "sleep", lambda seconds: naps.append(seconds))
-    mpi_tensor._wait_politely(_LateRequest(3))  # done within the spin
+    request, sends = _request_sent_after(naps, 0, monkeypatch)
+    assert mpi_tensor.wait_any([request]) == 0  # done within the spin
+    MPI.Request.Waitall(sends)
     assert naps == []
     monkeypatch.setattr(mpi_tensor, "SPIN_SECONDS", 0.0)
-    request = _LateRequest(6)
-    mpi_tensor._wait_politely(request)
-    assert request.left == 0 and naps and all(s == mpi_tensor.NAP_SECONDS for s in naps)
+    request, sends = _request_sent_after(naps, 3, monkeypatch)
+    assert mpi_tensor.wait_any([request]) == 0
+    MPI.Request.Waitall(sends)
+    assert len(naps) == 3 and all(s == mpi_tensor.NAP_SECONDS for s in naps)
+    naps.clear()  # the parameter server's own spin and nap
+    request, sends = _request_sent_after(naps, 2, monkeypatch)
+    assert mpi_tensor.wait_any([request], spin=0.0, nap=2e-4) == 0
+    MPI.Request.Waitall(sends)
+    assert naps == [2e-4, 2e-4]

@@ -219,7 +219,7 @@ class PendingOp:
     def wait(self) -> torch.Tensor:
         if not self._done:
             if self._call is None:
-                _wait_politely(self._request)
+                wait_any([self._request])
             else:
                 self._call.wait(self._request)
             self._complete()
@@ -236,18 +236,21 @@ SPIN_SECONDS = 1e-3  # then sleep between tests: a long wait leaves the core to 
 NAP_SECONDS = 1e-4
 
 
-def _wait_politely(request: MPI.Request) -> None:
-    """Complete ``request``: test it in a tight loop for up to ``SPIN_SECONDS`` (short waits stay
-    fast), then every ``NAP_SECONDS`` (each test also progresses MPI). MPI's own Wait spins the
-    whole time, which on shared or oversubscribed cores takes the CPU from the ranks it waits for."""
-    if request.Test():
-        return
-    deadline = time.perf_counter() + SPIN_SECONDS
-    while time.perf_counter() < deadline:
-        if request.Test():
-            return
-    while not request.Test():
-        time.sleep(NAP_SECONDS)
+def wait_any(requests, *, spin: Optional[float] = None, nap: Optional[float] = None) -> int:
+    """``MPI.Request.Waitany`` that does not spin the whole time: it tests in a tight loop for ``spin``
+    seconds (default ``SPIN_SECONDS``: short waits stay fast), then every ``nap`` seconds (default
+    ``NAP_SECONDS``; each test also progresses MPI). MPI's own waits spin, which on shared or
+    oversubscribed cores takes the CPU from the ranks waited for. Returns the completed request's index.
+    Local."""
+    spin = SPIN_SECONDS if spin is None else spin
+    nap = NAP_SECONDS if nap is None else nap
+    start = time.perf_counter()
+    while True:
+        index, done = MPI.Request.Testany(requests)
+        if done:
+            return index
+        if time.perf_counter() - start > spin:
+            time.sleep(nap)
 
 
 def wait_all(ops) -> None:

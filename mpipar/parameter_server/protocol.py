@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-from mpi4py import MPI
+
+from mpipar.comm import mpi_tensor
 
 __all__ = ["wait_any", "TAG_CONTROL", "TAG_GRADIENT", "TAG_REPLY", "TAG_WEIGHTS", "PUSH", "REQUEST", "PULL",
            "control", "reply", "Control", "Reply"]
@@ -61,13 +60,6 @@ SPIN_SECONDS, NAP_SECONDS = 5e-5, 2e-4
 
 
 def wait_any(requests) -> int:
-    """``MPI.Request.Waitany`` that naps between polls after a short spin: a server or worker
-    waiting for messages leaves its core to the ranks that compute (a blocking MPI wait spins,
-    which on an oversubscribed node takes the core a worker needs). Returns the index."""
-    start = time.perf_counter()
-    while True:
-        index, done = MPI.Request.Testany(requests)
-        if done:
-            return index
-        if time.perf_counter() - start > SPIN_SECONDS:
-            time.sleep(NAP_SECONDS)
+    """:func:`mpipar.comm.mpi_tensor.wait_any` with the protocol's short spin and nap: a server or worker
+    waiting for messages leaves its core to the ranks that compute. Returns the index."""
+    return mpi_tensor.wait_any(requests, spin=SPIN_SECONDS, nap=NAP_SECONDS)
