@@ -286,21 +286,21 @@ def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None, *,
     level, where out of place it takes Rabenseifner's reduce-scatter + allgather (4+ ranks, 64 KiB+).
     Collective: every rank starts the same sequence of these in the same order (in debug mode
     starting one blocks until every rank has started it, to compare them)."""
-    hooks = _debug.hooks
     if source is None:
         work = _prepare(tensor, "iallreduce", read=True, write=True)
-        call = None if hooks is None else hooks.collective("iallreduce_", tensor, comm, _debug.op_name(op))
-        request = comm.Iallreduce(MPI.IN_PLACE, work.buffer, op=_reduce_op(op))
-        return PendingOp(request, work, tensor, call)
-    if tensor.is_cuda or source.is_cuda or source.shape != tensor.shape or source.dtype != tensor.dtype:
-        raise ValueError(f"iallreduce_: source must be a host tensor like the host result tensor, got "
-                         f"{source.dtype} {tuple(source.shape)} on {source.device} for {tensor.dtype} "
-                         f"{tuple(tensor.shape)} on {tensor.device}")
-    send = _prepare(source, "iallreduce", read=True, write=False)
-    work = _prepare(tensor, "iallreduce", read=False, write=True)
-    work.keep_alive.append(send)
+        send = MPI.IN_PLACE
+    else:
+        if tensor.is_cuda or source.is_cuda or source.shape != tensor.shape or source.dtype != tensor.dtype:
+            raise ValueError(f"iallreduce_: source must be a host tensor like the host result tensor, got "
+                             f"{source.dtype} {tuple(source.shape)} on {source.device} for {tensor.dtype} "
+                             f"{tuple(tensor.shape)} on {tensor.device}")
+        contribution = _prepare(source, "iallreduce", read=True, write=False)
+        work = _prepare(tensor, "iallreduce", read=False, write=True)
+        work.keep_alive.append(contribution)
+        send = contribution.buffer
+    hooks = _debug.hooks
     call = None if hooks is None else hooks.collective("iallreduce_", tensor, comm, _debug.op_name(op))
-    request = comm.Iallreduce(send.buffer, work.buffer, op=_reduce_op(op))
+    request = comm.Iallreduce(send, work.buffer, op=_reduce_op(op))
     return PendingOp(request, work, tensor, call)
 
 

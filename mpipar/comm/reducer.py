@@ -243,16 +243,16 @@ class GradientReducer:
             else:
                 bucket.buffer.mul_(self._weight)
         if bucket.mirror is None:
-            self._start_allreduce(bucket, bucket.buffer, bucket.source)
+            self._start_allreduce(bucket, bucket.buffer)
         else:
             bucket.mirror.download()
             self._copying.append(bucket)
             self._start_copied(block=False)
 
-    def _start_allreduce(self, bucket: _Bucket, tensor: torch.Tensor, source: Optional[torch.Tensor] = None) -> None:
+    def _start_allreduce(self, bucket: _Bucket, tensor: torch.Tensor) -> None:
         if events.active() is not None:
             bucket.launched = time.perf_counter()
-        bucket.pending = mpi_tensor.iallreduce_(tensor, self.comm, source=source)
+        bucket.pending = mpi_tensor.iallreduce_(tensor, self.comm, source=bucket.source)
         self.stats.bytes_sent += 2.0 * (self.size - 1) / self.size * tensor.numel() * tensor.element_size()
 
     def _start_copied(self, block: bool) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["ALGORITHMS", "Round", "schedule", "rounds", "open_mpi_nonblocking_choice", "allreduce_seconds"]
+__all__ = ["ALGORITHMS", "Round", "schedule", "rounds", "binomial_rounds", "open_mpi_nonblocking_choice",
+           "allreduce_seconds"]
 
 ALGORITHMS = ("binomial", "ring", "rabenseifner", "recursive_doubling")
 # (fraction of the buffer per message, any message inside a node, most messages on one node's link, reduces)
@@ -24,6 +25,11 @@ Round = Tuple[float, bool, int, bool]
 
 def _pof2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
+
+
+def binomial_rounds(p: int) -> int:
+    """Rounds of the binomial tree on ``p`` ranks: ``ceil(log2 p)`` up, as many down."""
+    return 2 * (p - 1).bit_length()
 
 
 def _binomial(p: int) -> List[List[Tuple[int, int, float, bool]]]:
@@ -39,6 +45,11 @@ def _binomial(p: int) -> List[List[Tuple[int, int, float, bool]]]:
 
 def _exchanges(pairs, fraction: float, reduce: bool):
     return [(a, b, fraction, reduce) for a, b in pairs] + [(b, a, fraction, reduce) for a, b in pairs]
+
+
+def _partners(real: List[int], mask: int) -> List[Tuple[int, int]]:
+    """The pairs of real ranks whose virtual ranks differ in ``mask``, each once."""
+    return [(real[v], real[v ^ mask]) for v in range(len(real)) if v < v ^ mask]
 
 
 def _fold(p: int):
@@ -63,9 +74,9 @@ def _rabenseifner(p: int):
     masks = [1 << k for k in range(pof2.bit_length() - 1)]
     fractions = [0.5 ** (k + 1) for k in range(len(masks))]
     for mask, fraction in zip(masks, fractions):
-        result.append(_exchanges([(real[v], real[v ^ mask]) for v in range(pof2) if v < v ^ mask], fraction, True))
+        result.append(_exchanges(_partners(real, mask), fraction, True))
     for mask, fraction in reversed(list(zip(masks, fractions))):
-        result.append(_exchanges([(real[v], real[v ^ mask]) for v in range(pof2) if v < v ^ mask], fraction, False))
+        result.append(_exchanges(_partners(real, mask), fraction, False))
     if pairs:
         result.append([(a, b, 1.0, False) for a, b in pairs])
     return result
@@ -78,8 +89,7 @@ def _recursive_doubling(p: int):
     pof2 = len(real)
     result = [[(b, a, 1.0, True) for a, b in pairs]] if pairs else []
     for k in range(pof2.bit_length() - 1):
-        mask = 1 << k
-        result.append(_exchanges([(real[v], real[v ^ mask]) for v in range(pof2) if v < v ^ mask], 1.0, True))
+        result.append(_exchanges(_partners(real, 1 << k), 1.0, True))
     if pairs:
         result.append([(a, b, 1.0, False) for a, b in pairs])
     return result
@@ -110,7 +120,7 @@ def rounds(algorithm: str, nodes: Tuple[int, ...]) -> Tuple[Round, ...]:
     ``i``), each summarised as :data:`Round`. Pure; cached. Raises ValueError for an unknown algorithm."""
     p = len(nodes)
     if algorithm == "ring" and p > 1:  # every round alike: summarise one (2 (p-1) rounds of p messages)
-        reduce_round = _summary([(i, (i + 1) % p, 1.0 / p, True) for i in range(p)], nodes)
+        reduce_round = _summary(_ring(p)[0], nodes)
         return (reduce_round,) * (p - 1) + (reduce_round[:3] + (False,),) * (p - 1)
     return tuple(_summary(transfers, nodes) for transfers in schedule(algorithm, p))
 

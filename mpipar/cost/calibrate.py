@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.topology import node_indices, spans_nodes
+from mpipar.cost.allreduce import binomial_rounds
 from mpipar.cost.machine import Band, LayerCost, Link, Machine, ModelProfile, fit_bands
 from mpipar.diagnostics import collectives
 
@@ -127,7 +128,7 @@ def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[M
     if ranks > 1:
         allreduce = fit_bands(sizes, reduce_times, scale_alpha=2 * (ranks - 1), scale_beta=2 * (ranks - 1) / ranks)
         if gradient_times:
-            levels = 2 * (ranks - 1).bit_length()  # the binomial tree's rounds, up and down
+            levels = binomial_rounds(ranks)
             gradient = fit_bands(sizes, gradient_times, scale_alpha=levels, scale_beta=levels)
     else:  # a ring of one rank: a ring of two over this link
         allreduce = tuple(Band(b.max_bytes, b.alpha, b.beta) for b in p2p)
@@ -220,13 +221,14 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
                                                  "the measured network", budget=budget)
         reduce_cost = float(np.median(collectives.allgather(
             comm, reduce_seconds_per_byte(repeats=2 if quick else 5), "calibrate: reduction cost")))
+        from mpipar.cost.tensor import tensor_profiles  # a vision transformer: one rank of each tp too
+
         profiles = {}
         for name in model_names:
             say(f"calibrate: profiling {name} at micro-batches {list(microbatch_sizes)} on every rank")
             mine = profile_model(name, microbatch_sizes, repeats=2 if quick else 5)
             gathered = collectives.allgather(comm, mine, f"calibrate: {name} profiles")
             profiles[name] = _median_profile(gathered)
-            from mpipar.cost.tensor import tensor_profiles  # a vision transformer: one rank of each tp too
             for key, split in tensor_profiles(name, microbatch_sizes, ranks=comm.Get_size(),
                                               repeats=2 if quick else 5).items():
                 profiles[key] = _median_profile(collectives.allgather(comm, split, f"calibrate: {key} profiles"))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+from mpipar.cost.allreduce import allreduce_seconds, binomial_rounds
+
 __all__ = ["Band", "Link", "LayerCost", "ModelProfile", "Machine", "BAND_EDGES", "fit_bands", "interconnect"]
 
 FORMAT = 1
@@ -73,7 +75,7 @@ class Link:
         if ranks <= 1 or nbytes <= 0:
             return 0.0
         band = self._band(self.gradient, nbytes)
-        return 2 * (ranks - 1).bit_length() * (band.alpha + band.beta * nbytes)
+        return binomial_rounds(ranks) * (band.alpha + band.beta * nbytes)
 
     def allreduce_seconds(self, nbytes: float, ranks: int) -> float:
         """An Allreduce of ``nbytes`` per rank over ``ranks`` ranks (ring model; 0 on one rank)."""
@@ -147,8 +149,6 @@ class Machine:
         :class:`~mpipar.comm.reducer.GradientReducer` calls it. Inside a node the calibrated fit of that
         call (``within.gradient``) when there is one; otherwise, and across nodes, its algorithm's rounds
         priced by :mod:`mpipar.cost.allreduce`."""
-        from mpipar.cost.allreduce import allreduce_seconds
-
         if len(set(nodes)) <= 1:
             fitted = self.within.gradient_seconds(nbytes, len(nodes))
             if fitted is not None:

@@ -99,9 +99,13 @@ class Prediction:
                 "predicted_exposed_comm_seconds": self.exposed_comm, "predicted_p2p_seconds": self.p2p,
                 "predicted_bubble": self.bubble, "predicted_memory_bytes": self.memory_bytes}
 
+    def share(self, seconds: float) -> str:
+        """``seconds`` as a percentage of the step."""
+        return f"{100 * seconds / self.step:.0f}%" if self.step > 0 else "0%"
+
     def why(self) -> str:
         """A sentence: where the step goes."""
-        share = (lambda seconds: f"{100 * seconds / self.step:.0f}%") if self.step > 0 else (lambda _: "0%")
+        share = self.share
         on = f" on {self.link}" if self.link else ""
         if self.layout.pp == 1 and self.layout.tp == 1:
             if self.layout.dp == 1:

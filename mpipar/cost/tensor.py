@@ -59,9 +59,7 @@ class TensorPrediction(Prediction):
         if self.layout.tp == 1:
             return super().why()
 
-        def share(seconds: float) -> str:
-            return f"{100 * seconds / self.step:.0f}%" if self.step > 0 else "0%"
-
+        share = self.share
         text = f"TP Allreduce {share(self.tp_comm)}" + (f" on {self.tp_link}" if self.tp_link else "")
         if self.layout.dp > 1:
             text += (f", replicas' Allreduce {share(self.exposed_comm - self.tp_comm)} exposed"
@@ -242,23 +240,18 @@ def profile_tensor_parallel(model_name: str, sizes: Sequence[int], tp: int, *, r
     backward per layer by the pipeline's layer profiler (the fastest round), and the rank's whole step
     (forward, loss, backward, SGD step; the median of ``repeats``), named :func:`profile_name`. Local: one
     process, no communication."""
+    from mpipar.cost.calibrate import profile_layers_and_step
     from mpipar.diagnostics import debug
 
     saved_hooks = debug.hooks
     debug.hooks = None  # the stand-in group's calls are no collectives for debug mode or a watchdog to follow
     try:
-        return _profile(model_name, sizes, tp, repeats)
+        shape = _vit_shape(model_name)
+        return profile_layers_and_step(profile_name(model_name, tp), rank_model(model_name, tp), sizes,
+                                       (shape["in_channels"], shape["image_size"], shape["image_size"]),
+                                       shape["num_classes"], repeats=repeats)
     finally:
         debug.hooks = saved_hooks
-
-
-def _profile(model_name: str, sizes: Sequence[int], tp: int, repeats: int) -> ModelProfile:
-    from mpipar.cost.calibrate import profile_layers_and_step
-
-    shape = _vit_shape(model_name)
-    return profile_layers_and_step(profile_name(model_name, tp), rank_model(model_name, tp), sizes,
-                                   (shape["in_channels"], shape["image_size"], shape["image_size"]),
-                                   shape["num_classes"], repeats=repeats)
 
 
 def tensor_profiles(model_name: str, sizes: Sequence[int], *, ranks: int = 1, repeats: int = 5,
