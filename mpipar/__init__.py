@@ -5,6 +5,9 @@ The names below load on first use (PEP 562), so ``import mpipar.report`` (``mpip
 """
 
 from mpipar._lazy import lazy_getattr
+from mpipar._requirements import check_torch
+
+check_torch()  # one clear message on a torch too old, before any of its APIs is missed
 
 __version__ = "0.1.0"
 

@@ -59,3 +59,25 @@ def test_per_rank_checkpoint_on_another_number_of_ranks_is_marked_for_relayout(c
     _, alone = Checkpointer(directory, MPI.COMM_SELF).resume()
     assert_all_ranks(comm, own == {"rank": comm.Get_rank()} and alone == {"rank": 0, "relayout": True},
                      f"{own} {alone}")
+
+
+def test_import_refuses_a_torch_older_than_the_stated_minimum(monkeypatch):
+    """Checkpoints need ``torch.serialization.safe_globals`` (torch 2.5): an older torch fails at import,
+    once, with the versions in the message; setup.cfg states the same minimum."""
+    import configparser
+    import importlib
+    import importlib.metadata
+
+    import mpipar
+
+    requires = configparser.ConfigParser()
+    requires.read(ROOT / "setup.cfg")
+    assert "torch>=2.5" in requires["options"]["install_requires"].split()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.4.1+cpu" if name == "torch" else "1.0")
+    try:
+        with pytest.raises(ImportError, match=r"needs torch >= 2\.5.*2\.4\.1\+cpu is installed"):
+            importlib.reload(mpipar)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(mpipar)
+    assert hasattr(torch.serialization, "safe_globals")
