@@ -1,6 +1,7 @@
 """Errors raised on every rank: AgreedError, the agreed() factory, collective checks, metadata collectives."""
 
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -113,3 +114,22 @@ def test_agreed_error_is_printed_once_and_every_rank_exits_2(ranks):
     assert output.count(f"mpipar: error: ValueError: test: the same everywhere [failed on rank{'s' * (ranks > 1)} "
                         f"{', '.join(str(r) for r in range(ranks))}]") == 1, output
     assert "Traceback" not in output and "aborting" not in output, output
+
+
+@pytest.mark.mpi
+def test_collective_check_keeps_the_value_local(comm, monkeypatch):
+    """A check's value stays on its rank: it need not pickle, and the bytes exchanged do not grow with it."""
+    rank = comm.Get_rank()
+    exchanged = []
+
+    def counting_allgather(comm, value, what):
+        exchanged.append(len(pickle.dumps(value)))
+        return comm.allgather(value)
+
+    monkeypatch.setattr(collectives, "allgather", counting_allgather)
+    lock = threading.Lock()  # cannot be pickled
+    unpicklable = collective_check(comm, lambda: (rank, lock), "unpicklable")
+    small = collective_check(comm, lambda: b"x", "small")
+    large = collective_check(comm, lambda: bytes(2**20), "large")
+    ok = unpicklable == (rank, lock) and small == b"x" and len(large) == 2**20
+    assert_all_ranks(comm, ok and len(exchanged) == 3 and exchanged[1] == exchanged[2] < 100, f"{exchanged}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from mpi4py import MPI
 
@@ -37,34 +37,49 @@ def agree_on(comm: MPI.Intracomm, what: str, value: Any, hint: str = "") -> None
 def collective_check(comm: MPI.Intracomm, check: Callable[[], T], what: str = "") -> T:
     """Run ``check`` on every rank; if it raised anywhere, raise on every rank.
 
-    The raised error is the original exception type (ValueError, FileNotFoundError,
-    ...) where it can be rebuilt from a message, with the failing ranks named, so
-    all ranks exit together instead of leaving the others waiting in the next
-    collective. Returns ``check()``'s value where nothing failed.
+    Collective over ``comm`` (one allgather of the verdict: whether this rank failed,
+    and the message). ``check()``'s value stays on its rank: it is never pickled nor
+    sent, so it may be a dataset or anything else. The raised error is the original
+    exception type (ValueError, FileNotFoundError, ...) where it can be rebuilt from
+    a message, with the failing ranks named, so all ranks exit together instead of
+    leaving the others waiting in the next collective. Returns this rank's
+    ``check()`` value where nothing failed.
 
     Raises:
         AgreedError: on every rank when ``check`` raised on some rank: an instance of
             ``agreed(type of the first failure)``, or, for a type that cannot be
             rebuilt from one message, of ``agreed(RuntimeError)`` naming that type.
     """
-    return gather_checked(comm, check, what)[comm.Get_rank()]
+    result, failure = _run(check)
+    _raise_failures(collectives.allgather(comm, failure, f"check {what}"), what)
+    return result
 
 
 def gather_checked(comm: MPI.Intracomm, check: Callable[[], T], what: str = "") -> List[T]:
-    """:func:`collective_check` that returns every rank's ``check()`` value, as a list by
-    rank, on every rank (the same one allgather). Collective over ``comm``."""
-    result: Optional[T] = None
-    failure = None
-    try:
-        result = check()
-    except Exception as exc:  # noqa: BLE001 - reported collectively below
-        failure = (plain_type(exc), str(exc))  # an agreed(...) class does not pickle; its base does
+    """:func:`collective_check` that also sends every rank's ``check()`` value to every rank,
+    as a list by rank (the same one allgather, of the verdict and the value): for small
+    picklable metadata that every rank needs, such as shapes. Collective over ``comm``."""
+    result, failure = _run(check)
     replies = collectives.allgather(comm, (failure, result), f"check {what}")
-    failed = [(r, f) for r, (f, _) in enumerate(replies) if f is not None]
+    _raise_failures([failure for failure, _ in replies], what)
+    return [value for _, value in replies]
+
+
+def _run(check: Callable[[], T]) -> Tuple[Optional[T], Optional[Tuple[type, str]]]:
+    """``check()``'s value and None, or None and its failure as (exception type, message)."""
+    try:
+        return check(), None
+    except Exception as exc:  # noqa: BLE001 - reported collectively
+        return None, (plain_type(exc), str(exc))  # an agreed(...) class does not pickle; its base does
+
+
+def _raise_failures(failures: List[Optional[Tuple[type, str]]], what: str) -> None:
+    """Raise the first failure of the ranks' verdicts (a list by rank), naming every failing rank."""
+    failed = [(rank, failure) for rank, failure in enumerate(failures) if failure is not None]
     if not failed:
-        return [value for _, value in replies]
+        return
     exc_type, message = failed[0][1]
-    ranks = ", ".join(str(r) for r, _ in failed)
+    ranks = ", ".join(str(rank) for rank, _ in failed)
     prefix = f"{what}: " if what else ""
     where = f" [failed on rank{'s' if len(failed) > 1 else ''} {ranks}]"
     try:
