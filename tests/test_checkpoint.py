@@ -1,6 +1,8 @@
 """Checkpoints: atomic, latest wins, written by the ranks that hold state (resuming jobs: tests/test_resume.py)."""
 
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,3 +83,35 @@ def test_import_refuses_a_torch_older_than_the_stated_minimum(monkeypatch):
         monkeypatch.undo()
         importlib.reload(mpipar)
     assert hasattr(torch.serialization, "safe_globals")
+
+
+def test_publish_syncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """The rename into place is made durable: the checkpoints' directory is fsynced after it."""
+    import os
+
+    from mpi4py import MPI
+
+    import mpipar.run.checkpoint as checkpoint
+
+    events, opened = [], {}
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def record_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        opened[fd] = Path(path)
+        return fd
+
+    def record_fsync(fd):
+        events.append(("fsync", opened.get(fd)))
+        return real_fsync(fd)
+
+    def record_replace(source, target):
+        real_replace(source, target)
+        events.append(("replace", Path(target)))
+
+    monkeypatch.setattr(checkpoint.os, "open", record_open)
+    monkeypatch.setattr(checkpoint.os, "fsync", record_fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", record_replace)
+    Checkpointer(tmp_path, MPI.COMM_SELF).save(5, {"step": 5})
+    renamed = events.index(("replace", tmp_path / "step-000000005"))
+    assert ("fsync", tmp_path) in events[renamed + 1:], events

@@ -77,6 +77,19 @@ def _numpy_array_globals() -> list:
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+def _sync_directory(path: Path) -> None:
+    """Flush a directory's entries (names created, renamed) to disk. Local. A file system that
+    cannot sync directories (EINVAL) is left as it is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 def file_digest(path) -> Dict[str, Any]:
     """``{"bytes": size, "sha256": hex digest}`` of a file, read in 1 MiB blocks."""
     digest, size = hashlib.sha256(), 0
@@ -145,7 +158,8 @@ class Checkpointer:
 
     A checkpoint is written into a temporary directory; every writer flushes its file
     to disk and records its size and SHA-256; rank 0 writes ``meta.json`` last and
-    renames the directory into place only after every writer finished, so a crash or
+    renames the directory into place only after every writer finished (then syncs
+    the parent directory, so the rename survives a power loss), so a crash or
     a full disk while writing never spoils the checkpoints before it (a half-written
     one keeps its ``.tmp-`` name and is removed). :meth:`resume` verifies every file a
     rank needs and falls back to the newest intact checkpoint.
@@ -223,9 +237,11 @@ class Checkpointer:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
+            _sync_directory(tmp)  # the rank files' and meta.json's names
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _sync_directory(self.directory)  # the rename: without it a power loss may undo it
             self._prune()
 
         try:
