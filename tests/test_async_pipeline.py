@@ -40,14 +40,15 @@ def make_batch(step: int, batch: int = BATCH):
             torch.randint(0, 3, (batch,), generator=generator))
 
 
-def sgd(params, lr=0.1, momentum=0.9):
-    return torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=lr, momentum=momentum)
+def sgd(params, lr=0.1, momentum=0.9, weight_decay=0.0):
+    return torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
 
 
-def async_pipeline(comm, model, schedule, microbatches=MICROBATCHES):
+def async_pipeline(comm, model, schedule, microbatches=MICROBATCHES, weight_decay=0.0):
     pipe = Pipeline(model, comm, Placement.even(len(model), comm.Get_size()), schedule=schedule,
                     microbatches=microbatches, loss_fn=F.cross_entropy)
-    optimizer = sgd(list(pipe.parameters()))
+    optimizer = sgd(list(pipe.parameters()), weight_decay=weight_decay)
     pipe.bind_optimizer(optimizer)
     return pipe, optimizer
 
@@ -106,14 +107,16 @@ def test_reference_and_config_reject_bad_input_with_the_values():
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("comm_name", ["self", "world"])
 @pytest.mark.parametrize("schedule", ["pipedream", "2bw"])
-def test_async_pipeline_replays_the_delayed_gradient_reference(comm_name, schedule):
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_async_pipeline_replays_the_delayed_gradient_reference(comm_name, schedule, decay):
     """20 steps, drained after steps 7 and 13 (where checkpoints would be): weights, losses and the
-    staleness of every update equal the reference's and the schedule's."""
+    staleness of every update equal the reference's and the schedule's (with weight decay too)."""
     comm = COMMS[comm_name]()
     model, reference_model = make_model(), make_model()
-    pipe, _ = async_pipeline(comm, model, schedule)
+    pipe, _ = async_pipeline(comm, model, schedule, weight_decay=decay)
     reference = DelayedGradientSGD.for_schedule(reference_model, pipe.placement.balance(), pipe.schedule,
-                                                optimizer=sgd, loss_fn=F.cross_entropy)
+                                                optimizer=lambda params: sgd(params, weight_decay=decay),
+                                                loss_fn=F.cross_entropy)
     problems, records, versions = [], [], []
     for step in range(STEPS):
         inputs, targets = make_batch(step)
@@ -285,3 +288,74 @@ def test_replicated_async_pipelines_are_refused_on_every_rank():
                                          rf"--stages = the world size \({comm.Get_size()}\)") as caught:
         PipelineStrategy(comm, make_model(), config, batch_size=8)
     assert_all_ranks(comm, True, str(caught.value))
+
+
+class Gated(nn.Module):
+    """``x``, with a parameter that gets an exact zero gradient (so only weight decay moves it), one that
+    takes no part (gradient None) and a frozen one (``requires_grad=False``)."""
+
+    def __init__(self, width: int = 5):
+        super().__init__()
+        self.decayed = nn.Parameter(torch.linspace(0.5, 1.5, width, dtype=torch.float64))
+        self.unused = nn.Parameter(torch.linspace(-1.0, 1.0, width, dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.linspace(1.0, 2.0, width, dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x):
+        return x * self.frozen / self.frozen + 0.0 * self.decayed.sum()
+
+
+def gated_model(stages: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = []
+    for i in range(stages):  # one stage per rank, each with a gate
+        layers += [(f"fc{i}", nn.Linear(5, 5).double()), (f"gate{i}", Gated()), (f"act{i}", nn.Tanh())]
+    return nn.Sequential(OrderedDict(layers + [("head", nn.Linear(5, 3).double())]))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["pipedream", "2bw"])
+def test_weight_decay_per_batch_is_the_flushing_schedules(schedule):
+    """Each update decays by its share of the batch (1/m for PipeDream's per-micro-batch updates), so a
+    weight whose gradient is zero shrinks by (1 - lr wd) per batch to first order, as under 1F1B; exactly,
+    (1 - lr wd share) per update."""
+    comm = MPI.COMM_WORLD
+    lr, decay, steps = 0.1, 0.1, 5
+    model = gated_model(comm.Get_size())
+    pipe = Pipeline(model, comm, Placement.even(len(model), comm.Get_size()), schedule=schedule,
+                    microbatches=MICROBATCHES, loss_fn=F.cross_entropy)
+    pipe.bind_optimizer(torch.optim.SGD(list(pipe.parameters()), lr=lr, weight_decay=decay))
+    gates = [layer for stage in pipe.stages.values() for layer in stage.module if isinstance(layer, Gated)]
+    start = [gate.decayed.detach().clone() for gate in gates]
+    for step in range(steps):
+        pipe.step(*make_batch(step))
+    pipe.drain()
+    share = 1 / MICROBATCHES if schedule == "pipedream" else 1.0
+    factor = torch.tensor(1 - lr * decay * share, dtype=torch.float64) ** round(steps / share)
+    problems = [f"{schedule}: decayed by {(gate.decayed / begin).mean().item():.6f}, expected {factor.item():.6f}"
+                for gate, begin in zip(gates, start) if not torch.allclose(gate.decayed, begin * factor, **TOL)]
+    assert_all_ranks(comm, not problems, str(problems))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["pipedream", "2bw"])
+def test_frozen_and_unused_parameters_do_not_move(schedule):
+    """Momentum and weight decay leave parameters without a gradient alone (their ``.grad`` stays None, as
+    under the flushing schedules); the stash holds only trainable parameters."""
+    comm = MPI.COMM_WORLD
+    model = gated_model(comm.Get_size())
+    pipe = Pipeline(model, comm, Placement.even(len(model), comm.Get_size()), schedule=schedule,
+                    microbatches=MICROBATCHES, loss_fn=F.cross_entropy)
+    pipe.bind_optimizer(torch.optim.SGD(list(pipe.parameters()), lr=0.1, momentum=0.9, weight_decay=0.1))
+    gates = [layer for stage in pipe.stages.values() for layer in stage.module if isinstance(layer, Gated)]
+    start = [(gate.unused.detach().clone(), gate.frozen.detach().clone()) for gate in gates]
+    for step in range(3):
+        pipe.step(*make_batch(step))
+    stashed = {name for versions in pipe.versions.values() for weights in versions.stash.values() for name in weights}
+    pipe.drain()
+    problems = [f"{schedule}: unused moved {(gate.unused - unused).abs().max().item():.2e}, frozen moved "
+                f"{(gate.frozen - frozen).abs().max().item():.2e}" for gate, (unused, frozen) in zip(gates, start)
+                if not (torch.equal(gate.unused, unused) and torch.equal(gate.frozen, frozen))]
+    if any(name.endswith("frozen") for name in stashed):
+        problems.append(f"frozen parameters stashed: {sorted(stashed)}")
+    assert_all_ranks(comm, not problems, str(problems))
+

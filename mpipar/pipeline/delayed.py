@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from mpipar.pipeline.schedule import Schedule
 from mpipar.pipeline.skip import SkipSequential
+from mpipar.pipeline.versions import step_with_decay_share
 
 __all__ = ["DelayedGradientSGD"]
 
@@ -22,8 +23,10 @@ class DelayedGradientSGD:
     ``update_every`` consecutive micro-batches, loss divided by ``microbatches`` as in a
     pipeline) computed with stage ``s`` at weight version ``max(0, u - staleness[s])``
     (``u`` updates applied), to the newest weights, version ``u``, with the stage's own
-    optimizer. ``pipedream`` is ``update_every=1, staleness=[p-1, ..., 0]``; ``2bw``
-    ``update_every=m, staleness=[1, ...]`` (:meth:`for_schedule`). With every staleness
+    optimizer, its weight decay scaled by the update's part of a batch (``update_every /
+    microbatches``); parameters no gradient reached keep ``.grad`` None. ``pipedream`` is
+    ``update_every=1, staleness=[p-1, ..., 0]``; ``2bw`` ``update_every=m, staleness=[1, ...]``
+    (:meth:`for_schedule`). With every staleness
     0 and ``update_every=m`` it is ordinary SGD with micro-batch gradient accumulation,
     bitwise. Nothing here communicates.
 
@@ -86,11 +89,12 @@ class DelayedGradientSGD:
             losses.append(loss.detach())
             (loss / self.microbatches).backward()
             for s, w in enumerate(weights):
-                grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in w.values()]
+                grads = [t.grad for t in w.values()]
                 for t in w.values():
                     t.grad = None
                 accumulated = self._gradients[s]
-                self._gradients[s] = grads if accumulated is None else [a.add_(g) for a, g in zip(accumulated, grads)]
+                self._gradients[s] = grads if accumulated is None else [
+                    g if a is None else a if g is None else a.add_(g) for a, g in zip(accumulated, grads)]
             self.seen += 1
             if self.seen % self.update_every == 0:
                 self._update()
@@ -101,7 +105,7 @@ class DelayedGradientSGD:
             params = list(part.parameters())
             for p, g in zip(params, self._gradients[s]):
                 p.grad = g
-            optimizer.step()
+            step_with_decay_share(optimizer, self.update_every / self.microbatches)
             for p in params:
                 p.grad = None
             self._gradients[s] = None

@@ -39,7 +39,7 @@ from mpipar.pipeline.schedule import (
 from mpipar.pipeline.skip import SkipEdge, find_skips
 from mpipar.pipeline.stage import Stage, TensorSpec
 from mpipar.pipeline.timing import StepClock, StepTimes
-from mpipar.pipeline.versions import WeightVersions
+from mpipar.pipeline.versions import WeightVersions, step_with_decay_share
 
 __all__ = ["Pipeline", "StepResult"]
 
@@ -411,15 +411,16 @@ class Pipeline:
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer an asynchronous schedule steps at each ``Update``, with only the updating
-        stage's parameters holding a gradient (an optimizer skips parameters without one).
-        Local (no communication)."""
+        stage's parameters holding a gradient (an optimizer skips parameters without one) and its
+        weight decay scaled by the update's part of the batch (PipeDream: ``1/m``), so decay per
+        batch is the flushing schedules'. Local (no communication)."""
         self._optimizer = optimizer
 
-    def _step_optimizer(self, params: List[nn.Parameter]) -> None:
+    def _step_optimizer(self, params: List[nn.Parameter], share: float) -> None:
         if self._optimizer is None:
             raise RuntimeError(f"the {self.schedule.name} schedule steps an optimizer at each update: call "
                                f"pipe.bind_optimizer(optimizer) before the first step")
-        self._optimizer.step()
+        step_with_decay_share(self._optimizer, share)
 
     @property
     def in_flight(self) -> bool:

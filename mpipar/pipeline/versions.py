@@ -9,7 +9,22 @@ from torch import nn
 
 from mpipar.pipeline.schedule import Schedule
 
-__all__ = ["WeightVersions"]
+__all__ = ["WeightVersions", "step_with_decay_share"]
+
+
+def step_with_decay_share(optimizer: torch.optim.Optimizer, share: float) -> None:
+    """``optimizer.step()`` with each group's ``weight_decay`` scaled by ``share``, the update's part of
+    a batch (restored after), so decay per batch does not depend on how many updates a batch makes."""
+    decays = [group.get("weight_decay", 0.0) for group in optimizer.param_groups]
+    try:
+        for group, decay in zip(optimizer.param_groups, decays):
+            if decay:
+                group["weight_decay"] = decay * share
+        optimizer.step()
+    finally:
+        for group, decay in zip(optimizer.param_groups, decays):
+            if decay:
+                group["weight_decay"] = decay
 
 
 class WeightVersions:
@@ -19,7 +34,8 @@ class WeightVersions:
     runs on a stashed copy of the version the schedule gives it
     (:meth:`Schedule.forward_version`), as leaves that collect its gradient in the backward,
     so forward and backward of a micro-batch see the same weights however many updates
-    happen in between (weight stashing). A copy lives while an in-flight micro-batch uses it
+    happen in between (weight stashing). Only trainable parameters (``requires_grad``) have
+    versions; frozen ones are used as they are. A copy lives while an in-flight micro-batch uses it
     or a later forward will: at most :meth:`Schedule.weight_versions` versions in steady
     state, newest included. Nothing here communicates.
 
@@ -31,18 +47,18 @@ class WeightVersions:
 
     def __init__(self, index: int, module: nn.Module, schedule: Schedule):
         self.index, self.schedule = index, schedule
-        self.named = [(name, p) for name, p in module.named_parameters()]
+        self.named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]  # frozen: no versions
         self.live = 0            # updates applied
         self.forwarded = 0       # next micro-batch (run-wide number) to forward
         self.stash: Dict[int, Dict[str, torch.Tensor]] = {}  # version -> parameter copies (leaves)
         self.users: Dict[int, int] = {}  # in-flight micro-batch -> its version
-        self.gradient: Optional[List[torch.Tensor]] = None  # accumulated since the last update
+        self.gradient: Optional[List[Optional[torch.Tensor]]] = None  # since the last update (None: none came)
         self.waiting: List[Tuple[int, int]] = []  # (micro-batch, forward version) in ``gradient``
         self.records: List[Tuple[int, int, int]] = []  # (micro-batch, forward version, applied version)
         self.peak_versions, self.peak_bytes = 1, 0
 
     def _copy(self) -> Dict[str, torch.Tensor]:
-        return {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in self.named}
+        return {name: p.detach().clone().requires_grad_() for name, p in self.named}
 
     @property
     def versions(self) -> int:
@@ -82,18 +98,20 @@ class WeightVersions:
 
     def take_gradient(self, microbatch: int) -> None:
         """After the backward of ``microbatch``: move its gradient off the stashed leaves into the
-        gradient of the next update."""
+        gradient of the next update (None for a parameter no gradient reached)."""
         version = self.users.pop(microbatch)
         grads = []
         for _, leaf in self.stash[version].items():
-            grads.append(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+            grads.append(leaf.grad)
             leaf.grad = None
-        self.gradient = grads if self.gradient is None else [a.add_(g) for a, g in zip(self.gradient, grads)]
+        self.gradient = grads if self.gradient is None else [
+            g if a is None else a if g is None else a.add_(g) for a, g in zip(self.gradient, grads)]
         self.waiting.append((microbatch, version))
 
-    def update(self, step: Callable[[List[nn.Parameter]], None]) -> None:
-        """Apply the accumulated gradient: ``step(parameters)`` with their ``.grad`` set (the optimizer),
-        making the next version; copies no longer needed are dropped."""
+    def update(self, step: Callable[[List[nn.Parameter], float], None]) -> None:
+        """Apply the accumulated gradient: ``step(parameters, share)`` with their ``.grad`` set (None where
+        no gradient came) and ``share`` the update's part of a batch (micro-batches / ``m``: the optimizer,
+        its weight decay scaled by it), making the next version; copies no longer needed are dropped."""
         if self.gradient is None:
             raise RuntimeError(f"stage {self.index}: an update without a gradient")
         needed_later = self.schedule.forward_version(self.index, self.forwarded)
@@ -102,7 +120,7 @@ class WeightVersions:
         params = [p for _, p in self.named]
         for p, g in zip(params, self.gradient):
             p.grad = g
-        step(params)
+        step(params, len(self.waiting) / self.schedule.microbatches)
         for p in params:
             p.grad = None
         self.records += [(microbatch, version, self.live) for microbatch, version in self.waiting]
@@ -128,7 +146,7 @@ class WeightVersions:
     def load_state_dict(self, state: dict) -> None:
         self.live, self.forwarded = int(state["live"]), int(state["forwarded"])
         params = dict(self.named)
-        self.stash = {int(v): {name: t.to(params[name].device).requires_grad_(params[name].requires_grad)
-                               for name, t in w.items()} for v, w in state["stash"].items()}
+        self.stash = {int(v): {name: t.to(params[name].device).requires_grad_()  # frozen: in older files
+                               for name, t in w.items() if name in params} for v, w in state["stash"].items()}
         self.users, self.gradient, self.waiting = {}, None, []
         self.reset_peaks()
