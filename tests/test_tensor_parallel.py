@@ -298,3 +298,50 @@ def test_mismatched_layers_raise_on_every_rank(comm):
         with pytest.raises(ValueError, match=rf"different shapes \(rank 0: full {2 * p}->{2 * p}; rank 1: full"):
             RowParallelLinear(make_linear(2 * p, 2 * p * (1 + rank)), comm)
     assert_comm_still_usable(comm)
+
+
+def user_mlp():
+    """Entries holding other activations than ReLU, and a dropout on a pair's (replicated) output."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(6, 12), nn.GELU()),
+                         nn.Sequential(nn.Linear(12, 5), nn.Tanh(), nn.Dropout(0.3)),
+                         nn.Sequential(nn.Linear(5, 24), nn.SiLU()), nn.Linear(24, 3)).double()
+
+
+@pytest.mark.mpi
+def test_split_mlp_keeps_the_models_activations_and_dropout(comm):
+    """Training mode: the pair's output is replicated, so its dropout draws the same mask as the unsplit model's
+    (same seed, same draws before it); outputs and input gradients equal the unsplit model's."""
+    from mpipar.comm.reducer import CommStats
+    from mpipar.tensor_parallel.strategy import split_mlp
+
+    reference = user_mlp()
+    split = split_mlp(user_mlp(), comm, CommStats())
+    kept = [type(module).__name__ for module in split.modules()
+            if not isinstance(module, (nn.Sequential, ParallelMLP, ColumnParallelLinear, RowParallelLinear))]
+    assert_all_ranks(comm, kept == ["Flatten", "GELU", "Tanh", "Dropout", "SiLU"], f"{kept}")
+    x_full = random(BATCH, 2, 3, seed=7).requires_grad_()
+    x_split = x_full.detach().clone().requires_grad_()
+    outputs = []
+    for model, x in ((reference, x_full), (split, x_split)):
+        torch.manual_seed(11)
+        output = model(x)
+        output.square().sum().backward()
+        outputs.append(output)
+    assert_close_all_ranks(comm, outputs[1], outputs[0], rtol=1e-10, atol=1e-12, what="output")
+    assert_close_all_ranks(comm, x_split.grad, x_full.grad, rtol=1e-10, atol=1e-12, what="input gradient")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("between, named", [(nn.Softmax(dim=1), "Softmax"), (nn.Dropout(0.1), "Dropout"),
+                                            (nn.LayerNorm(12), "LayerNorm")])
+def test_split_mlp_refuses_what_cannot_act_on_split_features(comm, between, named):
+    """Between a pair's column- and row-parallel layers each rank holds part of the hidden features:
+    only element-wise, deterministic modules without parameters can run there."""
+    from mpipar.comm.reducer import CommStats
+    from mpipar.tensor_parallel.strategy import split_mlp
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), between), nn.Linear(12, 3))
+    with pytest.raises(ValueError, match=rf"model\[0\]\[2\] \({named}\)"):
+        split_mlp(model, comm, CommStats())
+    assert_comm_still_usable(comm)

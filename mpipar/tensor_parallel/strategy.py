@@ -28,8 +28,8 @@ from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinea
 from mpipar.tensor_parallel.mlp import ParallelMLP
 from mpipar.tensor_parallel.partition import shard_bounds
 
-__all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "shard_layout", "Splitter", "SPLITTERS",
-           "split_vit", "model_kind", "split_parameters", "full_state_dict"]
+__all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "ELEMENTWISE", "shard_layout", "Splitter",
+           "SPLITTERS", "split_vit", "model_kind", "split_parameters", "full_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -47,25 +47,38 @@ class TensorParallelConfig:
         return dataclasses.asdict(self)
 
 
+ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+               nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+               nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold)
+"""Modules that may run on split hidden features (between a pair's two layers): element-wise, without
+parameters or randomness (these exact types: a subclass may do anything)."""
+
+
 def split_mlp(model: nn.Sequential, comm: MPI.Intracomm, stats: CommStats) -> nn.Sequential:
     """``model`` (as :func:`mpipar.models.mlp` builds it: layers without weights such as Flatten,
-    then Linear+ReLU blocks and a last Linear) as pairs of linear layers, each pair a :class:`ParallelMLP`
-    (column then row parallel), with the ReLU between pairs kept. Collective over ``comm``.
+    then entries each a Linear or a Sequential starting with one) as pairs of linear layers, each pair
+    a :class:`ParallelMLP` (column then row parallel). The modules after each linear layer in its entry
+    are kept: a pair's first entry's run between its two layers, on split features (only
+    :data:`ELEMENTWISE` ones can), its second entry's after the pair, on the replicated output (any
+    module without parameters or buffers: a dropout there draws the same mask on every rank, as it must).
+    Collective over ``comm``.
 
     Raises:
-        ValueError: on every rank, when the model has an odd number of linear layers or a
-            hidden size the group's size does not divide (naming the sizes).
+        ValueError: on every rank, when the model has an odd number of linear layers, a hidden size the
+            group's size does not divide (naming the sizes), or a module that cannot be split (naming it).
     """
     head, named = _linear_layers(model)
     linears = [layer for _, layer in named]
     if not linears or len(linears) % 2 or any(layer is None for layer in linears):
         raise agreed(ValueError)(f"tensor parallelism pairs linear layers (column then row parallel); this model "
                                  f"has {len(linears)} linear layers: use an even number")
+    following = _after_linears(model, len(head))
     blocks: List[nn.Module] = list(head)
     for index in range(0, len(linears), 2):
-        if blocks[len(head):]:
-            blocks.append(nn.ReLU())
-        blocks.append(ParallelMLP(linears[index], linears[index + 1], comm, nn.ReLU(), stats=stats))
+        between = following[index]
+        activation = between[0] if len(between) == 1 else nn.Sequential(*between) if between else nn.Identity()
+        blocks.append(ParallelMLP(linears[index], linears[index + 1], comm, activation, stats=stats))
+        blocks.extend(following[index + 1])
     return nn.Sequential(*blocks)
 
 
@@ -85,6 +98,31 @@ def _linear_layers(model: nn.Sequential):
         found = linear(layer)
         named.append((None, None) if found is None else (".".join(filter(None, (str(index), found[0]))), found[1]))
     return layers[:first], named
+
+
+def _after_linears(model: nn.Sequential, first: int) -> List[List[nn.Module]]:
+    """Per entry from ``model[first]`` on, the modules after its linear layer, checked: only
+    :data:`ELEMENTWISE` ones after a pair's first layer, nothing with parameters or buffers anywhere
+    (neither split nor consolidated). Raises ValueError (agreed: the model is the same on every rank)."""
+    following = []
+    for index, entry in enumerate(list(model)[first:], start=first):
+        rest = list(entry)[1:] if isinstance(entry, nn.Sequential) else []
+        for position, module in enumerate(rest, start=1):
+            where = f"model[{index}][{position}] ({type(module).__name__})"
+            if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+                raise agreed(ValueError)(
+                    f"tensor parallelism cannot split {where}: it has parameters or buffers, and split_mlp splits "
+                    f"only the linear layers; remove it or keep the model whole")
+            if len(following) % 2 == 0 and type(module) not in ELEMENTWISE:
+                dropout = isinstance(module, nn.modules.dropout._DropoutNd)
+                hint = ("dropout there needs a different mask on each rank: put it after the pair's second linear "
+                        "layer, where the output is whole") if dropout else "use an element-wise activation there"
+                raise agreed(ValueError)(
+                    f"tensor parallelism cannot split {where}: it runs between a column- and a row-parallel layer, "
+                    f"where each rank holds part of the hidden features, and only element-wise modules without "
+                    f"randomness can ({', '.join(kind.__name__ for kind in ELEMENTWISE)}); {hint}")
+        following.append(rest)
+    return following
 
 
 def shard_layout(model: nn.Sequential, split: nn.Module) -> Dict[str, Dict[str, Any]]:
