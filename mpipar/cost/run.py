@@ -6,8 +6,9 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
+from mpipar import registry
 from mpipar.cost.machine import Machine
-from mpipar.cost.model import Layout, Prediction, predict_data_parallel, predict_pipeline
+from mpipar.cost.model import Prediction
 
 __all__ = ["predict_run", "report_rows", "format_rows"]
 
@@ -16,36 +17,29 @@ def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: flo
                 ranks_per_node: int) -> Tuple[Optional[Prediction], str]:
     """The prediction of a job's step from its settings, or None and the reason there is none. Pure.
 
-    Data parallelism when ``settings`` is None; a flushing pipeline (grid) for a
-    :class:`~mpipar.pipeline.config.PipelineConfig` with ``tp`` 1 (``balance`` even, auto or given;
-    a ``placement`` is not modelled); replicas of tensor-parallel groups for a
-    :class:`~mpipar.tensor_parallel.strategy.TensorParallelConfig` (``batch_size`` per group; the machine
-    file's ``MODEL/tpT`` profile, :func:`~mpipar.cost.tensor.predict_tensor_grid`); other strategies have
-    no model yet.
+    The strategy whose settings ``settings`` are (None: data parallelism) predicts through its
+    registered ``predict`` entry point (:mod:`mpipar.registry`): data parallelism; flushing pipelines
+    and their grids (``mpipar/pipeline/prediction.py``); replicas of tensor-parallel groups
+    (``batch_size`` per group, the machine file's ``MODEL/tpT`` profile). Others have no model yet.
     """
     if model not in machine.models:
         return None, f"the machine file has no layer times of {model} (mpipar-calibrate --model {model})"
     profile = machine.profile(model)
-    kind = type(settings).__name__
     try:
-        if settings is None:
-            return predict_data_parallel(profile, batch_size, Layout(ranks, ranks_per_node), machine,
-                                         bucket_mb=bucket_mb), ""
-        if kind == "PipelineConfig" and settings.tp == 1 and settings.placement is None \
-                and settings.schedule in ("gpipe", "1f1b", "naive"):
-            from mpipar.pipeline.placement import even_balance
-            balance = (even_balance(profile.num_layers, settings.stages) if settings.balance == "even"
-                       else None if settings.balance == "auto" else list(settings.balance))
-            layout = Layout(ranks, ranks_per_node, pp=settings.stages)
-            return predict_pipeline(profile, batch_size, layout, machine, microbatches=settings.microbatches,
-                                    schedule=settings.schedule, balance=balance), ""
-        if kind == "TensorParallelConfig":
-            from mpipar.cost.tensor import predict_tensor_grid
-            return predict_tensor_grid(machine, model, batch_size, Layout(ranks, ranks_per_node, tp=settings.tp),
-                                       bucket_mb=bucket_mb), ""
+        spec = registry.for_settings(settings)
+    except ValueError as exc:
+        return None, str(exc)
+    if spec.predict is None:
+        return None, f"no cost model for {spec.name} yet"
+    try:
+        prediction = registry.resolve(spec.predict)(machine, profile, model=model,
+                                                    batch_size=batch_size, bucket_mb=bucket_mb, settings=settings,
+                                                    ranks=ranks, ranks_per_node=ranks_per_node)
     except ValueError as exc:  # e.g. ranks across nodes and a machine file of one node
         return None, str(exc)
-    return None, f"no cost model for {kind} with these settings yet"
+    if prediction is None:
+        return None, f"no cost model for {spec.name} with these settings yet"
+    return prediction, ""
 
 
 def report_rows(run) -> List[Tuple[str, float, float]]:

@@ -5,6 +5,7 @@ e.g. by ``mpipar-report``, without torch or MPI.
 """
 
 from mpipar._lazy import lazy_getattr
+from mpipar.registry import StrategySpec, register
 
 _LAZY = {name: (module, name) for module, names in {
     "mpipar.comm.replicas": ["ReplicaAverager"],
@@ -19,3 +20,8 @@ _LAZY = {name: (module, name) for module, names in {
 
 __all__ = list(_LAZY)
 __getattr__ = lazy_getattr("mpipar.pipeline", _LAZY, globals())
+
+register(StrategySpec(
+    name="pipeline", package=__name__, settings="mpipar.pipeline.config:PipelineConfig", checkpoint_key="placement",
+    consolidate="mpipar.run.consolidate:merge_stages", predict="mpipar.pipeline.prediction:predict",
+    jobs=("mlp_mp.py", "resnet_pp.py", "mlp_tp.py"), loop_cases=("pipeline", "hybrid"), aliases=("pipeline_hybrid",)))

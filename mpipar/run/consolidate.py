@@ -1,14 +1,17 @@
 """One state dict of the whole model from a checkpoint, whatever the strategy that wrote it.
 
-Data-parallel checkpoints hold the whole model already (rank 0's file). Model and
-pipeline parallel checkpoints hold one file per rank with that rank's stages; the
-stages of the first pipeline (the grid's first ``stages`` ranks in its node-by-node
-order, ``grid_order`` in the files: replicas hold the same parameters) are merged under
-the unsplit ``nn.Sequential``'s names. Tensor-parallel checkpoints hold one file per rank
-with that rank's shards of every layer; the shards of the first group (the grid's first
-``tp`` ranks) are concatenated along the dimension each was cut
-(rows of a column-parallel layer, columns of a row-parallel one; padding dropped), as the
-files' ``tp_layout`` records. Either way ``model.load_state_dict(model_state(path)[0])``
+The strategy comes from the checkpoint (its ``strategy`` entry, or for older files the entry its
+state adds, :func:`mpipar.registry.for_checkpoint`); its registered ``consolidate`` function merges
+the files. The layouts here serve the strategies that share them. :func:`whole_model`: rank 0's file
+holds the whole model (data parallelism; a parameter server, whose ranks all hold every server's
+share when a checkpoint is written). :func:`merge_stages`: one file per rank with that rank's stages;
+the stages of the first pipeline (the grid's first ``stages`` ranks in its node-by-node order,
+``grid_order`` in the files: replicas hold the same parameters) are merged under the unsplit
+``nn.Sequential``'s names. :func:`merge_shards`: one file per rank with that rank's shards of every
+layer; the shards of the first group (the grid's first ``tp`` ranks) are concatenated along the
+dimension each was cut (rows of a column-parallel layer, columns of a row-parallel one; padding
+dropped), as the files' ``tp_layout`` records. Local SGD's files per rank are averaged
+(``mpipar/local_sgd/consolidate.py``). Either way ``model.load_state_dict(model_state(path)[0])``
 works on the unsplit model the job built.
 
 Command line::
@@ -28,9 +31,11 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from mpipar import registry
 from mpipar.run.checkpoint import read_state, verify_file
 
-__all__ = ["find_checkpoint", "model_state", "training_state", "main"]
+__all__ = ["find_checkpoint", "model_state", "training_state", "read_rank", "whole_model", "merge_stages",
+           "merge_shards", "main"]
 
 
 def find_checkpoint(path) -> Path:
@@ -50,8 +55,10 @@ def find_checkpoint(path) -> Path:
                             f"or a run directory holding checkpoints/)")
 
 
-def _load(file: Path, meta: dict) -> dict:
-    """A rank's file, verified against ``meta.json`` and loaded safely (``weights_only``)."""
+def read_rank(checkpoint: Path, meta: dict, rank: int) -> dict:
+    """Rank ``rank``'s file of ``checkpoint``, verified against ``meta.json`` (``meta``) and loaded
+    safely (``weights_only``). Raises FileNotFoundError or ValueError."""
+    file = checkpoint / f"rank-{rank}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint file {file} is missing")
     files = meta.get("files")
@@ -66,28 +73,33 @@ def model_state(checkpoint) -> Tuple[Dict[str, torch.Tensor], dict]:
     """The whole model's state dict and the checkpoint's run information.
 
     Returns:
-        ``(state_dict, info)``; ``info`` holds ``step``, ``config`` and, for a
+        ``(state_dict, info)``; ``info`` holds ``step``, ``config``, ``strategy`` and, for a
         partitioned model, ``placement`` (pipelines) or ``tp`` (tensor parallelism).
 
     Raises:
         FileNotFoundError: no checkpoint or a rank's file missing.
-        ValueError: a rank file that does not match the placement or the tensor-parallel layout.
+        ValueError: a rank file that does not match the others, or a checkpoint the strategy cannot merge.
     """
     checkpoint = find_checkpoint(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
-    first = _load(checkpoint / "rank-0.pt", meta)
-    info = {"step": first.get("step"), "config": first.get("config"), "checkpoint": str(checkpoint)}
-    if not meta.get("per_rank"):
-        return dict(first["model"]), info
-    if "tp" in first and "placement" not in first:
-        info["tp"] = first["tp"]
-        return _merge_shards(checkpoint, meta, first), info
+    first = read_rank(checkpoint, meta, 0)
+    spec = registry.for_checkpoint(first, per_rank=bool(meta.get("per_rank")))
+    info = {"step": first.get("step"), "config": first.get("config"), "checkpoint": str(checkpoint),
+            "strategy": spec.name, **{key: first[key] for key in ("placement", "tp") if key in first}}
+    return registry.resolve(spec.consolidate)(checkpoint, meta, first), info
+
+
+def whole_model(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.Tensor]:
+    """Rank 0's model: the checkpoint's layout when rank 0 holds the whole model."""
+    return dict(first["model"])
+
+
+def merge_stages(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.Tensor]:
+    """The first pipeline's stages merged under the unsplit model's names."""
     if (first.get("config") or {}).get("tp", 1) > 1:
         raise ValueError(f"{checkpoint}: a pipeline whose stages are split over tensor-parallel ranks "
                          f"(tp {first['config']['tp']}) cannot be merged by mpipar-consolidate yet")
-    merged, _ = _merge_ranks(checkpoint, meta, first)
-    info["placement"] = first["placement"]
-    return merged, info
+    return _merge_ranks(checkpoint, meta, first)[0]
 
 
 def training_state(checkpoint) -> dict:
@@ -97,7 +109,7 @@ def training_state(checkpoint) -> dict:
     files must record ``parameter_names``, as pipeline checkpoints do). Local: no MPI."""
     checkpoint = find_checkpoint(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
-    first = _load(checkpoint / "rank-0.pt", meta)
+    first = read_rank(checkpoint, meta, 0)
     model, by_name = _merge_ranks(checkpoint, meta, first)
     return {**first, "model": model, "optimizer_by_name": by_name}
 
@@ -111,7 +123,7 @@ def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, t
     merged: Dict[str, torch.Tensor] = {}
     by_name: dict = {}
     for rank in _first_ranks(first, stages):
-        state = first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt", meta)
+        state = first if rank == 0 else read_rank(checkpoint, meta, rank)
         if state.get("placement") != placement:
             raise ValueError(f"{checkpoint}: rank {rank} was written with placement {state.get('placement')}, "
                              f"rank 0 with {placement}")
@@ -134,7 +146,7 @@ def _first_ranks(first: dict, count: int) -> List[int]:
     return list(first.get("grid_order") or range(count))[:count]
 
 
-def _merge_shards(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.Tensor]:
+def merge_shards(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.Tensor]:
     """The first tensor-parallel group's files (ranks ``0 .. tp-1``; replicas hold the same shards)
     merged into the unsplit model's tensors, by the files' ``tp_layout``."""
     tp, layout = first["tp"], first.get("tp_layout")
@@ -145,7 +157,7 @@ def _merge_shards(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.
         raise ValueError(f"{checkpoint}: this tensor-parallel checkpoint records no layout: its model's split "
                          f"cannot be merged by mpipar-consolidate (MLPs only, so far)")
     ranks = _first_ranks(first, tp)
-    states = [first if rank == 0 else _load(checkpoint / f"rank-{rank}.pt", meta) for rank in ranks]
+    states = [first if rank == 0 else read_rank(checkpoint, meta, rank) for rank in ranks]
     for position, (rank, state) in enumerate(zip(ranks, states)):
         if (state.get("tp"), state.get("tp_rank"), state.get("tp_layout")) != (tp, position, layout):
             raise ValueError(f"{checkpoint}: rank {rank} was written as tensor-parallel rank {state.get('tp_rank')} "

@@ -117,7 +117,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             "loss_sums_by_rank": collectives.allgather(comm, (loss_sum, seen), "checkpoint: train loss sums"),
             "samples_seen": seen, "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
             "rng": rng_state(), "config": session.run_config, "global_batch": global_batch, "replicas": replicas,
-            "total_steps": total_steps,
+            "total_steps": total_steps, "strategy": strategy.name,
             **strategy.state_dict()})
         say(f"checkpoint: {path}")
 

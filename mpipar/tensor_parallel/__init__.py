@@ -1,5 +1,6 @@
 """Tensor ("true") model parallelism, Megatron-style: layers split inside, over a tensor-parallel communicator."""
 
+from mpipar.registry import StrategySpec, register
 from mpipar.tensor_parallel.attention import ParallelSelfAttention, ParallelTransformerBlock
 from mpipar.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -30,3 +31,9 @@ __all__ = [
     "ParallelDropout",
     "split_dropout",
 ]
+
+register(StrategySpec(
+    name="tensor_parallel", package=__name__, settings="mpipar.tensor_parallel.strategy:TensorParallelConfig",
+    checkpoint_key="tp", consolidate="mpipar.run.consolidate:merge_shards",
+    predict="mpipar.tensor_parallel.prediction:predict", jobs=("mlp_tp.py", "vit_tp.py"),
+    loop_cases=("tensor", "tensor_x_data")))

@@ -1,0 +1,24 @@
+"""The cost model's prediction of a pipeline job's step (its registered ``predict`` entry point)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from mpipar.cost.machine import Machine, ModelProfile
+from mpipar.cost.model import Layout, Prediction, predict_pipeline
+from mpipar.pipeline.config import PipelineConfig
+from mpipar.pipeline.placement import even_balance
+
+__all__ = ["predict"]
+
+
+def predict(machine: Machine, profile: ModelProfile, *, model: str, batch_size: int, bucket_mb: float,
+            settings: PipelineConfig, ranks: int, ranks_per_node: int) -> Optional[Prediction]:
+    """A flushing pipeline (and its data-parallel grid) with ``tp`` 1 and a ``balance`` (even, auto or
+    given); None for a ``placement``, tensor-parallel stages or an asynchronous schedule. Pure."""
+    if settings.tp != 1 or settings.placement is not None or settings.schedule not in ("gpipe", "1f1b", "naive"):
+        return None
+    balance = (even_balance(profile.num_layers, settings.stages) if settings.balance == "even"
+               else None if settings.balance == "auto" else list(settings.balance))
+    return predict_pipeline(profile, batch_size, Layout(ranks, ranks_per_node, pp=settings.stages), machine,
+                            microbatches=settings.microbatches, schedule=settings.schedule, balance=balance)
