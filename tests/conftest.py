@@ -4,6 +4,11 @@ pytest-mpi runs the same tests on every rank; a test that fails on one rank whil
 the others wait in a collective would hang the run. Here a failed test prints its
 report with the rank and calls MPI_Abort, so the run ends with a non-zero exit.
 
+Markers (setup.cfg): a test that starts mpirun (``mpi_helpers.mpirun_command``, directly or in a
+fixture) must be marked ``launch``, or that call fails it; a test that uses a cluster fixture
+(``CLUSTER_FIXTURES``: Slurm, emulated nodes) is marked ``cluster`` here at collection.
+``bash tests/run.sh --fast`` runs neither.
+
 The ``device`` fixture runs a test on CPU and, marked ``cuda``, on a CUDA device.
 Where ``torch.cuda.is_available()`` is False every ``cuda``-marked test is skipped at
 collection (before any fixture, so no communicator is built for it). On a GPU machine,
@@ -18,7 +23,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import mpi_helpers  # noqa: E402
+
 _with_mpi = False
+CLUSTER_FIXTURES = {"slurm_cluster", "nodes"}  # each skips (or fails) where no Slurm / emulated nodes are up
 
 
 def pytest_configure(config):
@@ -26,9 +34,14 @@ def pytest_configure(config):
     _with_mpi = bool(config.getoption("--with-mpi", default=False) or config.getoption("--only-mpi", default=False))
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks added here
 def pytest_collection_modifyitems(config, items):
-    """Without a GPU, skip the ``cuda`` tests. On several ranks, run only the MPI tests:
-    serial tests (some launch mpirun themselves) run once, in the plain ``pytest`` pass."""
+    """Mark ``cluster`` the tests that use a cluster fixture. Without a GPU, skip the ``cuda``
+    tests. On several ranks, run only the MPI tests: serial tests (some launch mpirun
+    themselves) run once, in the plain ``pytest`` pass."""
+    for item in items:
+        if CLUSTER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
     if any(item.get_closest_marker("cuda") for item in items):
         import torch
 
@@ -47,6 +60,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "mpi" not in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    mpi_helpers.running_test = item  # before its fixtures: a module fixture's launch counts for it
 
 
 def pytest_runtest_logreport(report):

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+running_test = None  # the pytest item being run (set by conftest.py), for require_launch_mark
 
 
 def assert_all_ranks(comm, ok: bool, message: str = "") -> None:
@@ -25,8 +27,18 @@ def assert_close_all_ranks(comm, actual: torch.Tensor, expected: torch.Tensor, *
     assert_all_ranks(comm, ok, f"{what}: max abs difference {err:.3e}")
 
 
+def require_launch_mark() -> None:
+    """Fail the running test unless it is marked ``launch``: a job launch costs seconds of
+    start-up, and ``-m "not launch"`` (``tests/run.sh --fast``) must leave every one out."""
+    if running_test is not None and running_test.get_closest_marker("launch") is None:
+        pytest.fail(f"{running_test.nodeid} launches a job: mark it @pytest.mark.launch (its fixtures' launches "
+                    "count too)", pytrace=False)
+
+
 def mpirun_command(n: int, *args: str) -> list:
-    """An mpirun command line that works as root and with more ranks than cores."""
+    """An mpirun command line that works as root and with more ranks than cores; only a
+    test marked ``launch`` may ask for one (every launch in the tests comes through here)."""
+    require_launch_mark()
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
     if mpirun is None:
         raise RuntimeError("mpirun not found")

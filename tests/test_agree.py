@@ -99,6 +99,7 @@ def test_metadata_collectives(comm):
     assert_all_ranks(comm, ok, f"{everyone} {gathered} {sent} {totals}")
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_agreed_error_is_printed_once_and_every_rank_exits_2(ranks):
     code = ("from mpi4py import MPI\n"

@@ -224,6 +224,7 @@ def test_calibrate_quick_measures_every_rank_alike(comm, mpi_tmp_path):
     assert_all_ranks(comm, comm.allgather(machine.within) == [machine.within] * comm.Get_size(), "links differ")
 
 
+@pytest.mark.launch
 def test_calibrate_cli_quick_writes_a_machine_file(tmp_path):
     out = tmp_path / "machine.json"
     result = run_mpi(2, "-m", "mpipar.cost.calibrate", "--quick", "--microbatch-sizes", "2,4", "--out", str(out),
@@ -233,6 +234,7 @@ def test_calibrate_cli_quick_writes_a_machine_file(tmp_path):
     assert machine.ranks == 2 and machine.profile("resnet-small").num_layers == 5
 
 
+@pytest.mark.launch
 def test_a_job_with_machine_stores_its_prediction(tmp_path):
     from mpipar.cost.calibrate import profile_model
 

@@ -187,6 +187,7 @@ def test_send_recv_dtype_mismatch_raises_on_the_receiver(comm, debug_mode):
 
 # -- whole jobs: a mismatch ends the job, it never hangs ------------------------------------------
 
+@pytest.mark.launch
 def test_send_recv_shape_mismatch_ends_the_job_naming_both_shapes():
     start = time.monotonic()
     result = run_mpi(3, str(SCENARIO), "send-recv", timeout=120, env={"MPIPAR_DEBUG": "1"})
@@ -198,6 +199,7 @@ def test_send_recv_shape_mismatch_ends_the_job_naming_both_shapes():
     assert "rank 0 sent shape (4, 3) float32" in output, output
 
 
+@pytest.mark.launch
 def test_collective_mismatch_ends_the_job_printed_once():
     result = run_mpi(3, str(SCENARIO), "allreduce", timeout=120, env={"MPIPAR_DEBUG": "1"})
     output = result.stdout + result.stderr

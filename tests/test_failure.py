@@ -13,6 +13,7 @@ from mpi_helpers import ROOT, mpirun_command, run_mpi
 SCENARIOS = ROOT / "tests" / "scenarios"
 
 
+@pytest.mark.launch
 def test_exception_on_one_rank_ends_the_job_printed_once():
     start = time.monotonic()
     result = run_mpi(3, str(SCENARIOS / "one_rank_raises.py"), timeout=60)
@@ -24,6 +25,7 @@ def test_exception_on_one_rank_ends_the_job_printed_once():
     assert "[rank 1/3]" in output and "rank 1 of 3 failed" in output
 
 
+@pytest.mark.launch
 def test_failed_assertion_on_one_rank_fails_the_pytest_mpi_run():
     result = run_mpi(2, "-m", "pytest", "--with-mpi", "-q", "-p", "no:cacheprovider",
                      str(SCENARIOS / "one_rank_fails_assert.py"), timeout=90)
@@ -31,6 +33,7 @@ def test_failed_assertion_on_one_rank_fails_the_pytest_mpi_run():
     assert "deliberate failure on the last rank" in result.stdout + result.stderr
 
 
+@pytest.mark.launch
 def test_sigkill_of_one_rank_ends_the_job_and_leaves_metrics_readable(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")

@@ -13,6 +13,7 @@ JOB = str(ROOT / "jobs" / "resnet_dp.py")
 TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--flush-every", "3")
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_resnet_dp_writes_every_metric(tmp_path, ranks):
     out = tmp_path / "run"
@@ -46,6 +47,7 @@ def run_bad(tmp_path, *args, ranks=2, env=None):
     return output
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("flag,value,message", [
     ("--batch-size", "0", "--batch-size must be positive"),
     ("--epochs", "-1", "--epochs must be positive"),
@@ -58,6 +60,7 @@ def test_bad_input_is_one_clear_message(tmp_path, flag, value, message):
     assert output.count(message) == 1, output
 
 
+@pytest.mark.launch
 def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -67,6 +70,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert (out / "metrics.h5").read_bytes() == b"earlier run"
 
 
+@pytest.mark.launch
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -77,11 +81,13 @@ def test_unwritable_output_directory(tmp_path):
     assert blocker.read_text() == "x"  # nothing destroyed
 
 
+@pytest.mark.launch
 def test_world_size_must_match_the_launch(tmp_path):
     output = run_bad(tmp_path, "--out", str(tmp_path / "run"), env={"MPIPAR_EXPECTED_WORLD_SIZE": "3"})
     assert "MPI world size is 2 but the launch asked for 3" in output
 
 
+@pytest.mark.launch
 def test_nan_loss_stops_with_the_step_and_keeps_metrics(tmp_path):
     out = tmp_path / "run"
     result = run_mpi(2, JOB, *TINY, "--max-steps", "40", "--lr", "1e12", "--out", str(out), timeout=120)
@@ -94,6 +100,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_metrics(tmp_path):
 TP_JOB = str(ROOT / "jobs" / "mlp_tp.py")
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("ranks,tp", [(2, 2), (4, 2)])
 def test_mlp_tp_trains_with_split_layers_and_writes_metrics(tmp_path, ranks, tp):
     out = tmp_path / "run"
@@ -110,6 +117,7 @@ def test_mlp_tp_trains_with_split_layers_and_writes_metrics(tmp_path, ranks, tp)
             [f"rank-{r}.pt" for r in range(ranks)]
 
 
+@pytest.mark.launch
 def test_mlp_tp_refuses_a_split_the_layers_cannot_take(tmp_path):
     result = run_mpi(3, TP_JOB, *TINY, "--max-steps", "2", "--out", str(tmp_path / "run"), timeout=120)
     output = result.stdout + result.stderr
@@ -122,6 +130,7 @@ def step_losses(out):
         return f["steps/loss"][...]
 
 
+@pytest.mark.launch
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_resnet_dp_on_gpus_equals_the_cpu_run_and_resumes_on_the_cpu(tmp_path):
@@ -151,6 +160,7 @@ def test_resnet_dp_on_gpus_equals_the_cpu_run_and_resumes_on_the_cpu(tmp_path):
 VIT_JOB = str(ROOT / "jobs" / "vit_tp.py")
 
 
+@pytest.mark.launch
 def test_vit_tp_trains_with_split_blocks_and_writes_metrics(tmp_path):
     out = tmp_path / "run"
     result = run_mpi(2, VIT_JOB, *TINY, "--max-steps", "4", "--epochs", "1", "--out", str(out), timeout=180)
@@ -169,6 +179,7 @@ def test_vit_tp_trains_with_split_blocks_and_writes_metrics(tmp_path):
         ["rank-0.pt", "rank-1.pt"]
 
 
+@pytest.mark.launch
 def test_vit_tp_refuses_a_tp_size_the_ranks_cannot_take(tmp_path):
     result = run_mpi(2, VIT_JOB, *TINY, "--max-steps", "2", "--tp", "3", "--out", str(tmp_path / "run"), timeout=120)
     output = result.stdout + result.stderr

@@ -336,6 +336,7 @@ def test_a_slowed_worker_computes_fewer_shards_only_when_asynchronous(comm, mpi_
                                               f"30x); every shard applied once: {once}")
 
 
+@pytest.mark.launch
 def test_a_job_without_a_worker_rank_fails_on_every_rank_with_a_clear_error(tmp_path):
     from mpi_helpers import run_mpi
 

@@ -11,6 +11,7 @@ from mpi_helpers import ROOT, run_mpi
 TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--flush-every", "2", "--epochs", "1")
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("job,ranks,args,stages,schedule,replicas", [
     ("mlp_mp.py", 2, (), 2, "naive", 1),
     ("mlp_mp.py", 4, ("--schedule", "1f1b", "--microbatches", "4"), 2, "1f1b", 2),
@@ -42,6 +43,7 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
         assert "predicted ms  measured ms" in result.stdout
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("job,ranks,args,message", [
     ("resnet_pp.py", 2, ("--batch-size", "10", "--microbatches", "4"), "does not split into 4 equal"),
     ("resnet_pp.py", 3, ("--stages", "2"), "2 pipeline stages do not divide the 3 processes"),
@@ -61,6 +63,7 @@ def test_bad_pipeline_input_is_one_clear_message(tmp_path, job, ranks, args, mes
     assert output.count(message) == 1, output
 
 
+@pytest.mark.launch
 def test_async_pipeline_job_records_staleness_and_stash(tmp_path):
     """resnet_pp.py --schedule 2bw (never flushes): per step and rank the stash and the staleness of the
     updates, the table of every update, a drain (checkpoint) in the middle, the bubble fields."""

@@ -62,6 +62,7 @@ def images(report):
     return text, sources
 
 
+@pytest.mark.launch
 def test_report_of_a_real_two_rank_run(tmp_path):
     """A real run whose rank 1 is made a straggler by the test switch (0.3 s more compute per step):
     the report names it."""
@@ -190,6 +191,7 @@ def test_predicted_beside_measured(tmp_path):
     assert "Predicted by the cost model" not in plain.read_text()
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("job,args,strategy", [
     ("mlp_tp.py", ("--tp", "2"), "tensor_parallel"),
     ("mlp_mp.py", (), "pipeline"),  # layers placed 0 | 1 | 1 | 0: model parallelism through the pipeline

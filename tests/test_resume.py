@@ -156,6 +156,7 @@ def same_split(job, out):
     return ("--balance", ",".join(str(placement.count(rank)) for rank in range(JOBS[job][1])))
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("job", JOBS)
 def test_killed_then_resumed_run_equals_uninterrupted_run(straight_run, killed_run, tmp_path, job):
     interrupted = tmp_path / "interrupted"
@@ -168,6 +169,7 @@ def test_killed_then_resumed_run_equals_uninterrupted_run(straight_run, killed_r
     assert_same_as_uninterrupted(straight_run(job, *same_split(job, interrupted)), interrupted)
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("job", JOBS)
 def test_resume_with_other_settings_is_refused_and_on_other_ranks_goes_on(killed_run, tmp_path, job):
     out = tmp_path / "run"
@@ -232,6 +234,7 @@ def catches(pid, signum):
     return bool(caught >> (signum - 1) & 1)
 
 
+@pytest.mark.launch
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank processes through /proc")
 @pytest.mark.parametrize("job", JOBS)
 def test_stop_signal_checkpoints_requeues_and_resumes(straight_run, tmp_path, job):

@@ -161,6 +161,7 @@ def test_tp_stages_refuse_auto_balance_on_every_rank(comm):
         PipelineStrategy(comm, build_model(), settings, batch_size=4, split_layers=split_mlp)
 
 
+@pytest.mark.launch
 @pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own 8 ranks")
 def test_eight_ranks_data_x_pipeline_x_tensor_parallel():
     """2 replicas x 2 stages x 2 tensor-parallel ranks, on 8 processes, against one process."""

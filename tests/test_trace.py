@@ -351,6 +351,7 @@ def _sums_agree(run, ranks):
         yield rank, names, mine, per_step, total
 
 
+@pytest.mark.launch
 def test_events_agree_with_step_fields_data_parallel(dp_run):
     out, _ = dp_run
     run = read_run(out)
@@ -363,6 +364,7 @@ def test_events_agree_with_step_fields_data_parallel(dp_run):
     assert np.abs(run.event_attrs["clock_offsets"]).max() < 0.01
 
 
+@pytest.mark.launch
 def test_chrome_trace_of_a_real_run(dp_run, tmp_path):
     out, _ = dp_run
     path = tmp_path / "trace.json"
@@ -375,6 +377,7 @@ def test_chrome_trace_of_a_real_run(dp_run, tmp_path):
     assert len(steps) == 3 and all(e["dur"] > 100 for e in steps)   # microseconds: a step takes > 0.1 ms
 
 
+@pytest.mark.launch
 def test_report_while_running_and_after(dp_run):
     out, during = dp_run
     assert during is not None, "the run ended before the report could be made while it ran"
@@ -385,6 +388,7 @@ def test_report_while_running_and_after(dp_run):
     assert text.count("<img ") == 6 and "Timed events of 3 sampled steps (2-4)" in text
 
 
+@pytest.mark.launch
 def test_events_agree_with_step_fields_parameter_server(tmp_path):
     """A server (rank 0) and a worker: the worker's exchanges are its comm + idle time; the
     server's waits are its idle time and its receives and replies its communication."""
@@ -420,6 +424,7 @@ def pp_run(request, tmp_path_factory):
     return out, ranks
 
 
+@pytest.mark.launch
 def test_pipeline_events_agree_with_step_fields_and_p2p(pp_run):
     """Per rank the forwards and backwards add up to the pipeline's compute of the sampled steps
     (with the optimizer, to /steps/compute_time);
@@ -460,6 +465,7 @@ def test_pipeline_events_agree_with_step_fields_and_p2p(pp_run):
     assert matrix.shape == (ranks, ranks) and (matrix[np.arange(ranks - 1), np.arange(1, ranks)] > 0).all()
 
 
+@pytest.mark.launch
 def test_pipeline_trace_and_schedule_chart(pp_run, tmp_path):
     """The Chrome trace has each rank's forwards and backwards (with micro-batch and stage) and its
     transfers on their own threads; the report draws the measured and ideal schedule and prints both
@@ -531,6 +537,7 @@ def decoded_images(browser, page, probe):
     return found[0]
 
 
+@pytest.mark.launch
 def test_report_renders_in_a_headless_browser(chromium, dp_run, tmp_path):
     """Chromium decodes every image of the page, and its screenshot shows charts: coloured
     (saturated) pixels in several bands down the page. (A page whose images are broken scores
@@ -543,6 +550,7 @@ def test_report_renders_in_a_headless_browser(chromium, dp_run, tmp_path):
     assert share > 0.03 and bands >= 3, (share, bands)
 
 
+@pytest.mark.launch
 def test_pipeline_report_renders_in_a_headless_browser(chromium, pp_run, tmp_path):
     """A pipeline run's page (the schedule chart and the point-to-point map besides the rest)
     decodes every image and shows charts in Chromium."""

@@ -121,6 +121,7 @@ def test_watchdog_on_every_rank(comm):
 
 # -- whole jobs -------------------------------------------------------------------------------------
 
+@pytest.mark.launch
 def test_rank_that_sleeps_before_a_collective_is_named():
     result = run_mpi(3, str(SCENARIO), "6", timeout=120, env={"MPIPAR_STALL_WARN": "2"})
     output = result.stdout + result.stderr
@@ -130,6 +131,7 @@ def test_rank_that_sleeps_before_a_collective_is_named():
     assert output.count("finished") == 3, output
 
 
+@pytest.mark.launch
 def test_stall_abort_threshold_ends_the_job():
     start = time.monotonic()
     result = run_mpi(3, str(SCENARIO), "120", timeout=150,
@@ -142,6 +144,7 @@ def test_stall_abort_threshold_ends_the_job():
     assert "finished" not in output
 
 
+@pytest.mark.launch
 def test_pipeline_stall_names_the_micro_batch_and_pickled_collectives_are_seen():
     result = run_mpi(2, str(ROOT / "tests" / "scenarios" / "stall_pipeline_stage.py"), "5", timeout=120,
                      env={"MPIPAR_STALL_WARN": "2"})
