@@ -15,6 +15,8 @@ from torch import nn
 
 import mpipar
 from mpi_helpers import assert_all_ranks, assert_close_all_ranks
+from mpipar.comm import mpi_tensor
+from mpipar.comm.reducer import GradientReducer
 
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64 models: only summation order differs
 
@@ -278,3 +280,58 @@ def test_every_ranks_buffers_are_gathered_and_restored(comm):
     ok = ok and dp.load_rank_buffers(gathered) and float(model[1].running_mean[0]) == rank
     ok = ok and not dp.load_rank_buffers(gathered + gathered[:1])  # for another world size: nothing loaded
     assert_all_ranks(comm, ok and float(model[1].running_mean[0]) == rank, f"{gathered}")
+
+
+def record_reductions(monkeypatch) -> list:
+    """Every PendingOp the reducer's non-blocking Allreduces return from now on."""
+    started = []
+    real = mpi_tensor.iallreduce_
+
+    def recording(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(mpi_tensor, "iallreduce_", recording)
+    return started
+
+
+def assert_all_completed(comm, started, what):
+    """Every started request completed: none left for a later step to overwrite or drop."""
+    pending = sum(not op._done for op in started)
+    assert_all_ranks(comm, len(started) > 0 and pending == 0, f"{what}: {pending} of {len(started)} still pending")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reducer_without_buckets_completes_its_sample_counts(comm, monkeypatch):
+    started = record_reductions(monkeypatch)
+    reducer = GradientReducer([], comm)  # a replicated pipeline stage with no parameters; all frozen
+    for _ in range(3):
+        reducer.begin(num_samples=2)
+        reducer.finish()
+    assert_all_completed(comm, started, "begin/finish without buckets")
+
+
+def two_bucket_reducer(comm):
+    params = [nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2)]
+    reducer = GradientReducer(params, comm, bucket_cap_mb=1e-6)  # one parameter per bucket
+    assert len(reducer.buckets) == 2 and reducer.buckets[0].params[0] is params[1]
+    return reducer, params
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reducer_error_paths_complete_every_request(comm, monkeypatch):
+    started = record_reductions(monkeypatch)
+    reducer, (first, last) = two_bucket_reducer(comm)
+    reducer.begin(num_samples=1)
+    reducer.begin(num_samples=1)   # a step that never finished: its sample counts are completed, not dropped
+    reducer.mark_ready(last)       # starts bucket 0
+    reducer.abandon()              # and abandoning completes it
+    assert_all_completed(comm, started, "begin twice, abandon after a bucket started")
+    reducer.begin(num_samples=1)
+    reducer.mark_ready(first)      # bucket 1 waits for bucket 0: nothing started but the counts
+    with pytest.raises(RuntimeError, match="more than once"):
+        reducer.mark_ready(first)  # drains: the counts are completed too
+    assert_all_completed(comm, started, "a gradient marked twice")
+    reducer.begin(num_samples=1)
+    reducer.finish()
+    assert_all_completed(comm, started, "a step after the errors")

@@ -159,6 +159,7 @@ class GradientReducer:
         (non-blocking) over ``comm``."""
         if num_samples is not None and num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self._complete_started()  # a step that never finished leaves nothing for this one to overwrite
         self._zeroed.clear()
         self._accumulated.clear()
         with torch.no_grad():
@@ -264,11 +265,20 @@ class GradientReducer:
             self._start_allreduce(bucket, bucket.mirror.host)
 
     def _drain(self) -> None:
-        """End a step that failed on every rank at the same point: start the Allreduces of
-        buckets whose host copy was still in flight and wait for every reduction started, so
-        every rank has completed the same operations and ``comm`` stays usable."""
+        """End a step that failed on every rank at the same point, leaving ``comm`` usable."""
+        self._complete_started()
+
+    def _complete_started(self) -> None:
+        """End the step: start the Allreduces of buckets whose host copy was still in flight, then
+        complete every request started and not completed (buckets, sample counts, usage flags), so
+        every rank has completed the same operations and none is left for the next step to
+        overwrite or drop. Collective only where a request is left, as the step was."""
         self._start_copied(block=True)
         self._wait_started(upload=False)
+        for request in (self._counts_request, self._used_request):
+            if request is not None:
+                request.wait()
+        self._counts_request = self._used_request = None
         self._active = False
 
     def _wait_started(self, upload: bool) -> None:
@@ -320,6 +330,7 @@ class GradientReducer:
             return
         self._launch_ready(force=True)
         self._start_copied(block=True)
+        self._wait_counts()  # the first bucket's launch waited for the counts; without buckets, here
         begin = time.perf_counter()
         if self.size > 1:
             self._used_request = mpi_tensor.iallreduce_(self._used, self.comm)
@@ -340,11 +351,8 @@ class GradientReducer:
 
     def abandon(self) -> None:
         """Forget a step whose backward never ran (a forward without backward). Local,
-        except that it completes the sample-count Allreduce :meth:`begin` started."""
-        if self._counts_request is not None:
-            self._counts_request.wait()
-            self._counts_request = None
-        self._active = False
+        except that it completes what the step started (the sample counts, any bucket)."""
+        self._complete_started()
 
 
 def average_buffers(module: nn.Module, comm: MPI.Intracomm) -> None:
