@@ -155,3 +155,115 @@ def test_tensor_parallel_shards_merge_along_their_cut_dropping_padding(tmp_path)
     torch.save({"model": {}, "tp": 2, "step": 4, "config": {}}, step / "rank-0.pt")  # before tp_layout existed
     with pytest.raises(ValueError, match="without 'tp_layout'"):
         model_state(tmp_path)
+
+
+# -- local SGD and the parameter server, in-process -----------------------------------------------------------
+
+class ToFloat64(torch.nn.Module):
+    """The data's float32 images as float64, so the comparisons can be tight."""
+
+    def forward(self, images):
+        return images.double()
+
+
+def float64_mlp():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(ToFloat64(), *models.mlp([784, 16, 10])).double()
+
+
+def loop_session(comm, out, settings, steps, checkpoint_every):
+    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=6, lr=0.05, threads=1,
+                         out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=checkpoint_every)
+    session = Session(comm, config, settings=settings)
+    session.checkpoints.keep = 3  # steps 2, 4 and the epoch end's
+    return session
+
+
+def capture_at_checkpoints(strategy, take):
+    """Wrap ``strategy.state_dict`` (collective, like the loop's save) so that ``take()`` runs at every
+    checkpoint; returns the list of what it took, one entry per checkpoint in order."""
+    taken, original = [], strategy.state_dict
+
+    def state_dict():
+        state = original()
+        taken.append(take())
+        return state
+
+    strategy.state_dict = state_dict
+    return taken
+
+
+def state_problems(merged, expected, what, **tolerance):
+    if merged.keys() != expected.keys():
+        return [f"{what}: names {sorted(merged)} vs {sorted(expected)}"]
+    close = (lambda a, b: torch.allclose(a, b, **tolerance)) if tolerance else torch.equal
+    return [f"{what}: {name} differs" for name in expected if not close(merged[name], expected[name])]
+
+
+@pytest.mark.mpi
+def test_local_sgd_checkpoints_consolidate_to_the_average_of_the_ranks_models(comm, mpi_tmp_path):
+    """Local SGD without averages until the epoch end (``sync_every`` 0): the checkpoints of steps 2
+    and 4 hold each rank's own model, and consolidate to their sample-weighted average (what the next
+    average makes, computed live by ``average_tensors``); the epoch end's holds the average, every rank's
+    model bit for bit."""
+    from copy import deepcopy
+
+    from mpipar.comm.averaging import average_tensors
+    from mpipar.local_sgd import LocalSGDConfig, LocalSGDStrategy
+
+    directory = Path(comm.bcast(str(mpi_tmp_path) if comm.Get_rank() == 0 else None, root=0)) / "local"
+    settings = LocalSGDConfig(sync_every=0)
+    run = loop_session(comm, directory, settings, steps=5, checkpoint_every=2)
+    model = float64_mlp()
+    strategy = LocalSGDStrategy(model, comm, settings, state=run.state)
+
+    def average():  # collective over comm (every rank has the same steps since the last average)
+        copy = deepcopy(model)
+        if strategy.steps_since_average:
+            average_tensors([*(p for p in copy.parameters() if p.requires_grad), *copy.buffers()], comm,
+                            weight=strategy.samples_since_average)
+        return copy.state_dict()
+
+    averages = capture_at_checkpoints(strategy, average)
+    train(run, strategy, synthetic(300, 50, seed=0))
+    problems = [] if len(averages) == 3 else [f"{len(averages)} checkpoints, expected 3"]
+    for step, expected in zip((2, 4), averages):
+        try:
+            merged, info = model_state(directory / "checkpoints" / f"step-{step:09d}")
+        except ValueError as exc:
+            problems.append(f"step {step}: {exc}")
+            continue
+        problems += state_problems(merged, expected, f"step {step}", rtol=1e-12, atol=1e-15)
+    try:
+        merged, info = model_state(directory)
+        problems += state_problems(merged, model.state_dict(), "epoch end")
+        problems += [] if info["step"] == 5 else [f"info {info}"]
+        float64_mlp().load_state_dict(merged)  # strict
+    except ValueError as exc:
+        problems.append(f"epoch end: {exc}")
+    assert_all_ranks(comm, not problems, "; ".join(problems[:6]))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_parameter_server_checkpoints_consolidate_to_the_servers_weights(comm, mpi_tmp_path):
+    """One server, the other ranks asynchronous workers: every checkpoint (steps 2 and 4, the epoch end)
+    consolidates to the weights every rank holds when it is written, bit for bit."""
+    from mpipar.parameter_server import ParameterServerConfig, ParameterServerStrategy
+
+    directory = Path(comm.bcast(str(mpi_tmp_path) if comm.Get_rank() == 0 else None, root=0)) / "ps"
+    settings = ParameterServerConfig(mode="async")
+    run = loop_session(comm, directory, settings, steps=5, checkpoint_every=2)
+    model = float64_mlp()
+    strategy = ParameterServerStrategy(comm, model, settings, batch_size=6, weight_decay=0.0)
+    weights = capture_at_checkpoints(strategy, lambda: {name: value.clone()
+                                                        for name, value in model.state_dict().items()})
+    train(run, strategy, synthetic(300, 50, seed=0))
+    problems = [] if len(weights) == 3 else [f"{len(weights)} checkpoints, expected 3"]
+    for name, expected in zip(("step-000000002", "step-000000004", "step-000000005"), weights):
+        try:
+            merged, _ = model_state(directory / "checkpoints" / name)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        problems += state_problems(merged, expected, name)
+    assert_all_ranks(comm, not problems, "; ".join(problems[:6]))
