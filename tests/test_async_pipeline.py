@@ -359,3 +359,35 @@ def test_frozen_and_unused_parameters_do_not_move(schedule):
         problems.append(f"frozen parameters stashed: {sorted(stashed)}")
     assert_all_ranks(comm, not problems, str(problems))
 
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["pipedream", "2bw"])
+def test_evaluate_in_flight_drains_first(schedule):
+    """``evaluate`` between steps (non-contiguous placement: the last stage back on rank 0) gives the
+    outputs of the drained pipeline's evaluation, and training goes on as if drained there."""
+    comm = MPI.COMM_WORLD
+    size = comm.Get_size()
+    ranks = [layer * size // 8 for layer in range(8)] + [0]  # 9 layers; with 2 or more ranks rank 0 twice
+    results = []
+    for drained in (True, False):
+        model = make_model()
+        pipe = Pipeline(model, comm, Placement(tuple(ranks)), schedule=schedule, microbatches=MICROBATCHES,
+                        loss_fn=F.cross_entropy)
+        pipe.bind_optimizer(sgd(list(pipe.parameters())))
+        for step in range(3):
+            pipe.step(*make_batch(step))
+        if drained:
+            pipe.drain()
+        inputs, targets = make_batch(99)
+        outputs = pipe.evaluate(inputs, targets).outputs
+        for step in range(3, 5):
+            pipe.step(*make_batch(step))
+        pipe.drain()
+        results.append((outputs, [p.detach().clone() for p in pipe.parameters()]))
+    (expected, expected_weights), (outputs, weights) = results
+    problems = []
+    if pipe.holds_last_stage and not torch.equal(outputs, expected):
+        problems.append(f"outputs differ by {(outputs - expected).abs().max().item():.3e}")
+    if not all(torch.equal(a, b) for a, b in zip(weights, expected_weights)):
+        problems.append("weights after evaluating in flight differ from the drained run's")
+    assert_all_ranks(comm, not problems, f"{schedule} on {size} ranks: {problems}")

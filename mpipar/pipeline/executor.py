@@ -36,6 +36,7 @@ from mpipar.pipeline.schedule import (
     rank_program,
     window_program,
 )
+from mpipar.pipeline.shared import SharedGradients, check_shared
 from mpipar.pipeline.skip import SkipEdge, find_skips
 from mpipar.pipeline.stage import Stage, TensorSpec
 from mpipar.pipeline.timing import StepClock, StepTimes
@@ -105,6 +106,14 @@ class _RunState:
     skip_bytes_sent: int = 0
     base: int = 0  # run-wide number of the batch's first micro-batch (asynchronous schedules)
     tag_count: int = 0  # micro-batch numbers in tags are taken modulo this (default: microbatches)
+
+
+def _finished_by_stage(module: nn.Module, shared: List[nn.Parameter]) -> nn.Module:
+    """The parameters whose gradients a stage's last backward completes: all of the stage's, but those it
+    shares with other stages (summed at the end of the step)."""
+    if not shared:
+        return module
+    return nn.ParameterList([p for p in module.parameters() if all(p is not s for s in shared)])
 
 
 def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
@@ -196,7 +205,9 @@ class Pipeline:
                                 f"wrap the layers in nn.Sequential")
             chosen = _as_placement(placement, module, self.size)
             chosen.validate(len(module), self.size)
-            return chosen, Schedule(schedule, len(chosen.segments), microbatches), find_skips(module)
+            plan = Schedule(schedule, len(chosen.segments), microbatches)
+            check_shared(module, chosen, plan)
+            return chosen, plan, find_skips(module)
 
         self.placement, self.schedule, self.skips = collective_check(comm, setup, "pipeline setup")
         agree_on(comm, "the pipeline (layers, placement, schedule, micro-batches)",
@@ -210,6 +221,9 @@ class Pipeline:
         self.local_module = nn.ModuleList(stage.module for stage in self.stages.values())
         if device is not None:
             self.local_module.to(device)
+        self.shared = SharedGradients(module, self.placement, comm)  # parameters of several stages
+        self._finishing = {index: _finished_by_stage(stage.module, self.shared.local)
+                           for index, stage in self.stages.items()}
         self._programs: Dict[tuple, list] = {}
         self._spec_tables: Dict[tuple, tuple] = {}  # (input spec, train) -> (stage inputs, stage outputs)
         self._input_specs: Dict[int, TensorSpec] = {}
@@ -533,8 +547,11 @@ class Pipeline:
                  microbatches: Optional[int] = None) -> StepResult:
         """Forward only, without gradients (micro-batches streamed through the stages). Collective.
 
-        ``microbatches`` (default: the pipeline's) may differ, e.g. for a short last batch.
+        ``microbatches`` (default: the pipeline's) may differ, e.g. for a short last batch. An
+        asynchronous pipeline is drained first (:meth:`drain`; its updates are reported by
+        :meth:`take_updates` or the next step).
         """
+        self.drain()
         return self._run(inputs, targets, train=False, microbatches=microbatches or self.microbatches)
 
     def _run(self, inputs, targets, *, train: bool, microbatches: int,
@@ -557,6 +574,8 @@ class Pipeline:
             self._handlers[type(instruction)](instruction, run)
         with clock.communicating():
             self._wait_sends(run.sends)
+            if train:
+                self.shared.reduce()  # waits for the other holders of a shared parameter
         loss = self._broadcast_loss()  # waits for the last stage to finish: idle
         clock.busy = sum(stage.busy for stage in self.stages.values())
         outputs = self.stages[self.num_stages - 1].gathered_outputs() if self.holds_last_stage else None
@@ -689,7 +708,7 @@ class Pipeline:
         grad_output = None if stage.is_last else run.received.pop(RecvGrad(index, i))
         skip_grads = {name: run.skip_grads.pop((name, i)) for name in self._saves[index]}
         if run.before_last_backward is not None and instruction == run.last_backward[index]:
-            run.before_last_backward(stage.module)
+            run.before_last_backward(self._finishing[index])
         begin = time.perf_counter()
         grad_input, used_grads = stage.backward(i, grad_output, skip_grads)
         if self.versions:
