@@ -189,7 +189,7 @@ def test_synchronous_server_equals_data_parallelism(comm, mpi_tmp_path, servers)
 def replay(updates, batch_size, workers, lr_by_step):
     """The delayed-gradient reference: one process applies, in the server's order, the gradient
     of each recorded shard at the weights of its recorded base version, weighted and decayed as
-    documented, with the same optimizer."""
+    documented (full steps: a share of the global batch), with the same optimizer."""
     model = build_model()
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True)
@@ -344,3 +344,57 @@ def test_a_job_without_a_worker_rank_fails_on_every_rank_with_a_clear_error(tmp_
                      "--out", str(tmp_path / "run"), timeout=120)
     assert result.returncode != 0
     assert "--servers 2 on 2 ranks leaves no worker" in result.stdout + result.stderr
+
+
+class WithUnused(torch.nn.Module):
+    """build_model's network beside a layer the forward never uses (no gradient on any worker)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = build_model()
+        self.unused = torch.nn.Linear(3, 2).double()
+
+    def forward(self, images):
+        return self.net(images)
+
+
+def short_splits():
+    """45 samples: global batches of 6, 12 and 18 all leave a short last step (3 or 9 samples)."""
+    return synthetic(45, 10, seed=0)
+
+
+def short_session(comm, out, batch_size, settings=None, plain=False):
+    config = TrainConfig(data="synthetic", epochs=1, batch_size=batch_size, lr=LR, threads=1, out=str(out),
+                         momentum=0.0 if plain else MOMENTUM, weight_decay=0.0 if plain else DECAY,
+                         model="mlp", flush_every=2, log_every=0)
+    return Session(comm, config, settings=settings)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("mode,servers", [("sync", 1), ("sync", 2), ("async", 1), ("one-sided", 1)])
+def test_an_unused_parameter_stays_put_and_a_short_last_step_weighs_its_samples(comm, mpi_tmp_path, mode, servers):
+    """Data parallelism (the reference) leaves a parameter without a gradient untouched (no decay,
+    no momentum) and averages a short last step over its samples; so must every mode (async and
+    one-sided with one worker, whose run is deterministic)."""
+    size = comm.Get_size()
+    workers = size - servers if mode == "sync" else 1
+    if workers < 1:
+        pytest.skip(f"{servers} servers need {servers + 1} ranks")
+    plain = mode == "one-sided"
+    settings = ParameterServerConfig(mode="async" if plain else mode, servers=servers, one_sided=plain)
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = WithUnused()
+    train(short_session(MPI.COMM_SELF, directory / f"serial-{comm.Get_rank()}", BATCH * workers, plain=plain),
+          DataParallelStrategy(reference, MPI.COMM_SELF), short_splits())
+    sub, problems = (comm if mode == "sync" else first_ranks(comm, servers + 1)), []
+    if sub is not None:
+        model = WithUnused()
+        unused = [p.detach().clone() for p in model.unused.parameters()]
+        strategy = ParameterServerStrategy(sub, model, settings, batch_size=BATCH, weight_decay=0.0 if plain else DECAY)
+        train(short_session(sub, directory / f"{mode}-{servers}", BATCH, settings, plain), strategy, short_splits())
+        problems = [f"{name}: max difference {(mine - theirs).abs().max().item():.2e}"
+                    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters())
+                    if not torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)]
+        if not all(torch.equal(a, b) for a, b in zip(unused, model.unused.parameters())):
+            problems.append("the unused layer moved")
+    assert_all_ranks(comm, not problems, "; ".join(problems))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,8 +16,10 @@ __all__ = ["FlatShares"]
 class FlatShares:
     """The trainable parameters of ``model`` grouped by server (:func:`assign_to_servers`), each
     group one contiguous buffer: ``weights[s]`` and ``grads[s]``, with every parameter's ``.data``
-    and ``.grad`` a view into them, so a server's share moves in one message. Local; every rank
-    of a job builds it from the same model and gets the same grouping.
+    and ``.grad`` a view into them, so a server's share moves in one message. ``present[s][i]`` is
+    1 once parameter i of server s received a gradient since :meth:`zero_grads` (a hook), 0 for a
+    parameter the backward never reached. Local; every rank of a job builds it from the same model
+    and gets the same grouping.
 
     Raises:
         ValueError: when the trainable parameters differ in dtype or device, or there are
@@ -39,6 +42,10 @@ class FlatShares:
                     offset += p.numel()
                 self.weights.append(weights)
                 self.grads.append(grads)
+        self.present: List[np.ndarray] = [np.zeros(len(group)) for group in self.params]
+        for flags, group in zip(self.present, self.params):
+            for index, p in enumerate(group):
+                p.register_post_accumulate_grad_hook(lambda _, flags=flags, index=index: flags.__setitem__(index, 1.0))
         self.attach_grads()
 
     @staticmethod
@@ -51,14 +58,22 @@ class FlatShares:
                              f"got {sorted(map(str, kinds))}")
         return params, assign_to_servers([p.numel() for p in params], servers)
 
-    def attach_grads(self, server=None) -> None:
+    def attach_grads(self, server=None, present=None) -> None:
         """Make every parameter's ``.grad`` (of one server's share, or all) a view into ``grads``
-        (after an optimizer's ``zero_grad`` set them to None)."""
+        (after an optimizer's ``zero_grad`` set them to None); with ``present`` (one server's
+        flags), None where its flag is 0, so an optimizer leaves that parameter alone."""
         for s in (range(len(self.params)) if server is None else [server]):
             offset = 0
-            for p in self.params[s]:
-                p.grad = self.grads[s][offset:offset + p.numel()].view_as(p)
+            for index, p in enumerate(self.params[s]):
+                keep = present is None or present[index]
+                p.grad = self.grads[s][offset:offset + p.numel()].view_as(p) if keep else None
                 offset += p.numel()
+
+    def zero_grads(self) -> None:
+        """Zero every gradient and presence flag (before a backward)."""
+        for grads, flags in zip(self.grads, self.present):
+            grads.zero_()
+            flags[:] = 0.0
 
     def numel(self, server: int) -> int:
         return self.weights[server].numel()

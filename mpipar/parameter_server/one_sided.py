@@ -126,10 +126,11 @@ def check_passive_progress(comm: MPI.Intracomm, shares: WindowShares, servers: i
 
 
 def one_sided_step(shares: WindowShares, flat: FlatShares, *, workers: int, step: int, held: List[int],
-                   compute, lr: float, global_batch: int, worker_rank: int) -> Dict[str, object]:
+                   compute, lr: float, step_samples: int, worker_rank: int) -> Dict[str, object]:
     """A worker's shards of loop step ``step``: take tickets from the counter (a ticket of a later
     step is kept in ``held`` for it), read the weights, compute (``compute(shard) -> (samples, loss)``
-    leaving gradients in ``flat.grads``), accumulate ``-lr * share * gradient``. Returns the
+    leaving gradients in ``flat.grads``), accumulate ``-lr * share * gradient`` (share: of the step's
+    ``step_samples``). Returns the
     step's record: samples, loss sum, update rows, seconds in MPI."""
     rows = {name: [] for name in UPDATE_COLUMNS}
     samples = 0
@@ -147,7 +148,7 @@ def one_sided_step(shares: WindowShares, flat: FlatShares, *, workers: int, step
         comm_time += time.perf_counter() - start
         count, loss = compute(ticket % workers)
         start = time.perf_counter()
-        share = count / global_batch
+        share = count / step_samples
         for server in range(shares.servers):
             shares.accumulate(server, flat.grads[server] * (-lr * share))
         version = shares.fetch_add(VERSION)

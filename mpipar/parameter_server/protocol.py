@@ -17,14 +17,16 @@ PUSH = 1     # a gradient follows (TAG_GRADIENT)
 REQUEST = 2  # to server 0: a ticket of this step, please (the reply carries weights when granted)
 PULL = 4     # to the other servers, after a grant: the current weights, please
 
-CONTROL_FIELDS = ("kind", "step", "shard", "base_version", "samples", "loss")
+CONTROL_FIELDS = ("kind", "step", "shard", "base_version", "samples", "loss", "step_samples")
 REPLY_FIELDS = ("version", "hold", "ticket_step", "ticket_shard", "staleness")
 
 
 def control(kind: int, step: int = -1, shard: int = -1, base_version: int = -1, samples: int = 0,
-            loss: float = 0.0) -> np.ndarray:
-    """A worker's control record: what it sends, for which ticket, from which version."""
-    return np.array([kind, step, shard, base_version, samples, loss], dtype=np.float64)
+            loss: float = 0.0, step_samples: int = 0, present=()) -> np.ndarray:
+    """A worker's control record: what it sends, for which ticket (``samples`` of the step's
+    ``step_samples``), from which version; a push ends with a flag per parameter of the server's
+    share (1: it has a gradient)."""
+    return np.array([kind, step, shard, base_version, samples, loss, step_samples, *present], dtype=np.float64)
 
 
 def reply(version: int, hold: float, ticket=None, staleness: int = -1) -> np.ndarray:
@@ -40,7 +42,8 @@ class Control:
 
     def __init__(self, record: np.ndarray):
         self.kind, self.step, self.shard, self.base_version, self.samples = (int(v) for v in record[:5])
-        self.loss = float(record[5])
+        self.loss, self.step_samples = float(record[5]), int(record[6])
+        self.present = record[len(CONTROL_FIELDS):] > 0  # a push's flags (other records: stale, unused)
 
 
 class Reply:

@@ -31,18 +31,22 @@ class _Push:
     base_version: int
     samples: int
     loss: float
+    step_samples: int    # the samples of the push's step (short at an epoch's end)
+    present: np.ndarray  # per parameter of this server's share: it has a gradient
 
 
 class Server:
     """Server ``index`` of a parameter-server job: holds ``flat.weights[index]`` and answers the
     workers over point-to-point messages (tagged by type, :mod:`protocol`).
 
-    Updates: in sync mode the pushes of a step are combined, weighted by samples, once all of
-    them have arrived (one version per step: data parallelism); otherwise each push is applied
-    when it arrives, its gradient weighted by its share of the nominal global batch (so a
-    step's pushes move the weights as far as one synchronous step) and, with
+    Updates: in sync mode the pushes of a step are combined once all of them have arrived (one
+    version per step: data parallelism); otherwise each push is applied when it arrives. Either
+    way a gradient is weighted by its share of its step's samples (so a step's pushes move the
+    weights as far as one synchronous step, a short last step included) and, with
     ``staleness_lr``, divided by its staleness. Weight decay is added per update in proportion
-    to that share (not once per update), so it too matches the synchronous run.
+    to that share (not once per update), so it too matches the synchronous run. A parameter no
+    push of an update has a gradient for is left alone (``.grad`` None: no decay, no momentum),
+    as data parallelism leaves one no rank has a gradient for.
 
     Server 0 also hands out the tickets (:class:`Tickets`). A worker's request is answered
     only after its push has been applied, so the weights it gets include its own gradient.
@@ -53,11 +57,11 @@ class Server:
     """
 
     def __init__(self, comm: MPI.Intracomm, index: int, workers: List[int], flat: FlatShares, *,
-                 sync: bool, global_batch: int, weight_decay: float, staleness_lr: bool,
+                 sync: bool, weight_decay: float, staleness_lr: bool,
                  tickets: Optional[Tickets]):
         self.comm, self.index, self.workers, self.flat = comm, index, workers, flat
         self.weights, self.grads = flat.weights[index], flat.grads[index]
-        self.sync, self.global_batch, self.weight_decay = sync, global_batch, weight_decay
+        self.sync, self.weight_decay = sync, weight_decay
         self.staleness_lr, self.tickets = staleness_lr, tickets
         self.optimizer = None
         self.version = 0
@@ -70,7 +74,7 @@ class Server:
         self._applied = Counter()                      # step -> pushes applied
         self._done_through: Optional[int] = None       # sync: every step up to this one applied
         self._outgoing: Dict[int, list] = {w: [] for w in workers}
-        self._control = {w: np.zeros(len(protocol.CONTROL_FIELDS)) for w in workers}
+        self._control = {w: np.zeros(len(protocol.CONTROL_FIELDS) + len(flat.params[index])) for w in workers}
         self._requests = [comm.Irecv(self._control[w], source=w, tag=protocol.TAG_CONTROL) for w in workers]
         self.updates: Dict[str, list] = {name: [] for name in UPDATE_COLUMNS}
         self._serving = -1                             # the loop step being served
@@ -111,7 +115,7 @@ class Server:
                 if recorder is not None:
                     recorder.add("receive_push", arrival, received, peer=worker, nbytes=self.bytes_per_push)
                 push = _Push(worker, message.step, message.shard, message.base_version, message.samples,
-                             message.loss)
+                             message.loss, message.step_samples, message.present)
                 self._pending[worker] = push
                 if self.sync:
                     self._by_step.setdefault(push.step, []).append(push)
@@ -128,11 +132,11 @@ class Server:
         if self.sync:
             for step in sorted(self._by_step):
                 if len(self._by_step[step]) == self.shards:
-                    self._apply(sorted(self._by_step.pop(step), key=lambda p: p.shard), combined=True)
+                    self._apply(sorted(self._by_step.pop(step), key=lambda p: p.shard))
                     self._done_through = max(self._done_through, step)
         else:
             for worker in list(self._pending):
-                self._apply([self._pending[worker]], combined=False)
+                self._apply([self._pending[worker]])
         self.compute += time.perf_counter() - start
         still = []
         for worker, message, arrival in self._waiting:
@@ -140,22 +144,22 @@ class Server:
                 still.append((worker, message, arrival))
         self._waiting = still
 
-    def _apply(self, pushes: List[_Push], *, combined: bool) -> None:
-        """One update (one version) from ``pushes``: sample-weighted gradients, the optimizer's step."""
+    def _apply(self, pushes: List[_Push]) -> None:
+        """One update (one version) from ``pushes``: sample-weighted gradients, the optimizer's step
+        over the parameters some push has a gradient for."""
         start = time.perf_counter()
-        total = sum(p.samples for p in pushes) if combined else self.global_batch
         share_sum = 0.0
         self.grads.zero_()
         for push in pushes:
             staleness = self.version - push.base_version
-            share = push.samples / total
+            share = push.samples / push.step_samples
             share_sum += share
             scale = share / staleness if self.staleness_lr and staleness > 1 else share
             self.grads.add_(self._buffers[push.worker], alpha=scale)
             self._record(push, staleness)
         if self.weight_decay:
             self.grads.add_(self.weights, alpha=self.weight_decay * share_sum)
-        self.flat.attach_grads(self.index)
+        self.flat.attach_grads(self.index, present=np.logical_or.reduce([p.present for p in pushes]))
         with torch.no_grad():
             self.optimizer.step()
         self.version += 1

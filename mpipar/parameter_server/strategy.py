@@ -97,7 +97,7 @@ class ParameterServerStrategy:
         self.server: Optional[Server] = None
         self.worker: Optional[Worker] = None
         self.shares: Optional[WindowShares] = None
-        self.global_batch, self.optimizer, self._held = batch_size * len(workers), None, []
+        self.optimizer, self._held = None, []
         self._one_sided_rows = {name: [] for name in UPDATE_COLUMNS}
         if settings.one_sided:
             self.shares = WindowShares(comm, self.flat, servers)
@@ -105,8 +105,7 @@ class ParameterServerStrategy:
         elif self.is_server:
             tickets = Tickets(len(workers), sync=settings.mode == "sync", bound=settings.bound) if rank == 0 else None
             self.server = Server(comm, rank, workers, self.flat, sync=settings.mode == "sync",
-                                 global_batch=batch_size * len(workers), weight_decay=weight_decay,
-                                 staleness_lr=settings.staleness_lr, tickets=tickets)
+                                 weight_decay=weight_decay, staleness_lr=settings.staleness_lr, tickets=tickets)
         else:
             self.worker = Worker(comm, servers, self.flat)
         shares = [self.flat.numel(s) for s in range(servers)]
@@ -152,8 +151,7 @@ class ParameterServerStrategy:
     def _compute(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """The gradient of one shard into ``flat.grads`` (slowed down on an experiment's straggler); its loss."""
         start = time.perf_counter()
-        for grads in self.flat.grads:
-            grads.zero_()
+        self.flat.zero_grads()
         loss = F.cross_entropy(self.model(images), labels)
         loss.backward()
         if self.slowdown > 1.0:  # an experiment's straggler: compute at 1/slowdown of the speed
@@ -174,7 +172,7 @@ class ParameterServerStrategy:
 
         result = one_sided_step(self.shares, self.flat, workers=self.replicas, step=shards.step, held=self._held,
                                 compute=compute, lr=self.optimizer.param_groups[0]["lr"],
-                                global_batch=self.global_batch, worker_rank=self.comm.Get_rank())
+                                step_samples=shards.samples, worker_rank=self.comm.Get_rank())
         for name, values in result["rows"].items():
             self._one_sided_rows[name] += values
         samples = result["samples"]
@@ -197,7 +195,7 @@ class ParameterServerStrategy:
             value = self._compute(images, labels)
             compute += time.perf_counter() - fetched
             loss_sum, samples = loss_sum + value * len(labels), samples + len(labels)
-            ticket = self.worker.exchange(shards.step, (ticket, len(labels), value))
+            ticket = self.worker.exchange(shards.step, (ticket, len(labels), value, shards.samples))
         times = self.worker.take_times()
         return StepRecord(loss=loss_sum / max(samples, 1), samples=samples, compute_time=compute,
                           comm_time=times["comm"], idle_time=times["idle"], bytes_sent=times["bytes"],

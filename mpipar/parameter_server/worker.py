@@ -36,16 +36,18 @@ class Worker:
         self.bytes_sent = 0
         self.staleness: List[int] = []  # of this worker's pushes, as server 0 applied them
 
-    def exchange(self, step: int, push: Optional[Tuple[Tuple[int, int], int, float]] = None):
-        """Push ``(ticket, samples, loss)``'s gradient (``flat.grads``) and ask for a ticket of
-        ``step``. Returns the granted ticket ``(step, shard)`` or None (none left in the step)."""
+    def exchange(self, step: int, push: Optional[Tuple[Tuple[int, int], int, float, int]] = None):
+        """Push ``(ticket, samples, loss, step_samples)``'s gradient (``flat.grads``, with
+        ``flat.present``) and ask for a ticket of ``step``. Returns the granted ticket
+        ``(step, shard)`` or None (none left in the step)."""
         start = time.perf_counter()
         raw, ops = [], []  # control records (kept alive until sent), tensor sends
         if push is not None:
-            (ticket_step, shard), samples, loss = push
+            (ticket_step, shard), samples, loss, step_samples = push
             for server in range(self.servers):
                 kind = protocol.PUSH | (protocol.REQUEST if server == 0 else 0)
-                record = protocol.control(kind, ticket_step, shard, self.versions[server], samples, loss)
+                record = protocol.control(kind, ticket_step, shard, self.versions[server], samples, loss, step_samples,
+                                          self.flat.present[server])
                 raw.append((self.comm.Isend(record, dest=server, tag=protocol.TAG_CONTROL), record))
                 ops.append(mpi_tensor.isend(self.flat.grads[server], self.comm, server, protocol.TAG_GRADIENT))
                 self.bytes_sent += self.bytes_per_push[server]

@@ -144,7 +144,8 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             if shares_shards:
                 def fetch(j, shards=indices):
                     return to_device(train_set.batch(shards[j]), session.device)
-                batch = StepShards(step, replicas, _traced_fetch(recorder, fetch) if sampled else fetch)
+                batch = StepShards(step, replicas, _traced_fetch(recorder, fetch) if sampled else fetch,
+                                   sum(len(shard) for shard in indices))
             else:
                 batch = to_device(train_set.batch(indices), session.device) if strategy.needs_batch() else None
             data_end = time.perf_counter()

@@ -58,11 +58,13 @@ class StepShards:
         step: the loop's step index (counted over the whole run).
         count: how many shards the step has (``strategy.replicas``).
         fetch: ``fetch(j)`` is shard ``j``'s ``(inputs, targets)`` on this rank's device.
+        samples: the samples of all shards (fewer in an epoch's short last step).
     """
 
     step: int
     count: int
     fetch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]]
+    samples: int
 
 
 class Strategy(Protocol):
