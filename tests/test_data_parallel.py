@@ -16,7 +16,7 @@ from torch import nn
 import mpipar
 from mpi_helpers import assert_all_ranks, assert_close_all_ranks
 from mpipar.comm import mpi_tensor
-from mpipar.comm.reducer import GradientReducer
+from mpipar.comm.reducer import GradientReducer, check_one_device
 
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64 models: only summation order differs
 
@@ -264,6 +264,28 @@ def test_sync_buffers_averages_running_statistics(comm):
 def test_bad_bucket_size_is_rejected():
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         mpipar.DataParallel(nn.Linear(2, 2), MPI.COMM_SELF, bucket_cap_mb=0)
+
+
+def test_one_device_per_reducer_is_decided_from_the_device_list():
+    """CPU and CUDA buckets could start in different orders on different ranks (a CUDA bucket waits
+    for its host copy). No GPU needed: the rule reads a list of devices."""
+    check_one_device([])
+    check_one_device([torch.device("cuda", 0)] * 3)
+    with pytest.raises(ValueError, match=r"^the parameters are on 2 devices \(2 on cpu, 1 on cuda:0\); .*\.to\("):
+        check_one_device([torch.device("cpu"), torch.device("cuda", 0), torch.device("cpu")])
+    with pytest.raises(ValueError, match="on 2 devices"):
+        GradientReducer([nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1, device="meta"))], MPI.COMM_SELF)
+
+
+@pytest.mark.mpi
+def test_parameters_on_several_devices_are_refused_on_every_rank(comm):
+    last = comm.Get_rank() == comm.Get_size() - 1
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta" if last else "cpu"))  # "meta": no GPU here
+    with pytest.raises(ValueError) as caught:
+        mpipar.DataParallel(model, comm)
+    text = str(caught.value)
+    assert_all_ranks(comm, text.startswith("DataParallel: the parameters are on 2 devices (2 on cpu, 2 on meta)")
+                     and text.endswith(f"[failed on rank {comm.Get_size() - 1}]"), text)
 
 
 @pytest.mark.mpi

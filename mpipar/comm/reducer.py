@@ -18,7 +18,7 @@ from mpipar.comm.buckets import assign_buckets
 from mpipar.comm.staging import HostMirror
 from mpipar.diagnostics import events
 
-__all__ = ["GradientReducer", "CommStats", "average_buffers", "layout_signature"]
+__all__ = ["GradientReducer", "CommStats", "average_buffers", "check_one_device", "layout_signature"]
 
 
 @dataclass
@@ -60,6 +60,22 @@ def layout_signature(values: Iterable) -> int:
     return zlib.crc32(repr(list(values)).encode()) & 0xFFFFF  # 20 bits: its square summed over ranks fits int64
 
 
+def check_one_device(devices: Iterable[torch.device]) -> None:
+    """Raise ValueError when ``devices`` (the parameters') name more than one device. Pure.
+
+    One reducer reduces from one device: a CUDA bucket starts once its host copy has
+    landed and a CPU bucket at once, so buckets of two devices could start in different
+    orders on different ranks (mismatched collectives).
+    """
+    counts: dict = {}
+    for device in devices:
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    if len(counts) > 1:
+        found = ", ".join(f"{count} on {device}" for device, count in counts.items())
+        raise ValueError(f"the parameters are on {len(counts)} devices ({found}); gradients are averaged from "
+                         f"one device: move the whole module there (module.to(device)) before wrapping it")
+
+
 class GradientReducer:
     """Averages the gradients of ``params`` over ``comm``, bucket by bucket, during backward.
 
@@ -90,7 +106,8 @@ class GradientReducer:
     left as they are.
 
     Args:
-        params: the parameters to average (each requires grad).
+        params: the parameters to average (each requires grad), all on one device
+            (:func:`check_one_device`; ValueError otherwise, local: callers agree on it first).
         comm: the group to average over.
         bucket_cap_mb: target bucket size in MiB (a bigger parameter has its own bucket).
         out_of_place: reduce host buckets (CPU tensors) from a separate send buffer (one more bucket-sized
@@ -104,6 +121,7 @@ class GradientReducer:
                  out_of_place: bool = False):
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        check_one_device(p.device for p in params)
         self.comm = comm
         self.size = comm.Get_size()
         self.params = list(params)

@@ -11,10 +11,10 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm import mpi_tensor
-from mpipar.comm.reducer import CommStats, GradientReducer, average_buffers, layout_signature
+from mpipar.comm.reducer import CommStats, GradientReducer, average_buffers, check_one_device, layout_signature
 from mpipar.comm.topology import spans_nodes
 from mpipar.diagnostics import collectives
-from mpipar.diagnostics.agree import agree_on
+from mpipar.diagnostics.agree import agree_on, collective_check
 
 __all__ = ["DataParallel", "CommStats"]
 
@@ -58,7 +58,8 @@ class DataParallel(nn.Module):
             (see :class:`~mpipar.comm.reducer.GradientReducer`). The same on every rank.
 
     Raises:
-        ValueError: on every rank, when the ranks' models differ.
+        ValueError: on every rank, when the ranks' models differ or some rank's parameters
+            are on more than one device.
     """
 
     def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0,
@@ -72,6 +73,7 @@ class DataParallel(nn.Module):
         self.bucket_cap_mb = bucket_cap_mb
         self.stats = CommStats()
         self._size = comm.Get_size()
+        collective_check(comm, lambda: check_one_device(p.device for p in module.parameters()), "DataParallel")
         layout = [(name, tuple(p.shape), str(p.dtype), p.requires_grad) for name, p in module.named_parameters()]
         layout += [(name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
         agree_on(comm, "model parameters and buffers (name, shape, dtype, requires_grad)", layout,
