@@ -26,8 +26,9 @@ from mpi4py import MPI
 from mpipar import models
 from mpipar.diagnostics.failure import abort_on_exception
 from mpipar.pipeline.config import PipelineConfig
+from mpipar.pipeline.flags import add_pipeline_flags
 from mpipar.pipeline.strategy import PipelineStrategy
-from mpipar.run.cli import add_pipeline_flags, training_parser
+from mpipar.run.cli import training_parser
 from mpipar.run.loop import train
 from mpipar.run.session import Session
 

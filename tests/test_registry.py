@@ -44,3 +44,18 @@ def test_clashing_or_malformed_specs_are_refused():
         registry.get("nope")
     with pytest.raises(ValueError, match="cannot tell which strategy"):
         registry.for_checkpoint({"model": {}}, per_rank=True)
+
+
+def test_the_pipeline_flags_offer_the_schedules_that_schedule_py_defines():
+    import argparse
+
+    from mpipar.pipeline.flags import add_pipeline_flags
+    from mpipar.pipeline.schedule import ASYNC_SCHEDULES, SCHEDULES
+
+    for asynchronous in (False, True):
+        parser = argparse.ArgumentParser()
+        add_pipeline_flags(parser, asynchronous=asynchronous)
+        offered = next(action.choices for action in parser._actions if action.dest == "schedule")
+        expected = [name for name in SCHEDULES if name != "forward" and (asynchronous or name not in ASYNC_SCHEDULES)]
+        assert offered == expected
+    assert parser.parse_args(["--balance", "2,1", "--schedule", "2bw"]).balance == (2, 1)

@@ -8,6 +8,7 @@ from mpipar.cost.machine import Machine, ModelProfile
 from mpipar.cost.model import Layout, Prediction, predict_pipeline
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.placement import even_balance
+from mpipar.pipeline.schedule import ASYNC_SCHEDULES
 
 __all__ = ["predict"]
 
@@ -16,7 +17,7 @@ def predict(machine: Machine, profile: ModelProfile, *, model: str, batch_size: 
             settings: PipelineConfig, ranks: int, ranks_per_node: int) -> Optional[Prediction]:
     """A flushing pipeline (and its data-parallel grid) with ``tp`` 1 and a ``balance`` (even, auto or
     given); None for a ``placement``, tensor-parallel stages or an asynchronous schedule. Pure."""
-    if settings.tp != 1 or settings.placement is not None or settings.schedule not in ("gpipe", "1f1b", "naive"):
+    if settings.tp != 1 or settings.placement is not None or settings.schedule in ASYNC_SCHEDULES:
         return None
     balance = (even_balance(profile.num_layers, settings.stages) if settings.balance == "even"
                else None if settings.balance == "auto" else list(settings.balance))

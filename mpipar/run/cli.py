@@ -6,7 +6,7 @@ import argparse
 
 from mpipar.run.config import TrainConfig
 
-__all__ = ["training_parser", "train_config", "add_pipeline_flags", "rank_list", "step_range"]
+__all__ = ["training_parser", "train_config", "rank_list", "step_range"]
 
 
 class _RankParser(argparse.ArgumentParser):
@@ -92,37 +92,6 @@ def step_range(text: str) -> tuple:
     if not 0 <= steps[0] <= steps[1]:
         raise argparse.ArgumentTypeError(f"expected 0 <= FIRST <= LAST, got {text!r}")
     return steps
-
-
-def balance_flag(text: str):
-    """``even``, ``auto`` or layers per stage ``N,N,...`` (a tuple)."""
-    return text if text in ("even", "auto") else rank_list(text)
-
-
-def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b", microbatches: int = 4,
-                       placement: str = None, stages: bool = True, asynchronous: bool = False) -> None:
-    """The flags of the pipeline jobs: ``--schedule``, ``--microbatches``, ``--balance``
-    (or ``--placement`` when ``placement`` gives its default) and ``--stages``.
-    Placements and balances are parsed here, once, into tuples of ints. ``asynchronous``
-    also offers the schedules that never flush (``pipedream``, ``2bw``)."""
-    parser.add_argument("--schedule", choices=["gpipe", "1f1b", "naive"] + (["pipedream", "2bw"] if asynchronous
-                                                                           else []), default=schedule,
-                        help="gpipe: all forwards then all backwards; 1f1b: bounded in-flight micro-batches; "
-                             "naive: one micro-batch at a time" + ("; pipedream: never flushes, an update per "
-                             "micro-batch, weight stashing; 2bw: never flushes, an update per batch, two "
-                             "weight versions" if asynchronous else ""))
-    parser.add_argument("--microbatches", type=int, default=microbatches,
-                        help="micro-batches per batch (must divide it)")
-    if placement is None:
-        parser.add_argument("--balance", type=balance_flag, default="even",
-                            help="even, auto (profiled), or layers per stage N,N,...")
-    else:
-        parser.add_argument("--placement", type=rank_list, default=rank_list(placement),
-                            help=f"the rank of every layer (default {placement})")
-    if stages:
-        parser.add_argument("--stages", type=int, default=0,
-                            help="ranks per pipeline (0: all ranks); the world size / stages pipelines are "
-                                 "data-parallel replicas")
 
 
 def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -> TrainConfig:
