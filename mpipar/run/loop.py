@@ -112,13 +112,14 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
         """Flush metrics up to ``step``, then write the checkpoint of ``step``. Collective."""
         metrics.flush()
+        strategy_state = strategy.state_dict()  # first: an asynchronous pipeline's drain steps the optimizer
         path = session.checkpoints.save(step, {
             "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
             "loss_sums_by_rank": collectives.allgather(comm, (loss_sum, seen), "checkpoint: train loss sums"),
             "samples_seen": seen, "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
             "rng": rng_state(), "config": session.run_config, "global_batch": global_batch, "replicas": replicas,
             "total_steps": total_steps, "strategy": strategy.name,
-            **strategy.state_dict()})
+            **strategy_state})
         say(f"checkpoint: {path}")
 
     first_step, run_start = step, time.perf_counter()
