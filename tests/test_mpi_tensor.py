@@ -1,5 +1,7 @@
 """The torch<->MPI boundary: dtypes, zero copy, staging, blocking and non-blocking calls."""
 
+import threading
+
 import pytest
 import torch
 from mpi4py import MPI
@@ -204,3 +206,22 @@ def test_a_long_wait_naps_between_tests_and_a_short_one_does_not(monkeypatch):
     assert mpi_tensor.wait_any([request], spin=0.0, nap=2e-4) == 0
     MPI.Request.Waitall(sends)
     assert naps == [2e-4, 2e-4]
+
+
+def test_mpipar_wait_spin_waits_in_mpi_without_napping(monkeypatch):
+    naps = []
+    monkeypatch.setattr(mpi_tensor, "SPIN_SECONDS", 0.0)
+    monkeypatch.setattr(mpi_tensor.time, "sleep", naps.append)
+    inbox, outbox = bytearray(8), bytearray(8)
+    request = MPI.COMM_SELF.Irecv(inbox, source=0, tag=32)
+    sends = []
+    later = threading.Timer(0.02, lambda: sends.append(MPI.COMM_SELF.Isend(outbox, dest=0, tag=32)))
+    monkeypatch.setattr(mpi_tensor, "WAIT", "spin")
+    later.start()
+    assert mpi_tensor.wait_any([request]) == 0
+    later.join()
+    MPI.Request.Waitall(sends)
+    assert naps == []
+    monkeypatch.setattr(mpi_tensor, "WAIT", "doze")
+    with pytest.raises(ValueError, match="MPIPAR_WAIT='doze': expected one of nap, spin"):
+        mpi_tensor.wait_any([MPI.REQUEST_NULL])

@@ -39,6 +39,7 @@ overrides it).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -234,14 +235,26 @@ class PendingOp:
 
 SPIN_SECONDS = 1e-3  # then sleep between tests: a long wait leaves the core to ranks that compute
 NAP_SECONDS = 1e-4
+WAITS = ("nap", "spin")
+WAIT = os.environ.get("MPIPAR_WAIT", "nap")
+"""How :func:`wait_any` waits, read at every call: ``nap`` (default) or ``spin`` (MPI's own ``Waitany``);
+set by ``MPIPAR_WAIT``, for benchmarks (``benchmarks/bench_waits.py`` switches it between rounds)."""
 
 
 def wait_any(requests, *, spin: Optional[float] = None, nap: Optional[float] = None) -> int:
     """``MPI.Request.Waitany`` that does not spin the whole time: it tests in a tight loop for ``spin``
     seconds (default ``SPIN_SECONDS``: short waits stay fast), then every ``nap`` seconds (default
     ``NAP_SECONDS``; each test also progresses MPI). MPI's own waits spin, which on shared or
-    oversubscribed cores takes the CPU from the ranks waited for. Returns the completed request's index.
-    Local."""
+    oversubscribed cores takes the CPU from the ranks waited for. With ``WAIT`` (``MPIPAR_WAIT``) ``spin``,
+    MPI's ``Waitany`` instead. Returns the completed request's index. Local.
+
+    Raises:
+        ValueError: when ``WAIT`` is neither ``nap`` nor ``spin``.
+    """
+    if WAIT != "nap":
+        if WAIT not in WAITS:
+            raise ValueError(f"MPIPAR_WAIT={WAIT!r}: expected one of {', '.join(WAITS)}")
+        return MPI.Request.Waitany(requests)
     spin = SPIN_SECONDS if spin is None else spin
     nap = NAP_SECONDS if nap is None else nap
     start = time.perf_counter()
