@@ -8,7 +8,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_helpers import assert_all_ranks
-from mpipar import models
+from mpipar import models, registry
 from mpipar.data import synthetic
 from mpipar.data_parallel.strategy import DataParallelStrategy
 from mpipar.pipeline.config import PipelineConfig
@@ -22,6 +22,7 @@ STEPS, BATCH = 3, 6  # BATCH: samples per rank (data parallel) or per rank of th
 RESUMED_STEPS = 8  # resume tests: stopped at step 2, then 6 steps with a learning rate that matters
 SIZES = (784, 24, 16, 12, 10)  # float64 cast, Flatten + 4 layers: up to 6 stages
 TOL = dict(rtol=1e-9, atol=1e-12)  # float64; only the order of the sums differs
+LOOP_CASES = [case for spec in registry.specs() for case in spec.loop_cases]  # each strategy's, from its folder
 
 
 def session(comm, out, batch_size, settings=None, steps=STEPS, resume=False):
@@ -52,7 +53,7 @@ def serial_reference(directory, size, steps=STEPS):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("kind", ["data_parallel", "pipeline", "hybrid", "tensor", "tensor_x_data"])
+@pytest.mark.parametrize("kind", LOOP_CASES)
 def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind):
     from pathlib import Path
 
@@ -75,6 +76,7 @@ def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind)
         strategy = TensorParallelStrategy(comm, model, settings, state=run.state)
         held = []  # the shards are compared below, gathered back into the unsplit layers
     else:
+        assert kind in ("pipeline", "hybrid"), f"a registered loop case without its set-up here: {kind}"
         stages = size if kind == "pipeline" else 2
         settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages)
         replicas = size // stages
