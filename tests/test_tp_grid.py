@@ -169,3 +169,24 @@ def test_eight_ranks_data_x_pipeline_x_tensor_parallel():
                      str(ROOT / "tests" / "test_tp_grid.py"), "-k", "equal_the_loop or coordinates", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 passed" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_pipeline_busy_leaves_out_the_tensor_parallel_allreduces(comm):
+    """The busy time the pipeline's bubble is measured from is the stages' compute without their blocking
+    tensor-parallel Allreduces (those are waits), as the step's compute time is."""
+    stages, tp = grid_for(comm.Get_size())
+    settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages, tp=tp)
+    batch = BATCH * 2
+    strategy = PipelineStrategy(comm, build_model(), settings, batch_size=batch, say=lambda _: None,
+                                split_layers=split_mlp)
+    data = synthetic(600, 100, seed=0).train
+    problems = []
+    for step in range(2):
+        record = strategy.train_step(data.batch(list(range(step * batch, (step + 1) * batch))))
+        busy = record.extra["pipeline_busy"]
+        if not record.wait_time > 0 or busy != record.compute_time:
+            problems.append(f"step {step}: pipeline busy {busy}, compute {record.compute_time}, "
+                            f"waits {record.wait_time}")
+    strategy.grid.free()
+    assert_all_ranks(comm, not problems, "; ".join(problems))

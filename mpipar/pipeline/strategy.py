@@ -264,11 +264,12 @@ class PipelineStrategy:
             self._stage_seconds[index][0] += forward
             self._stage_seconds[index][1] += backward
         samples = len(labels) if self.counts else 0
-        return StepRecord(  # the stages' busy time includes their tensor-parallel Allreduces: moved to waits
-            loss=result.loss, samples=samples, compute_time=times.busy - split.wait_time, comm_time=times.comm,
+        compute = times.busy - split.wait_time  # the stages' busy time includes their tensor-parallel Allreduces
+        return StepRecord(  # moved to waits, for the bubble too
+            loss=result.loss, samples=samples, compute_time=compute, comm_time=times.comm,
             wait_time=reduced.wait_time + split.wait_time,
             bytes_sent=reduced.bytes_sent + result.bytes_sent + split.bytes_sent,
-            extra=dict(pipeline_busy=times.busy, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
+            extra=dict(pipeline_busy=compute, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
                        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0))
 
     def end_epoch(self) -> None:
