@@ -3,6 +3,7 @@ synchronous server equals data parallelism, every asynchronous run equals the de
 replay of its own recorded updates, and the staleness bound holds in the records."""
 
 import random
+import time
 from pathlib import Path
 
 import h5py
@@ -13,6 +14,7 @@ from mpi4py import MPI
 
 from mpi_helpers import assert_all_ranks
 from mpipar import models
+from mpipar.comm import mpi_tensor
 from mpipar.data import synthetic
 from mpipar.data.sharding import step_plan
 from mpipar.data_parallel.strategy import DataParallelStrategy
@@ -397,4 +399,53 @@ def test_an_unused_parameter_stays_put_and_a_short_last_step_weighs_its_samples(
                     if not torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)]
         if not all(torch.equal(a, b) for a, b in zip(unused, model.unused.parameters())):
             problems.append("the unused layer moved")
+    mpi_tensor.wait_any([comm.Ibarrier()])  # ranks left out must not spin: the one-sided start check needs the CPU
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_workers_own_push_is_communication_and_queueing_at_the_server_is_idle(comm, monkeypatch):
+    """README: communication is the transfer itself, idle the waiting for other ranks. The server
+    (rank 0) is made to notice every message QUEUE seconds late (busy elsewhere: the worker waits
+    for it) and to take TRANSFER seconds receiving each pushed gradient (the push's own transfer)."""
+    from mpipar.parameter_server import protocol
+    from mpipar.parameter_server.flat import FlatShares
+    from mpipar.parameter_server.server import Server
+    from mpipar.parameter_server.worker import Worker
+
+    queue, transfer = 0.2, 0.4
+    rank, workers = comm.Get_rank(), list(range(1, comm.Get_size()))
+    flat = FlatShares(torch.nn.Linear(4, 3).double(), 1)
+    problems = []
+    if rank == 0:
+        wait_any, recv_ = protocol.wait_any, mpi_tensor.recv_
+
+        def late(requests):
+            index = wait_any(requests)
+            time.sleep(queue)
+            return index
+
+        def slow(tensor, comm, source, tag):
+            recv_(tensor, comm, source, tag)
+            if tag == protocol.TAG_GRADIENT:
+                time.sleep(transfer)
+
+        monkeypatch.setattr(protocol, "wait_any", late)
+        monkeypatch.setattr(mpi_tensor, "recv_", slow)
+        server = Server(comm, 0, workers, flat, sync=False, weight_decay=0.0, staleness_lr=False,
+                        tickets=Tickets(len(workers), sync=False, bound=None))
+        server.optimizer = torch.optim.SGD(flat.params[0], lr=0.1)
+        server.serve(0)
+        server.close()
+    else:
+        worker = Worker(comm, 1, flat)
+        ticket, pushes = worker.exchange(0), 0
+        worker.take_times()  # the first request carries no push
+        while ticket is not None:
+            ticket, pushes = worker.exchange(0, (ticket, 2, 0.0, 2 * len(workers))), pushes + 1
+        times = worker.take_times()
+        if times["comm"] < transfer * pushes:
+            problems.append(f"{pushes} pushes of {transfer} s each, communication {times['comm']:.3f} s")
+        if times["idle"] < queue * pushes:
+            problems.append(f"{pushes} waits of {queue} s for the server, idle {times['idle']:.3f} s")
     assert_all_ranks(comm, not problems, "; ".join(problems))

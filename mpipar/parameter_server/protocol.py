@@ -18,7 +18,7 @@ REQUEST = 2  # to server 0: a ticket of this step, please (the reply carries wei
 PULL = 4     # to the other servers, after a grant: the current weights, please
 
 CONTROL_FIELDS = ("kind", "step", "shard", "base_version", "samples", "loss", "step_samples")
-REPLY_FIELDS = ("version", "hold", "ticket_step", "ticket_shard", "staleness")
+REPLY_FIELDS = ("version", "transfer", "ticket_step", "ticket_shard", "staleness")
 
 
 def control(kind: int, step: int = -1, shard: int = -1, base_version: int = -1, samples: int = 0,
@@ -29,12 +29,13 @@ def control(kind: int, step: int = -1, shard: int = -1, base_version: int = -1, 
     return np.array([kind, step, shard, base_version, samples, loss, step_samples, *present], dtype=np.float64)
 
 
-def reply(version: int, hold: float, ticket=None, staleness: int = -1) -> np.ndarray:
-    """A server's answer: its version, seconds the request waited there, the granted ticket
+def reply(version: int, transfer: float, ticket=None, staleness: int = -1) -> np.ndarray:
+    """A server's answer: its version, seconds it spent receiving the worker's pushed gradients
+    since its last answer to that worker (their transfer: communication), the granted ticket
     (``(-1, -1)``: none; weights follow on TAG_WEIGHTS only when a ticket or a pull is answered),
     and the staleness the worker's last push was applied with (-1: no push)."""
     step, shard = ticket if ticket is not None else (-1, -1)
-    return np.array([version, hold, step, shard, staleness], dtype=np.float64)
+    return np.array([version, transfer, step, shard, staleness], dtype=np.float64)
 
 
 class Control:
@@ -52,7 +53,7 @@ class Reply:
     def __init__(self, record: np.ndarray):
         self.version, self.ticket_step, self.ticket_shard, self.staleness = (
             int(record[0]), int(record[2]), int(record[3]), int(record[4]))
-        self.hold = float(record[1])
+        self.transfer = float(record[1])
 
     @property
     def ticket(self):

@@ -79,6 +79,7 @@ class Server:
         self.updates: Dict[str, list] = {name: [] for name in UPDATE_COLUMNS}
         self._serving = -1                             # the loop step being served
         self._last_staleness: Dict[int, int] = {}      # worker -> staleness of its last applied push
+        self._transfer: Counter = Counter()             # worker -> seconds receiving its pushes, not yet told
         self._reset_times()
 
     def _reset_times(self) -> None:
@@ -112,6 +113,7 @@ class Server:
                 mpi_tensor.recv_(self._buffers[worker], self.comm, worker, protocol.TAG_GRADIENT)
                 received = time.perf_counter()
                 self.comm_time += received - arrival
+                self._transfer[worker] += received - arrival
                 if recorder is not None:
                     recorder.add("receive_push", arrival, received, peer=worker, nbytes=self.bytes_per_push)
                 push = _Push(worker, message.step, message.shard, message.base_version, message.samples,
@@ -194,7 +196,7 @@ class Server:
         for op in self._outgoing[worker]:
             op.wait()
         staleness = self._last_staleness.pop(worker, -1)
-        header = protocol.reply(self.version, start - arrival, ticket, staleness)
+        header = protocol.reply(self.version, self._transfer.pop(worker, 0.0), ticket, staleness)
         ops = [self.comm.Isend(header, dest=worker, tag=protocol.TAG_REPLY)]
         if ticket is not None or message.kind & protocol.PULL:
             ops.append(mpi_tensor.isend(self.weights.clone(), self.comm, worker, protocol.TAG_WEIGHTS))

@@ -24,8 +24,10 @@ class Worker:
     server 0's with the grant, the other servers' by a pull after it (so, in bounded mode, the
     weights a ticket starts from are never older than its grant). Point-to-point only.
 
-    Time: each exchange's round trip is split into idle (the time the servers held the
-    request: waiting for other workers, the bound, or the update) and communication (the rest).
+    Time: each exchange's round trip is split into communication (the transfers: the pushed
+    gradients, as the servers report the time they took receiving them, the weights received and
+    the wait for this rank's sends to complete) and idle (the rest: waiting for the servers to
+    take the request, for other workers, the bound or the update).
     """
 
     def __init__(self, comm: MPI.Intracomm, servers: int, flat: FlatShares):
@@ -55,7 +57,7 @@ class Worker:
             record = protocol.control(protocol.REQUEST, step)
             raw.append((self.comm.Isend(record, dest=0, tag=protocol.TAG_CONTROL), record))
         posted = time.perf_counter()
-        answer, held = self._receive(0)
+        answer, transfer = self._receive(0)
         ticket = answer.ticket
         if push is not None and answer.staleness >= 0:
             self.staleness.append(answer.staleness)
@@ -63,37 +65,41 @@ class Worker:
             for server in range(1, self.servers):
                 record = protocol.control(protocol.PULL, step)
                 raw.append((self.comm.Isend(record, dest=server, tag=protocol.TAG_CONTROL), record))
-                _, server_held = self._receive(server)
-                held += server_held
+                _, server_transfer = self._receive(server)
+                transfer += server_transfer
+        sending = time.perf_counter()
         MPI.Request.Waitall([request for request, _ in raw])
         mpi_tensor.wait_all(ops)
         end = time.perf_counter()
         round_trip = end - start
+        transfer += end - sending
         recorder = events.active()
         if recorder is not None:
             recorder.add("exchange", start, end, index=step)
             for server in range(self.servers if push is not None else 0):  # completion seen at the wait
                 recorder.add("push", posted, end, peer=server, nbytes=self.bytes_per_push[server])
-        idle = min(held, round_trip)
-        self.idle += idle
-        self.comm_time += round_trip - idle
+        communication = min(transfer, round_trip)
+        self.comm_time += communication
+        self.idle += round_trip - communication
         return ticket
 
     def _receive(self, server: int):
-        """A reply from ``server`` and, with a grant or to a pull, its weights."""
+        """A reply from ``server`` and, with a grant or to a pull, its weights. Returns the reply
+        and the seconds of transfer: the server's receiving of pushes it reports, the weights'."""
         start = time.perf_counter()
         header = np.zeros(len(protocol.REPLY_FIELDS))
         protocol.wait_any([self.comm.Irecv(header, source=server, tag=protocol.TAG_REPLY)])
         answer = protocol.Reply(header)
         weights = answer.ticket is not None or server > 0
+        replied = time.perf_counter()
         if weights:
             mpi_tensor.recv_(self.flat.weights[server], self.comm, server, protocol.TAG_WEIGHTS)
             self.versions[server] = answer.version
+        done = time.perf_counter()
         recorder = events.active()
         if recorder is not None:
-            recorder.add("pull", start, time.perf_counter(), peer=server,
-                         index=answer.version if weights else -1)
-        return answer, answer.hold
+            recorder.add("pull", start, done, peer=server, index=answer.version if weights else -1)
+        return answer, answer.transfer + done - replied
 
     def take_times(self) -> dict:
         times = dict(idle=self.idle, comm=self.comm_time, bytes=self.bytes_sent, staleness=self.staleness)
