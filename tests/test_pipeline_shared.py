@@ -246,3 +246,103 @@ def test_asynchronous_schedule_runs_a_weight_tied_within_one_stage():
     tied = model[0].tokens.weight is model[3].out.weight
     assert_all_ranks(MPI.COMM_WORLD, tied and abs(result.loss - expected) < 1e-12,
                      f"loss {result.loss} vs {expected}, tied {tied}")
+
+
+# -- checkpoints: the loop, stopped and resumed; consolidation --------------------------------------------------
+
+class ToFloat64(nn.Module):
+    """The data's float32 images as float64, so the comparisons can be tight."""
+
+    def forward(self, images):
+        return images.double()
+
+
+def tied_mlp() -> nn.Sequential:
+    """An image MLP (6 layers) whose layers 3 and 4 share one weight matrix."""
+    from mpipar import models
+
+    torch.manual_seed(7)
+    model = nn.Sequential(ToFloat64(), *models.mlp([784, 16, 16, 16, 10])).double()
+    model[4][0].weight = model[3][0].weight
+    return model
+
+
+def loop_session(comm, out, settings=None, resume=False, batch_size=12, steps=6):
+    from mpipar.run.config import TrainConfig
+    from mpipar.run.session import Session
+
+    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=batch_size, lr=0.05, threads=1,
+                         out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=2)
+    return Session(comm, config, settings=settings, resume=resume)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("after", [(2, (0, 0, 0, 0, 1, 1)), (2, (0, 0, 0, 1, 1, 1))])
+def test_tied_pipeline_checkpoint_resumes_and_consolidates(comm, mpi_tmp_path, after):
+    """A pipeline with the tied weight on both ranks, stopped at step 2: its checkpoint consolidates to
+    the unsplit model (strict load, one value under both names), and resumed on the same layout or with
+    the tied layers in one stage (re-laid out by name), the run equals the loop on one process."""
+    from pathlib import Path
+
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.strategy import PipelineStrategy
+    from mpipar.run.consolidate import model_state
+    from mpipar.run.launch import StopRequest
+    from mpipar.run.loop import train
+
+    rank = comm.Get_rank()
+    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    splits = synthetic(600, 100, seed=0)
+    reference = tied_mlp()
+    train(loop_session(MPI.COMM_SELF, directory / f"serial-{rank}"), DataParallelStrategy(reference, MPI.COMM_SELF),
+          splits)
+    out, problems = directory / "run", []
+    for phase, (ranks, placement) in enumerate(((2, (0, 0, 0, 0, 1, 1)), after)):
+        group = comm.Split(0 if rank < ranks else MPI.UNDEFINED, rank)
+        if group != MPI.COMM_NULL:
+            model = tied_mlp()
+            settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=ranks, placement=placement)
+            run = loop_session(group, out, settings, resume=phase == 1)
+            if phase == 0:
+                run.stop = StopRequest()
+                run.stop.signal_name = "SIGUSR1"  # stop and save at the first flush (step 2)
+            strategy = PipelineStrategy(group, model, settings, batch_size=12, state=run.state,
+                                        checkpoint=run.resumed_from, say=lambda line: None)
+            train(run, strategy, splits)
+            if phase == 0 and rank == 0:
+                merged, _ = model_state(out)
+                unsplit = tied_mlp()
+                unsplit.load_state_dict(merged)  # strict
+                if not torch.equal(merged["3.0.weight"], merged["4.0.weight"]):
+                    problems.append("the consolidated copies of the tied weight differ")
+            if phase == 1:
+                held = {id(p) for p in strategy.parameters()}
+                for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+                    if id(mine) in held and not torch.allclose(mine, theirs, rtol=1e-9, atol=1e-12):
+                        problems.append(f"{name}: {(mine - theirs).abs().max().item():.2e}")
+                if model[4][0].weight is not model[3][0].weight:
+                    problems.append("the resumed model is no longer tied")
+            group.Free()
+        comm.Barrier()
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+
+
+def test_consolidation_takes_a_shared_parameter_once_from_its_first_stage(tmp_path):
+    """Hand-written rank files of [0, 0, 1, 1] whose copies of the tied weight differ (as a run before the
+    sum wrote them): both names get stage 0's copy."""
+    import json
+
+    from mpipar.run.consolidate import model_state
+
+    step = tmp_path / "checkpoints" / "step-000000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 4, "world_size": 2, "per_rank": True}))
+    first, last = torch.ones(VOCAB, WIDTH), torch.zeros(VOCAB, WIDTH)
+    shared = [["0.tokens.weight", "3.out.weight"]]
+    for rank, model in enumerate([{"0.0.tokens.weight": first}, {"0.3.out.weight": last}]):
+        torch.save({"model": model, "placement": [0, 0, 1, 1], "shared_parameters": shared, "step": 4},
+                   step / f"rank-{rank}.pt")
+    merged, _ = model_state(tmp_path)
+    assert torch.equal(merged["0.tokens.weight"], first) and torch.equal(merged["3.out.weight"], first)

@@ -294,7 +294,7 @@ class PipelineStrategy:
         stashed weight versions and counters (``pipeline_async``)."""
         state = {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
                  "parameter_names": self.parameter_names, "layer_seconds": self.predicted,
-                 "grid_order": self.grid.order}
+                 "grid_order": self.grid.order, "shared_parameters": [list(s.names) for s in self.pipe.shared.shared]}
         if self.asynchronous:
             self._drain()
             state["model"] = self.pipe.local_module.state_dict()  # after the drain's updates

@@ -7,7 +7,8 @@ holds the whole model (data parallelism; a parameter server, whose ranks all hol
 share when a checkpoint is written). :func:`merge_stages`: one file per rank with that rank's stages;
 the stages of the first pipeline (the grid's first ``stages`` ranks in its node-by-node order,
 ``grid_order`` in the files: replicas hold the same parameters) are merged under the unsplit
-``nn.Sequential``'s names. :func:`merge_shards`: one file per rank with that rank's shards of every
+``nn.Sequential``'s names (a parameter several stages share, ``shared_parameters`` in the files, is
+taken once, from its first stage). :func:`merge_shards`: one file per rank with that rank's shards of every
 layer; the shards of the first group (the grid's first ``tp`` ranks) are concatenated along the
 dimension each was cut (rows of a column-parallel layer, columns of a row-parallel one; padding
 dropped), as the files' ``tp_layout`` records. Local SGD's files per rank are averaged
@@ -137,6 +138,9 @@ def _merge_ranks(checkpoint: Path, meta: dict, first: dict) -> Tuple[Dict[str, t
         if "parameter_names" in state:  # the optimizer state of each parameter, by name
             optimizer = state["optimizer"]["state"]
             by_name.update((name, optimizer.get(index)) for index, name in enumerate(state["parameter_names"]))
+    for names in first.get("shared_parameters", ()):  # one parameter of several stages: its first stage's copy
+        for name in names[1:]:
+            merged[name] = merged[names[0]]
     return merged, by_name
 
 
