@@ -449,3 +449,48 @@ def test_a_workers_own_push_is_communication_and_queueing_at_the_server_is_idle(
         if times["idle"] < queue * pushes:
             problems.append(f"{pushes} waits of {queue} s for the server, idle {times['idle']:.3f} s")
     assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+class RecordedWindow:
+    """An MPI window that logs its synchronisation calls (and passes every call on)."""
+
+    def __init__(self, window, log):
+        self.window, self.log = window, log
+
+    def __getattr__(self, name):
+        attribute = getattr(self.window, name)
+        if name not in ("Lock", "Sync", "Unlock"):
+            return attribute
+
+        def logged(*args, **kwargs):
+            self.log.append(name)
+            return attribute(*args, **kwargs)
+        return logged
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_one_sided_server_syncs_its_window_in_a_lock_epoch_before_reading_its_share(comm, monkeypatch):
+    """MPI's separate memory model: a server's own loads see the workers' Accumulates only after
+    ``Win.Sync`` in a passive-target epoch. Open MPI on coherent CPUs is the unified model, where
+    no result can show the difference, so this checks the calls, in order, before the broadcast
+    that reads the share (an epoch end; checkpoints and evaluation come through it)."""
+    from mpipar.parameter_server import strategy as module
+
+    monkeypatch.setattr(module, "check_passive_progress", lambda *args, **kwargs: None)  # its 2 s: not tested here
+    servers = 2 if comm.Get_size() >= 4 else 1
+    settings = ParameterServerConfig(mode="async", one_sided=True, servers=servers)
+    strategy = ParameterServerStrategy(comm, build_model(), settings, batch_size=BATCH)
+    rank, log = comm.Get_rank(), []
+    if rank < servers:
+        strategy.shares.windows[rank] = RecordedWindow(strategy.shares.windows[rank], log)
+        bcast_ = mpi_tensor.bcast_
+
+        def logged_bcast(tensor, comm, root=0):
+            if root == rank:
+                log.append("bcast")
+            return bcast_(tensor, comm, root=root)
+        monkeypatch.setattr(mpi_tensor, "bcast_", logged_bcast)
+    strategy.end_epoch()
+    strategy.shares.free()
+    ok = rank >= servers or log == ["Lock", "Sync", "Unlock", "bcast"]
+    assert_all_ranks(comm, ok, f"server {rank}: calls on its own window {log}")

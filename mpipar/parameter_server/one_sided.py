@@ -62,6 +62,18 @@ class WindowShares:
         self.counters[index] = value
         self.counter_window.Unlock(0)
 
+    def sync_own(self) -> None:
+        """On a server: its window's private and public copies made the same (``Win.Sync`` inside
+        a passive-target epoch on itself), so its own loads see the workers' ``Accumulate``s and
+        their ``Get``s its own stores, in MPI's separate memory model as well as the unified one.
+        Call it after the workers' updates are complete (a collective) and before this rank reads
+        its share, and after it writes the share. Local; nothing on a worker."""
+        rank = self.comm.Get_rank()
+        if rank < self.servers:
+            self.windows[rank].Lock(rank, MPI.LOCK_SHARED)
+            self.windows[rank].Sync()
+            self.windows[rank].Unlock(rank)
+
     def read(self, server: int) -> None:
         """This rank's ``flat.weights[server]`` := the server's current weights."""
         target = self.flat.weights[server].numpy()

@@ -222,6 +222,8 @@ class ParameterServerStrategy:
                 f"a parameter-server checkpoint resumes only on the ranks and --servers that wrote it (its (ranks, "
                 f"servers): {None if saved is None else tuple(saved)}; this job: {self.layout}); resume with those")
         self.model.load_state_dict(state["model"])
+        if self.shares is not None:
+            self.shares.sync_own()  # the loaded share into the window's public copy, before any Get
         if self.server is not None:
             self.server.version = state["parameter_server"]["version"]
         if self.shares is not None and self.comm.Get_rank() == 0:
@@ -254,6 +256,8 @@ class ParameterServerStrategy:
         statistics, and with ``workers_too`` the workers as well (an epoch end, as data
         parallelism does; a checkpoint leaves the workers' own statistics, so saving never
         changes the run). Collective."""
+        if self.shares is not None:
+            self.shares.sync_own()  # the workers' Accumulates are done: every rank is here
         for server in range(self.settings.servers):
             mpi_tensor.bcast_(self.flat.weights[server], self.comm, root=server)
         self._exchange_versions()
