@@ -154,6 +154,9 @@ class Pipeline:
 
     Gradients of micro-batches accumulate into ``.grad`` (call ``zero_grad``
     between steps as usual) and equal the full-batch gradients of the mean loss.
+    A parameter used by layers of several stages (a tied embedding and LM head) is
+    found at construction (:mod:`~mpipar.pipeline.shared`): its holders' copies start
+    equal and its gradient is summed over them at the end of each training step.
     Layers with batch statistics (BatchNorm in training mode) see one micro-batch
     at a time: outputs match the unsplit model run micro-batch by micro-batch, and
     running statistics are updated once per micro-batch.
@@ -188,7 +191,8 @@ class Pipeline:
     Raises:
         ValueError, TypeError: on every rank, for a bad placement (wrong length,
             ranks outside the communicator, a rank without layers), schedule or
-            micro-batch count, or when ranks disagree on them.
+            micro-batch count, or when ranks disagree on them; for a parameter used by
+            several stages under an asynchronous schedule.
     """
 
     def __init__(self, module: nn.Sequential, comm: MPI.Intracomm,
@@ -406,8 +410,9 @@ class Pipeline:
              before_last_backward: Optional[Callable[[nn.Module], None]] = None) -> StepResult:
         """Forward and backward of one batch under the schedule; gradients accumulate. Collective.
 
-        ``before_last_backward(stage_module)`` runs right before the last backward of
-        each local stage, after which that stage's gradients are final (e.g.
+        ``before_last_backward(module)`` runs right before the last backward of each local
+        stage, ``module`` holding the parameters whose gradients that backward completes (the
+        stage's, less those it shares with other stages: completed at the end of the step) (e.g.
         :meth:`~mpipar.pipeline.ReplicaAverager.stage_finishing`, to reduce them
         while the backward still runs; not with an asynchronous schedule, whose updates are its own).
 

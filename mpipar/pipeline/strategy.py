@@ -370,4 +370,5 @@ class PipelineStrategy:
         measured = attrs["bubble_measured"]
         say(f"pipeline bubble: measured {measured:.3f}; ideal {self.ideal:.3f} with equal stages, {bound:.3f} with "
             f"the measured stage times (the rest, {measured - bound:+.3f}, is communication and overhead)")
+        self.pipe.shared.free()
         self.grid.free()
