@@ -19,6 +19,7 @@ from mpi_helpers import assert_all_ranks, assert_close_all_ranks, assert_comm_st
 from mpipar.tensor_parallel import (
     ColumnParallelLinear,
     ParallelDropout,
+    ParallelMLP,
     ParallelSelfAttention,
     ParallelTransformerBlock,
     TensorParallelRNG,
@@ -246,3 +247,79 @@ def test_misuse_raises_on_every_rank(comm):
         with pytest.raises(ValueError, match="different nn.MultiheadAttention modules"):
             ParallelSelfAttention(make_attention("cpu"), comm, rng=rng if rank else None)
     assert_comm_still_usable(comm)
+
+
+def dropout_mlps(comm, rng, count=2):
+    """``count`` ParallelMLP blocks with split dropout between their layers and no replicated draw between
+    them, so every block enters its split region with the same default-generator state."""
+    p = comm.Get_size()
+    torch.manual_seed(SEED)
+    return [ParallelMLP(nn.Linear(6, 4 * p).double(), nn.Linear(4 * p, 6).double(), comm, ParallelDropout(P_DROP, rng))
+            for _ in range(count)]
+
+
+def gradients_with(comm, recompute, steps=2):
+    """Input and parameter gradients of two steps through two dropout blocks, each block run through
+    ``recompute(rng, block, x)``; and the split stream's state afterwards."""
+    rng = TensorParallelRNG(comm, SEED)
+    blocks = dropout_mlps(comm, rng)
+    found = []
+    for step in range(steps):
+        x = torch.randn(BATCH, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step)).requires_grad_()
+        y = x
+        for block in blocks:
+            y = recompute(rng, block, y)
+        y.square().sum().backward()
+        found += [x.grad] + [parameter.grad.clone() for block in blocks for parameter in block.parameters()]
+    return found, rng.state_dict()["cpu"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_recomputed_split_regions_draw_the_forward_masks(comm, use_reentrant):
+    """torch.utils.checkpoint of ``rng.recomputable(block)`` replays the forward's split masks in the
+    recompute: every gradient equals the run without recompute bitwise, and the split stream ends where it
+    does without recompute. A plain checkpoint (whose recompute would draw new masks) raises instead."""
+    from torch.utils.checkpoint import checkpoint
+
+    straight, straight_state = gradients_with(comm, lambda rng, block, x: block(x))
+    recomputed, recomputed_state = gradients_with(
+        comm, lambda rng, block, x: checkpoint(rng.recomputable(block), x, use_reentrant=use_reentrant))
+    differing = [index for index, (a, b) in enumerate(zip(straight, recomputed)) if not torch.equal(a, b)]
+    assert_all_ranks(comm, not differing and torch.equal(straight_state, recomputed_state),
+                     f"gradients {differing} differ from the run without recompute")
+    with pytest.raises(RuntimeError, match="recomputable"):
+        gradients_with(comm, lambda rng, block, x: checkpoint(block, x, use_reentrant=use_reentrant), steps=1)
+    assert_comm_still_usable(comm)
+
+
+@pytest.mark.mpi
+def test_tensor_parallel_strategy_checkpoints_its_split_stream(comm):
+    """The strategy's state holds the split stream (loading with weights_only); a resumed strategy draws
+    the masks the straight run draws next."""
+    import io
+
+    from mpipar import models
+    from mpipar.run.checkpoint import read_state
+    from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
+
+    p = comm.Get_size()
+    torch.manual_seed(SEED)
+    config = TensorParallelConfig(tp=p)
+    straight = TensorParallelStrategy(comm, models.mlp([6, 4 * p, 3], flatten=False), config)
+    with straight.rng.split_region():
+        torch.rand(9)
+    buffer = io.BytesIO()
+    torch.save(straight.state_dict(), buffer)
+    with straight.rng.split_region():
+        expected = torch.rand(9)
+    buffer.seek(0)
+    state = read_state(buffer)
+    torch.manual_seed(SEED)
+    resumed = TensorParallelStrategy(comm, models.mlp([6, 4 * p, 3], flatten=False), config, state=state)
+    resumed.load_state_dict(state)
+    with resumed.rng.split_region():
+        drawn = torch.rand(9)
+    assert_all_ranks(comm, torch.equal(drawn, expected), "the resumed run drew other split masks")
+    straight.finish(None, print, 0)
+    resumed.finish(None, print, 0)

@@ -17,13 +17,18 @@ The split stream is used only inside ``split_region()``, and the default stream 
 restored exactly on leaving it, so the number of split draws never shifts the
 replicated stream: a run with and without dropout in split regions draws the same
 replicated masks.
+
+Activation recompute: ``torch.utils.checkpoint`` restores the default generators for the
+recomputed forward, not this stream, so a block recomputed as it is would draw new split
+masks. Checkpoint ``rng.recomputable(block)`` instead: its recompute replays the draws of its
+forward. A split region entered in a backward pass otherwise raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,12 @@ default stream of a run seeded ``seed``."""
 
 def _cuda_ready() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (where a checkpoint recomputes)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
 
 
 class TensorParallelRNG:
@@ -76,6 +87,7 @@ class TensorParallelRNG:
         self._cpu_state = torch.Generator().manual_seed(self.seed).get_state()
         self._cuda_states: Dict[int, torch.Tensor] = {}
         self._inside = False
+        self._replaying = False
 
     @contextlib.contextmanager
     def split_region(self) -> Iterator[None]:
@@ -87,6 +99,10 @@ class TensorParallelRNG:
         """
         if self._inside:
             raise RuntimeError("TensorParallelRNG.split_region() is already active (regions do not nest)")
+        if not self._replaying and _in_backward():
+            raise RuntimeError("a TensorParallelRNG split region was entered in a backward pass (an activation "
+                               "recompute) and would draw other masks than its forward: checkpoint "
+                               "rng.recomputable(function) instead of the function itself")
         device = torch.cuda.current_device() if _cuda_ready() else None
         saved_cpu = torch.get_rng_state()
         saved_cuda = torch.cuda.get_rng_state(device) if device is not None else None
@@ -106,6 +122,33 @@ class TensorParallelRNG:
                 self._cuda_states[device] = torch.cuda.get_rng_state(device)
                 torch.cuda.set_rng_state(saved_cuda, device)
             self._inside = False
+
+    def recomputable(self, function: Callable) -> Callable:
+        """``function`` for ``torch.utils.checkpoint`` (either ``use_reentrant``): its first call draws
+        from the split stream as usual; every later call (the recompute) replays the first call's split
+        draws and leaves the stream where it was. Local. Wrap anew for every forward, as in
+        ``checkpoint(rng.recomputable(block), x, use_reentrant=False)``."""
+        entry: list = []
+
+        def run(*args, **kwargs):
+            if not entry:
+                entry.append(self._snapshot())
+                return function(*args, **kwargs)
+            live, self._replaying = self._snapshot(), True
+            self._restore(entry[0])
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._restore(live)
+                self._replaying = False
+
+        return run
+
+    def _snapshot(self) -> tuple:
+        return self._cpu_state.clone(), {device: state.clone() for device, state in self._cuda_states.items()}
+
+    def _restore(self, snapshot: tuple) -> None:
+        self._cpu_state, self._cuda_states = snapshot[0].clone(), {d: v.clone() for d, v in snapshot[1].items()}
 
     def state_dict(self) -> Dict[str, object]:
         """This rank's split-stream state (tensors and ints: loads with ``weights_only=True``), for a

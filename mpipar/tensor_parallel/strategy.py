@@ -27,6 +27,7 @@ from mpipar.tensor_parallel.attention import ParallelTransformerBlock
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpipar.tensor_parallel.mlp import ParallelMLP
 from mpipar.tensor_parallel.partition import shard_bounds
+from mpipar.tensor_parallel.random import TensorParallelRNG
 
 __all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "ELEMENTWISE", "shard_layout", "Splitter",
            "SPLITTERS", "split_vit", "model_kind", "split_parameters", "full_state_dict"]
@@ -275,7 +276,9 @@ class TensorParallelStrategy:
     a group, and the groups average it alike, so it stays equal. At construction the
     parameters are counted (one small Allreduce): the shards summed over the group plus the
     replicated ones must be the unsplit model's parameters. Every rank checkpoints its own
-    shards. Collective over ``world``, like the loop.
+    shards and its group's split random stream (``self.rng``: dropout of split activations, recompute
+    with ``self.rng.recomputable``), so a resumed run draws the masks the straight run draws.
+    Collective over ``world``, like the loop.
 
     Args:
         world: the job's ranks.
@@ -286,6 +289,8 @@ class TensorParallelStrategy:
         bucket_mb: gradient bucket size for the replicas' Allreduce.
         state: the checkpoint being resumed or None (it must have the same layout).
         device: where this rank's shards go.
+        seed: the split streams' seed, the same on every rank (default ``torch.initial_seed()``: the
+            run's seed, as ``Session`` sets it).
 
     Raises:
         ValueError: on every rank, when ``config.tp`` does not divide the world size, or for
@@ -299,7 +304,7 @@ class TensorParallelStrategy:
 
     def __init__(self, world: MPI.Intracomm, model: nn.Module, config: TensorParallelConfig, *,
                  splitter: Union[Splitter, str, None] = None, bucket_mb: float = 25.0, state: Optional[dict] = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", seed: Optional[int] = None):
         if state is not None and state.get("relayout"):
             raise agreed(ValueError)("a tensor-parallel checkpoint resumes only on the ranks that wrote it; "
                                      "re-laying it out on other ranks is not supported yet")
@@ -332,6 +337,7 @@ class TensorParallelStrategy:
 
         collective_check(world, check_placement, "resuming tensor parallelism")
         self.stats = CommStats()
+        self.rng = TensorParallelRNG(self.tp_comm, torch.initial_seed() if seed is None else seed)
         self.model = splitter.split(model, self.tp_comm, self.stats).to(device)
         self.parameter_count = sum(p.numel() for p in model.parameters())
         counted = self.tp_comm.allreduce(_real_elements(self.model, self.tp_comm))
@@ -384,12 +390,15 @@ class TensorParallelStrategy:
 
     def state_dict(self) -> dict:
         """This rank's shards, with what ``mpipar-consolidate`` needs to merge a group's files:
-        ``tp``, this rank's position in its group (``tp_rank``) and :func:`shard_layout`."""
+        ``tp``, this rank's position in its group (``tp_rank``) and :func:`shard_layout`; and this rank's
+        split random stream (``tp_rng``)."""
         return {"model": self.model.state_dict(), "tp": self.config.tp, "tp_rank": self.tp_comm.Get_rank(),
-                "tp_layout": self.layout, "grid_order": self.grid.order}
+                "tp_layout": self.layout, "grid_order": self.grid.order, "tp_rng": self.rng.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        if "tp_rng" in state:  # checkpoints before it: the stream starts anew from the seed
+            self.rng.load_state_dict(state["tp_rng"])
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Free the grid. Collective over the world."""
