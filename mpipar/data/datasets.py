@@ -1,17 +1,18 @@
-"""Datasets in memory: IDX (MNIST/Fashion-MNIST) and HDF5 readers, and a learnable synthetic source."""
+"""Datasets: IDX (MNIST/Fashion-MNIST) and HDF5 readers (streamed when large), and a learnable synthetic source."""
 
 from __future__ import annotations
 
 import gzip
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-import h5py
 import numpy as np
 import torch
+
+from mpipar.data.arrays import ArrayDataset, DataSplits
+from mpipar.data.streaming import H5Images, load_h5
 
 __all__ = [
     "ArrayDataset",
@@ -22,77 +23,13 @@ __all__ = [
     "synthetic",
     "resolve",
     "DataSplits",
+    "H5Images",
     "FASHION_MNIST_DIRS",
 ]
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-@dataclass
-class ArrayDataset:
-    """Images (N, C, H, W) uint8 and labels (N,) int64, held in memory.
-
-    ``batch(indices)`` returns float images normalised by ``mean``/``std`` and
-    labels, ready for the model.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    mean: float = 0.0
-    std: float = 1.0
-
-    def __post_init__(self):
-        if self.images.dim() == 3:
-            self.images = self.images.unsqueeze(1)
-        if self.images.dim() != 4:
-            raise ValueError(f"images must be (N, H, W) or (N, C, H, W), got shape {tuple(self.images.shape)}")
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
-        if len(self.labels) == 0:
-            raise ValueError("the dataset is empty")
-        self.labels = self.labels.long()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def image_shape(self) -> Tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
-
-    def batch(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        images = self.images.index_select(0, index).float().div_(255.0)
-        return images.sub_(self.mean).div_(self.std), self.labels.index_select(0, index)
-
-    def with_stats_of(self, other: ArrayDataset) -> ArrayDataset:
-        """Normalise with another split's mean and std (the training split's)."""
-        self.mean, self.std = other.mean, other.std
-        return self
-
-    def compute_stats(self) -> ArrayDataset:
-        scaled = self.images[: min(len(self), 10000)].float() / 255.0
-        self.mean, self.std = float(scaled.mean()), float(scaled.std()) or 1.0
-        return self
-
-
-@dataclass
-class DataSplits:
-    train: ArrayDataset
-    test: ArrayDataset
-    description: str
-
-    @property
-    def model_shape(self) -> dict:
-        """``in_channels``, ``num_classes`` and ``image_size``: what a model for this data is built with."""
-        channels, size, _ = self.train.image_shape
-        return {"in_channels": channels, "num_classes": max(self.train.num_classes, self.test.num_classes),
-                "image_size": size}
 
 
 def _open_maybe_gzip(path: Path):
@@ -145,38 +82,6 @@ def load_idx_dir(directory) -> DataSplits:
     test = load_idx_pair(_find(directory, "t10k-images-idx3-ubyte"), _find(directory, "t10k-labels-idx1-ubyte"))
     train.compute_stats()
     return DataSplits(train, test.with_stats_of(train), f"IDX files in {directory}")
-
-
-def load_h5(path, holdout: float = 1 / 7) -> DataSplits:
-    """HDF5 file with datasets ``images`` (N,H,W or N,C,H,W, uint8) and ``labels`` (N,),
-    and optionally ``test/images``, ``test/labels``. Without a test group the last
-    ``holdout`` fraction is held out for testing."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            for name in ("images", "labels"):
-                if name not in f:
-                    raise ValueError(f"{path}: missing dataset '{name}' (expected 'images' and 'labels')")
-            images, labels = f["images"][...], f["labels"][...]
-            test = (f["test/images"][...], f["test/labels"][...]) if "test" in f else None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read HDF5 ({exc}); the file is corrupt or truncated") from None
-    if len(images) != len(labels):
-        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
-    if test is None:
-        cut = len(labels) - max(1, int(len(labels) * holdout))
-        if cut < 1:
-            raise ValueError(f"{path}: {len(labels)} samples is too few to hold out a test split")
-        test = (images[cut:], labels[cut:])
-        images, labels = images[:cut], labels[:cut]
-        note = f"; no test split in the file, last {len(test[1])} samples held out"
-    else:
-        note = ""
-    train = ArrayDataset(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
-                         torch.from_numpy(np.asarray(labels, dtype=np.int64))).compute_stats()
-    test_set = ArrayDataset(torch.from_numpy(np.ascontiguousarray(test[0], dtype=np.uint8)),
-                            torch.from_numpy(np.asarray(test[1], dtype=np.int64))).with_stats_of(train)
-    return DataSplits(train, test_set, f"HDF5 file {path}{note}")
 
 
 def synthetic(num_train: int = 6000, num_test: int = 1000, *, image_size: int = 28, channels: int = 1,

@@ -1,0 +1,100 @@
+"""Streamed HDF5 datasets: a rank reads only its rows, and every batch, and every run, is bitwise the
+one of the same data held in memory."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mpipar import data
+
+
+def write_h5(path, count=600, test=100, *, chunk=16, stats=True, channels=1, size=28, seed=0):
+    """The synthetic data as an HDF5 file, chunked by ``chunk`` rows; ``stats``: with mean/std attributes."""
+    splits = data.synthetic(count, test, seed=seed, channels=channels, image_size=size)
+    with h5py.File(path, "w") as f:
+        for prefix, split in (("", splits.train), ("test/", splits.test)):
+            images = split.images.numpy()
+            f.create_dataset(prefix + "images", data=images, chunks=(chunk,) + images.shape[1:], compression="gzip")
+            f.create_dataset(prefix + "labels", data=split.labels.numpy().astype(np.uint8))
+        if stats:
+            f.attrs["mean"], f.attrs["std"] = splits.train.mean, splits.train.std
+    return splits
+
+
+def record_image_reads(monkeypatch):
+    """The number of rows of every read of an ``images`` dataset from now on."""
+    reads, original = [], h5py.Dataset.__getitem__
+
+    def getitem(self, selection):
+        result = original(self, selection)
+        if self.name.endswith("/images"):
+            reads.append(len(result) if np.ndim(result) else 1)
+        return result
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
+    return reads
+
+
+def test_a_streamed_file_is_read_only_where_the_batch_asks(tmp_path, monkeypatch):
+    path = tmp_path / "d.h5"
+    write_h5(path, 2000, 100, chunk=16)
+    monkeypatch.setenv("MPIPAR_DATA_CACHE_MB", "0")
+    reads = record_image_reads(monkeypatch)
+    splits = data.resolve(str(path))
+    indices = np.random.default_rng(1).choice(2000, 8, replace=False)
+    images, labels = splits.train.batch(indices)
+    assert images.shape == (8, 1, 28, 28) and len(labels) == 8
+    assert sum(reads) <= 8 * 16, f"read {sum(reads)} image rows (in {len(reads)} reads) for a batch of 8"
+
+
+@pytest.mark.parametrize("rows,chunk,expected", [
+    ([], 4, []),
+    ([5], 4, [(5, 6)]),
+    ([0, 1, 2, 7], 4, [(0, 3), (7, 8)]),         # 2 and 7: other chunks, not neighbours
+    ([0, 3, 4, 5, 9], 4, [(0, 6), (9, 10)]),     # 0 and 3 share a chunk; 3, 4, 5 are neighbours
+    ([0, 3, 4, 9], 1, [(0, 1), (3, 5), (9, 10)]),  # contiguous layout: neighbours only
+])
+def test_slabs_join_neighbours_and_rows_of_one_chunk(rows, chunk, expected):
+    from mpipar.data.streaming import slabs
+
+    assert slabs(np.array(rows, dtype=np.int64), chunk) == expected
+
+
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("test_group", [True, False])
+def test_streamed_batches_equal_the_in_memory_ones_bitwise(tmp_path, stats, test_group):
+    """Random indices (repeats too), test split or held-out rows, stored or computed statistics: the
+    streamed batch, the cached one and the old in-memory dataset's are bitwise equal."""
+    path = tmp_path / "d.h5"
+    reference = write_h5(path, 300, 50, stats=stats, channels=3, size=8)
+    if not test_group:
+        with h5py.File(path, "a") as f:
+            del f["test"]
+    streamed, cached = data.load_h5(path, cache=False), data.load_h5(path, cache=True)
+    assert isinstance(streamed.train, data.H5Images) and isinstance(cached.train, data.ArrayDataset)
+    assert (streamed.train.mean, streamed.train.std) == (reference.train.mean, reference.train.std) \
+        or not test_group  # held out: the statistics are of the rows left for training
+    assert len(streamed.train) == len(cached.train) and len(streamed.test) == len(cached.test)
+    assert streamed.model_shape == cached.model_shape == {"in_channels": 3, "num_classes": 10, "image_size": 8}
+    indices = np.random.default_rng(2).integers(0, len(streamed.train), 40)
+    for a, b in zip(streamed.train.batch(indices), cached.train.batch(indices)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(streamed.test.batch(np.arange(len(streamed.test))), cached.test.batch(np.arange(len(cached.test)))):
+        assert torch.equal(a, b)
+    if test_group:
+        old = reference.train  # what load_h5 held before streaming: every image, statistics of the first ones
+        for a, b in zip(streamed.train.batch(indices), old.batch(indices)):
+            assert torch.equal(a, b)
+
+
+def test_the_cache_rule_follows_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "d.h5"
+    write_h5(path, 100, 20)
+    monkeypatch.setenv("MPIPAR_DATA_CACHE_MB", "0")
+    assert "streamed" in data.load_h5(path).description
+    monkeypatch.delenv("MPIPAR_DATA_CACHE_MB")
+    assert "in memory" in data.load_h5(path).description
+    monkeypatch.setenv("MPIPAR_DATA_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="MPIPAR_DATA_CACHE_MB must be a number"):
+        data.load_h5(path)
