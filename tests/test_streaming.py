@@ -98,3 +98,93 @@ def test_the_cache_rule_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MPIPAR_DATA_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="MPIPAR_DATA_CACHE_MB must be a number"):
         data.load_h5(path)
+
+
+SIZES, BATCH, STEPS = (784, 24, 16, 10), 6, 6
+
+
+def loop_run(comm, out, splits, kind, *, stop=False, resume=False):
+    """The loop (data parallel or a pipeline over every rank) for STEPS steps on ``splits``;
+    ``stop``: stopped (and checkpointed) at the first metrics flush. Returns the model and the
+    step losses of the metrics file. Collective."""
+    from mpi_helpers import float64_mlp, loop_session
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.strategy import PipelineStrategy
+    from mpipar.run.launch import StopRequest
+    from mpipar.run.loop import train
+
+    model, size = float64_mlp(SIZES, seed=7), comm.Get_size()
+    options = dict(max_steps=STEPS, flush_every=2, checkpoint_every=2, resume=resume)
+    if kind == "data_parallel":
+        run = loop_session(comm, out, BATCH, **options)
+        strategy = DataParallelStrategy(model, comm)
+    else:
+        settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=size)
+        run = loop_session(comm, out, BATCH * size, settings, **options)
+        strategy = PipelineStrategy(comm, model, settings, batch_size=BATCH * size, state=run.state,
+                                    checkpoint=run.resumed_from, say=run.say)
+    if stop:
+        run.stop = StopRequest()
+        run.stop.signal_name = "SIGUSR1"  # as if Slurm's warning came: save and stop at the first flush
+    train(run, strategy, splits)
+    losses = None
+    if comm.Get_rank() == 0:
+        with h5py.File(out / "metrics.h5", "r") as f:
+            losses = f["steps/loss"][...]
+    return model, comm.bcast(losses, root=0)
+
+
+def same_run(a, b) -> list:
+    """What differs between two loop runs' models and losses (bitwise)."""
+    (model_a, losses_a), (model_b, losses_b) = a, b
+    problems = [name for (name, x), y in zip(model_a.named_parameters(), model_b.parameters()) if not torch.equal(x, y)]
+    if not np.array_equal(losses_a, losses_b, equal_nan=True):
+        problems.append(f"losses {losses_a.ravel().tolist()} vs {losses_b.ravel().tolist()}")
+    return problems
+
+
+def shared_file(comm, mpi_tmp_path):
+    from mpi_helpers import shared_directory
+
+    directory = shared_directory(comm, mpi_tmp_path)
+    if comm.Get_rank() == 0:
+        write_h5(directory / "d.h5", 600, 60, stats=False)
+    comm.Barrier()
+    return directory
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["data_parallel", "pipeline"])
+def test_a_streamed_run_equals_the_cached_run_bitwise(comm, mpi_tmp_path, kind):
+    from mpi_helpers import assert_all_ranks
+
+    directory = shared_file(comm, mpi_tmp_path)
+    streamed = data.load_h5(directory / "d.h5", cache=False)
+    cached = data.load_h5(directory / "d.h5", cache=True)
+    problems = same_run(loop_run(comm, directory / "streamed", streamed, kind),
+                        loop_run(comm, directory / "cached", cached, kind))
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi
+def test_a_streamed_augmented_run_stopped_and_resumed_equals_the_run_never_stopped(comm, mpi_tmp_path):
+    """Stopped at step 2 and resumed, streamed, with --augment: bitwise the uninterrupted cached run;
+    and the augmentation changed the run."""
+    from mpi_helpers import assert_all_ranks
+    from mpipar.data.augment import Augmentation
+
+    directory = shared_file(comm, mpi_tmp_path)
+
+    def splits(cache, augment=True):
+        loaded = data.load_h5(directory / "d.h5", cache=cache)
+        loaded.train.augment = Augmentation(seed=0, padding=4) if augment else None
+        return loaded
+
+    loop_run(comm, directory / "resumed", splits(False), "data_parallel", stop=True)
+    resumed = loop_run(comm, directory / "resumed", splits(False), "data_parallel", resume=True)
+    problems = same_run(resumed, loop_run(comm, directory / "whole", splits(True), "data_parallel"))
+    plain = loop_run(comm, directory / "plain", splits(True, augment=False), "data_parallel")
+    if not same_run(resumed, plain):
+        problems.append("the augmented run equals the plain one")
+    assert_all_ranks(comm, not problems, "; ".join(problems))

@@ -36,6 +36,9 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p = _RankParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.speaks = rank == 0
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, or a path (IDX dir or .h5)")
+    p.add_argument("--augment", type=int, nargs="?", const=4, default=None, metavar="PAD",
+                   help="image jobs: random crop from a PAD-pixel border (default 4) and horizontal flip, "
+                        "each sample's a function of seed, epoch and sample (resumes bitwise)")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help=batch_help)
@@ -101,4 +104,4 @@ def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
         model=model or args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
-        trace_steps=args.trace_steps)
+        trace_steps=args.trace_steps, augment=args.augment)

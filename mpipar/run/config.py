@@ -17,7 +17,8 @@ class TrainConfig:
     optimizer steps in total; ``threads`` is torch's intra-op threads per rank;
     ``device``: ``cpu``, ``cuda`` (one GPU per rank) or ``auto`` (cuda when every rank has one);
     ``trace_steps``: ``(first, last)`` loop steps (0-based, inclusive) whose timed events are
-    recorded in the metrics file's ``/events``, or None (none).
+    recorded in the metrics file's ``/events``, or None (none); ``augment``: image training samples
+    cropped at random from a border of this many pixels and flipped half the time (None: as stored).
     """
 
     data: str = "fashion-mnist"
@@ -37,6 +38,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     device: str = "auto"
     trace_steps: Optional[Tuple[int, int]] = None
+    augment: Optional[int] = None
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -56,6 +58,8 @@ class TrainConfig:
             first, last = self.trace_steps
             if not 0 <= first <= last:
                 raise ValueError(f"--trace-steps must be FIRST-LAST with 0 <= FIRST <= LAST, got {first}-{last}")
+        if self.augment is not None and self.augment < 0:
+            raise ValueError(f"--augment must be >= 0 pixels of padding, got {self.augment}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 

@@ -134,6 +134,8 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
         else:
             batches = rank_batches(len(train_set), batch_size, replicas, strategy.replica, seed=config.seed,
                                    epoch=epoch, global_batch=global_batch)[:in_epoch]
+        reads = train_set.stream(batches[skip:], epoch=epoch) \
+            if not shares_shards and strategy.needs_batch() else None  # a streamed dataset reads ahead
         for step_in_epoch in range(skip, len(batches)):
             if step >= total_steps:
                 break
@@ -143,12 +145,12 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             step_start = time.perf_counter()
             indices = batches[step_in_epoch]
             if shares_shards:
-                def fetch(j, shards=indices):
-                    return to_device(train_set.batch(shards[j]), session.device)
+                def fetch(j, shards=indices, epoch=epoch):
+                    return to_device(train_set.batch(shards[j], epoch=epoch), session.device)
                 batch = StepShards(step, replicas, _traced_fetch(recorder, fetch) if sampled else fetch,
                                    sum(len(shard) for shard in indices))
             else:
-                batch = to_device(train_set.batch(indices), session.device) if strategy.needs_batch() else None
+                batch = to_device(next(reads), session.device) if reads is not None else None
             data_end = time.perf_counter()
             data_time = data_end - step_start
             slowed = session.fault.maybe_slow()  # a test's straggler: its extra compute
@@ -192,6 +194,8 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
                 mean_loss = loss_sum / max(seen, 1)  # a parameter-server worker may not have computed yet
                 say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {mean_loss:.4f} "
                     f"{(step - first_step) * global_batch / (now - run_start):.0f} samples/s")
+        if reads is not None:
+            reads.close()
         if stopping:  # mid-epoch: the resumed run finishes this epoch, then evaluates it
             save_checkpoint(epoch, step_in_epoch + 1)
         else:

@@ -11,6 +11,7 @@ from mpi4py import MPI
 
 from mpipar.comm import cuda_aware
 from mpipar.comm.device import describe, select_device
+from mpipar.data.augment import Augmentation
 from mpipar.data.datasets import DataSplits, resolve
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.diagnostics.failure import FaultInjection
@@ -124,8 +125,12 @@ class Session:
         return prediction
 
     def data(self) -> DataSplits:
-        """The training and test data of ``config.data`` (checked to be the same on every rank). Collective."""
+        """The training and test data of ``config.data`` (checked to be the same on every rank), the
+        training samples augmented with ``config.augment``. Collective; HDF5 files are streamed
+        (:func:`~mpipar.data.streaming.load_h5`), each rank reading its own samples."""
         splits = collective_check(self.comm, lambda: resolve(self.config.data, seed=self.config.seed), "data")
         agree_on(self.comm, "the dataset size and image shape",
                  (len(splits.train), len(splits.test), splits.train.image_shape))
+        if self.config.augment is not None:
+            splits.train.augment = Augmentation(self.config.seed, self.config.augment)
         return splits
