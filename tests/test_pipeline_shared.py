@@ -145,14 +145,14 @@ def gradient_problems(pipe, model, reference, what):
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("placement_name", ["apart", "sandwich", "reversed"])
-def test_tied_gpt_pipeline_trains_as_the_unsplit_model(kind, schedule, placement_name):
+def test_tied_gpt_pipeline_trains_as_the_unsplit_model(kind, schedule, placement_name, device):
     """Three SGD steps (momentum): loss, every gradient and every parameter (on each holder of the
     tied weight) equal the unsplit model's."""
     comm = MPI.COMM_WORLD
     placement = placements(comm.Get_size()).get(placement_name)
     if placement is None:
         pytest.skip(f"no {placement_name} placement on {comm.Get_size()} ranks")
-    model = MODELS[kind]()
+    model = MODELS[kind]().to(device)
     reference = copy.deepcopy(model)
     pipe = Pipeline(model, comm, Placement(placement), schedule=schedule, microbatches=4, loss_fn=token_loss)
     params = list(pipe.parameters())
@@ -160,7 +160,7 @@ def test_tied_gpt_pipeline_trains_as_the_unsplit_model(kind, schedule, placement
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
     problems = []
     for step in range(3):
-        ids, targets = token_batch(step)
+        ids, targets = (tensor.to(device) for tensor in token_batch(step))
         optimizer.zero_grad()
         reference_optimizer.zero_grad()
         expected = token_loss(reference(ids), targets)
