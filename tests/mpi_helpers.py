@@ -79,3 +79,35 @@ def count_tensor_calls(monkeypatch) -> list:
     for name in ("allreduce_", "iallreduce_", "allgather_", "bcast_"):
         monkeypatch.setattr(mpi_tensor, name, counted(name, getattr(mpi_tensor, name)))
     return calls
+
+
+class ToFloat64(torch.nn.Module):
+    """The data's float32 images as float64, so the comparisons can be tight."""
+
+    def forward(self, images):
+        return images.double()
+
+
+def float64_mlp(sizes, seed: int) -> torch.nn.Sequential:
+    """``ToFloat64``, then :func:`mpipar.models.mlp` of ``sizes`` in float64, seeded."""
+    from mpipar import models
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(ToFloat64(), *models.mlp(list(sizes))).double()
+
+
+def shared_directory(comm, mpi_tmp_path) -> Path:
+    """Rank 0's ``mpi_tmp_path`` on every rank: the folder the ranks share their files in."""
+    return Path(comm.bcast(str(mpi_tmp_path) if comm.Get_rank() == 0 else None, root=0))
+
+
+def loop_session(comm, out, batch_size: int, settings=None, *, resume: bool = False, **config):
+    """A :class:`~mpipar.run.session.Session` of the loop for an in-process test, on synthetic data:
+    one epoch, lr 0.05, one thread, the ``mlp`` label, no step logging; ``config`` sets other
+    :class:`~mpipar.run.config.TrainConfig` fields (``max_steps``, ``flush_every`` ...). Collective."""
+    from mpipar.run.config import TrainConfig
+    from mpipar.run.session import Session
+
+    defaults = dict(data="synthetic", epochs=1, batch_size=batch_size, lr=0.05, threads=1, out=str(out),
+                    model="mlp", log_every=0)
+    return Session(comm, TrainConfig(**{**defaults, **config}), settings=settings, resume=resume)
