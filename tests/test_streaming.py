@@ -188,3 +188,59 @@ def test_a_streamed_augmented_run_stopped_and_resumed_equals_the_run_never_stopp
     if not same_run(resumed, plain):
         problems.append("the augmented run equals the plain one")
     assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+class Recorded:
+    """A dataset whose batch is its indices (and epoch), failing at index ``fail``."""
+
+    def __init__(self, fail=None):
+        self.fail, self.asked = fail, []
+
+    def batch(self, indices, epoch=None):
+        self.asked.append(list(indices))
+        if self.fail in indices:
+            raise OSError(f"cannot read sample {self.fail}")
+        return list(indices), epoch
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_gives_the_batches_in_order_and_raises_a_read_error_in_turn(depth):
+    from mpipar.data.prefetch import Prefetcher
+
+    batches = [[0, 1], [2], [3, 4], [5]]
+    assert list(Prefetcher(Recorded(), batches, epoch=7, depth=depth)) == [(b, 7) for b in batches]
+    reads = Prefetcher(Recorded(fail=3), batches, depth=depth)
+    assert next(reads) == ([0, 1], None) and next(reads) == ([2], None)
+    with pytest.raises(OSError, match="cannot read sample 3"):
+        next(reads)
+    reads.close()
+
+
+def test_prefetcher_closed_early_stops_reading():
+    from mpipar.data.prefetch import Prefetcher
+
+    dataset = Recorded()
+    reads = Prefetcher(dataset, [[i] for i in range(100)], depth=2)
+    assert next(reads) == ([0], None)
+    reads.close()
+    assert len(dataset.asked) <= 4 and list(reads) == []  # at most the taken one, a full queue and one more
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_sample():
+    from mpipar.data.augment import Augmentation
+
+    splits = data.synthetic(64, 8, seed=1)
+    augment = Augmentation(seed=3, padding=2)
+    images = splits.train.images
+    whole = augment.apply(images, np.arange(64), epoch=5)
+    part = augment.apply(images[[9, 2]], [9, 2], epoch=5)  # another batch, another rank: the same draws
+    assert torch.equal(part, whole[[9, 2]]) and whole.shape == images.shape and whole.dtype == torch.uint8
+    assert not torch.equal(whole, augment.apply(images, np.arange(64), epoch=6))
+    rows, columns, flips = augment.draws(5, np.arange(4096))
+    assert set(rows.tolist()) == set(columns.tolist()) == set(range(5)) and 0.45 < flips.mean() < 0.55
+    r, c, flip = (int(v[0]) for v in augment.draws(5, [9]))
+    padded = torch.nn.functional.pad(images[9], (2, 2, 2, 2))[:, r:r + 28, c:c + 28]
+    assert torch.equal(whole[9], padded.flip(-1) if flip else padded)
+    splits.train.augment = augment
+    assert not torch.equal(splits.train.batch([9], epoch=5)[0], splits.train.batch([9])[0])  # no epoch: as stored
+    assert torch.equal(splits.train.batch([9])[0], data.synthetic(64, 8, seed=1).train.batch([9])[0])
