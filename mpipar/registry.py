@@ -19,7 +19,7 @@ __all__ = ["StrategySpec", "STRATEGY_PACKAGES", "register", "specs", "get", "for
 
 # the strategy folders, each registering its spec when imported: a new strategy adds its folder here
 STRATEGY_PACKAGES = ("mpipar.data_parallel", "mpipar.local_sgd", "mpipar.parameter_server", "mpipar.pipeline",
-                     "mpipar.tensor_parallel")
+                     "mpipar.tensor_parallel", "mpipar.sharded")
 
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

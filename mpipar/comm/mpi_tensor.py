@@ -55,6 +55,7 @@ __all__ = [
     "allreduce_",
     "iallreduce_",
     "allgather_",
+    "ireduce_scatter_",
     "bcast_",
     "send",
     "recv_",
@@ -117,7 +118,7 @@ def choose_transport(device_type: str, contiguous: bool, half: bool, call: str, 
     buffers go to MPI only from a CUDA-aware MPI and in the calls of
     ``cuda_aware.DEVICE_BUFFER_CALLS``; half-precision reductions, non-contiguous
     tensors and other devices are staged."""
-    if (half and call in ("allreduce", "iallreduce")) or not contiguous:
+    if (half and call in ("allreduce", "iallreduce", "ireduce_scatter")) or not contiguous:
         return "staged"
     if device_type == "cuda":
         return "cuda-aware" if cuda_aware_mpi and call in cuda_aware.DEVICE_BUFFER_CALLS else "staged"
@@ -175,7 +176,7 @@ def _prepare(tensor: torch.Tensor, call: str, *, read: bool, write: bool) -> _Wo
     """Make an MPI view of ``tensor`` for the function ``call``; ``read``: MPI reads it,
     ``write``: MPI writes it."""
     check_thread()
-    reduce = call in ("allreduce", "iallreduce")
+    reduce = call in ("allreduce", "iallreduce", "ireduce_scatter")
     path = transport_for(tensor, call)
     if path == "host":
         return _Work(_spec(tensor, raw_bytes=False), lambda: None, [tensor])
@@ -344,6 +345,33 @@ def allgather_(output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm) 
             comm.Allgather(work.buffer, into.buffer)
     into.finish()
     return output
+
+
+def ireduce_scatter_(output: torch.Tensor, tensor: torch.Tensor, counts, comm: MPI.Intracomm) -> PendingOp:
+    """Start a non-blocking sum of ``tensor`` over the ranks, scattered: rank r's ``output`` (``counts[r]``
+    elements) receives elements ``sum(counts[:r]) .. sum(counts[:r + 1])`` of the sum (MPI's
+    ``Ireduce_scatter``; ``tensor`` holds ``sum(counts)`` elements and is only read).
+
+    Collective: every rank starts the same sequence of these in the same order with the same ``counts``.
+    Size 1: ``output`` receives ``tensor``.
+
+    Raises:
+        ValueError: when the sizes do not match ``counts`` (before MPI is called).
+    """
+    counts = [int(count) for count in counts]
+    if (len(counts) != comm.Get_size() or tensor.numel() != sum(counts) or output.dtype != tensor.dtype
+            or output.numel() != counts[comm.Get_rank()]):
+        raise ValueError(f"ireduce_scatter_: counts {counts} must be one per rank, summing to the tensor's "
+                         f"{tensor.numel()} elements, this rank's count the output's {output.numel()} (dtype "
+                         f"{output.dtype}, tensor {tensor.dtype})")
+    work = _prepare(tensor, "ireduce_scatter", read=True, write=False)
+    into = _prepare(output, "ireduce_scatter", read=False, write=True)
+    into.keep_alive.append(work)
+    hooks = _debug.hooks
+    call = None if hooks is None else hooks.collective("ireduce_scatter_", tensor, comm, f"counts {counts}")
+    request = comm.Ireduce_scatter([work.buffer[0], work.buffer[2]], [into.buffer[0], into.buffer[2]],
+                                   counts, op=MPI.SUM)
+    return PendingOp(request, into, output, call)
 
 
 def bcast_(tensor: torch.Tensor, comm: MPI.Intracomm, root: int = 0) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""A sharded checkpoint as one state: the full model (``mpipar-consolidate``) and, for re-sharding, the
+optimizer state of every parameter. Local: no MPI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+from mpipar.run.consolidate import find_checkpoint, read_rank
+
+__all__ = ["full_model", "training_state", "merge_shards", "shard_optimizer_state"]
+
+
+def _files(checkpoint: Path, meta: dict, first: dict) -> List[dict]:
+    world = first["sharded"]["world_size"]
+    if world != meta.get("world_size"):
+        raise ValueError(f"{checkpoint}: rank 0 was written by {world} ranks, meta.json says {meta.get('world_size')}")
+    states = [first] + [read_rank(checkpoint, meta, rank) for rank in range(1, world)]
+    for rank, state in enumerate(states):
+        layout = state.get("sharded", {})
+        if layout.get("rank") != rank or layout.get("entries") != first["sharded"]["entries"]:
+            raise ValueError(f"{checkpoint}: rank {rank}'s file holds shard {layout.get('rank')} of another layout "
+                             f"than rank 0's")
+    return states
+
+
+def merge_shards(checkpoint: Path, states: List[dict]) -> Dict[str, torch.Tensor]:
+    """The trainable parameters by name (aliases of tied ones included), from every rank's shards."""
+    layout = states[0]["sharded"]
+    entries, shapes = layout["entries"], layout["shapes"]
+    by_dtype: Dict[str, List[int]] = {}
+    for index, (_, _, dtype) in enumerate(entries):
+        by_dtype.setdefault(dtype, []).append(index)
+    merged: Dict[str, torch.Tensor] = {}
+    for group, params in enumerate(by_dtype.values()):
+        flat = torch.cat([state["shards"][group] for state in states])
+        offset = 0
+        for index in params:
+            name, numel, _ = entries[index]
+            if offset + numel > flat.numel():
+                raise ValueError(f"{checkpoint}: the shards hold {flat.numel()} elements, fewer than the layout's")
+            merged[name] = flat[offset:offset + numel].reshape(shapes[index]).clone()
+            offset += numel
+    for alias, name in layout["aliases"].items():
+        merged[alias] = merged[name]
+    return merged
+
+
+def full_model(checkpoint: Path, meta: dict, first: dict) -> Dict[str, torch.Tensor]:
+    """The unsplit model's state dict: rank 0's buffers and frozen parameters, the shards merged."""
+    return {**first["model"], **merge_shards(checkpoint, _files(checkpoint, meta, first))}
+
+
+def training_state(checkpoint) -> dict:
+    """Rank 0's state with ``model`` the whole model and ``optimizer_by_name``: each parameter's
+    optimizer state (per-element tensors whole, flattened; scalars such as AdamW's ``step`` as they are)."""
+    checkpoint = find_checkpoint(checkpoint)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    first = read_rank(checkpoint, meta, 0)
+    states = _files(checkpoint, meta, first)
+    numel = {name: count for name, count, _ in first["sharded"]["entries"]}
+    by_name: Dict[str, dict] = {}
+    for state in states:
+        optimizer = state["optimizer"]["state"]
+        for index, (name, start, stop) in enumerate(state["sharded"]["pieces"]):
+            for key, value in (optimizer.get(index) or {}).items():
+                entry = by_name.setdefault(name, {})
+                if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                    whole = entry.setdefault(key, torch.zeros(numel[name], dtype=value.dtype))
+                    whole[start:stop] = value.reshape(-1)
+                else:
+                    entry[key] = value
+    return {**first, "model": {**first["model"], **merge_shards(checkpoint, states)}, "optimizer_by_name": by_name}
+
+
+def shard_optimizer_state(by_name: Dict[str, dict], pieces: List[Tuple[str, int, int]], group: dict) -> dict:
+    """An optimizer state dict for ``pieces`` (``(name, start, stop)``, in the optimizer's order) cut
+    from :func:`training_state`'s ``optimizer_by_name``; ``group``: the saved first param group."""
+    state = {}
+    for index, (name, start, stop) in enumerate(pieces):
+        saved = by_name.get(name)
+        if saved:
+            state[index] = {key: value[start:stop].clone() if isinstance(value, torch.Tensor) and value.dim() >= 1
+                            else value for key, value in saved.items()}
+    return {"state": state, "param_groups": [{**group, "params": list(range(max(1, len(pieces))))}]}

@@ -1,0 +1,350 @@
+"""ShardedDataParallel: ZeRO stages 1 and 2 over MPI; any torch optimizer steps this rank's shard."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpipar.comm import mpi_tensor
+from mpipar.comm.reducer import CommStats, average_buffers, check_one_device, layout_signature
+from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
+from mpipar.diagnostics.agree import agree_on, collective_check
+from mpipar.sharded.layout import FlatLayout
+
+__all__ = ["ShardedDataParallel", "STAGES"]
+
+STAGES = (1, 2)
+"""The ZeRO stages implemented: 1 (optimizer state sharded), 2 (and gradients)."""
+
+
+@dataclass
+class _Bucket:
+    group: int
+    begin: int  # flat range of the group's buffer, whole parameters
+    end: int
+    params: List[int]  # indices into ShardedDataParallel.params
+    ready: set = field(default_factory=set)
+    pending: Optional[mpi_tensor.PendingOp] = None
+
+
+class ShardedDataParallel:
+    """Data parallelism over ``comm`` with the optimizer state (stage 1) and the gradients (stage 2)
+    sharded, as ZeRO does.
+
+    The trainable parameters live in one flat buffer per dtype, padded to a multiple of the
+    ranks (the model's parameters are views into it); rank r owns the r-th contiguous shard.
+    :meth:`parameters` are this rank's *pieces*: one ``nn.Parameter`` per model parameter that
+    overlaps the shard (views into a shard copy), so any elementwise torch optimizer built on
+    them keeps shard-sized state and treats each piece as DataParallel's optimizer treats its
+    parameter (a parameter no rank used has ``.grad`` None and is skipped, step counts and all).
+    A step is ``loss = f(sdp(inputs))``, ``loss.backward()``, :meth:`step` (the reduction is
+    finished, the optimizer steps the pieces, the shards are all-gathered into the buffers).
+
+    Gradients: stage 1 averages them with :class:`DataParallel` (bucketed, overlapped Allreduce)
+    and each piece takes its slice; stage 2 reduce-scatters them (``Ireduce_scatter``, one per
+    bucket of whole parameters, started from the gradient hooks during backward in the same order
+    on every rank), each rank receiving only its shard, weighted m_k / sum(m) as DataParallel
+    weights them; the full gradient buffer exists only from the forward to :meth:`step`, and the
+    model's ``.grad`` are None after it. Frozen parameters are left alone; tied ones appear once.
+
+    Collective contract: every rank constructs it with the same parameter names, shapes, dtypes
+    and ``requires_grad`` (checked: a ValueError on every rank), calls forward, backward and
+    :meth:`step` together, and keeps ``requires_grad`` as it was at construction (checked in the
+    step, on every rank). Size 1 runs the same code (the collectives copy).
+
+    Args:
+        module: the model (on one device; moved there before wrapping).
+        comm: the data-parallel communicator.
+        stage: 1 or 2.
+        bucket_cap_mb: target gradient bucket size in MiB.
+        root: rank whose initial parameters and buffers everyone takes.
+    """
+
+    def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, stage: int, bucket_cap_mb: float = 25.0,
+                 root: int = 0):
+        if stage not in STAGES:
+            raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} (0 is DataParallel)")
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        self.module, self.comm, self.stage = module, comm, stage
+        self.size, self.rank = comm.Get_size(), comm.Get_rank()
+        self.stats = CommStats()
+        self.calls: List[Tuple[str, int]] = []  # (collective, bytes of the buffer it covers) until take_calls
+        collective_check(comm, lambda: check_one_device(p.device for p in module.parameters()), "ShardedDataParallel")
+        described = [(name, tuple(p.shape), str(p.dtype), p.requires_grad) for name, p in module.named_parameters()]
+        described += [(name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
+        agree_on(comm, "model parameters and buffers (name, shape, dtype, requires_grad)", described,
+                 hint="build the same model on every rank")
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]  # tied: once
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self._index = {id(p): index for index, p in enumerate(self.params)}
+        self.aliases = {alias: self.names[self._index[id(p)]] for alias, p in
+                        module.named_parameters(remove_duplicate=False) if p.requires_grad}
+        self._flags = layout_signature(p.requires_grad for p in module.parameters())
+        self.layout = FlatLayout([(name, p.numel(), str(p.dtype)) for name, p in named], self.size)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.flats: List[torch.Tensor] = []
+        self._offsets: Dict[int, Tuple[int, int]] = {}  # param index -> (group, offset)
+        with torch.no_grad():
+            for g, group in enumerate(self.layout.groups):
+                flat = torch.zeros(group.padded, dtype=self.params[group.params[0]].dtype, device=device)
+                for index, offset in zip(group.params, group.offsets):
+                    p = self.params[index]
+                    view = flat[offset:offset + p.numel()].view_as(p)
+                    view.copy_(p)
+                    p.data = view
+                    self._offsets[index] = (g, offset)
+                self.flats.append(flat)
+                mpi_tensor.bcast_(flat, comm, root)
+            for tensor in [p for p in module.parameters() if not p.requires_grad] + list(module.buffers()):
+                mpi_tensor.bcast_(tensor.data, comm, root)
+        self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard].clone()
+                       for flat, g in zip(self.flats, self.layout.groups)]
+        self.pieces = self.layout.pieces(self.rank)
+        self.shard_params = [nn.Parameter(self.shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start])
+                             for pc in self.pieces]
+        self.dp: Optional[DataParallel] = None
+        self.grad_shards: List[torch.Tensor] = []
+        self.buckets: List[_Bucket] = []
+        if stage == 1:
+            self.dp = DataParallel(module, comm, bucket_cap_mb=bucket_cap_mb, root=root)
+            self.dp.stats = self.stats
+        else:
+            self.grad_shards = [torch.zeros(g.shard, dtype=flat.dtype, device=device)
+                                for flat, g in zip(self.flats, self.layout.groups)]
+            self.buckets = self._build_buckets(bucket_cap_mb * 2**20)
+            self._bucket_of = {index: b for b, bucket in enumerate(self.buckets) for index in bucket.params}
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self._grad_flats: Optional[List[torch.Tensor]] = None
+        self._views: List[torch.Tensor] = []
+        self._accumulated: set = set()
+        self._next_launch = 0
+        self._counts = torch.zeros(3, dtype=torch.int64)
+        self._counts_request: Optional[mpi_tensor.PendingOp] = None
+        self._samples: Optional[int] = None
+        self._weight = 1.0
+
+    def _build_buckets(self, cap: float) -> List[_Bucket]:
+        """Buckets of whole parameters, contiguous in their group's buffer, filled last parameter
+        first (the order backward produces them); launched in list order."""
+        buckets: List[_Bucket] = []
+        open_by_group: Dict[int, _Bucket] = {}
+        for index in reversed(range(len(self.params))):
+            group, offset = self._offsets[index]
+            size = self.params[index].numel() * self.params[index].element_size()
+            bucket = open_by_group.get(group)
+            if bucket is not None and (bucket.end - bucket.begin) * self.params[index].element_size() + size > cap:
+                buckets.append(open_by_group.pop(group))
+                bucket = None
+            if bucket is None:
+                bucket = open_by_group[group] = _Bucket(group, offset, offset, [])
+            bucket.begin = offset
+            if not bucket.params:
+                bucket.end = offset + self.params[index].numel()
+            bucket.params.append(index)
+        buckets += [bucket for bucket in open_by_group.values()]
+        return buckets
+
+    def parameters(self) -> List[nn.Parameter]:
+        """This rank's pieces: what its optimizer steps."""
+        return list(self.shard_params)
+
+    # -- forward and backward -----------------------------------------------------
+
+    def __call__(self, *inputs, num_samples: Optional[int] = None, **kwargs):
+        """Run the module; ``num_samples`` (this rank's sample count, for the weighting) defaults to the
+        length of the first tensor argument. Collective (non-blocking) when gradients are enabled."""
+        if self.dp is not None:
+            return self.dp(*inputs, num_samples=num_samples, **kwargs)
+        if torch.is_grad_enabled():
+            self._begin(_first_tensor_length(inputs, kwargs) if num_samples is None else num_samples)
+        return self.module(*inputs, **kwargs)
+
+    def _begin(self, num_samples: int) -> None:
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self._complete_started()  # a forward whose backward never ran
+        params = self.params
+        self._grad_flats = [torch.zeros(g.total, dtype=flat.dtype, device=flat.device)
+                            for flat, g in zip(self.flats, self.layout.groups)]
+        self._views = []
+        for index, p in enumerate(params):
+            group, offset = self._offsets[index]
+            view = self._grad_flats[group][offset:offset + p.numel()].view_as(p)
+            self._views.append(view)
+            p.grad = view
+        for bucket in self.buckets:
+            bucket.ready.clear()
+            bucket.pending = None
+        self._accumulated.clear()
+        self._next_launch = 0
+        self._samples = num_samples
+        flags = layout_signature(p.requires_grad for p in self.module.parameters())
+        self._counts.copy_(torch.tensor([num_samples, flags, flags * flags]))
+        self._counts_request = mpi_tensor.iallreduce_(self._counts, self.comm)
+
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        if self._grad_flats is None:  # not in a step (a backward without forward through the wrapper)
+            return
+        index = self._index[id(param)]
+        bucket = self.buckets[self._bucket_of[index]]
+        if index in bucket.ready:
+            raise RuntimeError(f"{self.names[index]} received its gradient more than once in one backward (shared "
+                               f"across a reentrant activation checkpoint?); use use_reentrant=False")
+        bucket.ready.add(index)
+        self._accumulated.add(index)
+        self._launch_ready(force=False)
+
+    def _launch_ready(self, force: bool) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if not force and len(bucket.ready) < len(bucket.params):
+                break
+            self._launch(bucket)
+            self._next_launch += 1
+        for bucket in self.buckets[:self._next_launch]:
+            if bucket.pending is not None:
+                bucket.pending.test()  # progress (no progress thread assumed)
+
+    def _wait_counts(self) -> None:
+        if self._counts_request is None:
+            return
+        begin = time.perf_counter()
+        self._counts_request.wait()
+        self.stats.wait_time += time.perf_counter() - begin
+        self._counts_request = None
+        total, flags, squares = (int(v) for v in self._counts)
+        if self.size * squares != flags * flags or flags != self.size * self._flags:
+            self._grad_flats = None
+            raise ValueError("requires_grad changed after ShardedDataParallel was built (its shards are fixed "
+                             "then); freeze parameters before wrapping, the same on every rank")
+        if total <= 0:
+            raise RuntimeError("no rank had samples in this step; nothing to average")
+        self._weight = self._samples / total
+
+    def _launch(self, bucket: _Bucket) -> None:
+        self._wait_counts()
+        group = self._grad_flats[bucket.group]
+        with torch.no_grad():
+            for index in bucket.params:
+                p, view = self.params[index], self._views[index]
+                if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)  # .grad replaced after the forward (zero_grad between forward and backward)
+                    self._accumulated.add(index)
+            region = group[bucket.begin:bucket.end]
+            region.mul_(self._weight)
+        counts = self.layout.counts(bucket.group, bucket.begin, bucket.end)
+        shard = self.layout.groups[bucket.group].shard
+        low = max(bucket.begin, self.rank * shard) - self.rank * shard if counts[self.rank] else 0
+        output = self.grad_shards[bucket.group][low:low + counts[self.rank]]
+        bucket.pending = mpi_tensor.ireduce_scatter_(output, region, counts, self.comm)
+        nbytes = region.numel() * region.element_size()
+        self.calls.append(("reduce_scatter", nbytes))
+        self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
+
+    def _complete_started(self) -> None:
+        """Complete every request started (a step abandoned or failed on every rank alike)."""
+        for bucket in self.buckets:
+            if bucket.pending is not None:
+                bucket.pending.wait()
+                bucket.pending = None
+        if self._counts_request is not None:
+            self._counts_request.wait()
+            self._counts_request = None
+
+    def _finish_reduce_scatter(self) -> List[bool]:
+        """Launch the buckets left, wait for all; returns which parameters some rank used."""
+        if self._grad_flats is None:
+            raise RuntimeError("step() without a forward and backward since the last step")
+        with torch.no_grad():
+            for index, p in enumerate(self.params):  # a .grad replaced after the forward, never hooked
+                if p.grad is not None and p.grad.data_ptr() != self._views[index].data_ptr():
+                    self._accumulated.add(index)
+        self._launch_ready(force=True)
+        used = torch.tensor([int(i in self._accumulated) for i in range(len(self.params))], dtype=torch.int32)
+        begin = time.perf_counter()
+        if self.size > 1:
+            mpi_tensor.allreduce_(used, self.comm)
+        self._complete_started()
+        self.stats.wait_time += time.perf_counter() - begin
+        for p in self.params:
+            p.grad = None
+        self._grad_flats, self._views = None, []
+        return [bool(u) for u in used.tolist()]
+
+    # -- the step -----------------------------------------------------------------
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Finish the gradient reduction, step ``optimizer`` (built on :meth:`parameters`) and
+        all-gather the updated shards into the model. Collective over ``comm``.
+
+        Raises:
+            ValueError: on every rank, when ``requires_grad`` changed since construction.
+        """
+        if self.dp is None:
+            used = self._finish_reduce_scatter()
+            for piece, pc in zip(self.shard_params, self.pieces):
+                grad = self.grad_shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start]
+                piece.grad = grad if used[pc.param] else None
+        else:  # DataParallel checked in the backward that every rank has the same flags
+            if layout_signature(p.requires_grad for p in self.module.parameters()) != self._flags:
+                raise ValueError("requires_grad changed after ShardedDataParallel was built (its shards are "
+                                 "fixed then); freeze parameters before wrapping, the same on every rank")
+            for piece, pc in zip(self.shard_params, self.pieces):
+                grad = self.params[pc.param].grad
+                piece.grad = None if grad is None else grad.detach().reshape(-1)[pc.start:pc.stop]
+        optimizer.step()
+        for p in self.params:  # the next backward starts from zero (DataParallel's buckets stay allocated)
+            p.grad = None
+        self.gather()
+
+    def gather(self) -> None:
+        """All-gather every rank's shard into the flat buffers (the model's parameters). Collective."""
+        begin = time.perf_counter()
+        for flat, shard in zip(self.flats, self.shards):
+            mpi_tensor.allgather_(flat, shard, self.comm)
+            nbytes = flat.numel() * flat.element_size()
+            self.calls.append(("allgather", nbytes))
+            self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
+        self.stats.wait_time += time.perf_counter() - begin
+
+    def take_calls(self) -> List[Tuple[str, int]]:
+        """The sharded collectives (name, bytes of the buffer covered) since the last call; resets them."""
+        calls, self.calls = self.calls, []
+        return calls
+
+    # -- state --------------------------------------------------------------------
+
+    def memory(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
+        """Bytes this rank holds between steps: parameters (the full buffers, the shard copy, frozen
+        parameters), gradients (stage 1: DataParallel's buckets; stage 2: the shard) and the
+        optimizer's state. Local."""
+        def nbytes(tensors):
+            return float(sum(t.numel() * t.element_size() for t in tensors))
+
+        frozen = [p for p in self.module.parameters() if not p.requires_grad]
+        grads = [bucket.buffer for bucket in self.dp.buckets] if self.dp is not None else self.grad_shards
+        state = [] if optimizer is None else [value for per_param in optimizer.state.values()
+                                              for value in per_param.values() if isinstance(value, torch.Tensor)]
+        return {"param_bytes": nbytes([*self.flats, *self.shards, *frozen]), "grad_bytes": nbytes(grads),
+                "optimizer_bytes": nbytes(state)}
+
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BatchNorm statistics) over ``comm``. Collective."""
+        average_buffers(self.module, self.comm)
+
+    def load_shards(self, shards: List[torch.Tensor]) -> None:
+        """Take this rank's ``shards`` (one per dtype group) and all-gather them. Collective."""
+        with torch.no_grad():
+            for own, new in zip(self.shards, shards):
+                own.copy_(new)
+        self.gather()
+        self.take_calls()

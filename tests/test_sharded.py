@@ -1,0 +1,235 @@
+"""Sharded data parallelism (ZeRO-1/2) equals DataParallel on the same ranks, and resumes on other rank counts.
+
+Every comparison is float64 with tight tolerances: ZeRO changes where the optimizer runs and how
+gradients are reduced (a reduce-scatter instead of an Allreduce sums in another order), nothing else.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from mpi_helpers import assert_all_ranks, assert_comm_still_usable, shared_directory
+from mpipar import DataParallel
+from mpipar.diagnostics.failure import AgreedError
+from mpipar.run.checkpoint import Checkpointer
+from mpipar.run.consolidate import model_state
+from mpipar.sharded import FlatLayout, ShardedConfig, ShardedDataParallel, ShardedStrategy
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.fixture
+def private_comm(comm):
+    dup = comm.Dup()
+    yield dup
+    dup.Free()
+
+
+class Awkward(nn.Module):
+    """Frozen, unused, tied and sometimes-used parameters, BatchNorm, a keyword input; 173
+    trainable elements (prime: no rank count above 1 divides it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 7)
+        self.frozen = nn.Linear(7, 7)
+        self.frozen.requires_grad_(False)
+        self.unused = nn.Linear(3, 3)
+        self.sometimes = nn.Linear(7, 7)
+        self.bn = nn.BatchNorm1d(7)
+        self.head = nn.Linear(7, 7, bias=False)
+        self.out = nn.Linear(7, 7, bias=False)
+        self.out.weight = self.head.weight  # tied
+
+    def forward(self, x, *, scale=1.0):
+        h = self.bn(self.frozen(torch.tanh(self.embed(x))))
+        if len(x) % 2:  # used on the ranks with an odd number of samples only
+            h = h + self.sometimes(h)
+        return self.out(torch.tanh(self.head(h))) * scale
+
+
+def shard(size, rank, step):
+    """Rank r takes r + 2 samples of the step's global batch: unequal, odd and even."""
+    generator = torch.Generator().manual_seed(100 + step)
+    counts = [r + 2 for r in range(size)]
+    x = torch.randn(sum(counts), 5, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 7, (sum(counts),), generator=generator)
+    start = sum(counts[:rank])
+    return x[start:start + counts[rank]], y[start:start + counts[rank]]
+
+
+def test_layout_pieces_cover_every_parameter_once_and_pad_to_the_ranks():
+    entries = [("a", 5, "float64"), ("b", 0, "float64"), ("c", 6, "float32"), ("d", 4, "float64")]
+    for ranks in (1, 2, 3, 4, 7):
+        layout = FlatLayout(entries, ranks)
+        covered = {}
+        for rank in range(ranks):
+            for piece in layout.pieces(rank):
+                covered.setdefault(piece.param, []).append((piece.start, piece.stop))
+        for index, (_, numel, _) in enumerate(entries):
+            spans = sorted(covered.get(index, []))
+            assert sum(stop - start for start, stop in spans) == numel
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert [g.padded % ranks for g in layout.groups] == [0, 0]
+        assert [g.total for g in layout.groups] == [9, 6]
+        assert sum(layout.counts(0, 0, 9)) == 9
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_sharded_equals_data_parallel(comm, private_comm, stage, optimizer):
+    """Five steps on unequal shards: every parameter and buffer as DataParallel's on the same ranks."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    reference = Awkward().double()
+    replica = copy.deepcopy(reference)
+    dp = DataParallel(reference, comm)
+    sdp = ShardedDataParallel(replica, private_comm, stage=stage, bucket_cap_mb=0.0005)  # several buckets
+    opt_dp, opt_sharded = OPTIMIZERS[optimizer](reference.parameters()), OPTIMIZERS[optimizer](sdp.parameters())
+    problems = []
+    for step in range(5):
+        x, y = shard(size, rank, step)
+        opt_dp.zero_grad()
+        F.cross_entropy(dp(x, scale=0.5), y).backward()
+        opt_dp.step()
+        F.cross_entropy(sdp(x, scale=0.5), y).backward()
+        sdp.step(opt_sharded)
+        for (name, a), b in zip(reference.state_dict().items(), replica.state_dict().values()):
+            if not torch.allclose(a, b, **TOL):
+                problems.append(f"step {step} {name}: max abs difference {(a - b).abs().max().item():.3e}")
+    if stage == 2:
+        assert all(p.grad is None for p in replica.parameters())  # only the shard keeps gradients
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+    assert_all_ranks(comm, not torch.equal(reference.unused.weight, torch.zeros(3, 3)), "the check is not vacuous")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2])
+def test_collectives_per_step_are_the_designs(comm, private_comm, stage):
+    """Stage 1: DataParallel's Allreduces, then one all-gather of the padded buffer per dtype;
+    stage 2: one reduce-scatter per bucket covering every trainable element once, the same all-gather."""
+    size = comm.Get_size()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()  # 66 elements
+    sdp = ShardedDataParallel(model, private_comm, stage=stage, bucket_cap_mb=200 / 2**20)  # 25 doubles a bucket
+    optimizer = torch.optim.SGD(sdp.parameters(), lr=0.1)
+    x, y = shard(size, comm.Get_rank(), 0)
+    F.cross_entropy(sdp(x), y.clamp(max=2)).backward()
+    sdp.step(optimizer)
+    calls = sdp.take_calls()
+    padded = -(-66 // size) * size * 8
+    scatters = [nbytes for name, nbytes in calls if name == "reduce_scatter"]
+    gathers = [nbytes for name, nbytes in calls if name == "allgather"]
+    expected_scatters = [24 * 8, 7 * 8, 35 * 8] if stage == 2 else []  # whole parameters, last first
+    ok = gathers == [padded] and scatters == expected_scatters
+    assert_all_ranks(comm, ok, f"reduce-scatters {scatters} (expected {expected_scatters}), all-gathers {gathers} "
+                               f"(expected [{padded}])")
+    shard_bytes = padded // size
+    memory = sdp.memory(optimizer)
+    expected_grads = shard_bytes if stage == 2 else 66 * 8
+    assert_all_ranks(comm, memory["grad_bytes"] == expected_grads and memory["optimizer_bytes"] == 0,
+                     f"{memory} (gradients expected {expected_grads})")
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ranks_disagreeing_on_parameter_shapes_is_one_error_on_every_rank(comm, private_comm, stage):
+    last = comm.Get_rank() == comm.Get_size() - 1
+    model = nn.Linear(4, 4 if last else 3).double()
+    with pytest.raises(AgreedError, match="ranks disagree on model parameters"):
+        ShardedDataParallel(model, private_comm, stage=stage)
+    assert_comm_still_usable(private_comm)
+
+
+def test_zero_three_and_unknown_stages_are_refused():
+    with pytest.raises(ValueError, match="--zero 3 .* not implemented"):
+        ShardedConfig(3)
+    with pytest.raises(ValueError, match="--zero must be 0"):
+        ShardedConfig(5)
+    with pytest.raises(ValueError, match="ZeRO stage must be one of"):
+        ShardedDataParallel(nn.Linear(2, 2), MPI.COMM_SELF, stage=0)
+
+
+# -- checkpoints on other numbers of ranks ------------------------------------------------
+
+GLOBAL_BATCH = 12
+
+
+def mlp():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 7)).double()  # 117 elements
+
+
+def global_batch(step):
+    generator = torch.Generator().manual_seed(500 + step)
+    return (torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64),
+            torch.randint(0, 7, (GLOBAL_BATCH,), generator=generator))
+
+
+def strategy_steps(strategy, comm, steps):
+    for step in steps:
+        x, y = global_batch(step)
+        parts = torch.arange(GLOBAL_BATCH).tensor_split(comm.Get_size())[comm.Get_rank()]
+        strategy.optimizer.zero_grad()
+        strategy.train_step((x[parts], y[parts]))
+
+
+def sub_communicator(comm, ranks):
+    return comm.Split(0 if comm.Get_rank() < ranks else MPI.UNDEFINED, comm.Get_rank())
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path, stage, optimizer):
+    """3 steps on a ranks, checkpoint, 2 more on b ranks (4->3, 4->2, 2->4, 3->1 where the world has
+    them, and a->a): the parameters of one process's 5 steps on the whole batch (rtol 1e-9); the
+    consolidated checkpoint is the model that wrote it."""
+    size = comm.Get_size()
+    reference = mlp()
+    opt_reference = OPTIMIZERS[optimizer](reference.parameters())
+    for step in range(5):
+        x, y = global_batch(step)
+        opt_reference.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt_reference.step()
+    directory = shared_directory(comm, mpi_tmp_path)
+    pairs = [(a, b) for a, b in [(4, 3), (4, 2), (2, 4), (3, 1), (size, size)] if max(a, b) <= size]
+    problems = []
+    for a, b in dict.fromkeys(pairs):
+        out = directory / f"{stage}-{optimizer}-{a}-{b}"
+        writers = sub_communicator(comm, a)
+        if writers != MPI.COMM_NULL:
+            strategy = ShardedStrategy(mlp(), writers, ShardedConfig(stage))
+            strategy.bind_optimizer(OPTIMIZERS[optimizer](strategy.parameters()))
+            strategy_steps(strategy, writers, range(3))
+            saved = Checkpointer(out, writers, per_rank=True).save(3, {
+                **strategy.state_dict(), "optimizer": strategy.optimizer.state_dict(), "strategy": strategy.name})
+            if writers.Get_rank() == 0:
+                consolidated = model_state(saved)[0]
+                problems += [f"{a}->{b}: consolidated {k}" for k, v in strategy.model.state_dict().items()
+                             if not torch.equal(consolidated[k], v)]
+            writers.Free()
+        comm.Barrier()
+        readers = sub_communicator(comm, b)
+        if readers != MPI.COMM_NULL:
+            path, state = Checkpointer(out, readers).resume()
+            strategy = ShardedStrategy(mlp(), readers, ShardedConfig(stage), checkpoint=path)
+            strategy.bind_optimizer(OPTIMIZERS[optimizer](strategy.parameters()))
+            strategy.load_state_dict(state)
+            strategy.optimizer.load_state_dict(state["optimizer"])
+            strategy_steps(strategy, readers, range(3, 5))
+            for (name, p), q in zip(reference.named_parameters(), strategy.model.parameters()):
+                if not torch.allclose(p, q, rtol=1e-9, atol=1e-12):
+                    problems.append(f"{a}->{b}: {name} max abs difference {(p - q).abs().max().item():.3e}")
+            readers.Free()
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
