@@ -249,47 +249,52 @@ def test_misuse_raises_on_every_rank(comm):
     assert_comm_still_usable(comm)
 
 
-def dropout_mlps(comm, rng, count=2):
+def dropout_mlps(comm, rng, device, count=2):
     """``count`` ParallelMLP blocks with split dropout between their layers and no replicated draw between
     them, so every block enters its split region with the same default-generator state."""
     p = comm.Get_size()
     torch.manual_seed(SEED)
-    return [ParallelMLP(nn.Linear(6, 4 * p).double(), nn.Linear(4 * p, 6).double(), comm, ParallelDropout(P_DROP, rng))
-            for _ in range(count)]
+    return [ParallelMLP(nn.Linear(6, 4 * p).double().to(device), nn.Linear(4 * p, 6).double().to(device), comm,
+                        ParallelDropout(P_DROP, rng)) for _ in range(count)]
 
 
-def gradients_with(comm, recompute, steps=2):
+def gradients_with(comm, recompute, device, steps=2):
     """Input and parameter gradients of two steps through two dropout blocks, each block run through
     ``recompute(rng, block, x)``; and the split stream's state afterwards."""
     rng = TensorParallelRNG(comm, SEED)
-    blocks = dropout_mlps(comm, rng)
+    blocks = dropout_mlps(comm, rng, device)
     found = []
     for step in range(steps):
-        x = torch.randn(BATCH, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step)).requires_grad_()
+        x = torch.randn(BATCH, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        x = x.to(device).requires_grad_()
         y = x
         for block in blocks:
             y = recompute(rng, block, y)
         y.square().sum().backward()
         found += [x.grad] + [parameter.grad.clone() for block in blocks for parameter in block.parameters()]
-    return found, rng.state_dict()["cpu"]
+    return found, rng.state_dict()
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_recomputed_split_regions_draw_the_forward_masks(comm, use_reentrant):
+def test_recomputed_split_regions_draw_the_forward_masks(comm, use_reentrant, device):
     """torch.utils.checkpoint of ``rng.recomputable(block)`` replays the forward's split masks in the
     recompute: every gradient equals the run without recompute bitwise, and the split stream ends where it
     does without recompute. A plain checkpoint (whose recompute would draw new masks) raises instead."""
     from torch.utils.checkpoint import checkpoint
 
-    straight, straight_state = gradients_with(comm, lambda rng, block, x: block(x))
+    straight, straight_state = gradients_with(comm, lambda rng, block, x: block(x), device)
     recomputed, recomputed_state = gradients_with(
-        comm, lambda rng, block, x: checkpoint(rng.recomputable(block), x, use_reentrant=use_reentrant))
+        comm, lambda rng, block, x: checkpoint(rng.recomputable(block), x, use_reentrant=use_reentrant), device)
     differing = [index for index, (a, b) in enumerate(zip(straight, recomputed)) if not torch.equal(a, b)]
-    assert_all_ranks(comm, not differing and torch.equal(straight_state, recomputed_state),
+    same_stream = torch.equal(straight_state["cpu"], recomputed_state["cpu"]) and straight_state["cuda"].keys() == \
+        recomputed_state["cuda"].keys() and all(torch.equal(v, recomputed_state["cuda"][k])
+                                                for k, v in straight_state["cuda"].items())
+    assert_all_ranks(comm, not differing and same_stream,
                      f"gradients {differing} differ from the run without recompute")
     with pytest.raises(RuntimeError, match="recomputable"):
-        gradients_with(comm, lambda rng, block, x: checkpoint(block, x, use_reentrant=use_reentrant), steps=1)
+        gradients_with(comm, lambda rng, block, x: checkpoint(block, x, use_reentrant=use_reentrant), device,
+                       steps=1)
     assert_comm_still_usable(comm)
 
 
