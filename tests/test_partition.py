@@ -79,10 +79,13 @@ def test_profile_layers_measures_every_layer_and_changes_no_state():
 def test_a_heavy_layer_gets_a_stage_of_its_own():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 512), nn.Linear(512, 512), nn.Linear(512, 16))
-    profiles = profile_layers(model, torch.randn(64, 16), repeats=5)
-    balance = balance_by_time([p.time for p in profiles], 3)
+    profiles = profile_layers(model, torch.randn(64, 16), repeats=2)
+    # the profile is checked for shape, the split on fixed costs (multiply-adds): no wall-clock assertion
+    assert len(profiles) == 4 and all(p.time > 0 for p in profiles)
+    costs = [16 * 16, 16 * 512, 512 * 512, 512 * 16]
+    balance = balance_by_time(costs, 3)
     assert balance == [2, 1, 1]  # the 512x512 layer (30x the others) gets a stage of its own
-    report = format_report(balance, stage_sums([p.time for p in profiles], balance), [0.001] * 3)
+    report = format_report(balance, stage_sums(costs, balance), [0.001] * 3)
     assert report.splitlines()[0].startswith("stage  layers  predicted ms")
     assert "slowest/mean stage: predicted" in report
 
