@@ -8,7 +8,7 @@ import pytest
 from mpi4py import MPI
 
 from mpi_helpers import assert_all_ranks
-from mpipar.run.metrics import MetricsWriter, NonFiniteLossError
+from mpipar.run.metrics import MetricsWriter, NonFiniteLossError, Table
 
 PER_RANK = ("compute_time", "comm_time", "idle_time", "data_time", "step_time", "bytes_sent", "rank_loss",
             "rank_samples")
@@ -144,3 +144,47 @@ def test_waits_split_within_each_reducing_group_with_known_times_added(comm, mpi
 def test_wait_groups_must_cover_every_rank_once(tmp_path):
     with pytest.raises(ValueError, match="wait_groups must hold every rank"):
         MetricsWriter(tmp_path / "m.h5", MPI.COMM_SELF, strategy="x", config={}, wait_groups=[[0], [0]])
+
+
+@pytest.mark.mpi
+def test_a_strategys_table_is_appended_at_every_flush_and_cut_back_on_resume(comm, mpi_tmp_path):
+    """A table (``/updates``) reaches the file at each flush, so a killed run keeps it up to its last
+    flush; a resumed run drops the rows of steps after its checkpoint and recounts the histogram."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    path = shared_path(comm, mpi_tmp_path)
+    rows = []  # this rank's (step, staleness) since the last take
+
+    def take():
+        columns = {"step": np.array([s for s, _ in rows], dtype=np.int64),
+                   "staleness": np.array([v for _, v in rows], dtype=np.int64)}
+        rows.clear()
+        return columns
+
+    def staleness(step, of_rank):
+        return of_rank + step % 2
+
+    table = Table("updates", take, histograms=("staleness",), attrs={"about": "a test"})
+    writer = MetricsWriter(path, comm, strategy="test", config={}, flush_every=2, tables=[table])
+    problems = []
+    for step in range(4):
+        rows.append((step, staleness(step, rank)))
+        record(writer, comm, 1)
+        writer.maybe_flush()
+        if rank == 0 and step % 2:  # just flushed
+            with h5py.File(path, "r") as f:
+                stored = len(f["updates/step"]) if "updates" in f else 0
+            if stored != (step + 1) * size or rows:
+                problems.append(f"after step {step}: {stored} rows stored, {len(rows)} still in memory")
+    writer.close()
+    resumed = MetricsWriter(path, comm, strategy="test", config={}, flush_every=2, resume=True, resume_at_step=3,
+                            tables=[table])
+    resumed.close()
+    if rank == 0:
+        expected = sorted((s, staleness(s, r)) for s in range(3) for r in range(size))
+        with h5py.File(path, "r") as f:
+            kept = sorted(zip(f["updates/step"][...].tolist(), f["updates/staleness"][...].tolist()))
+            histogram = f["updates/staleness_histogram"][...].tolist()
+            about = f["updates"].attrs["about"]
+        if kept != expected or histogram != np.bincount([v for _, v in expected]).tolist() or about != "a test":
+            problems.append(f"after resuming at step 3: rows {kept}, histogram {histogram}, attribute {about!r}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))

@@ -24,7 +24,7 @@ from mpipar.parameter_server.server import UPDATE_COLUMNS, Server
 from mpipar.parameter_server.tickets import Tickets
 from mpipar.parameter_server.worker import Worker
 from mpipar.run.evaluate import EvalResult, evaluate
-from mpipar.run.metrics import MetricsWriter
+from mpipar.run.metrics import MetricsWriter, Table
 from mpipar.run.strategy import StepRecord, StepShards
 
 __all__ = ["ParameterServerStrategy"]
@@ -47,9 +47,9 @@ class ParameterServerStrategy:
     on every rank's identical model.
 
     Metrics: per step and rank ``updates`` (versions applied on a server, shards computed on a
-    worker), ``staleness_mean`` / ``staleness_max``; at the end the table ``/updates`` (one row
-    per applied gradient: server, worker, step, shard, base and applied version, staleness,
-    bytes) and ``/updates/staleness_histogram``.
+    worker), ``staleness_mean`` / ``staleness_max``; at every flush the table ``/updates`` gets
+    the rows since the last (one per applied gradient: server, worker, step, shard, base and
+    applied version, staleness, bytes) and ``/updates/staleness_histogram`` is recounted.
 
     Collective contract: construction, :meth:`end_epoch`, :meth:`evaluate`,
     :meth:`state_dict` and :meth:`finish` are collective over ``comm``; :meth:`train_step`
@@ -99,6 +99,8 @@ class ParameterServerStrategy:
         self.shares: Optional[WindowShares] = None
         self.optimizer, self._held = None, []
         self._one_sided_rows = {name: [] for name in UPDATE_COLUMNS}
+        self._staleness_seen = [0, 0, 0]  # updates written to /updates by this rank: count, sum, max
+        self.metrics_tables = [Table("updates", self._take_updates, histograms=("staleness",))]
         if settings.one_sided:
             self.shares = WindowShares(comm, self.flat, servers)
             check_passive_progress(comm, self.shares, servers)
@@ -234,20 +236,29 @@ class ParameterServerStrategy:
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         if self.server is not None:
-            columns = self.server.take_updates()
             self.server.close()
-        else:
-            columns = {name: np.asarray(values, dtype=np.int64) for name, values in self._one_sided_rows.items()}
         if self.shares is not None:
             self.shares.free()
-        metrics.write_table("updates", columns, histograms=("staleness",))
-        staleness = collectives.gather(self.comm, columns["staleness"].tolist(),
-                                       "parameter server: staleness", root=0)
-        if staleness is not None:
-            values = [s for part in staleness for s in part]
-            if values:
-                say(f"parameter server: {len(values)} updates applied in this run, staleness mean "
-                    f"{np.mean(values):.2f}, max {max(values)}")
+        seen = collectives.gather(self.comm, self._staleness_seen, "parameter server: staleness", root=0)
+        if seen is not None:
+            count = sum(c for c, _, _ in seen)
+            if count:
+                say(f"parameter server: {count} updates applied in this run, staleness mean "
+                    f"{sum(s for _, s, _ in seen) / count:.2f}, max {max(m for _, _, m in seen)}")
+
+    def _take_updates(self) -> dict:
+        """This rank's rows of ``/updates`` since the last call (:class:`Table`). Local."""
+        if self.server is not None:
+            columns = self.server.take_updates()
+        else:
+            columns = {name: np.asarray(values, dtype=np.int64) for name, values in self._one_sided_rows.items()}
+            self._one_sided_rows = {name: [] for name in UPDATE_COLUMNS}
+        staleness = columns["staleness"]
+        if len(staleness):
+            count, total, most = self._staleness_seen
+            self._staleness_seen = [count + len(staleness), total + int(staleness.sum()),
+                                    max(most, int(staleness.max()))]
+        return columns
 
     # -- synchronisation points (collective) -----------------------------------------------
 

@@ -29,7 +29,7 @@ from mpipar.pipeline.schedule import ASYNC_SCHEDULES, Schedule, placement_bubble
 from mpipar.pipeline.timing import bubble_per_step
 from mpipar.run.consolidate import training_state
 from mpipar.run.evaluate import EvalResult, evaluate
-from mpipar.run.metrics import MetricsWriter
+from mpipar.run.metrics import MetricsWriter, Table
 from mpipar.run.strategy import StepRecord
 
 __all__ = ["PipelineStrategy", "choose_placement"]
@@ -129,9 +129,9 @@ class PipelineStrategy:
     checkpoint holds the stashed versions that later forwards will use
     (``pipeline_async``), so a resumed run is bitwise the uninterrupted one. Per step and
     rank the metrics get ``stash_bytes``, ``weight_versions``, ``updates`` and
-    ``staleness_mean``; at the end the table ``/pipeline_updates`` holds every update of this
-    launch (step, rank, stage, micro-batch, forward and applied version, staleness, with a
-    histogram of the staleness). The loss of an asynchronous step is counted on the last
+    ``staleness_mean``; the table ``/pipeline_updates`` gets every update at the flush after it
+    (step, rank, stage, micro-batch, forward and applied version, staleness, with a histogram
+    of the staleness). The loss of an asynchronous step is counted on the last
     stage's rank only (no per-step broadcast).
 
     Args:
@@ -208,6 +208,9 @@ class PipelineStrategy:
         if self.asynchronous:
             self.metrics_attrs.update(staleness_per_stage=json.dumps(self.pipe.schedule.staleness()),
                                       weight_versions_per_stage=json.dumps(self.pipe.schedule.weight_versions()))
+        self.metrics_tables = [Table("pipeline_updates", self._take_updates, histograms=("staleness",), attrs={
+            "schedule": config.schedule, "staleness_per_stage": json.dumps(self.pipe.schedule.staleness())})] \
+            if self.asynchronous else []
         self._stage_seconds: Dict[int, List[float]] = {index: [0.0, 0.0] for index in self.pipe.stages}
         names = {id(p): name for name, p in model.named_parameters()}
         self.parameter_names = [names[id(p)] for p in self.pipe.parameters()]
@@ -314,15 +317,14 @@ class PipelineStrategy:
             "state": {i: by_name[name] for i, name in enumerate(self.parameter_names) if by_name.get(name)},
             "param_groups": [{**group, "params": list(range(max(1, len(self.parameter_names))))}]}
 
-    def _write_updates(self, metrics: MetricsWriter) -> None:
-        """The table ``/pipeline_updates``: every update of this launch on every rank. Collective."""
+    def _take_updates(self) -> Dict[str, np.ndarray]:
+        """The rows of ``/pipeline_updates`` since the last call (this rank's updates). Local."""
         rows = np.array(self._updates, dtype=np.int64).reshape(-1, 5)
+        self._updates = []
         rank = self.world.Get_rank()
-        columns = {"step": rows[:, 0], "rank": np.full(len(rows), rank, np.int64), "stage": rows[:, 1],
-                   "microbatch": rows[:, 2], "forward_version": rows[:, 3], "applied_version": rows[:, 4],
-                   "staleness": rows[:, 4] - rows[:, 3]}
-        metrics.write_table("pipeline_updates", columns, histograms=["staleness"], attrs={
-            "schedule": self.config.schedule, "staleness_per_stage": json.dumps(self.pipe.schedule.staleness())})
+        return {"step": rows[:, 0], "rank": np.full(len(rows), rank, np.int64), "stage": rows[:, 1],
+                "microbatch": rows[:, 2], "forward_version": rows[:, 3], "applied_version": rows[:, 4],
+                "staleness": rows[:, 4] - rows[:, 3]}
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Write the measured bubble (``/steps/bubble_measured`` and the root attributes
@@ -330,7 +332,7 @@ class PipelineStrategy:
         per-stage report and the bubble's parts, and free the grid. Collective over the world."""
         if self.asynchronous:
             self._drain()
-            self._write_updates(metrics)
+            metrics.write_tables()  # the drain's updates, after the loop's last flush
         comm = self.grid.pipeline_comm
         forward = gather_stage_times(comm, {i: s[0] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)
         backward = gather_stage_times(comm, {i: s[1] for i, s in self._stage_seconds.items()}, self.pipe.num_stages)

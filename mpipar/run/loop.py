@@ -87,6 +87,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     metrics = MetricsWriter(session.out / "metrics.h5", comm, strategy=strategy.name, config=session.run_config,
                             flush_every=config.flush_every, resume=session.resume, resume_at_step=step,
                             wait_groups=strategy.wait_groups, events=recorder,
+                            tables=getattr(strategy, "metrics_tables", ()),
                             attrs={"model": config.model, **session.device_attrs, **strategy.metrics_attrs})
     say(f"mpipar {__version__}: {strategy.name} on {comm.Get_size()} ranks x {config.threads} threads, "
         f"{mpi_library()}")

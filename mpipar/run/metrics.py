@@ -19,9 +19,9 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
   datasets then have as many columns as the most ranks, and the others read NaN, or 0
   for sample counts).
 * ``/epochs/{epoch,train_loss,test_loss,test_accuracy,wall_time,last_step}`` (E,).
-* tables a strategy adds through :meth:`MetricsWriter.write_table` (e.g. ``/updates``, one row per
-  parameter-server update), each with a ``step`` column so a resumed run drops the rows after
-  its checkpoint.
+* tables a strategy adds rows to as it runs (:class:`Table`: ``/updates``, one row per
+  parameter-server update; ``/pipeline_updates``), appended at every flush, each with a ``step``
+  column so a resumed run drops the rows after its checkpoint (and recounts their histograms).
 * ``/events`` (with ``--trace-steps``): the timed events of the sampled steps, one row per event
   and rank (:data:`mpipar.diagnostics.events.COLUMNS`: step, rank, name code, lane, start and
   duration in seconds on rank 0's clock, bytes, peer, index); its attributes hold the names,
@@ -44,8 +44,9 @@ import datetime
 import json
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import h5py
 import mpi4py
@@ -61,7 +62,7 @@ from mpipar.diagnostics.events import EventRecorder
 from mpipar.diagnostics.failure import AgreedError
 from mpipar.run.launch import mpi_library
 
-__all__ = ["MetricsWriter", "NonFiniteLossError", "PER_RANK_FIELDS"]
+__all__ = ["MetricsWriter", "NonFiniteLossError", "PER_RANK_FIELDS", "Table"]
 
 PER_RANK_FIELDS = ("compute_time", "comm_time", "idle_time", "data_time", "step_time", "bytes_sent",
                    "rank_loss", "rank_samples")
@@ -70,6 +71,19 @@ EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "wall_time"
 
 class NonFiniteLossError(AgreedError, FloatingPointError):
     """The loss became NaN or Inf; raised on every rank after the metrics are flushed."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table a strategy adds rows to as it runs: at every flush :class:`MetricsWriter` appends
+    ``take()``, this rank's rows since the last call (columns by name, a ``step`` column among
+    them; the same names on every rank), with :meth:`MetricsWriter.write_table`'s ``histograms``
+    and ``attrs``."""
+
+    name: str
+    take: Callable[[], Dict[str, np.ndarray]]
+    histograms: Tuple[str, ...] = ()
+    attrs: Dict[str, object] = field(default_factory=dict)
 
 
 class MetricsWriter:
@@ -95,6 +109,7 @@ class MetricsWriter:
             groups); default: all ranks of ``comm``.
         events: this rank's :class:`~mpipar.diagnostics.events.EventRecorder` (on every rank
             or none): its rows are appended to ``/events`` at each flush.
+        tables: the strategy's :class:`Table` s (the same on every rank), appended at each flush.
 
     Raises:
         FileExistsError, PermissionError, OSError: on every rank, before any
@@ -104,7 +119,7 @@ class MetricsWriter:
     def __init__(self, path, comm: MPI.Intracomm, *, strategy: str, config: dict,
                  attrs: Optional[dict] = None, flush_every: int = 50, root: int = 0, resume: bool = False,
                  resume_at_step: Optional[int] = None, wait_groups: Optional[List[List[int]]] = None,
-                 events: Optional[EventRecorder] = None):
+                 events: Optional[EventRecorder] = None, tables: Sequence[Table] = ()):
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.path = Path(path)
@@ -113,6 +128,7 @@ class MetricsWriter:
         self.is_root = comm.Get_rank() == root
         self.flush_every = flush_every
         self.events = events
+        self.tables = list(tables)
         self.world_size = comm.Get_size()
         self.wait_groups = wait_groups or [list(range(self.world_size))]
         if sorted(rank for group in self.wait_groups for rank in group) != list(range(self.world_size)):
@@ -230,6 +246,7 @@ class MetricsWriter:
         bad_step, stop_anywhere = collectives.bcast(self.comm, verdict, "metrics flush", root=self.root)
         if self.events is not None and self.events.buffered_steps:  # the same on every rank
             self.write_table("events", self.events.take(), attrs=self.events.attrs())
+        self.write_tables()
         self._write_point_to_point(max(0, self.steps_written + len(self._steps) - 1))
         self.steps_written += len(self._steps)
         self._steps, self._epochs = [], []
@@ -237,6 +254,12 @@ class MetricsWriter:
             raise NonFiniteLossError(f"the loss became {bad_step[1]} at step {bad_step[0]}; stopped. "
                                      f"Metrics up to that step are in {self.path}. Try a lower learning rate.")
         return stop_anywhere
+
+    def write_tables(self) -> None:
+        """Append the rows each :class:`Table` has taken since the last flush. Collective (every
+        flush does it; a strategy whose last rows come after the final flush calls it again)."""
+        for table in self.tables:
+            self.write_table(table.name, table.take(), attrs=table.attrs, histograms=table.histograms)
 
     def _write_point_to_point(self, step: int) -> None:
         """Append this rank's point-to-point bytes since the last flush to ``/p2p``. Collective."""
@@ -293,10 +316,7 @@ class MetricsWriter:
                                                                dtype=values.dtype))
                     _append(f, f"{name}/{column}", values)
                 for column in histograms:
-                    counts = np.bincount(np.maximum(f[f"{name}/{column}"][...].astype(np.int64), 0))
-                    if f"{name}/{column}_histogram" in f:
-                        del f[f"{name}/{column}_histogram"]
-                    f.create_dataset(f"{name}/{column}_histogram", data=counts)
+                    _store_histogram(f[name], column)
                 for key, value in (attrs or {}).items():
                     f[name].attrs[key] = value
         collectives.bcast(self.comm, None, f"metrics: table {name}", root=self.root)
@@ -367,10 +387,20 @@ def _truncate(f: h5py.File, steps: int) -> None:
                 kept = group[column][...][keep]
                 group[column].resize(len(kept), axis=0)
                 group[column][...] = kept
+            for histogram in [c for c in group if c.endswith("_histogram")]:
+                _store_histogram(group, histogram[:-len("_histogram")])
     if "epochs/last_step" in f:
         keep = int((f["epochs/last_step"][...] <= steps).sum())
         for dataset in f["epochs"].values():
             dataset.resize(keep, axis=0)
+
+
+def _store_histogram(group: h5py.Group, column: str) -> None:
+    """``<column>_histogram``: the counts of the whole stored (integer) column, by value."""
+    counts = np.bincount(np.maximum(group[column][...].astype(np.int64), 0))
+    if f"{column}_histogram" in group:
+        del group[f"{column}_histogram"]
+    group.create_dataset(f"{column}_histogram", data=counts)
 
 
 def _append(f: h5py.File, name: str, values: np.ndarray) -> None:

@@ -94,6 +94,8 @@ class Strategy(Protocol):
             schedule still steps once per loop step.
         shares_shards: ``train_step`` gets a :class:`StepShards` (every shard of the
             step) instead of this rank's batch.
+        metrics_tables: :class:`~mpipar.run.metrics.Table` s the metrics file appends
+            to at every flush (a parameter server's ``/updates``); absent: none.
     """
 
     name: str
