@@ -31,6 +31,11 @@ DiLoCo's outer Nesterov SGD on the global weights along global - average (1 and 
 defaults, take the average as it is). /steps/synced in metrics.h5 marks the steps after
 which the ranks' parameters were equal. Every rank checkpoints its own model and optimizer
 state; --resume needs as many ranks as wrote the checkpoint.
+
+Sharded data parallelism (ZeRO, docs/sharded.md): --zero 1 shards the optimizer state over
+the ranks, --zero 2 the gradients too; every rank checkpoints its shard, and --resume
+works on another number of ranks (the shards are cut again). --optimizer adamw for AdamW:
+    mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --zero 2 --optimizer adamw
 """
 
 from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports
@@ -40,9 +45,10 @@ from mpipar import models
 from mpipar.data_parallel.strategy import DataParallelStrategy
 from mpipar.diagnostics.failure import abort_on_exception
 from mpipar.local_sgd import LocalSGDConfig, LocalSGDStrategy, sync_every_flag
-from mpipar.run.cli import training_parser
+from mpipar.run.cli import add_zero_flag, training_parser
 from mpipar.run.loop import train
 from mpipar.run.session import Session
+from mpipar.sharded import ShardedConfig, ShardedStrategy
 
 
 def main(argv=None) -> None:
@@ -57,18 +63,24 @@ def main(argv=None) -> None:
                         help="local SGD: N synchronous steps before the local ones")
     parser.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer learning rate (1: plain average)")
     parser.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo outer Nesterov momentum")
+    add_zero_flag(parser)
     args = parser.parse_args(argv)
 
     # the defaults are plain data parallelism: its settings and checkpoints stay as they were
     local_sgd = (args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum) != (1, 0, 1.0, 0.0)
+    if local_sgd and args.zero:
+        parser.error("--zero shards synchronous data parallelism; local SGD flags cannot be combined with it")
     settings = (lambda: LocalSGDConfig(args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum)) \
-        if local_sgd else None  # validated on every rank together
+        if local_sgd else (lambda: ShardedConfig(args.zero)) if args.zero else None  # validated on every rank
     session = Session.from_args(comm, args, EARLY_SIGNALS, settings=settings)
     splits = session.data()
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
     if local_sgd:
         strategy = LocalSGDStrategy(model, comm, session.settings, bucket_mb=session.config.bucket_mb,
                                     device=session.device, state=session.state)
+    elif args.zero:
+        strategy = ShardedStrategy(model, comm, session.settings, bucket_mb=session.config.bucket_mb,
+                                   device=session.device, checkpoint=session.resumed_from)
     else:
         strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb, device=session.device)
     train(session, strategy, splits)

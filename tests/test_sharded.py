@@ -233,3 +233,47 @@ def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path,
                     problems.append(f"{a}->{b}: {name} max abs difference {(p - q).abs().max().item():.3e}")
             readers.Free()
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_loop_with_adamw_equals_data_parallel_and_records_the_bytes_held(comm, mpi_tmp_path, stage):
+    """``--zero`` and ``--optimizer adamw`` through the loop: the parameters of DataParallel's run on the
+    same ranks; the metrics hold each rank's bytes of parameters, gradients and optimizer state; the
+    checkpoints hold AdamW's state."""
+    import h5py
+
+    from mpi_helpers import float64_mlp, loop_session
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.run.loop import train
+
+    directory = shared_directory(comm, mpi_tmp_path)
+    models, steps = {}, 3
+    for kind in ("data_parallel", "sharded"):
+        model = float64_mlp((784, 12, 10), seed=5)
+        run = loop_session(comm, directory / kind, 5, ShardedConfig(stage) if kind == "sharded" else None,
+                           max_steps=steps, optimizer="adamw", lr=0.01, checkpoint_every=2, flush_every=1)
+        strategy = ShardedStrategy(model, comm, run.settings) if kind == "sharded" else \
+            DataParallelStrategy(model, comm)
+        train(run, strategy, synthetic(300, 50, seed=0))
+        models[kind] = model
+    problems = [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
+                zip(models["data_parallel"].named_parameters(), models["sharded"].parameters())
+                if not torch.allclose(p, q, **TOL)]
+    with h5py.File(directory / "sharded" / "metrics.h5", "r") as f:
+        held = {key: f[f"steps/{key}"][...] for key in ("param_bytes", "grad_bytes", "optimizer_bytes")}
+    total = sum(p.numel() * 8 for p in models["sharded"].parameters())
+    shard = -(-total // 8 // comm.Get_size()) * 8
+    expected = {"grad_bytes": shard if stage == 2 else total, "optimizer_bytes": 2 * shard + 8 * 4}  # + steps
+    for key, value in expected.items():
+        if held[key].shape != (steps, comm.Get_size()) or held[key].max() > value:
+            problems.append(f"{key} {held[key].tolist()}: more than {value}")
+    state = torch.load(directory / "sharded" / "checkpoints" / "step-000000003" / f"rank-{comm.Get_rank()}.pt",
+                       weights_only=True)
+    if not all("exp_avg" in entry for entry in state["optimizer"]["state"].values()):
+        problems.append("the checkpoint's optimizer state is not AdamW's")
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from mpipar.run.config import TrainConfig
+from mpipar.run.config import OPTIMIZERS, TrainConfig
 
-__all__ = ["training_parser", "train_config", "rank_list", "step_range"]
+__all__ = ["training_parser", "train_config", "rank_list", "step_range", "add_zero_flag"]
 
 
 class _RankParser(argparse.ArgumentParser):
@@ -45,6 +45,8 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd: Nesterov momentum (--momentum); adamw: AdamW, decoupled --weight-decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out, help="output directory (must not hold an earlier run unless --resume)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks per node)")
@@ -72,6 +74,14 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p.add_argument("--requeue", action="store_true",
                    help="on Slurm's warning signal, checkpoint and requeue the job (the Slurm scripts pass it)")
     return p
+
+
+def add_zero_flag(parser: argparse.ArgumentParser) -> None:
+    """``--zero {0,1,2}`` for a data-parallel job: 0 plain data parallelism, 1 optimizer state
+    sharded, 2 gradients too (:mod:`mpipar.sharded`)."""
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2), default=0,
+                        help="ZeRO stage: 0 data parallelism; 1 optimizer state sharded over the ranks; "
+                             "2 gradients too (reduce-scattered)")
 
 
 def rank_list(text: str) -> tuple:

@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     device: str = "auto"
     trace_steps: Optional[Tuple[int, int]] = None
+    optimizer: str = "sgd"
     augment: Optional[int] = None
 
     def __post_init__(self):
@@ -60,8 +63,13 @@ class TrainConfig:
                 raise ValueError(f"--trace-steps must be FIRST-LAST with 0 <= FIRST <= LAST, got {first}-{last}")
         if self.augment is not None and self.augment < 0:
             raise ValueError(f"--augment must be >= 0 pixels of padding, got {self.augment}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        settings = dataclasses.asdict(self)
+        if settings["optimizer"] == "sgd":  # the default: absent, as before the flag existed
+            del settings["optimizer"]
+        return settings

@@ -33,7 +33,8 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     epoch plan is a pure function of seed and epoch; a run resumed on another
     number of replicas keeps the checkpoint's global batch, split as evenly as
     possible), ``strategy.train_step``, then
-    the optimizer (SGD, Nesterov momentum) and the one-cycle learning-rate schedule.
+    the optimizer (``config.optimizer``: SGD with Nesterov momentum, or AdamW) and the one-cycle
+    learning-rate schedule.
     Per step and rank the metrics file gets loss, samples, compute, communication
     and idle time, bytes sent; per epoch, after ``strategy.end_epoch``, test loss and
     accuracy.
@@ -59,12 +60,15 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     total_steps = min(in_epoch * config.epochs, config.max_steps or in_epoch * config.epochs)
     if state is not None:  # the schedule's length is the checkpoint's (another number of ranks can move an
         total_steps = state.get("total_steps", total_steps)  # epoch's short last step by one)
-    params = strategy.parameters()
-    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=config.lr,
-                                momentum=config.momentum, weight_decay=config.weight_decay,
-                                nesterov=config.momentum > 0)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                      pct_start=0.15, cycle_momentum=config.momentum > 0)
+    params = strategy.parameters() or [torch.zeros(0, requires_grad=True)]
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                    nesterov=config.momentum > 0)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(  # AdamW keeps its betas
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15,
+        cycle_momentum=config.momentum > 0 and config.optimizer == "sgd")
     step, start_epoch, skip, loss_sum, seen = 0, 0, 0, 0.0, 0
     if state is not None:
         strategy.load_state_dict(state)
