@@ -3,8 +3,13 @@
 import pytest
 
 from mpipar.pipeline.schedule import (
+    ASYNC_SCHEDULES,
+    FLUSHING_SCHEDULES,
+    SCHEDULES,
+    TRAIN_SCHEDULES,
     Backward,
     Forward,
+    Instruction,
     RecvActivation,
     RecvGrad,
     RecvSkip,
@@ -17,6 +22,7 @@ from mpipar.pipeline.schedule import (
     Update,
     placement_bubble,
     rank_program,
+    simulate_step,
     window_program,
 )
 
@@ -102,7 +108,7 @@ def test_rank_program_merges_a_non_contiguous_placement_in_clock_order():
     assert rank_program(schedule, (0, 1, 0), 2) == []
 
 
-@pytest.mark.parametrize("name", ["naive", "gpipe", "1f1b", "forward", "pipedream", "2bw"])
+@pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("stages,microbatches", [(1, 1), (2, 5), (3, 2), (4, 8)])
 def test_every_receive_is_sent_at_an_earlier_tick(name, stages, microbatches):
     """The property that makes the executor deadlock-free (asynchronous schedules: over 3 batches)."""
@@ -166,7 +172,7 @@ def test_instructions_print_compactly():
     assert str(Schedule("1f1b", 2, 4)) == "1f1b schedule, 2 stages, 4 micro-batches"
 
 
-@pytest.mark.parametrize("name", ["naive", "gpipe", "1f1b", "forward"])
+@pytest.mark.parametrize("name", [name for name in SCHEDULES if name not in ASYNC_SCHEDULES])
 @pytest.mark.parametrize("stages,microbatches", [(1, 3), (2, 4), (3, 2), (4, 8)])
 def test_placement_bubble_with_one_stage_per_rank_is_the_ideal_bubble(name, stages, microbatches):
     schedule = Schedule(name, stages, microbatches)
@@ -320,7 +326,7 @@ def _run_windows(schedule, stage_ranks, skips, windows):
     return done
 
 
-@pytest.mark.parametrize("name", ["pipedream", "2bw"])
+@pytest.mark.parametrize("name", ASYNC_SCHEDULES)
 @pytest.mark.parametrize("stage_ranks,skips", [((0, 1), ()), ((0, 1, 2, 3), ((0, 2),)), ((0, 1, 0), ((0, 2),)),
                                                ((0, 1, 2), ((0, 1), (1, 2)))])
 def test_windows_run_in_order_cannot_deadlock_and_cover_every_microbatch_once(name, stage_ranks, skips):
@@ -351,3 +357,85 @@ def test_async_bubbles():
     assert placement_bubble(Schedule("2bw", 2, 4), (0, 1)) == 0.0
     # steady state: the slower stage (2 + 4 per micro-batch) sets the pace, the other works 3 of every 6
     assert placement_bubble(Schedule("pipedream", 2, 4), (0, 1), [(1.0, 2.0), (2.0, 4.0)]) == pytest.approx(0.25)
+
+
+# -- the registry: one registration point per schedule ---------------------------------------
+
+
+def test_the_registry_lists_the_schedules_in_order():
+    assert SCHEDULES == ("naive", "gpipe", "1f1b", "forward", "pipedream", "2bw")
+    assert ASYNC_SCHEDULES == ("pipedream", "2bw")
+    assert TRAIN_SCHEDULES == ("naive", "gpipe", "1f1b", "pipedream", "2bw")
+    assert FLUSHING_SCHEDULES == ("naive", "gpipe", "1f1b")
+
+
+def test_consumers_offer_the_registered_schedules():
+    import argparse
+
+    from mpipar.cost.plan import main as plan_main
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.flags import add_pipeline_flags
+
+    for name in TRAIN_SCHEDULES:
+        assert PipelineConfig(schedule=name, stages=2, microbatches=2).schedule == name
+    with pytest.raises(ValueError, match="--schedule must be one of"):
+        PipelineConfig(schedule="forward")
+    for asynchronous, expected in ((True, TRAIN_SCHEDULES), (False, FLUSHING_SCHEDULES)):
+        parser = argparse.ArgumentParser()
+        add_pipeline_flags(parser, asynchronous=asynchronous)
+        action = next(a for a in parser._actions if a.dest == "schedule")
+        assert tuple(action.choices) == expected and all(name in action.help for name in expected)
+    with pytest.raises(SystemExit):  # mpipar-plan's --schedule is checked before the machine file is read
+        plan_main(["--ranks", "2", "--machine", "absent.json", "--schedule", "pipedream"])
+
+
+class WeightGrad(Instruction):
+    """A toy compute instruction a schedule of its own brings (a backward's weight half)."""
+
+    code = "W"
+
+
+def test_a_schedule_with_its_own_instructions_registers_in_one_place(monkeypatch):
+    """GPipe whose backwards leave their weight gradients (``W``) for the end, a zero-bubble-like kind: it
+    registers by itself, and ``Schedule``, the grid, ``rank_program`` and the simulator take it."""
+    from mpipar.pipeline_plan import kinds
+
+    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+
+    @kinds.register_schedule
+    class LateWeights(kinds.ScheduleKind):
+        name = "late-weights"
+
+        def compute_steps(self, schedule, stage):
+            m = range(schedule.microbatches)
+            return [Forward(stage, i) for i in m] + [Backward(stage, i) for i in m] + [WeightGrad(stage, i) for i in m]
+
+        def is_compute(self, step):
+            return isinstance(step, (Forward, Backward, WeightGrad))
+
+        def group(self, schedule, step):
+            return [step] if isinstance(step, WeightGrad) else super().group(schedule, step)
+
+        def depends_on(self, schedule, step):
+            return (Backward(step.stage, step.microbatch),) if isinstance(step, WeightGrad) else \
+                super().depends_on(schedule, step)
+
+        def ideal_bubble(self, schedule):
+            return 0.0
+
+    with pytest.raises(ValueError, match="needs a new name"):
+        kinds.register_schedule(LateWeights)
+    assert "late-weights" in kinds.schedule_names(asynchronous=False, trains=True)
+    schedule = Schedule("late-weights", 2, 2)
+    assert rows(schedule.grid()) == [
+        "F0 F1 .  .  B0 B1 W0 W1".split(),
+        ".  F0 F1 B0 B1 W0 W1 .".split(),
+    ]
+    assert [str(i) for i in rank_program(schedule, (0, 1), 1)] == \
+        "ra0 F0 ra1 F1 B0 sg0 B1 sg1 W0 W1".split()
+    spans = simulate_step(schedule, (0, 1), [(1.0, 1.0), (1.0, 1.0)])
+    assert spans[WeightGrad(0, 1)] == (7.0, 8.0)
+
+
+def test_update_period_is_read_off_the_update_rule():
+    assert [Schedule(name, 3, 4).update_period for name in ("pipedream", "2bw", "1f1b")] == [1, 4, 4]

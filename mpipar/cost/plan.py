@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 from mpipar.cost.machine import Machine, interconnect
 from mpipar.cost.model import Layout, Prediction, predict_data_parallel, predict_pipeline
 from mpipar.cost.tensor import predict_tensor_grid, tensor_degrees
+from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES
 
 __all__ = ["PlanRow", "candidates", "plan", "format_plan", "main"]
 
@@ -87,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--interconnect", help="the link across nodes, e.g. '1gbit,1ms', '100gbit,2us', 'ib-hdr' "
                                                "(default: the measured one)")
     parser.add_argument("--bucket-mb", type=float, default=25.0)
-    parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
+    parser.add_argument("--schedule", choices=FLUSHING_SCHEDULES, default="1f1b")
     args = parser.parse_args(argv)
     try:
         if args.ranks < 1 or args.batch_size < 1:

@@ -6,11 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-from mpipar.pipeline.schedule import SCHEDULES
+from mpipar.pipeline_plan.schedule import ASYNC_SCHEDULES, TRAIN_SCHEDULES
 
 __all__ = ["PipelineConfig", "TRAIN_SCHEDULES"]
-
-TRAIN_SCHEDULES = ("gpipe", "1f1b", "naive", "pipedream", "2bw")
 
 
 @dataclass(frozen=True)
@@ -18,7 +16,8 @@ class PipelineConfig:
     """How the model is split and scheduled. Raises ValueError naming the bad flag.
 
     Attributes:
-        schedule: one of :data:`TRAIN_SCHEDULES` (``pipedream`` and ``2bw`` never flush; see
+        schedule: one of :data:`TRAIN_SCHEDULES`, the registered schedules that train (``pipedream`` and
+            ``2bw`` never flush; see
             :class:`~mpipar.pipeline.strategy.PipelineStrategy`).
         microbatches: micro-batches per batch (must divide the batch).
         stages: ranks per pipeline; the data-parallel degree is the world size divided by it.
@@ -39,13 +38,13 @@ class PipelineConfig:
     stage_memory_mb: float = 0.0
 
     def __post_init__(self):
-        if self.schedule not in TRAIN_SCHEDULES or self.schedule not in SCHEDULES:
+        if self.schedule not in TRAIN_SCHEDULES:
             raise ValueError(f"--schedule must be one of {list(TRAIN_SCHEDULES)}, got {self.schedule!r}")
         if self.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
         if self.microbatches < 1 or self.stages < 1:
             raise ValueError(f"--microbatches and --stages must be >= 1, got {self.microbatches}, {self.stages}")
-        if self.schedule in ("pipedream", "2bw") and self.microbatches < self.stages - 1:
+        if self.schedule in ASYNC_SCHEDULES and self.microbatches < self.stages - 1:
             raise ValueError(f"--schedule {self.schedule} with {self.stages} stages needs --microbatches >= "
                              f"{self.stages - 1} (the micro-batches a stage holds across a batch's end), got "
                              f"{self.microbatches}")

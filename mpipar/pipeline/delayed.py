@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mpipar.pipeline.schedule import Schedule
 from mpipar.pipeline.skip import SkipSequential
 from mpipar.pipeline.versions import step_with_decay_share
+from mpipar.pipeline_plan.schedule import Schedule
 
 __all__ = ["DelayedGradientSGD"]
 
@@ -63,9 +63,8 @@ class DelayedGradientSGD:
     @classmethod
     def for_schedule(cls, model: nn.Sequential, balance: Sequence[int], schedule: Schedule, **kwargs):
         """The reference with ``schedule``'s steady-state staleness and update period."""
-        every = 1 if schedule.name == "pipedream" else schedule.microbatches
-        return cls(model, balance, schedule.staleness(), update_every=every, microbatches=schedule.microbatches,
-                   **kwargs)
+        return cls(model, balance, schedule.staleness(), update_every=schedule.update_period,
+                   microbatches=schedule.microbatches, **kwargs)
 
     def _weights(self, stage: int, version: int) -> Dict[str, torch.Tensor]:
         history = self.history[stage]

@@ -1,21 +1,14 @@
-"""The command-line flags of the pipeline jobs, parsed once into typed values; the schedules from schedule.py."""
+"""The command-line flags of the pipeline jobs, parsed once into typed values; the schedules registered."""
 
 from __future__ import annotations
 
 import argparse
 
-from mpipar.pipeline.schedule import ASYNC_SCHEDULES, SCHEDULES
+from mpipar.pipeline_plan.kinds import schedule_kind
+from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, TRAIN_SCHEDULES
 from mpipar.run.cli import rank_list
 
 __all__ = ["add_pipeline_flags", "balance_flag"]
-
-SCHEDULE_HELP = {
-    "gpipe": "all forwards then all backwards",
-    "1f1b": "bounded in-flight micro-batches",
-    "naive": "one micro-batch at a time",
-    "pipedream": "never flushes, an update per micro-batch, weight stashing",
-    "2bw": "never flushes, an update per batch, two weight versions",
-}
 
 
 def balance_flag(text: str):
@@ -28,12 +21,11 @@ def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b
     """The flags of the pipeline jobs: ``--schedule``, ``--microbatches``, ``--balance``
     (or ``--placement`` when ``placement`` gives its default) and ``--stages``.
     Placements and balances are parsed here, once, into tuples of ints. The schedules are
-    ``SCHEDULES`` that train (not ``forward``); ``asynchronous`` also offers those that never
-    flush (``ASYNC_SCHEDULES``)."""
-    choices = [name for name in SCHEDULES if name in SCHEDULE_HELP
-               and (asynchronous or name not in ASYNC_SCHEDULES)]
+    the registered ones that train (``TRAIN_SCHEDULES``, not ``forward``); without
+    ``asynchronous`` only those that flush (``FLUSHING_SCHEDULES``)."""
+    choices = list(TRAIN_SCHEDULES if asynchronous else FLUSHING_SCHEDULES)
     parser.add_argument("--schedule", choices=choices, default=schedule,
-                        help="; ".join(f"{name}: {SCHEDULE_HELP[name]}" for name in choices))
+                        help="; ".join(f"{name}: {schedule_kind(name).help}" for name in choices))
     parser.add_argument("--microbatches", type=int, default=microbatches,
                         help="micro-batches per batch (must divide it)")
     if placement is None:

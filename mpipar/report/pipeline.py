@@ -2,7 +2,7 @@
 
 Pure functions over :class:`~mpipar.report.reader.Run`: the measured forward and backward of
 each micro-batch on each rank (from ``/events``), and the ideal timeline: the run's schedule
-simulated by :func:`mpipar.pipeline.schedule.simulate_step` (the one simulator; ``placement_bubble``
+simulated by :func:`mpipar.pipeline_plan.schedule.simulate_step` (the one simulator; ``placement_bubble``
 uses it too) with the measured mean forward and backward time of each stage and free communication.
 """
 
@@ -14,12 +14,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, Backward, Schedule, simulate_step
 from mpipar.report.reader import Run
 
 __all__ = ["Span", "Timeline", "is_pipeline", "measured_timeline", "stage_times", "ideal_timeline",
            "ideal_for_run", "stage_ranks_of"]
-
-FLUSHING = ("naive", "gpipe", "1f1b")   # one batch in, the pipeline empty again: one step is the whole schedule
 
 
 @dataclass(frozen=True)
@@ -122,11 +121,9 @@ def ideal_timeline(schedule: str, stage_ranks: Sequence[int], microbatches: int,
                    times: Sequence[Tuple[float, float]]) -> Timeline:
     """``schedule`` over ``microbatches`` on stages placed on ``stage_ranks``, each forward and
     backward of stage s lasting ``times[s]``, communication free: the spans of
-    :func:`mpipar.pipeline.schedule.simulate_step`, the one simulator (imported here, so reading
-    runs needs no torch), one row per rank. Its :attr:`Timeline.bubble` is ``placement_bubble``
+    :func:`mpipar.pipeline_plan.schedule.simulate_step`, the one simulator (pure: reading runs needs
+    no torch), one row per rank. Its :attr:`Timeline.bubble` is ``placement_bubble``
     of the same arguments."""
-    from mpipar.pipeline.schedule import Backward, Schedule, simulate_step
-
     spans = simulate_step(Schedule(schedule, len(stage_ranks), microbatches), stage_ranks, times)
     ranks = sorted(set(stage_ranks))
     rows: Dict[int, List[Span]] = {r: [] for r in ranks}
@@ -140,7 +137,7 @@ def ideal_timeline(schedule: str, stage_ranks: Sequence[int], microbatches: int,
 def ideal_for_run(run: Run) -> Optional[Timeline]:
     """The ideal timeline of a flushing pipeline run with events (None otherwise)."""
     times = stage_times(run)
-    if times is None or str(run.attrs.get("schedule")) not in FLUSHING or "placement" not in run.attrs:
+    if times is None or str(run.attrs.get("schedule")) not in FLUSHING_SCHEDULES or "placement" not in run.attrs:
         return None
     return ideal_timeline(str(run.attrs["schedule"]), stage_ranks_of(json.loads(str(run.attrs["placement"]))),
                           int(run.attrs["microbatches"]), times)
