@@ -244,3 +244,16 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample():
     splits.train.augment = augment
     assert not torch.equal(splits.train.batch([9], epoch=5)[0], splits.train.batch([9])[0])  # no epoch: as stored
     assert torch.equal(splits.train.batch([9])[0], data.synthetic(64, 8, seed=1).train.batch([9])[0])
+
+
+@pytest.mark.mpi
+def test_session_data_streams_a_large_file_and_sets_the_augmentation(comm, mpi_tmp_path, monkeypatch):
+    from mpi_helpers import assert_all_ranks, loop_session
+    from mpipar.data.augment import Augmentation
+
+    directory = shared_file(comm, mpi_tmp_path)
+    monkeypatch.setenv("MPIPAR_DATA_CACHE_MB", "0.1")  # the file's 0.5 MB of images is over it
+    splits = loop_session(comm, directory / "run", 4, data=str(directory / "d.h5"), augment=3).data()
+    ok = isinstance(splits.train, data.H5Images) and splits.train.augment == Augmentation(0, 3) \
+        and splits.test.augment is None and len(splits.train) == 600
+    assert_all_ranks(comm, ok, f"{splits.description}: train {splits.train!r}, augment {splits.train.augment}")
