@@ -56,6 +56,8 @@ __all__ = [
     "iallreduce_",
     "allgather_",
     "ireduce_scatter_",
+    "ialltoall_",
+    "iallgather_",
     "bcast_",
     "send",
     "recv_",
@@ -371,6 +373,54 @@ def ireduce_scatter_(output: torch.Tensor, tensor: torch.Tensor, counts, comm: M
     call = None if hooks is None else hooks.collective("ireduce_scatter_", tensor, comm, f"counts {counts}")
     request = comm.Ireduce_scatter([work.buffer[0], work.buffer[2]], [into.buffer[0], into.buffer[2]],
                                    counts, op=MPI.SUM)
+    return PendingOp(request, into, output, call)
+
+
+def _check_blocks(name: str, output: torch.Tensor, tensor: torch.Tensor, size: int, block: int) -> None:
+    if output.dtype != tensor.dtype or output.numel() != size * block:
+        raise ValueError(f"{name}: output must hold {size} blocks of {block} elements of {tensor.dtype} "
+                         f"(communicator size x block), got {output.numel()} of {output.dtype}")
+
+
+def ialltoall_(output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm) -> PendingOp:
+    """Start a non-blocking Alltoall: ``tensor`` (read flat) is ``size`` equal blocks, block r goes to rank
+    r, and ``output``'s block k receives rank k's block for this rank. Moves raw elements (16-bit floats
+    too); nothing is reduced. Collective: every rank starts the same sequence of non-blocking collectives
+    in the same order, with the same sizes. Size 1: ``output`` receives ``tensor``.
+
+    Raises:
+        ValueError: when the sizes are not ``size`` equal blocks (before MPI is called).
+    """
+    size = comm.Get_size()
+    if tensor.numel() % size:
+        raise ValueError(f"ialltoall_: the tensor's {tensor.numel()} elements are not {size} equal blocks")
+    _check_blocks("ialltoall_", output, tensor, size, tensor.numel() // size)
+    work = _prepare(tensor, "ialltoall", read=True, write=False)
+    into = _prepare(output, "ialltoall", read=False, write=True)
+    into.keep_alive.append(work)
+    work.buffer[1] //= size  # counts are per rank
+    into.buffer[1] //= size
+    hooks = _debug.hooks
+    call = None if hooks is None else hooks.collective("ialltoall_", tensor, comm, "")
+    request = comm.Ialltoall(work.buffer, into.buffer)
+    return PendingOp(request, into, output, call)
+
+
+def iallgather_(output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm) -> PendingOp:
+    """Start a non-blocking Allgather: ``output`` (read flat) receives rank 0's ``tensor``, then rank 1's,
+    ... (raw elements, 16-bit floats too). Collective, as :func:`ialltoall_`. Size 1: a copy.
+
+    Raises:
+        ValueError: when ``output`` does not hold ``size * tensor.numel()`` elements of its dtype.
+    """
+    _check_blocks("iallgather_", output, tensor, comm.Get_size(), tensor.numel())
+    work = _prepare(tensor, "iallgather", read=True, write=False)
+    into = _prepare(output, "iallgather", read=False, write=True)
+    into.keep_alive.append(work)
+    into.buffer[1] = work.buffer[1]  # the receive count is per rank
+    hooks = _debug.hooks
+    call = None if hooks is None else hooks.collective("iallgather_", tensor, comm, "")
+    request = comm.Iallgather(work.buffer, into.buffer)
     return PendingOp(request, into, output, call)
 
 

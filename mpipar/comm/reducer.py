@@ -16,6 +16,7 @@ from mpipar.comm import mpi_tensor
 from mpipar.comm.averaging import average_tensors
 from mpipar.comm.buckets import assign_buckets
 from mpipar.comm.staging import HostMirror
+from mpipar.comm.wire import WireSum
 from mpipar.diagnostics import events
 
 __all__ = ["GradientReducer", "CommStats", "average_buffers", "check_one_device", "layout_signature"]
@@ -52,6 +53,7 @@ class _Bucket:
     source: Optional[torch.Tensor] = None  # out of place: this rank's weighted contribution (MPI reads it)
     launched: Optional[float] = None    # in a sampled step (events.active()): when its Allreduce started
     completed: Optional[float] = None   # and when a test() first found it complete
+    wire: Optional[WireSum] = None      # a 16-bit wire: the bucket's sum (replaces the Allreduce)
 
 
 def layout_signature(values: Iterable) -> int:
@@ -115,12 +117,21 @@ class GradientReducer:
             Open MPI an in-place non-blocking Allreduce takes a binomial tree that sends the whole
             bucket across the network on every level (2.2x the time of out of place at 16 MiB on
             4 ranks of 2 nodes, 1 Gbit/s; see docs/cost_model.md). Must be equal on every rank.
+        wire: None (default): each bucket is summed by an Allreduce in its own dtype (16-bit ones in
+            fp32); ``torch.bfloat16`` or ``torch.float16``: floating-point buckets travel in that dtype and
+            are added in fp32 (:class:`~mpipar.comm.wire.WireSum`: half the bytes; the result differs from
+            the fp32 sum by rounding each weighted contribution and the sum to 16 bits). Its Ialltoalls
+            start during backward; its Iallgathers start in :meth:`finish`, in bucket order (one order
+            of collectives on every rank). Must be equal on every rank; ignored at size 1.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0,
-                 out_of_place: bool = False):
+                 out_of_place: bool = False, wire: Optional[torch.dtype] = None):
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        if wire not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"the gradient wire is None (each bucket's own dtype), torch.bfloat16 or torch.float16, "
+                             f"got {wire}")
         check_one_device(p.device for p in params)
         self.comm = comm
         self.size = comm.Get_size()
@@ -131,6 +142,8 @@ class GradientReducer:
             for bucket in self.buckets:
                 if bucket.buffer.is_cuda and mpi_tensor.transport_for(bucket.buffer, "iallreduce") == "staged":
                     bucket.mirror = HostMirror(bucket.buffer)
+                if wire is not None and bucket.buffer.is_floating_point():
+                    bucket.wire = WireSum(bucket.buffer if bucket.mirror is None else bucket.mirror.host, comm, wire)
                 elif out_of_place and not bucket.buffer.is_cuda:
                     bucket.source = torch.empty_like(bucket.buffer)
             if any(b.buffer.is_cuda for b in self.buckets) and not mpi_tensor.thread_multiple():
@@ -271,8 +284,18 @@ class GradientReducer:
     def _start_allreduce(self, bucket: _Bucket, tensor: torch.Tensor) -> None:
         if events.active() is not None:
             bucket.launched = time.perf_counter()
-        bucket.pending = mpi_tensor.iallreduce_(tensor, self.comm, source=bucket.source)
-        self.stats.bytes_sent += 2.0 * (self.size - 1) / self.size * tensor.numel() * tensor.element_size()
+        if bucket.wire is not None:
+            bucket.wire.start()
+            bucket.pending = bucket.wire
+        else:
+            bucket.pending = mpi_tensor.iallreduce_(tensor, self.comm, source=bucket.source)
+        self.stats.bytes_sent += self._bytes(bucket)
+
+    def _bytes(self, bucket: _Bucket) -> float:
+        """Bytes this rank sends to reduce ``bucket``: a ring Allreduce's 2 (p-1)/p of it, or the wire's."""
+        if bucket.wire is not None:
+            return bucket.wire.bytes_per_sum
+        return 2.0 * (self.size - 1) / self.size * bucket.buffer.numel() * bucket.buffer.element_size()
 
     def _start_copied(self, block: bool) -> None:
         """Start the Allreduces of mirrored buckets whose host copy has landed, in launch
@@ -303,6 +326,9 @@ class GradientReducer:
         """Wait for every bucket reduction started; ``upload``: copy mirrored results back to the device.
         In a sampled step each bucket's wait and its Allreduce (launch to completion) are events."""
         recorder = events.active()
+        for bucket in self.buckets:  # a 16-bit wire's second collectives, in bucket order on every rank
+            if bucket.pending is not None and bucket.wire is not None:
+                bucket.wire.gather()
         for index, bucket in enumerate(self.buckets):
             if bucket.pending is not None:
                 begin = time.perf_counter() if recorder is not None else 0.0
@@ -312,8 +338,7 @@ class GradientReducer:
                     end = time.perf_counter()
                     recorder.add("wait_bucket", begin, end, index=index)
                     recorder.add("allreduce", bucket.launched, bucket.completed or end, index=index,
-                                 nbytes=2.0 * (self.size - 1) / self.size * bucket.buffer.numel()
-                                 * bucket.buffer.element_size())
+                                 nbytes=self._bytes(bucket))
                 if upload and bucket.mirror is not None:
                     bucket.mirror.upload()
 

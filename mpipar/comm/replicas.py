@@ -44,12 +44,14 @@ class ReplicaAverager:
         module: the stage module(s) this rank holds (``Pipeline.local_module``).
         comm: the data-parallel group (``ProcessGrid.data_comm``).
         bucket_cap_mb: bucket size in MiB.
+        wire: the reducer's 16-bit wire (``--grad-wire``), or None.
 
     Raises:
         ValueError: on every rank, when the replicas' parameters differ.
     """
 
-    def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0):
+    def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0,
+                 wire: Optional[torch.dtype] = None):
         params = [p for p in module.parameters() if p.requires_grad]
         agree_on(comm, "the parameters of this pipeline position (shape, dtype)",
                  [(tuple(p.shape), str(p.dtype)) for p in params],
@@ -58,7 +60,8 @@ class ReplicaAverager:
             for tensor in [*module.parameters(), *module.buffers()]:
                 mpi_tensor.bcast_(tensor.data, comm, 0)
         self.comm = comm
-        self.reducer = GradientReducer(params, comm, bucket_cap_mb=bucket_cap_mb, out_of_place=spans_nodes(comm))
+        self.reducer = GradientReducer(params, comm, bucket_cap_mb=bucket_cap_mb, out_of_place=spans_nodes(comm),
+                                       wire=wire)
         self.stats = self.reducer.stats
         self._final: set = set()  # parameters whose next accumulation completes this step's gradient
         if comm.Get_size() > 1:

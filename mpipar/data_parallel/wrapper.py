@@ -56,6 +56,8 @@ class DataParallel(nn.Module):
         out_of_place: reduce each bucket from a separate send buffer (one more
             bucket-sized host buffer each); None (default): when ``comm`` spans nodes
             (see :class:`~mpipar.comm.reducer.GradientReducer`). The same on every rank.
+        wire: None, or ``torch.bfloat16`` / ``torch.float16``: buckets travel in 16 bits and are added in
+            fp32 (the reducer's ``wire``, ``--grad-wire``). The same on every rank.
 
     Raises:
         ValueError: on every rank, when the ranks' models differ or some rank's parameters
@@ -63,7 +65,8 @@ class DataParallel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0,
-                 root: int = 0, weighted: bool = True, out_of_place: Optional[bool] = None):
+                 root: int = 0, weighted: bool = True, out_of_place: Optional[bool] = None,
+                 wire: Optional[torch.dtype] = None):
         super().__init__()
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
@@ -71,6 +74,7 @@ class DataParallel(nn.Module):
         self.comm = comm
         self.weighted = weighted
         self.bucket_cap_mb = bucket_cap_mb
+        self.wire = wire
         self.stats = CommStats()
         self._size = comm.Get_size()
         collective_check(comm, lambda: check_one_device(p.device for p in module.parameters()), "DataParallel")
@@ -113,7 +117,7 @@ class DataParallel(nn.Module):
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
                 self._hooked.add(id(p))
         self._reducer = GradientReducer(reduced, self.comm, bucket_cap_mb=self.bucket_cap_mb,
-                                        out_of_place=self.out_of_place)
+                                        out_of_place=self.out_of_place, wire=self.wire)
         self._reducer.stats = self.stats  # one account across rebuilds
         self._reduced_ids = {id(p) for p in reduced}
 
