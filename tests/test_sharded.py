@@ -101,7 +101,14 @@ def test_sharded_equals_data_parallel(comm, private_comm, stage, optimizer):
         opt_dp.zero_grad()
         F.cross_entropy(dp(x, scale=0.5), y).backward()
         opt_dp.step()
-        F.cross_entropy(sdp(x, scale=0.5), y).backward()
+        if step % 2:  # either order of zero_grad, on the model or the optimizer: no effect on the step
+            loss = F.cross_entropy(sdp(x, scale=0.5), y)
+            opt_sharded.zero_grad()
+            replica.zero_grad()
+        else:
+            opt_sharded.zero_grad()
+            loss = F.cross_entropy(sdp(x, scale=0.5), y)
+        loss.backward()
         sdp.step(opt_sharded)
         for (name, a), b in zip(reference.state_dict().items(), replica.state_dict().values()):
             if not torch.allclose(a, b, **TOL):
@@ -126,6 +133,8 @@ def test_collectives_per_step_are_the_designs(comm, private_comm, stage):
     F.cross_entropy(sdp(x), y.clamp(max=2)).backward()
     sdp.step(optimizer)
     calls = sdp.take_calls()
+    early = sdp.launched_early == (3 if stage == 2 else 0)  # every bucket started during backward
+    assert_all_ranks(comm, early, f"{sdp.launched_early} buckets started during backward")
     padded = -(-66 // size) * size * 8
     scatters = [nbytes for name, nbytes in calls if name == "reduce_scatter"]
     gathers = [nbytes for name, nbytes in calls if name == "allgather"]
@@ -277,3 +286,15 @@ def test_the_loop_with_adamw_equals_data_parallel_and_records_the_bytes_held(com
     if not all("exp_avg" in entry for entry in state["optimizer"]["state"].values()):
         problems.append("the checkpoint's optimizer state is not AdamW's")
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+
+
+def test_the_optimizer_and_zero_flags_reach_the_settings():
+    from mpipar.run.cli import add_zero_flag, train_config, training_parser
+
+    parser = training_parser("", out="runs/x", batch_help="", models={"mlp": None})
+    add_zero_flag(parser)
+    args = parser.parse_args(["--optimizer", "adamw", "--zero", "2"])
+    config = train_config(args, threads=1)
+    assert (config.optimizer, args.zero) == ("adamw", 2)
+    assert config.to_dict()["optimizer"] == "adamw"
+    assert "optimizer" not in train_config(parser.parse_args([]), threads=1).to_dict()  # as before the flag

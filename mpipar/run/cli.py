@@ -114,4 +114,4 @@ def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
         model=model or args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
-        trace_steps=args.trace_steps, augment=args.augment)
+        trace_steps=args.trace_steps, augment=args.augment, optimizer=getattr(args, "optimizer", "sgd"))

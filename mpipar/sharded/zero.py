@@ -131,6 +131,7 @@ class ShardedDataParallel:
         self._counts_request: Optional[mpi_tensor.PendingOp] = None
         self._samples: Optional[int] = None
         self._weight = 1.0
+        self.launched_early = 0  # stage 2: buckets started from the gradient hooks (during backward)
 
     def _build_buckets(self, cap: float) -> List[_Bucket]:
         """Buckets of whole parameters, contiguous in their group's buffer, filled last parameter
@@ -209,6 +210,7 @@ class ShardedDataParallel:
             if not force and len(bucket.ready) < len(bucket.params):
                 break
             self._launch(bucket)
+            self.launched_early += not force
             self._next_launch += 1
         for bucket in self.buckets[:self._next_launch]:
             if bucket.pending is not None:
