@@ -1,5 +1,5 @@
 """Models built as flat ``nn.Sequential`` so any strategy can cut them into stages, and a vision transformer
-whose blocks tensor parallelism splits."""
+and a GPT whose blocks tensor parallelism splits."""
 
 from mpipar.models.fine import (
     block_state_dict,
@@ -10,6 +10,7 @@ from mpipar.models.fine import (
     resnet_small_fine,
     split_blocks,
 )
+from mpipar.models.gpt import BYTE_VOCAB, TiedHead, TokenEmbedding, gpt, gpt_name
 from mpipar.models.vit import VIT_MODELS, TransformerBlock, VisionTransformer, vit_small, vit_tiny
 from mpipar.models.zoo import (
     MLP_SIZES,
@@ -26,7 +27,7 @@ from mpipar.models.zoo import (
 __all__ = ["BasicBlock", "Bottleneck", "resnet", "resnet_small", "resnet18", "resnet50", "mlp", "image_mlp",
            "MLP_SIZES", "IMAGE_MODELS", "VisionTransformer", "TransformerBlock", "vit_tiny", "vit_small",
            "VIT_MODELS", "split_blocks", "fine_state_dict", "block_state_dict", "resnet_fine", "resnet_small_fine",
-           "resnet18_fine", "resnet50_fine"]
+           "resnet18_fine", "resnet50_fine", "gpt", "gpt_name", "TokenEmbedding", "TiedHead", "BYTE_VOCAB"]
 
 IMAGE_MODELS = {
     "resnet-small": resnet_small,  # 8 layers, 78k parameters: CPUs

@@ -15,11 +15,13 @@ class TransformerBlock(nn.Module):
 
     Its attributes ``attention`` (``nn.MultiheadAttention``, ``batch_first``, no dropout),
     ``fc1``, ``fc2``, ``norm1`` and ``norm2`` are exactly the arguments of
-    ``ParallelTransformerBlock``, whose ``full_state_dict()`` uses the same names.
+    ``ParallelTransformerBlock``, whose ``full_state_dict()`` uses the same names. With
+    ``causal`` each token attends only to itself and the tokens before it (a language model's).
     """
 
-    def __init__(self, dim: int, heads: int, hidden: int):
+    def __init__(self, dim: int, heads: int, hidden: int, *, causal: bool = False):
         super().__init__()
+        self.causal = causal
         self.norm1 = nn.LayerNorm(dim)
         self.attention = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
@@ -28,7 +30,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attention(h, h, h, need_weights=False)[0]
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], x.device, x.dtype) if self.causal else None
+        x = x + self.attention(h, h, h, need_weights=False, attn_mask=mask, is_causal=self.causal)[0]
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 

@@ -31,7 +31,8 @@ def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
              shards: Optional[int] = None, shard: Optional[int] = None,
              outputs: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
              counts: bool = True, device: Optional[torch.device] = None) -> EvalResult:
-    """Mean cross-entropy and accuracy over the whole ``dataset``, in eval mode.
+    """Mean cross-entropy and accuracy over the whole ``dataset``, in eval mode, per label: a sample
+    with several (a language model's tokens, logits ``(batch, classes, tokens)``) counts each.
     Collective over ``comm``; every rank gets the same result.
 
     Args:
@@ -57,7 +58,7 @@ def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm,
         logits = model(images) if outputs is None else outputs(images, labels)
         if counts and logits is not None:
             totals += (F.cross_entropy(logits, labels, reduction="sum").item(),
-                       (logits.argmax(1) == labels).sum().item(), len(labels))
+                       (logits.argmax(1) == labels).sum().item(), labels.numel())
     collectives.allreduce_sum(comm, totals, "evaluation")
     model.train(was_training)
     return EvalResult(totals[0] / totals[2], totals[1] / totals[2], int(totals[2]))

@@ -259,6 +259,7 @@ class ParallelTransformerBlock(nn.Module):
         activation: the MLP's element-wise activation (default: ``nn.GELU()``).
         stats: where the time blocked in MPI and the bytes sent accumulate.
         rng: the group's ``TensorParallelRNG``, for attention dropout (see :class:`ParallelSelfAttention`).
+        causal: every forward is causal (a language model's block, as ``TransformerBlock(causal=True)``).
 
     Raises:
         TypeError: on every rank, when some rank's module has the wrong type.
@@ -268,9 +269,10 @@ class ParallelTransformerBlock(nn.Module):
 
     def __init__(self, attention: nn.MultiheadAttention, fc1: nn.Linear, fc2: nn.Linear, norm1: nn.LayerNorm,
                  norm2: nn.LayerNorm, comm: MPI.Intracomm, *, activation: Optional[nn.Module] = None,
-                 stats: Optional[CommStats] = None, rng: Optional[TensorParallelRNG] = None):
+                 stats: Optional[CommStats] = None, rng: Optional[TensorParallelRNG] = None, causal: bool = False):
         super().__init__()
         what = "ParallelTransformerBlock"
+        self.causal = causal
 
         def norm_shapes():
             for name, norm in (("norm1", norm1), ("norm2", norm2)):
@@ -298,7 +300,7 @@ class ParallelTransformerBlock(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         """The block's output ``(batch, sequence, embed)`` on every rank. Collective over ``comm``
         (two Allreduces forward, two in backward)."""
-        x = x + self.attention(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.attention(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal or self.causal)
         return x + self.mlp(self.norm2(x))
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -16,10 +16,11 @@ from torch import nn
 from mpipar.comm.reducer import CommStats
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
+from mpipar.comm.wire import wire_dtype
 from mpipar.data.datasets import ArrayDataset
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.diagnostics.failure import agreed
-from mpipar.models.vit import VisionTransformer
+from mpipar.models.vit import TransformerBlock, VisionTransformer
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.strategy import StepRecord
@@ -30,7 +31,7 @@ from mpipar.tensor_parallel.partition import shard_bounds
 from mpipar.tensor_parallel.random import TensorParallelRNG
 
 __all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "ELEMENTWISE", "shard_layout", "Splitter",
-           "SPLITTERS", "split_vit", "model_kind", "split_parameters", "full_state_dict"]
+           "SPLITTERS", "split_vit", "split_transformer", "model_kind", "split_parameters", "full_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,31 @@ def split_vit(model: VisionTransformer, comm: MPI.Intracomm, stats: CommStats) -
             divide every block's attention heads and MLP hidden features (naming the sizes that do).
     """
     blocks = model.blocks
+    parallel = nn.ModuleList(_parallel_blocks(list(blocks), comm, stats, "vision transformer"))
+    # Copy everything but the blocks (deepcopy takes the memo's entry for the block list).
+    return copy.deepcopy(model, memo={id(blocks): parallel})
+
+
+def split_transformer(model: nn.Sequential, comm: MPI.Intracomm, stats: CommStats) -> nn.Sequential:
+    """A copy of ``model`` (an ``nn.Sequential`` such as :func:`mpipar.models.gpt.gpt`) whose every
+    :class:`~mpipar.models.vit.TransformerBlock` entry is a :class:`ParallelTransformerBlock` (causal
+    when the block is); the other entries (embedding, tied head) are copied whole, parameters tied
+    between them stay tied. ``model`` is not modified. Collective over ``comm``.
+
+    Raises:
+        ValueError: on every rank, as :func:`split_vit`.
+    """
+    blocks = [layer for layer in model if isinstance(layer, TransformerBlock)]
+    parallel = _parallel_blocks(blocks, comm, stats, "transformer")
+    return copy.deepcopy(model, memo={id(block): split for block, split in zip(blocks, parallel)})
+
+
+def _parallel_blocks(blocks: List[TransformerBlock], comm: MPI.Intracomm, stats: CommStats,
+                     what: str) -> List[ParallelTransformerBlock]:
+    """Each block split over ``comm``, after checking (agreed) that every rank has the same blocks and
+    the group's size divides their heads and hidden features. Collective over ``comm``."""
     shapes = [(block.attention.num_heads, block.fc1.out_features) for block in blocks]
-    agree_on(comm, "the vision transformer's blocks (heads, hidden features)", shapes,
+    agree_on(comm, f"the {what}'s blocks (heads, hidden features)", shapes,
              hint="build the same model on every rank")
     size = comm.Get_size()
     if any(heads % size or hidden % size for heads, hidden in shapes):
@@ -172,14 +196,11 @@ def split_vit(model: VisionTransformer, comm: MPI.Intracomm, stats: CommStats) -
         hidden = sorted({f for _, f in shapes})
         fits = [d for d in range(1, max(heads + hidden) + 1) if all(h % d == 0 and f % d == 0 for h, f in shapes)]
         raise agreed(ValueError)(
-            f"tensor parallelism: {size} tensor-parallel ranks cannot split this vision transformer's blocks "
+            f"tensor parallelism: {size} tensor-parallel ranks cannot split this {what}'s blocks "
             f"evenly ({'/'.join(map(str, heads))} attention heads, {'/'.join(map(str, hidden))} MLP hidden "
             f"features per block); use a tensor-parallel size (--tp) in {fits}")
-    parallel = nn.ModuleList(
-        ParallelTransformerBlock(block.attention, block.fc1, block.fc2, block.norm1, block.norm2, comm, stats=stats)
-        for block in blocks)
-    # Copy everything but the blocks (deepcopy takes the memo's entry for the block list).
-    return copy.deepcopy(model, memo={id(blocks): parallel})
+    return [ParallelTransformerBlock(block.attention, block.fc1, block.fc2, block.norm1, block.norm2, comm,
+                                     stats=stats, causal=getattr(block, "causal", False)) for block in blocks]
 
 
 @dataclass(frozen=True)
@@ -196,13 +217,16 @@ SPLITTERS: Dict[str, Splitter] = {
     "mlp": Splitter("mlp", split_mlp, "every linear layer split"),
     "vit": Splitter("vit", split_vit, "every block's attention heads and MLP split (embeddings, norms and head "
                                       "replicated)"),
+    "transformer": Splitter("transformer", split_transformer, "every block's attention heads and MLP split "
+                                                              "(embedding, norms and tied head replicated)"),
 }
 """The splitters by model kind (:func:`model_kind`)."""
 
 
 def model_kind(model: nn.Module) -> str:
-    """``"vit"`` for a :class:`~mpipar.models.vit.VisionTransformer`, ``"mlp"`` for an ``nn.Sequential``
-    of linear layers (:func:`split_mlp` checks the rest). Local.
+    """``"vit"`` for a :class:`~mpipar.models.vit.VisionTransformer`, ``"transformer"`` for an
+    ``nn.Sequential`` holding :class:`~mpipar.models.vit.TransformerBlock` entries (a GPT), ``"mlp"`` for
+    another ``nn.Sequential`` (:func:`split_mlp` checks the rest). Local.
 
     Raises:
         TypeError: for any other model.
@@ -210,7 +234,7 @@ def model_kind(model: nn.Module) -> str:
     if isinstance(model, VisionTransformer):
         return "vit"
     if isinstance(model, nn.Sequential):
-        return "mlp"
+        return "transformer" if any(isinstance(layer, TransformerBlock) for layer in model) else "mlp"
     raise TypeError(f"tensor parallelism splits an nn.Sequential MLP or a VisionTransformer, got "
                     f"{type(model).__name__}")
 
@@ -287,6 +311,7 @@ class TensorParallelStrategy:
         splitter: how to split it: a :class:`Splitter`, a key of :data:`SPLITTERS`, or None
             (chosen by :func:`model_kind`).
         bucket_mb: gradient bucket size for the replicas' Allreduce.
+        grad_wire: ``--grad-wire``: the replicas' buckets in fp32, or sent in bf16/fp16 and summed in fp32.
         state: the checkpoint being resumed or None (it must have the same layout).
         device: where this rank's shards go.
         seed: the split streams' seed, the same on every rank (default ``torch.initial_seed()``: the
@@ -304,7 +329,7 @@ class TensorParallelStrategy:
 
     def __init__(self, world: MPI.Intracomm, model: nn.Module, config: TensorParallelConfig, *,
                  splitter: Union[Splitter, str, None] = None, bucket_mb: float = 25.0, state: Optional[dict] = None,
-                 device: torch.device | str = "cpu", seed: Optional[int] = None):
+                 device: torch.device | str = "cpu", seed: Optional[int] = None, grad_wire: str = "fp32"):
         if state is not None and state.get("relayout"):
             raise agreed(ValueError)("a tensor-parallel checkpoint resumes only on the ranks that wrote it; "
                                      "re-laying it out on other ranks is not supported yet")
@@ -348,7 +373,8 @@ class TensorParallelStrategy:
                 f"the splitter lost or duplicated parameters")
         # mpipar-consolidate's layout: MLPs only (a ViT's fused q/k/v rows are permuted per rank)
         self.layout = shard_layout(model, self.model) if splitter.kind == "mlp" else None
-        self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb)
+        self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb,
+                                        wire=wire_dtype(grad_wire))
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts_samples = self.grid.tp_rank == 0  # one rank of each group counts its samples
         self.wait_groups = [list(range(world.Get_size()))]  # tensor and replica waits split over the world

@@ -1,0 +1,154 @@
+"""Train a GPT language model on bytes of text: data parallel, tensor parallel (--tp) or as pipelines (--stages).
+
+Usage:
+    mpipar-text2h5 $(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")/*.py runs/stdlib.h5
+    mpirun -n 2 python jobs/gpt_lm.py --data runs/stdlib.h5 --max-steps 300 --out runs/gpt
+    mpirun -n 2 python jobs/gpt_lm.py --data synthetic --max-steps 20 --out runs/gpt_syn
+    mpirun -n 2 python jobs/gpt_lm.py --data synthetic --max-steps 20 --out runs/gpt_syn --resume
+    mpirun -n 2 python jobs/gpt_lm.py --tp 2 --data synthetic --max-steps 20 --out runs/gpt_tp
+    mpirun -n 4 python jobs/gpt_lm.py --stages 2 --tp 2 --data synthetic --max-steps 20 --out runs/gpt_pp_tp
+    sbatch slurm/gpt_lm.sh --data synthetic --max-steps 20
+
+The model (mpipar.models.gpt) is a decoder-only transformer over bytes (vocabulary 256): a
+token and position embedding, --layers causal pre-norm blocks of --heads heads (MLP width x 4,
+GELU), a final LayerNorm and a head tied to the token embedding (one parameter), as one flat
+nn.Sequential. A sample is a window of --seq-len + 1 bytes of the text (mpipar-text2h5 writes
+the token file; each epoch cuts the text at another phase); the loss is the mean next-byte
+cross-entropy, and each epoch ends with the validation loss, its bits per byte (loss / ln 2)
+and the next-byte accuracy in metrics.h5 (mpipar-report plots them). --data synthetic is
+generated text (words drawn by a seeded Markov chain). Strategies: by default every rank is a
+data-parallel replica; --tp T splits every block's heads and MLP over T consecutive ranks
+(embedding, norms and the tied head replicated); --stages S cuts the layers into pipelines of
+S stages (--schedule gpipe or 1f1b, --microbatches; the tied weight's gradient is summed over
+the first and last stage), each stage split over --tp ranks; the world size / (S x T) groups
+are data-parallel replicas. --batch-size counts windows per replica per step. Checkpoints,
+--resume and --requeue as the other jobs. As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1
+OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than cores needs --oversubscribe.
+"""
+
+from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports
+from mpi4py import MPI
+from numpy import frombuffer, ndarray, uint8
+from numpy.random import default_rng
+
+from mpipar.data.arrays import DataSplits
+from mpipar.data.tokens import TokenWindows, load_tokens
+from mpipar.data_parallel.strategy import DataParallelStrategy
+from mpipar.diagnostics.agree import agree_on, collective_check
+from mpipar.diagnostics.failure import abort_on_exception
+from mpipar.models.gpt import gpt, gpt_name
+from mpipar.pipeline.config import PipelineConfig
+from mpipar.pipeline.flags import add_pipeline_flags
+from mpipar.pipeline.strategy import PipelineStrategy
+from mpipar.run.cli import training_parser
+from mpipar.run.loop import train
+from mpipar.run.session import Session
+from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy, split_transformer
+
+SYNTHETIC_TOKENS = (400_000, 40_000)  # train, validation bytes of --data synthetic
+
+
+def parser(rank: int = 0):
+    p = training_parser(__doc__, rank=rank, out="runs/gpt_lm", epochs=1, lr=3e-3,
+                        batch_help="windows of --seq-len tokens per data-parallel replica per step")
+    p.set_defaults(data="synthetic", batch_size=32, optimizer="adamw", weight_decay=0.01)
+    p.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--width", type=int, default=64, help="embedding width")
+    p.add_argument("--heads", type=int, default=4, help="attention heads per block (must divide --width)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per window (the model's context)")
+    p.add_argument("--tp", type=int, default=1, help="ranks that split every block's heads and MLP")
+    add_pipeline_flags(p, schedule="1f1b", microbatches=2)
+    p.set_defaults(stages=1)  # 1: no pipeline
+    return p
+
+
+def settings_of(args, world_size: int):
+    """The strategy's settings: None (data parallel), a TensorParallelConfig (--tp > 1) or a
+    PipelineConfig (--stages > 1). Raises ValueError naming the flag."""
+    if args.stages > 1:
+        return PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=args.stages,
+                              balance=args.balance, tp=args.tp)
+    if args.tp > 1:
+        return TensorParallelConfig(tp=args.tp)
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    return None
+
+
+def build_strategy(comm: MPI.Intracomm, model, session: Session):
+    """The strategy ``session.settings`` names, over ``comm``, for ``model`` (the unsplit GPT). Collective."""
+    settings, config = session.settings, session.config
+    if isinstance(settings, PipelineConfig):
+        return PipelineStrategy(comm, model, settings, batch_size=config.batch_size, bucket_mb=config.bucket_mb,
+                                state=session.state, checkpoint=session.resumed_from, say=session.say,
+                                device=session.device, split_layers=split_transformer)
+    if isinstance(settings, TensorParallelConfig):
+        return TensorParallelStrategy(comm, model, settings, splitter="transformer", bucket_mb=config.bucket_mb,
+                                      state=session.state, device=session.device)
+    return DataParallelStrategy(model, comm, bucket_mb=config.bucket_mb, device=session.device)
+
+
+class _MemoryRows:
+    """Generated tokens in memory, read as :class:`~mpipar.data.streaming.H5Rows` reads a file's."""
+
+    path = "synthetic"
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def read(self, name: str, rows: ndarray) -> ndarray:
+        return self.arrays[name][rows]
+
+
+def synthetic_text(count: int, seed: int, stream: int) -> ndarray:
+    """``count`` bytes of generated text: 64 random lower-case words, each followed by one of 3 others
+    (a seeded Markov chain), separated by spaces and now and then a full stop and a newline."""
+    rng = default_rng([seed, 104729])
+    words = [bytes(rng.integers(97, 123, rng.integers(2, 9)).astype(uint8)) for _ in range(64)]
+    successors = rng.integers(0, len(words), (len(words), 3))
+    draw = default_rng([seed, 104729, stream])
+    text, word = bytearray(), 0
+    while len(text) < count:
+        text += words[word] + (b".\n" if draw.random() < 0.1 else b" ")
+        word = successors[word, draw.integers(0, 3)]
+    return frombuffer(bytes(text[:count]), dtype=uint8)
+
+
+def token_data(comm: MPI.Intracomm, data: str, seq_len: int, seed: int) -> DataSplits:
+    """Windows of ``seq_len + 1`` tokens of ``data`` (a token file of ``mpipar-text2h5`` or ``synthetic``),
+    the validation windows as the test split. Collective: refused on every rank together."""
+    def load():
+        if data != "synthetic":
+            tokens = load_tokens(data, seq_len, seed=seed)
+            return DataSplits(tokens.train, tokens.validation, tokens.description)
+        train_count, validation_count = SYNTHETIC_TOKENS
+        rows = _MemoryRows({"train": synthetic_text(train_count, seed, 1),
+                            "validation": synthetic_text(validation_count, seed, 2)})
+        return DataSplits(TokenWindows(rows, "train", train_count, seq_len, seed=seed, prefetch=0),
+                          TokenWindows(rows, "validation", validation_count, seq_len, seed=seed, prefetch=0),
+                          f"synthetic text ({train_count:,} train / {validation_count:,} validation bytes, seed "
+                          f"{seed}, windows of {seq_len} + 1)")
+
+    splits = collective_check(comm, load, "--data")
+    agree_on(comm, "the token windows (train, validation, vocabulary)",
+             (len(splits.train), len(splits.test), splits.train.vocab_size))
+    return splits
+
+
+def main(argv=None) -> None:
+    comm = MPI.COMM_WORLD
+    abort_on_exception(comm)
+    args = parser(comm.Get_rank()).parse_args(argv)
+    name = gpt_name(layers=args.layers, width=args.width, heads=args.heads, seq_len=args.seq_len)
+    session = Session.from_args(comm, args, EARLY_SIGNALS, model=name,
+                                settings=lambda: settings_of(args, comm.Get_size()))
+    splits = token_data(comm, session.config.data, args.seq_len, session.config.seed)
+    model = collective_check(comm, lambda: gpt(vocab=splits.train.vocab_size, width=args.width, layers=args.layers,
+                                               heads=args.heads, seq_len=args.seq_len), "the model's sizes")
+    strategy = build_strategy(comm, model, session)
+    strategy.metrics_attrs.update(task="language model", vocab_size=splits.train.vocab_size)  # report: bits/byte
+    train(session, strategy, splits)
+
+
+if __name__ == "__main__":
+    main()
