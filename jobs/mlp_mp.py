@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     model = models.image_mlp(**splits.model_shape)
     strategy = PipelineStrategy(comm, model, session.settings, batch_size=session.config.batch_size,
                                 bucket_mb=session.config.bucket_mb, state=session.state,
-                                checkpoint=session.resumed_from, say=session.say, device=session.device)
+                                checkpoint=session.resumed_from, say=session.say, device=session.device,
+                                grad_wire=session.config.grad_wire)
     train(session, strategy, splits)
 
 

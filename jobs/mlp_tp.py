@@ -61,11 +61,12 @@ def main(argv=None) -> None:
     config = session.config
     if stages == 1:
         strategy = TensorParallelStrategy(comm, model, session.settings, bucket_mb=config.bucket_mb,
-                                          state=session.state, device=session.device)
+                                          state=session.state, device=session.device, grad_wire=config.grad_wire)
     else:
         strategy = PipelineStrategy(comm, model, session.settings, batch_size=config.batch_size,
                                     bucket_mb=config.bucket_mb, state=session.state, checkpoint=session.resumed_from,
-                                    say=session.say, device=session.device, split_layers=split_mlp)
+                                    say=session.say, device=session.device, split_layers=split_mlp,
+                                    grad_wire=config.grad_wire)
     train(session, strategy, splits)
 
 

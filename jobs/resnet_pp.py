@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         sample = splits.train.batch(range(max(1, config.batch_size // pipeline.microbatches)))[0]
     strategy = PipelineStrategy(comm, model, pipeline, batch_size=config.batch_size, bucket_mb=config.bucket_mb,
                                 state=session.state, checkpoint=session.resumed_from, sample=sample, say=session.say,
-                                device=session.device)
+                                device=session.device, grad_wire=config.grad_wire)
     train(session, strategy, splits)
 
 

@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     parser.add_argument("--straggler", type=int, default=-1, help="a worker rank to slow down (experiments)")
     parser.add_argument("--slowdown", type=float, default=2.0, help="the straggler's compute time factor")
     args = parser.parse_args(argv)
+    if args.grad_wire != "fp32":
+        parser.error("--grad-wire applies to Allreduced gradients (data parallelism, pipelines, tensor parallelism); "
+                     "a parameter server sends its own")
 
     session = Session.from_args(comm, args, EARLY_SIGNALS, settings=lambda: ParameterServerConfig(
         mode=args.mode, staleness=args.staleness, servers=args.servers, staleness_lr=args.staleness_lr,

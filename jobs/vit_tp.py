@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     splits = session.data()
     model = models.VIT_MODELS[session.config.model](**splits.model_shape)
     strategy = TensorParallelStrategy(comm, model, session.settings, bucket_mb=session.config.bucket_mb,
-                                      state=session.state, device=session.device)
+                                      state=session.state, device=session.device, grad_wire=session.config.grad_wire)
     train(session, strategy, splits)
 
 

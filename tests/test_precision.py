@@ -104,3 +104,26 @@ def test_wire_names_and_bad_values():
         wire_dtype("fp8")
     with pytest.raises(ValueError, match="torch.bfloat16 or torch.float16"):
         GradientReducer([nn.Parameter(torch.zeros(2))], __import__("mpi4py").MPI.COMM_SELF, wire=torch.float64)
+
+
+def test_grad_wire_flag_reaches_the_config():
+    from mpipar.comm.wire import GRAD_WIRES
+    from mpipar.run import config as run_config
+    from mpipar.run.cli import train_config, training_parser
+
+    parser = training_parser("", out="runs/x", batch_help="")
+    config = train_config(parser.parse_args(["--grad-wire", "bf16"]), threads=1, model="mlp")
+    assert config.grad_wire == "bf16" and config.to_dict()["grad_wire"] == "bf16"
+    assert "grad_wire" not in train_config(parser.parse_args([]), threads=1, model="mlp").to_dict()  # as before
+    assert tuple(GRAD_WIRES) == run_config.GRAD_WIRES
+    with pytest.raises(ValueError, match="--grad-wire must be one of fp32, bf16, fp16"):
+        run_config.TrainConfig(grad_wire="fp8")
+
+
+@pytest.mark.mpi
+def test_data_parallel_strategy_takes_the_grad_wire(comm):
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+
+    strategy = DataParallelStrategy(nn.Linear(4, 3), comm, grad_wire="fp16")
+    assert_all_ranks(comm, comm.Get_size() == 1 or all(b.wire is not None for b in strategy.dp.buckets),
+                     "DataParallelStrategy's buckets on the wire")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+from mpipar.comm.wire import wire_dtype
 from mpipar.data.datasets import ArrayDataset
 from mpipar.data_parallel.wrapper import DataParallel
 from mpipar.run.evaluate import EvalResult, evaluate
@@ -26,7 +27,8 @@ class DataParallelStrategy:
     Checkpoints are rank 0's model plus every rank's buffers (replicas' BatchNorm
     statistics differ between epoch ends; storing them all means saving never
     changes the run); they resume on any number of ranks. ``device``: where the
-    model goes (batches come there from the loop). Collective over ``comm``, like the loop.
+    model goes (batches come there from the loop); ``grad_wire``: ``--grad-wire`` (fp32, bf16 or fp16,
+    :class:`~mpipar.comm.wire.WireSum`). Collective over ``comm``, like the loop.
     """
 
     name = "data_parallel"
@@ -34,10 +36,10 @@ class DataParallelStrategy:
     checkpoint_per_rank = False
 
     def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", grad_wire: str = "fp32"):
         self.model = model.to(device)
         self.comm = comm
-        self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb)
+        self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb, wire=wire_dtype(grad_wire))
         self.replicas, self.replica = comm.Get_size(), comm.Get_rank()
         self.wait_groups = [list(range(comm.Get_size()))]
         self.parameter_count = sum(p.numel() for p in model.parameters())

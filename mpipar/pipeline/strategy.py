@@ -17,6 +17,7 @@ from torch import nn
 from mpipar.comm.reducer import CommStats
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
+from mpipar.comm.wire import wire_dtype
 from mpipar.data.datasets import ArrayDataset
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import agreed
@@ -140,6 +141,7 @@ class PipelineStrategy:
         config: split and schedule.
         batch_size: samples per pipeline per step (checked to split into micro-batches).
         bucket_mb: gradient bucket size for the replicas' Allreduce.
+        grad_wire: ``--grad-wire``: the replicas' buckets in fp32, or sent in bf16/fp16 and summed in fp32.
         state: the checkpoint being resumed or None. Its placement is kept when the
             layout settings are the same (``auto`` does not profile again); otherwise
             (other ``stages``, ``balance`` or ``placement``, or another number of ranks)
@@ -161,7 +163,7 @@ class PipelineStrategy:
     def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: PipelineConfig, *, batch_size: int,
                  bucket_mb: float = 25.0, state: Optional[dict] = None, checkpoint=None,
                  sample: Optional[torch.Tensor] = None, say: Callable[[str], None] = print,
-                 device: torch.device | str = "cpu",
+                 device: torch.device | str = "cpu", grad_wire: str = "fp32",
                  split_layers: Optional[Callable[[nn.Sequential, MPI.Intracomm, CommStats], nn.Sequential]] = None):
         collective_check(world, lambda: check_microbatches(batch_size, config.microbatches),
                          "--batch-size and --microbatches")
@@ -192,7 +194,8 @@ class PipelineStrategy:
         self.pipe = Pipeline(model, self.grid.pipeline_comm, self.placement, schedule=config.schedule,
                              microbatches=config.microbatches, loss_fn=F.cross_entropy, device=device)
         self.device = torch.device(device)
-        self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb)
+        self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb,
+                                        wire=wire_dtype(grad_wire))
         self.name = "pipeline" if self.grid.replicas == 1 and config.tp == 1 else "pipeline_hybrid"
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts = self.pipe.holds_last_stage and self.grid.tp_rank == 0  # one rank of a group counts

@@ -6,9 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["TrainConfig", "OPTIMIZERS"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "GRAD_WIRES"]
 
 OPTIMIZERS = ("sgd", "adamw")
+GRAD_WIRES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TrainConfig:
     trace_steps: Optional[Tuple[int, int]] = None
     optimizer: str = "sgd"
     augment: Optional[int] = None
+    grad_wire: str = "fp32"
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -65,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"--augment must be >= 0 pixels of padding, got {self.augment}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.grad_wire not in GRAD_WIRES:
+            raise ValueError(f"--grad-wire must be one of {', '.join(GRAD_WIRES)}, got {self.grad_wire!r}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 
@@ -72,4 +76,6 @@ class TrainConfig:
         settings = dataclasses.asdict(self)
         if settings["optimizer"] == "sgd":  # the default: absent, as before the flag existed
             del settings["optimizer"]
+        if settings["grad_wire"] == "fp32":  # likewise
+            del settings["grad_wire"]
         return settings
