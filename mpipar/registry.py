@@ -40,6 +40,9 @@ class StrategySpec:
         predict: ``"module:function"``, ``function(machine, profile, *, model, batch_size, bucket_mb,
             settings, ranks, ranks_per_node)`` -> a cost-model ``Prediction``, or None for settings it does
             not model (``cost/run.py``); None: no cost model yet.
+        profiles: ``"module:function"``, ``function(model_name, sizes, *, ranks, repeats)`` -> ``{name:
+            ModelProfile}``, the layer-time profiles of ``model_name`` its cost model reads that the plain
+            profiler cannot take (``mpipar-calibrate``, local on every rank; {} for other models); None: none.
         jobs: the ``jobs/`` scripts that run it.
         loop_cases: its cases in ``tests/test_loop.py`` (the loop on N ranks vs one process).
         aliases: other names its strategy reports (a pipeline with replicas: ``pipeline_hybrid``).
@@ -51,12 +54,13 @@ class StrategySpec:
     checkpoint_key: str
     consolidate: str
     predict: Optional[str] = None
+    profiles: Optional[str] = None
     jobs: Tuple[str, ...] = ()
     loop_cases: Tuple[str, ...] = ()
     aliases: Tuple[str, ...] = ()
 
     def __post_init__(self):
-        for field in ("settings", "consolidate", "predict"):
+        for field in ("settings", "consolidate", "predict", "profiles"):
             value = getattr(self, field)
             if value is not None and not _ENTRY_POINT.match(value):
                 raise ValueError(f"strategy {self.name!r}: {field} must be 'package.module:attribute', got {value!r}")

@@ -5,7 +5,8 @@ import pytest
 
 from mpipar.cost import Band, LayerCost, Layout, Link, Machine, ModelProfile, plan, predict_data_parallel, predict_run
 from mpipar.cost.plan import format_plan
-from mpipar.cost.tensor import predict_tensor_grid, profile_name, profile_tensor_parallel, tensor_degrees
+from mpipar.cost.tensor import predict_tensor_grid, profile_name, tensor_degrees
+from mpipar.tensor_parallel.profile import profile_tensor_parallel
 
 MiB = 2**20
 

@@ -15,6 +15,7 @@ def test_every_strategy_folder_registers_a_spec_whose_entry_points_resolve():
     for spec in specs:
         assert callable(registry.resolve(spec.consolidate)), spec.name
         assert spec.predict is None or callable(registry.resolve(spec.predict)), spec.name
+        assert spec.profiles is None or callable(registry.resolve(spec.profiles)), spec.name
         if spec.settings is not None:
             settings = registry.resolve(spec.settings)
             assert dataclasses.is_dataclass(settings) and registry.for_settings(settings()) is spec

@@ -10,20 +10,22 @@ from __future__ import annotations
 import argparse
 import socket
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpipar import registry
 from mpipar.comm import mpi_tensor
 from mpipar.comm.topology import node_indices, spans_nodes
 from mpipar.cost.allreduce import binomial_rounds
 from mpipar.cost.machine import Band, LayerCost, Link, Machine, ModelProfile, fit_bands
+from mpipar.cost.profile import profile_layers
 from mpipar.diagnostics import collectives
 
-__all__ = ["ping_pong", "allreduce_times", "reduce_seconds_per_byte", "measure_link", "profile_model", "calibrate",
-           "main"]
+__all__ = ["ping_pong", "allreduce_times", "reduce_seconds_per_byte", "measure_link", "profile_model",
+           "strategy_profiles", "calibrate", "main"]
 
 SIZES = tuple(2**k for k in range(3, 27, 2)) + (2**26,)  # 8 B ... 64 MiB, every factor of 4
 QUICK_SIZES = tuple(2**k for k in range(3, 21, 2))  # 8 B ... 256 KiB
@@ -139,15 +141,16 @@ def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[M
 
 def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) -> ModelProfile:
     """Each layer's forward and backward at each micro-batch size (the pipeline's layer profiler,
-    :func:`~mpipar.pipeline.partition.profile_layers`: the fastest round) and the whole model's training
-    step (the median of ``repeats``). A vision transformer (not a sequence of layers) is timed as one rank of
-    tensor parallelism 1 runs it (:func:`mpipar.cost.tensor.profile_tensor_parallel`). Local."""
+    :func:`~mpipar.cost.profile.profile_layers`: the fastest round) and the whole model's training
+    step (the median of ``repeats``). A model that is not a sequence of layers (a vision transformer) is
+    timed by the strategy that profiles it (:func:`strategy_profiles`). Local."""
     from mpipar import models
 
     factories = {**models.IMAGE_MODELS, "mlp": models.image_mlp}
-    if model_name in models.VIT_MODELS:
-        from mpipar.cost.tensor import profile_tensor_parallel
-        return profile_tensor_parallel(model_name, sizes, 1, repeats=repeats)
+    if model_name not in factories:
+        found = strategy_profiles(model_name, sizes, repeats=repeats)
+        if model_name in found:
+            return found[model_name]
     if model_name not in factories:
         raise ValueError(f"unknown model {model_name!r}; choose one of {sorted([*factories, *models.VIT_MODELS])}")
     model = factories[model_name](in_channels=1, num_classes=10, image_size=28)
@@ -156,14 +159,24 @@ def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) ->
     return profile_layers_and_step(model_name, model, sizes, (1, 28, 28), 10, repeats=repeats)
 
 
+def strategy_profiles(model_name: str, sizes: Sequence[int], *, ranks: int = 1,
+                      repeats: int = 5) -> Dict[str, ModelProfile]:
+    """The profiles of ``model_name`` the strategies take themselves (each one's registered ``profiles``
+    entry point, :mod:`mpipar.registry`: tensor parallelism's ``MODEL/tpT`` of a vision transformer, and
+    the vision transformer itself), in registration order. Local."""
+    found: Dict[str, ModelProfile] = {}
+    for spec in registry.specs():
+        if spec.profiles is not None:
+            found.update(registry.resolve(spec.profiles)(model_name, sizes, ranks=ranks, repeats=repeats))
+    return found
+
+
 def profile_layers_and_step(name: str, model: torch.nn.Module, sizes: Sequence[int], image_shape: Sequence[int],
                             num_classes: int, *, repeats: int = 5) -> ModelProfile:
     """The :class:`ModelProfile` named ``name`` of ``model`` (a sequence of layers) on random images of
     ``image_shape`` at each batch size of ``sizes``: each child's forward and backward (the fastest
     round) and the training step with cross-entropy and SGD (the median, as a run's metrics report it).
     Local."""
-    from mpipar.pipeline.partition import profile_layers
-
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
     layers, steps = {}, {}
     for size in sizes:
@@ -221,16 +234,15 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
                                                  "the measured network", budget=budget)
         reduce_cost = float(np.median(collectives.allgather(
             comm, reduce_seconds_per_byte(repeats=2 if quick else 5), "calibrate: reduction cost")))
-        from mpipar.cost.tensor import tensor_profiles  # a vision transformer: one rank of each tp too
-
         profiles = {}
         for name in model_names:
             say(f"calibrate: profiling {name} at micro-batches {list(microbatch_sizes)} on every rank")
-            mine = profile_model(name, microbatch_sizes, repeats=2 if quick else 5)
+            extra = strategy_profiles(name, microbatch_sizes, ranks=comm.Get_size(), repeats=2 if quick else 5)
+            mine = extra.pop(name) if name in extra else profile_model(name, microbatch_sizes,
+                                                                       repeats=2 if quick else 5)
             gathered = collectives.allgather(comm, mine, f"calibrate: {name} profiles")
             profiles[name] = _median_profile(gathered)
-            for key, split in tensor_profiles(name, microbatch_sizes, ranks=comm.Get_size(),
-                                              repeats=2 if quick else 5).items():
+            for key, split in extra.items():  # a vision transformer: one rank of each tp too
                 profiles[key] = _median_profile(collectives.allgather(comm, split, f"calibrate: {key} profiles"))
     finally:
         node_comm.Free()

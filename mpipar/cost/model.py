@@ -10,6 +10,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from mpipar.comm.buckets import assign_buckets
 from mpipar.cost.machine import LayerCost, Link, Machine, ModelProfile
+from mpipar.pipeline_plan.balance import balance_by_time, stage_sums
+from mpipar.pipeline_plan.schedule import Schedule, simulate_step
 
 __all__ = ["Layout", "Prediction", "layers_at", "step_overhead", "predict_data_parallel", "predict_pipeline",
            "tensor_parallel_allreduces", "predict_tensor_parallel", "OPTIMIZER_COPIES"]
@@ -192,13 +194,10 @@ def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, mac
 def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, microbatches: int,
                      schedule: str = "1f1b", balance: Optional[Sequence[int]] = None) -> Prediction:
     """A flushing pipeline of ``layout.pp`` stages (one per rank) on ``batch`` samples per replica in
-    ``microbatches`` micro-batches: the schedule simulated (:func:`~mpipar.pipeline.schedule.simulate_step`)
+    ``microbatches`` micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`)
     with each stage's forward and backward per micro-batch and each boundary's point-to-point message;
     then each stage's gradients averaged over the ``layout.dp`` replicas (not overlapped). ``balance``:
     layers per stage (default: the split with the fastest slowest stage, as ``--balance auto``)."""
-    from mpipar.pipeline.partition import balance_by_time, stage_sums
-    from mpipar.pipeline.schedule import Schedule, simulate_step
-
     stages = layout.pp
     layers = layers_at(profile, batch / microbatches)
     if balance is None:

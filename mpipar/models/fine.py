@@ -14,8 +14,8 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
+from mpipar.models.skip import AddSkip, SaveSkip, SkipSequential
 from mpipar.models.zoo import BasicBlock, Bottleneck, resnet
-from mpipar.pipeline.skip import AddSkip, SaveSkip, SkipSequential
 
 __all__ = ["split_blocks", "fine_state_dict", "block_state_dict", "resnet_fine", "resnet_small_fine",
            "resnet18_fine", "resnet50_fine"]

@@ -1,7 +1,8 @@
 """Layer-partitioned model parallelism and pipeline parallelism over MPI Send/Recv.
 
-The names below load on first use (PEP 562): ``mpipar.pipeline.schedule`` (pure) can be imported,
-e.g. by ``mpipar-report``, without torch or MPI.
+The names below load on first use (PEP 562). The pure pieces (schedules, placements, balances) live in
+:mod:`mpipar.pipeline_plan`, skip connections in :mod:`mpipar.models.skip`, the layer profiler in
+:mod:`mpipar.cost.profile`; ``pipeline.schedule``, ``pipeline.placement`` and ``pipeline.skip`` re-export them.
 """
 
 from mpipar._lazy import lazy_getattr
@@ -10,10 +11,12 @@ from mpipar.registry import StrategySpec, register
 _LAZY = {name: (module, name) for module, names in {
     "mpipar.comm.replicas": ["ReplicaAverager"],
     "mpipar.pipeline.executor": ["Pipeline", "StepResult"],
-    "mpipar.pipeline.partition": ["auto_balance", "balance_by_time", "profile_layers"],
-    "mpipar.pipeline.placement": ["Placement", "Segment", "even_balance"],
-    "mpipar.pipeline.schedule": ["SCHEDULES", "Schedule"],
-    "mpipar.pipeline.skip": ["AddSkip", "CatSkip", "SaveSkip", "SkipConsumer", "SkipSequential", "find_skips"],
+    "mpipar.pipeline.partition": ["auto_balance"],
+    "mpipar.pipeline_plan.balance": ["balance_by_time"],
+    "mpipar.cost.profile": ["profile_layers"],
+    "mpipar.pipeline_plan.placement": ["Placement", "Segment", "even_balance"],
+    "mpipar.pipeline_plan.schedule": ["SCHEDULES", "Schedule"],
+    "mpipar.models.skip": ["AddSkip", "CatSkip", "SaveSkip", "SkipConsumer", "SkipSequential", "find_skips"],
     "mpipar.pipeline.stage": ["Stage", "TensorSpec"],
     "mpipar.pipeline.timing": ["StepTimes", "measured_bubble"],
 }.items() for name in names}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mpipar.pipeline.skip import SkipSequential
+from mpipar.models.skip import SkipSequential
 from mpipar.pipeline.versions import step_with_decay_share
 from mpipar.pipeline_plan.schedule import Schedule
 

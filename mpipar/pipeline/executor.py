@@ -16,9 +16,14 @@ from mpipar.comm import mpi_tensor
 from mpipar.diagnostics import debug, events
 from mpipar.diagnostics.agree import agree_on, collective_check, gather_checked
 from mpipar.diagnostics.failure import agreed
+from mpipar.models.skip import SkipEdge, find_skips
 from mpipar.pipeline.microbatch import check_microbatches
-from mpipar.pipeline.placement import Placement
-from mpipar.pipeline.schedule import (
+from mpipar.pipeline.shared import SharedGradients, check_shared
+from mpipar.pipeline.stage import Stage, TensorSpec
+from mpipar.pipeline.timing import StepClock, StepTimes
+from mpipar.pipeline.versions import WeightVersions, step_with_decay_share
+from mpipar.pipeline_plan.placement import Placement
+from mpipar.pipeline_plan.schedule import (
     Backward,
     Forward,
     Instruction,
@@ -36,11 +41,6 @@ from mpipar.pipeline.schedule import (
     rank_program,
     window_program,
 )
-from mpipar.pipeline.shared import SharedGradients, check_shared
-from mpipar.pipeline.skip import SkipEdge, find_skips
-from mpipar.pipeline.stage import Stage, TensorSpec
-from mpipar.pipeline.timing import StepClock, StepTimes
-from mpipar.pipeline.versions import WeightVersions, step_with_decay_share
 
 __all__ = ["Pipeline", "StepResult"]
 

@@ -7,8 +7,8 @@ from typing import Optional
 from mpipar.cost.machine import Machine, ModelProfile
 from mpipar.cost.model import Layout, Prediction, predict_pipeline
 from mpipar.pipeline.config import PipelineConfig
-from mpipar.pipeline.placement import even_balance
-from mpipar.pipeline.schedule import ASYNC_SCHEDULES
+from mpipar.pipeline_plan.placement import even_balance
+from mpipar.pipeline_plan.schedule import ASYNC_SCHEDULES
 
 __all__ = ["predict"]
 

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from mpipar.comm.device import module_device
+from mpipar.cost.profile import counting_saved_bytes  # re-exported: it lived here
 from mpipar.pipeline.skip import SkipSequential
 
 __all__ = ["Stage", "TensorSpec", "counting_saved_bytes"]
-
-
-@contextmanager
-def counting_saved_bytes(exclude: Iterable[torch.Tensor]) -> Iterator[Dict[int, int]]:
-    """Count what autograd saves for the backward inside the block: yields a dict storage -> bytes
-    (tensors sharing storage with ``exclude``, e.g. the parameters, are not counted). Local."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: Dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield seen
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mpipar.report.reader import TIME_FIELDS, Run
+from mpipar.report.reader import TIME_FIELDS, Run, read_run
 
 __all__ = ["Straggler", "Scaling", "measured_steps", "time_split", "comm_share", "find_straggler", "throughput",
-           "scaling", "straggler_sentence", "comm_sentence"]
+           "scaling", "straggler_sentence", "comm_sentence", "report_rows"]
 
 STRAGGLER_THRESHOLD = 0.2
 
@@ -133,3 +133,32 @@ def comm_sentence(run: Run) -> str:
     return (f"Communication took {100 * share['comm_time']:.1f}% of the step time and waiting for other ranks "
             f"(idle) {100 * share['idle_time']:.1f}%; compute {100 * share['compute_time']:.1f}%, data loading "
             f"{100 * share['data_time']:.1f}%.")
+
+
+def report_rows(run) -> List[Tuple[str, float, float]]:
+    """(quantity, predicted, measured) of a run whose metrics file holds ``predicted_*`` attributes.
+
+    ``run``: a :class:`~mpipar.report.reader.Run` or a path ``read_run`` accepts. Measured values are
+    medians over the steps after the first (which includes warm-up): the step (the slowest rank's),
+    compute (the busiest rank's), communication (the slowest rank's comm + idle, what the prediction
+    calls exposed Allreduce plus bubble), and the bubble when the run stored one. [] without predictions.
+    """
+    if not hasattr(run, "attrs"):
+        run = read_run(run)
+    attrs, steps = run.attrs, run.steps
+    if "predicted_step_seconds" not in attrs or "step_time" not in steps or len(steps["step_time"]) == 0:
+        return []
+    later = slice(1, None) if len(steps["step_time"]) > 1 else slice(None)
+
+    def median_of(name, reduce):
+        return float(np.median(reduce(steps[name][later], axis=1))) if name in steps else float("nan")
+
+    step = median_of("step_time", np.nanmax)
+    compute = median_of("compute_time", np.nanmax)
+    rows = [("step s", float(attrs["predicted_step_seconds"]), step),
+            ("compute s", float(attrs["predicted_compute_seconds"]), compute),
+            ("not computing s", float(attrs["predicted_step_seconds"]) - float(attrs["predicted_compute_seconds"]),
+             step - compute)]
+    if "bubble_measured" in steps and float(attrs.get("predicted_bubble", 0.0)) > 0:
+        rows.append(("bubble", float(attrs["predicted_bubble"]), float(np.nanmedian(steps["bubble_measured"][later]))))
+    return rows

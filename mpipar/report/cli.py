@@ -79,9 +79,7 @@ def _run_section(run: Run, index: int, outdir: Path) -> html.Section:
 
 def _predicted_fragments(run: Run) -> list:
     """The cost model's prediction beside the measurement, for a run trained with ``--machine``."""
-    from mpipar.cost.run import report_rows  # pure; the report's only use of the cost model
-
-    rows = report_rows(run)
+    rows = analysis.report_rows(run)
     if not rows:
         return []
     table = [[name, f"{predicted:.4f}", f"{measured:.4f}", f"{measured / predicted:.2f}" if predicted > 0 else "-"]

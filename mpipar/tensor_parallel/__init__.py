@@ -35,5 +35,6 @@ __all__ = [
 register(StrategySpec(
     name="tensor_parallel", package=__name__, settings="mpipar.tensor_parallel.strategy:TensorParallelConfig",
     checkpoint_key="tp", consolidate="mpipar.run.consolidate:merge_shards",
-    predict="mpipar.tensor_parallel.prediction:predict", jobs=("mlp_tp.py", "vit_tp.py"),
+    predict="mpipar.tensor_parallel.prediction:predict", profiles="mpipar.tensor_parallel.profile:calibration_profiles",
+    jobs=("mlp_tp.py", "vit_tp.py"),
     loop_cases=("tensor", "tensor_x_data")))
