@@ -145,8 +145,8 @@ def test_collectives_per_step_are_the_designs(comm, private_comm, stage):
     shard_bytes = padded // size
     memory = sdp.memory(optimizer)
     expected_grads = shard_bytes if stage == 2 else 66 * 8
-    assert_all_ranks(comm, memory["grad_bytes"] == expected_grads and memory["optimizer_bytes"] == 0,
-                     f"{memory} (gradients expected {expected_grads})")
+    ok = memory["grad_bytes"] == expected_grads and memory["optimizer_bytes"] == 0 and memory["param_bytes"] == padded
+    assert_all_ranks(comm, ok, f"{memory} (gradients expected {expected_grads}, parameters {padded}: no shard copy)")
 
 
 @pytest.mark.mpi(min_size=2)

@@ -55,6 +55,7 @@ __all__ = [
     "allreduce_",
     "iallreduce_",
     "allgather_",
+    "allgather_in_place_",
     "ireduce_scatter_",
     "ialltoall_",
     "iallgather_",
@@ -347,6 +348,29 @@ def allgather_(output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm) 
             comm.Allgather(work.buffer, into.buffer)
     into.finish()
     return output
+
+
+def allgather_in_place_(buffer: torch.Tensor, comm: MPI.Intracomm) -> torch.Tensor:
+    """Allgather in place: ``buffer`` (flat, ``size`` equal parts) holds this rank's contribution at
+    part ``rank`` and receives every other rank's part (``MPI_IN_PLACE``). Collective: every rank
+    calls it with a buffer of the same size and dtype. Size 1: nothing moves.
+
+    Raises:
+        ValueError: when the communicator's size does not divide ``buffer``'s elements.
+    """
+    size = comm.Get_size()
+    if buffer.numel() % size:
+        raise ValueError(f"allgather_in_place_: {size} ranks do not divide the buffer's {buffer.numel()} elements")
+    work = _prepare(buffer, "allgather", read=True, write=True)
+    spec = [work.buffer[0], work.buffer[1] // size, work.buffer[2]]  # the count per rank (bytes for fp16)
+    hooks = _debug.hooks
+    if hooks is None:
+        comm.Allgather(MPI.IN_PLACE, spec)
+    else:
+        with hooks.collective("allgather_in_place_", buffer, comm, ""):
+            comm.Allgather(MPI.IN_PLACE, spec)
+    work.finish()
+    return buffer
 
 
 def ireduce_scatter_(output: torch.Tensor, tensor: torch.Tensor, counts, comm: MPI.Intracomm) -> PendingOp:

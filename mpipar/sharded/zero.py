@@ -39,7 +39,7 @@ class ShardedDataParallel:
     The trainable parameters live in one flat buffer per dtype, padded to a multiple of the
     ranks (the model's parameters are views into it); rank r owns the r-th contiguous shard.
     :meth:`parameters` are this rank's *pieces*: one ``nn.Parameter`` per model parameter that
-    overlaps the shard (views into a shard copy), so any elementwise torch optimizer built on
+    overlaps the shard (views into the buffer), so any elementwise torch optimizer built on
     them keeps shard-sized state and treats each piece as DataParallel's optimizer treats its
     parameter (a parameter no rank used has ``.grad`` None and is skipped, step counts and all).
     A step is ``loss = f(sdp(inputs))``, ``loss.backward()``, :meth:`step` (the reduction is
@@ -105,7 +105,7 @@ class ShardedDataParallel:
                 mpi_tensor.bcast_(flat, comm, root)
             for tensor in [p for p in module.parameters() if not p.requires_grad] + list(module.buffers()):
                 mpi_tensor.bcast_(tensor.data, comm, root)
-        self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard].clone()
+        self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard]  # views: all-gathered in place
                        for flat, g in zip(self.flats, self.layout.groups)]
         self.pieces = self.layout.pieces(self.rank)
         self.shard_params = [nn.Parameter(self.shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start])
@@ -311,8 +311,8 @@ class ShardedDataParallel:
     def gather(self) -> None:
         """All-gather every rank's shard into the flat buffers (the model's parameters). Collective."""
         begin = time.perf_counter()
-        for flat, shard in zip(self.flats, self.shards):
-            mpi_tensor.allgather_(flat, shard, self.comm)
+        for flat in self.flats:
+            mpi_tensor.allgather_in_place_(flat, self.comm)
             nbytes = flat.numel() * flat.element_size()
             self.calls.append(("allgather", nbytes))
             self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
@@ -326,8 +326,8 @@ class ShardedDataParallel:
     # -- state --------------------------------------------------------------------
 
     def memory(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
-        """Bytes this rank holds between steps: parameters (the full buffers, the shard copy, frozen
-        parameters), gradients (stage 1: DataParallel's buckets; stage 2: the shard) and the
+        """Bytes this rank holds between steps: parameters (the full buffers, whose shard the optimizer
+        steps in place, and frozen parameters), gradients (stage 1: DataParallel's buckets; stage 2: the shard) and the
         optimizer's state. Local."""
         def nbytes(tensors):
             return float(sum(t.numel() * t.element_size() for t in tensors))
@@ -336,7 +336,7 @@ class ShardedDataParallel:
         grads = [bucket.buffer for bucket in self.dp.buckets] if self.dp is not None else self.grad_shards
         state = [] if optimizer is None else [value for per_param in optimizer.state.values()
                                               for value in per_param.values() if isinstance(value, torch.Tensor)]
-        return {"param_bytes": nbytes([*self.flats, *self.shards, *frozen]), "grad_bytes": nbytes(grads),
+        return {"param_bytes": nbytes([*self.flats, *frozen]), "grad_bytes": nbytes(grads),
                 "optimizer_bytes": nbytes(state)}
 
     def sync_buffers(self) -> None:
