@@ -41,6 +41,28 @@ def test_the_environment_overrides_the_query_both_ways():
         cuda_aware.decide(OPEN_MPI, None, environ={"MPIPAR_CUDA_AWARE": "maybe"})
 
 
+def test_an_override_the_library_contradicts_is_an_error():
+    """MPIPAR_CUDA_AWARE=1 against a library that answers 0 would hand device buffers to an MPI
+    that reads them as host memory: refused, naming both. A library that cannot say is trusted."""
+    with pytest.raises(RuntimeError, match=r"MPIPAR_CUDA_AWARE=1.*Open MPI v5.0.11: MPIX_Query_cuda_support\(\) = 0"):
+        cuda_aware.decide(OPEN_MPI, lambda: 0, environ={"MPIPAR_CUDA_AWARE": "1"})
+    assert cuda_aware.decide(OPEN_MPI, lambda: 1, environ={"MPIPAR_CUDA_AWARE": "1"}).aware is True
+
+
+@pytest.mark.mpi
+def test_a_contradicted_override_is_one_clear_error_on_every_rank(comm, monkeypatch):
+    """The library's answer can differ by rank (a node whose CUDA did not load): every rank raises."""
+    last = comm.Get_rank() == comm.Get_size() - 1
+    monkeypatch.setenv("MPIPAR_CUDA_AWARE", "1")
+    monkeypatch.setattr(cuda_aware, "_find_query", lambda: (lambda: 0) if last else (lambda: 1))
+    cuda_aware.reset()
+    try:
+        with pytest.raises(RuntimeError, match=rf"MPIPAR_CUDA_AWARE=1.*\[failed on rank {comm.Get_size() - 1}\]"):
+            cuda_aware.agreed_cuda_awareness(comm)
+    finally:
+        cuda_aware.reset()
+
+
 def test_this_mpi_is_asked_for_real(monkeypatch):
     """The loaded library is found and asked; the PyPI Open MPI and MPICH builds answer 0
     (or do not export the query): not CUDA-aware, with the library named in the reason."""

@@ -2,7 +2,8 @@
 
 The answer comes from, in order:
 
-1. ``MPIPAR_CUDA_AWARE=1`` or ``0`` in the environment (a site that knows better);
+1. ``MPIPAR_CUDA_AWARE=1`` or ``0`` in the environment (a site that knows better; ``1`` against
+   a library that answers 0 is an error, see below);
 2. ``MPIX_Query_cuda_support()``, called through ctypes in the MPI library this
    process has loaded (Open MPI exports it when built with its CUDA extension;
    MPICH 4 exports it too and answers whether GPU support is enabled at run time);
@@ -28,7 +29,9 @@ from typing import Callable, Mapping, Optional
 
 from mpi4py import MPI
 
-__all__ = ["CudaAwareness", "cuda_awareness", "decide", "DEVICE_BUFFER_CALLS"]
+from mpipar.diagnostics.agree import collective_check
+
+__all__ = ["CudaAwareness", "agreed_cuda_awareness", "cuda_awareness", "decide", "DEVICE_BUFFER_CALLS"]
 
 log = logging.getLogger("mpipar.comm.cuda_aware")
 
@@ -54,10 +57,22 @@ class CudaAwareness:
 def decide(library: str, query: Optional[Callable[[], int]], environ: Mapping[str, str] = os.environ) \
         -> CudaAwareness:
     """The decision for an MPI named ``library`` whose ``MPIX_Query_cuda_support``
-    is ``query`` (None when the library does not export it). Pure apart from calling ``query``."""
+    is ``query`` (None when the library does not export it). Pure apart from calling ``query``.
+
+    Raises:
+        ValueError: ``MPIPAR_CUDA_AWARE`` is neither 1 nor 0.
+        RuntimeError: ``MPIPAR_CUDA_AWARE=1`` but the library answers 0 (device buffers would be
+            read as host memory).
+    """
     forced = environ.get("MPIPAR_CUDA_AWARE", "").strip().lower()
     if forced in ("1", "true", "yes", "on"):
-        return CudaAwareness(True, "MPIPAR_CUDA_AWARE=1")
+        answer = None if query is None else int(query())
+        if answer == 0:
+            raise RuntimeError(f"MPIPAR_CUDA_AWARE=1, but {library}: {_QUERY}() = 0 (built without CUDA, or its "
+                               f"CUDA support did not load on this node); unset MPIPAR_CUDA_AWARE or use a "
+                               f"CUDA-aware MPI (docs/gpu.md)")
+        return CudaAwareness(True, "MPIPAR_CUDA_AWARE=1" + ("" if answer is None else f" ({library}: {_QUERY}() = "
+                                                                                       f"{answer})"))
     if forced in ("0", "false", "no", "off"):
         return CudaAwareness(False, "MPIPAR_CUDA_AWARE=0")
     if forced:
@@ -112,6 +127,12 @@ def cuda_awareness() -> CudaAwareness:
         _decision = decide(library_name(), _find_query())
         log.info(_decision.describe())
     return _decision
+
+
+def agreed_cuda_awareness(comm: MPI.Intracomm) -> CudaAwareness:
+    """:func:`cuda_awareness`, raised on every rank of ``comm`` if it fails on any
+    (the library's answer can differ by node). Collective over ``comm``."""
+    return collective_check(comm, cuda_awareness, "the CUDA-aware MPI decision")
 
 
 def reset() -> None:

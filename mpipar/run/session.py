@@ -74,7 +74,7 @@ class Session:
         self.say(describe(comm, self.device))
         self.device_attrs = {"device": self.device.type}
         if self.device.type == "cuda":
-            decision = cuda_aware.cuda_awareness()
+            decision = cuda_aware.agreed_cuda_awareness(comm)
             self.say(decision.describe())
             self.device_attrs.update(cuda_aware=int(decision.aware), cuda_aware_reason=decision.reason)
         self.prediction = None if machine is None else self._predict(machine)
