@@ -111,3 +111,10 @@ def loop_session(comm, out, batch_size: int, settings=None, *, resume: bool = Fa
     defaults = dict(data="synthetic", epochs=1, batch_size=batch_size, lr=0.05, threads=1, out=str(out),
                     model="mlp", log_every=0)
     return Session(comm, TrainConfig(**{**defaults, **config}), settings=settings, resume=resume)
+
+
+def random_batch(step: int, batch: int, *, features: int = 5, dtype=torch.float64, device="cpu"):
+    """A batch of ``features`` normal inputs and labels of 3 classes, seeded by ``step`` (100 + step)."""
+    generator = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(batch, features, generator=generator, dtype=dtype).to(device),
+            torch.randint(0, 3, (batch,), generator=generator).to(device))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from mpi_helpers import assert_all_ranks
+from mpi_helpers import assert_all_ranks, random_batch
 from mpipar.pipeline import Pipeline, Placement
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.delayed import DelayedGradientSGD
@@ -35,9 +35,7 @@ def make_model(width: int = 5, layers: int = 4) -> nn.Sequential:
 
 
 def make_batch(step: int, batch: int = BATCH):
-    generator = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(batch, 5, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (batch,), generator=generator))
+    return random_batch(step, batch)
 
 
 def sgd(params, lr=0.1, momentum=0.9, weight_decay=0.0):

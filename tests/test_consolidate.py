@@ -8,14 +8,14 @@ model loaded from it computes the split model's outputs.
 """
 
 import json
-from pathlib import Path
 
 import h5py
 import pytest
 import torch
 from mpi4py import MPI
 
-from mpi_helpers import ROOT, assert_all_ranks, run_mpi
+import mpi_helpers
+from mpi_helpers import ROOT, assert_all_ranks, run_mpi, shared_directory
 from mpipar import models
 from mpipar.data import synthetic
 from mpipar.data.datasets import resolve
@@ -83,13 +83,13 @@ def test_tensor_parallel_checkpoint_consolidates_to_the_gathered_model(comm, mpi
     """A few loop steps of the job's MLP split over ``tp`` ranks (the rest replicas), checkpointed
     per rank: the merged checkpoint is the live model's full_state_dict under the unsplit model's
     names, bit for bit, and the unsplit model loaded from it gives the split model's outputs."""
-    size, rank = comm.Get_size(), comm.Get_rank()
+    size = comm.Get_size()
     if tp == size:
         pytest.skip(f"tp {tp} on {size} ranks: the same as 'all'")
     tp = size if tp == "all" else tp
     if size % tp or 256 % tp or 100 % tp:  # the job's hidden sizes
         pytest.skip(f"tp {tp} on {size} ranks: not a layout of the job's MLP")
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0)) / f"tp{tp}"
+    directory = shared_directory(comm, mpi_tmp_path) / f"tp{tp}"
     splits = synthetic(200, 50, seed=0)
     config = TrainConfig(data="synthetic", epochs=1, max_steps=3, batch_size=8, lr=0.05, threads=1,
                          out=str(directory), model="mlp", flush_every=2, log_every=0, checkpoint_every=0)
@@ -159,22 +159,13 @@ def test_tensor_parallel_shards_merge_along_their_cut_dropping_padding(tmp_path)
 
 # -- local SGD and the parameter server, in-process -----------------------------------------------------------
 
-class ToFloat64(torch.nn.Module):
-    """The data's float32 images as float64, so the comparisons can be tight."""
-
-    def forward(self, images):
-        return images.double()
-
-
 def float64_mlp():
-    torch.manual_seed(5)
-    return torch.nn.Sequential(ToFloat64(), *models.mlp([784, 16, 10])).double()
+    return mpi_helpers.float64_mlp([784, 16, 10], 5)
 
 
 def loop_session(comm, out, settings, steps, checkpoint_every):
-    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=6, lr=0.05, threads=1,
-                         out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=checkpoint_every)
-    session = Session(comm, config, settings=settings)
+    session = mpi_helpers.loop_session(comm, out, 6, settings, max_steps=steps, flush_every=2,
+                                       checkpoint_every=checkpoint_every)
     session.checkpoints.keep = 3  # steps 2, 4 and the epoch end's
     return session
 
@@ -211,7 +202,7 @@ def test_local_sgd_checkpoints_consolidate_to_the_average_of_the_ranks_models(co
     from mpipar.comm.averaging import average_tensors
     from mpipar.local_sgd import LocalSGDConfig, LocalSGDStrategy
 
-    directory = Path(comm.bcast(str(mpi_tmp_path) if comm.Get_rank() == 0 else None, root=0)) / "local"
+    directory = shared_directory(comm, mpi_tmp_path) / "local"
     settings = LocalSGDConfig(sync_every=0)
     run = loop_session(comm, directory, settings, steps=5, checkpoint_every=2)
     model = float64_mlp()
@@ -250,7 +241,7 @@ def test_parameter_server_checkpoints_consolidate_to_the_servers_weights(comm, m
     consolidates to the weights every rank holds when it is written, bit for bit."""
     from mpipar.parameter_server import ParameterServerConfig, ParameterServerStrategy
 
-    directory = Path(comm.bcast(str(mpi_tmp_path) if comm.Get_rank() == 0 else None, root=0)) / "ps"
+    directory = shared_directory(comm, mpi_tmp_path) / "ps"
     settings = ParameterServerConfig(mode="async")
     run = loop_session(comm, directory, settings, steps=5, checkpoint_every=2)
     model = float64_mlp()

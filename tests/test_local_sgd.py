@@ -6,7 +6,6 @@ the strategy's code; every rank computes it for all ranks and compares its own m
 """
 
 import copy
-from pathlib import Path
 
 import h5py
 import pytest
@@ -15,8 +14,8 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from mpi_helpers import assert_all_ranks, assert_comm_still_usable, count_tensor_calls
-from mpipar import models
+import mpi_helpers
+from mpi_helpers import assert_all_ranks, assert_comm_still_usable, count_tensor_calls, float64_mlp, shared_directory
 from mpipar.comm.averaging import average_tensors
 from mpipar.comm.reducer import CommStats
 from mpipar.data import synthetic
@@ -24,9 +23,7 @@ from mpipar.data.sharding import step_plan
 from mpipar.data_parallel.strategy import DataParallelStrategy
 from mpipar.diagnostics.failure import AgreedError
 from mpipar.local_sgd import LocalSGDConfig, LocalSGDStrategy, OuterOptimizer, sync_every_flag
-from mpipar.run.config import TrainConfig
 from mpipar.run.loop import train
-from mpipar.run.session import Session
 
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64: only the order of sums differs
 STEPS, GLOBAL_BATCH, FEATURES, CLASSES = 8, 10, 6, 4  # 10 samples: uneven shares on 3 and 4 ranks
@@ -264,20 +261,13 @@ def test_warmup_and_every_step_averaging_equal_one_process_on_the_whole_batch(co
 LOOP_STEPS, LOOP_BATCH = 4, 6
 
 
-class ToFloat64(nn.Module):
-    def forward(self, images):
-        return images.double()
-
-
 def mlp():
-    torch.manual_seed(7)
-    return nn.Sequential(ToFloat64(), *models.mlp([784, 16, 10])).double()
+    return float64_mlp([784, 16, 10], 7)
 
 
 def loop_session(comm, out, batch_size, settings=None):
-    config = TrainConfig(data="synthetic", epochs=1, max_steps=LOOP_STEPS, batch_size=batch_size, lr=0.05,
-                         threads=1, out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=2)
-    return Session(comm, config, settings=settings)
+    return mpi_helpers.loop_session(comm, out, batch_size, settings, max_steps=LOOP_STEPS, flush_every=2,
+                                    checkpoint_every=2)
 
 
 @pytest.mark.mpi
@@ -286,7 +276,7 @@ def test_every_step_averaging_through_the_loop_equals_one_process(comm, mpi_tmp_
     equals the loop on one process over the whole batch (equal shares: each rank's momentum is then a
     share of the global one); the metrics mark every step synced; every rank saves its own checkpoint."""
     size, rank = comm.Get_size(), comm.Get_rank()
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    directory = shared_directory(comm, mpi_tmp_path)
     splits = synthetic(600, 100, seed=0)
     reference = mlp()
     train(loop_session(MPI.COMM_SELF, directory / f"serial-{rank}", LOOP_BATCH * size),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpi_helpers import assert_all_ranks
+from mpi_helpers import assert_all_ranks, float64_mlp, loop_session, shared_directory
 from mpipar import models, registry
 from mpipar.data import synthetic
 from mpipar.data_parallel.strategy import DataParallelStrategy
@@ -26,21 +26,12 @@ LOOP_CASES = [case for spec in registry.specs() for case in spec.loop_cases]  # 
 
 
 def session(comm, out, batch_size, settings=None, steps=STEPS, resume=False):
-    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=batch_size, lr=0.05, threads=1,
-                         out=str(out), model="mlp", flush_every=2, log_every=0, checkpoint_every=2)
-    return Session(comm, config, settings=settings, resume=resume)
-
-
-class ToFloat64(torch.nn.Module):
-    """The data's float32 images as float64, so the comparisons can be tight."""
-
-    def forward(self, images):
-        return images.double()
+    return loop_session(comm, out, batch_size, settings, resume=resume, max_steps=steps, flush_every=2,
+                        checkpoint_every=2)
 
 
 def build_model():
-    torch.manual_seed(7)
-    return torch.nn.Sequential(ToFloat64(), *models.mlp(list(SIZES))).double()
+    return float64_mlp(SIZES, 7)
 
 
 def serial_reference(directory, size, steps=STEPS):
@@ -55,12 +46,10 @@ def serial_reference(directory, size, steps=STEPS):
 @pytest.mark.mpi
 @pytest.mark.parametrize("kind", LOOP_CASES)
 def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind):
-    from pathlib import Path
-
     size, rank = comm.Get_size(), comm.Get_rank()
     if kind in ("hybrid", "tensor_x_data") and size % 2:
         pytest.skip("a grid of groups of 2 needs an even number of ranks")
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    directory = shared_directory(comm, mpi_tmp_path)
     reference = serial_reference(directory, size)
 
     model = build_model()
@@ -121,14 +110,12 @@ def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind)
 def test_data_parallel_resumed_on_another_number_of_ranks_equals_one_process(comm, mpi_tmp_path, before, after):
     """Checkpoint on ``before`` ranks (a stop request at the first flush), resume on ``after``: the
     global batch is kept, so the run equals the loop on one process over the whole batch."""
-    from pathlib import Path
-
     from mpipar.run.launch import StopRequest
 
     size, rank = comm.Get_size(), comm.Get_rank()
     if max(before, after) > size:
         pytest.skip(f"needs {max(before, after)} ranks")
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    directory = shared_directory(comm, mpi_tmp_path)
     reference = serial_reference(directory, before, RESUMED_STEPS)  # global batch BATCH * before
     model = build_model()
     splits = synthetic(600, 100, seed=0)
@@ -176,14 +163,12 @@ def test_pipeline_resumed_on_another_layout_equals_one_process(comm, mpi_tmp_pat
     """Checkpoint a pipeline on one layout (a stop request at the first flush), resume it on another:
     model and optimizer state are re-laid out by parameter name, and the run equals the loop on one
     process over the whole batch."""
-    from pathlib import Path
-
     from mpipar.run.launch import StopRequest
 
     size, rank = comm.Get_size(), comm.Get_rank()
     if max(before[0], after[0]) > size:
         pytest.skip(f"needs {max(before[0], after[0])} ranks")
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    directory = shared_directory(comm, mpi_tmp_path)
     reference = serial_reference(directory, 2, RESUMED_STEPS)  # global batch 2 * BATCH: one pipeline's batch
     splits = synthetic(600, 100, seed=0)
     out, problems = directory / "run", []
@@ -225,15 +210,13 @@ def test_vision_transformer_tensor_parallel_equals_the_loop_on_one_process(comm,
     the loop equals the unsplit ViT through the loop on one process over the whole batch, after several
     optimizer steps: every tensor this rank holds against the same cut of the serial result (the
     loop frees the strategy's groups at its end, so the serial model is cut over a new group)."""
-    from pathlib import Path
-
     from mpipar.comm.reducer import CommStats
     from mpipar.tensor_parallel.strategy import split_vit
 
     size, rank = comm.Get_size(), comm.Get_rank()
     if kind == "tensor_x_data" and (size % 2 or size < 4):
         pytest.skip("groups of 2 replicated needs an even number of ranks, at least 4")
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    directory = shared_directory(comm, mpi_tmp_path)
     splits = synthetic(600, 100, seed=0)
     reference = build_vit()
     serial = session(MPI.COMM_SELF, directory / f"serial-vit-{rank}", BATCH * size)
@@ -267,12 +250,10 @@ def test_async_pipeline_stopped_where_the_drain_makes_optimizer_state_resumes_bi
     """An asynchronous pipeline (one stage per rank) stopped after its first step: the checkpoint's drain
     applies the first update of the early stages, creating their momentum buffers, which the checkpoint
     must hold; the resumed run ends bitwise where the uninterrupted one does."""
-    from pathlib import Path
-
     from mpipar.run.launch import StopRequest
 
     size, rank = comm.Get_size(), comm.Get_rank()
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    directory = shared_directory(comm, mpi_tmp_path)
     splits = synthetic(600, 100, seed=0)
     settings = PipelineConfig(schedule=schedule, microbatches=4, stages=size)
     runs = {}

@@ -4,7 +4,6 @@ replay of its own recorded updates, and the staleness bound holds in the records
 
 import random
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpi_helpers import assert_all_ranks
-from mpipar import models
+from mpi_helpers import assert_all_ranks, float64_mlp, loop_session, shared_directory
 from mpipar.comm import mpi_tensor
 from mpipar.data import synthetic
 from mpipar.data.sharding import step_plan
@@ -108,29 +106,17 @@ def test_one_sided_needs_async_mode():
 
 # -- through the loop ---------------------------------------------------------------------------
 
-class ToFloat64(torch.nn.Module):
-    def forward(self, images):
-        return images.double()
-
-
 def build_model():
-    torch.manual_seed(3)
-    return torch.nn.Sequential(ToFloat64(), *models.mlp(list(SIZES))).double()
+    return float64_mlp(SIZES, 3)
 
 
 def run_session(comm, out, batch_size, settings=None, steps=STEPS):
-    config = TrainConfig(data="synthetic", epochs=1, max_steps=steps, batch_size=batch_size, lr=LR,
-                         momentum=MOMENTUM, weight_decay=DECAY, threads=1, out=str(out), model="mlp",
-                         flush_every=2, log_every=0)
-    return Session(comm, config, settings=settings)
+    return loop_session(comm, out, batch_size, settings, max_steps=steps, lr=LR, momentum=MOMENTUM,
+                        weight_decay=DECAY, flush_every=2)
 
 
 def splits():
     return synthetic(300, 50, seed=0)
-
-
-def shared_directory(comm, tmp):
-    return Path(comm.bcast(str(tmp) if comm.Get_rank() == 0 else None, root=0))
 
 
 def serial(directory, batch_size):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from mpi_helpers import assert_all_ranks
+from mpi_helpers import assert_all_ranks, random_batch
 from mpipar.diagnostics.failure import AgreedError
 from mpipar.pipeline import Pipeline, Placement
 
@@ -33,9 +33,7 @@ def make_model(width: int = 7, batchnorm: bool = False, device="cpu") -> nn.Sequ
 
 
 def make_batch(step: int = 0, batch: int = BATCH, features: int = 5, dtype=torch.float64, device="cpu"):
-    generator = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(batch, features, generator=generator, dtype=dtype).to(device),
-            torch.randint(0, 3, (batch,), generator=generator).to(device))
+    return random_batch(step, batch, features=features, dtype=dtype, device=device)
 
 
 def placements(size: int):

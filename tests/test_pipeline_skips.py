@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from mpi_helpers import assert_all_ranks
+from mpi_helpers import assert_all_ranks, random_batch
 from mpipar import models
 from mpipar.pipeline import AddSkip, CatSkip, Pipeline, Placement, SaveSkip, SkipSequential, find_skips
 from mpipar.pipeline.partition import balance_by_time, profile_layers, stage_sums
@@ -80,9 +80,7 @@ def skip_placements(size: int) -> dict:
 
 
 def make_batch(step: int = 0):
-    generator = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(BATCH, 5, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (BATCH,), generator=generator))
+    return random_batch(step, BATCH)
 
 
 def expected_skip_bytes(placement: Placement, rank: int, microbatch_rows: int, microbatches: int,

@@ -11,7 +11,7 @@ import torch
 from mpi4py import MPI
 from test_loop import BATCH, STEPS, TOL, build_model, serial_reference, session
 
-from mpi_helpers import ROOT, assert_all_ranks, run_mpi
+from mpi_helpers import ROOT, assert_all_ranks, run_mpi, shared_directory
 from mpipar.comm.topology import ProcessGrid, node_order
 from mpipar.data import synthetic
 from mpipar.pipeline.config import PipelineConfig
@@ -49,12 +49,10 @@ def shard_problems(strategy: PipelineStrategy, reference: torch.nn.Module, tp_ra
 
 @pytest.mark.mpi
 def test_tensor_parallel_stages_equal_the_loop_on_one_process(comm, mpi_tmp_path):
-    from pathlib import Path
-
-    size, rank = comm.Get_size(), comm.Get_rank()
+    size = comm.Get_size()
     stages, tp = grid_for(size)
     replicas = size // (stages * tp)
-    directory = Path(comm.bcast(str(mpi_tmp_path) if rank == 0 else None, root=0))
+    directory = shared_directory(comm, mpi_tmp_path)
     reference = serial_reference(directory, size)
     settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages, tp=tp)
     batch = BATCH * size // replicas
