@@ -46,6 +46,9 @@ class StrategySpec:
         jobs: the ``jobs/`` scripts that run it.
         loop_cases: its cases in ``tests/test_loop.py`` (the loop on N ranks vs one process).
         aliases: other names its strategy reports (a pipeline with replicas: ``pipeline_hybrid``).
+        consolidate_optimizer: ``"module:function"``, ``function(checkpoint)`` -> the whole optimizer
+            state by parameter name, which ``mpipar-consolidate`` adds as ``optimizer_by_name``; None: not
+            written (the strategy's optimizer state is not split, or not merged yet).
     """
 
     name: str
@@ -58,9 +61,10 @@ class StrategySpec:
     jobs: Tuple[str, ...] = ()
     loop_cases: Tuple[str, ...] = ()
     aliases: Tuple[str, ...] = ()
+    consolidate_optimizer: Optional[str] = None
 
     def __post_init__(self):
-        for field in ("settings", "consolidate", "predict", "profiles"):
+        for field in ("settings", "consolidate", "predict", "profiles", "consolidate_optimizer"):
             value = getattr(self, field)
             if value is not None and not _ENTRY_POINT.match(value):
                 raise ValueError(f"strategy {self.name!r}: {field} must be 'package.module:attribute', got {value!r}")

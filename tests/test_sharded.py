@@ -16,7 +16,7 @@ from mpi_helpers import assert_all_ranks, assert_comm_still_usable, shared_direc
 from mpipar import DataParallel
 from mpipar.diagnostics.failure import AgreedError
 from mpipar.run.checkpoint import Checkpointer
-from mpipar.run.consolidate import model_state
+from mpipar.run.consolidate import main as consolidate_main
 from mpipar.sharded import FlatLayout, ShardedConfig, ShardedDataParallel, ShardedStrategy
 
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -224,9 +224,16 @@ def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path,
             saved = Checkpointer(out, writers, per_rank=True).save(3, {
                 **strategy.state_dict(), "optimizer": strategy.optimizer.state_dict(), "strategy": strategy.name})
             if writers.Get_rank() == 0:
-                consolidated = model_state(saved)[0]
+                consolidate_main([str(saved), "-o", str(out / "model.pt")])
+                consolidated = torch.load(out / "model.pt", weights_only=True)
                 problems += [f"{a}->{b}: consolidated {k}" for k, v in strategy.model.state_dict().items()
-                             if not torch.equal(consolidated[k], v)]
+                             if not torch.equal(consolidated["model"][k], v)]
+                moments = {name: {k: tuple(v.shape) for k, v in state.items() if v.dim()} for name, state in
+                           consolidated.get("optimizer_by_name", {}).items()}
+                expected = {name: {"momentum_buffer" if optimizer == "sgd" else key: (p.numel(),)
+                                   for key in ("exp_avg", "exp_avg_sq")} for name, p in mlp().named_parameters()}
+                if moments != expected:
+                    problems.append(f"{a}->{b}: consolidated optimizer state {moments}, expected {expected}")
             writers.Free()
         comm.Barrier()
         readers = sub_communicator(comm, b)

@@ -199,7 +199,9 @@ def main(argv=None) -> int:
         parser.exit(2, f"mpipar-consolidate: {exc}\n")
     checkpoint = Path(info["checkpoint"])
     output = Path(args.output) if args.output else checkpoint.parent.parent / "model.pt"
-    torch.save({"model": state, **info}, output)
+    merge_optimizer = registry.get(info["strategy"]).consolidate_optimizer
+    optimizer = {} if merge_optimizer is None else {"optimizer_by_name": registry.resolve(merge_optimizer)(checkpoint)}
+    torch.save({"model": state, **optimizer, **info}, output)
     print(f"{checkpoint} (step {info['step']}): {len(state)} tensors, "
           f"{sum(t.numel() for t in state.values()):,} values -> {output}")
     return 0

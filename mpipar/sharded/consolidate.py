@@ -11,7 +11,7 @@ import torch
 
 from mpipar.run.consolidate import find_checkpoint, read_rank
 
-__all__ = ["full_model", "training_state", "merge_shards", "shard_optimizer_state"]
+__all__ = ["full_model", "full_optimizer", "training_state", "merge_shards", "shard_optimizer_state"]
 
 
 def _files(checkpoint: Path, meta: dict, first: dict) -> List[dict]:
@@ -74,6 +74,11 @@ def training_state(checkpoint) -> dict:
                 else:
                     entry[key] = value
     return {**first, "model": {**first["model"], **merge_shards(checkpoint, states)}, "optimizer_by_name": by_name}
+
+
+def full_optimizer(checkpoint) -> Dict[str, dict]:
+    """Each parameter's whole optimizer state by name (``mpipar-consolidate`` writes it)."""
+    return training_state(checkpoint)["optimizer_by_name"]
 
 
 def shard_optimizer_state(by_name: Dict[str, dict], pieces: List[Tuple[str, int, int]], group: dict) -> dict:
