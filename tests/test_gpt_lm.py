@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,12 +26,14 @@ torch.set_num_threads(1)
 
 
 def job():
-    """jobs/gpt_lm.py as a module (its folder on the path, as when it runs)."""
+    """jobs/gpt_lm.py as a module (its folder on the path, as when it runs), with less synthetic text."""
     sys.path.insert(0, str(ROOT / "jobs"))
     try:
-        return importlib.import_module("gpt_lm")
+        module = importlib.import_module("gpt_lm")
     finally:
         sys.path.remove(str(ROOT / "jobs"))
+    module.SYNTHETIC_TOKENS = (20_000, 2_000)  # train, validation bytes: 10 times more windows than 6 steps take
+    return module
 
 
 def tiny_gpt():
@@ -158,7 +161,7 @@ def test_refused_settings_are_one_error_on_every_rank(comm):
 def test_an_asynchronous_pipeline_refuses_the_tied_weight(comm, mpi_tmp_path):
     """pipedream updates each stage on its own: the embedding and the tied head on different stages
     would drift apart, so it is refused on every rank, naming the parameter."""
-    settings = PipelineConfig(schedule="pipedream", microbatches=2, stages=comm.Get_size())
+    settings = PipelineConfig(schedule="pipedream", microbatches=4, stages=comm.Get_size())
     session = loop_session(comm, shared_directory(comm, mpi_tmp_path) / "pipedream", BATCH, settings, max_steps=1)
     with pytest.raises(ValueError, match=r"0\.tokens\.weight = .*weight .*stages 0"):
         job().build_strategy(comm, tiny_gpt(), session)
@@ -182,3 +185,69 @@ def test_gpt_lm_trains_on_a_text_file(tmp_path):
         assert f["steps/loss"].shape[0] == 4
         assert f.attrs["task"] == "language model"
         assert 0 < f["epochs/test_loss"][-1] < math.log(256) + 1
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["data_parallel", "tp2", "stages2"])
+def test_gpt_lm_stopped_and_resumed_is_the_straight_run(comm, mpi_tmp_path, kind):
+    """Slurm's warning on the last rank stops the run at the next flush with a checkpoint (then the job
+    requeues itself); resumed, it ends with the straight run's parameters and losses, bit for bit."""
+    from mpipar.run.launch import StopRequest
+
+    size = comm.Get_size()
+    group = {"data_parallel": 1, "tp2": 2, "stages2": 2}[kind]
+    if size % group:
+        pytest.skip(f"{kind} needs a multiple of {group} ranks")
+    settings = {"data_parallel": None, "tp2": TensorParallelConfig(tp=2),
+                "stages2": PipelineConfig(schedule="1f1b", microbatches=2, stages=2)}[kind]
+    directory = shared_directory(comm, mpi_tmp_path) / f"resume-{kind}"
+    gpt_lm = job()
+
+    def run(out, *, resume=False, stop=None):
+        session = loop_session(comm, out, BATCH, settings, resume=resume, max_steps=6, flush_every=2)
+        if stop is not None:
+            session.stop = stop
+        strategy = gpt_lm.build_strategy(comm, tiny_gpt(), session)
+        state, finish = {}, strategy.finish
+
+        def finish_after_taking_the_state(*args):
+            state.update(trained_state(strategy, settings, comm))
+            finish(*args)
+
+        strategy.finish = finish_after_taking_the_state
+        stopped = train(session, strategy, gpt_lm.token_data(comm, "synthetic", SEQ, seed=0))
+        return stopped, state
+
+    _, straight = run(directory / "straight")
+    stop = StopRequest()
+    if comm.Get_rank() == size - 1:
+        stop.signal_name = "SIGUSR1"  # as if Slurm's warning came to this rank only
+    stopped, _ = run(directory / "interrupted", stop=stop)
+    _, resumed = run(directory / "interrupted", resume=True)
+    with h5py.File(directory / "straight" / "metrics.h5", "r") as a, \
+            h5py.File(directory / "interrupted" / "metrics.h5", "r") as b:
+        losses = (a["steps/loss"][...].tolist(), b["steps/loss"][...].tolist(), a["epochs/test_loss"][...].tolist(),
+                  b["epochs/test_loss"][...].tolist())
+    problems = [] if stopped else ["the stop request did not stop the run"]
+    problems += [f"{name} differs" for name in straight if not torch.equal(straight[name], resumed.get(name))]
+    if sorted(straight) != sorted(resumed) or not straight:
+        problems.append(f"parameters {sorted(straight)} vs {sorted(resumed)}")
+    if losses[0] != losses[1] or losses[2] != losses[3]:
+        problems.append(f"losses {losses}")
+    assert_all_ranks(comm, not problems, f"{kind}: " + "; ".join(problems))
+
+
+def test_the_report_plots_validation_loss_and_bits_per_byte(tmp_path, monkeypatch):
+    from mpipar.report import plots
+    from mpipar.report.reader import Run
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    run = Run(tmp_path / "metrics.h5", attrs={"task": "language model"},
+              epochs={"epoch": np.array([1, 2]), "test_loss": np.array([2.0, 1.5]),
+                      "test_accuracy": np.array([0.3, 0.4])})
+    assert plots.accuracy_curve(run, tmp_path / "curve.png") == tmp_path / "curve.png"
+    axes = drawn[0].axes
+    assert axes[0].get_ylabel() == "validation loss (nats per token)"
+    assert axes[0].lines[0].get_ydata().tolist() == [2.0, 1.5]
+    assert [child.get_ylabel() for child in axes[0].child_axes] == ["bits per byte"]

@@ -66,6 +66,7 @@ TINY_JOBS = {
     "mlp_tp.sh": TinyJob(args=_tiny("--tp", "2"), steps=3, long_args=_long(), other_ntasks=4),  # 4 = 2 replicas
     "vit_tp.sh": TinyJob(args=_tiny("--tp", "2"), steps=3, long_args=_long(), other_ntasks=4),  # 4 = 2 replicas
     "resnet_ps.sh": TinyJob(args=_tiny("--mode", "async"), steps=3, long_args=_long(), other_ntasks=4),  # 3 workers
+    "gpt_lm.sh": TinyJob(args=_tiny(), steps=3, long_args=_long(), other_ntasks=3),  # data parallel
 }
 
 JOB_TIMEOUT = 300  # seconds for a tiny job, queueing and Python start-up of every rank included

@@ -46,11 +46,22 @@ def loss_curve(run: Run, path: Path) -> Optional[Path]:
 
 
 def accuracy_curve(run: Run, path: Path) -> Optional[Path]:
+    """Test accuracy per epoch; for a language model (attribute ``task``), validation loss and bits
+    per byte (the loss in nats over ln 2: a token is a byte) instead."""
     accuracy = run.epochs.get("test_accuracy")
     if accuracy is None or len(accuracy) == 0:
         return None
     epochs = run.epochs.get("epoch", np.arange(len(accuracy)))
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    if run.attrs.get("task") == "language model":
+        loss = np.asarray(run.epochs["test_loss"], dtype=np.float64)
+        ax.plot(epochs, loss, marker="o")
+        ax.set(xlabel="epoch", ylabel="validation loss (nats per token)",
+               title=f"{run.name}: validation loss and bits per byte")
+        bits = ax.secondary_yaxis("right", functions=(lambda nats: nats / np.log(2), lambda b: b * np.log(2)))
+        bits.set_ylabel("bits per byte")
+        ax.grid(alpha=0.3)
+        return _save(fig, path)
     ax.plot(epochs, accuracy, marker="o")
     ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{run.name}: test accuracy per epoch")
     ax.grid(alpha=0.3)
