@@ -119,6 +119,55 @@ def test_sharded_equals_data_parallel(comm, private_comm, stage, optimizer):
     assert_all_ranks(comm, not torch.equal(reference.unused.weight, torch.zeros(3, 3)), "the check is not vacuous")
 
 
+class Mixed(nn.Module):
+    """Two dtypes (two flat buffers); the float32 one has 2 elements: on 3+ ranks some own only its padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(1, 1).float()
+        self.first = nn.Linear(5, 4).double()
+        self.last = nn.Linear(4, 7).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.last(h * self.gate(x[:, :1].float()).double())
+
+
+class Tiny(nn.Module):
+    """2 elements: on 3+ ranks some ranks own no piece at all (the loop's optimizer gets a placeholder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Linear(1, 1).double()
+
+    def forward(self, x):
+        return self.scale(x[:, :1]).expand(-1, 7) * torch.arange(7, dtype=torch.float64)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("make", [Mixed, Tiny])
+def test_two_dtypes_and_ranks_that_own_only_padding_equal_data_parallel(comm, private_comm, stage, make):
+    size, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(1)
+    reference = make()
+    replica = copy.deepcopy(reference)
+    dp, sdp = DataParallel(reference, comm), ShardedDataParallel(replica, private_comm, stage=stage)
+    opt_dp = OPTIMIZERS["adamw"](reference.parameters())
+    opt_sharded = OPTIMIZERS["adamw"](sdp.parameters() or [torch.zeros(0, requires_grad=True)])  # as the loop does
+    for step in range(5):
+        x, y = shard(size, rank, step)
+        opt_dp.zero_grad()
+        F.cross_entropy(dp(x), y).backward()
+        opt_dp.step()
+        F.cross_entropy(sdp(x), y).backward()
+        sdp.step(opt_sharded)
+    problems = [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
+                zip(reference.named_parameters(), replica.parameters())
+                if not torch.allclose(p, q, **(TOL if p.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)))]
+    assert_all_ranks(comm, not problems and len(sdp.layout.groups) == (2 if make is Mixed else 1), "; ".join(problems))
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("stage", [1, 2])
 def test_collectives_per_step_are_the_designs(comm, private_comm, stage):
