@@ -354,3 +354,44 @@ def test_the_optimizer_and_zero_flags_reach_the_settings():
     assert (config.optimizer, args.zero) == ("adamw", 2)
     assert config.to_dict()["optimizer"] == "adamw"
     assert "optimizer" not in train_config(parser.parse_args([]), threads=1).to_dict()  # as before the flag
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("before,after", [(2, 1), (2, 3), (4, 3)])
+def test_the_loop_stopped_and_resumed_on_other_ranks_equals_one_process(comm, mpi_tmp_path, before, after):
+    """``--zero 2 --optimizer adamw`` stopped at step 2 (a stop request), resumed by the loop on another
+    number of ranks (the session hands the strategy its checkpoint): one process's run on the whole batch."""
+    from mpi_helpers import float64_mlp, loop_session
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.run.launch import StopRequest
+    from mpipar.run.loop import train
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if max(before, after) > size:
+        pytest.skip(f"needs {max(before, after)} ranks")
+    directory, steps, batch = shared_directory(comm, mpi_tmp_path), 6, 4
+    settings = dict(max_steps=steps, optimizer="adamw", lr=0.01, flush_every=2)
+    reference = float64_mlp((784, 12, 10), seed=5)
+    serial = loop_session(MPI.COMM_SELF, directory / f"serial-{rank}", batch * before, **settings)
+    train(serial, DataParallelStrategy(reference, MPI.COMM_SELF), synthetic(300, 50, seed=0))
+    out, problems = directory / "run", []
+    for phase, ranks in enumerate((before, after)):
+        group = sub_communicator(comm, ranks)
+        if group != MPI.COMM_NULL:
+            model = float64_mlp((784, 12, 10), seed=5)
+            run = loop_session(group, out, batch, ShardedConfig(2), resume=phase == 1, **settings)
+            if phase == 0:
+                run.stop = StopRequest()
+                run.stop.signal_name = "SIGUSR1"  # as if Slurm's warning came: save and stop at step 2
+            elif run.state["step"] != 2:
+                problems.append(f"resumed at step {run.state['step']}")
+            strategy = ShardedStrategy(model, group, run.settings, checkpoint=run.resumed_from)
+            train(run, strategy, synthetic(300, 50, seed=0))
+            if phase == 1:
+                problems += [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
+                             zip(reference.named_parameters(), model.parameters())
+                             if not torch.allclose(p, q, rtol=1e-9, atol=1e-12)]
+            group.Free()
+        comm.Barrier()
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
