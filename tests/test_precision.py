@@ -2,6 +2,7 @@
 rounding the inputs and the outputs to 16 bits."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from mpi_helpers import assert_all_ranks, assert_close_all_ranks
 from mpipar.comm.reducer import GradientReducer
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.wire import wire_dtype
+from mpipar.run.precision import autocast_dtype
 
 SHAPES = [(7,), (13, 5), (1,), (3, 3, 2)]  # sizes not divisible by 2, 3 or 4
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -127,3 +129,226 @@ def test_data_parallel_strategy_takes_the_grad_wire(comm):
     strategy = DataParallelStrategy(nn.Linear(4, 3), comm, grad_wire="fp16")
     assert_all_ranks(comm, comm.Get_size() == 1 or all(b.wire is not None for b in strategy.dp.buckets),
                      "DataParallelStrategy's buckets on the wire")
+
+
+# -- --precision: autocast and fp16 loss scaling -------------------------------------------------
+
+def fp32_mlp() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5))
+
+
+@pytest.mark.mpi
+def test_loss_scaler_on_n_ranks_matches_grad_scaler_on_one(comm):
+    """fp16 autocast, DataParallel + LossScaler against torch.amp.GradScaler on the whole batch; an inf in
+    one rank's gradient (after the reduction, as a tensor-parallel shard's would be) skips the step on
+    every rank and halves the scale."""
+    from mpipar.run.precision import LossScaler
+
+    size, rank, per_rank = comm.Get_size(), comm.Get_rank(), 4
+    reference = fp32_mlp()
+    replica = copy.deepcopy(reference)
+    dp = mpipar.DataParallel(replica, comm)
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+    scaler = LossScaler(comm, init_scale=256.0, growth_interval=2)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt_dp = torch.optim.SGD(replica.parameters(), lr=0.1, momentum=0.9)
+    problems = []
+    for step in range(6):
+        generator = torch.Generator().manual_seed(50 + step)
+        images = torch.randn(per_rank * size, 1, 4, 4, generator=generator)
+        labels = torch.randint(0, 5, (per_rank * size,), generator=generator)
+        expected_scale = torch_scaler.get_scale()
+        opt_ref.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(reference(images), labels)
+        torch_scaler.scale(loss).backward()
+        if step == 2:
+            reference[1].weight.grad[0, 0] = float("inf")
+        torch_scaler.step(opt_ref)
+        torch_scaler.update()
+
+        opt_dp.zero_grad()
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(dp(images[mine]), labels[mine])
+        scaler.scale(loss).backward()
+        if step == 2 and rank == size - 1:
+            replica[1].weight.grad[0, 0] = float("inf")
+        used = scaler.scale_value
+        skipped = scaler.unscale(replica.parameters())
+        if not skipped:
+            opt_dp.step()
+        scaler.update(skipped)
+        if (used, skipped, scaler.scale_value) != (expected_scale, step == 2, torch_scaler.get_scale()):
+            problems.append(f"step {step}: scale {used}, skipped {skipped}, next {scaler.scale_value}; GradScaler "
+                            f"{expected_scale}, {step == 2}, {torch_scaler.get_scale()}")
+        for (name, mine_p), theirs in zip(replica.named_parameters(), reference.parameters()):
+            if not torch.allclose(mine_p, theirs, rtol=0, atol=2e-3):  # fp16 products, split batches
+                problems.append(f"step {step} {name}: {(mine_p - theirs).abs().max():.2e}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+LOOP_SIZES = (784, 24, 16, 12, 10)
+LOOP_STEPS, LOOP_BATCH = 3, 6
+
+
+def loop_mlp() -> nn.Sequential:
+    from mpipar import models
+
+    torch.manual_seed(7)
+    return models.mlp(list(LOOP_SIZES))
+
+
+def overflowing(strategy_class, step: int, rank: int):
+    """``strategy_class`` whose ``train_step`` puts an inf in one gradient at loop step ``step`` on world
+    rank ``rank`` (after the step's reductions: only that rank sees it)."""
+
+    class Overflowing(strategy_class):
+        calls = 0
+
+        def train_step(self, batch):
+            record = super().train_step(batch)
+            world = getattr(self, "world", None) or self.comm
+            if self.calls == step and world.Get_rank() == rank:
+                grad = next(p.grad for p in self.parameters() if p.grad is not None)
+                grad.view(-1)[0] = float("inf")
+            self.calls += 1
+            return record
+
+    return Overflowing
+
+
+def loop_run(comm, directory, batch, precision, settings=None):
+    from mpi_helpers import loop_session
+
+    return loop_session(comm, directory, batch, settings, max_steps=LOOP_STEPS, flush_every=2, checkpoint_every=2,
+                        precision=precision)
+
+
+def serial_loop(comm, directory, precision, strategy_class=None):
+    """The loop on one process (COMM_SELF) over the whole global batch, ``precision`` too."""
+    from mpi4py import MPI
+
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.run.loop import train
+
+    model = loop_mlp()
+    run = loop_run(MPI.COMM_SELF, directory / f"serial-{comm.Get_rank()}", LOOP_BATCH * comm.Get_size(), precision)
+    train(run, (strategy_class or DataParallelStrategy)(model, MPI.COMM_SELF), synthetic(600, 100, seed=0))
+    return model
+
+
+def metrics_column(path, name):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f[f"steps/{name}"][...]
+
+
+TOLERANCE = {"bf16": 1e-3, "fp16": 1e-4}  # parameters after 3 steps: ~5x the differences measured at 2-4 ranks
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_data_parallel_loop_with_autocast_equals_one_process(comm, mpi_tmp_path, precision):
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.run.loop import train
+
+    class Watched(DataParallelStrategy):
+        seen = []
+
+        def train_step(self, batch):
+            self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return super().train_step(batch)
+
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial_loop(comm, directory, precision)
+    model = loop_mlp()
+    strategy = Watched(model, comm)
+    train(loop_run(comm, directory / "dp", LOOP_BATCH, precision), strategy, synthetic(600, 100, seed=0))
+    problems = [f"{name}: {(p - q).abs().max():.2e}" for (name, p), q in zip(model.named_parameters(),
+                                                                            reference.parameters())
+                if p.dtype != torch.float32 or not torch.allclose(p, q, rtol=0, atol=TOLERANCE[precision])]
+    if strategy.seen != [autocast_dtype(precision)] * LOOP_STEPS:
+        problems.append(f"autocast in train_step: {strategy.seen}")
+    if precision == "fp16":
+        scales = metrics_column(directory / "dp" / "metrics.h5", "loss_scale")
+        problems += [] if (scales == 2.0 ** 16).all() and scales.shape == (LOOP_STEPS, comm.Get_size()) \
+            else [f"loss scales {scales.tolist()}"]
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_fp16_overflow_on_one_rank_of_a_tp_x_dp_grid_skips_the_step_everywhere(comm, mpi_tmp_path):
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.run.checkpoint import read_state
+    from mpipar.run.loop import train
+    from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
+
+    size = comm.Get_size()
+    if size % 2:
+        pytest.skip("a grid of groups of 2 needs an even number of ranks")
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial_loop(comm, directory, "fp16", overflowing(DataParallelStrategy, 1, 0))
+    settings = TensorParallelConfig(tp=2)
+    run = loop_run(comm, directory / "grid", LOOP_BATCH * 2, "fp16", settings)
+    strategy = overflowing(TensorParallelStrategy, 1, size - 1)(comm, loop_mlp(), settings, state=run.state)
+    train(run, strategy, synthetic(600, 100, seed=0))
+    path = directory / "grid" / "metrics.h5"
+    skipped, scales = metrics_column(path, "skipped"), metrics_column(path, "loss_scale")
+    problems = []
+    if skipped.tolist() != [[0.0] * size, [1.0] * size, [0.0] * size]:
+        problems.append(f"skipped {skipped.tolist()}")
+    if scales[:, 0].tolist() != [2.0 ** 16, 2.0 ** 16, 2.0 ** 15]:
+        problems.append(f"loss scales {scales.tolist()}")
+    state = read_state(directory / "grid" / "checkpoints" / "step-000000002" / f"rank-{comm.Get_rank()}.pt")
+    if state.get("loss_scaler", {}).get("scale") != 2.0 ** 15:
+        problems.append(f"checkpoint's loss scaler {state.get('loss_scaler')}")
+    position = comm.Get_rank() % 2
+    blocks = [module for module in strategy.model if hasattr(module, "fc1")]
+    linears = [module for module in reference.modules() if isinstance(module, nn.Linear)]
+    for block, (fc1, fc2) in zip(blocks, zip(linears[::2], linears[1::2])):
+        rows = slice(position * block.fc1.out_per_rank, (position + 1) * block.fc1.out_per_rank)
+        columns = slice(position * block.fc2.in_per_rank, (position + 1) * block.fc2.in_per_rank)
+        for mine, theirs in [(block.fc1.weight, fc1.weight[rows]), (block.fc2.weight, fc2.weight[:, columns])]:
+            if not torch.allclose(mine, theirs, rtol=0, atol=TOLERANCE["fp16"]):
+                problems.append(f"shard: {(mine - theirs).abs().max():.2e}")
+    assert_all_ranks(comm, len(blocks) == 2 and not problems, "; ".join(problems) or f"{len(blocks)} blocks")
+
+
+@pytest.mark.mpi
+def test_fp16_refused_on_every_rank_where_the_loop_cannot_scale_the_loss(comm, mpi_tmp_path):
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.diagnostics.failure import AgreedError
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.strategy import PipelineStrategy
+    from mpipar.run.loop import train
+    from mpipar.run.precision import check_strategy_precision
+
+    directory = shared_directory(comm, mpi_tmp_path)
+    settings = PipelineConfig(schedule="pipedream", microbatches=max(2, comm.Get_size()), stages=comm.Get_size())
+    run = loop_run(comm, directory / "async", 12, "fp16", settings)
+    strategy = PipelineStrategy(comm, loop_mlp(), settings, batch_size=12, state=run.state, say=run.say)
+    with pytest.raises(AgreedError, match="pipeline.* cannot train with --precision fp16 .it takes fp32"):
+        train(run, strategy, synthetic(600, 100, seed=0))
+    with pytest.raises(ValueError, match="--precision fp16 needs loss scaling"):  # should pipelines offer it
+        check_strategy_precision("fp16", SimpleNamespace(name="pipeline_async", steps_optimizer=True,
+                                                         precisions=("fp32", "fp16")))
+
+
+@pytest.mark.mpi
+def test_a_device_without_the_precision_is_one_error_on_every_rank(comm):
+    from mpipar.diagnostics.agree import collective_check
+    from mpipar.diagnostics.failure import AgreedError
+    from mpipar.run.precision import check_precision
+
+    device = torch.device("meta") if comm.Get_rank() == comm.Get_size() - 1 else torch.device("cpu")
+    with pytest.raises(AgreedError, match="--precision fp16: torch has no autocast for meta devices"):
+        collective_check(comm, lambda: check_precision("fp16", device), "--precision")

@@ -34,6 +34,7 @@ class DataParallelStrategy:
     name = "data_parallel"
     full_steps_only = False
     checkpoint_per_rank = False
+    precisions = ("fp32", "bf16", "fp16")  # --precision; fp16 through bind_loss_scaler
 
     def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0,
                  device: torch.device | str = "cpu", grad_wire: str = "fp32"):
@@ -44,6 +45,7 @@ class DataParallelStrategy:
         self.wait_groups = [list(range(comm.Get_size()))]
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.metrics_attrs = {"parameters": self.parameter_count}
+        self.loss_scaler = None
 
     def parameters(self):
         return list(self.model.parameters())
@@ -54,10 +56,14 @@ class DataParallelStrategy:
     def needs_batch(self) -> bool:
         return True
 
+    def bind_loss_scaler(self, scaler) -> None:
+        """fp16: backpropagate ``scaler.scale(loss)`` (the loop unscales, checks and steps)."""
+        self.loss_scaler = scaler
+
     def train_step(self, batch) -> StepRecord:
         images, labels = batch
         loss = F.cross_entropy(self.dp(images), labels)
-        loss.backward()
+        (loss if self.loss_scaler is None else self.loss_scaler.scale(loss)).backward()
         stats = self.dp.stats.take()
         return StepRecord(loss=loss.item(), samples=len(labels), wait_time=stats.wait_time,
                           bytes_sent=stats.bytes_sent)

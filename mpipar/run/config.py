@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "GRAD_WIRES"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "GRAD_WIRES", "PRECISIONS"]
 
 OPTIMIZERS = ("sgd", "adamw")
 GRAD_WIRES = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     augment: Optional[int] = None
     grad_wire: str = "fp32"
+    precision: str = "fp32"
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.grad_wire not in GRAD_WIRES:
             raise ValueError(f"--grad-wire must be one of {', '.join(GRAD_WIRES)}, got {self.grad_wire!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 
@@ -76,6 +80,7 @@ class TrainConfig:
         settings = dataclasses.asdict(self)
         if settings["optimizer"] == "sgd":  # the default: absent, as before the flag existed
             del settings["optimizer"]
-        if settings["grad_wire"] == "fp32":  # likewise
-            del settings["grad_wire"]
+        for name in ("grad_wire", "precision"):  # likewise
+            if settings[name] == "fp32":
+                del settings[name]
         return settings

@@ -14,10 +14,12 @@ from mpipar.comm.device import to_device
 from mpipar.data.datasets import DataSplits
 from mpipar.data.sharding import rank_batches, step_plan, steps_per_epoch
 from mpipar.diagnostics import collectives
+from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.events import EventRecorder
 from mpipar.run.checkpoint import rng_state, set_rng_state
 from mpipar.run.launch import mpi_library, requeue_slurm_job
 from mpipar.run.metrics import MetricsWriter
+from mpipar.run.precision import LossScaler, autocast, check_precision, check_strategy_precision
 from mpipar.run.session import Session
 from mpipar.run.strategy import StepShards, Strategy
 from mpipar.run.summary import summarize
@@ -85,6 +87,13 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             loss_sum, seen = (sum(a for a, _ in by_rank), sum(b for _, b in by_rank)) if first else (0.0, 0)
     steps_optimizer, shares_shards = getattr(strategy, "steps_optimizer", False), getattr(strategy, "shares_shards",
                                                                                           False)
+    collective_check(comm, lambda: (check_precision(config.precision, session.device),
+                                    check_strategy_precision(config.precision, strategy)), "--precision")
+    scaler = LossScaler(comm) if config.precision == "fp16" else None  # found-inf agreed over every rank
+    if scaler is not None:
+        strategy.bind_loss_scaler(scaler)
+        if state is not None and "loss_scaler" in state:
+            scaler.load_state_dict(state["loss_scaler"])
     if steps_optimizer:
         strategy.bind_optimizer(optimizer)
     recorder = EventRecorder(comm, config.trace_steps) if config.trace_steps is not None else None
@@ -124,6 +133,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             "samples_seen": seen, "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
             "rng": rng_state(), "config": session.run_config, "global_batch": global_batch, "replicas": replicas,
             "total_steps": total_steps, "strategy": strategy.name,
+            **({"loss_scaler": scaler.state_dict()} if scaler is not None else {}),
             **strategy_state})
         say(f"checkpoint: {path}")
 
@@ -161,12 +171,19 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             slowed = session.fault.maybe_slow()  # a test's straggler: its extra compute
             optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
             train_start = time.perf_counter()
-            record = strategy.train_step(batch)
+            with autocast(config.precision, session.device):
+                record = strategy.train_step(batch)
             update_start = time.perf_counter()
-            if not steps_optimizer:
+            scaling = {}  # fp16: the step's loss scale and whether an overflow on any rank skipped it
+            skipped = scaler is not None and scaler.unscale(params)  # collective: every rank skips together
+            if scaler is not None:
+                scaling = {"loss_scale": scaler.scale_value, "skipped": float(skipped)}
+                scaler.update(skipped)
+            if not steps_optimizer and not skipped:
                 optimizer.step()
                 lr_schedule.step()
-            else:  # the strategy stepped it (or this rank holds nothing to step): not the misuse torch warns of
+            else:  # the strategy stepped it (or this rank holds nothing to step, or the step was skipped): not
+                # the misuse torch warns of
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                     lr_schedule.step()
@@ -183,7 +200,7 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
             compute_time = None if record.compute_time is None else record.compute_time + update_time + slowed
             metrics.record_step(loss=record.loss, samples=record.samples, step_time=step_time, data_time=data_time,
                                 compute_time=compute_time, comm_time=record.comm_time, idle_time=record.idle_time,
-                                wait_time=record.wait_time, bytes_sent=record.bytes_sent, **record.extra)
+                                wait_time=record.wait_time, bytes_sent=record.bytes_sent, **record.extra, **scaling)
             step += 1
             weight = len(indices) if record.loss_weight is None else record.loss_weight
             loss_sum, seen = loss_sum + record.loss * weight, seen + weight

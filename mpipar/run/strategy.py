@@ -96,6 +96,12 @@ class Strategy(Protocol):
             step) instead of this rank's batch.
         metrics_tables: :class:`~mpipar.run.metrics.Table` s the metrics file appends
             to at every flush (a parameter server's ``/updates``); absent: none.
+        precisions: the ``--precision`` values it trains with (absent: ``("fp32",)``); the
+            loop runs ``train_step`` under autocast for bf16 and fp16.
+        bind_loss_scaler: ``bind_loss_scaler(scaler)``, called once before the first step at
+            fp16: ``train_step`` backpropagates ``scaler.scale(loss)``; the loop unscales, skips
+            a step that overflowed on any rank and updates the scale
+            (:class:`~mpipar.run.precision.LossScaler`).
     """
 
     name: str

@@ -326,6 +326,7 @@ class TensorParallelStrategy:
     name = "tensor_parallel"
     full_steps_only = False
     checkpoint_per_rank = True
+    precisions = ("fp32", "bf16", "fp16")  # --precision; fp16 through bind_loss_scaler
 
     def __init__(self, world: MPI.Intracomm, model: nn.Module, config: TensorParallelConfig, *,
                  splitter: Union[Splitter, str, None] = None, bucket_mb: float = 25.0, state: Optional[dict] = None,
@@ -375,6 +376,7 @@ class TensorParallelStrategy:
         self.layout = shard_layout(model, self.model) if splitter.kind == "mlp" else None
         self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb,
                                         wire=wire_dtype(grad_wire))
+        self.loss_scaler = None  # fp16: the loop's LossScaler (bind_loss_scaler)
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts_samples = self.grid.tp_rank == 0  # one rank of each group counts its samples
         self.wait_groups = [list(range(world.Get_size()))]  # tensor and replica waits split over the world
@@ -392,11 +394,15 @@ class TensorParallelStrategy:
     def needs_batch(self) -> bool:
         return True
 
+    def bind_loss_scaler(self, scaler) -> None:
+        """fp16: backpropagate ``scaler.scale(loss)`` (the loop unscales, checks and steps)."""
+        self.loss_scaler = scaler
+
     def train_step(self, batch) -> StepRecord:
         images, labels = batch
         self.averager.begin_step()
         loss = F.cross_entropy(self.model(images), labels)
-        loss.backward()
+        (loss if self.loss_scaler is None else self.loss_scaler.scale(loss)).backward()
         self.averager.average()
         tensor, replicas = self.stats.take(), self.averager.stats.take()
         return StepRecord(loss=loss.item(), samples=len(labels) if self.counts_samples else 0,
