@@ -1,0 +1,85 @@
+"""The compute of an instruction on a stage: a forward, a backward, an asynchronous schedule's update."""
+
+from __future__ import annotations
+
+import time
+from typing import List
+
+from torch import nn
+
+from mpipar.diagnostics import events
+from mpipar.pipeline.step_state import RunState
+from mpipar.pipeline_plan.instructions import (
+    Backward,
+    Forward,
+    RecvActivation,
+    RecvGrad,
+    SendActivation,
+    SendGrad,
+    Update,
+)
+
+__all__ = ["Compute", "finished_by_stage"]
+
+
+def finished_by_stage(module: nn.Module, shared: List[nn.Parameter]) -> nn.Module:
+    """The parameters whose gradients a stage's last backward completes: all of the stage's, but those it
+    shares with other stages (summed at the end of the step)."""
+    if not shared:
+        return module
+    return nn.ParameterList([p for p in module.parameters() if all(p is not s for s in shared)])
+
+
+class Compute:
+    """:class:`~mpipar.pipeline.executor.Pipeline`'s compute handlers: each runs one stage's step on this rank
+    (local), taking its inputs from the run's received tensors and leaving its outputs for the sends."""
+
+    def _forward(self, instruction: Forward, run: RunState) -> None:
+        index, i = instruction.stage, instruction.microbatch
+        stage = self.stages[index]
+        x = run.chunks[i - run.base] if stage.is_first else run.received.pop(RecvActivation(index, i))
+        used = {name: run.skips.pop((name, i)) for name in self._uses[index]}  # received, or saved on this rank
+        weights = self.versions[index].weights_for(i) if run.train and self.versions else None
+        begin = time.perf_counter()
+        y, saved = stage.forward(i, x, train=run.train,
+                                 target=run.target_chunks[i - run.base] if run.target_chunks else None,
+                                 loss_fn=self.loss_fn, scale=1.0 / run.microbatches, skips=used, weights=weights)
+        end = time.perf_counter()
+        stage.forward_busy += end - begin
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("forward", begin, end, index=i, stage=index)
+        for name, tensor in saved.items():  # for SendSkip, or for a later stage on this rank
+            run.skips[name, i] = tensor.detach()
+        if not stage.is_last:
+            run.outgoing[SendActivation(index, i)] = y.detach()
+
+    def _backward(self, instruction: Backward, run: RunState) -> None:
+        index, i = instruction.stage, instruction.microbatch
+        stage = self.stages[index]
+        grad_output = None if stage.is_last else run.received.pop(RecvGrad(index, i))
+        skip_grads = {name: run.skip_grads.pop((name, i)) for name in self._saves[index]}
+        if run.before_last_backward is not None and instruction == run.last_backward[index]:
+            run.before_last_backward(self._finishing[index])
+        begin = time.perf_counter()
+        grad_input, used_grads = stage.backward(i, grad_output, skip_grads)
+        if self.versions:
+            self.versions[index].take_gradient(i)
+        end = time.perf_counter()
+        stage.backward_busy += end - begin
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("backward", begin, end, index=i, stage=index)
+        for name, grad in used_grads.items():  # for SendSkipGrad, or for an earlier stage on this rank
+            run.skip_grads[name, i] = grad
+        if not stage.is_first:
+            run.outgoing[SendGrad(index, i)] = grad_input
+
+    def _update(self, instruction: Update, run: RunState) -> None:
+        begin = time.perf_counter()
+        self.versions[instruction.stage].update(self._step_optimizer)
+        end = time.perf_counter()
+        self.stages[instruction.stage].backward_busy += end - begin  # compute: counted as busy
+        recorder = events.active()
+        if recorder is not None:
+            recorder.add("update", begin, end, index=instruction.microbatch, stage=instruction.stage)
