@@ -26,6 +26,8 @@ are data-parallel replicas. --batch-size counts windows per replica per step. Ch
 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than cores needs --oversubscribe.
 """
 
+import math
+
 from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports
 from mpi4py import MPI
 from numpy import frombuffer, ndarray, uint8
@@ -40,6 +42,7 @@ from mpipar.models.gpt import gpt, gpt_name
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.flags import add_pipeline_flags
 from mpipar.pipeline.strategy import PipelineStrategy
+from mpipar.report.reader import read_run
 from mpipar.run.cli import training_parser
 from mpipar.run.loop import train
 from mpipar.run.session import Session
@@ -147,7 +150,9 @@ def main(argv=None) -> None:
                                                heads=args.heads, seq_len=args.seq_len), "the model's sizes")
     strategy = build_strategy(comm, model, session)
     strategy.metrics_attrs.update(task="language model", vocab_size=splits.train.vocab_size)  # report: bits/byte
-    train(session, strategy, splits)
+    if not train(session, strategy, splits) and comm.Get_rank() == 0:
+        loss = read_run(session.out / "metrics.h5").epochs["test_loss"][-1]
+        session.say(f"validation: {loss:.4f} nats per token = {loss / math.log(2):.4f} bits per byte")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ def test_gpt_lm_trains_on_a_text_file(tmp_path):
     with h5py.File(tmp_path / "run" / "metrics.h5", "r") as f:
         assert f["steps/loss"].shape[0] == 4
         assert f.attrs["task"] == "language model"
-        assert 0 < f["epochs/test_loss"][-1] < math.log(256) + 1
+        loss = f["epochs/test_loss"][-1]
+    assert 0 < loss < math.log(256) + 1
+    assert f"validation: {loss:.4f} nats per token = {loss / math.log(2):.4f} bits per byte" in result.stdout
 
 
 @pytest.mark.mpi
