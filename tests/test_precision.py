@@ -352,3 +352,31 @@ def test_a_device_without_the_precision_is_one_error_on_every_rank(comm):
     device = torch.device("meta") if comm.Get_rank() == comm.Get_size() - 1 else torch.device("cpu")
     with pytest.raises(AgreedError, match="--precision fp16: torch has no autocast for meta devices"):
         collective_check(comm, lambda: check_precision("fp16", device), "--precision")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_pipeline_replicas_on_a_bf16_wire_equal_one_process_within_the_rounding(comm, mpi_tmp_path):
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.strategy import PipelineStrategy
+    from mpipar.run.loop import train
+
+    size = comm.Get_size()
+    stages = 2 if size % 2 == 0 and size > 2 else 1  # replicas of 2-stage pipelines, or of 1-stage ones
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial_loop(comm, directory, "fp32")
+    settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages)
+    batch = LOOP_BATCH * stages
+    run = loop_run(comm, directory / "pipes", batch, "fp32", settings)
+    model = loop_mlp()
+    strategy = PipelineStrategy(comm, model, settings, batch_size=batch, state=run.state, say=run.say,
+                                grad_wire="bf16")
+    train(run, strategy, synthetic(600, 100, seed=0))
+    held = [layer for layer, owner in enumerate(strategy.placement.ranks) if owner == comm.Get_rank() % stages]
+    problems = [f"layer {layer}: {(p - q).abs().max():.2e}" for layer in held
+                for p, q in zip(model[layer].parameters(), reference[layer].parameters())
+                if not torch.allclose(p, q, rtol=0, atol=TOLERANCE["bf16"])]
+    if not strategy.averager.buckets or any(b.wire is None for b in strategy.averager.buckets):
+        problems.append("the replicas' buckets are not on the wire")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
