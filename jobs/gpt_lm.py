@@ -32,6 +32,7 @@ from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal whil
 from mpi4py import MPI
 from numpy import frombuffer, ndarray, uint8
 from numpy.random import default_rng
+from torch import Generator, randint
 
 from mpipar.data.arrays import DataSplits
 from mpipar.data.tokens import TokenWindows, load_tokens
@@ -82,8 +83,14 @@ def build_strategy(comm: MPI.Intracomm, model, session: Session):
     """The strategy ``session.settings`` names, over ``comm``, for ``model`` (the unsplit GPT). Collective."""
     settings, config = session.settings, session.config
     if isinstance(settings, PipelineConfig):
+        sample = None  # --balance auto profiles the layers on rank 0, on token windows of the batch's shape
+        if settings.balance == "auto" and comm.Get_rank() == 0:
+            embedding = model[0]
+            sample = randint(0, embedding.tokens.num_embeddings,
+                             (max(1, config.batch_size // settings.microbatches), embedding.seq_len),
+                             generator=Generator().manual_seed(0))
         return PipelineStrategy(comm, model, settings, batch_size=config.batch_size, bucket_mb=config.bucket_mb,
-                                state=session.state, checkpoint=session.resumed_from, say=session.say,
+                                state=session.state, checkpoint=session.resumed_from, sample=sample, say=session.say,
                                 device=session.device, split_layers=split_transformer)
     if isinstance(settings, TensorParallelConfig):
         return TensorParallelStrategy(comm, model, settings, splitter="transformer", bucket_mb=config.bucket_mb,

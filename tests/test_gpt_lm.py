@@ -253,3 +253,19 @@ def test_the_report_plots_validation_loss_and_bits_per_byte(tmp_path, monkeypatc
     assert axes[0].get_ylabel() == "validation loss (nats per token)"
     assert axes[0].lines[0].get_ydata().tolist() == [2.0, 1.5]
     assert [child.get_ylabel() for child in axes[0].child_axes] == ["bits per byte"]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_auto_balance_profiles_the_gpt_on_rank_0(comm, mpi_tmp_path):
+    """--stages 2 --balance auto: rank 0 profiles the layers on token windows and every rank gets the
+    same 2-stage placement of the 4 layers, the tied ends on different stages."""
+    if comm.Get_size() % 2:
+        pytest.skip("2 stages need an even number of ranks")
+    settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=2, balance="auto")
+    session = loop_session(comm, shared_directory(comm, mpi_tmp_path) / "auto", BATCH, settings, max_steps=1)
+    strategy = job().build_strategy(comm, tiny_gpt(), session)
+    placement = list(strategy.placement.ranks)
+    session.watchdog.stop()
+    everywhere = comm.allgather(placement)
+    assert_all_ranks(comm, all(p == everywhere[0] for p in everywhere) and len(placement) == 4
+                     and placement[0] != placement[-1], f"placements {everywhere}")
