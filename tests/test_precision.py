@@ -219,11 +219,11 @@ def overflowing(strategy_class, step: int, rank: int):
     return Overflowing
 
 
-def loop_run(comm, directory, batch, precision, settings=None):
+def loop_run(comm, directory, batch, precision, settings=None, resume=False):
     from mpi_helpers import loop_session
 
     return loop_session(comm, directory, batch, settings, max_steps=LOOP_STEPS, flush_every=2, checkpoint_every=2,
-                        precision=precision)
+                        precision=precision, resume=resume)
 
 
 def serial_loop(comm, directory, precision, strategy_class=None):
@@ -379,4 +379,36 @@ def test_pipeline_replicas_on_a_bf16_wire_equal_one_process_within_the_rounding(
                 if not torch.allclose(p, q, rtol=0, atol=TOLERANCE["bf16"])]
     if not strategy.averager.buckets or any(b.wire is None for b in strategy.averager.buckets):
         problems.append("the replicas' buckets are not on the wire")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+@pytest.mark.mpi
+def test_fp16_resume_restores_the_loss_scale_bitwise(comm, mpi_tmp_path):
+    """Stopped at the first flush (step 2) after an overflow at step 1 halved the scale, resumed: the
+    scale comes back from the checkpoint and the run ends as the uninterrupted one."""
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.run.launch import StopRequest
+    from mpipar.run.loop import train
+
+    directory = shared_directory(comm, mpi_tmp_path)
+    strategy_class = overflowing(DataParallelStrategy, 1, comm.Get_size() - 1)
+    straight = loop_mlp()
+    train(loop_run(comm, directory / "straight", LOOP_BATCH, "fp16"), strategy_class(straight, comm),
+          synthetic(600, 100, seed=0))
+    run = loop_run(comm, directory / "stopped", LOOP_BATCH, "fp16")
+    run.stop = StopRequest()
+    run.stop.signal_name = "SIGUSR1"  # as if Slurm's warning came: stop and save at the first flush (step 2)
+    stopped = train(run, strategy_class(loop_mlp(), comm), synthetic(600, 100, seed=0))
+    resumed = loop_mlp()
+    run = loop_run(comm, directory / "stopped", LOOP_BATCH, "fp16", resume=True)
+    state_scale = run.state.get("loss_scaler", {}).get("scale")
+    train(run, DataParallelStrategy(resumed, comm), synthetic(600, 100, seed=0))
+    scales = metrics_column(directory / "stopped" / "metrics.h5", "loss_scale")[:, 0].tolist()
+    problems = [] if stopped else ["the first run did not stop"]
+    if state_scale != 2.0 ** 15 or scales != [2.0 ** 16, 2.0 ** 16, 2.0 ** 15]:
+        problems.append(f"checkpoint scale {state_scale}, scales {scales}")
+    problems += [name for (name, p), q in zip(resumed.named_parameters(), straight.parameters())
+                 if not torch.equal(p, q)]
     assert_all_ranks(comm, not problems, "; ".join(problems))
