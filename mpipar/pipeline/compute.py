@@ -8,6 +8,7 @@ from typing import List
 from torch import nn
 
 from mpipar.diagnostics import events
+from mpipar.pipeline.parts import PipelineParts
 from mpipar.pipeline.step_state import RunState
 from mpipar.pipeline_plan.instructions import (
     Backward,
@@ -30,14 +31,18 @@ def finished_by_stage(module: nn.Module, shared: List[nn.Parameter]) -> nn.Modul
     return nn.ParameterList([p for p in module.parameters() if all(p is not s for s in shared)])
 
 
-class Compute:
+class Compute(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s compute handlers: each runs one stage's step on this rank
     (local), taking its inputs from the run's received tensors and leaving its outputs for the sends."""
 
     def _forward(self, instruction: Forward, run: RunState) -> None:
         index, i = instruction.stage, instruction.microbatch
         stage = self.stages[index]
-        x = run.chunks[i - run.base] if stage.is_first else run.received.pop(RecvActivation(index, i))
+        if stage.is_first:
+            assert run.chunks is not None  # the first stage's rank holds the batch (checked by _agree_batch)
+            x = run.chunks[i - run.base]
+        else:
+            x = run.received.pop(RecvActivation(index, i))
         used = {name: run.skips.pop((name, i)) for name in self._uses[index]}  # received, or saved on this rank
         weights = self.versions[index].weights_for(i) if run.train and self.versions else None
         begin = time.perf_counter()
@@ -73,6 +78,7 @@ class Compute:
         for name, grad in used_grads.items():  # for SendSkipGrad, or for an earlier stage on this rank
             run.skip_grads[name, i] = grad
         if not stage.is_first:
+            assert grad_input is not None  # a stage after the first has an input that needs a gradient
             run.outgoing[SendGrad(index, i)] = grad_input
 
     def _update(self, instruction: Update, run: RunState) -> None:

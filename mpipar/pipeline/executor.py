@@ -7,7 +7,7 @@ of an instruction (``compute.py``), what a step gives back (``step_state.py``).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from mpi4py import MPI
@@ -29,7 +29,6 @@ from mpipar.pipeline_plan.placement import Placement
 from mpipar.pipeline_plan.schedule import (
     Backward,
     Forward,
-    Instruction,
     RecvActivation,
     RecvGrad,
     RecvSkip,
@@ -150,7 +149,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
         self.loss_fn = loss_fn
         self.stage_ranks = self.placement.stage_ranks
         self.stages: Dict[int, Stage] = {
-            index: Stage(index, len(self.stage_ranks), module[s.start:s.stop], s.start, device=device)
+            index: Stage(index, len(self.stage_ranks), cast(nn.Sequential, module[s.start:s.stop]), s.start,
+                         device=device)
             for index, s in enumerate(self.placement.segments) if s.rank == self.rank}
         self.local_module = nn.ModuleList(stage.module for stage in self.stages.values())
         if device is not None:
@@ -160,8 +160,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
                            for index, stage in self.stages.items()}
         self._programs: Dict[tuple, list] = {}
         self._spec_tables: Dict[tuple, tuple] = {}  # (input spec, train) -> (stage inputs, stage outputs)
-        self._input_specs: Dict[int, TensorSpec] = {}
-        self._output_specs: Dict[int, TensorSpec] = {}
+        self._input_specs: Dict[int, Optional[TensorSpec]] = {}
+        self._output_specs: Dict[int, Optional[TensorSpec]] = {}
         self._skip_specs: Dict[str, TensorSpec] = {}
         stage_of = [index for index, s in enumerate(self.placement.segments) for _ in range(s.start, s.stop)]
         self.stage_skips: Tuple[SkipEdge, ...] = tuple(  # the skips that cross stages, as stage indices
@@ -169,7 +169,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             if stage_of[edge.producer] != stage_of[edge.consumer])
         self._uses = {index: [e.name for e in self.stage_skips if e.consumer == index] for index in self.stages}
         self._saves = {index: [e.name for e in self.stage_skips if e.producer == index] for index in self.stages}
-        self._handlers: Dict[type, Callable[[Instruction, RunState], None]] = {
+        self._handlers: Dict[type, Callable[[Any, RunState], None]] = {  # instruction type -> its handler
             RecvActivation: self._receive, RecvGrad: self._receive,
             SendActivation: self._send, SendGrad: self._send,
             RecvSkip: self._receive_skip, RecvSkipGrad: self._receive_skip,

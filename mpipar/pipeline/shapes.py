@@ -3,6 +3,8 @@ dtypes passed down the pipeline once per input shape, before the first tensor is
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import torch
 
 from mpipar.comm import mpi_tensor
@@ -10,6 +12,7 @@ from mpipar.diagnostics import debug
 from mpipar.diagnostics.agree import gather_checked
 from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.microbatch import check_microbatches
+from mpipar.pipeline.parts import PipelineParts
 from mpipar.pipeline.stage import TensorSpec
 
 __all__ = ["ShapeAgreement", "SPEC_TAG"]
@@ -17,14 +20,14 @@ __all__ = ["ShapeAgreement", "SPEC_TAG"]
 SPEC_TAG = 0  # shape agreement; data messages use tags >= 1
 
 
-class ShapeAgreement:
+class ShapeAgreement(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s agreement on a batch and its shapes (collective over
     ``comm``: every rank calls :meth:`_agree_batch` together); the spec tables it fills are what the
     receives allocate."""
 
     def _check_batch(self, inputs, targets, train: bool, microbatches: int) -> dict:
         self._program(train, microbatches)
-        report = {"microbatches": microbatches}
+        report: Dict[str, Any] = {"microbatches": microbatches}
         if train and self.schedule.is_async and self.stages and self._optimizer is None:
             raise ValueError(f"the {self.schedule.name} schedule steps an optimizer at each update: call "
                              f"pipe.bind_optimizer(optimizer) before the first step")

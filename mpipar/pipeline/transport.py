@@ -12,6 +12,7 @@ from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
 from mpipar.diagnostics import debug, events
+from mpipar.pipeline.parts import PipelineParts
 from mpipar.pipeline.step_state import RunState
 from mpipar.pipeline_plan.instructions import (
     Instruction,
@@ -29,7 +30,7 @@ from mpipar.pipeline_plan.instructions import (
 __all__ = ["Transport"]
 
 
-class Transport:
+class Transport(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s point-to-point messages. A receive's peer posts its send at an
     earlier tick of the rank programs, so the blocking receives cannot deadlock; sends complete in
     :meth:`_wait_sends`."""
@@ -61,7 +62,9 @@ class Transport:
         index, i = instruction.stage, instruction.microbatch
         grad = isinstance(instruction, RecvGrad)
         source, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
-        buffer = (self._output_specs if grad else self._input_specs)[index].empty(self.stages[index].device)
+        spec = (self._output_specs if grad else self._input_specs)[index]
+        assert spec is not None  # agreed before the first receive (a failed agreement raised on every rank)
+        buffer = spec.empty(self.stages[index].device)
         recorder = events.active()
         begin = time.perf_counter() if recorder is not None else 0.0
         with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(

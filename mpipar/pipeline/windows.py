@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mpipar.pipeline.microbatch import check_microbatches
+from mpipar.pipeline.parts import PipelineParts
 from mpipar.pipeline.stage import TensorSpec
 from mpipar.pipeline.step_state import RunState, StepResult
 from mpipar.pipeline.timing import StepClock
@@ -19,7 +20,7 @@ from mpipar.pipeline_plan.schedule import window_program
 __all__ = ["AsyncWindows"]
 
 
-class AsyncWindows:
+class AsyncWindows(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s asynchronous schedules (``pipedream``, ``2bw``): a step runs
     one window of the never-flushing stream; :meth:`drain` (collective) empties the pipeline."""
 
@@ -52,6 +53,7 @@ class AsyncWindows:
 
     def _check_steady_batch(self, inputs, targets) -> None:
         """Local checks of a steady step's batch against the fill's (no communication)."""
+        assert self._batch_spec is not None  # set by the fill step, which every steady step follows
         spec, batch = self._batch_spec
         if self.holds_first_stage:
             size = check_microbatches(inputs.shape[0], self.microbatches) if isinstance(inputs, torch.Tensor) \
