@@ -63,7 +63,7 @@ class StrategySpec:
     aliases: Tuple[str, ...] = ()
     consolidate_optimizer: Optional[str] = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for field in ("settings", "consolidate", "predict", "profiles", "consolidate_optimizer"):
             value = getattr(self, field)
             if value is not None and not _ENTRY_POINT.match(value):

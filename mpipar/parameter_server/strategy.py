@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from mpipar.parameter_server.tickets import Tickets
 from mpipar.parameter_server.worker import Worker
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter, Table
-from mpipar.run.strategy import StepRecord, StepShards
+from mpipar.run.strategy import StepRecord, StepShards, Strategy
 
 __all__ = ["ParameterServerStrategy"]
 
@@ -288,3 +288,9 @@ class ParameterServerStrategy:
 def _staleness_fields(staleness) -> dict:
     return {"updates": len(staleness), "staleness_mean": float(np.mean(staleness)) if staleness else 0.0,
             "staleness_max": float(max(staleness)) if staleness else 0.0}
+
+
+if TYPE_CHECKING:
+    def _is_a_strategy(strategy: ParameterServerStrategy) -> Strategy:
+        """Holds the class to the loop's protocol (checked by mypy, see tests/run.sh)."""
+        return strategy

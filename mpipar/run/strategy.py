@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -121,9 +121,10 @@ class Strategy(Protocol):
     def needs_batch(self) -> bool:
         """Whether this rank reads the step's samples (a pipeline's middle stages do not)."""
 
-    def train_step(self, batch: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> StepRecord:
+    def train_step(self, batch: Any) -> StepRecord:
         """Forward, backward and gradient reduction of one step; ``batch`` is
-        ``(inputs, targets)`` or None where :meth:`needs_batch` is False."""
+        ``(inputs, targets)`` or None where :meth:`needs_batch` is False, or the step's
+        :class:`StepShards` where ``shares_shards`` (typed ``Any``: which one depends on that flag)."""
 
     def end_epoch(self) -> None:
         """Before evaluation at an epoch end (e.g. average BatchNorm statistics)."""

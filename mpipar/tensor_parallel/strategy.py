@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from mpipar.diagnostics.failure import agreed
 from mpipar.models.vit import TransformerBlock, VisionTransformer
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter
-from mpipar.run.strategy import StepRecord
+from mpipar.run.strategy import StepRecord, Strategy
 from mpipar.tensor_parallel.attention import ParallelTransformerBlock
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpipar.tensor_parallel.mlp import ParallelMLP
@@ -435,3 +435,9 @@ class TensorParallelStrategy:
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Free the grid. Collective over the world."""
         self.grid.free()
+
+
+if TYPE_CHECKING:
+    def _is_a_strategy(strategy: TensorParallelStrategy) -> Strategy:
+        """Holds the class to the loop's protocol (checked by mypy, see tests/run.sh)."""
+        return strategy
