@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from mpi_helpers import ROOT, assert_all_ranks, assert_comm_still_usable, loop_session, run_mpi, shared_directory
+from mpipar.diagnostics.agree import collective_check
 from mpipar.models.gpt import gpt
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.run.evaluate import evaluate
@@ -41,12 +42,14 @@ def tiny_gpt():
     return gpt(width=16, layers=2, heads=4, seq_len=SEQ, hidden=32).double()
 
 
-def run_job(comm, out, settings):
-    """The job's strategy for ``settings`` over ``comm``, trained by the loop for ``STEPS`` steps of
-    ``BATCH`` windows per replica on synthetic text; returns (:func:`trained_state`, taken before the
-    strategy frees its groups, and the metrics file's validation loss)."""
+def run_job(comm, out, settings, *, resume=False, stop=None, **config):
+    """The job's strategy for ``settings`` over ``comm``, trained by the loop (``STEPS`` steps unless
+    ``config`` says otherwise) on ``BATCH`` windows of synthetic text per replica; returns (whether a
+    stop ended it, :func:`trained_state` taken before the strategy frees its groups)."""
     gpt_lm = job()
-    session = loop_session(comm, out, BATCH, settings, max_steps=STEPS)
+    session = loop_session(comm, out, BATCH, settings, resume=resume, **{"max_steps": STEPS, **config})
+    if stop is not None:
+        session.stop = stop
     strategy = gpt_lm.build_strategy(comm, tiny_gpt(), session)
     state, finish = {}, strategy.finish
 
@@ -55,9 +58,12 @@ def run_job(comm, out, settings):
         finish(*args)
 
     strategy.finish = finish_after_taking_the_state
-    assert not train(session, strategy, gpt_lm.token_data(comm, "synthetic", SEQ, seed=0))
+    return train(session, strategy, gpt_lm.token_data(comm, "synthetic", SEQ, seed=0)), state
+
+
+def validation_loss(out) -> float:
     with h5py.File(Path(out) / "metrics.h5", "r") as f:  # rank 0 wrote it; every rank may read it
-        return state, float(f["epochs/test_loss"][-1])
+        return float(f["epochs/test_loss"][-1])
 
 
 def trained_state(strategy, settings, comm):
@@ -88,7 +94,8 @@ def test_gpt_lm_equals_the_same_model_on_one_process(comm, mpi_tmp_path, kind):
                 "stages2": PipelineConfig(schedule="1f1b", microbatches=2, stages=2)}[kind]
     replicas = size // group
     directory = shared_directory(comm, mpi_tmp_path)
-    state, loss = run_job(comm, directory / kind, settings)
+    stopped, state = run_job(comm, directory / kind, settings)
+    loss = validation_loss(directory / kind)
 
     gpt_lm = job()
     reference_session = loop_session(MPI.COMM_SELF, directory / f"serial-{kind}-{comm.Get_rank()}", BATCH * replicas,
@@ -99,7 +106,8 @@ def test_gpt_lm_equals_the_same_model_on_one_process(comm, mpi_tmp_path, kind):
     with h5py.File(Path(reference_session.out) / "metrics.h5", "r") as f:
         reference_loss = float(f["epochs/test_loss"][-1])
 
-    problems = [f"{name}: " + (f"max difference {(value - reference[name]).abs().max().item():.2e}"
+    problems = ["stopped early"] if stopped else []
+    problems += [f"{name}: " + (f"max difference {(value - reference[name]).abs().max().item():.2e}"
                                if value.shape == reference[name].shape else f"shape {tuple(value.shape)}")
                 for name, value in state.items() if name in reference
                 and (value.shape != reference[name].shape or not torch.allclose(value, reference[name], **TOL))]
@@ -143,15 +151,15 @@ def test_the_gpt_is_causal_and_its_head_is_tied():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_refused_settings_are_one_error_on_every_rank(comm):
+def test_refused_settings_are_one_error_on_every_rank(comm, mpi_tmp_path):
     size = comm.Get_size()
     gpt_lm = job()
     args = gpt_lm.parser(comm.Get_rank()).parse_args(["--width", "18", "--heads", "4"])
     with pytest.raises(ValueError, match=r"--heads 4 does not divide --width 18"):
-        from mpipar.diagnostics.agree import collective_check
         collective_check(comm, lambda: gpt(width=args.width, heads=args.heads), "the model's sizes")
     with pytest.raises(ValueError, match=rf"{size} tensor-parallel ranks cannot split this transformer's blocks"):
-        session = loop_session(comm, "/nonexistent-never-written", BATCH, TensorParallelConfig(tp=size))
+        session = loop_session(comm, shared_directory(comm, mpi_tmp_path) / "refused", BATCH,
+                               TensorParallelConfig(tp=size))
         model = gpt(width=4 * (size + 1), layers=1, heads=size + 1, seq_len=SEQ, hidden=4 * size)
         gpt_lm.build_strategy(comm, model, session)
     assert_comm_still_usable(comm)
@@ -203,22 +211,9 @@ def test_gpt_lm_stopped_and_resumed_is_the_straight_run(comm, mpi_tmp_path, kind
     settings = {"data_parallel": None, "tp2": TensorParallelConfig(tp=2),
                 "stages2": PipelineConfig(schedule="1f1b", microbatches=2, stages=2)}[kind]
     directory = shared_directory(comm, mpi_tmp_path) / f"resume-{kind}"
-    gpt_lm = job()
 
-    def run(out, *, resume=False, stop=None):
-        session = loop_session(comm, out, BATCH, settings, resume=resume, max_steps=6, flush_every=2)
-        if stop is not None:
-            session.stop = stop
-        strategy = gpt_lm.build_strategy(comm, tiny_gpt(), session)
-        state, finish = {}, strategy.finish
-
-        def finish_after_taking_the_state(*args):
-            state.update(trained_state(strategy, settings, comm))
-            finish(*args)
-
-        strategy.finish = finish_after_taking_the_state
-        stopped = train(session, strategy, gpt_lm.token_data(comm, "synthetic", SEQ, seed=0))
-        return stopped, state
+    def run(out, **how):
+        return run_job(comm, out, settings, max_steps=6, flush_every=2, **how)
 
     _, straight = run(directory / "straight")
     stop = StopRequest()
