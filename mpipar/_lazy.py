@@ -1,10 +1,10 @@
 """Names of a package that load on first use (PEP 562), so importing the package imports nothing heavy."""
 
 import importlib
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Mapping, Optional, Tuple
 
 
-def lazy_getattr(package: str, names: Dict[str, Tuple[str, Optional[str]]], namespace: dict) -> Callable:
+def lazy_getattr(package: str, names: Mapping[str, Tuple[str, Optional[str]]], namespace: dict) -> Callable:
     """A module ``__getattr__`` for ``package`` that imports ``names[name] = (module, attribute)``
     (``attribute`` None: the module itself) on first use and keeps it in ``namespace``."""
 

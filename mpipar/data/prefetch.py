@@ -28,10 +28,11 @@ class Prefetcher:
         self._thread = None
         if depth and self.batches:
             self._queue = queue.Queue(maxsize=depth)
-            self._thread = threading.Thread(target=self._read_ahead, name="mpipar-prefetch", daemon=True)
+            self._thread = threading.Thread(target=self._read_ahead, args=(self._queue,), name="mpipar-prefetch",
+                                            daemon=True)
             self._thread.start()
 
-    def _read_ahead(self) -> None:
+    def _read_ahead(self, out: queue.Queue) -> None:
         for indices in self.batches:
             try:
                 item = self.dataset.batch(indices, epoch=self.epoch)
@@ -39,7 +40,7 @@ class Prefetcher:
                 item = exc
             while not self._closed.is_set():
                 try:
-                    self._queue.put(item, timeout=0.1)
+                    out.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar, cast
 
 from mpi4py import MPI
 
@@ -52,7 +52,7 @@ def collective_check(comm: MPI.Intracomm, check: Callable[[], T], what: str = ""
     """
     result, failure = _run(check)
     _raise_failures(collectives.allgather(comm, failure, f"check {what}"), what)
-    return result
+    return cast(T, result)  # check() returned it: no rank failed
 
 
 def gather_checked(comm: MPI.Intracomm, check: Callable[[], T], what: str = "") -> List[T]:

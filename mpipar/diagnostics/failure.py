@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Dict, Tuple, Type
+from typing import Any, Dict, Tuple, Type, cast
 
 from mpi4py import MPI
 
@@ -57,14 +57,14 @@ def agreed(base: Type[BaseException]) -> Type[AgreedError]:
         return cls
 
 
-def plain_type(exc: BaseException) -> type:
+def plain_type(exc: BaseException) -> Type[BaseException]:
     """``exc``'s type without the :func:`agreed` wrapper: ``ValueError`` for ``agreed(ValueError)(...)``."""
     return getattr(type(exc), "_agreed_base", type(exc))
 
 
 def _reduce(self: BaseException) -> Tuple[Any, ...]:
     base = plain_type(self)
-    _, args, *state = base.__reduce__(self)  # the base's arguments (OSError adds its filename)
+    _, args, *state = cast(Tuple[Any, ...], base.__reduce__(self))  # the base's arguments (OSError adds its filename)
     return (_rebuild, (base, args), *state)
 
 

@@ -18,7 +18,7 @@ in memory when both stages sit on one rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -148,9 +148,9 @@ def find_skips(module: nn.Sequential) -> Tuple[SkipEdge, ...]:
         raise TypeError(f"{type(module).__name__} has skip layers (SaveSkip, AddSkip, CatSkip) but cannot pass "
                         f"skips between them; build the model as mpipar.pipeline.SkipSequential")
     saved: Dict[str, int] = {}
-    edges = []
+    edges: List[SkipEdge] = []
     for index in markers:
-        layer = layers[index][1]
+        layer = cast(Union[SaveSkip, SkipConsumer], layers[index][1])  # what the markers are
         if isinstance(layer, SaveSkip):
             if layer.name in saved or any(edge.name == layer.name for edge in edges):
                 raise ValueError(f"skip {layer.name!r} is saved twice (layer {index}); give every skip its own name")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -138,13 +138,13 @@ def check_passive_progress(comm: MPI.Intracomm, shares: WindowShares, servers: i
 
 
 def one_sided_step(shares: WindowShares, flat: FlatShares, *, workers: int, step: int, held: List[int],
-                   compute, lr: float, step_samples: int, worker_rank: int) -> Dict[str, object]:
+                   compute, lr: float, step_samples: int, worker_rank: int) -> Dict[str, Any]:
     """A worker's shards of loop step ``step``: take tickets from the counter (a ticket of a later
     step is kept in ``held`` for it), read the weights, compute (``compute(shard) -> (samples, loss)``
     leaving gradients in ``flat.grads``), accumulate ``-lr * share * gradient`` (share: of the step's
     ``step_samples``). Returns the
     step's record: samples, loss sum, update rows, seconds in MPI."""
-    rows = {name: [] for name in UPDATE_COLUMNS}
+    rows: Dict[str, list] = {name: [] for name in UPDATE_COLUMNS}
     samples = 0
     loss_sum = comm_time = 0.0
     while True:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -97,8 +97,9 @@ class ParameterServerStrategy:
         self.server: Optional[Server] = None
         self.worker: Optional[Worker] = None
         self.shares: Optional[WindowShares] = None
-        self.optimizer, self._held = None, []
-        self._one_sided_rows = {name: [] for name in UPDATE_COLUMNS}
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._held: List[int] = []
+        self._one_sided_rows: Dict[str, list] = {name: [] for name in UPDATE_COLUMNS}
         self._staleness_seen = [0, 0, 0]  # updates written to /updates by this rank: count, sum, max
         self.metrics_tables = [Table("updates", self._take_updates, histograms=("staleness",))]
         if settings.one_sided:
@@ -164,6 +165,7 @@ class ParameterServerStrategy:
         if self.is_server:  # the workers update the windows; the server only meets them in the loop's collectives
             return StepRecord(loss=0.0, samples=0, compute_time=0.0, loss_weight=0,
                               extra=_staleness_fields([]))
+        assert self.shares is not None and self.optimizer is not None  # one-sided; the loop bound the optimizer
         start, timing = time.perf_counter(), {"data": 0.0}
 
         def compute(shard: int):
@@ -188,7 +190,9 @@ class ParameterServerStrategy:
     def _work(self, shards: StepShards) -> StepRecord:
         compute = data = loss_sum = 0.0
         samples = 0
-        ticket = self.worker.exchange(shards.step)
+        worker = self.worker
+        assert worker is not None  # _work runs on the workers' ranks
+        ticket = worker.exchange(shards.step)
         while ticket is not None:
             start = time.perf_counter()
             images, labels = shards.fetch(ticket[1])
@@ -197,8 +201,8 @@ class ParameterServerStrategy:
             value = self._compute(images, labels)
             compute += time.perf_counter() - fetched
             loss_sum, samples = loss_sum + value * len(labels), samples + len(labels)
-            ticket = self.worker.exchange(shards.step, (ticket, len(labels), value, shards.samples))
-        times = self.worker.take_times()
+            ticket = worker.exchange(shards.step, (ticket, len(labels), value, shards.samples))
+        times = worker.take_times()
         return StepRecord(loss=loss_sum / max(samples, 1), samples=samples, compute_time=compute,
                           comm_time=times["comm"], idle_time=times["idle"], bytes_sent=times["bytes"],
                           data_time=data, loss_weight=samples,

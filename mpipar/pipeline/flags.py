@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, TRAIN_SCHEDULES
@@ -17,7 +18,7 @@ def balance_flag(text: str):
 
 
 def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b", microbatches: int = 4,
-                       placement: str = None, stages: bool = True, asynchronous: bool = False) -> None:
+                       placement: Optional[str] = None, stages: bool = True, asynchronous: bool = False) -> None:
     """The flags of the pipeline jobs: ``--schedule``, ``--microbatches``, ``--balance``
     (or ``--placement`` when ``placement`` gives its default) and ``--stages``.
     Placements and balances are parsed here, once, into tuples of ints. The schedules are

@@ -92,7 +92,7 @@ def _simulate(streams: Sequence[Sequence[Instruction]], depends_on: Callable[[In
     """
     spans: Dict[Instruction, Tuple[float, float]] = {}
     position = [0] * len(streams)
-    free_at = [0] * len(streams)
+    free_at: List[float] = [0] * len(streams)
     while any(position[w] < len(stream) for w, stream in enumerate(streams)):
         progressed = False
         for w, stream in enumerate(streams):
@@ -234,7 +234,7 @@ class Schedule:
         """Start tick of every compute step, one stage per worker, every step one tick."""
         streams = [self._compute_steps(s) for s in range(self.stages)]
         spans = _simulate(streams, self.depends_on, lambda step: 1, f"schedule {self.name} has a dependency cycle")
-        return {step: start for step, (start, _) in spans.items()}
+        return {step: int(start) for step, (start, _) in spans.items()}  # unit durations: whole ticks
 
     def ticks(self, stage: int) -> List[int]:
         """The unit-time clock tick of each step of ``compute_order(stage)``."""
@@ -287,7 +287,9 @@ class Schedule:
         """
         if not self.is_async:
             return [(i, 0, 0) for i in range(self.total_microbatches)]
-        live, forward, applied, waiting = 0, {}, {}, []
+        forward: Dict[int, int] = {}
+        applied: Dict[int, int] = {}
+        live, waiting = 0, []
         for instruction in self.instructions(stage):
             if isinstance(instruction, Forward):
                 version = self.forward_version(stage, instruction.microbatch)
@@ -350,6 +352,8 @@ def _with_skips(group: List[Instruction], skips: Sequence[Tuple[int, int]], stag
     s, i = step.stage, step.microbatch
     crossing = [(k, producer, consumer) for k, (producer, consumer) in enumerate(skips)
                 if stage_ranks[producer] != stage_ranks[consumer]]
+    before: List[Instruction]
+    after: List[Instruction]
     if isinstance(step, Forward):
         before = [RecvSkip(s, i, k, producer) for k, producer, consumer in crossing if consumer == s]
         after = [SendSkip(s, i, k, consumer) for k, producer, consumer in crossing if producer == s]

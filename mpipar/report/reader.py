@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import h5py
 import numpy as np
@@ -30,11 +30,11 @@ class Run:
     attributes; ``p2p`` the ``/p2p`` table's columns (point-to-point bytes, see :meth:`p2p_matrix`)."""
 
     path: Path
-    attrs: Dict[str, object] = field(default_factory=dict)
+    attrs: Dict[str, Any] = field(default_factory=dict)
     steps: Dict[str, np.ndarray] = field(default_factory=dict)
     epochs: Dict[str, np.ndarray] = field(default_factory=dict)
     events: Dict[str, np.ndarray] = field(default_factory=dict)
-    event_attrs: Dict[str, object] = field(default_factory=dict)
+    event_attrs: Dict[str, Any] = field(default_factory=dict)
     p2p: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -48,7 +48,9 @@ class Run:
 
     @property
     def world_size(self) -> int:
-        return int(self.attrs.get("world_size", self.steps["step_time"].shape[1] if "step_time" in self.steps else 0))
+        if "world_size" in self.attrs:
+            return int(self.attrs["world_size"])
+        return self.steps["step_time"].shape[1] if "step_time" in self.steps else 0
 
     @property
     def num_steps(self) -> int:

@@ -39,14 +39,14 @@ def _agree_on_attention(comm: MPI.Intracomm, full: nn.MultiheadAttention, what: 
     across ranks (one small allgather); then the configurations this layer cannot split, refused. Every
     error is raised on every rank."""
 
-    def config():
+    def local_config():
         if rng is not None and not isinstance(rng, TensorParallelRNG):
             raise TypeError(f"rng must be a TensorParallelRNG, got {type(rng).__name__}")
         found = _attention_config(full)
         found["rng group size"] = None if rng is None else rng.size
         return found
 
-    every_rank = gather_checked(comm, config, what)
+    every_rank = gather_checked(comm, local_config, what)
     config = every_rank[0]
     differing = [rank for rank, found in enumerate(every_rank) if found != config]
     if differing:

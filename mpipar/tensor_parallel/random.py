@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ class TensorParallelRNG:
         finally:
             self._cpu_state = torch.get_rng_state()
             torch.set_rng_state(saved_cpu)
-            if device is not None:
+            if device is not None and saved_cuda is not None:  # both or neither
                 self._cuda_states[device] = torch.cuda.get_rng_state(device)
                 torch.cuda.set_rng_state(saved_cuda, device)
             self._inside = False
@@ -150,13 +150,13 @@ class TensorParallelRNG:
     def _restore(self, snapshot: tuple) -> None:
         self._cpu_state, self._cuda_states = snapshot[0].clone(), {d: v.clone() for d, v in snapshot[1].items()}
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> Dict[str, Any]:
         """This rank's split-stream state (tensors and ints: loads with ``weights_only=True``), for a
         checkpoint of this rank or for replaying a region's draws."""
         return {"seed": self.seed, "cpu": self._cpu_state.clone(),
                 "cuda": {device: state.clone() for device, state in self._cuda_states.items()}}
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` of this rank's stream (its seed must match)."""
         if state["seed"] != self.seed:
             raise ValueError(f"TensorParallelRNG: the state is of split seed {state['seed']}, this rank's "
