@@ -9,21 +9,9 @@ Usage:
     mpirun -n 4 python jobs/gpt_lm.py --stages 2 --tp 2 --data synthetic --max-steps 20 --out runs/gpt_pp_tp
     sbatch slurm/gpt_lm.sh --data synthetic --max-steps 20
 
-The model (mpipar.models.gpt) is a decoder-only transformer over bytes (vocabulary 256): a
-token and position embedding, --layers causal pre-norm blocks of --heads heads (MLP width x 4,
-GELU), a final LayerNorm and a head tied to the token embedding (one parameter), as one flat
-nn.Sequential. A sample is a window of --seq-len + 1 bytes of the text (mpipar-text2h5 writes
-the token file; each epoch cuts the text at another phase); the loss is the mean next-byte
-cross-entropy, and each epoch ends with the validation loss, its bits per byte (loss / ln 2)
-and the next-byte accuracy in metrics.h5 (mpipar-report plots them). --data synthetic is
-generated text (words drawn by a seeded Markov chain). Strategies: by default every rank is a
-data-parallel replica; --tp T splits every block's heads and MLP over T consecutive ranks
-(embedding, norms and the tied head replicated); --stages S cuts the layers into pipelines of
-S stages (--schedule gpipe or 1f1b, --microbatches; the tied weight's gradient is summed over
-the first and last stage), each stage split over --tp ranks; the world size / (S x T) groups
-are data-parallel replicas. --batch-size counts windows per replica per step. Checkpoints,
---resume and --requeue as the other jobs. As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1
-OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than cores needs --oversubscribe.
+Flags: --help. Manual: docs/gpt.md (the job: model, data, strategies).
+As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
+than cores needs --oversubscribe.
 """
 
 import math

@@ -5,37 +5,17 @@ Usage:
     mpirun -n 2 python jobs/resnet_dp.py --data synthetic --max-steps 20 --out runs/try
     mpirun -n 2 python jobs/resnet_dp.py --data synthetic --max-steps 20 --out runs/try --resume
     sbatch slurm/resnet_dp.sh --data synthetic --max-steps 5
-
-Each rank trains on its share of every global batch (--batch-size samples per
-rank); gradients are averaged with MPI Allreduce, weighted by sample counts.
-Writes OUT/metrics.h5 (per step and rank: compute, communication and idle time,
-bytes sent, loss; per epoch: test accuracy). Rank 0 checkpoints the model, and
-every rank's BatchNorm statistics, to OUT/checkpoints (every --checkpoint-every
-steps, at epoch ends, and on SIGUSR1/SIGTERM); --resume continues the latest one,
-bitwise as if never interrupted. As root, Open MPI needs
-OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks than
-cores needs --oversubscribe.
-
-Local SGD: every rank takes its own optimizer steps, and the ranks' models (parameters
-and BatchNorm statistics, weighted by samples) are averaged every H local steps and at
-every epoch end (evaluation and the epoch's checkpoint see the average):
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --sync-every 8
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --sync-every 8 --local-warmup 100
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 1 --sync-every end
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --sync-every 16 --outer-lr 0.7 --outer-momentum 0.9
     sbatch slurm/resnet_dp.sh --data synthetic --max-steps 20 --sync-every 4 --local-warmup 4
---sync-every 1 (the default) is the synchronous data parallelism above; 'end' (or 0)
-averages at epoch ends only: one-shot averaging (ParallelSGD) in a one-epoch run.
---local-warmup N: N synchronous steps first (post-local SGD). --outer-lr, --outer-momentum:
-DiLoCo's outer Nesterov SGD on the global weights along global - average (1 and 0, the
-defaults, take the average as it is). /steps/synced in metrics.h5 marks the steps after
-which the ranks' parameters were equal. Every rank checkpoints its own model and optimizer
-state; --resume needs as many ranks as wrote the checkpoint.
-
-Sharded data parallelism (ZeRO, docs/sharded.md): --zero 1 shards the optimizer state over
-the ranks, --zero 2 the gradients too; every rank checkpoints its shard, and --resume
-works on another number of ranks (the shards are cut again). --optimizer adamw for AdamW:
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --zero 2 --optimizer adamw
+
+Flags: --help. Manual: docs/usage.md (the job), docs/local_sgd.md (--sync-every),
+docs/sharded.md (--zero).
+As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
+than cores needs --oversubscribe.
 """
 
 from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports

@@ -11,39 +11,8 @@ Usage:
     mpirun -n 4 python jobs/resnet_pp.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid
     sbatch slurm/resnet_pp.sh --data synthetic --max-steps 5
 
-The default model, resnet-small-fine, is resnet-small written as 30 small layers
-(convolution, BatchNorm, ReLU, and SaveSkip / AddSkip for each residual
-connection), so a stage boundary may fall inside a residual block: the skip
-tensor then goes straight from the stage that saves it to the one that adds it
-(mpipar.pipeline.skip). The layers are cut into --stages contiguous stages
-(default: one per rank): --balance auto (the default: every layer is profiled on
-rank 0, the slowest stage is minimised, and the chosen split, the predicted and
-the measured stage times are printed and stored in metrics.h5; with --stage-
-memory-mb every stage also keeps its parameters and the activations of the
-micro-batches in flight on it within that many MiB), even (by layer count) or
-N,N,... layers per stage; a resume keeps the checkpoint's placement. --model
-resnet-small is the same network as 5 block layers (stem, three blocks, head).
---schedule gpipe runs all forwards then all backwards; 1f1b bounds the micro-
-batches in flight; naive runs one micro-batch at a time; pipedream and 2bw never
-flush (PipeDream with weight stashing, an update per micro-batch; PipeDream-2BW, an
-update per batch on weights one version old): each step takes one batch into the
-full pipeline, the optimizer is stepped by the pipeline at every update, the
-pipeline is drained at epoch ends and checkpoints (the checkpoint holds the stashed
-weight versions; resumes are bitwise), and metrics.h5 gets per step and rank
-stash_bytes, weight_versions, updates and staleness_mean and the table
-/pipeline_updates (forward and applied version of every update); they need
---microbatches >= stages - 1, one pipeline (--stages = ranks) and --tp 1. With fewer stages than
-ranks, consecutive ranks form a pipeline and the world size / stages pipelines
-are data-parallel replicas: each takes --batch-size samples per step and every
-stage's gradients are averaged over its replicas (with 4 ranks and --stages 2:
-pipelines {0,1} and {2,3}, gradient groups {0,2} and {1,3}). Writes
-OUT/metrics.h5 with the data-parallel schema plus the root attributes schedule,
-stages, microbatches, replicas, bubble_measured, bubble_ideal and bubble_bound,
-and per step and rank busy (compute), communication and idle time and activation
-bytes. Each rank checkpoints its own stages to OUT/checkpoints (every
---checkpoint-every steps, at epoch ends, and on SIGUSR1/SIGTERM); --resume
-continues the latest one, bitwise as if never interrupted. As root, Open MPI
-needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
+Flags: --help. Manual: docs/pipeline.md (the job: models, balance, schedules, grids).
+As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
 than cores needs --oversubscribe.
 """
 

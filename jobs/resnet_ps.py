@@ -8,25 +8,9 @@ Usage:
     mpirun -n 3 python jobs/resnet_ps.py --data synthetic --max-steps 20 --mode sync --out runs/ps --resume
     sbatch slurm/resnet_ps.sh --data synthetic --max-steps 5
 
-Ranks 0..--servers-1 are servers: each holds a share of the parameters (whole
-tensors, balanced by size) and the optimizer over it. The other ranks are
-workers: a step's global batch is one shard of --batch-size samples per worker;
-a worker takes a shard from server 0, computes its gradient, pushes it to the
-servers and takes the new weights back. --mode sync: the servers apply a step's
-gradients together once all have arrived (equals data parallelism); async: each
-gradient is applied when it arrives, and a fast worker computes more shards than
-a slow one; bounded: async, but no gradient is applied more than --staleness
-versions after the weights it was computed on. --staleness-lr divides each
-gradient's step by its staleness. --one-sided: workers update an MPI window on
-the servers with Accumulate and read it with Get (plain SGD: --momentum 0
---weight-decay 0). --straggler RANK --slowdown F makes one worker compute F
-times slower (experiments). Writes OUT/metrics.h5 with the data-parallel schema
-plus per step and rank updates, staleness_mean and staleness_max, and the table
-/updates (worker, step, shard, base and applied version, staleness, bytes) with
-/updates/staleness_histogram. Every rank checkpoints its own part to
-OUT/checkpoints; --resume continues on the same ranks and --servers. As root,
-Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and
-more ranks than cores needs --oversubscribe.
+Flags: --help. Manual: docs/parameter_server.md (the job: servers, workers, modes).
+As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
+than cores needs --oversubscribe.
 """
 
 from _prelude import EARLY_SIGNALS  # first: catches Slurm's warning signal while torch imports
