@@ -79,11 +79,12 @@ def build_strategy(comm: MPI.Intracomm, model, session: Session):
                              generator=Generator().manual_seed(0))
         return PipelineStrategy(comm, model, settings, batch_size=config.batch_size, bucket_mb=config.bucket_mb,
                                 state=session.state, checkpoint=session.resumed_from, sample=sample, say=session.say,
-                                device=session.device, split_layers=split_transformer)
+                                device=session.device, split_layers=split_transformer, grad_wire=config.grad_wire)
     if isinstance(settings, TensorParallelConfig):
         return TensorParallelStrategy(comm, model, settings, splitter="transformer", bucket_mb=config.bucket_mb,
-                                      state=session.state, device=session.device)
-    return DataParallelStrategy(model, comm, bucket_mb=config.bucket_mb, device=session.device)
+                                      state=session.state, device=session.device, grad_wire=config.grad_wire)
+    return DataParallelStrategy(model, comm, bucket_mb=config.bucket_mb, device=session.device,
+                                grad_wire=config.grad_wire)
 
 
 class _MemoryRows:

@@ -264,3 +264,28 @@ def test_auto_balance_profiles_the_gpt_on_rank_0(comm, mpi_tmp_path):
     everywhere = comm.allgather(placement)
     assert_all_ranks(comm, all(p == everywhere[0] for p in everywhere) and len(placement) == 4
                      and placement[0] != placement[-1], f"placements {everywhere}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["data_parallel", "tp2", "stages2"])
+def test_the_grad_wire_reaches_every_strategy_of_the_job(comm, mpi_tmp_path, monkeypatch, kind):
+    """``--grad-wire bf16``: the job's strategy sums its (replicas') gradient buckets on the 16-bit wire."""
+    import mpipar.comm.reducer as reducer
+
+    size = comm.Get_size()
+    group = {"data_parallel": 1, "tp2": 2, "stages2": 2}[kind]
+    if size % group or size // group < 2:
+        pytest.skip(f"{kind} needs 2 or more replicas of {group} ranks (one replica reduces nothing)")
+    settings = {"data_parallel": None, "tp2": TensorParallelConfig(tp=2),
+                "stages2": PipelineConfig(schedule="1f1b", microbatches=2, stages=2)}[kind]
+    dtypes = []
+
+    class Recorded(reducer.WireSum):
+        def __init__(self, buffer, group_comm, wire):
+            dtypes.append(wire)
+            super().__init__(buffer, group_comm, wire)
+
+    monkeypatch.setattr(reducer, "WireSum", Recorded)
+    directory = shared_directory(comm, mpi_tmp_path)
+    run_job(comm, directory / kind, settings, max_steps=1, grad_wire="bf16")
+    assert_all_ranks(comm, bool(dtypes) and all(d == torch.bfloat16 for d in dtypes), f"{kind}: wires {dtypes}")
