@@ -11,6 +11,7 @@ Usage:
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --sync-every 16 --outer-lr 0.7 --outer-momentum 0.9
     sbatch slurm/resnet_dp.sh --data synthetic --max-steps 20 --sync-every 4 --local-warmup 4
     mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --zero 2 --optimizer adamw
+    mpirun -n 4 python jobs/resnet_dp.py --data fashion-mnist --epochs 3 --zero 3 --optimizer adamw
 
 Flags: --help. Manual: docs/usage.md (the job), docs/local_sgd.md (--sync-every),
 docs/sharded.md (--zero).

@@ -1,4 +1,4 @@
-"""Sharded data parallelism (ZeRO-1/2) equals DataParallel on the same ranks, and resumes on other rank counts.
+"""Sharded data parallelism (ZeRO-1/2/3) equals DataParallel on the same ranks, and resumes on other rank counts.
 
 Every comparison is float64 with tight tolerances: ZeRO changes where the optimizer runs and how
 gradients are reduced (a reduce-scatter instead of an Allreduce sums in another order), nothing else.
@@ -33,9 +33,23 @@ def private_comm(comm):
     dup.Free()
 
 
+class Tied(nn.Module):
+    """Two layers sharing one weight: one ZeRO-3 unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(7, 7, bias=False)
+        self.out = nn.Linear(7, 7, bias=False)
+        self.out.weight = self.head.weight  # tied
+
+    def forward(self, h):
+        return self.out(torch.tanh(self.head(h)))
+
+
 class Awkward(nn.Module):
     """Frozen, unused, tied and sometimes-used parameters, BatchNorm, a keyword input; 173
-    trainable elements (prime: no rank count above 1 divides it)."""
+    trainable elements (prime: no rank count above 1 divides it). The children run in another
+    order than they are registered (bn before sometimes), and sometimes on some ranks only."""
 
     def __init__(self):
         super().__init__()
@@ -45,15 +59,13 @@ class Awkward(nn.Module):
         self.unused = nn.Linear(3, 3)
         self.sometimes = nn.Linear(7, 7)
         self.bn = nn.BatchNorm1d(7)
-        self.head = nn.Linear(7, 7, bias=False)
-        self.out = nn.Linear(7, 7, bias=False)
-        self.out.weight = self.head.weight  # tied
+        self.tail = Tied()
 
     def forward(self, x, *, scale=1.0):
         h = self.bn(self.frozen(torch.tanh(self.embed(x))))
         if len(x) % 2:  # used on the ranks with an odd number of samples only
             h = h + self.sometimes(h)
-        return self.out(torch.tanh(self.head(h))) * scale
+        return self.tail(h) * scale
 
 
 def shard(size, rank, step):
@@ -84,7 +96,7 @@ def test_layout_pieces_cover_every_parameter_once_and_pad_to_the_ranks():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_sharded_equals_data_parallel(comm, private_comm, stage, optimizer):
     """Five steps on unequal shards: every parameter and buffer as DataParallel's on the same ranks."""
@@ -110,10 +122,11 @@ def test_sharded_equals_data_parallel(comm, private_comm, stage, optimizer):
             loss = F.cross_entropy(sdp(x, scale=0.5), y)
         loss.backward()
         sdp.step(opt_sharded)
-        for (name, a), b in zip(reference.state_dict().items(), replica.state_dict().values()):
-            if not torch.allclose(a, b, **TOL):
-                problems.append(f"step {step} {name}: max abs difference {(a - b).abs().max().item():.3e}")
-    if stage == 2:
+        with sdp.full_parameters():
+            for (name, a), b in zip(reference.state_dict().items(), replica.state_dict().values()):
+                if not torch.allclose(a, b, **TOL):
+                    problems.append(f"step {step} {name}: max abs difference {(a - b).abs().max().item():.3e}")
+    if stage >= 2:
         assert all(p.grad is None for p in replica.parameters())  # only the shard keeps gradients
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
     assert_all_ranks(comm, not torch.equal(reference.unused.weight, torch.zeros(3, 3)), "the check is not vacuous")
@@ -145,7 +158,7 @@ class Tiny(nn.Module):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("make", [Mixed, Tiny])
 def test_two_dtypes_and_ranks_that_own_only_padding_equal_data_parallel(comm, private_comm, stage, make):
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -162,10 +175,12 @@ def test_two_dtypes_and_ranks_that_own_only_padding_equal_data_parallel(comm, pr
         opt_dp.step()
         F.cross_entropy(sdp(x), y).backward()
         sdp.step(opt_sharded)
-    problems = [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
-                zip(reference.named_parameters(), replica.parameters())
-                if not torch.allclose(p, q, **(TOL if p.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)))]
-    assert_all_ranks(comm, not problems and len(sdp.layout.groups) == (2 if make is Mixed else 1), "; ".join(problems))
+    with sdp.full_parameters():
+        problems = [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
+                    zip(reference.named_parameters(), replica.parameters())
+                    if not torch.allclose(p, q, **(TOL if p.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)))]
+    groups = (3 if stage == 3 else 2) if make is Mixed else 1  # stage 3: a buffer per unit and dtype
+    assert_all_ranks(comm, not problems and len(sdp.layout.groups) == groups, "; ".join(problems))
 
 
 @pytest.mark.mpi
@@ -198,6 +213,84 @@ def test_collectives_per_step_are_the_designs(comm, private_comm, stage):
     assert_all_ranks(comm, ok, f"{memory} (gradients expected {expected_grads}, parameters {padded}: no shard copy)")
 
 
+def padded_bytes(elements, size):
+    return -(-elements // size) * size * 8
+
+
+@pytest.mark.mpi
+def test_zero3_gathers_each_unit_before_its_forward_and_backward_and_frees_it(comm, private_comm):
+    """Units Linear(5,7), Linear(7,7), Linear(7,3) (42, 56, 24 elements): all-gathers forward 0, 1, 2, backward
+    1, 0 (the last unit is kept), one reduce-scatter per unit, last first; while a unit computes only it and the
+    next (prefetched) are whole; between uses a rank holds only its shards."""
+    size = comm.Get_size()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    reference = copy.deepcopy(model)
+    sdp = ShardedDataParallel(model, private_comm, stage=3)
+    units = [model[0], model[2], model[4]]
+    elements = [42, 56, 24]
+
+    def whole():
+        return [all(p.untyped_storage().size() > 0 for p in unit.parameters()) for unit in units]
+
+    seen, problems = [], []
+
+    def before_backward(module, args, output):
+        output.register_hook(lambda grad: seen.append(whole()))
+
+    for unit in units:
+        unit.register_forward_pre_hook(lambda module, args: seen.append(whole()))
+        unit.register_forward_hook(before_backward)
+    optimizer, opt_reference = torch.optim.SGD(sdp.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(),
+                                                                                          lr=0.1)
+    for step in range(2):
+        x, y = global_batch(step)
+        loss = F.cross_entropy(sdp(x), y.clamp(max=2))
+        if whole() != [False, False, True]:
+            problems.append(f"after the forward, whole units {whole()}: only the last should be")
+        loss.backward()
+        sdp.step(optimizer)
+        opt_reference.zero_grad()
+        F.cross_entropy(reference(x), y.clamp(max=2)).backward()  # every rank has the whole batch
+        opt_reference.step()
+        calls = sdp.take_calls()
+        gathers = [nbytes for name, nbytes in calls if name == "allgather"]
+        scatters = [nbytes for name, nbytes in calls if name == "reduce_scatter"]
+        expected = [padded_bytes(elements[u], size) for u in (0, 1, 2, 1, 0)]
+        if gathers != expected or scatters != [24 * 8, 56 * 8, 42 * 8] or calls[:2] != [("allgather", g) for g in
+                                                                                          expected[:2]]:
+            problems.append(f"step {step}: calls {calls}, expected all-gathers {expected}, reduce-scatters "
+                            f"{[24 * 8, 56 * 8, 42 * 8]}")
+        if whole() != [False, False, False]:
+            problems.append(f"after the step, whole units {whole()}")
+    forward = [[True, True, False], [False, True, True], [False, False, True]]
+    backward = [[False, True, True], [True, True, False], [True, False, False]]  # freed as its gradients complete
+    if seen != (forward + backward) * 2:
+        problems.append(f"whole units while each computed {seen}, expected {(forward + backward) * 2}")
+    shards = sum(padded_bytes(n, size) for n in elements) // size
+    memory = sdp.memory(optimizer)
+    if memory["param_bytes"] != shards or memory["grad_bytes"] != shards:
+        problems.append(f"{memory}: parameters and gradients should be the shards' {shards} bytes")
+    if sdp.launched_early != 6:
+        problems.append(f"{sdp.launched_early} reduce-scatters started during backward, expected 3 a step")
+    with sdp.full_parameters():
+        problems += [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
+                     zip(reference.named_parameters(), model.parameters()) if not torch.allclose(p, q, **TOL)]
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+
+
+def test_zero3_refuses_a_parameter_tied_across_units_and_one_in_no_unit():
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match=r"0.weight = 1.weight is shared by two units .* tie parameters within one"):
+        ShardedDataParallel(model, MPI.COMM_SELF, stage=3)
+    loose = nn.Sequential(nn.Linear(3, 3)).double()
+    loose.register_parameter("scale", nn.Parameter(torch.ones(1, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"\['scale'\] are in no unit"):
+        ShardedDataParallel(loose, MPI.COMM_SELF, stage=3)
+    ShardedDataParallel(loose, MPI.COMM_SELF, stage=3, units=[loose]).close()  # one unit: the whole model
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_ranks_disagreeing_on_parameter_shapes_is_one_error_on_every_rank(comm, private_comm, stage):
@@ -208,13 +301,14 @@ def test_ranks_disagreeing_on_parameter_shapes_is_one_error_on_every_rank(comm, 
     assert_comm_still_usable(private_comm)
 
 
-def test_zero_three_and_unknown_stages_are_refused():
-    with pytest.raises(ValueError, match="--zero 3 .* not implemented"):
-        ShardedConfig(3)
+def test_unknown_stages_are_refused():
+    assert ShardedConfig(3).zero == 3
     with pytest.raises(ValueError, match="--zero must be 0"):
         ShardedConfig(5)
     with pytest.raises(ValueError, match="ZeRO stage must be one of"):
         ShardedDataParallel(nn.Linear(2, 2), MPI.COMM_SELF, stage=0)
+    with pytest.raises(ValueError, match="units= is for ZeRO stage 3"):
+        ShardedDataParallel(nn.Linear(2, 2), MPI.COMM_SELF, stage=2, units=[])
 
 
 # -- checkpoints on other numbers of ranks ------------------------------------------------
@@ -246,7 +340,7 @@ def sub_communicator(comm, ranks):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path, stage, optimizer):
     """3 steps on a ranks, checkpoint, 2 more on b ranks (4->3, 4->2, 2->4, 3->1 where the world has
@@ -272,10 +366,12 @@ def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path,
             strategy_steps(strategy, writers, range(3))
             saved = Checkpointer(out, writers, per_rank=True).save(3, {
                 **strategy.state_dict(), "optimizer": strategy.optimizer.state_dict(), "strategy": strategy.name})
+            with strategy.sdp.full_parameters():  # every rank: stage 3 gathers
+                written = {k: v.clone() for k, v in strategy.model.state_dict().items()}
             if writers.Get_rank() == 0:
                 consolidate_main([str(saved), "-o", str(out / "model.pt")])
                 consolidated = torch.load(out / "model.pt", weights_only=True)
-                problems += [f"{a}->{b}: consolidated {k}" for k, v in strategy.model.state_dict().items()
+                problems += [f"{a}->{b}: consolidated {k}" for k, v in written.items()
                              if not torch.equal(consolidated["model"][k], v)]
                 moments = {name: {k: tuple(v.shape) for k, v in state.items() if v.dim()} for name, state in
                            consolidated.get("optimizer_by_name", {}).items()}
@@ -293,9 +389,10 @@ def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path,
             strategy.load_state_dict(state)
             strategy.optimizer.load_state_dict(state["optimizer"])
             strategy_steps(strategy, readers, range(3, 5))
-            for (name, p), q in zip(reference.named_parameters(), strategy.model.parameters()):
-                if not torch.allclose(p, q, rtol=1e-9, atol=1e-12):
-                    problems.append(f"{a}->{b}: {name} max abs difference {(p - q).abs().max().item():.3e}")
+            with strategy.sdp.full_parameters():
+                for (name, p), q in zip(reference.named_parameters(), strategy.model.parameters()):
+                    if not torch.allclose(p, q, rtol=1e-9, atol=1e-12):
+                        problems.append(f"{a}->{b}: {name} max abs difference {(p - q).abs().max().item():.3e}")
             readers.Free()
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
 
@@ -304,7 +401,7 @@ def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path,
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_the_loop_with_adamw_equals_data_parallel_and_records_the_bytes_held(comm, mpi_tmp_path, stage):
     """``--zero`` and ``--optimizer adamw`` through the loop: the parameters of DataParallel's run on the
     same ranks; the metrics hold each rank's bytes of parameters, gradients and optimizer state; the
@@ -326,14 +423,19 @@ def test_the_loop_with_adamw_equals_data_parallel_and_records_the_bytes_held(com
             DataParallelStrategy(model, comm)
         train(run, strategy, synthetic(300, 50, seed=0))
         models[kind] = model
-    problems = [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
-                zip(models["data_parallel"].named_parameters(), models["sharded"].parameters())
-                if not torch.allclose(p, q, **TOL)]
+    with strategy.sdp.full_parameters():
+        problems = [f"{name}: max abs difference {(p - q).abs().max().item():.3e}" for (name, p), q in
+                    zip(models["data_parallel"].named_parameters(), models["sharded"].parameters())
+                    if not torch.allclose(p, q, **TOL)]
     with h5py.File(directory / "sharded" / "metrics.h5", "r") as f:
         held = {key: f[f"steps/{key}"][...] for key in ("param_bytes", "grad_bytes", "optimizer_bytes")}
-    total = sum(p.numel() * 8 for p in models["sharded"].parameters())
+    total = sum(p.numel() * 8 for p in models["data_parallel"].parameters())
     shard = -(-total // 8 // comm.Get_size()) * 8
     expected = {"grad_bytes": shard if stage == 2 else total, "optimizer_bytes": 2 * shard + 8 * 4}  # + steps
+    if stage == 3:  # a flat buffer per layer, padded to the ranks; only the shards are held between steps
+        shard = sum(-(-sum(p.numel() for p in layer.parameters()) // comm.Get_size()) * 8
+                    for layer in models["data_parallel"].children())
+        expected = {"grad_bytes": shard, "param_bytes": shard, "optimizer_bytes": 2 * shard + 8 * 4}
     for key, value in expected.items():
         if held[key].shape != (steps, comm.Get_size()) or held[key].max() > value:
             problems.append(f"{key} {held[key].tolist()}: more than {value}")

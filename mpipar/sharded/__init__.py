@@ -1,4 +1,4 @@
-"""Sharded data parallelism (ZeRO-1/2): optimizer state and gradients split over the ranks."""
+"""Sharded data parallelism (ZeRO-1/2/3): optimizer state, gradients and parameters split over the ranks."""
 
 from mpipar.registry import StrategySpec, register
 from mpipar.sharded.config import ShardedConfig

@@ -32,14 +32,14 @@ def merge_shards(checkpoint: Path, states: List[dict]) -> Dict[str, torch.Tensor
     layout = states[0]["sharded"]
     entries, shapes = layout["entries"], layout["shapes"]
     by_dtype: Dict[str, List[int]] = {}
-    for index, (_, _, dtype) in enumerate(entries):
-        by_dtype.setdefault(dtype, []).append(index)
+    for index, (_, _, *key) in enumerate(entries):  # dtype, and the unit for ZeRO-3
+        by_dtype.setdefault(tuple(key), []).append(index)
     merged: Dict[str, torch.Tensor] = {}
     for group, params in enumerate(by_dtype.values()):
         flat = torch.cat([state["shards"][group] for state in states])
         offset = 0
         for index in params:
-            name, numel, _ = entries[index]
+            name, numel = entries[index][:2]
             if offset + numel > flat.numel():
                 raise ValueError(f"{checkpoint}: the shards hold {flat.numel()} elements, fewer than the layout's")
             merged[name] = flat[offset:offset + numel].reshape(shapes[index]).clone()
@@ -61,7 +61,7 @@ def training_state(checkpoint) -> dict:
     meta = json.loads((checkpoint / "meta.json").read_text())
     first = read_rank(checkpoint, meta, 0)
     states = _files(checkpoint, meta, first)
-    numel = {name: count for name, count, _ in first["sharded"]["entries"]}
+    numel = {name: count for name, count, *_ in first["sharded"]["entries"]}
     by_name: Dict[str, dict] = {}
     for state in states:
         optimizer = state["optimizer"]["state"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["FlatLayout", "Piece", "Group"]
 
@@ -37,6 +37,7 @@ class Group:
     total: int
     padded: int
     ranks: int
+    unit: Optional[int] = None
 
     @property
     def shard(self) -> int:
@@ -47,7 +48,8 @@ class Group:
 class FlatLayout:
     """The trainable parameters ``entries`` (``(name, numel, dtype)`` in model order) laid out in one
     flat buffer per dtype (dtypes in order of first appearance), each padded with zeros to a multiple
-    of ``ranks``; rank r owns elements ``[r * shard, (r + 1) * shard)`` of every buffer.
+    of ``ranks``; rank r owns elements ``[r * shard, (r + 1) * shard)`` of every buffer. Entries
+    ``(name, numel, dtype, unit)`` (ZeRO-3) get one buffer per unit and dtype.
 
     The layout depends on the ranks only through the padding, so a checkpoint's shards re-shard
     onto another number of ranks by concatenating them and cutting again. Pure.
@@ -59,21 +61,22 @@ class FlatLayout:
     def __init__(self, entries: Sequence[Tuple[str, int, str]], ranks: int):
         if ranks < 1:
             raise ValueError(f"a layout needs at least one rank, got {ranks}")
-        self.entries = [(str(name), int(numel), str(dtype)) for name, numel, dtype in entries]
+        self.entries = [(str(name), int(numel), str(dtype), *(int(u) for u in unit))
+                        for name, numel, dtype, *unit in entries]
         self.ranks = ranks
         by_dtype: dict = {}
-        for index, (name, numel, dtype) in enumerate(self.entries):
+        for index, (name, numel, *key) in enumerate(self.entries):
             if numel < 0:
                 raise ValueError(f"parameter {name} has {numel} elements")
-            by_dtype.setdefault(dtype, []).append(index)
+            by_dtype.setdefault(tuple(key), []).append(index)
         self.groups: List[Group] = []
-        for dtype, params in by_dtype.items():
+        for (dtype, *unit), params in by_dtype.items():
             offsets, total = [], 0
             for index in params:
                 offsets.append(total)
                 total += self.entries[index][1]
             padded = max(ranks, -(-total // ranks) * ranks)
-            self.groups.append(Group(dtype, tuple(params), tuple(offsets), total, padded, ranks))
+            self.groups.append(Group(dtype, tuple(params), tuple(offsets), total, padded, ranks, *unit))
 
     def pieces(self, rank: int) -> List[Piece]:
         """The pieces of parameters in ``rank``'s shards, group by group in flat order (empty

@@ -1,10 +1,11 @@
-"""ShardedDataParallel: ZeRO stages 1 and 2 over MPI; any torch optimizer steps this rank's shard."""
+"""ShardedDataParallel: ZeRO stages 1, 2 and 3 over MPI; any torch optimizer steps this rank's shard."""
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
@@ -15,11 +16,12 @@ from mpipar.comm.reducer import CommStats, average_buffers, check_one_device, la
 from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.sharded.layout import FlatLayout
+from mpipar.sharded.units import UnitGather, assign_units
 
 __all__ = ["ShardedDataParallel", "STAGES"]
 
-STAGES = (1, 2)
-"""The ZeRO stages implemented: 1 (optimizer state sharded), 2 (and gradients)."""
+STAGES = (1, 2, 3)
+"""The ZeRO stages implemented: 1 (optimizer state sharded), 2 (and gradients), 3 (and parameters)."""
 
 
 @dataclass
@@ -52,6 +54,12 @@ class ShardedDataParallel:
     weights them; the full gradient buffer exists only from the forward to :meth:`step`, and the
     model's ``.grad`` are None after it. Frozen parameters are left alone; tied ones appear once.
 
+    Stage 3 also shards the parameters: each unit (``units``, default the model's direct children)
+    has its own flat buffers, gathered before the unit's forward and backward and freed after
+    (:class:`~mpipar.sharded.units.UnitGather`, on a duplicate of ``comm``); one reduce-scatter per
+    unit and dtype (``bucket_cap_mb`` unused). Between steps a rank holds only its shards: read the
+    whole model inside :meth:`full_parameters`.
+
     Collective contract: every rank constructs it with the same parameter names, shapes, dtypes
     and ``requires_grad`` (checked: a ValueError on every rank), calls forward, backward and
     :meth:`step` together, and keeps ``requires_grad`` as it was at construction (checked in the
@@ -60,17 +68,20 @@ class ShardedDataParallel:
     Args:
         module: the model (on one device; moved there before wrapping).
         comm: the data-parallel communicator.
-        stage: 1 or 2.
+        stage: 1, 2 or 3.
         bucket_cap_mb: target gradient bucket size in MiB.
         root: rank whose initial parameters and buffers everyone takes.
+        units: stage 3: the modules gathered as one (each trainable parameter in exactly one).
     """
 
     def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, stage: int, bucket_cap_mb: float = 25.0,
-                 root: int = 0):
+                 root: int = 0, units: Optional[Sequence[nn.Module]] = None):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} (0 is DataParallel)")
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        if units is not None and stage != 3:
+            raise ValueError(f"units= is for ZeRO stage 3 (parameters gathered per unit), got stage {stage}")
         self.module, self.comm, self.stage = module, comm, stage
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.stats = CommStats()
@@ -81,6 +92,10 @@ class ShardedDataParallel:
         agree_on(comm, "model parameters and buffers (name, shape, dtype, requires_grad)", described,
                  hint="build the same model on every rank")
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]  # tied: once
+        unit_of: Dict[int, int] = {}
+        if stage == 3:
+            self.units, unit_of = collective_check(comm, lambda: assign_units(module, units), "ZeRO-3 units")
+            named.sort(key=lambda item: unit_of[id(item[1])])  # stable: model order within a unit
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [tuple(p.shape) for p in self.params]
@@ -88,7 +103,8 @@ class ShardedDataParallel:
         self.aliases = {alias: self.names[self._index[id(p)]] for alias, p in
                         module.named_parameters(remove_duplicate=False) if p.requires_grad}
         self._flags = layout_signature(p.requires_grad for p in module.parameters())
-        self.layout = FlatLayout([(name, p.numel(), str(p.dtype)) for name, p in named], self.size)
+        self.layout = FlatLayout([(name, p.numel(), str(p.dtype)) + ((unit_of[id(p)],) if stage == 3 else ())
+                                  for name, p in named], self.size)
         device = self.params[0].device if self.params else torch.device("cpu")
         self.flats: List[torch.Tensor] = []
         self._offsets: Dict[int, Tuple[int, int]] = {}  # param index -> (group, offset)
@@ -107,6 +123,17 @@ class ShardedDataParallel:
                 mpi_tensor.bcast_(tensor.data, comm, root)
         self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard]  # views: all-gathered in place
                        for flat, g in zip(self.flats, self.layout.groups)]
+        self.unit_gather: Optional[UnitGather] = None
+        if stage == 3:  # the shards are the parameters' only copy between uses
+            self.shards = [shard.clone() for shard in self.shards]
+            unit_groups = [[g for g, group in enumerate(self.layout.groups) if group.unit == u]
+                           for u in range(len(self.units))]
+            self._param_comm = comm.Dup()
+            params_of = [[self.params[index] for index in group.params] for group in self.layout.groups]
+            self.unit_gather = UnitGather(self.units, unit_groups, params_of, self.flats, self.shards,
+                                          self._param_comm, self.calls, self.stats)
+            self.unit_gather.free_all()
+            self._unit_params = [sum(len(self.layout.groups[g].params) for g in groups) for groups in unit_groups]
         self.pieces = self.layout.pieces(self.rank)
         self.shard_params = [nn.Parameter(self.shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start])
                              for pc in self.pieces]
@@ -119,7 +146,9 @@ class ShardedDataParallel:
         else:
             self.grad_shards = [torch.zeros(g.shard, dtype=flat.dtype, device=device)
                                 for flat, g in zip(self.flats, self.layout.groups)]
-            self.buckets = self._build_buckets(bucket_cap_mb * 2**20)
+            self.buckets = self._build_buckets(bucket_cap_mb * 2**20) if stage == 2 else \
+                [_Bucket(g, 0, group.total, list(group.params)) for g, group in reversed(list(enumerate(
+                    self.layout.groups)))]  # stage 3: one per unit and dtype, last unit first
             self._bucket_of = {index: b for b, bucket in enumerate(self.buckets) for index in bucket.params}
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -165,16 +194,23 @@ class ShardedDataParallel:
         length of the first tensor argument. Collective (non-blocking) when gradients are enabled."""
         if self.dp is not None:
             return self.dp(*inputs, num_samples=num_samples, **kwargs)
-        if torch.is_grad_enabled():
-            self._begin(_first_tensor_length(inputs, kwargs) if num_samples is None else num_samples)
-        return self.module(*inputs, **kwargs)
+        if not torch.is_grad_enabled():
+            with self.full_parameters():
+                return self.module(*inputs, **kwargs)
+        self._begin(_first_tensor_length(inputs, kwargs) if num_samples is None else num_samples)
+        if self.unit_gather is None:
+            return self.module(*inputs, **kwargs)
+        self.unit_gather.begin_forward()
+        output = self.module(*inputs, **kwargs)
+        self.unit_gather.end_forward()
+        return output
 
     def _begin(self, num_samples: int) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self._complete_started()  # a forward whose backward never ran
-        params = self.params
-        self._grad_flats = [torch.zeros(g.total, dtype=flat.dtype, device=flat.device)
+        params = [] if self.unit_gather is not None else self.params  # stage 3: a unit's buffer at its launch
+        self._grad_flats = [torch.zeros(g.total, dtype=flat.dtype, device=flat.device) if params else None
                             for flat, g in zip(self.flats, self.layout.groups)]
         self._views = []
         for index, p in enumerate(params):
@@ -187,6 +223,8 @@ class ShardedDataParallel:
             bucket.pending = None
         self._accumulated.clear()
         self._next_launch = 0
+        if self.unit_gather is not None:
+            self._unit_left = list(self._unit_params)
         self._samples = num_samples
         flags = layout_signature(p.requires_grad for p in self.module.parameters())
         self._counts.copy_(torch.tensor([num_samples, flags, flags * flags]))
@@ -202,6 +240,11 @@ class ShardedDataParallel:
                                f"across a reentrant activation checkpoint?); use use_reentrant=False")
         bucket.ready.add(index)
         self._accumulated.add(index)
+        if self.unit_gather is not None:
+            unit = self.layout.groups[bucket.group].unit
+            self._unit_left[unit] -= 1
+            if not self._unit_left[unit]:
+                self.unit_gather.done(unit)
         self._launch_ready(force=False)
 
     def _launch_ready(self, force: bool) -> None:
@@ -214,7 +257,9 @@ class ShardedDataParallel:
             self._next_launch += 1
         for bucket in self.buckets[:self._next_launch]:
             if bucket.pending is not None:
-                bucket.pending.test()  # progress (no progress thread assumed)
+                done = bucket.pending.test()  # progress (no progress thread assumed)
+                if done and self.unit_gather is not None:
+                    self._grad_flats[bucket.group] = None  # stage 3: a unit's full gradient lives until sent
 
     def _wait_counts(self) -> None:
         if self._counts_request is None:
@@ -234,9 +279,11 @@ class ShardedDataParallel:
 
     def _launch(self, bucket: _Bucket) -> None:
         self._wait_counts()
+        if self.unit_gather is not None:
+            self._grad_flats[bucket.group] = self._take_unit_grads(bucket)
         group = self._grad_flats[bucket.group]
         with torch.no_grad():
-            for index in bucket.params:
+            for index in bucket.params if self.unit_gather is None else ():
                 p, view = self.params[index], self._views[index]
                 if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)  # .grad replaced after the forward (zero_grad between forward and backward)
@@ -251,6 +298,19 @@ class ShardedDataParallel:
         nbytes = region.numel() * region.element_size()
         self.calls.append(("reduce_scatter", nbytes))
         self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
+
+    def _take_unit_grads(self, bucket: _Bucket) -> torch.Tensor:
+        """Stage 3: the unit's gradients (one dtype) copied into a new flat buffer, their ``.grad`` freed."""
+        g = self.layout.groups[bucket.group]
+        flat = torch.zeros(g.total, dtype=self.flats[bucket.group].dtype, device=self.flats[bucket.group].device)
+        with torch.no_grad():
+            for index, offset in zip(g.params, g.offsets):
+                p = self.params[index]
+                if p.grad is not None:
+                    flat[offset:offset + p.grad.numel()].copy_(p.grad.reshape(-1))
+                    self._accumulated.add(index)
+                    p.grad = None
+        return flat
 
     def _complete_started(self) -> None:
         """Complete every request started (a step abandoned or failed on every rank alike)."""
@@ -268,7 +328,7 @@ class ShardedDataParallel:
             raise RuntimeError("step() without a forward and backward since the last step")
         with torch.no_grad():
             for index, p in enumerate(self.params):  # a .grad replaced after the forward, never hooked
-                if p.grad is not None and p.grad.data_ptr() != self._views[index].data_ptr():
+                if p.grad is not None and (not self._views or p.grad.data_ptr() != self._views[index].data_ptr()):
                     self._accumulated.add(index)
         self._launch_ready(force=True)
         used = torch.tensor([int(i in self._accumulated) for i in range(len(self.params))], dtype=torch.int32)
@@ -292,6 +352,8 @@ class ShardedDataParallel:
             ValueError: on every rank, when ``requires_grad`` changed since construction.
         """
         if self.dp is None:
+            if self.unit_gather is not None:
+                self.unit_gather.settle()
             used = self._finish_reduce_scatter()
             for piece, pc in zip(self.shard_params, self.pieces):
                 grad = self.grad_shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start]
@@ -306,7 +368,8 @@ class ShardedDataParallel:
         optimizer.step()
         for p in self.params:  # the next backward starts from zero (DataParallel's buckets stay allocated)
             p.grad = None
-        self.gather()
+        if self.unit_gather is None:
+            self.gather()
 
     def gather(self) -> None:
         """All-gather every rank's shard into the flat buffers (the model's parameters). Collective."""
@@ -318,9 +381,31 @@ class ShardedDataParallel:
             self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
         self.stats.wait_time += time.perf_counter() - begin
 
+    @contextmanager
+    def full_parameters(self) -> Iterator[nn.Module]:
+        """The whole model inside the block (stage 3 gathers every unit, frees them after; reads only:
+        a change is lost). Collective for stage 3; stages 1 and 2 hold the whole model anyway."""
+        if self.unit_gather is None:
+            yield self.module
+            return
+        self.unit_gather.settle()
+        self.unit_gather.gather_all()
+        try:
+            yield self.module
+        finally:
+            self.unit_gather.free_all()
+
+    def close(self) -> None:
+        """Free stage 3's communicator of the gathers. Collective; the wrapper is unusable after."""
+        if self.unit_gather is not None:
+            self.unit_gather.settle()
+            self._param_comm.Free()
+            self.unit_gather = None
+
     def take_calls(self) -> List[Tuple[str, int]]:
         """The sharded collectives (name, bytes of the buffer covered) since the last call; resets them."""
-        calls, self.calls = self.calls, []
+        calls = list(self.calls)
+        self.calls.clear()  # in place: stage 3's gathers record into this list
         return calls
 
     # -- state --------------------------------------------------------------------
@@ -336,7 +421,10 @@ class ShardedDataParallel:
         grads = [bucket.buffer for bucket in self.dp.buckets] if self.dp is not None else self.grad_shards
         state = [] if optimizer is None else [value for per_param in optimizer.state.values()
                                               for value in per_param.values() if isinstance(value, torch.Tensor)]
-        return {"param_bytes": nbytes([*self.flats, *frozen]), "grad_bytes": nbytes(grads),
+        params = nbytes([*self.flats, *frozen])
+        if self.unit_gather is not None:  # the shards, and whichever units' full buffers are held now
+            params = nbytes([*self.shards, *frozen]) + float(sum(f.untyped_storage().nbytes() for f in self.flats))
+        return {"param_bytes": params, "grad_bytes": nbytes(grads),
                 "optimizer_bytes": nbytes(state)}
 
     def sync_buffers(self) -> None:
@@ -348,5 +436,6 @@ class ShardedDataParallel:
         with torch.no_grad():
             for own, new in zip(self.shards, shards):
                 own.copy_(new)
-        self.gather()
+        if self.unit_gather is None:
+            self.gather()
         self.take_calls()
