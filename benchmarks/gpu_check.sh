@@ -14,6 +14,12 @@
 #   DRY=1                     do not install, only print the install command (a machine that has MPI)
 #   TOTAL_S=500               no stage runs past this many seconds after the start
 #   BENCH_ARGS="..."          arguments for bench_gpu.py (default: none with CUDA, a tiny CPU run without)
+#   CUDAMPI=.cudampi          the CUDA-aware Open MPI of tools/build_cuda_mpi.sh (carried along), used instead of
+#                             .whl/: its mpi4py and pytest-mpi wheels are installed, its env.sh sourced; the env
+#                             stage requires MPIX_Query_cuda_support() = 1 where CUDA is; the MPI tests run with
+#                             the transport chosen automatically, then forced (MPIPAR_CUDA_AWARE=1, tests_*_forced);
+#                             benchmarks/bench_cuda_aware.py (device buffers vs staged vs host, DP) replaces the
+#                             serial tests and bench_gpu.py; the job stages run if time is left. See docs/gpu.md.
 # Without CUDA (e.g. a laptop) it still runs: cuda tests are skipped, the jobs and the bench use the CPU.
 set -uo pipefail
 
@@ -29,6 +35,13 @@ SUMMARY=$OUT/summary.txt
 START=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH=$REPO PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=4
+CUDAMPI=${CUDAMPI:-}
+if [ -n "$CUDAMPI" ]; then
+    CUDAMPI=$(cd "$CUDAMPI" && pwd) || exit 1
+    # shellcheck disable=SC1091
+    source "$CUDAMPI/prefix/env.sh"  # OPAL_PREFIX and kin, PATH, LD_LIBRARY_PATH: the prefix wherever it lies
+fi
+export CUDAMPI
 MPI_FLAGS="--oversubscribe --bind-to none"  # for every mpirun (word-split where used)
 export OUT REPO PYTHON DRY TMP MPI_FLAGS
 
@@ -72,12 +85,32 @@ stage_env() {
     local mpirun; mpirun=$(find_mpirun)
     echo "mpirun: $mpirun"
     timeout 20 "$mpirun" -n 2 --oversubscribe --bind-to none "$PYTHON" -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; print("rank", c.Get_rank(), "of", c.Get_size(), "sum", c.allreduce(c.Get_rank() + 1))' || status=1
+    [ -n "$CUDAMPI" ] && { check_cuda_aware || status=1; }
     return $status
+}
+
+# The carried MPI: built with CUDA (ompi_info), and CUDA-aware at run time where torch sees a GPU
+# (MPIX_Query_cuda_support() = 1 after MPI_Init: Open MPI's CUDA component found the driver).
+check_cuda_aware() {
+    echo "--- CUDA-aware MPI from $CUDAMPI"
+    ompi_info --parsable --all | grep -E 'mpi_built_with_cuda_support:value|accelerator:cuda' | head -3
+    env -u MPIPAR_CUDA_AWARE "$PYTHON" -c '
+import torch
+from mpi4py import MPI
+from mpipar.comm import cuda_aware
+query = cuda_aware._find_query()
+answer = None if query is None else query()
+print("MPIX_Query_cuda_support() =", answer, "|", cuda_aware.cuda_awareness().describe())
+raise SystemExit(0 if answer == 1 or not torch.cuda.is_available() else "CUDA here, but the MPI is not CUDA-aware")'
 }
 
 install_wheels() {
     local wheels=("$REPO"/.whl/*.whl)
-    [ -e "${wheels[0]}" ] || { echo "no wheels in $REPO/.whl"; return 1; }
+    if [ -n "$CUDAMPI" ]; then  # mpi4py built for this interpreter against the carried MPI, and pytest-mpi
+        local tag; tag=$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+        wheels=("$CUDAMPI"/wheels/mpi4py-*-"$tag"-*.whl "$CUDAMPI"/wheels/pytest_mpi-*.whl)
+    fi
+    [ -e "${wheels[0]}" ] || { echo "no wheels: ${wheels[*]}"; return 1; }
     local cmd=("$PYTHON" -m pip install -q --no-index --no-deps --force-reinstall --no-warn-script-location "${wheels[@]}")
     if [ "$DRY" = 1 ]; then
         echo "DRY=1, not running: ${cmd[*]}"
@@ -139,7 +172,7 @@ EOF
 find_mpirun() {
     local dir
     dir=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
-    for candidate in "$dir/mpirun" "$("$PYTHON" -c 'import sys; print(sys.prefix)')/bin/mpirun" "$(command -v mpirun)"; do
+    for candidate in ${CUDAMPI:+"$CUDAMPI/prefix/bin/mpirun"} "$dir/mpirun" "$("$PYTHON" -c 'import sys; print(sys.prefix)')/bin/mpirun" "$(command -v mpirun)"; do
         [ -x "$candidate" ] && { echo "$candidate"; return; }
     done
     echo mpirun
@@ -166,8 +199,10 @@ print("rank", c.Get_rank(), "16 MiB Allreduce and Sendrecv ok")'
 stage_tests_serial() {
     "$PYTHON" -m pytest -q -rfEs --durations=5 --color=no -p no:cacheprovider -m cuda tests/
 }
-stage_tests_mpi() {  # uses NRANKS
-    "$MPIRUN" -n "$NRANKS" $MPI_FLAGS "$PYTHON" -m pytest --only-mpi -q -rfEs --durations=5 --color=no -p no:cacheprovider -m cuda tests/
+stage_tests_mpi() {  # uses NRANKS, and FORCE (1: MPIPAR_CUDA_AWARE=1, the CUDA-aware transport forced)
+    [ "${FORCE:-0}" = 1 ] && export MPIPAR_CUDA_AWARE=1
+    echo "MPIPAR_CUDA_AWARE=${MPIPAR_CUDA_AWARE-(unset: chosen automatically)}"
+    "$MPIRUN" -n "$NRANKS" $MPI_FLAGS ${MPIPAR_CUDA_AWARE:+-x MPIPAR_CUDA_AWARE} "$PYTHON" -m pytest --only-mpi -q -rfEs --durations=5 --color=no -p no:cacheprovider -m cuda tests/
 }
 
 # ---------------------------------------------------------------- c. the job on cuda and on cpu
@@ -220,9 +255,14 @@ stage_bench() {
     # shellcheck disable=SC2086
     "$MPIRUN" -n 2 $MPI_FLAGS "$PYTHON" benchmarks/bench_gpu.py $BENCH_ARGS
 }
+stage_bench_cuda_aware() {
+    echo "bench: $MPIRUN -n 2 $MPI_FLAGS $PYTHON benchmarks/bench_cuda_aware.py $BENCH_ARGS"
+    # shellcheck disable=SC2086
+    "$MPIRUN" -n 2 $MPI_FLAGS "$PYTHON" benchmarks/bench_cuda_aware.py $BENCH_ARGS
+}
 
 export -f stage_env install_wheels unpack_wheels find_mpirun probe_mpi stage_tests_serial stage_tests_mpi stage_job \
-    stage_job_compare stage_bench
+    stage_job_compare stage_bench check_cuda_aware stage_bench_cuda_aware
 
 # ---------------------------------------------------------------- run
 {
@@ -246,9 +286,23 @@ for MCA_SETTINGS in "" "OMPI_MCA_smsc=^cma" "OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,
     fi
 done
 
-stage tests_serial tests.log 150 "stage_tests_serial"
-stage tests_mpi1 tests.log 90 "NRANKS=1 stage_tests_mpi"
-stage tests_mpi2 tests.log 90 "NRANKS=2 stage_tests_mpi"
+if [ -z "${BENCH_ARGS+x}" ]; then
+    BENCH_ARGS=""
+    [ "$HAS_CUDA" = 1 ] || BENCH_ARGS="--device cpu --rounds 2 --steps 2 --batch-size 8"
+fi
+export BENCH_ARGS
+if [ -n "$CUDAMPI" ]; then
+    for FORCE in 0 1; do
+        suffix=$([ $FORCE = 1 ] && echo _forced)
+        stage tests_mpi1$suffix tests.log 90 "FORCE=$FORCE NRANKS=1 stage_tests_mpi"
+        stage tests_mpi2$suffix tests.log 90 "FORCE=$FORCE NRANKS=2 stage_tests_mpi"
+    done
+    stage bench_cuda_aware bench.log 150 stage_bench_cuda_aware
+else
+    stage tests_serial tests.log 150 "stage_tests_serial"
+    stage tests_mpi1 tests.log 90 "NRANKS=1 stage_tests_mpi"
+    stage tests_mpi2 tests.log 90 "NRANKS=2 stage_tests_mpi"
+fi
 
 if timeout 30 "$PYTHON" jobs/resnet_dp.py --help 2>/dev/null | grep -q -- '--device'; then
     if [ "$HAS_CUDA" = 1 ]; then
@@ -269,12 +323,7 @@ else
     skip job_compare "no GPU run"
 fi
 
-if [ -z "${BENCH_ARGS+x}" ]; then
-    BENCH_ARGS=""
-    [ "$HAS_CUDA" = 1 ] || BENCH_ARGS="--device cpu --rounds 2 --steps 2 --batch-size 8"
-fi
-export BENCH_ARGS
-stage bench bench.log 150 stage_bench
+[ -z "$CUDAMPI" ] && stage bench bench.log 150 stage_bench
 
 # ---------------------------------------------------------------- e. summary
 {
