@@ -16,6 +16,7 @@ _LAZY = {  # name: (module, attribute or None for the module itself)
     "GradientReducer": ("mpipar.comm.reducer", "GradientReducer"),
     "MetricsWriter": ("mpipar.run.metrics", "MetricsWriter"),
     "train": ("mpipar.run.loop", "train"),
+    "fit": ("mpipar.trainer", "fit"),
     "agree": ("mpipar.diagnostics.agree", None),
     "failure": ("mpipar.diagnostics.failure", None),
     "mpi_tensor": ("mpipar.comm.mpi_tensor", None),

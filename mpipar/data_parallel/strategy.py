@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import nn
 from mpipar.comm.wire import wire_dtype
 from mpipar.data.datasets import ArrayDataset
 from mpipar.data_parallel.wrapper import DataParallel
-from mpipar.run.evaluate import EvalResult, evaluate
+from mpipar.run.evaluate import EvalResult, evaluate, forward
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.strategy import StepRecord, Strategy
 
@@ -28,7 +28,10 @@ class DataParallelStrategy:
     statistics differ between epoch ends; storing them all means saving never
     changes the run); they resume on any number of ranks. ``device``: where the
     model goes (batches come there from the loop); ``grad_wire``: ``--grad-wire`` (fp32, bf16 or fp16,
-    :class:`~mpipar.comm.wire.WireSum`). Collective over ``comm``, like the loop.
+    :class:`~mpipar.comm.wire.WireSum`). ``loss_fn(outputs, targets)``: the batch's mean loss (default
+    cross-entropy); ``metric(outputs, targets)``: the batch's mean score, the evaluation's ``accuracy``
+    (default accuracy with the default loss). A batch is ``(inputs, targets)``, ``inputs`` a tensor or a
+    dict of keyword inputs. Collective over ``comm``, like the loop.
     """
 
     name = "data_parallel"
@@ -37,14 +40,16 @@ class DataParallelStrategy:
     precisions = ("fp32", "bf16", "fp16")  # --precision; fp16 through bind_loss_scaler
 
     def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0,
-                 device: torch.device | str = "cpu", grad_wire: str = "fp32"):
+                 device: torch.device | str = "cpu", grad_wire: str = "fp32", loss_fn: Optional[Callable] = None,
+                 metric: Optional[Callable] = None):
         self.model = model.to(device)
+        self.loss_fn, self.metric = loss_fn, metric
         self.comm = comm
         self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb, wire=wire_dtype(grad_wire))
         self.replicas, self.replica = comm.Get_size(), comm.Get_rank()
         self.wait_groups = [list(range(comm.Get_size()))]
         self.parameter_count = sum(p.numel() for p in model.parameters())
-        self.metrics_attrs = {"parameters": self.parameter_count}
+        self.metrics_attrs = {"parameters": self.parameter_count, **_names(loss=loss_fn, test_metric=metric)}
         self.loss_scaler = None
 
     def parameters(self):
@@ -62,7 +67,7 @@ class DataParallelStrategy:
 
     def train_step(self, batch) -> StepRecord:
         images, labels = batch
-        loss = F.cross_entropy(self.dp(images), labels)
+        loss = (self.loss_fn or F.cross_entropy)(forward(self.dp, images), labels)
         (loss if self.loss_scaler is None else self.loss_scaler.scale(loss)).backward()
         stats = self.dp.stats.take()
         return StepRecord(loss=loss.item(), samples=len(labels), wait_time=stats.wait_time,
@@ -72,7 +77,7 @@ class DataParallelStrategy:
         self.dp.sync_buffers()
 
     def evaluate(self, dataset: ArrayDataset) -> EvalResult:
-        return evaluate(self.model, dataset, self.comm)
+        return evaluate(self.model, dataset, self.comm, loss_fn=self.loss_fn, metric=self.metric)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "rank_buffers": self.dp.gather_buffers()}
@@ -85,6 +90,11 @@ class DataParallelStrategy:
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Nothing to add to the metrics file."""
+
+
+def _names(**functions) -> dict:
+    """The names of the functions given (not None), for the metrics file's attributes."""
+    return {key: getattr(fn, "__name__", type(fn).__name__) for key, fn in functions.items() if fn is not None}
 
 
 if TYPE_CHECKING:
