@@ -43,7 +43,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from mpi4py import MPI
@@ -208,7 +208,7 @@ class PendingOp:
     def __init__(self, request: MPI.Request, work: _Work, tensor: torch.Tensor,
                  call: Optional[_debug.Call] = None):
         self._request = request
-        self._work = work
+        self._work: Optional[_Work] = work  # None once completed
         self.tensor = tensor
         self._done = False
         self._call = call  # set while debug mode or a watchdog is on
@@ -231,6 +231,7 @@ class PendingOp:
         return self.tensor
 
     def _complete(self) -> None:
+        assert self._work is not None  # completed once: _done guards it
         self._work.finish()
         self._work = None
         self._call = None
@@ -280,7 +281,7 @@ def _reduce_op(op):
     return MPI.SUM if op is None else op
 
 
-def allreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None) -> torch.Tensor:
+def allreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: Optional[MPI.Op] = None) -> torch.Tensor:
     """In-place Allreduce (default SUM). Collective: every rank of ``comm``
     calls it with a tensor of the same shape and dtype. Size 1: no-op."""
     work = _prepare(tensor, "allreduce", read=True, write=True)
@@ -294,7 +295,7 @@ def allreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None) -> 
     return tensor
 
 
-def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None, *,
+def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: Optional[MPI.Op] = None, *,
                 source: Optional[torch.Tensor] = None) -> PendingOp:
     """Start a non-blocking Allreduce into ``tensor``: in place, or of ``source`` (a host tensor of the
     same shape and dtype holding this rank's contribution; ``tensor`` then only receives, and must be
@@ -305,7 +306,7 @@ def iallreduce_(tensor: torch.Tensor, comm: MPI.Intracomm, op: MPI.Op = None, *,
     starting one blocks until every rank has started it, to compare them)."""
     if source is None:
         work = _prepare(tensor, "iallreduce", read=True, write=True)
-        send = MPI.IN_PLACE
+        send: Union[list, MPI.InPlaceType] = MPI.IN_PLACE
     else:
         if tensor.is_cuda or source.is_cuda or source.shape != tensor.shape or source.dtype != tensor.dtype:
             raise ValueError(f"iallreduce_: source must be a host tensor like the host result tensor, got "

@@ -6,7 +6,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 from mpi4py import MPI
@@ -48,7 +48,7 @@ class _Bucket:
     buffer: torch.Tensor
     views: List[torch.Tensor]
     ready: set = field(default_factory=set)
-    pending: Optional[mpi_tensor.PendingOp] = None
+    pending: Union[mpi_tensor.PendingOp, WireSum, None] = None  # the sum in flight: an Allreduce or a wire's
     mirror: Optional[HostMirror] = None  # a CUDA bucket's pinned host copy (MPI reduces it, not device memory)
     source: Optional[torch.Tensor] = None  # out of place: this rank's weighted contribution (MPI reads it)
     launched: Optional[float] = None    # in a sampled step (events.active()): when its Allreduce started

@@ -4,7 +4,7 @@ laid out node by node."""
 from __future__ import annotations
 
 import json
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple, cast
 
 from mpi4py import MPI
 
@@ -116,9 +116,10 @@ class ProcessGrid:
         self.stages, self.tp, self.replicas = stages, tp, size // (stages * tp)
         self.tp_rank, place = position % tp, position // tp
         self.stage, self.replica = place % stages, place // stages
-        self.pipeline_comm = comm.Split(color=self.replica * tp + self.tp_rank, key=self.stage)
-        self.data_comm = comm.Split(color=self.stage * tp + self.tp_rank, key=self.replica)
-        self.tp_comm = comm.Split(color=place, key=self.tp_rank)
+        # an Intracomm's Split gives an Intracomm (mpi4py's stubs say Comm)
+        self.pipeline_comm = cast(MPI.Intracomm, comm.Split(color=self.replica * tp + self.tp_rank, key=self.stage))
+        self.data_comm = cast(MPI.Intracomm, comm.Split(color=self.stage * tp + self.tp_rank, key=self.replica))
+        self.tp_comm = cast(MPI.Intracomm, comm.Split(color=place, key=self.tp_rank))
 
     def rank_of(self, replica: int, stage: int, tp_rank: int = 0) -> int:
         """The rank of ``comm`` at these coordinates."""
@@ -137,7 +138,7 @@ class ProcessGrid:
         coordinates = self.coordinates()
 
         def spanning(key) -> int:
-            groups = {}
+            groups: Dict[object, Set[int]] = {}
             for rank, coordinate in enumerate(coordinates):
                 groups.setdefault(key(coordinate), set()).add(self.nodes[rank])
             return sum(len(members) > 1 for members in groups.values())
@@ -171,7 +172,7 @@ class ProcessGrid:
         for comm in (self.pipeline_comm, self.data_comm, self.tp_comm):
             if comm != MPI.COMM_NULL:
                 comm.Free()
-        self.pipeline_comm = self.data_comm = self.tp_comm = MPI.COMM_NULL
+        self.pipeline_comm = self.data_comm = self.tp_comm = cast(MPI.Intracomm, MPI.COMM_NULL)  # freed
 
     def __enter__(self) -> ProcessGrid:
         return self

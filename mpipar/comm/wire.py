@@ -72,6 +72,7 @@ class WireSum:
 
     def _sum_own_chunk(self) -> None:
         if not self._summed:
+            assert self._scatter is not None  # posted by start()
             self._scatter.wait()
             self.partial.copy_(self.incoming.view(self.size, self.chunk).to(self.sum_dtype).sum(dim=0))
             self._summed = True
@@ -81,6 +82,7 @@ class WireSum:
         if self._done:
             return True
         if self._gather is None:
+            assert self._scatter is not None  # not done: start() posted it
             if self._scatter.test():
                 self._sum_own_chunk()
             return False
@@ -99,6 +101,7 @@ class WireSum:
         """Complete both collectives (starting the gather if :meth:`gather` was not called); returns ``tensor``."""
         if not self._done:
             self.gather()
+            assert self._gather is not None  # posted by gather()
             self._gather.wait()
             self._complete()
         return self.tensor

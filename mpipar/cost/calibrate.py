@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import socket
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -120,23 +120,23 @@ def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[M
     """
     one_way = ping_pong(comm, peer_a, peer_b, sizes, budget=budget)
     reduce_times = allreduce_times(ring, sizes, budget=budget) if ring is not None else None
-    timed = gradient and ring is not None
-    gradient_times = allreduce_times(ring, sizes, budget=budget, gradient=True) if timed else None
+    gradient_times = allreduce_times(ring, sizes, budget=budget, gradient=True) if gradient and ring is not None \
+        else None
     ranks = ring.Get_size() if ring is not None else 0
     reduce_times, gradient_times, ranks = collectives.bcast(
         comm, (reduce_times, gradient_times, ranks), "calibrate: Allreduce fit", root=peer_a)
     p2p = fit_bands(sizes, one_way)
-    gradient = ()
+    gradient_bands: Tuple[Band, ...] = ()
     if ranks > 1:
         allreduce = fit_bands(sizes, reduce_times, scale_alpha=2 * (ranks - 1), scale_beta=2 * (ranks - 1) / ranks)
         if gradient_times:
             levels = binomial_rounds(ranks)
-            gradient = fit_bands(sizes, gradient_times, scale_alpha=levels, scale_beta=levels)
+            gradient_bands = fit_bands(sizes, gradient_times, scale_alpha=levels, scale_beta=levels)
     else:  # a ring of one rank: a ring of two over this link
         allreduce = tuple(Band(b.max_bytes, b.alpha, b.beta) for b in p2p)
     raw = {"sizes": list(sizes), "p2p_seconds": one_way, "allreduce_seconds": reduce_times,
            "gradient_allreduce_seconds": gradient_times, "allreduce_ranks": ranks}
-    return Link(p2p, allreduce, max(ranks, 2), description, gradient), raw
+    return Link(p2p, allreduce, max(ranks, 2), description, gradient_bands), raw
 
 
 def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) -> ModelProfile:
@@ -146,7 +146,7 @@ def profile_model(model_name: str, sizes: Sequence[int], *, repeats: int = 5) ->
     timed by the strategy that profiles it (:func:`strategy_profiles`). Local."""
     from mpipar import models
 
-    factories = {**models.IMAGE_MODELS, "mlp": models.image_mlp}
+    factories: Dict[str, Callable[..., torch.nn.Module]] = {**models.IMAGE_MODELS, "mlp": models.image_mlp}
     if model_name not in factories:
         found = strategy_profiles(model_name, sizes, repeats=repeats)
         if model_name in found:
@@ -171,7 +171,7 @@ def strategy_profiles(model_name: str, sizes: Sequence[int], *, ranks: int = 1,
     return found
 
 
-def profile_layers_and_step(name: str, model: torch.nn.Module, sizes: Sequence[int], image_shape: Sequence[int],
+def profile_layers_and_step(name: str, model: torch.nn.Sequential, sizes: Sequence[int], image_shape: Sequence[int],
                             num_classes: int, *, repeats: int = 5) -> ModelProfile:
     """The :class:`ModelProfile` named ``name`` of ``model`` (a sequence of layers) on random images of
     ``image_shape`` at each batch size of ``sizes``: each child's forward and backward (the fastest
@@ -214,9 +214,9 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
     budget = 0.05 if quick else 1.0
     rank, nodes = comm.Get_rank(), node_indices(comm)
     per_node = max(nodes.count(node) for node in set(nodes))
-    node_comm = comm.Split(nodes[rank], rank)
+    node_comm = cast(MPI.Intracomm, comm.Split(nodes[rank], rank))  # an Intracomm's Split (stubs say Comm)
     first_of = {node: nodes.index(node) for node in set(nodes)}
-    leaders = comm.Split(0 if first_of[nodes[rank]] == rank else MPI.UNDEFINED, rank)
+    leaders = cast(MPI.Intracomm, comm.Split(0 if first_of[nodes[rank]] == rank else MPI.UNDEFINED, rank))
     try:
         zero = (Band(None, 0.0, 0.0),)
         within, raw = Link(zero, zero, 2, "shared memory"), {}

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mpipar.cost.allreduce import allreduce_seconds, binomial_rounds
 
@@ -191,9 +191,7 @@ class Machine:
         if data.get("format") != FORMAT:
             raise ValueError(f"machine file format {data.get('format')!r} is not {FORMAT}; run mpipar-calibrate again")
 
-        def link(value) -> Optional[Link]:
-            if value is None:
-                return None
+        def link(value: dict) -> Link:
             return Link(p2p=tuple(Band(**b) for b in value["p2p"]),
                         allreduce=tuple(Band(**b) for b in value["allreduce"]),
                         allreduce_ranks=value["allreduce_ranks"], description=value["description"],
@@ -203,7 +201,8 @@ class Machine:
                       layer["param_bytes"])}) for layer in layers) for size, layers in entry["layers"].items()},
                       {int(size): t for size, t in entry["step_seconds"].items()})
                   for name, entry in data["models"].items()}
-        return cls(within=link(data["within"]), across=link(data["across"]), models=models, ranks=data["ranks"],
+        across = None if data["across"] is None else link(data["across"])
+        return cls(within=link(data["within"]), across=across, models=models, ranks=data["ranks"],
                    ranks_per_node=data["ranks_per_node"], host=data["host"], date=data["date"],
                    reduce_seconds_per_byte=float(data.get("reduce_seconds_per_byte", 0.0)))
 
@@ -234,13 +233,15 @@ def fit_bands(sizes: Sequence[float], seconds: Sequence[float], *, scale_alpha: 
     points = sorted(zip(map(float, sizes), map(float, seconds)))
     if len(points) < 2:
         raise ValueError(f"need at least 2 measurements to fit alpha and beta, got {len(points)}")
-    fitted = []  # (upper edge, alpha, beta) or (upper edge, None, None) for a band without measurements
+    # (upper edge, (alpha, beta)), or (upper edge, None) for a band without measurements
+    fitted: List[Tuple[Optional[int], Optional[Tuple[float, float]]]] = []
     lower = 0
-    for upper in list(edges) + [None]:
+    for upper in [*edges, None]:
         inside = [i for i, (n, _) in enumerate(points) if n > lower and (upper is None or n <= upper)]
-        lower = upper
+        if upper is not None:
+            lower = upper
         if not inside:
-            fitted.append((upper, None, None))
+            fitted.append((upper, None))
             continue
         chosen = inside if len(inside) >= 2 else sorted(
             set(inside) | {max(inside[0] - 1, 0), min(inside[-1] + 1, len(points) - 1)})
@@ -252,11 +253,11 @@ def fit_bands(sizes: Sequence[float], seconds: Sequence[float], *, scale_alpha: 
             alpha, beta = 0.0, float(np.sum(n / t) / np.sum(n * n / (t * t))) / scale_beta
         elif beta < 0:
             alpha, beta = float(np.median(t)) / scale_alpha, 0.0
-        fitted.append((upper, float(alpha), float(beta)))
-    known = [(a, b) for _, a, b in fitted if a is not None]
+        fitted.append((upper, (float(alpha), float(beta))))
+    known = [values for _, values in fitted if values is not None]
     bands, last = [], known[0]  # a band without measurements takes its neighbour's values
-    for upper, alpha, beta in fitted:
-        last = (alpha, beta) if alpha is not None else last
+    for upper, values in fitted:
+        last = values if values is not None else last
         bands.append(Band(upper, *last))
     return tuple(bands)
 

@@ -42,7 +42,7 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
     profile = machine.profile(model)
     extrapolated = ranks > machine.ranks or ranks_per_node != machine.ranks_per_node or (
         machine.across is not None and machine.across.description != "the measured network")
-    rows = []
+    rows: List[Prediction] = []
     degrees = tensor_degrees(machine, model)
     for tp in degrees:
         if ranks % tp == 0:

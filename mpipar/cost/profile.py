@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -75,10 +75,11 @@ def profile_layers(module: nn.Sequential, sample: torch.Tensor, *, repeats: int 
     layers = list(module.named_children())
     try:
         inputs, outputs, needs_grad, trainable_before = [], [], [], False
-        x, skips = sample, {}
+        x = sample
+        skips: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for _, layer in layers:
-                args = (x, skips.pop(layer.name)) if isinstance(layer, SkipConsumer) else (x,)
+                args: Tuple[torch.Tensor, ...] = (x, skips.pop(layer.name)) if isinstance(layer, SkipConsumer) else (x,)
                 inputs.append(tuple(arg.detach() for arg in args))
                 needs_grad.append([trainable_before and arg.is_floating_point() for arg in args])
                 trainable_before |= any(p.requires_grad for p in layer.parameters())
@@ -86,12 +87,12 @@ def profile_layers(module: nn.Sequential, sample: torch.Tensor, *, repeats: int 
                     skips[layer.name] = x
                 x = layer(*args)
                 outputs.append(x)
-        forward = [[] for _ in layers]
-        backward = [[] for _ in layers]
+        forward: List[List[float]] = [[] for _ in layers]
+        backward: List[List[float]] = [[] for _ in layers]
         for run in range(warmup + repeats):
             for index, (_, layer) in enumerate(layers):
-                args = [arg.clone().requires_grad_(needs)  # layers may work in place
-                        for arg, needs in zip(inputs[index], needs_grad[index])]
+                args = tuple(arg.clone().requires_grad_(needs)  # layers may work in place
+                             for arg, needs in zip(inputs[index], needs_grad[index]))
                 begin = time.perf_counter()
                 with torch.enable_grad():
                     y = layer(*args)

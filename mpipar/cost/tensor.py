@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List
+from typing import List, cast
 
 from mpipar.cost.machine import Machine, ModelProfile
 from mpipar.cost.model import (
@@ -120,12 +120,13 @@ def predict_tensor_grid(machine: Machine, model: str, batch: int, layout: Layout
 def vit_shape(model_name: str) -> dict:
     """The vision transformer's sizes (as the jobs build it: 1x28x28 images, 10 classes)."""
     from mpipar import models
+    from mpipar.models.vit import TransformerBlock
 
     if model_name not in models.VIT_MODELS:
         raise ValueError(f"tensor-parallel profiles are of the vision transformers {sorted(models.VIT_MODELS)}, "
                          f"not {model_name!r}")
     full = models.VIT_MODELS[model_name](in_channels=1, num_classes=10, image_size=28)
-    block = full.blocks[0]
+    block = cast(TransformerBlock, full.blocks[0])
     return {"in_channels": 1, "num_classes": 10, "image_size": 28, "patch_size": full.patch_size, "dim": full.dim,
             "depth": len(full.blocks), "heads": block.attention.num_heads, "hidden": block.fc1.out_features}
 

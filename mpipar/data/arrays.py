@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -11,7 +11,10 @@ import torch
 from mpipar.data.augment import Augmentation
 from mpipar.data.prefetch import Prefetcher
 
-__all__ = ["ArrayDataset", "DataSplits", "image_stats", "make_batch", "STATS_SAMPLES"]
+if TYPE_CHECKING:
+    from mpipar.data.streaming import H5Images
+
+__all__ = ["ArrayDataset", "DataSplits", "ImageDataset", "image_stats", "make_batch", "STATS_SAMPLES"]
 
 STATS_SAMPLES = 10000  # normalisation statistics: over the first this many training samples
 
@@ -61,7 +64,7 @@ class ArrayDataset:
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        return cast(Tuple[int, int, int], tuple(self.images.shape[1:]))
 
     @property
     def num_classes(self) -> int:
@@ -87,10 +90,13 @@ class ArrayDataset:
         return self
 
 
+ImageDataset = Union[ArrayDataset, "H5Images"]  # in memory, or streamed from an HDF5 file
+
+
 @dataclass
 class DataSplits:
-    train: object  # ArrayDataset or a streamed dataset (mpipar.data.streaming.H5Images)
-    test: object
+    train: ImageDataset
+    test: ImageDataset
     description: str
 
     @property

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Optional
 import h5py
 import numpy as np
 
-from mpipar.data.arrays import STATS_SAMPLES, image_stats
+from mpipar.data.arrays import STATS_SAMPLES, ArrayDataset, image_stats
 from mpipar.data.datasets import load_idx_dir
 
 __all__ = ["idx_to_h5", "write_split", "chunk_rows", "finish_h5", "main", "COMPRESSION"]
@@ -66,6 +66,7 @@ def idx_to_h5(idx_dir, out_path) -> Path:
 
     def write(f: h5py.File, source: Optional[str] = str(Path(idx_dir).resolve())) -> None:
         for prefix, split in (("", splits.train), ("test/", splits.test)):
+            assert isinstance(split, ArrayDataset)  # IDX files load into memory
             images = split.images.squeeze(1).numpy()
             write_split(f, prefix, len(images), images.shape[1:], [(images, split.labels.numpy())])
         f.attrs["source"] = source

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -52,7 +52,8 @@ def _open(Image, path: Path):
 def _shape_and_mode(Image, files, size: Optional[int]) -> Tuple[Tuple[int, int], str]:
     """The common (width, height) and mode ('L' when every image is grey, else 'RGB'); checks
     the files' headers only."""
-    sizes, grey = {}, True
+    sizes: Dict[Tuple[int, int], Path] = {}  # (width, height) -> the first file of that size
+    grey = True
     for path, _ in files:
         try:
             with Image.open(path) as image:

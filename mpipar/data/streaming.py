@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import h5py
 import numpy as np
@@ -199,6 +199,8 @@ def load_h5(path, holdout: float = 1 / 7, *, cache: Optional[bool] = None) -> Da
         note = f"; no test split in the file, last {count - cut} samples held out"
     if cut == 0 or test_parts[3] == test_parts[2]:
         raise ValueError("the dataset is empty")
+    train: Union[H5Images, ArrayDataset]
+    test: Union[H5Images, ArrayDataset]
     try:
         classes = max(_label_classes(rows, "labels", 0, cut), _label_classes(rows, *test_parts[1:]))
         train = H5Images(rows, "images", "labels", 0, cut, image_shape=image_shape, num_classes=classes)

@@ -56,8 +56,8 @@ class TokenWindows:
         positions = self.starts(indices, epoch)[:, None] + np.arange(self.seq_len + 1)
         distinct, where = np.unique(positions.ravel(), return_inverse=True)
         windows = self.rows.read(self.name, distinct).astype(np.int64)[where].reshape(positions.shape)
-        windows = torch.from_numpy(windows)
-        return windows[:, :-1], windows[:, 1:]
+        tokens = torch.from_numpy(windows)
+        return tokens[:, :-1], tokens[:, 1:]
 
     def stream(self, batches, epoch: Optional[int] = None) -> Prefetcher:
         """The batches of ``batches`` (index arrays) in order, ``prefetch`` of them read ahead."""

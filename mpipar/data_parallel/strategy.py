@@ -10,7 +10,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm.wire import wire_dtype
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.data_parallel.wrapper import DataParallel
 from mpipar.run.evaluate import EvalResult, evaluate, forward
 from mpipar.run.metrics import MetricsWriter
@@ -76,7 +76,7 @@ class DataParallelStrategy:
     def end_epoch(self) -> None:
         self.dp.sync_buffers()
 
-    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+    def evaluate(self, dataset: ImageDataset) -> EvalResult:
         return evaluate(self.model, dataset, self.comm, loss_fn=self.loss_fn, metric=self.metric)
 
     def state_dict(self) -> dict:

@@ -78,7 +78,8 @@ class DataParallel(nn.Module):
         self.stats = CommStats()
         self._size = comm.Get_size()
         collective_check(comm, lambda: check_one_device(p.device for p in module.parameters()), "DataParallel")
-        layout = [(name, tuple(p.shape), str(p.dtype), p.requires_grad) for name, p in module.named_parameters()]
+        layout: List[tuple] = [(name, tuple(p.shape), str(p.dtype), p.requires_grad)
+                               for name, p in module.named_parameters()]
         layout += [(name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
         agree_on(comm, "model parameters and buffers (name, shape, dtype, requires_grad)", layout,
                  hint="build the same model on every rank")
@@ -98,7 +99,13 @@ class DataParallel(nn.Module):
     @property
     def buckets(self) -> list:
         """The gradient buckets, in launch order (last layer first)."""
-        return self._reducer.buckets
+        return self._built.buckets
+
+    @property
+    def _built(self) -> GradientReducer:
+        """The reducer: built by the constructor, rebuilt when the parameters' requires_grad flags change."""
+        assert self._reducer is not None
+        return self._reducer
 
     # -- which parameters are reduced ------------------------------------------------
 
@@ -149,7 +156,7 @@ class DataParallel(nn.Module):
         if num_samples is not None and num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         if self._phase == _ARMED:  # the previous forward's backward never ran: forget it
-            self._reducer.abandon()
+            self._built.abandon()
             self._samples_since_sync = 0
         if self._phase in (_IDLE, _REDUCED):
             self._rebuild_if_frozen_changed()
@@ -159,8 +166,8 @@ class DataParallel(nn.Module):
             self._phase = _ACCUMULATING
             return
         self._phase = _ARMED
-        self._reducer.begin(self._samples_since_sync if self.weighted else None,
-                            signature=layout_signature(self._trainable))
+        self._built.begin(self._samples_since_sync if self.weighted else None,
+                          signature=layout_signature(self._trainable))
 
     def _queue_finish_on(self, output) -> None:
         """Finish the reduction when the backward that starts from ``output`` ends: a
@@ -187,12 +194,12 @@ class DataParallel(nn.Module):
         if self._phase != _ARMED or id(param) not in self._reduced_ids:
             return
         self._queue_finish()  # outputs without a grad hook (none required grad) finish from here
-        self._reducer.mark_ready(param)
+        self._built.mark_ready(param)
 
     def _finish_backward(self) -> None:
         """Runs when autograd finishes: launch what is left, wait for everything."""
         try:
-            self._reducer.finish()
+            self._built.finish()
         finally:
             self._phase = _REDUCED
             self._samples_since_sync = 0

@@ -154,6 +154,7 @@ class Call:
         elif not header_request.Test():
             return False
         self.header = None
+        assert self.peer is not None  # a header goes with a message from a known peer
         try:
             self._check_header(buffer, self.peer)
         except MismatchError:
@@ -168,6 +169,7 @@ class Call:
             if request is not None:
                 request.Wait()
             else:
+                assert self.peer is not None and self.tag is not None  # a message from a known peer
                 status = MPI.Status()
                 self.comm.Probe(source=self.peer, tag=self.tag, status=status)
                 self.comm.Recv([bytearray(status.Get_count(MPI.BYTE)), MPI.BYTE], source=self.peer, tag=self.tag)
@@ -197,6 +199,7 @@ class Call:
         code, ndim = int(header[2]), int(header[3])
         sent = (tuple(int(d) for d in header[4:4 + min(ndim, _MAX_DIMS)]),
                 _dtype_name(_DTYPES[code]) if 0 <= code < len(_DTYPES) else f"dtype code {code}")
+        assert self.expected is not None  # a header is checked against a receive's own buffer
         mine = (_fold_shape(self.expected.shape), _dtype_name(self.expected.dtype))
         if sent == mine:
             return
@@ -211,7 +214,7 @@ hooks: Optional[Hooks] = None
 _state = Hooks()
 
 
-def watched(comm: MPI.Comm, name: str, *, peer: Optional[int] = None, tag: Optional[int] = None,
+def watched(comm: MPI.Intracomm, name: str, *, peer: Optional[int] = None, tag: Optional[int] = None,
             detail: str = "") -> ContextManager:
     """Around a blocking MPI call made outside mpi_tensor (a pickled collective, a Probe):
     lets a running watchdog see this rank wait in it. Local; a no-op without a watchdog.
@@ -282,7 +285,7 @@ class _CommState:
 
 def _comm_state(comm: MPI.Comm) -> _CommState:
     state = comm.Get_attr(_KEYVAL)
-    if state is None:
+    if not isinstance(state, _CommState):  # None: not set yet
         state = _CommState()
         comm.Set_attr(_KEYVAL, state)
     return state

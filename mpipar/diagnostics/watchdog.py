@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple, Union, overload
 
 from mpi4py import MPI
 
@@ -23,6 +23,9 @@ _TAG = 1
 _STOP_TIMEOUT = 5.0  # seconds stop() waits for the last heartbeats
 
 
+_Wait = Tuple[debug.Call, Tuple[int, ...], Optional[int], float]  # (call, members, peer, time)
+
+
 class Activity:
     """This process's MPI activity: written by mpi_tensor's hooks, read by the watchdog thread.
 
@@ -32,8 +35,8 @@ class Activity:
 
     def __init__(self, watched: MPI.Intracomm):
         self._watched = watched
-        self.current = None  # (call, members, peer, since) while waiting in MPI
-        self.last = None  # (call, members, peer, left at)
+        self.current: Optional[_Wait] = None  # (call, members, peer, since) while waiting in MPI
+        self.last: Optional[_Wait] = None  # (call, members, peer, left at)
         self.progress: Dict[tuple, int] = {}  # communicator members -> last collective started
         self.labels: Dict[str, object] = {}
 
@@ -120,7 +123,7 @@ class Watchdog:
             return self
         self._private = self.comm.Dup()
         debug.attach_activity(self.activity)
-        self._thread = threading.Thread(target=self._run, name="mpipar-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(self._private,), name="mpipar-watchdog", daemon=True)
         self._thread.start()
         atexit.register(self.stop)
         return self
@@ -148,8 +151,8 @@ class Watchdog:
 
     # -- the thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
-        comm, size, sends = self._private, self._private.Get_size(), []
+    def _run(self, comm: MPI.Intracomm) -> None:
+        size, sends = comm.Get_size(), []
         while True:
             stopping = self._stopping.wait(self.interval)
             snapshot = self.activity.snapshot(self._rank)
@@ -286,7 +289,15 @@ def _ranks(ranks) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
-def _seconds(value: Optional[float], env: Optional[str], default: Optional[float]) -> Optional[float]:
+@overload
+def _seconds(value: Optional[float], env: Optional[str], default: float) -> float: ...
+
+
+@overload
+def _seconds(value: Optional[float], env: Optional[str], default: None) -> Optional[float]: ...
+
+
+def _seconds(value: Union[float, str, None], env: Optional[str], default: Optional[float]) -> Optional[float]:
     source = "argument"
     if value is None and env is not None and os.environ.get(env, "").strip():
         value, source = os.environ[env].strip(), env

@@ -11,7 +11,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm.averaging import average_tensors
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.data_parallel.wrapper import DataParallel
 from mpipar.diagnostics.failure import agreed
 from mpipar.local_sgd.config import LocalSGDConfig
@@ -111,6 +111,7 @@ class LocalSGDStrategy:
         with contextlib.nullcontext() if warmup else self.dp.no_sync():  # warm-up: gradients averaged in backward
             loss = F.cross_entropy(self.dp(images), labels)
             loss.backward()
+        assert self.optimizer is not None, "the loop binds the optimizer (bind_optimizer) before the first step"
         self.optimizer.step()
         self.step += 1
         self.steps_since_average += 1
@@ -140,7 +141,7 @@ class LocalSGDStrategy:
             self.average()
             self.stats.take()
 
-    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+    def evaluate(self, dataset: ImageDataset) -> EvalResult:
         return evaluate(self.model, dataset, self.comm)
 
     def state_dict(self) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 from torch import nn
 
@@ -79,7 +79,7 @@ def resnet(blocks: Sequence[int] = (1, 1, 1), widths: Sequence[int] = (16, 32, 6
     else:
         stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False),
                              nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
-    layers = [stem]
+    layers: List[nn.Module] = [stem]
     channels = widths[0]
     for stage, (count, width) in enumerate(zip(blocks, widths)):
         for i in range(count):
@@ -114,7 +114,7 @@ def mlp(sizes: Sequence[int], *, flatten: bool = True) -> nn.Sequential:
     """
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"mlp needs at least two positive sizes, got {tuple(sizes)}")
-    layers = [nn.Flatten()] if flatten else []
+    layers: List[nn.Module] = [nn.Flatten()] if flatten else []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         last = i == len(sizes) - 2
         layers.append(nn.Linear(n_in, n_out) if last else nn.Sequential(nn.Linear(n_in, n_out), nn.ReLU()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -63,7 +63,7 @@ class Server:
         self.weights, self.grads = flat.weights[index], flat.grads[index]
         self.sync, self.weight_decay = sync, weight_decay
         self.staleness_lr, self.tickets = staleness_lr, tickets
-        self.optimizer = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # bound by ParameterServerStrategy
         self.version = 0
         self.shards = len(workers)
         self.bytes_per_push = self.weights.numel() * self.weights.element_size()
@@ -71,7 +71,7 @@ class Server:
         self._pending: Dict[int, _Push] = {}           # worker -> received, not applied
         self._by_step: Dict[int, List[_Push]] = {}     # sync: a step's pushes
         self._waiting: List[tuple] = []                # (worker, Control, arrival) not answered yet
-        self._applied = Counter()                      # step -> pushes applied
+        self._applied: Counter[int] = Counter()        # step -> pushes applied
         self._done_through: Optional[int] = None       # sync: every step up to this one applied
         self._outgoing: Dict[int, list] = {w: [] for w in workers}
         self._control = {w: np.zeros(len(protocol.CONTROL_FIELDS) + len(flat.params[index])) for w in workers}
@@ -79,7 +79,7 @@ class Server:
         self.updates: Dict[str, list] = {name: [] for name in UPDATE_COLUMNS}
         self._serving = -1                             # the loop step being served
         self._last_staleness: Dict[int, int] = {}      # worker -> staleness of its last applied push
-        self._transfer: Counter = Counter()             # worker -> seconds receiving its pushes, not yet told
+        self._transfer: Dict[int, float] = defaultdict(float)  # worker -> seconds receiving its pushes, not yet told
         self._reset_times()
 
     def _reset_times(self) -> None:
@@ -135,6 +135,7 @@ class Server:
             for step in sorted(self._by_step):
                 if len(self._by_step[step]) == self.shards:
                     self._apply(sorted(self._by_step.pop(step), key=lambda p: p.shard))
+                    assert self._done_through is not None  # set by serve()
                     self._done_through = max(self._done_through, step)
         else:
             for worker in list(self._pending):
@@ -162,6 +163,7 @@ class Server:
         if self.weight_decay:
             self.grads.add_(self.weights, alpha=self.weight_decay * share_sum)
         self.flat.attach_grads(self.index, present=np.logical_or.reduce([p.present for p in pushes]))
+        assert self.optimizer is not None, "ParameterServerStrategy.bind_optimizer binds it before the first step"
         with torch.no_grad():
             self.optimizer.step()
         self.version += 1
@@ -186,22 +188,23 @@ class Server:
         """Reply to a request (server 0: a ticket) or a pull; False: not yet."""
         ticket = None
         if message.kind & protocol.REQUEST:
+            assert self.tickets is not None  # requests go to server 0, which holds the tickets
             decision = self.tickets.grant(self.workers.index(worker), message.step)
             if decision == WAIT:
                 return False
             ticket = None if decision == NONE_LEFT else decision
-        elif self.sync and self._done_through < message.step - 1:
+        elif self.sync and self._done_through is not None and self._done_through < message.step - 1:
             return False  # sync: the weights must include every earlier step
         start = time.perf_counter()
         for op in self._outgoing[worker]:
             op.wait()
         staleness = self._last_staleness.pop(worker, -1)
         header = protocol.reply(self.version, self._transfer.pop(worker, 0.0), ticket, staleness)
-        ops = [self.comm.Isend(header, dest=worker, tag=protocol.TAG_REPLY)]
+        ops: list = [_Hold(self.comm.Isend(header, dest=worker, tag=protocol.TAG_REPLY), header)]
         if ticket is not None or message.kind & protocol.PULL:
             ops.append(mpi_tensor.isend(self.weights.clone(), self.comm, worker, protocol.TAG_WEIGHTS))
             self.bytes_sent += self.bytes_per_push
-        self._outgoing[worker] = [_Hold(ops[0], header), *ops[1:]]
+        self._outgoing[worker] = ops
         end = time.perf_counter()
         self.comm_time += end - start
         recorder = events.active()

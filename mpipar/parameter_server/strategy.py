@@ -13,7 +13,7 @@ from torch import nn
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.averaging import average_tensors
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.diagnostics import collectives
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import agreed
@@ -211,7 +211,7 @@ class ParameterServerStrategy:
     def end_epoch(self) -> None:
         self._synchronise(workers_too=True)
 
-    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+    def evaluate(self, dataset: ImageDataset) -> EvalResult:
         return evaluate(self.model, dataset, self.comm)
 
     def state_dict(self) -> dict:

@@ -58,7 +58,7 @@ class DelayedGradientSGD:
         self.updates = 0  # per stage alike: every stage applies update u after the same micro-batches
         self.seen = 0  # micro-batches processed
         self.history: List[Dict[int, Dict[str, torch.Tensor]]] = [{} for _ in self.parts]
-        self._gradients: List[Optional[List[torch.Tensor]]] = [None] * len(self.parts)
+        self._gradients: List[Optional[List[Optional[torch.Tensor]]]] = [None] * len(self.parts)
 
     @classmethod
     def for_schedule(cls, model: nn.Sequential, balance: Sequence[int], schedule: Schedule, **kwargs):
@@ -101,8 +101,9 @@ class DelayedGradientSGD:
 
     def _update(self) -> None:
         for s, (part, optimizer) in enumerate(zip(self.parts, self.optimizers)):
-            params = list(part.parameters())
-            for p, g in zip(params, self._gradients[s]):
+            params, gradients = list(part.parameters()), self._gradients[s]
+            assert gradients is not None  # every part has had a backward since the last update
+            for p, g in zip(params, gradients):
                 p.grad = g
             step_with_decay_share(optimizer, self.update_every / self.microbatches)
             for p in params:

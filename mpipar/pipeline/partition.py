@@ -43,9 +43,11 @@ def auto_balance(module: nn.Sequential, sample: Optional[torch.Tensor], stages: 
     Raises:
         ValueError: on every rank, when profiling or balancing fails on ``root``.
     """
-    reply = None
+    reply: Optional[tuple] = None  # (balance, profiles, error message)
     if comm.Get_rank() == root:
         try:
+            if sample is None:
+                raise ValueError(f"rank {root} profiles the layers and needs a sample batch, got None")
             profiles = profile_layers(module, sample, repeats=repeats)
             balance = balance_by_time(
                 [p.time for p in profiles], stages, memory=[p.saved_bytes for p in profiles],

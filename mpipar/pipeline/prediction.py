@@ -19,7 +19,9 @@ def predict(machine: Machine, profile: ModelProfile, *, model: str, batch_size: 
     given); None for a ``placement``, tensor-parallel stages or an asynchronous schedule. Pure."""
     if settings.tp != 1 or settings.placement is not None or settings.schedule in ASYNC_SCHEDULES:
         return None
-    balance = (even_balance(profile.num_layers, settings.stages) if settings.balance == "even"
-               else None if settings.balance == "auto" else list(settings.balance))
+    if isinstance(settings.balance, str):  # "even" or "auto"
+        balance = even_balance(profile.num_layers, settings.stages) if settings.balance == "even" else None
+    else:
+        balance = list(settings.balance)
     return predict_pipeline(profile, batch_size, Layout(ranks, ranks_per_node, pp=settings.stages), machine,
                             microbatches=settings.microbatches, schedule=settings.schedule, balance=balance)

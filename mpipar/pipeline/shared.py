@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, cast
 
 import torch
 from mpi4py import MPI
@@ -74,7 +74,7 @@ class SharedGradients:
         self.local = [module.get_parameter(s.names[0]) for s in self.shared if rank in s.ranks]  # this rank's
         self._groups: List[Tuple[MPI.Intracomm, List[nn.Parameter]]] = []
         for ranks in dict.fromkeys(s.ranks for s in self.shared if len(s.ranks) > 1):  # in order, each once
-            group = comm.Split(0 if rank in ranks else MPI.UNDEFINED, rank)
+            group = cast(MPI.Intracomm, comm.Split(0 if rank in ranks else MPI.UNDEFINED, rank))  # or COMM_NULL
             if group == MPI.COMM_NULL:
                 continue
             params = [module.get_parameter(s.names[0]) for s in self.shared if s.ranks == ranks]

@@ -148,6 +148,7 @@ class Stage:
         else:
             y = self._call(x, saved, weights)
         if self.is_last:
+            assert loss_fn is not None  # a training step checks that the pipeline has one first
             loss = loss_fn(y, target)
             self.outputs[microbatch] = y.detach()
             self.losses[microbatch] = loss.detach()
@@ -179,6 +180,7 @@ class Stage:
             grads.append(None if self.is_last else grad_output)
         for name, tensor in saved.items():
             if tensor.requires_grad:
+                assert skip_grads is not None  # a stage whose saved skips need gradients is given them
                 roots.append(tensor)
                 grads.append(skip_grads[name])
         if roots:

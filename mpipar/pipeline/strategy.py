@@ -18,7 +18,7 @@ from mpipar.comm.reducer import CommStats
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
 from mpipar.comm.wire import wire_dtype
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import agreed
 from mpipar.pipeline.config import PipelineConfig
@@ -77,6 +77,7 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
             f"predicted ms per micro-batch {[round(1e3 * t, 2) for t in stage_sums(times, balance)]}, MiB per stage "
             f"({config.schedule}: {in_flight} micro-batches in flight) {[round(m / 2**20, 1) for m in memory]}")
         return Placement.from_balance(balance), times
+    assert not isinstance(config.balance, str)  # "even" or "auto" (PipelineConfig checks), handled above
     return Placement.from_balance(config.balance), None
 
 
@@ -191,9 +192,9 @@ class PipelineStrategy:
                 self._relayout = collective_check(world, lambda: training_state(checkpoint), "re-laying out")
                 model.load_state_dict(self._relayout["model"])  # before the pipeline takes its stages
                 say(f"re-laid out the checkpoint's placement {state['placement']} as {list(self.placement.ranks)}")
-        self.pipe = Pipeline(model, self.grid.pipeline_comm, self.placement, schedule=config.schedule,
-                             microbatches=config.microbatches, loss_fn=F.cross_entropy, device=device)
         self.device = torch.device(device)
+        self.pipe = Pipeline(model, self.grid.pipeline_comm, self.placement, schedule=config.schedule,
+                             microbatches=config.microbatches, loss_fn=F.cross_entropy, device=self.device)
         self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb,
                                         wire=wire_dtype(grad_wire))
         self.name = "pipeline" if self.grid.replicas == 1 and config.tp == 1 else "pipeline_hybrid"
@@ -269,7 +270,7 @@ class PipelineStrategy:
         for index, (forward, backward) in result.stage_times.items():
             self._stage_seconds[index][0] += forward
             self._stage_seconds[index][1] += backward
-        samples = len(labels) if self.counts else 0
+        samples = len(labels) if self.counts and labels is not None else 0  # counts: holds the targets
         compute = times.busy - split.wait_time  # the stages' busy time includes their tensor-parallel Allreduces
         return StepRecord(  # moved to waits, for the bubble too
             loss=result.loss, samples=samples, compute_time=compute, comm_time=times.comm,
@@ -282,7 +283,7 @@ class PipelineStrategy:
         self._drain()
         self.averager.sync_buffers(self.pipe.local_module)
 
-    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+    def evaluate(self, dataset: ImageDataset) -> EvalResult:
         """Loss and accuracy over ``dataset``, each replica taking a share (the forward schedule).
         Collective over the world; every rank gets the same result."""
 

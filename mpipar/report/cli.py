@@ -106,6 +106,7 @@ def _events_sentence(run: Run) -> str:
 def _bubble_sentence(run: Run) -> str:
     """Measured vs ideal bubble of the pipeline chart, in words."""
     measured = pipeline_analysis.measured_timeline(run)
+    assert measured is not None  # called where the run's pipeline chart was drawn from its events
     ideal = pipeline_analysis.ideal_for_run(run)
     text = (f"Pipeline bubble of sampled step {int(run.traced_steps[-1])}: measured {measured.bubble:.3f} "
             f"(idle share of the ranks' time from the first forward to the last backward)")
@@ -113,6 +114,7 @@ def _bubble_sentence(run: Run) -> str:
         return text + (f"; no ideal schedule drawn for {run.attrs.get('schedule')} (one step of an asynchronous "
                        f"schedule is a window of the pipeline, not the whole schedule).")
     times = pipeline_analysis.stage_times(run)
+    assert times is not None  # the run has pipeline events (above)
     per_stage = ", ".join(f"{1000 * f:.2f}/{1000 * b:.2f}" for f, b in times)
     return text + (f"; ideal {ideal.bubble:.3f} ({run.attrs['schedule']} simulated with the measured mean forward/"
                    f"backward ms per micro-batch of each stage, {per_stage}, and free communication; "

@@ -229,14 +229,14 @@ BUBBLE_COLOUR = "#f4c7c3"
 def _draw_timeline(ax, timeline: pipeline_analysis.Timeline, title: str) -> None:
     """Rows of forward (light) and backward (dark) bars, each labelled with its micro-batch and
     coloured by it; the idle time of each row (the bubble) shaded behind them."""
-    palette = plt.get_cmap("tab20").colors
+    palette = plt.get_cmap("tab20")  # 20 colours: an integer picks one
     rows = list(timeline.rows)
     ax.barh(range(len(rows)), timeline.makespan * 1000, height=0.8, color=BUBBLE_COLOUR, hatch="//",
             edgecolor="#e08a82", linewidth=0)
     for y, rank in enumerate(rows):   # one collection per row: thousands of spans draw in a moment
         row = timeline.rows[rank]
         ax.broken_barh([(s.start * 1000, (s.end - s.start) * 1000) for s in row], (y - 0.4, 0.8), edgecolor="white",
-                       linewidth=0.5, facecolors=[palette[(2 * s.microbatch + (s.kind == "F")) % len(palette)]
+                       linewidth=0.5, facecolors=[palette((2 * s.microbatch + (s.kind == "F")) % palette.N)
                                                   for s in row])
     spans = [(y, span) for y, rank in enumerate(rows) for span in timeline.rows[rank]]
     widest = timeline.makespan * 1000 / 90   # labels where they fit, and not thousands of them

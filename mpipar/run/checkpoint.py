@@ -19,7 +19,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ the CPU and move to wherever the model is; which steps' events are traced)."""
 def rng_state() -> Dict[str, Any]:
     """This process's random number generator states (torch, numpy, random), as tensors and
     plain values (what ``weights_only`` loading accepts)."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
+    name, keys, position, has_gauss, cached = cast(Tuple[str, np.ndarray, int, int, float], np.random.get_state())
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() and torch.cuda.is_initialized() \
         else {}
     return {"torch": torch.get_rng_state(), "random": random.getstate(), **cuda,
@@ -73,7 +73,7 @@ def _numpy_array_globals() -> list:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
@@ -350,7 +350,9 @@ class Checkpointer:
     def load(self, checkpoint: Path) -> Dict[str, Any]:
         """This rank's state from ``checkpoint`` (verified). Collective; raises on every rank
         when it is damaged or was written by another number of ranks."""
-        return self.resume(explicit=checkpoint)[1]
+        state = self.resume(explicit=checkpoint)[1]
+        assert state is not None  # an explicit checkpoint loads or raises
+        return state
 
 
 class _Damaged(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from mpipar.run.config import GRAD_WIRES, OPTIMIZERS, PRECISIONS, TrainConfig
 
@@ -113,7 +114,7 @@ def step_range(text: str) -> tuple:
     return steps
 
 
-def train_config(args: argparse.Namespace, *, threads: int, model: str = None) -> TrainConfig:
+def train_config(args: argparse.Namespace, *, threads: int, model: Optional[str] = None) -> TrainConfig:
     """The validated TrainConfig of parsed common flags (raises ValueError naming the flag)."""
     return TrainConfig(
         data=args.data, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from mpipar.comm.device import module_device, to_device
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.data.sharding import rank_batches
 from mpipar.diagnostics import collectives
 
@@ -27,7 +27,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: ArrayDataset, comm: MPI.Intracomm, batch_size: int = 1000, *,
+def evaluate(model: torch.nn.Module, dataset: ImageDataset, comm: MPI.Intracomm, batch_size: int = 1000, *,
              shards: Optional[int] = None, shard: Optional[int] = None,
              outputs: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
              counts: bool = True, device: Optional[torch.device] = None,

@@ -238,6 +238,7 @@ class MetricsWriter:
         gathered = collectives.gather(self.comm, (self._steps, bool(stop)), "metrics flush", root=self.root)
         verdict = None
         if self.is_root:
+            assert gathered is not None  # the root's gather
             rows = [steps for steps, _ in gathered]
             if any(len(r) != len(rows[0]) for r in rows):
                 counts = [len(r) for r in rows]
@@ -306,7 +307,8 @@ class MetricsWriter:
         rank: nothing is written (a table that never had rows does not exist). A column the stored
         table lacks (a file of an older mpipar, resumed) reads -1 (NaN for floats) in its earlier rows."""
         gathered = collectives.gather(self.comm, columns, f"metrics: table {name}", root=self.root)
-        if self.is_root and any(len(np.asarray(c).reshape(-1)) for cols in gathered for c in cols.values()):
+        if gathered is not None and any(  # the root's gather
+                len(np.asarray(c).reshape(-1)) for cols in gathered for c in cols.values()):
             with _open(self.path, "a") as f:
                 before = len(f[f"{name}/step"]) if f"{name}/step" in f else 0
                 for column in gathered[0]:
@@ -382,17 +384,17 @@ def _truncate(f: h5py.File, steps: int) -> None:
         dataset.resize(steps, axis=0)
     for name, group in f.items():
         if name not in ("steps", "epochs") and isinstance(group, h5py.Group) and "step" in group:
-            keep = np.flatnonzero(group["step"][...] < steps)
+            rows = np.flatnonzero(group["step"][...] < steps)
             for column in [c for c in group if not c.endswith("_histogram")]:
-                kept = group[column][...][keep]
+                kept = group[column][...][rows]
                 group[column].resize(len(kept), axis=0)
                 group[column][...] = kept
             for histogram in [c for c in group if c.endswith("_histogram")]:
                 _store_histogram(group, histogram[:-len("_histogram")])
     if "epochs/last_step" in f:
-        keep = int((f["epochs/last_step"][...] <= steps).sum())
+        epochs = int((f["epochs/last_step"][...] <= steps).sum())
         for dataset in f["epochs"].values():
-            dataset.resize(keep, axis=0)
+            dataset.resize(epochs, axis=0)
 
 
 def _store_histogram(group: h5py.Group, column: str) -> None:

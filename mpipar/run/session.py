@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from mpi4py import MPI
@@ -72,7 +72,7 @@ class Session:
         self.device = select_device(comm, config.device)
         torch.manual_seed(config.seed)
         self.say(describe(comm, self.device))
-        self.device_attrs = {"device": self.device.type}
+        self.device_attrs: Dict[str, Any] = {"device": self.device.type}
         if self.device.type == "cuda":
             decision = cuda_aware.agreed_cuda_awareness(comm)
             self.say(decision.describe())
@@ -88,8 +88,9 @@ class Session:
             self.resumed_from, self.state = self.checkpoints.resume(
                 explicit=None if resume_from is None else Path(resume_from), warn=self.say)
         if self.state is not None:
-            agree_on(comm, "the checkpoint's step", self.state["step"])
-            collective_check(comm, lambda: check_same_run(self.state["config"], self.run_config), "--resume")
+            state = self.state
+            agree_on(comm, "the checkpoint's step", state["step"])
+            collective_check(comm, lambda: check_same_run(state["config"], self.run_config), "--resume")
 
     @classmethod
     def from_args(cls, comm: MPI.Intracomm, args: argparse.Namespace, early_signals=(), *,

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 import torch
 from torch import nn
 
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.run.evaluate import EvalResult
 from mpipar.run.metrics import MetricsWriter
 
@@ -129,7 +129,7 @@ class Strategy(Protocol):
     def end_epoch(self) -> None:
         """Before evaluation at an epoch end (e.g. average BatchNorm statistics)."""
 
-    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+    def evaluate(self, dataset: ImageDataset) -> EvalResult:
         """Loss and accuracy over ``dataset``, the same on every rank."""
 
     def state_dict(self) -> dict:

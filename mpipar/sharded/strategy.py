@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import agreed
 from mpipar.run.evaluate import EvalResult, evaluate
@@ -77,7 +77,7 @@ class ShardedStrategy:
     def end_epoch(self) -> None:
         self.sdp.sync_buffers()
 
-    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+    def evaluate(self, dataset: ImageDataset) -> EvalResult:
         with self.sdp.full_parameters():
             return evaluate(self.model, dataset, self.comm)
 

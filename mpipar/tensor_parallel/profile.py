@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import cache
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 from mpi4py import MPI
 from torch import nn
@@ -17,6 +17,7 @@ from mpipar.cost.calibrate import profile_layers_and_step
 from mpipar.cost.machine import ModelProfile
 from mpipar.cost.tensor import BLOCK_PREFIX, MAX_CALIBRATED_TP, model_degrees, profile_name, vit_shape
 from mpipar.diagnostics import debug
+from mpipar.models.vit import TransformerBlock
 from mpipar.tensor_parallel.attention import ParallelTransformerBlock
 
 __all__ = ["rank_model", "profile_tensor_parallel", "tensor_profiles", "calibration_profiles"]
@@ -91,12 +92,13 @@ def rank_model(model_name: str, tp: int):
                          f"features; use one of {model_degrees(model_name, shape['heads'])}")
     full = models.VIT_MODELS[model_name](in_channels=shape["in_channels"], num_classes=shape["num_classes"],
                                          image_size=shape["image_size"])
-    group, stats = _RankZeroOf(tp), CommStats()
+    group = cast(MPI.Intracomm, _RankZeroOf(tp))  # stands in for the group's communicator
+    stats = CommStats()
     embed, head = _modules()
     layers = [("embed", embed(full))]
     layers += [(f"{BLOCK_PREFIX}{i}", ParallelTransformerBlock(block.attention, block.fc1, block.fc2, block.norm1,
                                                                block.norm2, group, stats=stats))
-               for i, block in enumerate(full.blocks)]
+               for i, block in enumerate(cast(List[TransformerBlock], list(full.blocks)))]
     layers.append(("head", head(full)))
     return nn.Sequential(OrderedDict(layers))
 

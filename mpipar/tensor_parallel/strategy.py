@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from mpipar.comm.reducer import CommStats
 from mpipar.comm.replicas import ReplicaAverager
 from mpipar.comm.topology import ProcessGrid
 from mpipar.comm.wire import wire_dtype
-from mpipar.data.datasets import ArrayDataset
+from mpipar.data.arrays import ImageDataset
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.diagnostics.failure import agreed
 from mpipar.models.vit import TransformerBlock, VisionTransformer
@@ -106,7 +106,7 @@ def _after_linears(model: nn.Sequential, first: int) -> List[List[nn.Module]]:
     """Per entry from ``model[first]`` on, the modules after its linear layer, checked: only
     :data:`ELEMENTWISE` ones after a pair's first layer, nothing with parameters or buffers anywhere
     (neither split nor consolidated). Raises ValueError (agreed: the model is the same on every rank)."""
-    following = []
+    following: List[List[nn.Module]] = []
     for index, entry in enumerate(list(model)[first:], start=first):
         rest = list(entry)[1:] if isinstance(entry, nn.Sequential) else []
         for position, module in enumerate(rest, start=1):
@@ -164,7 +164,8 @@ def split_vit(model: VisionTransformer, comm: MPI.Intracomm, stats: CommStats) -
             divide every block's attention heads and MLP hidden features (naming the sizes that do).
     """
     blocks = model.blocks
-    parallel = nn.ModuleList(_parallel_blocks(list(blocks), comm, stats, "vision transformer"))
+    parallel = nn.ModuleList(_parallel_blocks(cast(List[TransformerBlock], list(blocks)), comm, stats,
+                                              "vision transformer"))
     # Copy everything but the blocks (deepcopy takes the memo's entry for the block list).
     return copy.deepcopy(model, memo={id(blocks): parallel})
 
@@ -209,7 +210,7 @@ class Splitter:
     shards (collective over the tensor-parallel group); ``what`` says what it splits (progress lines)."""
 
     kind: str
-    split: Callable[[nn.Module, MPI.Intracomm, CommStats], nn.Module]
+    split: Callable[[Any, MPI.Intracomm, CommStats], nn.Module]  # takes the kind of model it is chosen for
     what: str
 
 
@@ -243,7 +244,7 @@ def split_parameters(model: nn.Module) -> set:
     """The ids of the parameters of ``model`` that are shards (a column-parallel layer's weight and
     bias, a row-parallel layer's weight); every other parameter is replicated: whole and equal, with
     equal gradients, on every rank of the tensor-parallel group. Local."""
-    split = set()
+    split: Set[int] = set()
     for module in model.modules():
         if isinstance(module, ColumnParallelLinear):
             split.update(id(p) for p in (module.weight, module.bias) if p is not None)
@@ -275,8 +276,9 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     state: Dict[str, torch.Tensor] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
-        if hasattr(module, "full_state_dict"):
-            state.update({prefix + key: value for key, value in module.full_state_dict().items()})
+        full = getattr(module, "full_state_dict", None)  # the parallel layers and blocks
+        if full is not None:
+            state.update({prefix + key: value for key, value in full().items()})
             return
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor is not None and name not in module._non_persistent_buffers_set:
@@ -373,7 +375,7 @@ class TensorParallelStrategy:
                 f"(shards summed over the group, replicated ones once), the unsplit model {self.parameter_count:,}: "
                 f"the splitter lost or duplicated parameters")
         # mpipar-consolidate's layout: MLPs only (a ViT's fused q/k/v rows are permuted per rank)
-        self.layout = shard_layout(model, self.model) if splitter.kind == "mlp" else None
+        self.layout = shard_layout(cast(nn.Sequential, model), self.model) if splitter.kind == "mlp" else None
         self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb,
                                         wire=wire_dtype(grad_wire))
         self.loss_scaler = None  # fp16: the loop's LossScaler (bind_loss_scaler)
@@ -412,7 +414,7 @@ class TensorParallelStrategy:
     def end_epoch(self) -> None:
         self.averager.sync_buffers(self.model)
 
-    def evaluate(self, dataset: ArrayDataset) -> EvalResult:
+    def evaluate(self, dataset: ImageDataset) -> EvalResult:
         """Loss and accuracy over ``dataset``, each replica taking a share; every rank of a
         group computes the same outputs, one counts them. Collective over the world."""
         result = evaluate(self.model, dataset, self.world, shards=self.replicas, shard=self.replica,
