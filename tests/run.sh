@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run the whole test suite: the linter, the serial pass, then the MPI tests on 1, 2, 3 and 4 ranks.
+# Run the whole test suite: ruff and mypy, the serial pass, then the MPI tests on 1, 2, 3 and 4 ranks.
 #   bash tests/run.sh                 # uses .venv/bin/python if present, else python3
 #   bash tests/run.sh --fast          # no job launches, no cluster: serial pass, MPI passes on 2 and 3 ranks
 #   SIZES="2 4" bash tests/run.sh     # other rank counts
@@ -33,6 +33,7 @@ run() {  # run a pytest pass; any non-zero status (5 = no tests ran included) is
 }
 
 run "$PYTHON" -m ruff check .  # configured in pyproject.toml
+run "$PYTHON" -m mypy  # mpipar/, configured in pyproject.toml
 eval "extra=(${PYTEST_ARGS:-})"  # shell words, so quoted arguments stay whole
 run "$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 "${select[@]}" "${extra[@]}"
 for n in $SIZES; do
