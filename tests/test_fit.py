@@ -173,9 +173,9 @@ def test_example_script_runs_on_two_ranks_and_its_metrics_are_read(tmp_path):
     result = run_mpi(2, str(ROOT / "examples" / "own_model.py"), "--epochs", "1", "--batch-size", "50",
                      "--threads", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "model: regression-mlp" in result.stdout and "final test accuracy" in result.stdout
+    assert "model: regression-mlp" in result.stdout and "final test mean_absolute_error" in result.stdout
     summary = summarize(out / "metrics.h5")
-    assert "data_parallel on 2 ranks" in summary and "epochs: 1" in summary
+    assert "data_parallel on 2 ranks" in summary and "epochs: 1, final test mean_absolute_error" in summary
     with h5py.File(out / "metrics.h5", "r") as f:
         assert (f.attrs["loss"], f.attrs["test_metric"]) == ("mse_loss", "mean_absolute_error")
         assert f["steps/loss"].shape == (20,) and 0 < f["epochs/test_accuracy"][0] < 0.5  # a fit was learnt

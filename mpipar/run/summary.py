@@ -37,7 +37,8 @@ def summarize(path) -> str:
                  f"MB sent: {np.array2string(np.nansum(steps['bytes_sent'], axis=0) / 1e6, precision=1)}; "
                  f"slowest/fastest rank time: {per_rank.max() / max(per_rank.min(), 1e-12):.2f}")
     if len(epochs.get("test_accuracy", [])):
-        lines.append(f"epochs: {len(epochs['test_accuracy'])}, final test accuracy: "
+        metric = attrs.get("test_metric", "accuracy")  # mpipar.fit's own metric is stored as test_accuracy
+        lines.append(f"epochs: {len(epochs['test_accuracy'])}, final test {metric}: "
                      f"{epochs['test_accuracy'][-1]:.4f}, test loss: {epochs['test_loss'][-1]:.4f}")
     for key in ("bubble_measured", "bubble_ideal", "bubble_bound"):
         if key in attrs:
