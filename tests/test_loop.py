@@ -2,6 +2,8 @@
 whole batch (parameters after several optimizer steps), and the loop's metrics and checkpoints are the same
 shape for every strategy."""
 
+import threading
+
 import h5py
 import pytest
 import torch
@@ -275,3 +277,33 @@ def test_async_pipeline_stopped_where_the_drain_makes_optimizer_state_resumes_bi
                 for (name, mine), theirs in zip(resumed[layer].named_parameters(), straight[layer].parameters())
                 if not torch.equal(mine, theirs)]
     assert_all_ranks(comm, not problems, f"{schedule} on {size} ranks: " + "; ".join(problems))
+
+
+class FailingOnStepTwo(DataParallelStrategy):
+    """Data parallel whose second ``train_step`` raises."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+
+    def train_step(self, batch):
+        self.steps += 1
+        if self.steps == 2:
+            raise RuntimeError("step 2 fails")
+        return super().train_step(batch)
+
+
+def test_a_step_that_raises_leaves_no_prefetch_thread(tmp_path):
+    """train() raises the step's error, and the epoch's reader (reading ahead in a thread) is closed."""
+    from mpipar.data.prefetch import Prefetcher
+
+    splits = synthetic(600, 100, seed=0)
+    dataset = splits.train
+    dataset.stream = lambda batches, epoch=None: Prefetcher(dataset, batches, epoch=epoch, depth=2)
+    before = set(threading.enumerate())
+    run = session(MPI.COMM_SELF, tmp_path, BATCH, steps=5)
+    with pytest.raises(RuntimeError, match="step 2 fails"):
+        train(run, FailingOnStepTwo(build_model(), MPI.COMM_SELF), splits)
+    run.watchdog.stop()
+    left = [thread.name for thread in threading.enumerate() if thread not in before and thread.is_alive()]
+    assert left == [], f"threads left running after train() raised: {left}"

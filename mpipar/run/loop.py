@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,205 +54,310 @@ def train(session: Session, strategy: Strategy, splits: DataSplits) -> bool:
     Returns:
         True when a stop request ended the run early.
     """
-    comm, config, say = session.comm, session.config, session.say
-    train_set, test_set = splits.train, splits.test
-    batch_size, replicas, state = config.batch_size, strategy.replicas, session.state
-    global_batch = state.get("global_batch", batch_size * replicas) if state is not None else batch_size * replicas
-    planned = steps_per_epoch(len(train_set), batch_size, replicas, global_batch=global_batch)
-    in_epoch = len(train_set) // global_batch if strategy.full_steps_only else planned
-    total_steps = min(in_epoch * config.epochs, config.max_steps or in_epoch * config.epochs)
-    if state is not None:  # the schedule's length is the checkpoint's (another number of ranks can move an
-        total_steps = state.get("total_steps", total_steps)  # epoch's short last step by one)
-    params = strategy.parameters() or [torch.zeros(0, requires_grad=True)]
-    if config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                                    nesterov=config.momentum > 0)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(  # AdamW keeps its betas
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15,
-        cycle_momentum=config.momentum > 0 and config.optimizer == "sgd")
-    step, start_epoch, skip, loss_sum, seen = 0, 0, 0, 0.0, 0
-    if state is not None:
-        strategy.load_state_dict(state)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["schedule"])
+    run = _Run(session, strategy, splits)
+    stopping = False
+    for epoch in range(run.start_epoch, session.config.epochs):
+        if run.step >= run.total_steps and not run.skip:  # resumed from the final checkpoint: nothing left
+            break
+        stopping = run.epoch(epoch)
+        if stopping:
+            run.stop_early()
+            break
+    run.finish(stopping)
+    return stopping
+
+
+class _Run:
+    """One call of :func:`train`: its plan, optimizer, schedule, loss scaler and metrics writer, and where
+    it stands (step, steps to skip in the resumed epoch, this rank's running loss sum). Built, and each
+    method called, on every rank of ``session.comm`` together; a method that communicates says so."""
+
+    def __init__(self, session: Session, strategy: Strategy, splits: DataSplits):
+        """Plan the run, build the optimizer and schedule, resume ``session.state``, check the precision
+        (agreed), open the metrics file and say what will run. Collective."""
+        self.session, self.strategy, self.splits = session, strategy, splits
+        self.comm, self.config, self.say = session.comm, session.config, session.say
+        config = self.config
+        self.train_set, self.test_set = splits.train, splits.test
+        self._plan()
+        self.params = strategy.parameters() or [torch.zeros(0, requires_grad=True)]
+        self.optimizer = _optimizer(config, self.params)
+        self.lr_schedule = torch.optim.lr_scheduler.OneCycleLR(  # AdamW keeps its betas
+            self.optimizer, max_lr=config.lr, total_steps=self.total_steps, pct_start=0.15,
+            cycle_momentum=config.momentum > 0 and config.optimizer == "sgd")
+        self.step, self.start_epoch, self.skip, self.loss_sum, self.seen = 0, 0, 0, 0.0, 0
+        if session.state is not None:
+            self._resume(session.state)
+        self.steps_optimizer = getattr(strategy, "steps_optimizer", False)
+        self.shares_shards = getattr(strategy, "shares_shards", False)
+        self.scaler = self._loss_scaler()
+        if self.steps_optimizer:
+            strategy.bind_optimizer(self.optimizer)
+        self.recorder = EventRecorder(self.comm, config.trace_steps) if config.trace_steps is not None else None
+        self.metrics = MetricsWriter(session.out / "metrics.h5", self.comm, strategy=strategy.name,
+                                     config=session.run_config, flush_every=config.flush_every,
+                                     resume=session.resume, resume_at_step=self.step,
+                                     wait_groups=strategy.wait_groups, events=self.recorder,
+                                     tables=getattr(strategy, "metrics_tables", ()),
+                                     attrs={"model": config.model, **session.device_attrs, **strategy.metrics_attrs})
+        self._announce()
+        session.checkpoints.per_rank = strategy.checkpoint_per_rank
+        self.first_step, self.run_start = self.step, time.perf_counter()
+        self.last_log = self.run_start
+
+    def _plan(self) -> None:
+        """The global batch (the checkpoint's on resume), the steps of an epoch and of the run. Local."""
+        config, state, train_set = self.config, self.session.state, self.train_set
+        batch_size, self.replicas = config.batch_size, self.strategy.replicas
+        own_batch = batch_size * self.replicas
+        self.global_batch = state.get("global_batch", own_batch) if state is not None else own_batch
+        self.planned = steps_per_epoch(len(train_set), batch_size, self.replicas, global_batch=self.global_batch)
+        self.in_epoch = len(train_set) // self.global_batch if self.strategy.full_steps_only else self.planned
+        self.total_steps = min(self.in_epoch * config.epochs, config.max_steps or self.in_epoch * config.epochs)
+        if state is not None:  # the schedule's length is the checkpoint's (another number of ranks can move an
+            self.total_steps = state.get("total_steps", self.total_steps)  # epoch's short last step by one)
+
+    def _resume(self, state: dict) -> None:
+        """Load the checkpoint: strategy, optimizer, schedule, RNG states, position, this rank's loss sums."""
+        comm = self.comm
+        self.strategy.load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
-        step, start_epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
-        loss_sum, seen = state["loss_sum"], state["samples_seen"]  # rank 0's (files of mpipar before 0.2)
+        self.step, self.start_epoch, self.skip = state["step"], state["epoch"], state["step_in_epoch"]
+        self.loss_sum, self.seen = state["loss_sum"], state["samples_seen"]  # rank 0's (files of mpipar before 0.2)
         by_rank = state.get("loss_sums_by_rank")
         if by_rank is not None and len(by_rank) == comm.Get_size():
-            loss_sum, seen = by_rank[comm.Get_rank()]  # every rank its own, so the epoch's mean is bitwise the same
+            # every rank its own, so the epoch's mean is bitwise the same
+            self.loss_sum, self.seen = by_rank[comm.Get_rank()]
         elif by_rank is not None:  # another number of ranks: the epoch so far counts once, on rank 0
             first = comm.Get_rank() == 0
-            loss_sum, seen = (sum(a for a, _ in by_rank), sum(b for _, b in by_rank)) if first else (0.0, 0)
-    steps_optimizer, shares_shards = getattr(strategy, "steps_optimizer", False), getattr(strategy, "shares_shards",
-                                                                                          False)
-    collective_check(comm, lambda: (check_precision(config.precision, session.device),
-                                    check_strategy_precision(config.precision, strategy)), "--precision")
-    scaler = LossScaler(comm) if config.precision == "fp16" else None  # found-inf agreed over every rank
-    if scaler is not None:
+            self.loss_sum, self.seen = (sum(a for a, _ in by_rank), sum(b for _, b in by_rank)) if first else (0.0, 0)
+
+    def _loss_scaler(self) -> Optional[LossScaler]:
+        """Check ``--precision`` (agreed, collective); for fp16 the loss scaler, bound to the strategy and
+        resumed from the checkpoint."""
+        config, session, strategy = self.config, self.session, self.strategy
+        collective_check(self.comm, lambda: (check_precision(config.precision, session.device),
+                                             check_strategy_precision(config.precision, strategy)), "--precision")
+        if config.precision != "fp16":
+            return None
+        scaler = LossScaler(self.comm)  # found-inf agreed over every rank
         strategy.bind_loss_scaler(scaler)
-        if state is not None and "loss_scaler" in state:
-            scaler.load_state_dict(state["loss_scaler"])
-    if steps_optimizer:
-        strategy.bind_optimizer(optimizer)
-    recorder = EventRecorder(comm, config.trace_steps) if config.trace_steps is not None else None
-    metrics = MetricsWriter(session.out / "metrics.h5", comm, strategy=strategy.name, config=session.run_config,
-                            flush_every=config.flush_every, resume=session.resume, resume_at_step=step,
-                            wait_groups=strategy.wait_groups, events=recorder,
-                            tables=getattr(strategy, "metrics_tables", ()),
-                            attrs={"model": config.model, **session.device_attrs, **strategy.metrics_attrs})
-    say(f"mpipar {__version__}: {strategy.name} on {comm.Get_size()} ranks x {config.threads} threads, "
-        f"{mpi_library()}")
-    say(f"data: {splits.description}")
-    say(f"model: {config.model}; {strategy.describe()}")
-    say(f"{in_epoch} steps/epoch of {global_batch} samples"
-        + (f" ({batch_size} x {replicas} replicas)" if global_batch == batch_size * replicas else
-           f" (the checkpoint's, over {replicas} replicas)")
-        + (f" (of {planned}; partial steps dropped)" if in_epoch != planned else "")
-        + f"; {total_steps} steps; metrics -> {metrics.path}")
-    if recorder is not None:
-        say(f"tracing steps {config.trace_steps[0]}-{config.trace_steps[1]}: timed events -> {metrics.path}:/events "
-            f"(mpipar-report {session.out} --trace trace.json)")
-    if state is not None:
-        say(f"resumed from {session.resumed_from} at step {step} (epoch {start_epoch + 1}, step {skip} of it)")
-        if global_batch != batch_size * replicas:
-            low, high = global_batch // replicas, -(-global_batch // replicas)
-            say(f"resumed on {replicas} replicas instead of {state['replicas']}: the checkpoint's global batch of "
-                f"{global_batch} samples is kept ({low if low == high else f'{low}-{high}'} per replica), so every "
-                f"step covers the samples it would have")
-    session.checkpoints.per_rank = strategy.checkpoint_per_rank
+        if session.state is not None and "loss_scaler" in session.state:
+            scaler.load_state_dict(session.state["loss_scaler"])
+        return scaler
 
-    def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
-        """Flush metrics up to ``step``, then write the checkpoint of ``step``. Collective."""
-        metrics.flush()
-        strategy_state = strategy.state_dict()  # first: an asynchronous pipeline's drain steps the optimizer
-        path = session.checkpoints.save(step, {
-            "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
-            "loss_sums_by_rank": collectives.allgather(comm, (loss_sum, seen), "checkpoint: train loss sums"),
-            "samples_seen": seen, "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
-            "rng": rng_state(), "config": session.run_config, "global_batch": global_batch, "replicas": replicas,
-            "total_steps": total_steps, "strategy": strategy.name,
-            **({"loss_scaler": scaler.state_dict()} if scaler is not None else {}),
-            **strategy_state})
-        say(f"checkpoint: {path}")
+    def _announce(self) -> None:
+        """Say what runs: library, data, model, the plan, tracing, where it resumes. Local."""
+        say, config, session, strategy = self.say, self.config, self.session, self.strategy
+        batch_size, replicas, global_batch, state = config.batch_size, self.replicas, self.global_batch, session.state
+        say(f"mpipar {__version__}: {strategy.name} on {self.comm.Get_size()} ranks x {config.threads} threads, "
+            f"{mpi_library()}")
+        say(f"data: {self.splits.description}")
+        say(f"model: {config.model}; {strategy.describe()}")
+        say(f"{self.in_epoch} steps/epoch of {global_batch} samples"
+            + (f" ({batch_size} x {replicas} replicas)" if global_batch == batch_size * replicas else
+               f" (the checkpoint's, over {replicas} replicas)")
+            + (f" (of {self.planned}; partial steps dropped)" if self.in_epoch != self.planned else "")
+            + f"; {self.total_steps} steps; metrics -> {self.metrics.path}")
+        if self.recorder is not None:
+            say(f"tracing steps {config.trace_steps[0]}-{config.trace_steps[1]}: timed events -> "
+                f"{self.metrics.path}:/events (mpipar-report {session.out} --trace trace.json)")
+        if state is not None:
+            say(f"resumed from {session.resumed_from} at step {self.step} (epoch {self.start_epoch + 1}, "
+                f"step {self.skip} of it)")
+            if global_batch != batch_size * replicas:
+                low, high = global_batch // replicas, -(-global_batch // replicas)
+                say(f"resumed on {replicas} replicas instead of {state['replicas']}: the checkpoint's global batch "
+                    f"of {global_batch} samples is kept ({low if low == high else f'{low}-{high}'} per replica), "
+                    f"so every step covers the samples it would have")
 
-    first_step, run_start = step, time.perf_counter()
-    last_log, stopping = run_start, False
-    for epoch in range(start_epoch, config.epochs):
-        if step >= total_steps and not skip:  # resumed from the final checkpoint: nothing left
-            break
+    def epoch(self, epoch: int) -> bool:
+        """Epoch ``epoch`` from step ``self.skip`` of it: its steps, then its checkpoint, after the
+        evaluation when it ran to its end. The reader of a streamed dataset is closed even when a step
+        raises. Returns whether a stop was requested."""
         epoch_start = time.perf_counter()
-        if shares_shards:  # every shard of every step: the strategy hands them out
-            batches = step_plan(len(train_set), batch_size, replicas, seed=config.seed, epoch=epoch,
-                                global_batch=global_batch)[:in_epoch]
-        else:
-            batches = rank_batches(len(train_set), batch_size, replicas, strategy.replica, seed=config.seed,
-                                   epoch=epoch, global_batch=global_batch)[:in_epoch]
-        reads = train_set.stream(batches[skip:], epoch=epoch) \
-            if not shares_shards and strategy.needs_batch() else None  # a streamed dataset reads ahead
-        for step_in_epoch in range(skip, len(batches)):
-            if step >= total_steps:
-                break
-            session.fault.maybe_fail(step)
-            session.watchdog.label(epoch=epoch + 1, step=step)
-            sampled = recorder is not None and recorder.begin_step(step)  # collective at the first sampled step
-            step_start = time.perf_counter()
-            indices = batches[step_in_epoch]
-            if shares_shards:
-                def fetch(j, shards=indices, epoch=epoch):
-                    return to_device(train_set.batch(shards[j], epoch=epoch), session.device)
-                batch = StepShards(step, replicas, _traced_fetch(recorder, fetch) if sampled else fetch,
-                                   sum(len(shard) for shard in indices))
-            else:
-                batch = to_device(next(reads), session.device) if reads is not None else None
-            data_end = time.perf_counter()
-            data_time = data_end - step_start
-            slowed = session.fault.maybe_slow()  # a test's straggler: its extra compute
-            optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
-            train_start = time.perf_counter()
-            with autocast(config.precision, session.device):
-                record = strategy.train_step(batch)
-            update_start = time.perf_counter()
-            scaling = {}  # fp16: the step's loss scale and whether an overflow on any rank skipped it
-            skipped = scaler is not None and scaler.unscale(params)  # collective: every rank skips together
-            if scaler is not None:
-                scaling = {"loss_scale": scaler.scale_value, "skipped": float(skipped)}
-                scaler.update(skipped)
-            if not steps_optimizer and not skipped:
-                optimizer.step()
-                lr_schedule.step()
-            else:  # the strategy stepped it (or this rank holds nothing to step, or the step was skipped): not
-                # the misuse torch warns of
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
-                    lr_schedule.step()
-            update_time = time.perf_counter() - update_start
-            step_end = time.perf_counter()
-            step_time = step_end - step_start
-            if sampled:
-                recorder.add("step", step_start, step_end)
-                recorder.add("data", step_start, data_end)
-                recorder.add("train_step", train_start, update_start)
-                recorder.add("optimizer", update_start, update_start + update_time)
-                recorder.end_step()
-            data_time += record.data_time
-            compute_time = None if record.compute_time is None else record.compute_time + update_time + slowed
-            metrics.record_step(loss=record.loss, samples=record.samples, step_time=step_time, data_time=data_time,
-                                compute_time=compute_time, comm_time=record.comm_time, idle_time=record.idle_time,
-                                wait_time=record.wait_time, bytes_sent=record.bytes_sent, **record.extra, **scaling)
-            step += 1
-            weight = len(indices) if record.loss_weight is None else record.loss_weight
-            loss_sum, seen = loss_sum + record.loss * weight, seen + weight
-            if metrics.maybe_flush(stop=session.stop.requested):
-                stopping = True
-                break
-            if config.checkpoint_every and step % config.checkpoint_every == 0 \
-                    and step_in_epoch + 1 < len(batches) and step < total_steps:  # else the epoch end saves
-                save_checkpoint(epoch, step_in_epoch + 1)
-            now = time.perf_counter()
-            if config.log_every and now - last_log >= config.log_every:
-                last_log = now
-                mean_loss = loss_sum / max(seen, 1)  # a parameter-server worker may not have computed yet
-                say(f"epoch {epoch + 1}/{config.epochs} step {step}/{total_steps} loss {mean_loss:.4f} "
-                    f"{(step - first_step) * global_batch / (now - run_start):.0f} samples/s")
-        if reads is not None:
-            reads.close()
-        if stopping:  # mid-epoch: the resumed run finishes this epoch, then evaluates it
-            save_checkpoint(epoch, step_in_epoch + 1)
-        else:
-            skip = 0
-            strategy.end_epoch()
-            result = strategy.evaluate(test_set)
-            wall = time.perf_counter() - epoch_start
-            summed = collectives.allreduce_sum(comm, np.array([loss_sum, seen], dtype=np.float64), "train loss")
-            train_loss = summed[0] / max(summed[1], 1)  # over every rank's samples, not rank 0's alone
-            metrics.record_epoch(epoch=epoch + 1, train_loss=train_loss, test_loss=result.loss,
-                                 test_accuracy=result.accuracy, wall_time=wall)
-            stopping = metrics.flush(stop=session.stop.requested)
-            say(f"epoch {epoch + 1}/{config.epochs} done in {wall:.1f}s: train loss {train_loss:.4f}, "
-                f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
-            loss_sum, seen = 0.0, 0
-            save_checkpoint(epoch + 1, 0)
-        if stopping:
-            why = session.stop.describe() if session.stop.requested else "a stop was requested on another rank"
-            say(f"stopping early: {why}; metrics flushed to {metrics.path}")
-            if session.requeue and not session.stop.cancelled:  # scancel's SIGTERM must not bring the job back
-                requeue_slurm_job(comm, say)
-            break
-    metrics.close()
-    strategy.finish(metrics, say, step - first_step)
-    if not stopping and comm.Get_rank() == 0:
-        say(summarize(metrics.path))
-        if session.prediction is not None:  # --machine: the cost model beside the measurement
-            from mpipar.cost.run import format_rows, report_rows
+        batches = self._batches(epoch)
+        reads = self.train_set.stream(batches[self.skip:], epoch=epoch) \
+            if not self.shares_shards and self.strategy.needs_batch() else None  # a streamed dataset reads ahead
+        stopped_at = None
+        try:
+            for step_in_epoch in range(self.skip, len(batches)):
+                if self.step >= self.total_steps:
+                    break
+                if self._step(epoch, batches[step_in_epoch], reads):  # a stop was requested
+                    stopped_at = step_in_epoch + 1
+                    break
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 \
+                        and step_in_epoch + 1 < len(batches) and self.step < self.total_steps:  # else the epoch end
+                    self.save_checkpoint(epoch, step_in_epoch + 1)
+                self._log_progress(epoch)
+        finally:
+            if reads is not None:
+                reads.close()
+        if stopped_at is not None:  # mid-epoch: the resumed run finishes this epoch, then evaluates it
+            self.save_checkpoint(epoch, stopped_at)
+            return True
+        self.skip = 0
+        return self._end_epoch(epoch, epoch_start)
 
-            rows = report_rows(metrics.path)
-            if rows:
-                say(format_rows(rows))
-    session.watchdog.stop()
-    return stopping
+    def _batches(self, epoch: int) -> list:
+        """The epoch's steps: every shard of each (``shares_shards``) or this rank's batch of each. Local."""
+        config, train_set = self.config, self.train_set
+        if self.shares_shards:  # every shard of every step: the strategy hands them out
+            plan: list = step_plan(len(train_set), config.batch_size, self.replicas, seed=config.seed, epoch=epoch,
+                                   global_batch=self.global_batch)
+        else:
+            plan = rank_batches(len(train_set), config.batch_size, self.replicas, self.strategy.replica,
+                                seed=config.seed, epoch=epoch, global_batch=self.global_batch)
+        return plan[:self.in_epoch]
+
+    def _step(self, epoch: int, indices, reads) -> bool:
+        """Step ``self.step`` on ``indices`` (this rank's batch, or every shard of the step): the strategy's
+        ``train_step``, the update, the metrics row, the running loss. Returns whether a stop was requested
+        (seen by every rank at a metrics flush)."""
+        session, recorder = self.session, self.recorder
+        session.fault.maybe_fail(self.step)
+        session.watchdog.label(epoch=epoch + 1, step=self.step)
+        sampled = recorder is not None and recorder.begin_step(self.step)  # collective at the first sampled step
+        step_start = time.perf_counter()
+        batch = self._batch(epoch, indices, reads, recorder if sampled else None)
+        data_end = time.perf_counter()
+        data_time = data_end - step_start
+        slowed = session.fault.maybe_slow()  # a test's straggler: its extra compute
+        self.optimizer.zero_grad()  # before forward: gradients stay views into the reducer's buckets
+        train_start = time.perf_counter()
+        with autocast(self.config.precision, session.device):
+            record = self.strategy.train_step(batch)
+        update_start = time.perf_counter()
+        scaling = self._update()
+        update_time = time.perf_counter() - update_start
+        step_end = time.perf_counter()
+        if sampled and recorder is not None:
+            recorder.add("step", step_start, step_end)
+            recorder.add("data", step_start, data_end)
+            recorder.add("train_step", train_start, update_start)
+            recorder.add("optimizer", update_start, update_start + update_time)
+            recorder.end_step()
+        data_time += record.data_time
+        compute_time = None if record.compute_time is None else record.compute_time + update_time + slowed
+        self.metrics.record_step(loss=record.loss, samples=record.samples, step_time=step_end - step_start,
+                                 data_time=data_time, compute_time=compute_time, comm_time=record.comm_time,
+                                 idle_time=record.idle_time, wait_time=record.wait_time,
+                                 bytes_sent=record.bytes_sent, **record.extra, **scaling)
+        self.step += 1
+        weight = len(indices) if record.loss_weight is None else record.loss_weight
+        self.loss_sum, self.seen = self.loss_sum + record.loss * weight, self.seen + weight
+        return self.metrics.maybe_flush(stop=session.stop.requested)
+
+    def _batch(self, epoch: int, indices, reads, recorder: Optional[EventRecorder]):
+        """The step's input on this rank's device: a :class:`StepShards` (``shares_shards``; each shard's
+        load traced to ``recorder`` if given), the next batch read, or None (a rank that reads no data). Local."""
+        device = self.session.device
+        if not self.shares_shards:
+            return to_device(next(reads), device) if reads is not None else None
+        train_set = self.train_set
+
+        def fetch(j):
+            return to_device(train_set.batch(indices[j], epoch=epoch), device)
+        return StepShards(self.step, self.replicas, _traced_fetch(recorder, fetch) if recorder is not None else fetch,
+                          sum(len(shard) for shard in indices))
+
+    def _update(self) -> dict:
+        """fp16: unscale, and skip the step on an overflow on any rank (collective). Then the optimizer's step
+        (unless the strategy steps it) and the schedule's. Returns fp16's metrics fields (loss scale, skipped)."""
+        scaler = self.scaler
+        scaling: dict = {}  # fp16: the step's loss scale and whether an overflow on any rank skipped it
+        skipped = scaler is not None and scaler.unscale(self.params)  # collective: every rank skips together
+        if scaler is not None:
+            scaling = {"loss_scale": scaler.scale_value, "skipped": float(skipped)}
+            scaler.update(skipped)
+        if not self.steps_optimizer and not skipped:
+            self.optimizer.step()
+            self.lr_schedule.step()
+        else:  # the strategy stepped it (or this rank holds nothing to step, or the step was skipped): not
+            # the misuse torch warns of
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                self.lr_schedule.step()
+        return scaling
+
+    def _log_progress(self, epoch: int) -> None:
+        """Every ``config.log_every`` seconds: the running train loss and samples per second. Local."""
+        now, config = time.perf_counter(), self.config
+        if config.log_every and now - self.last_log >= config.log_every:
+            self.last_log = now
+            mean_loss = self.loss_sum / max(self.seen, 1)  # a parameter-server worker may not have computed yet
+            self.say(f"epoch {epoch + 1}/{config.epochs} step {self.step}/{self.total_steps} loss {mean_loss:.4f} "
+                     f"{(self.step - self.first_step) * self.global_batch / (now - self.run_start):.0f} samples/s")
+
+    def _end_epoch(self, epoch: int, epoch_start: float) -> bool:
+        """``strategy.end_epoch``, evaluation, the epoch's train loss over every rank, its metrics row and
+        flush, then the checkpoint of the next epoch's start. Returns whether a stop was requested."""
+        strategy, metrics = self.strategy, self.metrics
+        strategy.end_epoch()
+        result = strategy.evaluate(self.test_set)
+        wall = time.perf_counter() - epoch_start
+        summed = collectives.allreduce_sum(self.comm, np.array([self.loss_sum, self.seen], dtype=np.float64),
+                                           "train loss")
+        train_loss = summed[0] / max(summed[1], 1)  # over every rank's samples, not rank 0's alone
+        metrics.record_epoch(epoch=epoch + 1, train_loss=train_loss, test_loss=result.loss,
+                             test_accuracy=result.accuracy, wall_time=wall)
+        stopping = metrics.flush(stop=self.session.stop.requested)
+        self.say(f"epoch {epoch + 1}/{self.config.epochs} done in {wall:.1f}s: train loss {train_loss:.4f}, "
+                 f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
+        self.loss_sum, self.seen = 0.0, 0
+        self.save_checkpoint(epoch + 1, 0)
+        return stopping
+
+    def save_checkpoint(self, epoch: int, step_in_epoch: int) -> None:
+        """Flush metrics up to ``self.step``, then write the checkpoint of ``self.step``."""
+        self.metrics.flush()
+        strategy_state = self.strategy.state_dict()  # first: an asynchronous pipeline's drain steps the optimizer
+        path = self.session.checkpoints.save(self.step, {
+            "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": self.loss_sum,
+            "loss_sums_by_rank": collectives.allgather(self.comm, (self.loss_sum, self.seen),
+                                                       "checkpoint: train loss sums"),
+            "samples_seen": self.seen, "optimizer": self.optimizer.state_dict(),
+            "schedule": self.lr_schedule.state_dict(), "rng": rng_state(), "config": self.session.run_config,
+            "global_batch": self.global_batch, "replicas": self.replicas, "total_steps": self.total_steps,
+            "strategy": self.strategy.name,
+            **({"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            **strategy_state})
+        self.say(f"checkpoint: {path}")
+
+    def stop_early(self) -> None:
+        """Say why the run stops; with ``session.requeue``, ask Slurm to requeue the job (not after scancel)."""
+        session = self.session
+        why = session.stop.describe() if session.stop.requested else "a stop was requested on another rank"
+        self.say(f"stopping early: {why}; metrics flushed to {self.metrics.path}")
+        if session.requeue and not session.stop.cancelled:  # scancel's SIGTERM must not bring the job back
+            requeue_slurm_job(self.comm, self.say)
+
+    def finish(self, stopping: bool) -> None:
+        """Close the metrics file, ``strategy.finish``; after a whole run rank 0 prints the summary (and the
+        cost model's prediction beside it); stop the watchdog."""
+        self.metrics.close()
+        self.strategy.finish(self.metrics, self.say, self.step - self.first_step)
+        if not stopping and self.comm.Get_rank() == 0:
+            self.say(summarize(self.metrics.path))
+            if self.session.prediction is not None:  # --machine: the cost model beside the measurement
+                from mpipar.cost.run import format_rows, report_rows
+
+                rows = report_rows(self.metrics.path)
+                if rows:
+                    self.say(format_rows(rows))
+        self.session.watchdog.stop()
+
+
+def _optimizer(config, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+    """``config.optimizer`` over ``params``: SGD with Nesterov momentum (when ``config.momentum`` > 0), or
+    AdamW. Local."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           nesterov=config.momentum > 0)
 
 
 def _traced_fetch(recorder: EventRecorder, fetch):
