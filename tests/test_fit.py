@@ -174,6 +174,7 @@ def test_example_script_runs_on_two_ranks_and_its_metrics_are_read(tmp_path):
                      "--threads", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "model: regression-mlp" in result.stdout and "final test mean_absolute_error" in result.stdout
+    assert ", test mean_absolute_error " in result.stdout  # the epoch line names the user's metric
     summary = summarize(out / "metrics.h5")
     assert "data_parallel on 2 ranks" in summary and "epochs: 1, final test mean_absolute_error" in summary
     with h5py.File(out / "metrics.h5", "r") as f:

@@ -79,6 +79,7 @@ class _Run:
         self.comm, self.config, self.say = session.comm, session.config, session.say
         config = self.config
         self.train_set, self.test_set = splits.train, splits.test
+        self.metric_name = strategy.metrics_attrs.get("test_metric", "accuracy")  # a fit() run names its own
         self._plan()
         self.params = strategy.parameters() or [torch.zeros(0, requires_grad=True)]
         self.optimizer = _optimizer(config, self.params)
@@ -306,7 +307,7 @@ class _Run:
                              test_accuracy=result.accuracy, wall_time=wall)
         stopping = metrics.flush(stop=self.session.stop.requested)
         self.say(f"epoch {epoch + 1}/{self.config.epochs} done in {wall:.1f}s: train loss {train_loss:.4f}, "
-                 f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.4f}")
+                 f"test loss {result.loss:.4f}, test {self.metric_name} {result.accuracy:.4f}")
         self.loss_sum, self.seen = 0.0, 0
         self.save_checkpoint(epoch + 1, 0)
         return stopping
