@@ -99,8 +99,11 @@ def test_every_strategy_equals_the_loop_on_one_process(comm, mpi_tmp_path, kind)
                 problems.append(f"layer {layer} {name}: max difference {(mine - theirs).abs().max().item():.2e}")
     with h5py.File(directory / kind / "metrics.h5", "r") as f:  # rank 0 wrote it; every rank may read it
         shape, samples = f["steps/comm_time"].shape, f["steps/samples"][...].tolist()
+        peak = f["steps/max_rss_bytes"][...] if "steps/max_rss_bytes" in f else None
     if shape != (STEPS, size) or samples != [BATCH * size] * STEPS:
         problems.append(f"metrics: per-rank shape {shape}, samples per step {samples}")
+    if peak is None or peak.shape != (STEPS, size) or not (peak > 0).all() or (peak[1:] < peak[:-1]).any():
+        problems.append(f"metrics: peak resident bytes per step and rank {peak}")  # > 0, never falling
     checkpoints = sorted(p.name for p in (directory / kind / "checkpoints").iterdir())
     if checkpoints != ["step-000000002", "step-000000003"]:
         problems.append(f"checkpoints {checkpoints}")
@@ -241,8 +244,11 @@ def test_vision_transformer_tensor_parallel_equals_the_loop_on_one_process(comm,
                  if name in held and not torch.allclose(held[name], value, **TOL)]
     with h5py.File(directory / kind / "metrics.h5", "r") as f:
         shape, samples = f["steps/comm_time"].shape, f["steps/samples"][...].tolist()
+        peak = f["steps/max_rss_bytes"][...] if "steps/max_rss_bytes" in f else None
     if shape != (STEPS, size) or samples != [BATCH * size] * STEPS:
         problems.append(f"metrics: per-rank shape {shape}, samples per step {samples}")
+    if peak is None or peak.shape != (STEPS, size) or not (peak > 0).all() or (peak[1:] < peak[:-1]).any():
+        problems.append(f"metrics: peak resident bytes per step and rank {peak}")  # > 0, never falling
     assert_all_ranks(comm, not problems, "; ".join(problems))
 
 

@@ -188,3 +188,19 @@ def test_a_strategys_table_is_appended_at_every_flush_and_cut_back_on_resume(com
         if kept != expected or histogram != np.bincount([v for _, v in expected]).tolist() or about != "a test":
             problems.append(f"after resuming at step 3: rows {kept}, histogram {histogram}, attribute {about!r}")
     assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+def test_peak_memory_column_joins_an_older_file_on_resume(tmp_path):
+    """Every step records the rank's peak resident bytes (> 0, never falling); a file of an older
+    mpipar resumed without the column keeps all its steps, its earlier rows NaN."""
+    path = tmp_path / "metrics.h5"
+    with h5py.File(path, "w") as f:   # an older file: two steps, no /steps/max_rss_bytes
+        f.create_dataset("steps/loss", data=np.ones(2), maxshape=(None,))
+        f.create_dataset("steps/step_time", data=np.ones((2, 1)), maxshape=(None, None))
+    writer = MetricsWriter(path, MPI.COMM_SELF, strategy="test", config={}, resume=True)
+    record(writer, MPI.COMM_SELF, 3)
+    writer.close()
+    with h5py.File(path, "r") as f:
+        peak, steps = f["steps/max_rss_bytes"][...], len(f["steps/loss"])
+    assert steps == 5 and peak.shape == (5, 1) and np.isnan(peak[:2]).all(), peak
+    assert (peak[2:] > 0).all() and (np.diff(peak[2:, 0]) >= 0).all(), peak

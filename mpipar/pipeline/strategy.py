@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
@@ -248,7 +247,6 @@ class PipelineStrategy:
             loss_weight=None if self.counts else 0, compute_time=times.busy, comm_time=times.comm,
             bytes_sent=result.bytes_sent,
             extra=dict(pipeline_busy=times.busy, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
-                       max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
                        stash_bytes=result.stash_bytes, weight_versions=max(result.weight_versions.values(), default=0),
                        updates=len(staleness),
                        staleness_mean=float(np.mean(staleness)) if staleness else float("nan")))
@@ -276,8 +274,7 @@ class PipelineStrategy:
             loss=result.loss, samples=samples, compute_time=compute, comm_time=times.comm,
             wait_time=reduced.wait_time + split.wait_time,
             bytes_sent=reduced.bytes_sent + result.bytes_sent + split.bytes_sent,
-            extra=dict(pipeline_busy=compute, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
-                       max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0))
+            extra=dict(pipeline_busy=compute, pipeline_wall=times.wall, activation_bytes=result.activation_bytes))
 
     def end_epoch(self) -> None:
         self._drain()

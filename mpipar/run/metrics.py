@@ -6,9 +6,11 @@ Layout of ``metrics.h5`` (``S`` steps so far, ``W`` ranks):
   one per rank), ``mpi_library``, ``mpi4py_version``, ``torch_version``,
   ``mpipar_version``, ``python_version``, ``started_at``, plus any the strategy adds.
 * ``/steps/loss`` (S,): sample-weighted mean loss over ranks; ``/steps/samples`` (S,).
-* ``/steps/{compute_time,comm_time,idle_time,data_time,step_time,bytes_sent,rank_loss,rank_samples}``
-  (S, W). ``comm_time`` is time blocked on MPI that is transfer, ``idle_time`` the
-  part that is waiting for other ranks. Strategies record what they know directly
+* ``/steps/{compute_time,comm_time,idle_time,data_time,step_time,bytes_sent,rank_loss,rank_samples,
+  max_rss_bytes}`` (S, W); ``max_rss_bytes`` is the rank's peak resident memory so far (``ru_maxrss``),
+  NaN in the rows of a file of an older mpipar that a run resumed. ``comm_time`` is time
+  blocked on MPI that is transfer, ``idle_time`` the part that is waiting for other ranks.
+  Strategies record what they know directly
   (a pipeline's point-to-point transfers and waits) and the time blocked in
   collectives as a wait: every rank of a collective waits at least as long as the
   rank that arrived last, so per step a wait adds the least wait over the ranks
@@ -43,6 +45,8 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +69,7 @@ from mpipar.run.launch import mpi_library
 __all__ = ["MetricsWriter", "NonFiniteLossError", "PER_RANK_FIELDS", "Table"]
 
 PER_RANK_FIELDS = ("compute_time", "comm_time", "idle_time", "data_time", "step_time", "bytes_sent",
-                   "rank_loss", "rank_samples")
+                   "rank_loss", "rank_samples", "max_rss_bytes")
 EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "wall_time", "last_step")
 
 
@@ -195,7 +199,8 @@ class MetricsWriter:
         (blocked in collectives) is split between them at the flush (see the module
         docstring). ``compute_time`` None: what the step's time leaves; ``idle_time``
         None: what is left after compute (0 when compute is None). Extra keywords
-        become further (S, W) datasets."""
+        become further (S, W) datasets. The process's peak resident bytes so far are
+        recorded with the step (``max_rss_bytes``)."""
         known = data_time + comm_time + wait_time
         if compute_time is None:
             compute_time = max(0.0, step_time - known - (idle_time or 0.0))
@@ -204,7 +209,8 @@ class MetricsWriter:
         self._steps.append(dict(loss=float(loss), samples=int(samples), step_time=step_time,
                                 wait_time=wait_time, compute_time=compute_time, comm_time=comm_time,
                                 idle_time=idle_time, data_time=data_time, bytes_sent=float(bytes_sent),
-                                wall_clock=time.perf_counter() - self._start, **extra))
+                                wall_clock=time.perf_counter() - self._start,
+                                max_rss_bytes=peak_resident_bytes(), **extra))
 
     def record_epoch(self, *, epoch: int, train_loss: float, test_loss: float, test_accuracy: float,
                      wall_time: float) -> None:
@@ -357,12 +363,21 @@ class MetricsWriter:
                 first = int(np.argmin(finite))
                 bad_step = (self.steps_written + first, "nan" if np.isnan(losses[first]).any() else "inf")
         with _open(self.path, "a") as f:
+            before = len(f["steps/loss"]) if "steps/loss" in f else 0
             for key, values in columns.items():
+                if before and f"steps/{key}" not in f:   # a column newer than the file's rows: NaN / 0
+                    _append(f, f"steps/{key}", np.zeros((before, *values.shape[1:]), dtype=values.dtype)
+                            if values.dtype.kind != "f" else np.full((before, *values.shape[1:]), np.nan))
                 _append(f, f"steps/{key}", values)
             for key in EPOCH_FIELDS:
                 if epochs:
                     _append(f, f"epochs/{key}", np.array([e[key] for e in epochs], dtype=np.float64))
         return bad_step
+
+
+def peak_resident_bytes() -> float:
+    """This process's peak resident set so far, in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS). Local."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1.0 if sys.platform == "darwin" else 1024.0)
 
 
 def _open(path: Path, mode: str, patience: float = 30.0) -> h5py.File:
