@@ -75,10 +75,10 @@ def test_report_of_a_real_two_rank_run(tmp_path):
     assert main([str(run_dir), "-o", str(tmp_path / "report")]) == 0
     report = tmp_path / "report" / "report.html"
     text, sources = images(report)
-    assert len(sources) == 5                        # loss, accuracy, time split, heat map, bytes sent
+    assert len(sources) == 6                        # loss, accuracy, time split, memory, heat map, bytes sent
     assert "data_parallel" in text and "2 ranks" in text and "Communication took" in text
     assert "Rank 1 was the straggler" in text and "Rank 0 was" not in text
-    assert len(list((tmp_path / "report").glob("*.png"))) == 5
+    assert len(list((tmp_path / "report").glob("*.png"))) == 6
 
 
 def test_a_run_killed_before_its_first_epoch(tmp_path):
@@ -92,6 +92,29 @@ def test_a_run_killed_before_its_first_epoch(tmp_path):
         f.attrs.update(strategy="pipeline", world_size=4, config="{}")
     text, sources = images(build_report([empty], tmp_path / "report2"))
     assert sources == [] and "No steps recorded yet." in text
+
+
+def test_memory_per_rank_beside_time(tmp_path):
+    """/steps/max_rss_bytes (peak resident bytes, never falling) and a sharded run's held bytes: the
+    summary names the largest peak and its rank, the report tabulates each rank's peak beside its
+    time and draws memory per rank; a file without them (an older mpipar) has neither."""
+    path = write_metrics(tmp_path / "memory" / "metrics.h5", ranks=3, steps=4)
+    peaks = np.array([100e6, 300e6, 200e6])
+    with h5py.File(path, "a") as f:
+        f["steps/max_rss_bytes"] = np.linspace(0.5, 1.0, 4)[:, None] * peaks[None, :]
+        for key, mb in (("param_bytes", 4e6), ("grad_bytes", 2e6), ("optimizer_bytes", 8e6)):
+            f[f"steps/{key}"] = np.full((4, 3), mb)
+    run = read_run(path)
+    assert run.rank_peaks("max_rss_bytes").tolist() == peaks.tolist() and run.rank_peaks("absent") is None
+    assert "peak resident memory: max 300.0 MB on rank 1 (per rank MB: [100. 300. 200.])" in summarize(path)
+    report = build_report([path], tmp_path / "report")
+    text, sources = images(report)
+    assert len(sources) == 6 and 'alt="memory per rank"' in text and "peak RSS MB" in text, len(sources)
+    assert "<td>300.0</td>" in text and (tmp_path / "report" / "0_memory_memory.png").exists()
+    old = write_metrics(tmp_path / "old" / "metrics.h5", ranks=2)
+    assert read_run(old).rank_peaks("max_rss_bytes") is None and "peak resident" not in summarize(old)
+    text, sources = images(build_report([old], tmp_path / "report_old"))
+    assert len(sources) == 5 and "memory per rank" not in text and "peak RSS MB" not in text
 
 
 def test_straggler_is_named(tmp_path):

@@ -2,7 +2,8 @@
 
 Reads run directories (or their ``metrics.h5``) and writes ``OUTDIR/report.html``, one
 self-contained page with the PNGs inlined, and the PNGs beside it. One run: loss and
-accuracy, each rank's time split, a step x rank heat map with the straggler, bytes sent,
+accuracy, each rank's time split and memory (peak resident, and held parameters, gradients and
+optimizer state where recorded), a step x rank heat map with the straggler, bytes sent,
 the steps sampled with ``--trace-steps`` as a Gantt chart per rank; for a pipeline, its last
 sampled step as measured beside the ideal schedule with the same stage times (bubbles shaded
 and compared); for runs with point-to-point traffic, the rank x rank matrix of bytes sent. Several runs: each
@@ -48,17 +49,20 @@ def _run_section(run: Run, index: int, outdir: Path) -> html.Section:
     if run.num_steps:
         split = analysis.time_split(run)
         sent = np.nansum(run.per_rank("bytes_sent"), axis=0)
+        peaks = run.rank_peaks("max_rss_bytes")   # None in a file of an older mpipar
         rows = [[rank, *(f"{1000 * split[k][rank]:.2f}" for k in ("compute_time", "comm_time", "idle_time",
                                                                   "data_time", "step_time")),
-                 f"{sent[rank] / 1e6:.2f}"] for rank in range(len(split["step_time"]))]
+                 f"{sent[rank] / 1e6:.2f}", *([] if peaks is None else [f"{peaks[rank] / 1e6:.1f}"])]
+                for rank in range(len(split["step_time"]))]
         fragments.append(html.table(["rank", "compute ms", "comm ms", "idle ms", "data ms", "step ms",
-                                     "MB sent"], rows))
+                                     "MB sent", *([] if peaks is None else ["peak RSS MB"])], rows))
         fragments.append(html.paragraph(f"Means per step over {len(analysis.measured_steps(run))} steps "
                                         f"(the first left out as warm-up when there are more than 2); "
                                         f"throughput {analysis.throughput(run):.1f} samples/s."))
     figures = [(plots.loss_curve(run, outdir / f"{prefix}_loss.png"), "loss per step"),
                (plots.accuracy_curve(run, outdir / f"{prefix}_accuracy.png"), "test accuracy per epoch"),
                (plots.time_split_bars(run, outdir / f"{prefix}_time_split.png"), "time split per rank"),
+               (plots.memory_bars(run, outdir / f"{prefix}_memory.png"), "memory per rank"),
                (plots.step_heatmap(run, outdir / f"{prefix}_heatmap.png", straggler), "step x rank heat map"),
                (plots.bytes_sent_bars(run, outdir / f"{prefix}_bytes_sent.png"), "bytes sent per rank"),
                (plots.step_gantt(run, outdir / f"{prefix}_gantt.png"), "sampled steps per rank")]

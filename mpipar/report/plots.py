@@ -20,10 +20,12 @@ from mpipar.report import analysis  # noqa: E402
 from mpipar.report import pipeline as pipeline_analysis  # noqa: E402
 from mpipar.report.reader import TIME_FIELDS, Run  # noqa: E402
 
-__all__ = ["loss_curve", "accuracy_curve", "time_split_bars", "step_heatmap", "bytes_sent_bars", "scaling_plot",
-           "time_split_by_run", "step_gantt", "gantt_steps", "pipeline_schedule", "p2p_heatmap"]
+__all__ = ["loss_curve", "accuracy_curve", "time_split_bars", "memory_bars", "step_heatmap", "bytes_sent_bars",
+           "scaling_plot", "time_split_by_run", "step_gantt", "gantt_steps", "pipeline_schedule", "p2p_heatmap"]
 
 COLOURS = {"compute_time": "#4c72b0", "comm_time": "#dd8452", "idle_time": "#c44e52", "data_time": "#55a868"}
+HELD = {"param_bytes": ("parameters", "#8172b3"), "grad_bytes": ("gradients", "#937860"),
+        "optimizer_bytes": ("optimizer state", "#da8bc3")}
 LABELS = {"compute_time": "compute", "comm_time": "communication", "idle_time": "idle (waiting)",
           "data_time": "data loading"}
 
@@ -84,6 +86,32 @@ def time_split_bars(run: Run, path: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(ranks) + 3), 3.5))
     _stacked(ax, ranks, split)
     ax.set(xlabel="rank", ylabel="mean s per step", title=f"{run.name}: where each rank's time went")
+    ax.set_xticks(ranks)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def memory_bars(run: Run, path: Path) -> Optional[Path]:
+    """Per rank: its peak resident memory, and beside it the parameter, gradient and optimizer bytes it
+    held (their largest over the run, stacked) where the strategy recorded them; None without either."""
+    peaks = run.rank_peaks("max_rss_bytes")
+    held = {name: values for name in HELD if (values := run.rank_peaks(name)) is not None}
+    if peaks is None and not held:
+        return None
+    ranks = np.arange(len(peaks) if peaks is not None else len(next(iter(held.values()))))
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(ranks) + 3), 3.5))
+    width = 0.4 if peaks is not None and held else 0.8
+    if peaks is not None:
+        ax.bar(ranks - (width / 2 if held else 0), np.nan_to_num(peaks) / 1e6, width, color="#8c8c8c",
+               label="peak resident")
+    bottom = np.zeros(len(ranks))
+    for name, values in held.items():
+        label, colour = HELD[name]
+        values = np.nan_to_num(values) / 1e6
+        ax.bar(ranks + (width / 2 if peaks is not None else 0), values, width, bottom=bottom, color=colour,
+               label=f"{label} held")
+        bottom += values
+    ax.set(xlabel="rank", ylabel="MB", title=f"{run.name}: memory per rank")
     ax.set_xticks(ranks)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

@@ -67,6 +67,15 @@ class Run:
         values = self.steps.get(name)
         return np.zeros((self.num_steps, 0)) if values is None else np.asarray(values, dtype=np.float64)
 
+    def rank_peaks(self, name: str) -> Optional[np.ndarray]:
+        """Each rank's largest value of an (S, W) dataset over the run (e.g. ``max_rss_bytes``), NaN for
+        a rank with none; None when the run has none (a file of an older mpipar)."""
+        values = self.per_rank(name)
+        if values.shape[1] == 0 or not np.isfinite(values).any():
+            return None
+        peaks = np.max(np.where(np.isfinite(values), values, -np.inf), axis=0)
+        return np.where(np.isfinite(peaks), peaks, np.nan)
+
     @property
     def event_names(self) -> List[str]:
         """The names of the ``/events`` codes."""

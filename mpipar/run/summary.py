@@ -36,6 +36,11 @@ def summarize(path) -> str:
     lines.append(f"per rank busy s: {np.array2string(np.nansum(steps['compute_time'], axis=0), precision=1)}; "
                  f"MB sent: {np.array2string(np.nansum(steps['bytes_sent'], axis=0) / 1e6, precision=1)}; "
                  f"slowest/fastest rank time: {per_rank.max() / max(per_rank.min(), 1e-12):.2f}")
+    peaks = run.rank_peaks("max_rss_bytes")
+    if peaks is not None:
+        worst = int(np.nanargmax(peaks))
+        lines.append(f"peak resident memory: max {peaks[worst] / 1e6:.1f} MB on rank {worst} "
+                     f"(per rank MB: {np.array2string(peaks / 1e6, precision=1)})")
     if len(epochs.get("test_accuracy", [])):
         metric = attrs.get("test_metric", "accuracy")  # mpipar.fit's own metric is stored as test_accuracy
         lines.append(f"epochs: {len(epochs['test_accuracy'])}, final test {metric}: "
