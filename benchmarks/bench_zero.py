@@ -46,6 +46,9 @@ from mpipar.sharded import ShardedDataParallel
 VARIANTS = ("dp", "zero1", "zero2", "zero3", "torch-zero", "fsdp2", "ddp")
 DEFAULT_VARIANTS = ("dp", "zero1", "zero2", "zero3", "torch-zero", "fsdp2")
 MiB = 2 ** 20
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+"""glibc settings passed on to the ranks when set (a fixed mmap threshold returns freed buffers to the system,
+so RSS follows the bytes in use; by default glibc raises it as buffers are freed and keeps them)."""
 
 
 def build_model(args):
@@ -147,7 +150,8 @@ def run_variant(args) -> None:
     errors = [e for e in comm.allgather(result.get("error")) if e]
     if errors:
         result = {"variant": args.variant, "error": errors[0]}
-    result.update(rss_before=comm.gather(rss_before), peak_rss=comm.gather(peak_rss()))
+    result.update(rss_before=comm.gather(rss_before), rss_after=comm.gather(current_rss()),
+                  peak_rss=comm.gather(peak_rss()))
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
     if not errors:
@@ -156,7 +160,8 @@ def run_variant(args) -> None:
 
 def launch(variant, args) -> dict:
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
-    command = [mpirun, "-n", str(args.ranks), *(["--oversubscribe"] if args.oversubscribe else []),
+    forwarded = [option for name in ALLOCATOR_SETTINGS if name in os.environ for option in ("-x", name)]
+    command = [mpirun, "-n", str(args.ranks), *(["--oversubscribe"] if args.oversubscribe else []), *forwarded,
                sys.executable, str(Path(__file__).resolve()), "--variant", variant, *child_options(args)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in done.stdout.splitlines():
@@ -205,11 +210,14 @@ def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
     ok = {v: results for v, results in rounds.items() if all("error" not in r for r in results)}
     failed = {v: next(r["error"] for r in results if "error" in r) for v, results in rounds.items() if v not in ok}
     n = args.ranks
+    allocator = ", ".join(f"{name}={os.environ[name]}" for name in ALLOCATOR_SETTINGS if name in os.environ)
     lines = [f"# bench_zero: DataParallel, ZeRO-1/2/3, ZeroRedundancyOptimizer, FSDP2; {n} ranks, {date.today()}",
              "",
              f"Machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
              f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
-             f"({seconds / 60:.1f} min). torch {torch.__version__}, {mpi_library()}, mpipar {mpipar.__version__}.",
+             f"({seconds / 60:.1f} min); allocator settings: "
+             f"{allocator or 'glibc defaults'}. torch {torch.__version__}, {mpi_library()}, "
+             f"mpipar {mpipar.__version__}.",
              "",
              "    " + " ".join(["python", "benchmarks/bench_zero.py", *sys.argv[1:]]),
              "",
@@ -221,8 +229,8 @@ def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
              f"(shared memory), torch over gloo TCP on localhost: the transports differ.",
              "",
              "| variant | samples/s, median | ratio to dp (range) | peak RSS per rank, MiB, median (ranks) "
-             "| peak - RSS before model, MiB | ratio to dp (range) | final loss |",
-             "|---|---|---|---|---|---|---|"]
+             "| peak - RSS before model, MiB | ratio to dp (range) | RSS after last step - before, MiB | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def per_round(variant, key):
         return [r[key] for r in ok[variant]]
@@ -234,6 +242,9 @@ def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
         return sorted(values)[len(values) // 2] if len(values) % 2 else sum(sorted(values)[len(values) // 2 - 1:
                                                                                             len(values) // 2 + 1]) / 2
 
+    def held(variant):  # per round: the largest rank's RSS after its last step over its RSS before the model
+        return [max(a - b for a, b in zip(r["rss_after"], r["rss_before"])) for r in ok[variant]]
+
     base = "dp" if "dp" in ok else None
     for variant in ok:
         speed, peaks, grown = per_round(variant, "samples_per_s"), [max(r["peak_rss"]) for r in ok[variant]], \
@@ -244,7 +255,7 @@ def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
         memory_ratio = paired(grown, growth(base)).text("more", "less") if compared else "-"
         lines.append(f"| {variant} | {median(speed):.0f} | {speed_ratio} | {median(peaks) / MiB:.1f} "
                      f"({', '.join(f'{p / MiB:.1f}' for p in last)}) | {median(grown) / MiB:.1f} | {memory_ratio} | "
-                     f"{ok[variant][-1]['loss']:.6f} |")
+                     f"{median(held(variant)) / MiB:.1f} | {ok[variant][-1]['loss']:.6f} |")
     lines.append("")
     for one, other in (("zero3", "fsdp2"), ("zero1", "torch-zero"), ("zero2", "fsdp2")):
         if one in ok and other in ok:
@@ -262,7 +273,9 @@ def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
               f"the backward {act / MiB:.2f} MiB (measured serially, one batch) = {aim / MiB:.2f} MiB."]
     if "zero3" in ok:
         lines.append(f"zero3's peak RSS growth over the process before the model: {median(growth('zero3')) / MiB:.2f} "
-                     f"MiB (median over rounds of the largest rank) = {median(growth('zero3')) / aim:.2f} x the aim.")
+                     f"MiB (median over rounds of the largest rank) = {median(growth('zero3')) / aim:.2f} x the aim; "
+                     f"held after the last step {median(held('zero3')) / MiB:.2f} MiB = "
+                     f"{median(held('zero3')) / aim:.2f} x.")
     return "\n".join(lines) + "\n"
 
 
