@@ -14,7 +14,7 @@
 #
 # Environment:
 #   MPIPAR_SLURM_DIR     where config, state and logs go   (default /tmp/mpipar-slurm)
-#   MPIPAR_SLURM_CPUS    CPUs the node advertises          (default: max(16, nproc))
+#   MPIPAR_SLURM_CPUS    CPUs the node advertises          (default: max(24, nproc))
 #   MPIPAR_SLURM_PORTS   slurmctld and slurmd TCP ports    (default "6817 6818")
 #
 # No systemd needed: munged, slurmctld and slurmd are started by hand. No cgroups, no
@@ -147,7 +147,7 @@ fix_pmix_link() {
 }
 
 write_config() {
-    local cpus=${MPIPAR_SLURM_CPUS:-$(( $(nproc) > 16 ? $(nproc) : 16 ))}
+    local cpus=${MPIPAR_SLURM_CPUS:-$(( $(nproc) > 24 ? $(nproc) : 24 ))}
     mkdir -p "$DIR"/{etc,state,spool,log,run}
     cat >"$CONF.new" <<EOF
 # Written by mpipar's slurm/local-cluster.sh: a one-node test cluster. Rewritten on every 'up'.

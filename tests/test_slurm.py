@@ -410,7 +410,7 @@ def requeue_jobs(slurm_cluster, tmp_path_factory):
     cpus = max((int(v) for v in re.findall(r"\d+", sinfo.stdout)), default=0)
     if cpus < needed:
         pytest.fail(f"the requeue tests run {needed} tasks at once but the largest node advertises {cpus} CPUs; "
-                    f"restart the local cluster ('slurm/local-cluster.sh down' then 'up': 16 by default) or set "
+                    f"restart the local cluster ('slurm/local-cluster.sh down' then 'up': 24 by default) or set "
                     f"MPIPAR_SLURM_CPUS={needed}", pytrace=False)
     jobs = {script: submit_requeue_job(script, tmp_path_factory.mktemp(f"requeue-{Path(script).stem}"))
             for script in scripts}
