@@ -492,3 +492,18 @@ def test_requeue_runs_scontrol_on_rank_0_only_under_slurm(tmp_path, monkeypatch)
     requeue_slurm_job(MPI.COMM_SELF, said.append, environ={"SLURM_JOB_ID": "77"})
     assert said == ["--requeue: not running under Slurm; nothing to requeue", "requeued Slurm job 77"]
     assert (tmp_path / "calls").read_text() == "requeue 77\n"
+
+
+def test_a_requeue_that_stops_scontrol_itself_is_reported_as_done(tmp_path, monkeypatch):
+    """Slurm signals the whole job step when it requeues it, scontrol included: an scontrol ended by a
+    signal has requeued the job (seen under load: "could not requeue" printed for a job that was requeued);
+    one that exits with an error has not."""
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\nif [ "$2" = 1 ]; then kill -TERM $$; fi\necho "no such job" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    said = []
+    requeue_slurm_job(MPI.COMM_SELF, said.append, environ={"SLURM_JOB_ID": "1"})
+    requeue_slurm_job(MPI.COMM_SELF, said.append, environ={"SLURM_JOB_ID": "2"})
+    assert said == ["requeued Slurm job 1 (scontrol was ended by SIGTERM: Slurm stopped this run to requeue it)",
+                    "could not requeue Slurm job 2: no such job"]

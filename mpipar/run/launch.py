@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -165,5 +166,10 @@ def requeue_slurm_job(comm: MPI.Intracomm, say: Callable[[str], None], environ=o
     except OSError as exc:  # scontrol missing on this node
         say(f"could not requeue Slurm job {job}: {exc}")
         return
-    say(f"requeued Slurm job {job}" if result.returncode == 0 else
-        f"could not requeue Slurm job {job}: {result.stderr.strip()}")
+    if result.returncode == 0:
+        say(f"requeued Slurm job {job}")
+    elif result.returncode < 0:  # Slurm signals the whole step when it requeues it, this scontrol included
+        say(f"requeued Slurm job {job} (scontrol was ended by {signal.Signals(-result.returncode).name}: "
+            f"Slurm stopped this run to requeue it)")
+    else:
+        say(f"could not requeue Slurm job {job}: {result.stderr.strip()}")
