@@ -385,7 +385,7 @@ def test_report_while_running_and_after(dp_run):
     assert 0 < steps_then < 24 and "sampled steps" in report.read_text()
     assert (report.parent / "0_dp_gantt.png").stat().st_size > 5000
     text = build_report([out], out.parent / "report_after").read_text()
-    assert text.count("<img ") == 6 and "Timed events of 3 sampled steps (2-4)" in text
+    assert text.count("<img ") == 7 and "Timed events of 3 sampled steps (2-4)" in text  # + memory per rank
 
 
 @pytest.mark.launch
@@ -407,7 +407,7 @@ def test_events_agree_with_step_fields_parameter_server(tmp_path):
             assert total("exchange") == pytest.approx(comm + idle, rel=0.01)
             assert (names[mine] == "push").any() and (names[mine] == "pull").any()
     check_chrome_trace(trace.chrome_trace(run), ranks=2)
-    assert build_report([out], tmp_path / "report").read_text().count("<img ") == 7   # with the rank x rank matrix
+    assert build_report([out], tmp_path / "report").read_text().count("<img ") == 8  # + p2p matrix, memory
     matrix = run.p2p_matrix()
     assert matrix[1, 0] > 0 and matrix[0, 1] > 0   # gradients pushed, weights pulled
 
@@ -493,7 +493,7 @@ def test_pipeline_trace_and_schedule_chart(pp_run, tmp_path):
                                 pipeline.stage_times(run))
     assert ideal.bubble == pytest.approx(expected, rel=1e-9) and 0 < ideal.bubble < measured.bubble + 0.2
     assert f"measured {measured.bubble:.3f}" in text and f"ideal {ideal.bubble:.3f}" in text
-    assert text.count("<img ") == 8
+    assert text.count("<img ") == 9  # with memory per rank
 
 
 # -- a real browser --------------------------------------------------------------------------
@@ -541,11 +541,11 @@ def decoded_images(browser, page, probe):
 def test_report_renders_in_a_headless_browser(chromium, dp_run, tmp_path):
     """Chromium decodes every image of the page, and its screenshot shows charts: coloured
     (saturated) pixels in several bands down the page. (A page whose images are broken scores
-    '000000', a share of 5e-5 and no band.)"""
+    '0000000', a share of 5e-5 and no band.)"""
     browser = chromium
     out, _ = dp_run
     report = build_report([out], tmp_path / "report")
-    assert decoded_images(browser, report, tmp_path / "report" / "probe.html") == "111111"
+    assert decoded_images(browser, report, tmp_path / "report" / "probe.html") == "1111111"
     share, bands = chart_bands(screenshot(browser, report, tmp_path / "page.png"))
     assert share > 0.03 and bands >= 3, (share, bands)
 
