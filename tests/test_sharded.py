@@ -279,6 +279,49 @@ def test_zero3_gathers_each_unit_before_its_forward_and_backward_and_frees_it(co
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
 
 
+@pytest.mark.mpi
+def test_zero3_holds_a_units_gradient_once_and_frees_it_when_its_reduce_scatter_completes(comm, private_comm):
+    """After each parameter's gradient hook no ``.grad`` is left (it moved into its unit's flat buffer, the
+    reduce-scatter's send buffer); at most the units whose reduce-scatter is still in flight hold a buffer, a
+    completed one none; after the step none. The results stay DataParallel's (Awkward: a unit some ranks skip)."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    reference = Awkward().double()
+    replica = copy.deepcopy(reference)
+    dp, sdp = DataParallel(reference, comm), ShardedDataParallel(replica, private_comm, stage=3)
+    opt_dp, opt_sharded = OPTIMIZERS["adamw"](reference.parameters()), OPTIMIZERS["adamw"](sdp.parameters())
+    problems, hooks = [], [0]
+
+    def check(param):
+        hooks[0] += 1
+        held = [sdp.names[i] for i, p in enumerate(sdp.params) if p.grad is not None]
+        if held:
+            problems.append(f"after a gradient hook, .grad held by {held}")
+        flats = sdp._grad_flats or []
+        for bucket in sdp.buckets:
+            if bucket.pending is None and flats[bucket.group] is not None and \
+                    sdp.buckets.index(bucket) < sdp._order.started:
+                problems.append(f"unit {sdp.layout.groups[bucket.group].unit}'s gradient kept after its "
+                                f"reduce-scatter completed")
+
+    for p in sdp.params:
+        p.register_post_accumulate_grad_hook(check)  # after the wrapper's own hook
+    for step in range(3):
+        x, y = shard(size, rank, step)
+        opt_dp.zero_grad()
+        F.cross_entropy(dp(x, scale=0.5), y).backward()
+        opt_dp.step()
+        F.cross_entropy(sdp(x, scale=0.5), y).backward()
+        sdp.step(opt_sharded)
+        if sdp._grad_flats is not None or any(p.grad is not None for p in replica.parameters()):
+            problems.append(f"step {step}: gradient buffers left after the step")
+    with sdp.full_parameters():
+        problems += [f"{name}: max abs difference {(a - b).abs().max().item():.3e}" for (name, a), b in
+                     zip(reference.state_dict().items(), replica.state_dict().values())
+                     if not torch.allclose(a, b, **TOL)]
+    assert_all_ranks(comm, hooks[0] > 0 and not problems, "; ".join(problems[:4]))
+
+
 def test_zero3_refuses_a_parameter_tied_across_units_and_one_in_no_unit():
     model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
     model[1].weight = model[0].weight

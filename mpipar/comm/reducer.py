@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from mpipar.comm import mpi_tensor
 from mpipar.comm.averaging import average_tensors
-from mpipar.comm.buckets import assign_buckets
+from mpipar.comm.buckets import LaunchOrder, assign_buckets
 from mpipar.comm.staging import HostMirror
 from mpipar.comm.wire import WireSum
 from mpipar.diagnostics import events
@@ -47,7 +47,6 @@ class _Bucket:
     params: List[nn.Parameter]
     buffer: torch.Tensor
     views: List[torch.Tensor]
-    ready: set = field(default_factory=set)
     pending: Union[mpi_tensor.PendingOp, WireSum, None] = None  # the sum in flight: an Allreduce or a wire's
     mirror: Optional[HostMirror] = None  # a CUDA bucket's pinned host copy (MPI reduces it, not device memory)
     source: Optional[torch.Tensor] = None  # out of place: this rank's weighted contribution (MPI reads it)
@@ -153,8 +152,8 @@ class GradientReducer:
         self._copying: deque = deque()  # buckets whose device -> host copy is in flight, in launch order
         self._bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket.params}
         self._first_flag = [sum(len(b.params) for b in self.buckets[:index]) for index in range(len(self.buckets))]
+        self._order = LaunchOrder([len(bucket.params) for bucket in self.buckets])
         self._active = False
-        self._next_launch = 0
         self._zeroed: set = set()       # parameters whose view begin() zero-filled (no gradient yet)
         self._accumulated: set = set()  # parameters that received a gradient since begin()
         self._counts = torch.zeros(3, dtype=torch.int64)  # samples, signature, signature squared
@@ -163,7 +162,11 @@ class GradientReducer:
         self._weight = 1.0 / self.size
         self._used = torch.zeros(len(self.params), dtype=torch.int32)
         self._used_request: Optional[mpi_tensor.PendingOp] = None
-        self.launched_early = 0  # buckets started by mark_ready (overlapped with backward), since construction
+
+    @property
+    def launched_early(self) -> int:
+        """Buckets started by :meth:`mark_ready` (overlapped with backward), since construction."""
+        return self._order.early
 
     @staticmethod
     def _build(params: List[nn.Parameter], cap: float) -> List[_Bucket]:
@@ -202,10 +205,9 @@ class GradientReducer:
                     elif p.grad.data_ptr() != view.data_ptr():
                         view.copy_(p.grad)
                     p.grad = view
-                bucket.ready.clear()
                 bucket.pending = None
                 bucket.launched = bucket.completed = None
-        self._next_launch = 0
+        self._order.reset()
         self._active = True
         self._samples = num_samples
         if self.size == 1:
@@ -229,35 +231,29 @@ class GradientReducer:
             RuntimeError: when ``param`` was already marked in this step (its
                 gradient was accumulated twice, after its bucket may have been sent).
         """
-        bucket = self.buckets[self._bucket_of[id(param)]]
-        if id(param) in bucket.ready:
+        if not self._order.mark(self._bucket_of[id(param)], id(param)):
             self._drain()
             raise RuntimeError(
                 f"a parameter of shape {tuple(param.shape)} received its gradient more than once in one backward "
                 f"(shared across a reentrant activation checkpoint?); its bucket may already have been averaged. "
                 f"Use torch.utils.checkpoint with use_reentrant=False, or do not share the parameter")
-        bucket.ready.add(id(param))
         self._accumulated.add(id(param))
         self._launch_ready(force=False)
 
     def _launch_ready(self, force: bool) -> None:
-        while self._next_launch < len(self.buckets):
-            bucket = self.buckets[self._next_launch]
-            if not force and len(bucket.ready) < len(bucket.params):
-                break
-            self._launch(bucket)
-            self.launched_early += not force
-            self._next_launch += 1
+        for index in self._order.take(force):
+            self._launch(index)
         self._start_copied(block=False)
-        for bucket in self.buckets[:self._next_launch]:  # let MPI progress (no progress thread assumed)
+        for bucket in self.buckets[:self._order.started]:  # let MPI progress (no progress thread assumed)
             if bucket.pending is not None and bucket.pending.test() and bucket.launched is not None \
                     and bucket.completed is None:
                 bucket.completed = time.perf_counter()
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, index: int) -> None:
+        bucket = self.buckets[index]
         with torch.no_grad():
-            offset = self._first_flag[self._next_launch]
-            for index, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+            offset = self._first_flag[index]
+            for position, (p, view) in enumerate(zip(bucket.params, bucket.views)):
                 if p.grad is None:          # no gradient since zero_grad(set_to_none=True): contributes zeros
                     view.zero_()
                     used = False
@@ -266,7 +262,7 @@ class GradientReducer:
                     if p.grad.data_ptr() != view.data_ptr():
                         view.copy_(p.grad)  # .grad was replaced after begin (zero_grad between forward and backward)
                 p.grad = view
-                self._used[offset + index] = int(used)
+                self._used[offset + position] = int(used)
             self._wait_counts()
             if self.size == 1:
                 return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
@@ -59,14 +59,15 @@ class UnitGather:
 
     Collective contract: every rank calls :meth:`begin_forward`, runs the forward, :meth:`end_forward`
     and :meth:`settle` together; the gathers run on ``comm`` (a communicator of their own, so their
-    order never interleaves with the gradients' reduce-scatters). Size 1: copies.
+    order never interleaves with the gradients' reduce-scatters; ``progress`` is called before each unit's
+    backward to test those). Size 1: copies.
     """
 
     def __init__(self, units: List[nn.Module], unit_groups: List[List[int]], params_of: List[List[nn.Parameter]],
                  flats: List[torch.Tensor], shards: List[torch.Tensor], comm: MPI.Intracomm, calls: list,
-                 stats: CommStats):
+                 stats: CommStats, progress: Callable[[], None] = lambda: None):
         self.units, self.unit_groups, self.flats, self.shards = units, unit_groups, flats, shards
-        self.comm, self.calls, self.stats = comm, calls, stats
+        self.comm, self.calls, self.stats, self.progress = comm, calls, stats, progress
         self.views = [[(p, p.data) for g in groups for p in params_of[g]] for groups in unit_groups]
         self.empty = [[p.data.new_empty(0) for p, _ in views] for views in self.views]
         count = len(units)
@@ -161,6 +162,7 @@ class UnitGather:
     def _before_backward(self, unit: int) -> None:
         if self.phase != "backward":
             return
+        self.progress()  # the gradients' reduce-scatters in flight: a completed one frees its unit's gradient
         while self.backward_next >= max(unit - 1, 0):  # this unit and the one before (prefetch)
             self._start(self.backward_next)
             self.backward_next -= 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -12,6 +12,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm import mpi_tensor
+from mpipar.comm.buckets import LaunchOrder
 from mpipar.comm.reducer import CommStats, average_buffers, check_one_device, layout_signature
 from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
 from mpipar.diagnostics.agree import agree_on, collective_check
@@ -30,7 +31,6 @@ class _Bucket:
     begin: int  # flat range of the group's buffer, whole parameters
     end: int
     params: List[int]  # indices into ShardedDataParallel.params
-    ready: set = field(default_factory=set)
     pending: Optional[mpi_tensor.PendingOp] = None
 
 
@@ -131,7 +131,7 @@ class ShardedDataParallel:
             self._param_comm = comm.Dup()
             params_of = [[self.params[index] for index in group.params] for group in self.layout.groups]
             self.unit_gather = UnitGather(self.units, unit_groups, params_of, self.flats, self.shards,
-                                          self._param_comm, self.calls, self.stats)
+                                          self._param_comm, self.calls, self.stats, self.progress)
             self.unit_gather.free_all()
             self._unit_params = [sum(len(self.layout.groups[g].params) for g in groups) for groups in unit_groups]
         self.pieces = self.layout.pieces(self.rank)
@@ -152,15 +152,19 @@ class ShardedDataParallel:
             self._bucket_of = {index: b for b, bucket in enumerate(self.buckets) for index in bucket.params}
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        self._grad_flats: Optional[List[torch.Tensor]] = None
+        self._order = LaunchOrder([len(bucket.params) for bucket in self.buckets])
+        self._grad_flats: Optional[List[Optional[torch.Tensor]]] = None
         self._views: List[torch.Tensor] = []
         self._accumulated: set = set()
-        self._next_launch = 0
         self._counts = torch.zeros(3, dtype=torch.int64)
         self._counts_request: Optional[mpi_tensor.PendingOp] = None
         self._samples: Optional[int] = None
         self._weight = 1.0
-        self.launched_early = 0  # stage 2: buckets started from the gradient hooks (during backward)
+
+    @property
+    def launched_early(self) -> int:
+        """Reduce-scatters started from the gradient hooks (during backward), since construction."""
+        return self._order.early
 
     def _build_buckets(self, cap: float) -> List[_Bucket]:
         """Buckets of whole parameters, contiguous in their group's buffer, filled last parameter
@@ -219,10 +223,9 @@ class ShardedDataParallel:
             self._views.append(view)
             p.grad = view
         for bucket in self.buckets:
-            bucket.ready.clear()
             bucket.pending = None
+        self._order.reset()
         self._accumulated.clear()
-        self._next_launch = 0
         if self.unit_gather is not None:
             self._unit_left = list(self._unit_params)
         self._samples = num_samples
@@ -235,31 +238,46 @@ class ShardedDataParallel:
             return
         index = self._index[id(param)]
         bucket = self.buckets[self._bucket_of[index]]
-        if index in bucket.ready:
+        if not self._order.mark(self._bucket_of[index], index):
             raise RuntimeError(f"{self.names[index]} received its gradient more than once in one backward (shared "
                                f"across a reentrant activation checkpoint?); use use_reentrant=False")
-        bucket.ready.add(index)
         self._accumulated.add(index)
         if self.unit_gather is not None:
+            self._keep_unit_grad(index, param)
             unit = self.layout.groups[bucket.group].unit
             self._unit_left[unit] -= 1
             if not self._unit_left[unit]:
                 self.unit_gather.done(unit)
         self._launch_ready(force=False)
 
+    def _keep_unit_grad(self, index: int, param: nn.Parameter) -> None:
+        """Stage 3: move ``param``'s fresh ``.grad`` into its unit's flat gradient buffer (allocated at the
+        unit's first gradient) and drop it, so a unit's gradient exists once, as the buffer its
+        reduce-scatter sends."""
+        group, offset = self._offsets[index]
+        flat = self._grad_flats[group]
+        if flat is None:
+            flat = self._grad_flats[group] = torch.zeros(self.layout.groups[group].total, dtype=param.dtype,
+                                                         device=param.device)
+        with torch.no_grad():
+            flat[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
+        param.grad = None
+
     def _launch_ready(self, force: bool) -> None:
-        while self._next_launch < len(self.buckets):
-            bucket = self.buckets[self._next_launch]
-            if not force and len(bucket.ready) < len(bucket.params):
-                break
-            self._launch(bucket)
-            self.launched_early += not force
-            self._next_launch += 1
-        for bucket in self.buckets[:self._next_launch]:
-            if bucket.pending is not None:
-                done = bucket.pending.test()  # progress (no progress thread assumed)
-                if done and self.unit_gather is not None:
-                    self._grad_flats[bucket.group] = None  # stage 3: a unit's full gradient lives until sent
+        """Start the buckets :class:`LaunchOrder` releases, then progress the started ones (no progress
+        thread assumed); stage 3 frees a unit's gradient buffer as soon as its reduce-scatter is complete."""
+        for b in self._order.take(force):
+            self._launch(self.buckets[b])
+        self.progress()
+
+    def progress(self) -> None:
+        """Test the reduce-scatters in flight; forget the completed ones (stage 3: and their unit's full
+        gradient buffer). Local."""
+        for bucket in self.buckets[:self._order.started]:
+            if bucket.pending is not None and bucket.pending.test():
+                bucket.pending = None
+                if self.unit_gather is not None and self._grad_flats is not None:
+                    self._grad_flats[bucket.group] = None
 
     def _wait_counts(self) -> None:
         if self._counts_request is None:
@@ -280,7 +298,7 @@ class ShardedDataParallel:
     def _launch(self, bucket: _Bucket) -> None:
         self._wait_counts()
         if self.unit_gather is not None:
-            self._grad_flats[bucket.group] = self._take_unit_grads(bucket)
+            self._take_unit_grads(bucket)
         group = self._grad_flats[bucket.group]
         with torch.no_grad():
             for index in bucket.params if self.unit_gather is None else ():
@@ -299,18 +317,22 @@ class ShardedDataParallel:
         self.calls.append(("reduce_scatter", nbytes))
         self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
 
-    def _take_unit_grads(self, bucket: _Bucket) -> torch.Tensor:
-        """Stage 3: the unit's gradients (one dtype) copied into a new flat buffer, their ``.grad`` freed."""
+    def _take_unit_grads(self, bucket: _Bucket) -> None:
+        """Stage 3, at the launch: the unit's gradient buffer (zeros for a unit this rank did not use), with
+        any ``.grad`` set outside the hooks added in and dropped."""
+        assert self._grad_flats is not None  # in a step
         g = self.layout.groups[bucket.group]
-        flat = torch.zeros(g.total, dtype=self.flats[bucket.group].dtype, device=self.flats[bucket.group].device)
+        if self._grad_flats[bucket.group] is None:
+            self._grad_flats[bucket.group] = torch.zeros(g.total, dtype=self.flats[bucket.group].dtype,
+                                                         device=self.flats[bucket.group].device)
+        flat = self._grad_flats[bucket.group]
         with torch.no_grad():
             for index, offset in zip(g.params, g.offsets):
                 p = self.params[index]
                 if p.grad is not None:
-                    flat[offset:offset + p.grad.numel()].copy_(p.grad.reshape(-1))
+                    flat[offset:offset + p.grad.numel()].add_(p.grad.reshape(-1))
                     self._accumulated.add(index)
                     p.grad = None
-        return flat
 
     def _complete_started(self) -> None:
         """Complete every request started (a step abandoned or failed on every rank alike)."""
