@@ -125,7 +125,10 @@ class ShardedStrategy:
                                                    full["optimizer"]["param_groups"][0])
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
-        """Nothing to add to the metrics file (the bytes held are per step)."""
+        """The end of training: :meth:`ShardedDataParallel.close` (stage 3: the model whole again, the
+        gathers' communicator freed). Nothing to add to the metrics file (the bytes held are per step).
+        Collective."""
+        self.sdp.close()
 
 
 def _no_missing(result) -> None:

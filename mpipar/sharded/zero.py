@@ -160,6 +160,7 @@ class ShardedDataParallel:
         self._counts_request: Optional[mpi_tensor.PendingOp] = None
         self._samples: Optional[int] = None
         self._weight = 1.0
+        self.closed = False
 
     @property
     def launched_early(self) -> int:
@@ -196,6 +197,8 @@ class ShardedDataParallel:
     def __call__(self, *inputs, num_samples: Optional[int] = None, **kwargs):
         """Run the module; ``num_samples`` (this rank's sample count, for the weighting) defaults to the
         length of the first tensor argument. Collective (non-blocking) when gradients are enabled."""
+        if self.closed and torch.is_grad_enabled():
+            raise RuntimeError("ShardedDataParallel.close() ended its training; build a new wrapper to train on")
         if self.dp is not None:
             return self.dp(*inputs, num_samples=num_samples, **kwargs)
         if not torch.is_grad_enabled():
@@ -418,11 +421,15 @@ class ShardedDataParallel:
             self.unit_gather.free_all()
 
     def close(self) -> None:
-        """Free stage 3's communicator of the gathers. Collective; the wrapper is unusable after."""
+        """End training: stage 3 gathers the whole model into the module for good (it is usable as a plain
+        module after, as DataParallel's is) and frees its communicator of the gathers. Collective; no
+        training step after it (RuntimeError); a second call does nothing."""
         if self.unit_gather is not None:
             self.unit_gather.settle()
+            self.unit_gather.gather_all()
             self._param_comm.Free()
             self.unit_gather = None
+        self.closed = True
 
     def take_calls(self) -> List[Tuple[str, int]]:
         """The sharded collectives (name, bytes of the buffer covered) since the last call; resets them."""
