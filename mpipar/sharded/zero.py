@@ -421,14 +421,13 @@ class ShardedDataParallel:
             self.unit_gather.free_all()
 
     def close(self) -> None:
-        """End training: stage 3 gathers the whole model into the module for good (it is usable as a plain
-        module after, as DataParallel's is) and frees its communicator of the gathers. Collective; no
-        training step after it (RuntimeError); a second call does nothing."""
-        if self.unit_gather is not None:
+        """End training: stage 3 frees its communicator of the gathers (the model stays sharded, as big as
+        it was: :meth:`full_parameters` and a forward without gradients still gather it, over ``comm``).
+        Collective; no training step after it (RuntimeError); a second call does nothing."""
+        if self.unit_gather is not None and not self.closed:
             self.unit_gather.settle()
-            self.unit_gather.gather_all()
             self._param_comm.Free()
-            self.unit_gather = None
+            self.unit_gather.comm = self.comm  # no reduce-scatter to interleave with any more
         self.closed = True
 
     def take_calls(self) -> List[Tuple[str, int]]:
