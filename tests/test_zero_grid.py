@@ -141,7 +141,7 @@ def test_zero1_pipeline_resumed_on_another_number_of_replicas_equals_one_process
         group = comm.Split(0 if rank < ranks else MPI.UNDEFINED, rank)
         if group != MPI.COMM_NULL:
             settings = PipelineConfig(schedule="1f1b", microbatches=2, stages=stages, zero=1)
-            batch = 2 * BATCH // (ranks // stages)  # per pipeline: the global batch 2 BATCH, kept by the resume
+            batch = 2 * BATCH // (before[0] // before[1])  # the global batch 2 BATCH, kept by the resume
             run = loop_session(group, out, batch, settings, resume=phase == 1, max_steps=steps, flush_every=2,
                                checkpoint_every=2, optimizer="adamw", weight_decay=0.01)
             if phase == 0:
