@@ -18,6 +18,7 @@ from mpipar.diagnostics.failure import AgreedError
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.strategy import PipelineStrategy
 from mpipar.run.consolidate import find_checkpoint, read_rank
+from mpipar.run.consolidate import main as consolidate_main
 from mpipar.run.launch import StopRequest
 from mpipar.run.loop import train
 from mpipar.sharded.consolidate import grid_optimizer
@@ -98,7 +99,15 @@ def test_zero1_on_a_grid_equals_the_grid_without_it(comm, mpi_tmp_path, kind, op
         problems.append(f"optimizer state: {elements[1]} elements here, {together} over the {replicas} replicas, "
                         f"{elements[0]} per replica without --zero")
     if kind == "pipeline":  # the files' pieces put together: each parameter's whole state, as --zero 0 holds it
-        merged = grid_optimizer(directory / "zero")
+        consolidated = []
+        for run in ("plain", "zero"):  # mpipar-consolidate: the whole model and each parameter's optimizer state
+            output = directory / f"{run}-model-{comm.Get_rank()}.pt"
+            consolidate_main([str(directory / run), "-o", str(output)])
+            consolidated.append(torch.load(output, weights_only=True))
+        problems += compare(consolidated[1]["model"], consolidated[0]["model"], EXACT, "consolidated")
+        merged = consolidated[1]["optimizer_by_name"]
+        if merged.keys() != grid_optimizer(directory / "zero").keys():
+            problems.append("mpipar-consolidate's optimizer state is not the files' pieces put together")
         for index, (name, param) in enumerate(zip(plain.parameter_names, plain.parameters())):
             for key, value in files[0]["optimizer"]["state"].get(index, {}).items():
                 if value.dim() >= 1 and not torch.allclose(merged[name][key], value.reshape(-1), **EXACT):
@@ -204,3 +213,54 @@ def test_tensor_parallel_checkpoint_resumed_with_another_zero_is_refused_on_ever
     with pytest.raises(AgreedError, match="same --zero"):
         TensorParallelStrategy(comm, build_model(), settings, state=state)
     assert_all_ranks(comm, comm.allreduce(1) == comm.Get_size(), "the communicator after the refusal")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("zero", [1, 2])
+def test_gpt_lm_with_zero_equals_it_without(comm, mpi_tmp_path, zero):
+    """jobs/gpt_lm.py's strategies, in-process (a GPT whose head is tied to its embedding, AdamW): --zero 1 on
+    tensor parallelism (2 x size/2; no split at odd sizes) and --zero 2 without --tp (ShardedStrategy) equal
+    the same layout with --zero 0, every tensor this rank holds after 3 steps."""
+    from test_gpt_lm import BATCH as WINDOWS
+    from test_gpt_lm import SEQ, job, tiny_gpt
+
+    from mpipar.sharded import ShardedConfig
+
+    gpt_lm = job()
+    tp = 2 if comm.Get_size() % 2 == 0 else 1
+    layouts = [TensorParallelConfig(tp=tp), TensorParallelConfig(tp=tp, zero=1)] if zero == 1 else \
+        [None, ShardedConfig(2)]
+    directory = shared_directory(comm, mpi_tmp_path)
+    trained = []
+    for index, settings in enumerate(layouts):
+        run = loop_session(comm, directory / f"gpt-{index}", WINDOWS, settings, max_steps=3, optimizer="adamw",
+                           weight_decay=0.01)
+        strategy = gpt_lm.build_strategy(comm, tiny_gpt(), run)
+        train(run, strategy, gpt_lm.token_data(comm, "synthetic", SEQ, seed=0))
+        trained.append({name: t.detach().clone() for name, t in strategy.model.state_dict().items()})
+    problems = compare(trained[1], trained[0], EXACT, "parameter")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+def test_gpt_lm_settings_route_zero_by_layout():
+    """--zero 1-3 without --tp and --stages is ShardedStrategy's; with them, 0 or 1 (refused naming what is allowed)."""
+    import argparse
+
+    from test_gpt_lm import job
+
+    from mpipar.sharded import ShardedConfig
+
+    gpt_lm = job()
+
+    def args(**flags):
+        defaults = dict(stages=1, tp=1, zero=0, schedule="1f1b", microbatches=2, balance="even", grad_wire="fp32")
+        return argparse.Namespace(**{**defaults, **flags})
+
+    assert gpt_lm.settings_of(args(zero=3), 4) == ShardedConfig(3)
+    assert gpt_lm.settings_of(args(tp=2, zero=1), 4) == TensorParallelConfig(tp=2, zero=1)
+    assert gpt_lm.settings_of(args(stages=2, zero=1), 4).zero == 1
+    assert gpt_lm.settings_of(args(), 4) is None
+    with pytest.raises(ValueError, match="--tp 1"):
+        gpt_lm.settings_of(args(tp=2, zero=2), 4)
+    with pytest.raises(ValueError, match="--grad-wire fp32"):
+        gpt_lm.settings_of(args(zero=1, grad_wire="bf16"), 4)

@@ -34,7 +34,7 @@ from mpipar.run.strategy import StepRecord, Strategy
 from mpipar.sharded.consolidate import GRID_KEY, grid_optimizer
 from mpipar.sharded.optimizer import ShardedUpdate
 
-__all__ = ["PipelineStrategy", "choose_placement"]
+__all__ = ["PipelineStrategy", "choose_placement", "full_optimizer"]
 
 LAYOUT = ("stages", "balance", "placement")
 
@@ -412,6 +412,14 @@ class PipelineStrategy:
             f"the measured stage times (the rest, {measured - bound:+.3f}, is communication and overhead)")
         self.pipe.shared.free()
         self.grid.free()
+
+
+def full_optimizer(checkpoint) -> Dict[str, dict]:
+    """Each parameter's whole optimizer state by the unsplit model's names (``mpipar-consolidate``): put
+    together from every rank's pieces when the files carry them (``--zero 1``), else the first pipeline's.
+    Local: no MPI."""
+    state = training_state(checkpoint)
+    return grid_optimizer(checkpoint) if state.get(GRID_KEY) else state["optimizer_by_name"]
 
 
 def _same_pieces(update: ShardedUpdate, saved: Optional[dict]) -> None:
