@@ -27,4 +27,5 @@ __getattr__ = lazy_getattr("mpipar.pipeline", _LAZY, globals())
 register(StrategySpec(
     name="pipeline", package=__name__, settings="mpipar.pipeline.config:PipelineConfig", checkpoint_key="placement",
     consolidate="mpipar.run.consolidate:merge_stages", predict="mpipar.pipeline.prediction:predict",
-    jobs=("mlp_mp.py", "resnet_pp.py", "mlp_tp.py"), loop_cases=("pipeline", "hybrid"), aliases=("pipeline_hybrid",)))
+    jobs=("mlp_mp.py", "resnet_pp.py", "mlp_tp.py"), loop_cases=("pipeline", "hybrid"), aliases=("pipeline_hybrid",),
+    consolidate_optimizer="mpipar.pipeline.strategy:full_optimizer"))

@@ -27,6 +27,8 @@ class PipelineConfig:
         stage_memory_mb: with ``balance="auto"``, the most MiB a stage may hold (parameters, gradients,
             momentum, and the saved activations of the micro-batches the schedule keeps in flight on
             it); 0: no limit.
+        zero: ``--zero``: 1 shards each stage's optimizer state over its replicas (ZeRO-1,
+            :class:`~mpipar.sharded.optimizer.ShardedUpdate`); 0 does not. Flushing schedules only.
     """
 
     schedule: str = "1f1b"
@@ -36,8 +38,18 @@ class PipelineConfig:
     placement: Optional[Tuple[int, ...]] = None
     tp: int = 1
     stage_memory_mb: float = 0.0
+    zero: int = 0
 
     def __post_init__(self):
+        if self.zero not in (0, 1):
+            raise ValueError(f"--zero {self.zero}: a pipeline shards its stages' optimizer state over the replicas "
+                             f"(--zero 1) or nothing (--zero 0); gradients and parameters (--zero 2, 3) are sharded "
+                             f"only without pipeline stages (see docs/sharded.md, Grids)")
+        if self.zero and self.schedule in ASYNC_SCHEDULES:
+            flushing = ", ".join(name for name in TRAIN_SCHEDULES if name not in ASYNC_SCHEDULES)
+            raise ValueError(f"--zero {self.zero} needs a flushing schedule ({flushing}): --schedule "
+                             f"{self.schedule} updates each stage on its own, with no replicas to shard over; "
+                             f"use --zero 0 with it")
         if self.schedule not in TRAIN_SCHEDULES:
             raise ValueError(f"--schedule must be one of {list(TRAIN_SCHEDULES)}, got {self.schedule!r}")
         if self.tp < 1:
@@ -62,8 +74,10 @@ class PipelineConfig:
                              f"each of them, got {','.join(map(str, self.placement))!r}")
 
     def to_dict(self) -> dict:
-        """The settings; ``stage_memory_mb`` only when set (checkpoints from before it compare equal)."""
+        """The settings; ``stage_memory_mb`` and ``zero`` only when set (checkpoints from before them compare
+        equal)."""
         settings = dataclasses.asdict(self)
-        if not settings["stage_memory_mb"]:
-            del settings["stage_memory_mb"]
+        for key in ("stage_memory_mb", "zero"):
+            if not settings[key]:
+                del settings[key]
         return settings

@@ -31,8 +31,10 @@ from mpipar.run.consolidate import training_state
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter, Table
 from mpipar.run.strategy import StepRecord, Strategy
+from mpipar.sharded.consolidate import GRID_KEY, grid_optimizer
+from mpipar.sharded.optimizer import ShardedUpdate
 
-__all__ = ["PipelineStrategy", "choose_placement"]
+__all__ = ["PipelineStrategy", "choose_placement", "full_optimizer"]
 
 LAYOUT = ("stages", "balance", "placement")
 
@@ -115,7 +117,12 @@ class PipelineStrategy:
     its own stages. With ``config.tp > 1`` the model's layers are first split over each
     stage's tensor-parallel group by ``split_layers`` (every rank of a stage then runs
     its shard of the stage, and the tensor-parallel ranks of consecutive stages form the
-    pipelines); one rank per group counts the loss. Collective over ``world``, like the loop.
+    pipelines); one rank per group counts the loss. With ``config.zero == 1`` (flushing schedules)
+    each position's optimizer state is sharded over its replicas (:class:`ShardedUpdate` over the
+    data-parallel communicator): the loop's optimizer is built on this rank's pieces and stepped here
+    after the average (``steps_optimizer``), then the replicas all-gather; the files carry the pieces
+    (``zero_shard``) and a re-layout puts each parameter's optimizer state together from every file.
+    Collective over ``world``, like the loop.
 
     The asynchronous schedules (``pipedream``, ``2bw``; one pipeline, no tensor parallelism)
     map onto the loop as follows: a loop step takes one batch of ``microbatches`` into the
@@ -189,6 +196,9 @@ class PipelineStrategy:
             self.placement, self.predicted = choose_placement(model, config, world, sample, say)
             if state is not None:
                 self._relayout = collective_check(world, lambda: training_state(checkpoint), "re-laying out")
+                if state.get(GRID_KEY):  # ZeRO-1 files: each replica holds its pieces of the optimizer state
+                    self._relayout["optimizer_by_name"] = collective_check(
+                        world, lambda: grid_optimizer(checkpoint), "re-laying out")
                 model.load_state_dict(self._relayout["model"])  # before the pipeline takes its stages
                 say(f"re-laid out the checkpoint's placement {state['placement']} as {list(self.placement.ranks)}")
         self.device = torch.device(device)
@@ -196,6 +206,13 @@ class PipelineStrategy:
                              microbatches=config.microbatches, loss_fn=F.cross_entropy, device=self.device)
         self.averager = ReplicaAverager(self.pipe.local_module, self.grid.data_comm, bucket_cap_mb=bucket_mb,
                                         wire=wire_dtype(grad_wire))
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.parameter_names = [names[id(p)] for p in self.pipe.parameters()]
+        self.update: Optional[ShardedUpdate] = None  # --zero 1: this replica's shard of the optimizer state
+        if config.zero:
+            self.update = ShardedUpdate([(names[id(p)], p) for p in self.pipe.parameters()], self.grid.data_comm)
+            self.steps_optimizer = True
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self.name = "pipeline" if self.grid.replicas == 1 and config.tp == 1 else "pipeline_hybrid"
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts = self.pipe.holds_last_stage and self.grid.tp_rank == 0  # one rank of a group counts
@@ -215,11 +232,10 @@ class PipelineStrategy:
             "schedule": config.schedule, "staleness_per_stage": json.dumps(self.pipe.schedule.staleness())})] \
             if self.asynchronous else []
         self._stage_seconds: Dict[int, List[float]] = {index: [0.0, 0.0] for index in self.pipe.stages}
-        names = {id(p): name for name, p in model.named_parameters()}
-        self.parameter_names = [names[id(p)] for p in self.pipe.parameters()]
 
     def parameters(self):
-        return list(self.pipe.parameters())
+        """What the loop's optimizer steps: this rank's stages' parameters, or (``--zero 1``) its pieces."""
+        return list(self.pipe.parameters()) if self.update is None else self.update.parameters()
 
     def describe(self) -> str:
         return (f"{self.metrics_attrs['parameters']:,} parameters, {len(self.model)} layers"
@@ -230,8 +246,10 @@ class PipelineStrategy:
         return self.pipe.holds_first_stage or self.pipe.holds_last_stage
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """The loop's optimizer, stepped by an asynchronous pipeline at each update."""
-        self.pipe.bind_optimizer(optimizer)
+        """The loop's optimizer, stepped by an asynchronous pipeline at each update, or (``--zero 1``) here."""
+        if self.asynchronous:
+            self.pipe.bind_optimizer(optimizer)
+        self.optimizer = optimizer
 
     def _async_step(self, images, labels) -> StepRecord:
         result = self.pipe.step(images, labels)
@@ -263,6 +281,15 @@ class PipelineStrategy:
         self.averager.begin_step()  # replicas' gradients are reduced during the last micro-batch's backward
         result = self.pipe.step(images, labels, before_last_backward=self.averager.stage_finishing)
         self.averager.average()
+        memory: dict = {}
+        if self.update is not None:
+            assert self.optimizer is not None, "bind_optimizer before train_step (the loop does)"
+            self.update.step(self.optimizer)
+            gathered = self.update.stats.take()
+            self.update.take_calls()
+            self.averager.stats.wait_time += gathered.wait_time
+            self.averager.stats.bytes_sent += gathered.bytes_sent
+            memory = self.update.memory(self.optimizer, [bucket.buffer for bucket in self.averager.buckets])
         reduced, split = self.averager.stats.take(), self.tp_stats.take()
         times = result.times
         for index, (forward, backward) in result.stage_times.items():
@@ -274,7 +301,8 @@ class PipelineStrategy:
             loss=result.loss, samples=samples, compute_time=compute, comm_time=times.comm,
             wait_time=reduced.wait_time + split.wait_time,
             bytes_sent=reduced.bytes_sent + result.bytes_sent + split.bytes_sent,
-            extra=dict(pipeline_busy=compute, pipeline_wall=times.wall, activation_bytes=result.activation_bytes))
+            extra=dict(pipeline_busy=compute, pipeline_wall=times.wall, activation_bytes=result.activation_bytes,
+                       **memory))
 
     def end_epoch(self) -> None:
         self._drain()
@@ -303,17 +331,26 @@ class PipelineStrategy:
             self._drain()
             state["model"] = self.pipe.local_module.state_dict()  # after the drain's updates
             state["pipeline_async"] = self.pipe.async_state_dict()
+        if self.update is not None:  # the layout of this rank's pieces, which the optimizer state follows
+            state[GRID_KEY] = self.update.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's stages; after a re-layout (loaded at construction), ``state["optimizer"]``
-        becomes this rank's parameters' optimizer state, taken by parameter name."""
+        becomes this rank's parameters' (or ``--zero 1``: pieces') optimizer state, taken by parameter name.
+        Collective over the world (``--zero 1``: the shard layout checked)."""
+        update = self.update
         if self._relayout is None:
+            if update is not None:
+                collective_check(self.world, lambda: _same_pieces(update, state.get(GRID_KEY)), "--resume")
             self.pipe.local_module.load_state_dict(state["model"])
             if self.asynchronous:
                 self.pipe.load_async_state_dict(state["pipeline_async"])
             return
         by_name, group = self._relayout["optimizer_by_name"], self._relayout["optimizer"]["param_groups"][0]
+        if update is not None:
+            state["optimizer"] = update.optimizer_state(by_name, group)
+            return
         state["optimizer"] = {
             "state": {i: by_name[name] for i, name in enumerate(self.parameter_names) if by_name.get(name)},
             "param_groups": [{**group, "params": list(range(max(1, len(self.parameter_names))))}]}
@@ -375,6 +412,20 @@ class PipelineStrategy:
             f"the measured stage times (the rest, {measured - bound:+.3f}, is communication and overhead)")
         self.pipe.shared.free()
         self.grid.free()
+
+
+def full_optimizer(checkpoint) -> Dict[str, dict]:
+    """Each parameter's whole optimizer state by the unsplit model's names (``mpipar-consolidate``): put
+    together from every rank's pieces when the files carry them (``--zero 1``), else the first pipeline's.
+    Local: no MPI."""
+    state = training_state(checkpoint)
+    return grid_optimizer(checkpoint) if state.get(GRID_KEY) else state["optimizer_by_name"]
+
+
+def _same_pieces(update: ShardedUpdate, saved: Optional[dict]) -> None:
+    if not update.same_layout(saved):
+        raise ValueError("the checkpoint's ZeRO-1 shard layout is not this rank's (another model or placement); "
+                         "resume on the layout that wrote it")
 
 
 if TYPE_CHECKING:

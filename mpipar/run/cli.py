@@ -87,8 +87,9 @@ def add_zero_flag(parser: argparse.ArgumentParser) -> None:
     """``--zero {0,1,2,3}`` for a data-parallel job: 0 plain data parallelism, 1 optimizer state
     sharded, 2 gradients too, 3 parameters too (:mod:`mpipar.sharded`)."""
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
-                        help="ZeRO stage: 0 data parallelism; 1 optimizer state sharded over the ranks; "
-                             "2 gradients too (reduce-scattered); 3 parameters too (gathered per layer)")
+                        help="ZeRO stage: 0 data parallelism; 1 optimizer state sharded over the data-parallel "
+                             "ranks; 2 gradients too (reduce-scattered); 3 parameters too (gathered per layer); "
+                             "pipelines and tensor-parallel splits take 0 or 1 (docs/sharded.md, Grids)")
 
 
 def rank_list(text: str) -> tuple:

@@ -11,7 +11,11 @@ import torch
 
 from mpipar.run.consolidate import find_checkpoint, read_rank
 
-__all__ = ["full_model", "full_optimizer", "training_state", "merge_shards", "shard_optimizer_state"]
+__all__ = ["full_model", "full_optimizer", "training_state", "merge_shards", "shard_optimizer_state", "merge_pieces",
+           "grid_optimizer", "GRID_KEY"]
+
+GRID_KEY = "zero_shard"
+"""The entry of a grid strategy's checkpoint file (pipeline, tensor parallelism) with its ZeRO-1 layout."""
 
 
 def _files(checkpoint: Path, meta: dict, first: dict) -> List[dict]:
@@ -61,19 +65,39 @@ def training_state(checkpoint) -> dict:
     meta = json.loads((checkpoint / "meta.json").read_text())
     first = read_rank(checkpoint, meta, 0)
     states = _files(checkpoint, meta, first)
-    numel = {name: count for name, count, *_ in first["sharded"]["entries"]}
+    by_name = merge_pieces([(state["sharded"], state["optimizer"]) for state in states])
+    return {**first, "model": {**first["model"], **merge_shards(checkpoint, states)}, "optimizer_by_name": by_name}
+
+
+def merge_pieces(files: List[Tuple[dict, dict]]) -> Dict[str, dict]:
+    """Each parameter's whole optimizer state by name, from ``(layout, optimizer state dict)`` of every
+    file: the layout's ``entries`` (name, numel, ...) and ``pieces`` (``[name, start, stop]``, in the
+    optimizer's order). Per-element tensors are put together flattened; scalars (AdamW's ``step``) kept."""
     by_name: Dict[str, dict] = {}
-    for state in states:
-        optimizer = state["optimizer"]["state"]
-        for index, (name, start, stop) in enumerate(state["sharded"]["pieces"]):
-            for key, value in (optimizer.get(index) or {}).items():
+    for layout, optimizer in files:
+        numel = {name: count for name, count, *_ in layout["entries"]}
+        for index, (name, start, stop) in enumerate(layout["pieces"]):
+            for key, value in (optimizer["state"].get(index) or {}).items():
                 entry = by_name.setdefault(name, {})
                 if isinstance(value, torch.Tensor) and value.dim() >= 1:
                     whole = entry.setdefault(key, torch.zeros(numel[name], dtype=value.dtype))
                     whole[start:stop] = value.reshape(-1)
                 else:
                     entry[key] = value
-    return {**first, "model": {**first["model"], **merge_shards(checkpoint, states)}, "optimizer_by_name": by_name}
+    return by_name
+
+
+def grid_optimizer(checkpoint) -> Dict[str, dict]:
+    """Each parameter's whole optimizer state by name, from a grid checkpoint whose files carry ZeRO-1
+    shards (:data:`GRID_KEY`, written by ``ShardedUpdate.state_dict``): every rank's file is read, since
+    each replica holds its own pieces. Raises ValueError when a file has no shard layout."""
+    checkpoint = find_checkpoint(checkpoint)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    states = [read_rank(checkpoint, meta, rank) for rank in range(int(meta["world_size"]))]
+    missing = [rank for rank, state in enumerate(states) if GRID_KEY not in state]
+    if missing:
+        raise ValueError(f"{checkpoint}: the files of ranks {missing} hold no ZeRO shard layout ({GRID_KEY})")
+    return merge_pieces([(state[GRID_KEY], state["optimizer"]) for state in states])
 
 
 def full_optimizer(checkpoint) -> Dict[str, dict]:

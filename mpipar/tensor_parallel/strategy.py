@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from mpipar.models.vit import TransformerBlock, VisionTransformer
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.strategy import StepRecord, Strategy
+from mpipar.sharded.consolidate import GRID_KEY
+from mpipar.sharded.optimizer import ShardedUpdate
 from mpipar.tensor_parallel.attention import ParallelTransformerBlock
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpipar.tensor_parallel.mlp import ParallelMLP
@@ -37,16 +39,27 @@ __all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "ELEME
 @dataclass(frozen=True)
 class TensorParallelConfig:
     """``tp``: ranks that split every layer (consecutive ranks); the world size divided by
-    it is the number of data-parallel replicas. Raises ValueError naming the flag."""
+    it is the number of data-parallel replicas. ``zero``: 1 shards the optimizer state over the
+    replicas (ZeRO-1, :class:`~mpipar.sharded.optimizer.ShardedUpdate`), 0 does not. Raises
+    ValueError naming the flag."""
 
     tp: int = 2
+    zero: int = 0
 
     def __post_init__(self):
         if self.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
+        if self.zero not in (0, 1):
+            raise ValueError(f"--zero {self.zero}: tensor parallelism shards the optimizer state over its replicas "
+                             f"(--zero 1) or nothing (--zero 0); gradients and parameters (--zero 2, 3) are sharded "
+                             f"only without a split: --tp 1 (see docs/sharded.md, Grids)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings; ``zero`` only when set (checkpoints from before it compare equal)."""
+        settings = dataclasses.asdict(self)
+        if not settings["zero"]:
+            del settings["zero"]
+        return settings
 
 
 ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
@@ -299,7 +312,10 @@ class TensorParallelStrategy:
     Allreduce per layer pair forward, one backward, overlapped with the weight
     gradient); across groups each position's gradients are averaged by a
     :class:`ReplicaAverager`. A replicated parameter has the same gradient on every rank of
-    a group, and the groups average it alike, so it stays equal. At construction the
+    a group, and the groups average it alike, so it stays equal. With ``config.zero == 1`` the
+    optimizer state is sharded over the replicas (:class:`ShardedUpdate` over the data-parallel
+    communicator): the loop's optimizer is built on this rank's pieces and stepped here after the
+    average (``steps_optimizer``), then the replicas all-gather. At construction the
     parameters are counted (one small Allreduce): the shards summed over the group plus the
     replicated ones must be the unsplit model's parameters. Every rank checkpoints its own
     shards and its group's split random stream (``self.rng``: dropout of split activations, recompute
@@ -328,7 +344,7 @@ class TensorParallelStrategy:
     name = "tensor_parallel"
     full_steps_only = False
     checkpoint_per_rank = True
-    precisions = ("fp32", "bf16", "fp16")  # --precision; fp16 through bind_loss_scaler
+    precisions: Tuple[str, ...] = ("fp32", "bf16", "fp16")  # --precision; fp16 through bind_loss_scaler
 
     def __init__(self, world: MPI.Intracomm, model: nn.Module, config: TensorParallelConfig, *,
                  splitter: Union[Splitter, str, None] = None, bucket_mb: float = 25.0, state: Optional[dict] = None,
@@ -364,6 +380,9 @@ class TensorParallelStrategy:
                                  "with the same ranks per node and the same --map-by)")
 
         collective_check(world, check_placement, "resuming tensor parallelism")
+        if state is not None and bool(state.get(GRID_KEY)) != bool(config.zero):
+            raise agreed(ValueError)(f"this tensor-parallel checkpoint was written with --zero "
+                                     f"{int(bool(state.get(GRID_KEY)))}; resume it with the same --zero")
         self.stats = CommStats()
         self.rng = TensorParallelRNG(self.tp_comm, torch.initial_seed() if seed is None else seed)
         self.model = splitter.split(model, self.tp_comm, self.stats).to(device)
@@ -378,15 +397,26 @@ class TensorParallelStrategy:
         self.layout = shard_layout(cast(nn.Sequential, model), self.model) if splitter.kind == "mlp" else None
         self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb,
                                         wire=wire_dtype(grad_wire))
+        self.update: Optional[ShardedUpdate] = None  # --zero 1: this replica's shard of the optimizer state
+        self.steps_optimizer = bool(config.zero)
+        if config.zero:
+            self.update = ShardedUpdate(list(self.model.named_parameters()), self.grid.data_comm)
+            self.precisions = ("fp32", "bf16")  # fp16's loss scaling is the loop's, around its own optimizer step
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self.loss_scaler = None  # fp16: the loop's LossScaler (bind_loss_scaler)
         self.replicas, self.replica = self.grid.replicas, self.grid.replica
         self.counts_samples = self.grid.tp_rank == 0  # one rank of each group counts its samples
         self.wait_groups = [list(range(world.Get_size()))]  # tensor and replica waits split over the world
         self.metrics_attrs = {"parameters": self.parameter_count, "tp": config.tp, "replicas": self.replicas,
-                              **self.grid.metrics_attrs()}
+                              "zero": config.zero, **self.grid.metrics_attrs()}
 
     def parameters(self):
-        return list(self.model.parameters())
+        """What the loop's optimizer steps: the model's parameters, or (``--zero 1``) this rank's pieces."""
+        return list(self.model.parameters()) if self.update is None else self.update.parameters()
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``--zero 1``: the loop's optimizer (over :meth:`parameters`), stepped in :meth:`train_step`."""
+        self.optimizer = optimizer
 
     def describe(self) -> str:
         local = sum(p.numel() for p in self.model.parameters())
@@ -406,10 +436,19 @@ class TensorParallelStrategy:
         loss = F.cross_entropy(self.model(images), labels)
         (loss if self.loss_scaler is None else self.loss_scaler.scale(loss)).backward()
         self.averager.average()
+        extra: dict = {}
+        if self.update is not None:
+            assert self.optimizer is not None, "bind_optimizer before train_step (the loop does)"
+            self.update.step(self.optimizer)
+            gathered = self.update.stats.take()
+            self.update.take_calls()
+            self.averager.stats.wait_time += gathered.wait_time
+            self.averager.stats.bytes_sent += gathered.bytes_sent
+            extra = self.update.memory(self.optimizer, [bucket.buffer for bucket in self.averager.buckets])
         tensor, replicas = self.stats.take(), self.averager.stats.take()
         return StepRecord(loss=loss.item(), samples=len(labels) if self.counts_samples else 0,
                           wait_time=tensor.wait_time + replicas.wait_time,
-                          bytes_sent=tensor.bytes_sent + replicas.bytes_sent)
+                          bytes_sent=tensor.bytes_sent + replicas.bytes_sent, extra=extra)
 
     def end_epoch(self) -> None:
         self.averager.sync_buffers(self.model)
@@ -426,10 +465,18 @@ class TensorParallelStrategy:
         """This rank's shards, with what ``mpipar-consolidate`` needs to merge a group's files:
         ``tp``, this rank's position in its group (``tp_rank``) and :func:`shard_layout`; and this rank's
         split random stream (``tp_rng``)."""
-        return {"model": self.model.state_dict(), "tp": self.config.tp, "tp_rank": self.tp_comm.Get_rank(),
-                "tp_layout": self.layout, "grid_order": self.grid.order, "tp_rng": self.rng.state_dict()}
+        state = {"model": self.model.state_dict(), "tp": self.config.tp, "tp_rank": self.tp_comm.Get_rank(),
+                 "tp_layout": self.layout, "grid_order": self.grid.order, "tp_rng": self.rng.state_dict()}
+        if self.update is not None:  # the layout of this rank's pieces, which the optimizer state follows
+            state[GRID_KEY] = self.update.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's shards and split random stream; with ``--zero 1`` the checkpoint's pieces must be
+        this rank's (same grid: checked at construction). Collective over the world (the check)."""
+        update = self.update
+        if update is not None:
+            collective_check(self.world, lambda: _same_pieces(update, state.get(GRID_KEY)), "--resume")
         self.model.load_state_dict(state["model"])
         if "tp_rng" in state:  # checkpoints before it: the stream starts anew from the seed
             self.rng.load_state_dict(state["tp_rng"])
@@ -437,6 +484,12 @@ class TensorParallelStrategy:
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Free the grid. Collective over the world."""
         self.grid.free()
+
+
+def _same_pieces(update: ShardedUpdate, saved: Optional[dict]) -> None:
+    if not update.same_layout(saved):
+        raise ValueError("the checkpoint's ZeRO-1 shard layout is not this rank's (another model, or its "
+                         "parameters cut over another number of replicas); resume on the grid that wrote it")
 
 
 if TYPE_CHECKING:

@@ -1,0 +1,136 @@
+"""ZeRO-1 for a model whose gradients are averaged elsewhere: each replica steps its shard, then all-gathers."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpipar.comm import mpi_tensor
+from mpipar.comm.reducer import CommStats
+from mpipar.diagnostics.agree import agree_on
+from mpipar.sharded.consolidate import GRID_KEY, shard_optimizer_state
+from mpipar.sharded.layout import FlatLayout
+
+__all__ = ["ShardedUpdate", "GRID_KEY"]
+
+
+class ShardedUpdate:
+    """The optimizer state of ``params`` sharded over the data-parallel communicator ``comm`` (ZeRO-1), for
+    a partitioned model whose replicas' gradients something else averages (a pipeline stage's or a
+    tensor-parallel shard's, by :class:`~mpipar.comm.replicas.ReplicaAverager`).
+
+    The trainable ``params`` (a tied one once) move into one flat buffer per dtype, padded to a multiple
+    of the replicas (:class:`~mpipar.sharded.layout.FlatLayout`); the model's parameters become views
+    into it. :meth:`parameters` are this replica's *pieces* (views into its shard) for any elementwise
+    torch optimizer; :meth:`step`, after the gradients are averaged, hands each piece its slice of the
+    averaged ``.grad`` (None where the parameter has none: skipped as the unsharded optimizer skips it),
+    steps the optimizer, drops the model's ``.grad`` and all-gathers the buffers in place over ``comm``,
+    so every replica holds the whole updated parameters again.
+
+    Collective contract: every rank of ``comm`` builds it with parameters of the same names, shapes and
+    dtypes in the same order (checked: a ValueError on every rank) and equal values (it does not
+    broadcast; the averager did), and calls :meth:`step` together. Size 1 is the same code: the
+    all-gather copies nothing.
+
+    Args:
+        named: ``(name, parameter)`` of the model part this rank holds, in a fixed order; the names
+            identify the optimizer state in checkpoints (the unsplit model's names where it re-shards).
+        comm: the data-parallel communicator (``ProcessGrid.data_comm``).
+    """
+
+    def __init__(self, named: Sequence[Tuple[str, nn.Parameter]], comm: MPI.Intracomm):
+        by_id: Dict[int, Tuple[str, nn.Parameter]] = {}
+        for name, p in named:  # a tied parameter once, under its first name
+            if p.requires_grad:
+                by_id.setdefault(id(p), (name, p))
+        trainable = list(by_id.values())
+        agree_on(comm, "the parameters sharded over the replicas (name, shape, dtype)",
+                 [(name, tuple(p.shape), str(p.dtype)) for name, p in trainable],
+                 hint="build the same model and placement in every replica")
+        self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()
+        self.names = [name for name, _ in trainable]
+        self.params = [p for _, p in trainable]
+        self.layout = FlatLayout([(name, p.numel(), str(p.dtype)) for name, p in trainable], self.size)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.flats: List[torch.Tensor] = []
+        with torch.no_grad():
+            for group in self.layout.groups:
+                flat = torch.zeros(group.padded, dtype=self.params[group.params[0]].dtype, device=device)
+                for index, offset in zip(group.params, group.offsets):
+                    p = self.params[index]
+                    view = flat[offset:offset + p.numel()].view_as(p)
+                    view.copy_(p)
+                    p.data = view
+                self.flats.append(flat)
+        self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard]
+                       for flat, g in zip(self.flats, self.layout.groups)]
+        self.pieces = self.layout.pieces(self.rank)
+        self.shard_params = [nn.Parameter(self.shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start])
+                             for pc in self.pieces]
+        self.stats = CommStats()
+        self.calls: List[Tuple[str, int]] = []  # (collective, bytes of the buffer it covers) until take_calls
+
+    def parameters(self) -> List[nn.Parameter]:
+        """This rank's pieces: what its optimizer steps."""
+        return list(self.shard_params)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step ``optimizer`` (built on :meth:`parameters`) on the averaged gradients' slices, drop the
+        model's ``.grad`` and all-gather the shards. Collective over ``comm``."""
+        for piece, pc in zip(self.shard_params, self.pieces):
+            grad = self.params[pc.param].grad
+            piece.grad = None if grad is None else grad.detach().reshape(-1)[pc.start:pc.stop]
+        optimizer.step()
+        for p in self.params:  # the next step's gradient starts from zero (the averager's buckets stay)
+            p.grad = None
+        self.gather()
+
+    def gather(self) -> None:
+        """All-gather every rank's shard into the flat buffers (the model's parameters). Collective."""
+        begin = time.perf_counter()
+        for flat in self.flats:
+            mpi_tensor.allgather_in_place_(flat, self.comm)
+            nbytes = flat.numel() * flat.element_size()
+            self.calls.append(("allgather", nbytes))
+            self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
+        self.stats.wait_time += time.perf_counter() - begin
+
+    def take_calls(self) -> List[Tuple[str, int]]:
+        """The all-gathers (name, bytes of the buffer covered) since the last call; resets them."""
+        calls, self.calls = self.calls, []
+        return calls
+
+    def memory(self, optimizer: Optional[torch.optim.Optimizer], gradients: Sequence[torch.Tensor] = ()) -> \
+            Dict[str, float]:
+        """Bytes held between steps: the whole parameters, ``gradients`` (the averager's buckets) and the
+        optimizer state (this rank's shard's). Local."""
+        def nbytes(tensors) -> float:
+            return float(sum(t.numel() * t.element_size() for t in tensors))
+
+        state = [] if optimizer is None else [value for per_param in optimizer.state.values()
+                                              for value in per_param.values() if isinstance(value, torch.Tensor)]
+        return {"param_bytes": nbytes(self.flats), "grad_bytes": nbytes(gradients), "optimizer_bytes": nbytes(state)}
+
+    def state_dict(self) -> dict:
+        """The layout for a checkpoint file (:data:`~mpipar.sharded.consolidate.GRID_KEY`): the entries and
+        this rank's pieces (``[name, start, stop]``, in the optimizer's order), which the file's optimizer
+        state follows."""
+        return {"zero": 1, "replicas": self.size, "replica": self.rank,
+                "entries": [list(entry) for entry in self.layout.entries],
+                "pieces": [[self.names[pc.param], pc.start, pc.stop] for pc in self.pieces]}
+
+    def same_layout(self, saved: Optional[dict]) -> bool:
+        """Whether a checkpoint's :meth:`state_dict` (None: written without ZeRO) cut the optimizer state
+        into this rank's pieces, so that it loads as it is. Local."""
+        return saved is not None and saved.get("pieces") == self.state_dict()["pieces"] \
+            and saved.get("entries") == self.state_dict()["entries"]
+
+    def optimizer_state(self, by_name: Dict[str, dict], group: dict) -> dict:
+        """An optimizer state dict for this rank's pieces, cut from each parameter's whole state by name
+        (``group``: the saved first param group). Local."""
+        return shard_optimizer_state(by_name, [(self.names[pc.param], pc.start, pc.stop) for pc in self.pieces],
+                                     group)
