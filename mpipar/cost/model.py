@@ -162,7 +162,7 @@ def layers_at(profile: ModelProfile, batch: float) -> List[LayerCost]:
         result.append(LayerCost(reference.name, _interpolate(curve("forward"), batch),
                                 _interpolate(curve("backward"), batch), reference.param_bytes,
                                 round(reference.activation_bytes * batch / nearest),
-                                round(reference.saved_bytes * batch / nearest)))
+                                round(reference.saved_bytes * batch / nearest), reference.param_shapes))
     return result
 
 
