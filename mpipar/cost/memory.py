@@ -21,16 +21,19 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Memory:
-    """Peak bytes per rank by kind; ``total`` is their sum."""
+    """Bytes per rank by kind. ``params``, ``grads``, ``optimizer``: held between steps (what
+    ``ShardedDataParallel.memory`` reports); ``transient``: held only within a step (ZeRO-2's whole
+    gradient buffer, ZeRO-3's gathered units and a unit's whole gradients); ``total``: the peak."""
 
     params: float
     grads: float
     optimizer: float
     activations: float = 0.0
+    transient: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.transient
 
 
 def shard_bytes(nbytes: float, ranks: int) -> float:
@@ -44,12 +47,12 @@ def state_memory(unit_bytes: Sequence[float], ranks: int, zero: int, options: Tr
     hold ``unit_bytes`` of fp32 parameters each, on ``ranks`` data-parallel ranks at ZeRO stage ``zero``.
 
     * 0 (data parallelism): ``P`` parameters, ``P`` gradients, ``s P / 4`` state (``s`` bytes per parameter).
-    * 1: the state sharded, ``s P / 4 N``.
+    * 1: the state sharded, ``s P / 4 N`` (shards padded to whole elements; the flat parameter buffer too).
     * 2: gradients reduce-scattered into a shard (``P / N``), but the flat gradient buffer they fill is
-      whole from the forward to the step, so the peak is ``P + P / N``.
-    * 3: the parameters sharded (``P / N``) plus the unit gathered and the next one prefetched (the
-      largest two consecutive units); gradients the shard plus the largest unit's twice (its autograd
-      ``.grad`` and the flat copy that is reduce-scattered).
+      whole from the forward to the step: ``P`` transient.
+    * 3: parameters, gradients and state sharded per unit; transient: the unit gathered and the next
+      one prefetched (the largest two consecutive units) and the largest unit's gradients twice (its
+      autograd ``.grad`` and the flat copy that is reduce-scattered). On one rank nothing is gathered.
 
     Raises ValueError for a stage other than 0-3 or ``ranks`` < 1.
     """
@@ -59,14 +62,16 @@ def state_memory(unit_bytes: Sequence[float], ranks: int, zero: int, options: Tr
     state = options.state_bytes / FP32
     if zero == 0:
         return Memory(total, total, state * total)
-    if zero in (1, 2):
-        grads = total if zero == 1 else total + shard_bytes(total, ranks)
-        return Memory(total, grads, state * shard_bytes(total, ranks))
+    shard = shard_bytes(total, ranks)
+    if zero == 1:
+        return Memory(ranks * shard, total, state * shard)
+    if zero == 2:
+        return Memory(ranks * shard, shard, state * shard, transient=total)
     shards = sum(shard_bytes(size, ranks) for size in unit_bytes)
+    if ranks == 1:
+        return Memory(shards, shards, state * shards)
     pairs = [a + b for a, b in zip(unit_bytes, unit_bytes[1:])] or list(unit_bytes) or [0.0]
-    largest = max(unit_bytes, default=0.0)
-    return Memory(shards + max(pairs) if ranks > 1 else total, shards + (2 * largest if ranks > 1 else 0.0),
-                  state * shards)
+    return Memory(shards, shards, state * shards, transient=max(pairs) + 2 * max(unit_bytes, default=0.0))
 
 
 def activation_memory(layers: Sequence[LayerCost], options: TrainingOptions, *, in_flight: int = 1,
