@@ -25,7 +25,7 @@ def linear_link(alpha, beta, description="test link"):
 
 
 def profile_of(layers, name="toy", sizes=(8,)):
-    """Layers (forward, backward, param bytes, activation bytes, saved bytes[, shapes]) costing the same at every size."""
+    """Layers (forward, backward, param bytes, activation bytes, saved bytes[, shapes]), the same at every size."""
     costs = tuple(LayerCost(f"l{i}", layer[0], layer[1], tuple(layer[2]), layer[3], layer[4],
                             tuple(layer[5]) if len(layer) > 5 else ()) for i, layer in enumerate(layers))
     return ModelProfile(name, {size: costs for size in sizes})

@@ -180,10 +180,10 @@ def _param_bytes(layers: Sequence[LayerCost]) -> int:
 def precision_assumptions(machine: Machine, options: TrainingOptions) -> Tuple[float, Tuple[str, ...]]:
     """The compute ratio of ``options.precision`` and the assumptions the prediction makes."""
     ratio, measured = compute_ratio(machine.compute_ratio, options.precision)
-    notes = () if measured else (f"{options.precision} compute as fast as fp32 (not calibrated)",)
+    notes = [] if measured else [f"{options.precision} compute as fast as fp32 (not calibrated)"]
     if options.precision != "fp32":
-        notes += (f"{options.precision} activations half of fp32's",)
-    return ratio, notes
+        notes.append(f"{options.precision} activations half of fp32's")
+    return ratio, tuple(notes)
 
 
 def backward_timeline(layers: Sequence[LayerCost], ratio: float = 1.0,
