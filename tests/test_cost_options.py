@@ -208,6 +208,12 @@ def test_predict_run_predicts_a_zero_job():
                                   settings=ShardedConfig(zero=3), ranks=2, ranks_per_node=2)
     assert why == "" and prediction.strategy == "ZeRO-3" and prediction.layout.shape == "2 x 1 x 1"
     assert prediction.attrs()["predicted_memory_bytes"] == prediction.memory_bytes > 0
+    adamw, _ = predict_run(machine_of(profile), model="toy", batch_size=8, bucket_mb=25, options=ADAMW,
+                           settings=ShardedConfig(zero=3), ranks=2, ranks_per_node=2)
+    assert adamw.memory_bytes - prediction.memory_bytes == 4000 / 2  # AdamW's second moment of the shard
+    dp, _ = predict_run(machine_of(profile), model="toy", batch_size=8, bucket_mb=25, options=ADAMW,
+                        settings=None, ranks=2, ranks_per_node=2)  # an entry point without options: as before
+    assert dp.strategy == "DP"
 
 
 # --- the plan ----------------------------------------------------------------------------------------------------
