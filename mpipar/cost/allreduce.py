@@ -15,8 +15,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["ALGORITHMS", "Round", "schedule", "rounds", "binomial_rounds", "open_mpi_nonblocking_choice",
-           "allreduce_seconds"]
+__all__ = ["ALGORITHMS", "COLLECTIVES", "Round", "schedule", "rounds", "binomial_rounds",
+           "open_mpi_nonblocking_choice", "allreduce_seconds", "collective_rounds", "collective_seconds"]
 
 ALGORITHMS = ("binomial", "ring", "rabenseifner", "recursive_doubling")
 # (fraction of the buffer per message, any message inside a node, most messages on one node's link, reduces)
@@ -164,11 +164,51 @@ def allreduce_seconds(nbytes: float, nodes: Sequence[int], within, across=None, 
     if spans and across is None:
         raise ValueError("the ranks span nodes and nothing is known of the link across them (calibrate on "
                          "several nodes or describe one with --interconnect)")
+    return _price(rounds(algorithm, tuple(nodes)), nbytes, within, across, reduce_seconds_per_byte)
+
+
+def _price(summaries: Sequence[Round], nbytes: float, within, across, reduce_seconds_per_byte: float) -> float:
+    """Each round as its slowest part (a message inside a node, or a node's share of its network link)
+    plus the reduction of what was received."""
     total = 0.0
-    for fraction, inside, flows, reduce in rounds(algorithm, tuple(nodes)):
+    for fraction, inside, flows, reduce in summaries:
         message = fraction * nbytes
         seconds = within.p2p_seconds(message) if inside else 0.0
         if flows:
             seconds = max(seconds, across.p2p_seconds(flows * message))
         total += seconds + (reduce_seconds_per_byte * message if reduce else 0.0)
     return total
+
+
+COLLECTIVES = ("reduce_scatter", "allgather", "alltoall")
+
+
+@lru_cache(maxsize=4096)
+def collective_rounds(collective: str, nodes: Tuple[int, ...]) -> Tuple[Round, ...]:
+    """The rounds of a reduce-scatter or all-gather as a ring (the Allreduce ring's first and second
+    halves: ``p - 1`` rounds of ``1/p`` of the buffer, adding in or not), or an all-to-all as pairwise
+    exchanges (round ``k``: rank ``i`` sends its ``1/p`` for ``i + k``), over ranks on ``nodes``.
+    Pure; cached. Raises ValueError for another collective."""
+    p = len(nodes)
+    if collective not in COLLECTIVES:
+        raise ValueError(f"unknown collective {collective!r}; choose one of {COLLECTIVES}")
+    if p <= 1:
+        return ()
+    if collective == "alltoall":
+        return tuple(_summary([(i, (i + k) % p, 1.0 / p, False) for i in range(p)], nodes) for k in range(1, p))
+    ring = rounds("ring", nodes)
+    return ring[:p - 1] if collective == "reduce_scatter" else ring[p - 1:]
+
+
+def collective_seconds(collective: str, nbytes: float, nodes: Sequence[int], within, across=None, *,
+                       reduce_seconds_per_byte: float = 0.0) -> float:
+    """Seconds of ``collective`` (:data:`COLLECTIVES`) of a buffer of ``nbytes`` (the whole buffer: a
+    reduce-scatter's input, an all-gather's output, an all-to-all's send buffer) over ranks on ``nodes``,
+    each round priced as :func:`allreduce_seconds` prices the Allreduce's. 0 on one rank or no bytes.
+    Raises ValueError when the ranks span nodes and ``across`` is None."""
+    if len(nodes) <= 1 or nbytes <= 0:
+        return 0.0
+    if len(set(nodes)) > 1 and across is None:
+        raise ValueError("the ranks span nodes and nothing is known of the link across them (calibrate on "
+                         "several nodes or describe one with --interconnect)")
+    return _price(collective_rounds(collective, tuple(nodes)), nbytes, within, across, reduce_seconds_per_byte)

@@ -8,6 +8,7 @@ across them are measured too.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
@@ -184,7 +185,8 @@ def profile_layers_and_step(name: str, model: torch.nn.Sequential, sizes: Sequen
         profiles = profile_layers(model, sample, repeats=repeats)
         layers[size] = tuple(LayerCost(p.name, p.forward_time, p.backward_time,
                                        tuple(q.numel() * q.element_size() for q in child.parameters()
-                                             if q.requires_grad), p.activation_bytes, p.saved_bytes)
+                                             if q.requires_grad), p.activation_bytes, p.saved_bytes,
+                                       tuple(tuple(q.shape) for q in child.parameters() if q.requires_grad))
                              for p, child in zip(profiles, model.children()))
         labels = torch.randint(0, num_classes, (size,))
         times = []
@@ -244,13 +246,64 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
             profiles[name] = _median_profile(gathered)
             for key, split in extra.items():  # a vision transformer: one rank of each tp too
                 profiles[key] = _median_profile(collectives.allgather(comm, split, f"calibrate: {key} profiles"))
+        ratios = {}
+        if model_names:
+            say(f"calibrate: {model_names[0]}'s step under bf16 and fp16 autocast against fp32, on every rank")
+            mine_ratios = autocast_ratios(model_names[0], max(microbatch_sizes), repeats=2 if quick else 5)
+            every = collectives.allgather(comm, mine_ratios, "calibrate: autocast ratios")
+            ratios = {key: float(np.median([r[key] for r in every])) for key in mine_ratios
+                      if all(key in r for r in every)}
+        memory = min(collectives.allgather(comm, physical_memory() / per_node, "calibrate: memory"))
     finally:
         node_comm.Free()
         if leaders != MPI.COMM_NULL:
             leaders.Free()
     host = collectives.bcast(comm, socket.gethostname(), "calibrate: host")
     return Machine(within, across, profiles, comm.Get_size(), per_node, host,
-                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), reduce_cost), raw
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), reduce_cost, ratios, memory), raw
+
+
+def physical_memory() -> float:
+    """This node's physical memory in bytes (0 when the system does not say). Local."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def autocast_ratios(model_name: str, size: int, *, repeats: int = 5) -> Dict[str, float]:
+    """The median training step of ``model_name`` on a batch of ``size`` under bf16 and fp16 autocast
+    (CPU) over the fp32 step's: ``{"bf16": r, "fp16": r}``, a precision torch cannot autocast here left
+    out; {} for a model that is not one of the image models. Local."""
+    from mpipar import models
+
+    factories: Dict[str, Callable[..., torch.nn.Module]] = {**models.IMAGE_MODELS, "mlp": models.image_mlp}
+    if model_name not in factories:
+        return {}
+    model = factories[model_name](in_channels=1, num_classes=10, image_size=28)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    sample, labels = torch.randn(size, 1, 28, 28), torch.randint(0, 10, (size,))
+
+    def step_seconds(dtype: Optional[torch.dtype]) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            begin = time.perf_counter()
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(model(sample), labels)
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - begin)
+        return float(np.median(times[1:]))
+
+    fp32 = step_seconds(None)
+    ratios = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        try:
+            ratios[name] = step_seconds(dtype) / fp32
+        except (RuntimeError, TypeError):  # no autocast of this dtype on this CPU / torch
+            continue
+    return ratios
 
 
 def _median_profile(profiles: Sequence[ModelProfile]) -> ModelProfile:
@@ -261,7 +314,7 @@ def _median_profile(profiles: Sequence[ModelProfile]) -> ModelProfile:
         layers[size] = tuple(LayerCost(
             cost.name, float(np.median([p.layers[size][i].forward for p in profiles])),
             float(np.median([p.layers[size][i].backward for p in profiles])), cost.param_bytes,
-            cost.activation_bytes, cost.saved_bytes) for i, cost in enumerate(costs))
+            cost.activation_bytes, cost.saved_bytes, cost.param_shapes) for i, cost in enumerate(costs))
     steps = {size: float(np.median([p.step_seconds[size] for p in profiles])) for size in first.step_seconds}
     return ModelProfile(first.name, layers, steps)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mpipar.cost.allreduce import allreduce_seconds, binomial_rounds
+from mpipar.cost.allreduce import allreduce_seconds, binomial_rounds, collective_seconds
 
 __all__ = ["Band", "Link", "LayerCost", "ModelProfile", "Machine", "BAND_EDGES", "fit_bands", "interconnect"]
 
@@ -95,6 +95,7 @@ class LayerCost:
     param_bytes: Tuple[int, ...]  # each trainable parameter, in the model's order
     activation_bytes: int  # the output of one micro-batch
     saved_bytes: int  # what autograd keeps of one micro-batch for the backward
+    param_shapes: Tuple[Tuple[int, ...], ...] = ()  # each trainable parameter's shape (older files: none)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class Machine:
     ``across`` is None when the calibration ran on one node (a plan for several nodes then needs
     ``--interconnect``). ``ranks``, ``ranks_per_node``: the calibration's layout.
     ``reduce_seconds_per_byte``: adding a received float32 buffer into another (one core).
+    ``compute_ratio``: a layer's seconds under 16-bit autocast over fp32's, per precision (``bf16``,
+    ``fp16``), where measured. ``memory_bytes``: the memory a rank may use (0: unknown).
     """
 
     within: Link
@@ -142,6 +145,15 @@ class Machine:
     host: str = ""
     date: str = ""
     reduce_seconds_per_byte: float = 0.0
+    compute_ratio: Dict[str, float] = field(default_factory=dict)
+    memory_bytes: float = 0.0
+
+    def collective_seconds(self, collective: str, nbytes: float, nodes: Sequence[int]) -> float:
+        """A non-blocking reduce-scatter, all-gather or all-to-all of a buffer of ``nbytes`` over ranks on
+        ``nodes`` (:func:`~mpipar.cost.allreduce.collective_seconds`: ring or pairwise rounds on the
+        point-to-point links)."""
+        return collective_seconds(collective, nbytes, nodes, self.within, self.across,
+                                  reduce_seconds_per_byte=self.reduce_seconds_per_byte)
 
     def gradient_allreduce_seconds(self, nbytes: float, nodes: Sequence[int]) -> float:
         """The gradient reducer's non-blocking Allreduce of ``nbytes`` over ranks on ``nodes`` (``nodes[i]``:
@@ -181,6 +193,7 @@ class Machine:
         return {"format": FORMAT, "host": self.host, "date": self.date, "ranks": self.ranks,
                 "ranks_per_node": self.ranks_per_node, "reduce_seconds_per_byte": self.reduce_seconds_per_byte,
                 "within": link(self.within), "across": link(self.across),
+                "compute_ratio": dict(self.compute_ratio), "memory_bytes": self.memory_bytes,
                 "models": {name: {"layers": {str(size): [dataclasses.asdict(layer) for layer in layers]
                                              for size, layers in profile.layers.items()},
                                   "step_seconds": {str(size): t for size, t in profile.step_seconds.items()}}
@@ -197,14 +210,18 @@ class Machine:
                         allreduce_ranks=value["allreduce_ranks"], description=value["description"],
                         gradient=tuple(Band(**b) for b in value.get("gradient", ())))
 
-        models = {name: ModelProfile(name, {int(size): tuple(LayerCost(**{**layer, "param_bytes": tuple(
-                      layer["param_bytes"])}) for layer in layers) for size, layers in entry["layers"].items()},
+        models = {name: ModelProfile(name, {int(size): tuple(LayerCost(**{
+                      **layer, "param_bytes": tuple(layer["param_bytes"]),
+                      "param_shapes": tuple(tuple(shape) for shape in layer.get("param_shapes", ()))})
+                      for layer in layers) for size, layers in entry["layers"].items()},
                       {int(size): t for size, t in entry["step_seconds"].items()})
                   for name, entry in data["models"].items()}
         across = None if data["across"] is None else link(data["across"])
         return cls(within=link(data["within"]), across=across, models=models, ranks=data["ranks"],
                    ranks_per_node=data["ranks_per_node"], host=data["host"], date=data["date"],
-                   reduce_seconds_per_byte=float(data.get("reduce_seconds_per_byte", 0.0)))
+                   reduce_seconds_per_byte=float(data.get("reduce_seconds_per_byte", 0.0)),
+                   compute_ratio={k: float(v) for k, v in data.get("compute_ratio", {}).items()},
+                   memory_bytes=float(data.get("memory_bytes", 0.0)))
 
     def save(self, path) -> Path:
         path = Path(path)

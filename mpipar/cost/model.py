@@ -9,14 +9,18 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from mpipar.comm.buckets import assign_buckets
+from mpipar.cost.compress import powersgd_split, wire16_seconds
 from mpipar.cost.machine import LayerCost, Link, Machine, ModelProfile
+from mpipar.cost.memory import activation_memory, state_memory
+from mpipar.cost.options import TrainingOptions, compute_ratio
 from mpipar.pipeline_plan.balance import balance_by_time, stage_sums
 from mpipar.pipeline_plan.schedule import Schedule, simulate_step
 
 __all__ = ["Layout", "Prediction", "layers_at", "step_overhead", "predict_data_parallel", "predict_pipeline",
-           "tensor_parallel_allreduces", "predict_tensor_parallel", "OPTIMIZER_COPIES"]
+           "tensor_parallel_allreduces", "predict_tensor_parallel", "backward_timeline", "gradient_sum_seconds",
+           "precision_assumptions"]
 
-OPTIMIZER_COPIES = 3  # weights, gradients, momentum: what a rank keeps per parameter byte
+DEFAULT = TrainingOptions()
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class Prediction:
     memory_bytes: float = 0.0
     microbatches: int = 1
     link: str = ""
+    variant: str = ""  # what distinguishes rows of one strategy: "bf16 wire", "powersgd:4", "recompute"
+    assumptions: Tuple[str, ...] = ()  # what the prediction assumed for want of a measurement
 
     def attrs(self) -> dict:
         """The ``predicted_*`` attributes a run's metrics file stores."""
@@ -105,8 +111,17 @@ class Prediction:
         """``seconds`` as a percentage of the step."""
         return f"{100 * seconds / self.step:.0f}%" if self.step > 0 else "0%"
 
+    @property
+    def label(self) -> str:
+        """The strategy and its variant, as the plan's table names a row."""
+        return f"{self.strategy} {self.variant}".strip()
+
     def why(self) -> str:
-        """A sentence: where the step goes."""
+        """A sentence: where the step goes (and what it assumed)."""
+        text = self._where()
+        return text + "".join(f"; assumed: {note}" for note in self.assumptions)
+
+    def _where(self) -> str:
         share = self.share
         on = f" on {self.link}" if self.link else ""
         if self.layout.pp == 1 and self.layout.tp == 1:
@@ -147,7 +162,7 @@ def layers_at(profile: ModelProfile, batch: float) -> List[LayerCost]:
         result.append(LayerCost(reference.name, _interpolate(curve("forward"), batch),
                                 _interpolate(curve("backward"), batch), reference.param_bytes,
                                 round(reference.activation_bytes * batch / nearest),
-                                round(reference.saved_bytes * batch / nearest)))
+                                round(reference.saved_bytes * batch / nearest), reference.param_shapes))
     return result
 
 
@@ -162,48 +177,114 @@ def _param_bytes(layers: Sequence[LayerCost]) -> int:
     return sum(sum(layer.param_bytes) for layer in layers)
 
 
+def precision_assumptions(machine: Machine, options: TrainingOptions) -> Tuple[float, Tuple[str, ...]]:
+    """The compute ratio of ``options.precision`` and the assumptions the prediction makes."""
+    ratio, measured = compute_ratio(machine.compute_ratio, options.precision)
+    notes = [] if measured else [f"{options.precision} compute as fast as fp32 (not calibrated)"]
+    if options.precision != "fp32":
+        notes.append(f"{options.precision} activations half of fp32's")
+    return ratio, tuple(notes)
+
+
+def backward_timeline(layers: Sequence[LayerCost], ratio: float = 1.0,
+                      recompute: str = "none") -> Tuple[float, List[float], float]:
+    """(forward seconds, when each layer's gradients are ready, when the backward ends) of one rank
+    running ``layers`` forward then backward (last first), every layer's time times ``ratio`` (the
+    precision's); ``recompute="full"`` runs each layer's forward again just before its backward."""
+    forward = ratio * sum(layer.forward for layer in layers)
+    ready, clock = [0.0] * len(layers), forward
+    for index in reversed(range(len(layers))):
+        extra = layers[index].forward if recompute == "full" else 0.0
+        clock += ratio * (layers[index].backward + extra)
+        ready[index] = clock
+    return forward, ready, clock
+
+
+def gradient_sum_seconds(machine: Machine, nbytes: float, nodes: Sequence[int], grad_wire: str = "fp32") -> float:
+    """The reducer's sum of ``nbytes`` of fp32 gradients over ranks on ``nodes``, not overlapped: its
+    Allreduce, or on a 16-bit wire the Alltoall and the Allgather."""
+    if grad_wire == "fp32":
+        return machine.gradient_allreduce_seconds(nbytes, nodes)
+    return sum(wire16_seconds(machine, int(nbytes) // 4, nodes))
+
+
 def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *,
-                          bucket_mb: float = 25.0) -> Prediction:
+                          bucket_mb: float = 25.0, options: TrainingOptions = DEFAULT) -> Prediction:
     """Data parallelism: forward, then the backward layer by layer (last first); each gradient bucket
     (:func:`~mpipar.comm.buckets.assign_buckets`, as the reducer forms them) starts its non-blocking
     Allreduce (:meth:`~mpipar.cost.machine.Machine.gradient_allreduce_seconds`: the MPI's algorithm, node
     aware) when its last gradient is ready and the previous bucket is done; what ends after the backward
-    is exposed. ``batch``: samples per rank."""
+    is exposed. ``batch``: samples per rank.
+
+    ``options``: the precision scales the layers' times (:func:`~mpipar.cost.options.compute_ratio`);
+    ``recompute="full"`` adds each layer's forward to its backward; on a 16-bit wire a bucket's Alltoall
+    takes the Allreduce's place and the Allgathers all follow the backward (``GradientReducer.finish``);
+    PowerSGD sends the matrices it compresses as one Allreduce of every P and one of every Q after the
+    backward (the rest in the buckets). Memory: :func:`~mpipar.cost.memory.state_memory` (stage 0) plus
+    :func:`~mpipar.cost.memory.activation_memory`.
+    """
     layers = layers_at(profile, batch)
     link = machine.link(not layout.dp_across())
-    forward = sum(layer.forward for layer in layers)
-    ready, clock = [0.0] * len(layers), forward
-    for index in reversed(range(len(layers))):
-        clock += layers[index].backward
-        ready[index] = clock
-    backward_end = clock
+    ratio, notes = precision_assumptions(machine, options)
+    _, ready, backward_end = backward_timeline(layers, ratio, options.recompute)
     owner = [index for index, layer in enumerate(layers) for _ in layer.param_bytes]
     group = layout.nodes_of(layout.replicas_of())
     nbytes = [size for layer in layers for size in layer.param_bytes]
-    network_free = 0.0
-    for bucket in assign_buckets(nbytes, [0] * len(nbytes), bucket_mb * 2**20):
-        start = max(network_free, max(ready[owner[i]] for i in bucket))
-        network_free = start + machine.gradient_allreduce_seconds(sum(nbytes[i] for i in bucket), group)
+    compressed = [False] * len(nbytes)
+    p_bytes = q_bytes = 0
+    if options.powersgd_rank:
+        shapes = [shape for layer in layers for shape in layer.param_shapes]
+        if len(shapes) != len(nbytes):
+            raise ValueError("the machine file has no parameter shapes (written before PowerSGD was modelled): "
+                             "run mpipar-calibrate again")
+        for index, shape in enumerate(shapes):
+            p, q, whole = powersgd_split([shape], options.powersgd_rank)
+            compressed[index], p_bytes, q_bytes = not whole, p_bytes + 4 * p, q_bytes + 4 * q
+    network_free, gathers = 0.0, 0.0
+    sent = [size for size, packed in zip(nbytes, compressed) if not packed]
+    sent_owner = [who for who, packed in zip(owner, compressed) if not packed]
+    for bucket in assign_buckets(sent, [0] * len(sent), bucket_mb * 2**20):
+        start = max(network_free, max(ready[sent_owner[i]] for i in bucket))
+        size = sum(sent[i] for i in bucket)
+        if options.grad_wire == "fp32":
+            network_free = start + machine.gradient_allreduce_seconds(size, group)
+        else:
+            alltoall, allgather = wire16_seconds(machine, size // 4, group)
+            network_free, gathers = start + alltoall, gathers + allgather
+    network_free = max(network_free, backward_end) + gathers if gathers else network_free
+    if p_bytes:
+        network_free = max(network_free, backward_end) + sum(
+            machine.gradient_allreduce_seconds(size, group) for size in (p_bytes, q_bytes))
     exposed = max(0.0, network_free - backward_end)
     overhead = step_overhead(profile, batch)
-    memory = OPTIMIZER_COPIES * sum(nbytes) + sum(layer.saved_bytes for layer in layers)
+    memory = state_memory([_param_bytes([layer]) for layer in layers], layout.dp, 0, options).total + \
+        activation_memory(layers, options)
+    variant = " ".join(word for word in (options.compression if layout.dp > 1 else "",
+                                         "recompute" if options.recompute == "full" else "") if word)
     return Prediction("DP", layout, backward_end + exposed + overhead, backward_end + overhead, exposed,
-                      memory_bytes=memory, link=link.description)
+                      memory_bytes=memory, link=link.description, variant=variant, assumptions=notes)
 
 
 def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, microbatches: int,
-                     schedule: str = "1f1b", balance: Optional[Sequence[int]] = None) -> Prediction:
+                     schedule: str = "1f1b", balance: Optional[Sequence[int]] = None,
+                     options: TrainingOptions = DEFAULT) -> Prediction:
     """A flushing pipeline of ``layout.pp`` stages (one per rank) on ``batch`` samples per replica in
     ``microbatches`` micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`)
     with each stage's forward and backward per micro-batch and each boundary's point-to-point message;
     then each stage's gradients averaged over the ``layout.dp`` replicas (not overlapped). ``balance``:
-    layers per stage (default: the split with the fastest slowest stage, as ``--balance auto``)."""
+    layers per stage (default: the split with the fastest slowest stage, as ``--balance auto``).
+    ``options``: the precision scales the compute, ``recompute="full"`` adds a stage's forward to its
+    backward and keeps of each micro-batch in flight only the stage's input (plus one micro-batch's saved
+    tensors while it is recomputed); a 16-bit wire sums the replicas' gradients by Alltoall + Allgather."""
     stages = layout.pp
     layers = layers_at(profile, batch / microbatches)
+    ratio, notes = precision_assumptions(machine, options)
     if balance is None:
         balance = balance_by_time([layer.forward + layer.backward for layer in layers], stages)
-    forwards = stage_sums([layer.forward for layer in layers], balance)
-    backwards = stage_sums([layer.backward for layer in layers], balance)
+    forwards = [ratio * seconds for seconds in stage_sums([layer.forward for layer in layers], balance)]
+    backwards = [ratio * seconds for seconds in stage_sums([layer.backward for layer in layers], balance)]
+    if options.recompute == "full":
+        backwards = [b + f for f, b in zip(forwards, backwards)]
     ends = [sum(balance[:stage + 1]) - 1 for stage in range(stages)]
     transfers = [machine.link(not layout.boundary_across(stage)).p2p_seconds(layers[ends[stage]].activation_bytes)
                  for stage in range(stages - 1)]
@@ -220,17 +301,22 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     bubble = 1.0 - sum(busy) / (stages * with_messages) if with_messages > 0 else 0.0
     dp_link = machine.link(not layout.dp_across())
     stage_params = stage_sums([_param_bytes([layer]) for layer in layers], balance)
-    allreduce = max(machine.gradient_allreduce_seconds(size, layout.nodes_of(layout.replicas_of(stage)))
+    allreduce = max(gradient_sum_seconds(machine, size, layout.nodes_of(layout.replicas_of(stage)), options.grad_wire)
                     for stage, size in enumerate(stage_params))
     overhead = step_overhead(profile, batch) * max(stage_params) / max(sum(stage_params), 1)
-    saved = stage_sums([layer.saved_bytes for layer in layers], balance)
-    memory = max(OPTIMIZER_COPIES * params + plan.max_in_flight(stage) * activations
-                 for stage, (params, activations) in enumerate(zip(stage_params, saved)))
+    starts = [sum(balance[:stage]) for stage in range(stages)]
+    memory = max(state_memory([params], layout.dp, 0, options).total + activation_memory(
+        layers[starts[stage]:ends[stage] + 1], options, in_flight=plan.max_in_flight(stage),
+        input_bytes=layers[starts[stage] - 1].activation_bytes if stage else 0)
+        for stage, params in enumerate(stage_params))
     links = {machine.link(not layout.boundary_across(s)).description for s in range(stages - 1)} | (
         {dp_link.description} if layout.dp > 1 else set())
     return Prediction("PP" if layout.dp == 1 else "PP x DP", layout, with_messages + allreduce + overhead,
                       max(busy) + overhead, allreduce, p2p, bubble, memory, microbatches,
-                      " / ".join(sorted(link for link in links if link)))
+                      " / ".join(sorted(link for link in links if link)),
+                      " ".join(word for word in (options.compression if layout.dp > 1 and not options.powersgd_rank
+                                                 else "", "recompute" if options.recompute == "full" else "")
+                               if word), notes)
 
 
 def tensor_parallel_allreduces(blocks: int, kind: str = "transformer") -> Tuple[int, int]:

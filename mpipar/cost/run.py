@@ -3,24 +3,29 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, List, Optional, Tuple
 
 from mpipar import registry
 from mpipar.cost.machine import Machine
 from mpipar.cost.model import Prediction
+from mpipar.cost.options import TrainingOptions
 from mpipar.report.analysis import report_rows  # re-exported: the run's loop prints the rows too
 
 __all__ = ["predict_run", "report_rows", "format_rows"]
 
 
 def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: float, settings: Any, ranks: int,
-                ranks_per_node: int) -> Tuple[Optional[Prediction], str]:
+                ranks_per_node: int, options: Optional[TrainingOptions] = None) -> Tuple[Optional[Prediction], str]:
     """The prediction of a job's step from its settings, or None and the reason there is none. Pure.
 
     The strategy whose settings ``settings`` are (None: data parallelism) predicts through its
     registered ``predict`` entry point (:mod:`mpipar.registry`): data parallelism; flushing pipelines
     and their grids (``mpipar/pipeline/prediction.py``); replicas of tensor-parallel groups
-    (``batch_size`` per group, the machine file's ``MODEL/tpT`` profile). Others have no model yet.
+    (``batch_size`` per group, the machine file's ``MODEL/tpT`` profile); ZeRO stages
+    (``mpipar/sharded/prediction.py``). Others have no model yet. ``options`` (optimizer, precision,
+    wire, recompute: :meth:`TrainingOptions.from_settings` of the run's config) reach the entry points
+    that take an ``options`` argument; the others predict fp32 with SGD.
     """
     if model not in machine.models:
         return None, f"the machine file has no layer times of {model} (mpipar-calibrate --model {model})"
@@ -31,10 +36,11 @@ def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: flo
         return None, str(exc)
     if spec.predict is None:
         return None, f"no cost model for {spec.name} yet"
+    predict = registry.resolve(spec.predict)
+    extra = {"options": options} if options is not None and "options" in inspect.signature(predict).parameters else {}
     try:
-        prediction = registry.resolve(spec.predict)(machine, profile, model=model,
-                                                    batch_size=batch_size, bucket_mb=bucket_mb, settings=settings,
-                                                    ranks=ranks, ranks_per_node=ranks_per_node)
+        prediction = predict(machine, profile, model=model, batch_size=batch_size, bucket_mb=bucket_mb,
+                             settings=settings, ranks=ranks, ranks_per_node=ranks_per_node, **extra)
     except ValueError as exc:  # e.g. ranks across nodes and a machine file of one node
         return None, str(exc)
     if prediction is None:

@@ -11,4 +11,5 @@ __all__ = ["ShardedConfig", "ShardedDataParallel", "ShardedStrategy", "FlatLayou
 register(StrategySpec(
     name="sharded", package=__name__, settings="mpipar.sharded.config:ShardedConfig", checkpoint_key="sharded",
     consolidate="mpipar.sharded.consolidate:full_model", jobs=("resnet_dp.py",),
+    predict="mpipar.sharded.prediction:predict",
     consolidate_optimizer="mpipar.sharded.consolidate:full_optimizer"))

@@ -1,0 +1,67 @@
+"""Gradients on the wire: bytes and seconds of the fp32 Allreduce, the 16-bit wire and PowerSGD. Pure."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+from mpipar.cost.machine import Machine
+
+__all__ = ["allreduce_bytes_sent", "wire16_bytes_sent", "wire16_seconds", "powersgd_split", "powersgd_bytes"]
+
+FP32, WIRE16 = 4, 2
+
+
+def allreduce_bytes_sent(nbytes: float, ranks: int) -> float:
+    """Bytes one rank sends in a ring Allreduce of ``nbytes``: ``2 (p-1)/p n`` (the estimate the
+    metrics' ``bytes_sent`` uses)."""
+    return 2 * (ranks - 1) / ranks * nbytes if ranks > 1 else 0.0
+
+
+def wire16_bytes_sent(elements: int, ranks: int) -> float:
+    """Bytes one rank sends to sum ``elements`` gradients over a 16-bit wire (``comm/wire.py``'s
+    ``WireSum``): ``2 (p-1)`` chunks of ``ceil(n/p)`` 16-bit elements (an Alltoall, then an Allgather)."""
+    return 2 * (ranks - 1) * math.ceil(elements / ranks) * WIRE16 if ranks > 1 else 0.0
+
+
+def wire16_seconds(machine: Machine, elements: int, nodes: Sequence[int]) -> Tuple[float, float]:
+    """(the Ialltoall of 16-bit chunks with the fp32 sum of the ``p`` chunks a rank receives, the
+    Iallgather of the 16-bit sums) for ``elements`` gradients over ranks on ``nodes``."""
+    p = len(nodes)
+    if p <= 1 or elements <= 0:
+        return 0.0, 0.0
+    chunk = math.ceil(elements / p)
+    padded = p * chunk * WIRE16
+    alltoall = machine.collective_seconds("alltoall", padded, nodes)
+    add = machine.reduce_seconds_per_byte * (p - 1) * chunk * FP32
+    return alltoall + add, machine.collective_seconds("allgather", padded, nodes)
+
+
+def powersgd_split(shapes: Sequence[Tuple[int, ...]], rank: int) -> Tuple[int, int, int]:
+    """(elements of P, elements of Q, elements sent uncompressed) of gradients of ``shapes`` under
+    PowerSGD of rank ``rank`` (Vogels et al. 2019): a tensor of 2 or more dimensions is a matrix of
+    ``n = shape[0]`` rows and ``m`` = the product of the rest, compressed to ``P`` (n x r) and ``Q``
+    (m x r), ``r = min(rank, n, m)``, when ``(n + m) r < n m`` (as PyTorch's hook decides); vectors and
+    matrices too small to gain are sent whole. Raises ValueError for rank < 1."""
+    if rank < 1:
+        raise ValueError(f"the PowerSGD rank must be >= 1, got {rank}")
+    p_elements = q_elements = whole = 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        if len(shape) < 2:
+            whole += numel
+            continue
+        n, m = shape[0], numel // shape[0]
+        r = min(rank, n, m)
+        if (n + m) * r < n * m:
+            p_elements, q_elements = p_elements + n * r, q_elements + m * r
+        else:
+            whole += numel
+    return p_elements, q_elements, whole
+
+
+def powersgd_bytes(shapes: Sequence[Tuple[int, ...]], rank: int) -> Tuple[float, float]:
+    """(fp32 bytes PowerSGD Allreduces per step, bytes the uncompressed Allreduce would): ``(n + m) r``
+    against ``n m`` elements per compressed matrix, other tensors whole."""
+    p_elements, q_elements, whole = powersgd_split(shapes, rank)
+    return FP32 * (p_elements + q_elements + whole), FP32 * sum(math.prod(shape) for shape in shapes)
