@@ -3,6 +3,8 @@
 Usage:
     mpirun -n 2 python benchmarks/bench_pipeline.py --model resnet-small --rounds 10
     mpirun -n 2 python benchmarks/bench_pipeline.py --model mlp --schedule gpipe --microbatches 16 --width 1024
+    mpirun -n 2 python benchmarks/bench_pipeline.py --model mlp --width 512 --depth 18 --microbatches 8 \
+        --receives-ahead 0,2 --no-torch
 
 The same model and micro-batches run as:
 
@@ -20,7 +22,8 @@ Rounds alternate the order (ABBA) so that drift in machine load hits all alike. 
 prints, per variant, the median time per batch, and for mpipar the measured bubble
 (1 - busy / (ranks * wall)) beside the ideal (p-1)/(m+p-1), the bound that the
 measured stage times give with free communication (bound - ideal: imbalance; measured -
-bound: communication and overhead); then the paired per-round ratios (median and range
+bound: communication and overhead), each ``--receives-ahead`` value a variant of its own; then the paired
+per-round ratios (median and range
 over rounds, the extreme tenth trimmed at 10 rounds and more): "no measurable
 difference" where the range includes 1. Each rank uses --threads torch threads.
 """
@@ -86,6 +89,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--receives-ahead", default="2",
+                        help="receives mpipar keeps posted per stream; a comma list (e.g. 0,2) runs each, paired")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
     args = parser.parse_args()
 
@@ -123,26 +128,28 @@ def main() -> None:
             single_process_step(serial_model, serial_optimizer, images, labels, args.microbatches)
 
     runners = {"one process": run_serial}
-    bubbles = {name: [] for name in splits}
-    bounds = {name: [] for name in splits}
+    aheads = [int(k) for k in args.receives_ahead.split(",")]
+    variants = {name: [name] if len(aheads) == 1 else [f"{name}/ahead{k}" for k in aheads] for name in splits}
+    bubbles = {variant: [] for names in variants.values() for variant in names}
+    bounds = {variant: [] for names in variants.values() for variant in names}
     for name, (model, placement, _) in splits.items():
-        model = copy.deepcopy(model)
-        pipe = Pipeline(model, comm, placement, schedule=args.schedule, microbatches=args.microbatches,
-                        loss_fn=F.cross_entropy)
-        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.01)
+        for variant, ahead in zip(variants[name], aheads):
+            pipe = Pipeline(copy.deepcopy(model), comm, placement, schedule=args.schedule,
+                            microbatches=args.microbatches, loss_fn=F.cross_entropy, receives_ahead=ahead)
+            optimizer = torch.optim.SGD(pipe.parameters(), lr=0.01)
 
-        def run_mpipar(images, labels, pipe=pipe, optimizer=optimizer, name=name):
-            optimizer.zero_grad()
-            result = pipe.step(images, labels)
-            optimizer.step()
-            gathered = comm.allgather((result.times.busy, result.times.wall, result.stage_times))
-            bubbles[name].append(measured_bubble([b for b, _, _ in gathered], [w for _, w, _ in gathered]))
-            stage_times = {s: t for _, _, times in gathered for s, t in times.items()}
-            bounds[name].append(placement_bubble(pipe.schedule, pipe.stage_ranks, [
-                (f / args.microbatches, b / args.microbatches) for f, b in
-                (stage_times[s] for s in range(pipe.num_stages))]))
+            def run_mpipar(images, labels, pipe=pipe, optimizer=optimizer, variant=variant):
+                optimizer.zero_grad()
+                result = pipe.step(images, labels)
+                optimizer.step()
+                gathered = comm.allgather((result.times.busy, result.times.wall, result.stage_times))
+                bubbles[variant].append(measured_bubble([b for b, _, _ in gathered], [w for _, w, _ in gathered]))
+                stage_times = {s: t for _, _, times in gathered for s, t in times.items()}
+                bounds[variant].append(placement_bubble(pipe.schedule, pipe.stage_ranks, [
+                    (f / args.microbatches, b / args.microbatches) for f, b in
+                    (stage_times[s] for s in range(pipe.num_stages))]))
 
-        runners[f"mpipar {name}"] = run_mpipar
+            runners[f"mpipar {variant}"] = run_mpipar
         if args.no_torch:
             continue
         segment = placement.segments[rank]
@@ -184,7 +191,7 @@ def main() -> None:
         params = sum(p.numel() for p in base.parameters())
         print(f"model {args.model} ({params:,} parameters), batch {args.batch_size} = {args.microbatches} x {micro}, "
               f"{args.schedule}, {size} ranks x {args.threads} threads, {args.steps} steps x {args.rounds} rounds "
-              f"(ABBA), torch {torch.__version__}, {mpi_library()}")
+              f"(ABBA), receives ahead {args.receives_ahead}, torch {torch.__version__}, {mpi_library()}")
         print("shared 2-core machine with other jobs running: times are noisy; compare the paired ratios below")
         for name, (model, placement, predicted) in splits.items():
             extra = "" if predicted is None else f", predicted stage ms {[round(1e3 * t, 2) for t in predicted]}"
@@ -197,9 +204,9 @@ def main() -> None:
         for name, values in seconds.items():
             row = (f"| {name} | {1e3 * statistics.median(values):.1f} | "
                    f"{1e3 * min(values):.1f}-{1e3 * max(values):.1f} |")
-            split = name.split()[-1]
+            variant = name[len("mpipar "):]
             if name.startswith("mpipar"):
-                measured, bound = statistics.median(bubbles[split]), statistics.median(bounds[split])
+                measured, bound = statistics.median(bubbles[variant]), statistics.median(bounds[variant])
                 row += f" {measured:.3f} | {bound:.3f} | {ideal:.3f} | {bound - ideal:+.3f} | {measured - bound:+.3f} |"
             else:
                 row += " | | | | |"
@@ -208,14 +215,21 @@ def main() -> None:
         print("paired per-round time ratios (median, range):")
         pairs = [("mpipar even", "mpipar auto"), ("mpipar even", "mpipar fine"), ("mpipar auto", "mpipar fine"),
                  ("one process", "mpipar fine")]
-        pairs += [(f"torch {name}", f"mpipar {name}") for name in splits]
+        pairs += [(f"torch {name}", f"mpipar {variants[name][-1]}") for name in splits]
+        pairs += [(f"mpipar {names[0]}", f"mpipar {other}") for names in variants.values() for other in names[1:]]
         for slow, fast in pairs:
             if slow in seconds and fast in seconds:
                 ratio = paired(seconds[slow], seconds[fast])
                 print(f"  {slow} / {fast}: {ratio.text(f'{fast} faster', f'{slow} faster')}")
-        for name in splits:
-            measured = statistics.median(bubbles[name])
-            print(f"  mpipar {name}: measured bubble / ideal = {measured / ideal:.2f}")
+        for variant in bubbles:
+            measured = statistics.median(bubbles[variant])
+            print(f"  mpipar {variant}: measured bubble / ideal = {measured / ideal:.2f}")
+        for names in variants.values():
+            for other in names[1:]:
+                gaps = sorted((b0 - c0) - (b1 - c1) for b0, c0, b1, c1 in zip(
+                    bubbles[names[0]], bounds[names[0]], bubbles[other], bounds[other]))  # step by step
+                print(f"  comm + overhead, {names[0]} minus {other}, paired per step: median "
+                      f"{statistics.median(gaps):+.3f} (range {gaps[0]:+.3f} to {gaps[-1]:+.3f}, {len(gaps)} steps)")
     if not args.no_torch:
         dist.destroy_process_group()
 

@@ -230,6 +230,16 @@ class PendingOp:
             self._complete()
         return self.tensor
 
+    def cancel(self) -> None:
+        """Cancel a receive not yet matched (one already matched completes) and forget it. Local."""
+        if not self._done:
+            header = self._call.header if self._call is not None else None  # debug mode: its header's receive
+            for request in [self._request] + ([header[0]] if header else []):
+                request.Cancel()
+                request.Wait()
+            self._work = self._call = None
+            self._done = True
+
     def _complete(self) -> None:
         assert self._work is not None  # completed once: _done guards it
         self._work.finish()
@@ -530,9 +540,10 @@ def isend(tensor: torch.Tensor, comm: MPI.Intracomm, dest: int, tag: int = 0) ->
     return PendingOp(comm.Isend(work.buffer, dest=dest, tag=tag), work, tensor, call)
 
 
-def irecv_(tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int = 0) -> PendingOp:
-    """Non-blocking receive into ``tensor``; its contents are valid after ``wait()``."""
+def irecv_(tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int = 0, *, detail: str = "") -> PendingOp:
+    """Non-blocking receive into ``tensor``; its contents are valid after ``wait()``. ``detail``: what the
+    message is, for a watchdog's report of a rank waiting in it."""
     work = _prepare(tensor, "irecv", read=False, write=True)
     hooks = _debug.hooks
-    call = None if hooks is None else hooks.recv(tensor, comm, source, tag)
+    call = None if hooks is None else hooks.recv(tensor, comm, source, tag, detail=detail)
     return PendingOp(comm.Irecv(work.buffer, source=source, tag=tag), work, tensor, call)

@@ -76,11 +76,11 @@ class Hooks:
             call.header = [comm.Isend(header, dest=dest, tag=_header_tag(comm, tag, state)), header]
         return call
 
-    def recv(self, tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int) -> Call:
+    def recv(self, tensor: torch.Tensor, comm: MPI.Intracomm, source: int, tag: int, detail: str = "") -> Call:
         """Number a receive from ``source``; in debug mode post the header receive first
         (for a wildcard source or tag, the header is read once the payload has arrived)."""
         state = _comm_state(comm)
-        call = Call(self, "recv", comm, 0, peer=source, tag=tag)
+        call = Call(self, "recv", comm, 0, peer=source, tag=tag, detail=detail)
         call.expected = tensor
         wildcard = source == MPI.ANY_SOURCE or tag == MPI.ANY_TAG
         if not wildcard:

@@ -7,7 +7,7 @@ of an instruction (``compute.py``), what a step gives back (``step_state.py``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from mpi4py import MPI
@@ -70,9 +70,10 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
     the last; other ranks may pass None. Activation shapes and dtypes are agreed
     along the pipeline (pickled metadata) before the first tensor Send/Recv and
     again whenever the input shape changes, so a mismatch is an error on every
-    rank, never a hang. Tensors move with non-blocking sends and blocking receives
-    in clock order (see :func:`~mpipar.pipeline.schedule.rank_program`), which
-    cannot deadlock. Size 1 runs the same code with every stage on one rank.
+    rank, never a hang. Tensors move with non-blocking sends and receives posted
+    ahead (``receives_ahead`` per stream), waited for in clock order (see
+    :func:`~mpipar.pipeline.schedule.rank_program`), which cannot deadlock. Size 1
+    runs the same code with every stage on one rank.
 
     Skip connections (:mod:`mpipar.pipeline.skip`: a ``SaveSkip`` layer and a later
     ``AddSkip`` / ``CatSkip`` in a ``SkipSequential``) may span any stages: the skip
@@ -116,6 +117,9 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
         device: where this rank's stages run (their layers are moved there; activations and
             gradients are received there, also for a stage without parameters). Default:
             where each stage's layers already are.
+        receives_ahead: receives kept posted per stream (activations into a stage, gradients into
+            it, each skip), into buffers of the agreed shapes, so a message lands while the stage
+            computes; 0 posts each when the program reaches it. Local (may differ between ranks).
 
     Raises:
         ValueError, TypeError: on every rank, for a bad placement (wrong length,
@@ -128,7 +132,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
                  placement: Union[Placement, Sequence[int], Mapping[str, int], None] = None, *,
                  schedule: str = "1f1b", microbatches: int = 1,
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, receives_ahead: int = 2):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
 
@@ -136,6 +140,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             if not isinstance(module, nn.Sequential):
                 raise TypeError(f"a pipeline splits an nn.Sequential, got {type(module).__name__}; "
                                 f"wrap the layers in nn.Sequential")
+            if isinstance(receives_ahead, bool) or not isinstance(receives_ahead, int) or receives_ahead < 0:
+                raise ValueError(f"receives_ahead must be an int >= 0, got {receives_ahead!r}")
             chosen = _as_placement(placement, module, self.size)
             chosen.validate(len(module), self.size)
             plan = Schedule(schedule, len(chosen.segments), microbatches)
@@ -147,6 +153,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
                  (len(module), self.placement.ranks, schedule, microbatches),
                  hint="build the model and the Pipeline with the same arguments on every rank")
         self.loss_fn = loss_fn
+        self.receives_ahead = receives_ahead
         self.stage_ranks = self.placement.stage_ranks
         self.stages: Dict[int, Stage] = {
             index: Stage(index, len(self.stage_ranks), cast(nn.Sequential, module[s.start:s.stop]), s.start,
@@ -186,6 +193,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
         self._previous_sends: List[mpi_tensor.PendingOp] = []
         self._traced_sends: Dict[mpi_tensor.PendingOp, tuple] = {}  # sends posted in a sampled step -> their event
         self._batch_spec: Optional[tuple] = None
+        self._posted: Dict[Any, mpi_tensor.PendingOp] = {}  # receives posted ahead (transport.py)
+        self._queued: Dict[tuple, Deque[Any]] = {}
 
     # -- roles ----------------------------------------------------------------------
 
@@ -272,6 +281,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             self.holds_last_stage else None,
             last_backward={instruction.stage: instruction for instruction in program
                            if isinstance(instruction, Backward)})
+        self._post_receives(program, run)
         for instruction in program:
             self._handlers[type(instruction)](instruction, run)
         with clock.communicating():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 __all__ = ["PipelineParts"]
 
@@ -55,6 +55,8 @@ class PipelineParts:
     _previous_sends: List[mpi_tensor.PendingOp]
     _traced_sends: Dict[mpi_tensor.PendingOp, tuple]
     _batch_spec: Optional[Tuple[TensorSpec, int]]  # the fill's (micro-batch spec, batch size)
+    _posted: Dict[Any, mpi_tensor.PendingOp]  # receive instruction -> its receive, posted ahead
+    _queued: Dict[tuple, Deque[Any]]  # stream -> its receive instructions not posted yet
 
     if TYPE_CHECKING:
         @property
@@ -80,5 +82,7 @@ class PipelineParts:
         def _check_tags(self, microbatches: int) -> None: ...
 
         def _wait_sends(self, ops: List[mpi_tensor.PendingOp]) -> None: ...
+
+        def _post_receives(self, program: List[Any], run: RunState) -> None: ...
 
         def _step_optimizer(self, params: List[nn.Parameter], share: float) -> None: ...

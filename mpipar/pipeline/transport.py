@@ -1,18 +1,20 @@
-"""A pipeline's messages: tags, blocking receives (after a watched ``Probe``), non-blocking sends and their waits,
-each recorded in a sampled step, and the loss broadcast."""
+"""A pipeline's messages: tags, receives posted ahead per stream, non-blocking sends and their waits, each
+recorded in a sampled step, and the loss broadcast."""
 
 from __future__ import annotations
 
 import math
 import time
-from typing import List, Tuple, Union
+from collections import deque
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
-from mpipar.diagnostics import debug, events
+from mpipar.diagnostics import events
 from mpipar.pipeline.parts import PipelineParts
+from mpipar.pipeline.stage import TensorSpec
 from mpipar.pipeline.step_state import RunState
 from mpipar.pipeline_plan.instructions import (
     Instruction,
@@ -32,8 +34,11 @@ __all__ = ["Transport"]
 
 class Transport(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s point-to-point messages. A receive's peer posts its send at an
-    earlier tick of the rank programs, so the blocking receives cannot deadlock; sends complete in
+    earlier tick of the rank programs, so waiting for receives in program order cannot deadlock; each stream of
+    receives keeps :attr:`receives_ahead` posted ahead (:meth:`_post_receives`); sends complete in
     :meth:`_wait_sends`."""
+
+    receives_ahead: int = 2  # receives kept posted per stream (0: each posted when the program reaches it)
 
     def _check_tags(self, microbatches: int) -> None:
         top = self._skip_tag(len(self.stage_skips), False, 0, microbatches)
@@ -58,24 +63,76 @@ class Transport(PipelineParts):
         return self.stage_ranks[peer_stage], self._tag(boundary, grad, instruction.microbatch % microbatches,
                                                        microbatches)
 
-    def _receive(self, instruction: Union[RecvActivation, RecvGrad], run: RunState) -> None:
-        index, i = instruction.stage, instruction.microbatch
+    def _stream(self, instruction: Instruction) -> tuple:
+        """The stream a receive belongs to: one kind of message from one peer into one stage (or skip)."""
+        return type(instruction), instruction.stage, getattr(instruction, "skip", None)
+
+    def _receive_spec(self, instruction: Instruction, count: int) -> Tuple[int, int, TensorSpec, str]:
+        """Source, tag (micro-batches numbered modulo ``count``), agreed shape and dtype, and a description
+        of the message a receive takes."""
+        if isinstance(instruction, SkipInstruction):
+            name, grad = self.stage_skips[instruction.skip].name, isinstance(instruction, RecvSkipGrad)
+            source, tag = self._skip_peer_and_tag(instruction, count)
+            return source, tag, self._skip_specs[name], (
+                f"{'gradient of ' if grad else ''}skip {name!r} of micro-batch {instruction.microbatch} "
+                f"for stage {instruction.stage}")
         grad = isinstance(instruction, RecvGrad)
-        source, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
-        spec = (self._output_specs if grad else self._input_specs)[index]
+        source, tag = self._peer_and_tag(instruction, count)
+        spec = (self._output_specs if grad else self._input_specs)[instruction.stage]
         assert spec is not None  # agreed before the first receive (a failed agreement raised on every rank)
-        buffer = spec.empty(self.stages[index].device)
+        return source, tag, spec, (f"{'gradient' if grad else 'activation'} of micro-batch "
+                                   f"{instruction.microbatch} for stage {instruction.stage}")
+
+    def _post_receive(self, instruction: Instruction, run: RunState) -> mpi_tensor.PendingOp:
+        source, tag, spec, detail = self._receive_spec(instruction, run.tag_count or run.microbatches)
+        op = mpi_tensor.irecv_(spec.empty(self.stages[instruction.stage].device), self.comm, source, tag,
+                               detail=detail)
+        self._posted[instruction] = op
+        return op
+
+    def _post_receives(self, program: Sequence[Instruction], run: RunState) -> None:
+        """Before running ``program`` (its micro-batches numbered as it runs them): post the first
+        :attr:`receives_ahead` receives of each stream, into buffers of the agreed shapes; the next of a
+        stream is posted when one completes (:meth:`_take_received`), so each stream keeps that many
+        outstanding. Receives from one peer with one tag are posted in the order its sends are (the
+        program's), so MPI's non-overtaking rule matches them; a receive never blocks a rank, so posting
+        early cannot deadlock a program that cannot deadlock with blocking receives. Local."""
+        for op in self._posted.values():  # a failed step's
+            op.cancel()
+        self._posted.clear()
+        self._queued.clear()
+        if self.receives_ahead < 1:
+            return
+        for instruction in program:
+            if isinstance(instruction, (RecvActivation, RecvGrad, RecvSkip, RecvSkipGrad)):
+                self._queued.setdefault(self._stream(instruction), deque()).append(instruction)
+        for queue in self._queued.values():
+            for _ in range(min(self.receives_ahead, len(queue))):
+                self._post_receive(queue.popleft(), run)
+
+    def _take_received(self, instruction: Instruction, run: RunState, event: str) -> torch.Tensor:
+        """Wait for the receive of ``instruction`` (posted ahead, or now), politely (polling, then
+        napping: :func:`~mpipar.comm.mpi_tensor.wait_any`); post the next of its stream. Local."""
+        op = self._posted.get(instruction) or self._post_receive(instruction, run)
         recorder = events.active()
         begin = time.perf_counter() if recorder is not None else 0.0
-        with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
-                f"{'gradient' if grad else 'activation'} of micro-batch {i} for stage {index}")):
-            self.comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
         with run.clock.communicating():
-            run.received[instruction] = mpi_tensor.recv_(buffer, self.comm, source, tag)
+            arrived = op.test()  # a message here already costs a copy at most: communication
+        if not arrived:
+            op.wait()  # waiting for the peer: idle time
+        del self._posted[instruction]
+        queue = self._queued.get(self._stream(instruction))
+        if queue:
+            self._post_receive(queue.popleft(), run)
         if recorder is not None:
-            recorder.add("recv_grad" if grad else "recv_activation", begin, time.perf_counter(),
-                         nbytes=buffer.numel() * buffer.element_size(), peer=source, peer_comm=self.comm, index=i,
-                         stage=index)
+            source, buffer = self._receive_spec(instruction, run.tag_count or run.microbatches)[0], op.tensor
+            recorder.add(event, begin, time.perf_counter(), nbytes=buffer.numel() * buffer.element_size(),
+                         peer=source, peer_comm=self.comm, index=instruction.microbatch, stage=instruction.stage)
+        return op.tensor
+
+    def _receive(self, instruction: Union[RecvActivation, RecvGrad], run: RunState) -> None:
+        grad = isinstance(instruction, RecvGrad)
+        run.received[instruction] = self._take_received(instruction, run, "recv_grad" if grad else "recv_activation")
 
     def _send(self, instruction: Union[SendActivation, SendGrad], run: RunState) -> None:
         dest, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
@@ -119,21 +176,9 @@ class Transport(PipelineParts):
                 self._skip_tag(instruction.skip, grad, instruction.microbatch % microbatches, microbatches))
 
     def _receive_skip(self, instruction: Union[RecvSkip, RecvSkipGrad], run: RunState) -> None:
-        name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
-        grad = isinstance(instruction, RecvSkipGrad)
-        source, tag = self._skip_peer_and_tag(instruction, run.tag_count or run.microbatches)
-        buffer = self._skip_specs[name].empty(self.stages[instruction.stage].device)
-        recorder = events.active()
-        begin = time.perf_counter() if recorder is not None else 0.0
-        with debug.watched(self.comm, "recv", peer=source, tag=tag, detail=(
-                f"{'gradient of ' if grad else ''}skip {name!r} of micro-batch {i} for stage {instruction.stage}")):
-            self.comm.Probe(source=source, tag=tag)  # waiting for the peer: idle time
-        with run.clock.communicating():
-            (run.skip_grads if grad else run.skips)[name, i] = mpi_tensor.recv_(buffer, self.comm, source, tag)
-        if recorder is not None:
-            recorder.add("recv_skip_grad" if grad else "recv_skip", begin, time.perf_counter(),
-                         nbytes=buffer.numel() * buffer.element_size(), peer=source, peer_comm=self.comm, index=i,
-                         stage=instruction.stage)
+        name, grad = self.stage_skips[instruction.skip].name, isinstance(instruction, RecvSkipGrad)
+        (run.skip_grads if grad else run.skips)[name, instruction.microbatch] = self._take_received(
+            instruction, run, "recv_skip_grad" if grad else "recv_skip")
 
     def _send_skip(self, instruction: Union[SendSkip, SendSkipGrad], run: RunState) -> None:
         name, i = self.stage_skips[instruction.skip].name, instruction.microbatch

@@ -75,8 +75,10 @@ class AsyncWindows(PipelineParts):
         return run
 
     def _execute_window(self, window: str, run: RunState) -> None:
-        for instruction in self._window(window):
-            instruction = dataclasses.replace(instruction, microbatch=run.base + instruction.microbatch)
+        program = [dataclasses.replace(instruction, microbatch=run.base + instruction.microbatch)
+                   for instruction in self._window(window)]
+        self._post_receives(program, run)
+        for instruction in program:
             self._handlers[type(instruction)](instruction, run)
 
     def _run_async(self, inputs, targets) -> StepResult:
