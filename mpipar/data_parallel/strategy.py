@@ -14,6 +14,7 @@ from mpipar.data.arrays import ImageDataset
 from mpipar.data_parallel.wrapper import DataParallel
 from mpipar.run.evaluate import EvalResult, evaluate, forward
 from mpipar.run.metrics import MetricsWriter
+from mpipar.run.recompute import RECOMPUTES, apply_recompute
 from mpipar.run.strategy import StepRecord, Strategy
 
 __all__ = ["DataParallelStrategy"]
@@ -31,18 +32,21 @@ class DataParallelStrategy:
     :class:`~mpipar.comm.wire.WireSum`). ``loss_fn(outputs, targets)``: the batch's mean loss (default
     cross-entropy); ``metric(outputs, targets)``: the batch's mean score, the evaluation's ``accuracy``
     (default accuracy with the default loss). A batch is ``(inputs, targets)``, ``inputs`` a tensor or a
-    dict of keyword inputs. Collective over ``comm``, like the loop.
+    dict of keyword inputs. ``reentrant_recompute``: ``--recompute`` checkpoints with ``use_reentrant=True``
+    (default False). Collective over ``comm``, like the loop.
     """
 
     name = "data_parallel"
     full_steps_only = False
     checkpoint_per_rank = False
     precisions = ("fp32", "bf16", "fp16")  # --precision; fp16 through bind_loss_scaler
+    recomputes = RECOMPUTES  # --recompute, through bind_recompute
 
     def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0,
                  device: torch.device | str = "cpu", grad_wire: str = "fp32", loss_fn: Optional[Callable] = None,
-                 metric: Optional[Callable] = None):
+                 metric: Optional[Callable] = None, reentrant_recompute: bool = False):
         self.model = model.to(device)
+        self.reentrant_recompute = reentrant_recompute
         self.loss_fn, self.metric = loss_fn, metric
         self.comm = comm
         self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb, wire=wire_dtype(grad_wire))
@@ -64,6 +68,11 @@ class DataParallelStrategy:
     def bind_loss_scaler(self, scaler) -> None:
         """fp16: backpropagate ``scaler.scale(loss)`` (the loop unscales, checks and steps)."""
         self.loss_scaler = scaler
+
+    def bind_recompute(self, mode: str) -> None:
+        """``--recompute``: checkpoint the model's units (:func:`~mpipar.run.recompute.apply_recompute`),
+        ``use_reentrant`` as ``reentrant_recompute`` says; the reducer's hooks see each gradient once."""
+        apply_recompute(self.model, mode, reentrant=self.reentrant_recompute)
 
     def train_step(self, batch) -> StepRecord:
         images, labels = batch

@@ -17,7 +17,10 @@ class TransformerBlock(nn.Module):
     ``fc1``, ``fc2``, ``norm1`` and ``norm2`` are exactly the arguments of
     ``ParallelTransformerBlock``, whose ``full_state_dict()`` uses the same names. With
     ``causal`` each token attends only to itself and the tokens before it (a language model's).
+    A ``recompute_unit`` (``mpipar.run.recompute``): ``--recompute full`` checkpoints each block.
     """
+
+    recompute_unit = "block"
 
     def __init__(self, dim: int, heads: int, hidden: int, *, causal: bool = False):
         super().__init__()

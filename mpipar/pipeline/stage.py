@@ -12,6 +12,7 @@ from torch.func import functional_call
 from mpipar.comm.device import module_device
 from mpipar.cost.profile import counting_saved_bytes  # re-exported: it lived here
 from mpipar.pipeline.skip import SkipSequential
+from mpipar.run.recompute import nothing_saved, scratch_buffers
 
 __all__ = ["Stage", "TensorSpec", "counting_saved_bytes"]
 
@@ -47,6 +48,12 @@ class Stage:
     those of the mean loss over the whole batch (the loss function must be a mean
     over samples and the micro-batches equal in size).
 
+    With ``recompute`` (``--recompute full``) a training forward keeps only the stage's input and the skips
+    it uses (and the RNG state): it runs with the saved tensors dropped, and ``backward`` runs it again
+    (same RNG state, buffers not updated twice) before back-propagating, so one micro-batch's activations
+    live at a time instead of one per micro-batch in flight; bitwise the same gradients. ``saved_bytes``
+    is then what a micro-batch in flight keeps, ``recompute_bytes`` what its recompute saves.
+
     Args:
         index: position of the stage in the pipeline.
         num_stages: number of stages.
@@ -71,7 +78,11 @@ class Stage:
         self.outputs: Dict[int, torch.Tensor] = {}
         self.losses: Dict[int, torch.Tensor] = {}
         self.peak_in_flight = 0
-        self.saved_bytes = 0  # autograd-saved activation bytes of one micro-batch
+        self.saved_bytes = 0  # autograd-saved activation bytes of one micro-batch (kept while it is in flight)
+        self.recompute = False  # --recompute full: keep the input, run the forward again in the backward
+        self.recompute_bytes = 0  # autograd-saved bytes of one micro-batch's recompute (one at a time)
+        self._replays: Dict[int, Tuple[Callable[[], None], Optional[Dict[str, torch.Tensor]],
+                                       Optional[torch.Tensor], Optional[Callable], float]] = {}
         self.forward_busy = 0.0   # seconds of forward in the current step
         self.backward_busy = 0.0  # seconds of backward in the current step
 
@@ -79,6 +90,12 @@ class Stage:
     def layers(self) -> str:
         stop = self.start + len(self.module) - 1
         return f"layer {self.start}" if stop == self.start else f"layers {self.start}-{stop}"
+
+    @property
+    def activation_peak_bytes(self) -> int:
+        """Estimated peak bytes of activations saved for backward: one micro-batch's ``saved_bytes`` per
+        micro-batch in flight, plus one recompute's."""
+        return self.peak_in_flight * self.saved_bytes + self.recompute_bytes
 
     @property
     def busy(self) -> float:
@@ -115,6 +132,7 @@ class Stage:
     def reset(self) -> None:
         """Forget what a previous (possibly failed) step left behind."""
         self._stash.clear()
+        self._replays.clear()
         self.outputs.clear()
         self.losses.clear()
         self.forward_busy = self.backward_busy = 0.0
@@ -143,6 +161,8 @@ class Stage:
         for tensor in used.values():
             if tensor.is_floating_point():
                 tensor.requires_grad_(True)
+        if self.recompute:
+            return self._forward_to_recompute(microbatch, x, used, target, loss_fn, scale, weights)
         if microbatch == 0:
             y = self._forward_counting_saved(x, saved, weights)
         else:
@@ -156,6 +176,52 @@ class Stage:
         else:
             self._stash[microbatch] = (x, y, used, saved)
         self.peak_in_flight = max(self.peak_in_flight, len(self._stash))
+        return y, saved
+
+    def _forward_to_recompute(self, microbatch: int, x: torch.Tensor, used: Dict[str, torch.Tensor],
+                              target: Optional[torch.Tensor], loss_fn: Optional[Callable], scale: float,
+                              weights: Optional[Dict[str, torch.Tensor]]
+                              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The forward of ``--recompute full``: the same operations as with the graph kept (grad mode), but
+        nothing saved for the backward; the stash keeps the input, the skips used and how to restore the
+        RNG state for :meth:`_recompute`."""
+        restore_rng = _rng_restorer(x.device)
+        saved = dict(used)
+        with nothing_saved():
+            y = self._call(x, saved, weights)
+            if self.is_last:
+                assert loss_fn is not None  # a training step checks that the pipeline has one first
+                self.losses[microbatch] = loss_fn(y, target).detach()
+        y = y.detach()
+        if self.is_last:
+            self.outputs[microbatch] = y
+        self._stash[microbatch] = (x, y, used, {})
+        self._replays[microbatch] = (restore_rng, weights, target, loss_fn, scale)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [x, *used.values()]}
+        self.saved_bytes = sum(storages.values())
+        self.peak_in_flight = max(self.peak_in_flight, len(self._stash))
+        return y, {name: tensor.detach() for name, tensor in saved.items()}
+
+    def _recompute(self, microbatch: int, x: torch.Tensor, used: Dict[str, torch.Tensor]
+                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Micro-batch ``microbatch``'s forward again, with its graph: the forward's RNG state (the live
+        one put back after), the buffers left as the forward left them. Returns the output (the scaled
+        loss on the last stage) and the skips saved."""
+        restore_rng, weights, target, loss_fn, scale = self._replays.pop(microbatch)
+        saved = dict(used)
+        live_rng = _rng_restorer(x.device)
+        restore_rng()
+        try:
+            with scratch_buffers(self.module):
+                with counting_saved_bytes([*self.module.parameters(), *(weights or {}).values()]) as seen:
+                    y = self._call(x, saved, weights)  # counted as without recompute: the loss not
+                if self.is_last:
+                    assert loss_fn is not None
+                    y = loss_fn(y, target) * scale
+        finally:
+            live_rng()
+        if microbatch == 0:
+            self.recompute_bytes = sum(seen.values())
         return y, saved
 
     def _forward_counting_saved(self, x: torch.Tensor, skips: Dict[str, torch.Tensor],
@@ -174,6 +240,8 @@ class Stage:
         Returns the gradient of the stage's input (None on the first stage) and of each skip it
         used (zeros where the input or a skip did not get one)."""
         x, y, used, saved = self._stash.pop(microbatch)
+        if microbatch in self._replays:
+            y, saved = self._recompute(microbatch, x, used)
         roots, grads = [], []
         if y.requires_grad:
             roots.append(y)
@@ -202,3 +270,16 @@ class Stage:
             return None
         values: List[torch.Tensor] = [self.losses[i] for i in sorted(self.losses)]
         return float(torch.stack(values).double().mean())
+
+
+def _rng_restorer(device: torch.device) -> Callable[[], None]:
+    """A function that puts back the CPU generator's state of now (and ``device``'s, if a CUDA device)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    return restore

@@ -30,6 +30,7 @@ from mpipar.pipeline.timing import bubble_per_step
 from mpipar.run.consolidate import training_state
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter, Table
+from mpipar.run.recompute import RECOMPUTES, apply_recompute, recompute_units
 from mpipar.run.strategy import StepRecord, Strategy
 from mpipar.sharded.consolidate import GRID_KEY, grid_optimizer
 from mpipar.sharded.optimizer import ShardedUpdate
@@ -165,6 +166,7 @@ class PipelineStrategy:
     """
 
     full_steps_only = True
+    recomputes = RECOMPUTES  # --recompute, through bind_recompute
     checkpoint_per_rank = True
 
     def __init__(self, world: MPI.Intracomm, model: nn.Sequential, config: PipelineConfig, *, batch_size: int,
@@ -244,6 +246,17 @@ class PipelineStrategy:
 
     def needs_batch(self) -> bool:
         return self.pipe.holds_first_stage or self.pipe.holds_last_stage
+
+    def bind_recompute(self, mode: str) -> None:
+        """``--recompute full``: each local stage keeps only its input per micro-batch in flight and runs its
+        forward again in the backward (:class:`~mpipar.pipeline.stage.Stage`); ``selective``: each block's
+        attention core checkpointed (the whole model checked for one, every rank alike). Local."""
+        recompute_units(self.model, mode)  # raises for a model without such units
+        for stage in self.pipe.stages.values():
+            if mode == "full":
+                stage.recompute = True
+            else:
+                apply_recompute(stage.module, mode, strict=False)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The loop's optimizer, stepped by an asynchronous pipeline at each update, or (``--zero 1``) here."""

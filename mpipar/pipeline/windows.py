@@ -113,7 +113,7 @@ class AsyncWindows(PipelineParts):
             stage_busy={index: stage.busy for index, stage in self.stages.items()},
             stage_times={index: (stage.forward_busy, stage.backward_busy) for index, stage in self.stages.items()},
             peak_in_flight={index: stage.peak_in_flight for index, stage in self.stages.items()},
-            activation_bytes=sum(s.peak_in_flight * s.saved_bytes for s in self.stages.values()),
+            activation_bytes=sum(s.activation_peak_bytes for s in self.stages.values()),
             bytes_sent=run.bytes_sent, skip_bytes_sent=run.skip_bytes_sent,
             weight_versions={index: v.peak_versions for index, v in self.versions.items()},
             stash_bytes=sum(v.peak_bytes for v in self.versions.values()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from mpipar.run.config import GRAD_WIRES, OPTIMIZERS, PRECISIONS, TrainConfig
+from mpipar.run.config import GRAD_WIRES, OPTIMIZERS, PRECISIONS, RECOMPUTES, TrainConfig
 
 __all__ = ["training_parser", "train_config", "rank_list", "step_range", "add_zero_flag"]
 
@@ -63,6 +63,10 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16/fp16: autocast forward and backward, fp32 weights and optimizer state; fp16 with "
                         "dynamic loss scaling, overflowing steps skipped on every rank (docs/precision.md)")
+    p.add_argument("--recompute", choices=RECOMPUTES, default="none",
+                   help="activation recompute, bitwise the same training: full: keep only each block's (or "
+                        "Sequential entry's, or pipeline stage's) input and recompute the rest in the backward; "
+                        "selective: recompute only the attention core of transformer blocks (docs/precision.md)")
     p.add_argument("--flush-every", type=int, default=50, help="steps between metrics flushes")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--checkpoint-every", type=int, default=0,
@@ -122,5 +126,5 @@ def train_config(args: argparse.Namespace, *, threads: int, model: Optional[str]
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, out=args.out, threads=threads,
         model=model or args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
-        grad_wire=args.grad_wire, precision=args.precision,
+        grad_wire=args.grad_wire, precision=args.precision, recompute=getattr(args, "recompute", "none"),
         trace_steps=args.trace_steps, augment=args.augment, optimizer=getattr(args, "optimizer", "sgd"))

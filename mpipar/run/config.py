@@ -6,11 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "GRAD_WIRES", "PRECISIONS"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "GRAD_WIRES", "PRECISIONS", "RECOMPUTES"]
 
 OPTIMIZERS = ("sgd", "adamw")
 GRAD_WIRES = ("fp32", "bf16", "fp16")
 PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTES = ("none", "full", "selective")  # mpipar.run.recompute
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class TrainConfig:
     ``device``: ``cpu``, ``cuda`` (one GPU per rank) or ``auto`` (cuda when every rank has one);
     ``trace_steps``: ``(first, last)`` loop steps (0-based, inclusive) whose timed events are
     recorded in the metrics file's ``/events``, or None (none); ``augment``: image training samples
-    cropped at random from a border of this many pixels and flipped half the time (None: as stored).
+    cropped at random from a border of this many pixels and flipped half the time (None: as stored);
+    ``recompute``: activation recompute (``none``, ``full``, ``selective``; :mod:`mpipar.run.recompute`).
     """
 
     data: str = "fashion-mnist"
@@ -46,6 +48,7 @@ class TrainConfig:
     augment: Optional[int] = None
     grad_wire: str = "fp32"
     precision: str = "fp32"
+    recompute: str = "none"
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"--grad-wire must be one of {', '.join(GRAD_WIRES)}, got {self.grad_wire!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.recompute not in RECOMPUTES:
+            raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTES)}, got {self.recompute!r}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 
@@ -83,4 +88,6 @@ class TrainConfig:
         for name in ("grad_wire", "precision"):  # likewise
             if settings[name] == "fp32":
                 del settings[name]
+        if settings["recompute"] == "none":
+            del settings["recompute"]
         return settings

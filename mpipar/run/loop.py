@@ -21,6 +21,7 @@ from mpipar.run.checkpoint import rng_state, set_rng_state
 from mpipar.run.launch import mpi_library, requeue_slurm_job
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.precision import LossScaler, autocast, check_precision, check_strategy_precision
+from mpipar.run.recompute import check_strategy_recompute
 from mpipar.run.session import Session
 from mpipar.run.strategy import StepShards, Strategy
 from mpipar.run.summary import summarize
@@ -92,6 +93,7 @@ class _Run:
         self.steps_optimizer = getattr(strategy, "steps_optimizer", False)
         self.shares_shards = getattr(strategy, "shares_shards", False)
         self.scaler = self._loss_scaler()
+        self._bind_recompute()
         if self.steps_optimizer:
             strategy.bind_optimizer(self.optimizer)
         self.recorder = EventRecorder(self.comm, config.trace_steps) if config.trace_steps is not None else None
@@ -149,6 +151,17 @@ class _Run:
             scaler.load_state_dict(session.state["loss_scaler"])
         return scaler
 
+    def _bind_recompute(self) -> None:
+        """Check ``--recompute`` and have the strategy checkpoint its units (agreed, collective)."""
+        mode, strategy = self.config.recompute, self.strategy
+
+        def bind():
+            check_strategy_recompute(mode, strategy)
+            if mode != "none":
+                strategy.bind_recompute(mode)
+
+        collective_check(self.comm, bind, "--recompute")
+
     def _announce(self) -> None:
         """Say what runs: library, data, model, the plan, tracing, where it resumes. Local."""
         say, config, session, strategy = self.say, self.config, self.session, self.strategy
@@ -156,7 +169,8 @@ class _Run:
         say(f"mpipar {__version__}: {strategy.name} on {self.comm.Get_size()} ranks x {config.threads} threads, "
             f"{mpi_library()}")
         say(f"data: {self.splits.description}")
-        say(f"model: {config.model}; {strategy.describe()}")
+        say(f"model: {config.model}; {strategy.describe()}"
+            + (f"; activations recomputed ({config.recompute})" if config.recompute != "none" else ""))
         say(f"{self.in_epoch} steps/epoch of {global_batch} samples"
             + (f" ({batch_size} x {replicas} replicas)" if global_batch == batch_size * replicas else
                f" (the checkpoint's, over {replicas} replicas)")

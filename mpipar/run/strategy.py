@@ -102,6 +102,10 @@ class Strategy(Protocol):
             fp16: ``train_step`` backpropagates ``scaler.scale(loss)``; the loop unscales, skips
             a step that overflowed on any rank and updates the scale
             (:class:`~mpipar.run.precision.LossScaler`).
+        recomputes: the ``--recompute`` values it trains with (absent: ``("none",)``).
+        bind_recompute: ``bind_recompute(mode)``, called once before the first step when ``--recompute`` is
+            not ``none``: checkpoint the model's units (:mod:`mpipar.run.recompute`); raises ValueError
+            when the model has none for ``mode``.
     """
 
     name: str

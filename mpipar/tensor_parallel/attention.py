@@ -19,7 +19,7 @@ from mpipar.tensor_parallel.mlp import ParallelMLP
 from mpipar.tensor_parallel.partition import shard_size
 from mpipar.tensor_parallel.random import TensorParallelRNG, split_dropout
 
-__all__ = ["ParallelSelfAttention", "ParallelTransformerBlock"]
+__all__ = ["AttentionCore", "ParallelSelfAttention", "ParallelTransformerBlock"]
 
 
 def _attention_config(full: Any) -> Dict[str, Any]:
@@ -92,6 +92,34 @@ def _qkv_order(embed_dim: int, size: int) -> torch.Tensor:
     return torch.arange(3 * embed_dim).view(3, size, embed_dim // size).transpose(0, 1).reshape(-1)
 
 
+class AttentionCore(nn.Module):
+    """``softmax(q k^T / sqrt(d) + mask) v`` of this rank's heads: no parameters, no communication, the
+    memory-heavy part of attention that ``--recompute selective`` recomputes (``recompute_unit``). In
+    training with ``dropout > 0`` the probabilities are dropped with ``rng``'s split stream (this rank's
+    heads' part of the full model's mask), written out in ``nn.MultiheadAttention``'s order so the mask
+    is drawn over ``(batch, h/p, T, T)``; otherwise ``scaled_dot_product_attention``. Local."""
+
+    recompute_unit = "attention"
+
+    def __init__(self, head_dim: int, dropout: float, rng: Optional[TensorParallelRNG]):
+        super().__init__()
+        self.head_dim, self.dropout, self.rng = head_dim, dropout, rng
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                is_causal: bool) -> torch.Tensor:
+        if not (self.training and self.dropout > 0):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        scores = q.matmul(k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if is_causal:
+            length = q.shape[-2]
+            causal = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
+        probabilities = split_dropout(torch.softmax(scores, dim=-1), self.dropout, self.rng)
+        return probabilities.matmul(v)
+
+
 class ParallelSelfAttention(nn.Module):
     """``nn.MultiheadAttention`` self-attention with its heads split over ``comm``.
 
@@ -139,6 +167,7 @@ class ParallelSelfAttention(nn.Module):
         what = "ParallelSelfAttention"
         config = _agree_on_attention(comm, full, what, rng)
         self.dropout, self.rng = config["dropout"], rng
+        self.core = AttentionCore(config["embed_dim"] // config["num_heads"], self.dropout, rng)
         size = comm.Get_size()
         self.comm = comm
         self.embed_dim, self.num_heads = config["embed_dim"], config["num_heads"]
@@ -179,26 +208,8 @@ class ParallelSelfAttention(nn.Module):
         local = self.heads_per_rank
         q, k, v = self.qkv(x).view(batch, length, 3, local, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         mask = None if is_causal else self._local_mask(attn_mask, batch, length, x.dtype)
-        if self.training and self.dropout > 0:
-            heads = self._attention_with_dropout(q, k, v, mask, is_causal)
-        else:
-            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, h/p, T, d)
+        heads = self.core(q, k, v, mask, is_causal)  # (B, h/p, T, d)
         return self.out_proj(heads.transpose(1, 2).reshape(batch, length, local * self.head_dim))
-
-    def _attention_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        """``softmax(q k^T / sqrt(d) + mask)``, dropped with this rank's split stream (its heads' part of
-        the full model's mask), times ``v``: ``nn.MultiheadAttention``'s order, written out so that the
-        mask is drawn from ``self.rng`` over ``(batch, h/p, T, T)``."""
-        scores = q.matmul(k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        if is_causal:
-            length = q.shape[-2]
-            causal = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(causal, float("-inf"))
-        elif mask is not None:
-            scores = scores + mask
-        probabilities = split_dropout(torch.softmax(scores, dim=-1), self.dropout, self.rng)
-        return probabilities.matmul(v)
 
     def _local_mask(self, mask: Optional[torch.Tensor], batch: int, length: int,
                     dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -238,7 +249,8 @@ class ParallelSelfAttention(nn.Module):
 
 
 class ParallelTransformerBlock(nn.Module):
-    """Pre-norm transformer block ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` split over ``comm``.
+    """Pre-norm transformer block ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` split over ``comm``
+    (a ``recompute_unit``: ``--recompute full`` checkpoints it whole, its Allreduces repeated in the backward).
 
     The attention is a :class:`ParallelSelfAttention` (heads split), the MLP a
     :class:`~mpipar.tensor_parallel.mlp.ParallelMLP` (hidden features split); the
@@ -266,6 +278,8 @@ class ParallelTransformerBlock(nn.Module):
         ValueError: on every rank, naming the sizes, when shapes differ between ranks or do
             not fit together, or for what :class:`ParallelSelfAttention` and ``ParallelMLP`` refuse.
     """
+
+    recompute_unit = "block"
 
     def __init__(self, attention: nn.MultiheadAttention, fc1: nn.Linear, fc2: nn.Linear, norm1: nn.LayerNorm,
                  norm2: nn.LayerNorm, comm: MPI.Intracomm, *, activation: Optional[nn.Module] = None,

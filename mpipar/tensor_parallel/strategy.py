@@ -23,6 +23,7 @@ from mpipar.diagnostics.failure import agreed
 from mpipar.models.vit import TransformerBlock, VisionTransformer
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter
+from mpipar.run.recompute import RECOMPUTES, apply_recompute
 from mpipar.run.strategy import StepRecord, Strategy
 from mpipar.sharded.consolidate import GRID_KEY
 from mpipar.sharded.optimizer import ShardedUpdate
@@ -345,6 +346,7 @@ class TensorParallelStrategy:
     full_steps_only = False
     checkpoint_per_rank = True
     precisions: Tuple[str, ...] = ("fp32", "bf16", "fp16")  # --precision; fp16 through bind_loss_scaler
+    recomputes = RECOMPUTES  # --recompute, through bind_recompute
 
     def __init__(self, world: MPI.Intracomm, model: nn.Module, config: TensorParallelConfig, *,
                  splitter: Union[Splitter, str, None] = None, bucket_mb: float = 25.0, state: Optional[dict] = None,
@@ -429,6 +431,13 @@ class TensorParallelStrategy:
     def bind_loss_scaler(self, scaler) -> None:
         """fp16: backpropagate ``scaler.scale(loss)`` (the loop unscales, checks and steps)."""
         self.loss_scaler = scaler
+
+    def bind_recompute(self, mode: str) -> None:
+        """``--recompute``: checkpoint the split model's units (``full``: each block, or each entry of a
+        split MLP; ``selective``: each block's attention core), their split-region draws replayed by
+        ``self.rng.recomputable`` and their Allreduces repeated in the backward in the same order on every
+        rank of the group."""
+        apply_recompute(self.model, mode, replay=self.rng.recomputable)
 
     def train_step(self, batch) -> StepRecord:
         images, labels = batch
