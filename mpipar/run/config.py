@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from mpipar.comm.compress import parse_compress
+
 __all__ = ["TrainConfig", "OPTIMIZERS", "GRAD_WIRES", "PRECISIONS"]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -46,6 +48,7 @@ class TrainConfig:
     augment: Optional[int] = None
     grad_wire: str = "fp32"
     precision: str = "fp32"
+    compress: str = "none"
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -73,6 +76,13 @@ class TrainConfig:
             raise ValueError(f"--grad-wire must be one of {', '.join(GRAD_WIRES)}, got {self.grad_wire!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        parse_compress(self.compress)  # ValueError naming --compress
+        if self.compress != "none" and self.grad_wire != "fp32":
+            raise ValueError(f"--compress {self.compress} sends factors in the gradients' dtype; it does not "
+                             f"combine with --grad-wire {self.grad_wire}")
+        if self.compress != "none" and self.precision == "fp16":
+            raise ValueError(f"--compress {self.compress} keeps an error across steps, which fp16's loss scale "
+                             f"changes and its skipped steps would spoil; use --precision bf16 or fp32")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 
@@ -83,4 +93,6 @@ class TrainConfig:
         for name in ("grad_wire", "precision"):  # likewise
             if settings[name] == "fp32":
                 del settings[name]
+        if settings["compress"] == "none":  # likewise
+            del settings["compress"]
         return settings
