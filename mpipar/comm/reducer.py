@@ -148,8 +148,8 @@ class GradientReducer:
         self.buckets = self._build(self.params, bucket_cap_mb * 2**20)
         self.compress = compress
         position = {id(p): index for index, p in enumerate(self.params)}
-        for bucket in self.buckets if compress is not None else ():
-            if bucket.buffer.is_floating_point():
+        for bucket in self.buckets:
+            if compress is not None and bucket.buffer.is_floating_point():
                 bucket.wire = PowerSGDSum(bucket.buffer, [p.shape for p in bucket.params], comm, compress,
                                           [position[id(p)] for p in bucket.params])
         if self.size > 1:
