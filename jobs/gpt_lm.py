@@ -84,7 +84,7 @@ def build_strategy(comm: MPI.Intracomm, model, session: Session):
         return TensorParallelStrategy(comm, model, settings, splitter="transformer", bucket_mb=config.bucket_mb,
                                       state=session.state, device=session.device, grad_wire=config.grad_wire)
     return DataParallelStrategy(model, comm, bucket_mb=config.bucket_mb, device=session.device,
-                                grad_wire=config.grad_wire)
+                                grad_wire=config.grad_wire, compress=config.compress)
 
 
 class _MemoryRows:

@@ -51,6 +51,8 @@ def main(argv=None) -> None:
     local_sgd = (args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum) != (1, 0, 1.0, 0.0)
     if (local_sgd or args.zero) and args.grad_wire != "fp32":
         parser.error("--grad-wire is for plain data parallelism here; local SGD and --zero reduce in fp32 for now")
+    if (local_sgd or args.zero) and args.compress != "none":
+        parser.error("--compress is for plain data parallelism; local SGD and --zero do not compress")
     if local_sgd and args.zero:
         parser.error("--zero shards synchronous data parallelism; local SGD flags cannot be combined with it")
     settings = (lambda: LocalSGDConfig(args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum)) \
@@ -66,7 +68,7 @@ def main(argv=None) -> None:
                                    device=session.device, checkpoint=session.resumed_from)
     else:
         strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb, device=session.device,
-                                        grad_wire=session.config.grad_wire)
+                                        grad_wire=session.config.grad_wire, compress=session.config.compress)
     train(session, strategy, splits)
 
 

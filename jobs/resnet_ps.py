@@ -42,6 +42,8 @@ def main(argv=None) -> None:
     if args.grad_wire != "fp32":
         parser.error("--grad-wire applies to Allreduced gradients (data parallelism, pipelines, tensor parallelism); "
                      "a parameter server sends its own")
+    if args.compress != "none":
+        parser.error("--compress compresses the gradients of plain data parallelism; a parameter server sends its own")
 
     session = Session.from_args(comm, args, EARLY_SIGNALS, settings=lambda: ParameterServerConfig(
         mode=args.mode, staleness=args.staleness, servers=args.servers, staleness_lr=args.staleness_lr,

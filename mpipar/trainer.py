@@ -59,7 +59,8 @@ def fit(model: nn.Module, data: Union[Tuple[Pair, Pair], DataSplits, None] = Non
     splits = session.data() if data is None else _own_splits(comm, data)
     config = session.config
     strategy = DataParallelStrategy(model, comm, bucket_mb=config.bucket_mb, device=session.device,
-                                    grad_wire=config.grad_wire, loss_fn=loss, metric=metric)
+                                    grad_wire=config.grad_wire, loss_fn=loss, metric=metric,
+                                    compress=config.compress)
     return train(session, strategy, splits)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from mpipar.comm import mpi_tensor
 from mpipar.comm.averaging import average_tensors
 from mpipar.comm.buckets import LaunchOrder, assign_buckets
+from mpipar.comm.compress import PowerSGDSum
 from mpipar.comm.staging import HostMirror
 from mpipar.comm.wire import WireSum
 from mpipar.diagnostics import events
@@ -47,12 +48,12 @@ class _Bucket:
     params: List[nn.Parameter]
     buffer: torch.Tensor
     views: List[torch.Tensor]
-    pending: Union[mpi_tensor.PendingOp, WireSum, None] = None  # the sum in flight: an Allreduce or a wire's
+    pending: Union[mpi_tensor.PendingOp, WireSum, PowerSGDSum, None] = None  # the sum in flight
     mirror: Optional[HostMirror] = None  # a CUDA bucket's pinned host copy (MPI reduces it, not device memory)
     source: Optional[torch.Tensor] = None  # out of place: this rank's weighted contribution (MPI reads it)
     launched: Optional[float] = None    # in a sampled step (events.active()): when its Allreduce started
     completed: Optional[float] = None   # and when a test() first found it complete
-    wire: Optional[WireSum] = None      # a 16-bit wire: the bucket's sum (replaces the Allreduce)
+    wire: Union[WireSum, PowerSGDSum, None] = None  # a 16-bit wire or PowerSGD: the bucket's two-phase sum
 
 
 def layout_signature(values: Iterable) -> int:
@@ -122,26 +123,41 @@ class GradientReducer:
             the fp32 sum by rounding each weighted contribution and the sum to 16 bits). Its Ialltoalls
             start during backward; its Iallgathers start in :meth:`finish`, in bucket order (one order
             of collectives on every rank). Must be equal on every rank; ignored at size 1.
+        compress: None (default), or a PowerSGD rank r: every floating-point bucket is summed by a
+            :class:`~mpipar.comm.compress.PowerSGDSum` (matrix gradients as rank-r factors with error
+            feedback, two Allreduces: the first during backward, the second in :meth:`finish`, in bucket
+            order). Not with ``wire``. Must be equal on every rank; applied at size 1 too (the same
+            algorithm, so a run does not depend on the number of ranks).
     """
 
     def __init__(self, params: Sequence[nn.Parameter], comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0,
-                 out_of_place: bool = False, wire: Optional[torch.dtype] = None):
+                 out_of_place: bool = False, wire: Optional[torch.dtype] = None, compress: Optional[int] = None):
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
         if wire not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"the gradient wire is None (each bucket's own dtype), torch.bfloat16 or torch.float16, "
                              f"got {wire}")
+        if compress is not None and (wire is not None or compress < 1):
+            raise ValueError(f"PowerSGD takes a rank >= 1 and no 16-bit wire, got rank {compress}, wire {wire}")
         check_one_device(p.device for p in params)
         self.comm = comm
         self.size = comm.Get_size()
         self.params = list(params)
         self.stats = CommStats()
         self.buckets = self._build(self.params, bucket_cap_mb * 2**20)
+        self.compress = compress
+        position = {id(p): index for index, p in enumerate(self.params)}
+        for bucket in self.buckets:
+            if compress is not None and bucket.buffer.is_floating_point():
+                bucket.wire = PowerSGDSum(bucket.buffer, [p.shape for p in bucket.params], comm, compress,
+                                          [position[id(p)] for p in bucket.params])
         if self.size > 1:
             for bucket in self.buckets:
                 if bucket.buffer.is_cuda and mpi_tensor.transport_for(bucket.buffer, "iallreduce") == "staged":
                     bucket.mirror = HostMirror(bucket.buffer)
-                if wire is not None and bucket.buffer.is_floating_point():
+                if bucket.wire is not None:  # PowerSGD's factors are small: reduced from the device tensor
+                    bucket.mirror = None
+                elif wire is not None and bucket.buffer.is_floating_point():
                     bucket.wire = WireSum(bucket.buffer if bucket.mirror is None else bucket.mirror.host, comm, wire)
                 elif out_of_place and not bucket.buffer.is_cuda:
                     bucket.source = torch.empty_like(bucket.buffer)
@@ -264,7 +280,7 @@ class GradientReducer:
                 p.grad = view
                 self._used[offset + position] = int(used)
             self._wait_counts()
-            if self.size == 1:
+            if self.size == 1 and bucket.wire is None:
                 return
             if bucket.source is not None:
                 torch.mul(bucket.buffer, self._weight, out=bucket.source)
@@ -280,7 +296,10 @@ class GradientReducer:
     def _start_allreduce(self, bucket: _Bucket, tensor: torch.Tensor) -> None:
         if events.active() is not None:
             bucket.launched = time.perf_counter()
-        if bucket.wire is not None:
+        if isinstance(bucket.wire, PowerSGDSum):
+            bucket.wire.start(self._weight)
+            bucket.pending = bucket.wire
+        elif bucket.wire is not None:
             bucket.wire.start()
             bucket.pending = bucket.wire
         else:
@@ -288,7 +307,8 @@ class GradientReducer:
         self.stats.bytes_sent += self._bytes(bucket)
 
     def _bytes(self, bucket: _Bucket) -> float:
-        """Bytes this rank sends to reduce ``bucket``: a ring Allreduce's 2 (p-1)/p of it, or the wire's."""
+        """Bytes this rank sends to reduce ``bucket``: a ring Allreduce's 2 (p-1)/p of it, or the wire's
+        (PowerSGD's: 2 (p-1)/p of its factors and uncompressed gradients)."""
         if bucket.wire is not None:
             return bucket.wire.bytes_per_sum
         return 2.0 * (self.size - 1) / self.size * bucket.buffer.numel() * bucket.buffer.element_size()
@@ -322,7 +342,7 @@ class GradientReducer:
         """Wait for every bucket reduction started; ``upload``: copy mirrored results back to the device.
         In a sampled step each bucket's wait and its Allreduce (launch to completion) are events."""
         recorder = events.active()
-        for bucket in self.buckets:  # a 16-bit wire's second collectives, in bucket order on every rank
+        for bucket in self.buckets:  # a wire's or PowerSGD's second collectives, in bucket order on every rank
             if bucket.pending is not None and bucket.wire is not None:
                 bucket.wire.gather()
         for index, bucket in enumerate(self.buckets):
@@ -383,10 +403,29 @@ class GradientReducer:
         if recorder is not None:
             recorder.add("wait", begin, end)
         self._active = False
-        flat = [p for bucket in self.buckets for p in bucket.params]
-        for p, used in zip(flat, self._used.tolist()):
+        flat = [(p, bucket, index) for bucket in self.buckets for index, p in enumerate(bucket.params)]
+        for (p, bucket, index), used in zip(flat, self._used.tolist()):
             if not used:
                 p.grad = None
+                if isinstance(bucket.wire, PowerSGDSum):
+                    bucket.wire.keep_error(index)  # its approximation is not applied: the error keeps it
+
+    def compress_state(self) -> Optional[dict]:
+        """PowerSGD's warm starts and this rank's errors by reduced-parameter index (None without
+        PowerSGD). Local."""
+        if self.compress is None:
+            return None
+        state: dict = {}
+        for bucket in self.buckets:
+            if isinstance(bucket.wire, PowerSGDSum):
+                state.update(bucket.wire.state_dict())
+        return state
+
+    def load_compress_state(self, state: dict) -> None:
+        """Take :meth:`compress_state`'s warm starts and errors. Local."""
+        for bucket in self.buckets:
+            if isinstance(bucket.wire, PowerSGDSum):
+                bucket.wire.load_state_dict(state)
 
     def abandon(self) -> None:
         """Forget a step whose backward never ran (a forward without backward). Local,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+from mpipar.comm.compress import parse_compress
 from mpipar.comm.wire import wire_dtype
 from mpipar.data.arrays import ImageDataset
 from mpipar.data_parallel.wrapper import DataParallel
@@ -29,7 +30,9 @@ class DataParallelStrategy:
     statistics differ between epoch ends; storing them all means saving never
     changes the run); they resume on any number of ranks. ``device``: where the
     model goes (batches come there from the loop); ``grad_wire``: ``--grad-wire`` (fp32, bf16 or fp16,
-    :class:`~mpipar.comm.wire.WireSum`). ``loss_fn(outputs, targets)``: the batch's mean loss (default
+    :class:`~mpipar.comm.wire.WireSum`); ``compress``: ``--compress`` (none or ``powersgd:RANK``,
+    :class:`~mpipar.comm.compress.PowerSGDSum`: its warm starts and every rank's errors are checkpointed
+    on rank 0 and resume on any number of ranks). ``loss_fn(outputs, targets)``: the batch's mean loss (default
     cross-entropy); ``metric(outputs, targets)``: the batch's mean score, the evaluation's ``accuracy``
     (default accuracy with the default loss). A batch is ``(inputs, targets)``, ``inputs`` a tensor or a
     dict of keyword inputs. ``reentrant_recompute``: ``--recompute`` checkpoints with ``use_reentrant=True``
@@ -44,23 +47,30 @@ class DataParallelStrategy:
 
     def __init__(self, model: nn.Module, comm: MPI.Intracomm, *, bucket_mb: float = 25.0,
                  device: torch.device | str = "cpu", grad_wire: str = "fp32", loss_fn: Optional[Callable] = None,
-                 metric: Optional[Callable] = None, reentrant_recompute: bool = False):
+                 metric: Optional[Callable] = None, reentrant_recompute: bool = False, compress: str = "none"):
         self.model = model.to(device)
         self.reentrant_recompute = reentrant_recompute
         self.loss_fn, self.metric = loss_fn, metric
         self.comm = comm
-        self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb, wire=wire_dtype(grad_wire))
+        self.compress = compress  # --compress, checked by the loop against the run's
+        self.dp = DataParallel(model, comm, bucket_cap_mb=bucket_mb, wire=wire_dtype(grad_wire),
+                               compress=parse_compress(compress))
         self.replicas, self.replica = comm.Get_size(), comm.Get_rank()
         self.wait_groups = [list(range(comm.Get_size()))]
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.metrics_attrs = {"parameters": self.parameter_count, **_names(loss=loss_fn, test_metric=metric)}
         self.loss_scaler = None
+        self.compress_resumed = ""  # what load_state_dict did with PowerSGD's state, for describe()
 
     def parameters(self):
         return list(self.model.parameters())
 
     def describe(self) -> str:
-        return f"{self.parameter_count:,} parameters, a replica on every rank"
+        described = f"{self.parameter_count:,} parameters, a replica on every rank"
+        if self.compress != "none":
+            described += f"; gradients compressed by PowerSGD rank {parse_compress(self.compress)} with error " \
+                         f"feedback{self.compress_resumed}"
+        return described
 
     def needs_batch(self) -> bool:
         return True
@@ -89,13 +99,23 @@ class DataParallelStrategy:
         return evaluate(self.model, dataset, self.comm, loss_fn=self.loss_fn, metric=self.metric)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "rank_buffers": self.dp.gather_buffers()}
+        state = {"model": self.model.state_dict(), "rank_buffers": self.dp.gather_buffers()}
+        if self.compress != "none":  # absent otherwise: checkpoints as before
+            state["rank_compress"] = self.dp.gather_compress_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Every rank takes rank 0's model; each its own buffers (BatchNorm statistics) when
-        the checkpoint has as many ranks, else rank 0's (a resume on another number of ranks)."""
+        the checkpoint has as many ranks, else rank 0's (a resume on another number of ranks). PowerSGD's
+        state likewise, except that on another number of ranks rank 0 takes the sum of the saved errors
+        (:meth:`DataParallel.load_compress_state`: the run continues as it would have)."""
         self.model.load_state_dict(state["model"])
         self.dp.load_rank_buffers(state["rank_buffers"])
+        saved = state.get("rank_compress")
+        if self.compress != "none" and saved is not None:
+            same = self.dp.load_compress_state(saved)
+            self.compress_resumed = "" if same else \
+                f" (resumed from {len(saved)} ranks' errors: their sum on rank 0, zero on the others)"
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """Nothing to add to the metrics file."""

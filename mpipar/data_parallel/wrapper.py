@@ -11,6 +11,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpipar.comm import mpi_tensor
+from mpipar.comm.compress import check_powersgd_rank
 from mpipar.comm.reducer import CommStats, GradientReducer, average_buffers, check_one_device, layout_signature
 from mpipar.comm.topology import spans_nodes
 from mpipar.diagnostics import collectives
@@ -58,15 +59,18 @@ class DataParallel(nn.Module):
             (see :class:`~mpipar.comm.reducer.GradientReducer`). The same on every rank.
         wire: None, or ``torch.bfloat16`` / ``torch.float16``: buckets travel in 16 bits and are added in
             fp32 (the reducer's ``wire``, ``--grad-wire``). The same on every rank.
+        compress: None, or a PowerSGD rank: matrix gradients summed as low-rank factors with error
+            feedback (the reducer's ``compress``, ``--compress powersgd:RANK``; not with ``wire``). The
+            same on every rank; a rank that compresses no parameter is a ValueError on every rank.
 
     Raises:
-        ValueError: on every rank, when the ranks' models differ or some rank's parameters
-            are on more than one device.
+        ValueError: on every rank, when the ranks' models differ, some rank's parameters
+            are on more than one device, or ``compress`` is a rank no parameter can take.
     """
 
     def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, bucket_cap_mb: float = 25.0,
                  root: int = 0, weighted: bool = True, out_of_place: Optional[bool] = None,
-                 wire: Optional[torch.dtype] = None):
+                 wire: Optional[torch.dtype] = None, compress: Optional[int] = None):
         super().__init__()
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
@@ -75,9 +79,17 @@ class DataParallel(nn.Module):
         self.weighted = weighted
         self.bucket_cap_mb = bucket_cap_mb
         self.wire = wire
+        self.compress = compress
         self.stats = CommStats()
         self._size = comm.Get_size()
-        collective_check(comm, lambda: check_one_device(p.device for p in module.parameters()), "DataParallel")
+        def check() -> None:
+            check_one_device(p.device for p in module.parameters())
+            if compress is not None:
+                if wire is not None:
+                    raise ValueError("PowerSGD (--compress) sends its factors in the gradients' dtype; it does "
+                                     "not combine with a 16-bit wire (--grad-wire)")
+                check_powersgd_rank([p.shape for p in module.parameters() if p.requires_grad], compress)
+        collective_check(comm, check, "DataParallel")
         layout: List[tuple] = [(name, tuple(p.shape), str(p.dtype), p.requires_grad)
                                for name, p in module.named_parameters()]
         layout += [(name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
@@ -124,7 +136,7 @@ class DataParallel(nn.Module):
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
                 self._hooked.add(id(p))
         self._reducer = GradientReducer(reduced, self.comm, bucket_cap_mb=self.bucket_cap_mb,
-                                        out_of_place=self.out_of_place, wire=self.wire)
+                                        out_of_place=self.out_of_place, wire=self.wire, compress=self.compress)
         self._reducer.stats = self.stats  # one account across rebuilds
         self._reduced_ids = {id(p) for p in reduced}
 
@@ -229,6 +241,30 @@ class DataParallel(nn.Module):
             for name, buf in self.module.named_buffers():
                 buf.copy_(own[name])
         return True
+
+    def gather_compress_state(self, root: int = 0) -> Optional[List[dict]]:
+        """Every rank's PowerSGD warm starts and errors (the errors differ by rank), as a list by rank
+        on ``root``; None elsewhere. Collective (nothing is sent without ``compress``)."""
+        if self.compress is None:
+            return None
+        return collectives.gather(self.comm, self._built.compress_state(), "PowerSGD state", root=root)
+
+    def load_compress_state(self, by_rank: List[dict]) -> bool:
+        """Load :meth:`gather_compress_state`'s list. Local. Each rank takes its own entry when the list
+        has one per rank and returns True; on another number of ranks rank 0 takes the sum of every saved
+        rank's error and the others zero (the sums depend on the errors only through their sum, so the run
+        goes on as it would have), every rank rank 0's warm starts (equal on every rank), and it returns
+        False."""
+        if len(by_rank) == self._size:
+            self._built.load_compress_state(by_rank[self.comm.Get_rank()])
+            return True
+        first = self.comm.Get_rank() == 0
+        merged = {index: {"q": entry["q"],
+                          "error": sum(state[index]["error"] for state in by_rank) if first
+                          else torch.zeros_like(entry["error"])}
+                  for index, entry in by_rank[0].items()}
+        self._built.load_compress_state(merged)
+        return False
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)

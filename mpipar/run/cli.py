@@ -60,6 +60,9 @@ def training_parser(doc: str, *, out: str, batch_help: str, epochs: int = 5, lr:
     p.add_argument("--grad-wire", choices=GRAD_WIRES, default="fp32",
                    help="bf16/fp16: gradient buckets travel in 16 bits, summed in fp32 (half the bytes; "
                         "docs/precision.md)")
+    p.add_argument("--compress", default="none", metavar="{none,powersgd:RANK}",
+                   help="powersgd:RANK: data-parallel gradients summed as rank-RANK factors with error feedback "
+                        "(PowerSGD, Vogels et al. 2019; docs/precision.md)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16/fp16: autocast forward and backward, fp32 weights and optimizer state; fp16 with "
                         "dynamic loss scaling, overflowing steps skipped on every rank (docs/precision.md)")
@@ -127,4 +130,5 @@ def train_config(args: argparse.Namespace, *, threads: int, model: Optional[str]
         model=model or args.model, bucket_mb=args.bucket_mb, flush_every=args.flush_every,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
         grad_wire=args.grad_wire, precision=args.precision, recompute=getattr(args, "recompute", "none"),
+        compress=args.compress,
         trace_steps=args.trace_steps, augment=args.augment, optimizer=getattr(args, "optimizer", "sgd"))

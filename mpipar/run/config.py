@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from mpipar.comm.compress import parse_compress
+
 __all__ = ["TrainConfig", "OPTIMIZERS", "GRAD_WIRES", "PRECISIONS", "RECOMPUTES"]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,6 +51,7 @@ class TrainConfig:
     grad_wire: str = "fp32"
     precision: str = "fp32"
     recompute: str = "none"
+    compress: str = "none"
 
     def __post_init__(self):
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -78,6 +81,13 @@ class TrainConfig:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.recompute not in RECOMPUTES:
             raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTES)}, got {self.recompute!r}")
+        parse_compress(self.compress)  # ValueError naming --compress
+        if self.compress != "none" and self.grad_wire != "fp32":
+            raise ValueError(f"--compress {self.compress} sends factors in the gradients' dtype; it does not "
+                             f"combine with --grad-wire {self.grad_wire}")
+        if self.compress != "none" and self.precision == "fp16":
+            raise ValueError(f"--compress {self.compress} keeps an error across steps, which fp16's loss scale "
+                             f"changes and its skipped steps would spoil; use --precision bf16 or fp32")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0, got {self.log_every}")
 
@@ -90,4 +100,6 @@ class TrainConfig:
                 del settings[name]
         if settings["recompute"] == "none":
             del settings["recompute"]
+        if settings["compress"] == "none":  # likewise
+            del settings["compress"]
         return settings

@@ -20,7 +20,13 @@ from mpipar.diagnostics.events import EventRecorder
 from mpipar.run.checkpoint import rng_state, set_rng_state
 from mpipar.run.launch import mpi_library, requeue_slurm_job
 from mpipar.run.metrics import MetricsWriter
-from mpipar.run.precision import LossScaler, autocast, check_precision, check_strategy_precision
+from mpipar.run.precision import (
+    LossScaler,
+    autocast,
+    check_precision,
+    check_strategy_compress,
+    check_strategy_precision,
+)
 from mpipar.run.recompute import check_strategy_recompute
 from mpipar.run.session import Session
 from mpipar.run.strategy import StepShards, Strategy
@@ -142,7 +148,9 @@ class _Run:
         resumed from the checkpoint."""
         config, session, strategy = self.config, self.session, self.strategy
         collective_check(self.comm, lambda: (check_precision(config.precision, session.device),
-                                             check_strategy_precision(config.precision, strategy)), "--precision")
+                                             check_strategy_precision(config.precision, strategy),
+                                             check_strategy_compress(config.compress, strategy)),
+                         "--precision and --compress")
         if config.precision != "fp16":
             return None
         scaler = LossScaler(self.comm)  # found-inf agreed over every rank

@@ -10,7 +10,8 @@ from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
 
-__all__ = ["PRECISIONS", "autocast_dtype", "check_precision", "check_strategy_precision", "autocast", "LossScaler"]
+__all__ = ["PRECISIONS", "autocast_dtype", "check_precision", "check_strategy_precision", "check_strategy_compress",
+           "autocast", "LossScaler"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--precision`` names -> the autocast dtype (None: no autocast)."""
@@ -62,6 +63,18 @@ def check_strategy_precision(name: str, strategy) -> None:
         raise ValueError(f"--precision fp16 needs loss scaling, which the loop does around its optimizer step; "
                          f"{strategy.name} cannot take it (it steps its own optimizer or scales no loss); use "
                          f"--precision bf16 (no scaling) or fp32")
+
+
+def check_strategy_compress(name: str, strategy) -> None:
+    """Raise ValueError when ``strategy`` does not apply ``--compress name``: a strategy that compresses
+    says so in ``compress`` (the flag's value it was built with; absent: none). Data parallelism does;
+    ZeRO, local SGD, the parameter server, pipelines and tensor parallelism do not. Local (the same on
+    every rank)."""
+    taken = getattr(strategy, "compress", "none")
+    if name != taken:
+        raise ValueError(f"{strategy.name} cannot take --compress {name} (PowerSGD compresses the gradients of "
+                         f"plain data parallelism; use --compress none here)" if taken == "none" else
+                         f"{strategy.name} was built with --compress {taken}, the run asks for {name}")
 
 
 def autocast(name: str, device: torch.device):
