@@ -7,6 +7,7 @@ of an instruction (``compute.py``), what a step gives back (``step_state.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
@@ -19,15 +20,19 @@ from mpipar.models.skip import SkipEdge, find_skips
 from mpipar.pipeline.compute import Compute, finished_by_stage
 from mpipar.pipeline.shapes import ShapeAgreement
 from mpipar.pipeline.shared import SharedGradients, check_shared
+from mpipar.pipeline.split_backward import SplitBackward
 from mpipar.pipeline.stage import Stage, TensorSpec
 from mpipar.pipeline.step_state import RunState, StepResult
 from mpipar.pipeline.timing import StepClock
 from mpipar.pipeline.transport import Transport
 from mpipar.pipeline.versions import WeightVersions
 from mpipar.pipeline.windows import AsyncWindows
+from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.pipeline_plan.placement import Placement
 from mpipar.pipeline_plan.schedule import (
     Backward,
+    BackwardInput,
+    BackwardWeight,
     Forward,
     RecvActivation,
     RecvGrad,
@@ -45,9 +50,9 @@ from mpipar.pipeline_plan.schedule import (
 __all__ = ["Pipeline", "StepResult"]
 
 
-def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
+def _as_placement(placement, module: nn.Sequential, size: int, virtual_stages: int) -> Placement:
     if placement is None:
-        return Placement.even(len(module), size)
+        return Placement.interleaved(len(module), size, virtual_stages)
     if isinstance(placement, Placement):
         return placement
     if isinstance(placement, Mapping):
@@ -55,7 +60,7 @@ def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
     return Placement(tuple(placement))
 
 
-class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
+class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
     """An ``nn.Sequential`` split over the ranks of ``comm`` and run as a pipeline.
 
     Every rank builds the same Sequential and the same Pipeline; a rank uses only
@@ -116,6 +121,14 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
         device: where this rank's stages run (their layers are moved there; activations and
             gradients are received there, also for a stage without parameters). Default:
             where each stage's layers already are.
+        virtual_stages: with ``placement=None``, the stages per rank (:meth:`Placement.interleaved`, for
+            ``schedule="interleaved"``); default 1: an even contiguous split. A schedule of virtual stages
+            takes the placement's stages per rank (each rank must hold as many).
+
+    A schedule that splits the backward (``"zero-bubble"``: input gradient ``I`` on the critical path, weight
+    gradients ``W`` later, :mod:`~mpipar.pipeline.split_backward`) cuts each stage's graph after every layer
+    (a layer must not change its input in place); the gradients are those of the unsplit backward, and a
+    micro-batch's activations are held until its ``W`` (``peak_in_flight`` counts them).
 
     Raises:
         ValueError, TypeError: on every rank, for a bad placement (wrong length,
@@ -128,7 +141,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
                  placement: Union[Placement, Sequence[int], Mapping[str, int], None] = None, *,
                  schedule: str = "1f1b", microbatches: int = 1,
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, virtual_stages: int = 1):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
 
@@ -136,9 +149,19 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             if not isinstance(module, nn.Sequential):
                 raise TypeError(f"a pipeline splits an nn.Sequential, got {type(module).__name__}; "
                                 f"wrap the layers in nn.Sequential")
-            chosen = _as_placement(placement, module, self.size)
+            chosen = _as_placement(placement, module, self.size, virtual_stages)
             chosen.validate(len(module), self.size)
-            plan = Schedule(schedule, len(chosen.segments), microbatches)
+            stages = len(chosen.segments)
+            if schedule_kind(schedule).virtual and stages % self.size:
+                raise ValueError(f"{schedule} needs every rank to hold as many stages (virtual stages); the "
+                                 f"placement gives {stages} stages to {self.size} ranks: {chosen}")
+            chunks = stages // self.size if schedule_kind(schedule).virtual else 1
+            plan = Schedule(schedule, stages, microbatches, virtual_stages=chunks)
+            in_place = [name for name, layer in module.named_children() if getattr(layer, "inplace", False)]
+            if plan.kind.splits_backward and in_place:
+                raise ValueError(f"{schedule} cuts each stage's graph after every layer and cannot differentiate "
+                                 f"layers {in_place}, which change their input in place; use their out-of-place "
+                                 f"form (e.g. nn.ReLU() for nn.ReLU(inplace=True))")
             check_shared(module, chosen, plan)
             return chosen, plan, find_skips(module)
 
@@ -174,7 +197,10 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             SendActivation: self._send, SendGrad: self._send,
             RecvSkip: self._receive_skip, RecvSkipGrad: self._receive_skip,
             SendSkip: self._send_skip, SendSkipGrad: self._send_skip,
-            Forward: self._forward, Backward: self._backward, Update: self._update}
+            Forward: self._forward, Backward: self._backward, Update: self._update,
+            BackwardInput: self._backward_input, BackwardWeight: self._backward_weight}
+        if self.schedule.kind.splits_backward:
+            self._install_split_backward()
         # asynchronous schedules: weight versions per stage, and what lives from one step to the next
         self.versions: Dict[int, WeightVersions] = {
             index: WeightVersions(index, stage.module, self.schedule) for index, stage in self.stages.items()
@@ -216,8 +242,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
     def _program(self, train: bool, microbatches: int) -> list:
         key = (train, microbatches)
         if key not in self._programs:
-            plan = self.schedule if train and microbatches == self.microbatches else \
-                Schedule(self.schedule.name if train else "forward", self.num_stages, microbatches)
+            plan = dataclasses.replace(self.schedule, microbatches=microbatches) if train else \
+                Schedule("forward", self.num_stages, microbatches)
             self._check_tags(2 * microbatches if plan.is_async else microbatches)
             self._programs[key] = rank_program(plan, self.stage_ranks, self.rank,
                                                [(e.producer, e.consumer) for e in self.stage_skips])
@@ -262,6 +288,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
         for stage in self.stages.values():
             stage.reset()
             stage.peak_in_flight = 0
+        if self.schedule.kind.splits_backward:
+            self._reset_split_backward()
         self._traced_sends.clear()  # a failed step's
         self._agree_batch(inputs, targets, train, microbatches)  # waiting for other ranks: idle
         program = self._program(train, microbatches)
@@ -271,7 +299,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             target_chunks=list(targets.chunk(microbatches)) if isinstance(targets, torch.Tensor) and
             self.holds_last_stage else None,
             last_backward={instruction.stage: instruction for instruction in program
-                           if isinstance(instruction, Backward)})
+                           if isinstance(instruction, (Backward, BackwardWeight))})
         for instruction in program:
             self._handlers[type(instruction)](instruction, run)
         with clock.communicating():

@@ -42,6 +42,7 @@ class ScheduleKind:
     trains: ClassVar[bool] = True
     help: ClassVar[str] = ""
     virtual: ClassVar[bool] = False
+    splits_backward: ClassVar[bool] = False  # BackwardInput and BackwardWeight instead of Backward
 
     def compute_steps(self, schedule: Schedule, stage: int) -> List[Instruction]:
         """The compute instructions of ``stage`` (``Forward``, ``Backward``), in the order it runs them."""

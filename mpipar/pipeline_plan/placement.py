@@ -84,6 +84,14 @@ class Placement:
         return cls.from_balance(even_balance(layers, size))
 
     @classmethod
+    def interleaved(cls, layers: int, size: int, chunks: int) -> Placement:
+        """Megatron's placement of virtual stages: ``layers`` split as evenly as counts allow into ``size *
+        chunks`` contiguous chunks, chunk ``c`` on rank ``c % size`` (each rank ``chunks`` non-adjacent ones;
+        with one rank, a single stage)."""
+        balance = even_balance(layers, size * chunks)
+        return cls(tuple(chunk % size for chunk, count in enumerate(balance) for _ in range(count)))
+
+    @classmethod
     def from_names(cls, names: Sequence[str], mapping: Mapping[str, int]) -> Placement:
         """Placement from ``{layer name: rank}`` for a Sequential whose layers are ``names``.
 

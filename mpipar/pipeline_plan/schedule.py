@@ -391,8 +391,9 @@ def _with_skips(group: List[Instruction], skips: Sequence[Tuple[int, int]], stag
     before it and sends those of the skips its stage used after it. Skips between two
     stages of one rank need no message (the executor hands them over in memory).
     """
-    step = next((instruction for instruction in group if isinstance(instruction, (Forward, Backward))), None)
-    if step is None:  # another kind of compute step (a schedule's own): no skip crosses with it
+    step = next((instruction for instruction in group
+                 if isinstance(instruction, (Forward, Backward, BackwardInput))), None)
+    if step is None:  # another kind of compute step (a schedule's own, a split backward's W): no skip crosses
         return group
     s, i = step.stage, step.microbatch
     crossing = [(k, producer, consumer) for k, (producer, consumer) in enumerate(skips)

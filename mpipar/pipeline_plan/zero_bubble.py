@@ -45,6 +45,7 @@ class ZeroBubble(ScheduleKind):
     ``W``."""
 
     name = "zero-bubble"
+    splits_backward = True
     help = "ZB-H1: backward split into input (I) and weight (W) gradients, W deferred into the bubble"
 
     def compute_steps(self, schedule, stage):
