@@ -27,7 +27,6 @@ from mpipar.pipeline.timing import StepClock
 from mpipar.pipeline.transport import Transport
 from mpipar.pipeline.versions import WeightVersions
 from mpipar.pipeline.windows import AsyncWindows
-from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.pipeline_plan.placement import Placement
 from mpipar.pipeline_plan.schedule import (
     Backward,
@@ -151,12 +150,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
                                 f"wrap the layers in nn.Sequential")
             chosen = _as_placement(placement, module, self.size, virtual_stages)
             chosen.validate(len(module), self.size)
-            stages = len(chosen.segments)
-            if schedule_kind(schedule).virtual and stages % self.size:
-                raise ValueError(f"{schedule} needs every rank to hold as many stages (virtual stages); the "
-                                 f"placement gives {stages} stages to {self.size} ranks: {chosen}")
-            chunks = stages // self.size if schedule_kind(schedule).virtual else 1
-            plan = Schedule(schedule, stages, microbatches, virtual_stages=chunks)
+            plan = Schedule.on(schedule, chosen.stage_ranks, microbatches)
             in_place = [name for name, layer in module.named_children() if getattr(layer, "inplace", False)]
             if plan.kind.splits_backward and in_place:
                 raise ValueError(f"{schedule} cuts each stage's graph after every layer and cannot differentiate "

@@ -34,7 +34,8 @@ from mpipar.run.strategy import StepRecord, Strategy
 
 __all__ = ["PipelineStrategy", "choose_placement"]
 
-LAYOUT = ("stages", "balance", "placement")
+LAYOUT = ("stages", "balance", "placement", "virtual_stages")
+DEFAULTS = {"virtual_stages": 1}  # a layout setting newer than some checkpoints: their value
 
 
 def _new_layout(state: dict, config: PipelineConfig, grid: ProcessGrid) -> bool:
@@ -43,7 +44,7 @@ def _new_layout(state: dict, config: PipelineConfig, grid: ProcessGrid) -> bool:
     saved = state.get("config", {})
     order = state.get("grid_order", list(range(len(grid.order))))  # before node-aware grids: rank order
     return (bool(state.get("relayout")) or list(order) != grid.order
-            or any(_plain(saved.get(key)) != _plain(getattr(config, key)) for key in LAYOUT))
+            or any(_plain(saved.get(key, DEFAULTS.get(key))) != _plain(getattr(config, key)) for key in LAYOUT))
 
 
 def _plain(value):
@@ -62,22 +63,22 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
     """
     if config.placement is not None:
         return Placement(config.placement), None
+    chunks, v = config.stages * config.virtual_stages, config.virtual_stages  # virtual stages: chunk c on c % stages
     if config.balance == "even":
-        return Placement.even(len(model), config.stages), None
+        return Placement.interleaved(len(model), config.stages, v), None
     if config.balance == "auto":
-        schedule = Schedule(config.schedule, config.stages, config.microbatches)
-        in_flight = [schedule.max_in_flight(stage) for stage in range(config.stages)]
+        schedule = Schedule(config.schedule, chunks, config.microbatches, virtual_stages=v)
+        in_flight = [schedule.max_in_flight(stage) for stage in range(chunks)]
         limit = config.stage_memory_mb * 2**20 if config.stage_memory_mb else None
-        balance, profiles = auto_balance(model, sample, config.stages, comm, in_flight=in_flight,
-                                         memory_limit=limit)
+        balance, profiles = auto_balance(model, sample, chunks, comm, in_flight=in_flight, memory_limit=limit)
         times = [p.time for p in profiles]
         memory = stage_memory(profiles, balance, in_flight)
         say(f"auto balance {balance} ({len(model)} layers) from per-layer ms {[round(1e3 * t, 2) for t in times]}; "
             f"predicted ms per micro-batch {[round(1e3 * t, 2) for t in stage_sums(times, balance)]}, MiB per stage "
             f"({config.schedule}: {in_flight} micro-batches in flight) {[round(m / 2**20, 1) for m in memory]}")
-        return Placement.from_balance(balance), times
+        return Placement.looped(balance, config.stages), times
     assert not isinstance(config.balance, str)  # "even" or "auto" (PipelineConfig checks), handled above
-    return Placement.from_balance(config.balance), None
+    return Placement.looped(config.balance, config.stages), None
 
 
 def _check_tensor_parallel(config: PipelineConfig, grid: ProcessGrid, state: Optional[dict], split_layers) -> None:

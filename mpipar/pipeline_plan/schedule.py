@@ -174,6 +174,24 @@ class Schedule:
             raise ValueError(f"{self.name} with {self.stages} stages needs microbatches >= stages - 1 = "
                              f"{self.stages - 1}, got {self.microbatches}; use more micro-batches")
 
+    @classmethod
+    def on(cls, name: str, stage_ranks: Sequence[int], microbatches: int) -> Schedule:
+        """Schedule ``name`` for stages placed on ``stage_ranks``: a schedule of virtual stages takes the
+        stages per rank (every rank must hold as many), any other one ``virtual_stages=1``.
+
+        Raises:
+            ValueError: as the constructor, or ranks holding unequal numbers of stages for a schedule of
+                virtual stages.
+        """
+        stages, ranks = len(stage_ranks), len(set(stage_ranks))
+        if schedule_kind(name).virtual:
+            counts = sorted({list(stage_ranks).count(rank) for rank in set(stage_ranks)})
+            if len(counts) != 1:
+                raise ValueError(f"{name} needs every rank to hold as many stages (virtual stages); stage ranks "
+                                 f"{tuple(stage_ranks)} give {counts} stages per rank")
+            return cls(name, stages, microbatches, virtual_stages=stages // ranks)
+        return cls(name, stages, microbatches)
+
     @property
     def kind(self) -> ScheduleKind:
         """The registered schedule of this name."""
