@@ -192,41 +192,53 @@ def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, mac
 
 
 def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, microbatches: int,
-                     schedule: str = "1f1b", balance: Optional[Sequence[int]] = None) -> Prediction:
-    """A flushing pipeline of ``layout.pp`` stages (one per rank) on ``batch`` samples per replica in
-    ``microbatches`` micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`)
-    with each stage's forward and backward per micro-batch and each boundary's point-to-point message;
-    then each stage's gradients averaged over the ``layout.dp`` replicas (not overlapped). ``balance``:
-    layers per stage (default: the split with the fastest slowest stage, as ``--balance auto``)."""
-    stages = layout.pp
+                     schedule: str = "1f1b", balance: Optional[Sequence[int]] = None,
+                     virtual_stages: int = 1) -> Prediction:
+    """A flushing pipeline of ``layout.pp`` ranks on ``batch`` samples per replica in ``microbatches``
+    micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`) with each
+    stage's forward and backward per micro-batch and each boundary's point-to-point message; then each rank's
+    gradients averaged over the ``layout.dp`` replicas (not overlapped). A rank holds one stage, or
+    ``virtual_stages`` chunks (``interleaved``: chunk ``c`` on rank ``c % pp``). ``balance``: layers per stage
+    or chunk (default: the split with the fastest slowest one, as ``--balance auto``)."""
+    ranks, stages = layout.pp, layout.pp * virtual_stages
     layers = layers_at(profile, batch / microbatches)
     if balance is None:
         balance = balance_by_time([layer.forward + layer.backward for layer in layers], stages)
     forwards = stage_sums([layer.forward for layer in layers], balance)
     backwards = stage_sums([layer.backward for layer in layers], balance)
     ends = [sum(balance[:stage + 1]) - 1 for stage in range(stages)]
-    transfers = [machine.link(not layout.boundary_across(stage)).p2p_seconds(layers[ends[stage]].activation_bytes)
+    stage_ranks = [stage % ranks for stage in range(stages)]
+
+    def across(stage: int) -> bool:  # the boundary after ``stage``: between ranks, maybe from the last to the first
+        a, b = stage_ranks[stage], stage_ranks[stage + 1]
+        return any(layout.spans_nodes([layout.rank(r, a), layout.rank(r, b)]) for r in range(layout.dp))
+
+    transfers = [machine.link(not across(stage)).p2p_seconds(layers[ends[stage]].activation_bytes)
                  for stage in range(stages - 1)]
-    plan = Schedule(schedule, stages, microbatches)
+    plan = Schedule(schedule, stages, microbatches, virtual_stages=virtual_stages)
     stage_times = list(zip(forwards, backwards))
 
     def makespan(transfer_times):
-        spans = simulate_step(plan, list(range(stages)), stage_times, transfer_times)
+        spans = simulate_step(plan, stage_ranks, stage_times, transfer_times)
         return max(finish for _, finish in spans.values())
+
+    def per_rank(values: Sequence[float]) -> List[float]:
+        return [sum(values[stage] for stage in range(rank, stages, ranks)) for rank in range(ranks)]
 
     with_messages = makespan(transfers)
     p2p = with_messages - makespan(None)
-    busy = [microbatches * (f + b) for f, b in stage_times]
-    bubble = 1.0 - sum(busy) / (stages * with_messages) if with_messages > 0 else 0.0
+    busy = per_rank([microbatches * (f + b) for f, b in stage_times])
+    bubble = 1.0 - sum(busy) / (ranks * with_messages) if with_messages > 0 else 0.0
     dp_link = machine.link(not layout.dp_across())
     stage_params = stage_sums([_param_bytes([layer]) for layer in layers], balance)
-    allreduce = max(machine.gradient_allreduce_seconds(size, layout.nodes_of(layout.replicas_of(stage)))
-                    for stage, size in enumerate(stage_params))
-    overhead = step_overhead(profile, batch) * max(stage_params) / max(sum(stage_params), 1)
+    rank_params = per_rank(stage_params)
+    allreduce = max(machine.gradient_allreduce_seconds(size, layout.nodes_of(layout.replicas_of(rank)))
+                    for rank, size in enumerate(rank_params))
+    overhead = step_overhead(profile, batch) * max(rank_params) / max(sum(rank_params), 1)
     saved = stage_sums([layer.saved_bytes for layer in layers], balance)
-    memory = max(OPTIMIZER_COPIES * params + plan.max_in_flight(stage) * activations
-                 for stage, (params, activations) in enumerate(zip(stage_params, saved)))
-    links = {machine.link(not layout.boundary_across(s)).description for s in range(stages - 1)} | (
+    memory = max(per_rank([OPTIMIZER_COPIES * params + plan.max_in_flight(stage) * activations
+                           for stage, (params, activations) in enumerate(zip(stage_params, saved))]))
+    links = {machine.link(not across(s)).description for s in range(stages - 1)} | (
         {dp_link.description} if layout.dp > 1 else set())
     return Prediction("PP" if layout.dp == 1 else "PP x DP", layout, with_messages + allreduce + overhead,
                       max(busy) + overhead, allreduce, p2p, bubble, memory, microbatches,

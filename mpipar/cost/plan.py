@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 from mpipar.cost.machine import Machine, interconnect
 from mpipar.cost.model import Layout, Prediction, predict_data_parallel, predict_pipeline
 from mpipar.cost.tensor import predict_tensor_grid, tensor_degrees
-from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES
+from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, Schedule
 
 __all__ = ["PlanRow", "candidates", "plan", "format_plan", "main"]
 
@@ -29,15 +29,16 @@ def candidates(ranks: int, num_layers: int) -> List[tuple]:
 
 
 def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_node: int, *, bucket_mb: float = 25.0,
-         schedule: str = "1f1b", microbatch_choices: Sequence[int] = (1, 2, 4)) -> List[PlanRow]:
+         schedule: str = "1f1b", microbatch_choices: Sequence[int] = (1, 2, 4),
+         virtual_stages: int = 1) -> List[PlanRow]:
     """Every data x pipeline grid of ``ranks``, and for a model with tensor-parallel profiles in the machine
     file (a vision transformer: ``MODEL/tpT``) every data x tensor grid instead of the pipelines (no job
     pipelines a vision transformer); fastest predicted step first (then least memory).
 
     The global batch is ``batch_size * ranks`` in every row (``batch_size`` per rank, as data parallelism
-    takes it); a pipeline of ``pp`` stages splits its replica's share into ``k * pp`` micro-batches for
-    each ``k`` of ``microbatch_choices`` that divides it, and the best is kept; a tensor-parallel group of
-    ``tp`` ranks takes ``tp * batch_size`` samples. Pure.
+    takes it); a pipeline of ``pp`` ranks (``virtual_stages`` chunks each for ``interleaved``) splits its
+    replica's share into ``k * pp`` micro-batches for each ``k`` of ``microbatch_choices`` that divides it, and
+    the best is kept; a tensor-parallel group of ``tp`` ranks takes ``tp * batch_size`` samples. Pure.
     """
     profile = machine.profile(model)
     extrapolated = ranks > machine.ranks or ranks_per_node != machine.ranks_per_node or (
@@ -48,13 +49,14 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
         if ranks % tp == 0:
             rows.append(predict_tensor_grid(machine, model, batch_size * tp, Layout(ranks, ranks_per_node, tp=tp),
                                             bucket_mb=bucket_mb))
-    for dp, pp in candidates(ranks, 1 if degrees else profile.num_layers):
+    for dp, pp in candidates(ranks, 1 if degrees else profile.num_layers // virtual_stages):
         layout = Layout(ranks, ranks_per_node, dp=dp, pp=pp)
         replica_batch = batch_size * ranks // dp
         if pp == 1:
             rows.append(predict_data_parallel(profile, replica_batch, layout, machine, bucket_mb=bucket_mb))
             continue
-        options = [predict_pipeline(profile, replica_batch, layout, machine, microbatches=k * pp, schedule=schedule)
+        options = [predict_pipeline(profile, replica_batch, layout, machine, microbatches=k * pp, schedule=schedule,
+                                    virtual_stages=virtual_stages)
                    for k in microbatch_choices if replica_batch % (k * pp) == 0]
         if options:
             rows.append(min(options, key=lambda p: p.step))
@@ -89,16 +91,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                "(default: the measured one)")
     parser.add_argument("--bucket-mb", type=float, default=25.0)
     parser.add_argument("--schedule", choices=FLUSHING_SCHEDULES, default="1f1b")
+    parser.add_argument("--virtual-stages", type=int, default=1,
+                        help="chunks per rank of --schedule interleaved (1: one stage per rank)")
     args = parser.parse_args(argv)
     try:
-        if args.ranks < 1 or args.batch_size < 1:
-            raise ValueError(f"--ranks and --batch-size must be >= 1, got {args.ranks}, {args.batch_size}")
+        if args.ranks < 1 or args.batch_size < 1 or args.virtual_stages < 1:
+            raise ValueError(f"--ranks, --batch-size and --virtual-stages must be >= 1, got {args.ranks}, "
+                             f"{args.batch_size}, {args.virtual_stages}")
+        Schedule(args.schedule, args.virtual_stages, args.virtual_stages, virtual_stages=args.virtual_stages)
         machine = Machine.load(args.machine)
         if args.interconnect:
             machine = machine.with_across(interconnect(args.interconnect))
         per_node = args.ranks_per_node or min(machine.ranks_per_node, args.ranks)
         rows = plan(machine, args.model, args.batch_size, args.ranks, per_node, bucket_mb=args.bucket_mb,
-                    schedule=args.schedule)
+                    schedule=args.schedule, virtual_stages=args.virtual_stages)
     except ValueError as exc:
         sys.exit(f"mpipar-plan: {exc}")
     print(format_plan(rows, model=args.model, batch_size=args.batch_size, ranks=args.ranks, ranks_per_node=per_node))
