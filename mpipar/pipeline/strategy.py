@@ -206,7 +206,8 @@ class PipelineStrategy:
         self.ideal = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks)
         self.metrics_attrs = {
             "parameters": parameter_count, "tp": tp, "schedule": config.schedule,
-            "stages": self.pipe.num_stages, "microbatches": config.microbatches, "replicas": self.replicas,
+            "stages": self.pipe.num_stages, "virtual_stages": self.pipe.schedule.virtual_stages,
+            "microbatches": config.microbatches, "replicas": self.replicas,
             "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal,
             **self.grid.metrics_attrs()}
         if self.asynchronous:
