@@ -59,7 +59,7 @@ def settings_of(args, world_size: int):
     PipelineConfig (--stages > 1). Raises ValueError naming the flag."""
     if args.stages > 1:
         return PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=args.stages,
-                              balance=args.balance, tp=args.tp)
+                              balance=args.balance, tp=args.tp, virtual_stages=args.virtual_stages)
     if args.tp > 1:
         return TensorParallelConfig(tp=args.tp)
     if args.tp < 1:

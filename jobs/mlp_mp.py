@@ -44,7 +44,8 @@ def main(argv=None) -> None:
     session = Session.from_args(comm, args, EARLY_SIGNALS, model="mlp-" + "-".join(map(str, models.MLP_SIZES)),
                                 settings=lambda: PipelineConfig(schedule=args.schedule, microbatches=args.microbatches,
                                                                 stages=len(set(args.placement)),
-                                                                placement=args.placement))
+                                                                placement=args.placement,
+                                                                virtual_stages=args.virtual_stages))
     splits = session.data()
     model = models.image_mlp(**splits.model_shape)
     strategy = PipelineStrategy(comm, model, session.settings, batch_size=session.config.batch_size,

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         if stages == 1:
             return TensorParallelConfig(tp=tp)
         return PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=stages,
-                              balance=args.balance, tp=tp)
+                              balance=args.balance, tp=tp, virtual_stages=args.virtual_stages)
 
     session = Session.from_args(comm, args, EARLY_SIGNALS, model="mlp-" + "-".join(map(str, models.MLP_SIZES)),
                                 settings=settings)

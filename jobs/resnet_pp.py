@@ -6,6 +6,8 @@ Usage:
     mpirun -n 4 python jobs/resnet_pp.py --data synthetic --max-steps 20 --out runs/pp --resume
     mpirun -n 2 python jobs/resnet_pp.py --model resnet-small --balance even   # 5 block layers, split 3|2
     mpirun -n 4 python jobs/resnet_pp.py --microbatches 8 --schedule gpipe --stage-memory-mb 64
+    mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule interleaved --virtual-stages 2
+    mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule zero-bubble
     mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule pipedream --microbatches 8 --epochs 1
     mpirun -n 4 python jobs/resnet_pp.py --data fashion-mnist --schedule 2bw --microbatches 8 --epochs 1
     mpirun -n 4 python jobs/resnet_pp.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid
@@ -43,7 +45,7 @@ def main(argv=None) -> None:
 
     session = Session.from_args(comm, args, EARLY_SIGNALS, settings=lambda: PipelineConfig(
         schedule=args.schedule, microbatches=args.microbatches, stages=args.stages or comm.Get_size(),
-        balance=args.balance, stage_memory_mb=args.stage_memory_mb))
+        balance=args.balance, stage_memory_mb=args.stage_memory_mb, virtual_stages=args.virtual_stages))
     splits = session.data()
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
     pipeline, config = session.settings, session.config

@@ -272,3 +272,29 @@ def test_predict_run_reads_the_jobs_settings():
     none, why = predict_run(machine, model="other", batch_size=8, bucket_mb=25, settings=None, ranks=2,
                             ranks_per_node=2)
     assert none is None and "mpipar-calibrate --model other" in why
+
+
+@pytest.mark.parametrize("ranks,chunks,microbatches", [(2, 2, 4), (4, 2, 8), (3, 3, 6)])
+def test_interleaved_pipeline_prediction_is_megatrons_bubble(ranks, chunks, microbatches):
+    """Equal chunks of one layer each (forward 1, backward 1 per micro-batch), free messages: the bubble is
+    (p-1)/(V m + p-1); a rank's memory is its chunks' parameters and the activations they hold at once."""
+    profile = profile_of([(1.0, 1.0, [1000], 100, 10)] * (ranks * chunks))
+    p = predict_pipeline(profile, 8 * microbatches, Layout(ranks, ranks, pp=ranks), machine_of(profile),
+                         microbatches=microbatches, schedule="interleaved", virtual_stages=chunks)
+    assert p.bubble == pytest.approx((ranks - 1) / (chunks * microbatches + ranks - 1))
+    assert p.step == pytest.approx(2.0 * (chunks * microbatches + ranks - 1)) and p.p2p == 0
+    plan = Schedule("interleaved", ranks * chunks, microbatches, virtual_stages=chunks)
+    rank_0 = range(0, ranks * chunks, ranks)  # its chunks: the most in flight
+    assert p.memory_bytes == 3 * 1000 * chunks + 10 * sum(plan.max_in_flight(s) for s in rank_0)
+
+
+@pytest.mark.parametrize("stages,microbatches", [(2, 4), (4, 4), (4, 8)])
+def test_zero_bubble_prediction_is_the_papers_bubble(stages, microbatches):
+    """Forward 1, backward 2 (input and weight halves 1 each): ZB-H1's (p-1)/(3m + p-1); a stage holds
+    min(p, m) micro-batches until their W."""
+    profile = profile_of([(1.0, 2.0, [1000], 100, 10)] * stages)
+    p = predict_pipeline(profile, 8 * microbatches, Layout(stages, stages, pp=stages), machine_of(profile),
+                         microbatches=microbatches, schedule="zero-bubble")
+    assert p.bubble == pytest.approx((stages - 1) / (3 * microbatches + stages - 1))
+    assert p.step == pytest.approx(3.0 * microbatches + stages - 1)
+    assert p.memory_bytes == 3 * 1000 + min(stages, microbatches) * 10

@@ -180,6 +180,25 @@ def test_ideal_pipeline_timeline_is_the_schedules_simulation(stages, microbatche
     assert pipeline.stage_ranks_of([0, 0, 1, 1, 0]) == [0, 1, 0]
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ideal_timeline_of_the_new_schedules(ranks):
+    """Interleaved 1F1B on Megatron's placement (2 chunks per rank, read off the placement) and zero-bubble
+    (I and W spans, half a backward each): the papers' bubbles at unit costs, each rank's row in its order."""
+    from mpipar.pipeline.schedule import Schedule
+    from mpipar.report import pipeline
+
+    m = 2 * ranks
+    looped = [stage % ranks for stage in range(2 * ranks)]
+    interleaved = pipeline.ideal_timeline("interleaved", looped, m, [(1.0, 1.0)] * (2 * ranks))
+    assert interleaved.bubble == pytest.approx((ranks - 1) / (2 * m + ranks - 1))
+    assert {s.kind for spans in interleaved.rows.values() for s in spans} == {"F", "B"}
+    zero = pipeline.ideal_timeline("zero-bubble", list(range(ranks)), m, [(1.0, 2.0)] * ranks)
+    assert zero.bubble == pytest.approx((ranks - 1) / (3 * m + ranks - 1))
+    for rank, spans in zero.rows.items():
+        assert [(s.kind, s.microbatch) for s in spans] == Schedule("zero-bubble", ranks, m).compute_order(rank)
+        assert all(s.end - s.start == pytest.approx(1.0) for s in spans)
+
+
 def test_point_to_point_matrix_and_heat_map(tmp_path):
     """/p2p rows (one per rank, peer and flush) add up to the rank x rank matrix, drawn as a heat
     map for runs that have them; a run without them has neither."""

@@ -115,19 +115,19 @@ def test_every_receive_is_sent_at_an_earlier_tick(name, stages, microbatches):
     schedule = Schedule(name, stages, microbatches, batches=3 if name in ("pipedream", "2bw") else 1)
     tick = {}
     for stage in range(stages):
-        for (kind, i), t in zip(schedule.compute_order(stage), schedule.ticks(stage)):
-            tick[(kind, stage, i)] = t
+        for step, t in zip(schedule._compute_steps(stage), schedule.ticks(stage)):
+            tick[step] = t
+    for step, t in tick.items():  # every data dependency (a received tensor among them) at an earlier tick
+        assert all(tick[need] < t for need in schedule.depends_on(step))
     for stage in range(stages):
         for instruction in schedule.instructions(stage):
             i = instruction.microbatch
             if isinstance(instruction, RecvActivation):
-                assert tick[("F", stage - 1, i)] < tick[("F", stage, i)]
-            if isinstance(instruction, RecvGrad):
-                assert tick[("B", stage + 1, i)] < tick[("B", stage, i)]
+                assert tick[Forward(stage - 1, i)] < tick[Forward(stage, i)]
     total = schedule.total_microbatches
-    every = {(kind, i) for kind in ("F", "B") for i in range(total)} if schedule.has_backward else \
-        {("F", i) for i in range(total)}
-    assert all(set(schedule.compute_order(s)) == every for s in range(stages))
+    codes = {"zero-bubble": ("F", "I", "W")}.get(name, ("F", "B") if schedule.has_backward else ("F",))
+    every = {(code, i) for code in codes for i in range(total)}
+    assert all(sorted(schedule.compute_order(s)) == sorted(every) for s in range(stages))
 
 
 def test_in_flight_microbatches():
@@ -363,10 +363,10 @@ def test_async_bubbles():
 
 
 def test_the_registry_lists_the_schedules_in_order():
-    assert SCHEDULES == ("naive", "gpipe", "1f1b", "forward", "pipedream", "2bw")
+    assert SCHEDULES == ("naive", "gpipe", "1f1b", "forward", "interleaved", "pipedream", "2bw", "zero-bubble")
     assert ASYNC_SCHEDULES == ("pipedream", "2bw")
-    assert TRAIN_SCHEDULES == ("naive", "gpipe", "1f1b", "pipedream", "2bw")
-    assert FLUSHING_SCHEDULES == ("naive", "gpipe", "1f1b")
+    assert TRAIN_SCHEDULES == ("naive", "gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zero-bubble")
+    assert FLUSHING_SCHEDULES == ("naive", "gpipe", "1f1b", "interleaved", "zero-bubble")
 
 
 def test_consumers_offer_the_registered_schedules():
@@ -439,3 +439,86 @@ def test_a_schedule_with_its_own_instructions_registers_in_one_place(monkeypatch
 
 def test_update_period_is_read_off_the_update_rule():
     assert [Schedule(name, 3, 4).update_period for name in ("pipedream", "2bw", "1f1b")] == [1, 4, 4]
+
+
+# -- interleaved 1F1B (virtual stages) and zero bubble (split backward) ------------------------------------
+
+
+def test_interleaved_grid_2_ranks_2_chunks_4_microbatches():
+    """Megatron's order: groups of 2 micro-batches through chunk 0 then chunk 1; F1.0 is micro-batch 1 on the
+    rank's chunk 0 (rank 0: stage 0, rank 1: stage 1), chunk 1 = stages 2 and 3."""
+    schedule = Schedule("interleaved", 4, 4, virtual_stages=2)
+    assert rows(schedule.rank_grid()) == [
+        "F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 .    B2.1 .    B3.1 B2.0 B3.0".split(),
+        ".    F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 F3.0 B1.0 F2.1 B2.1 F3.1 B3.1 B2.0 B3.0 .".split(),
+    ]
+    assert schedule.length == 18 and schedule.unit_bubble == pytest.approx(1 / 9) == schedule.ideal_bubble
+    assert str(schedule) == "interleaved schedule, 4 stages (2 per rank), 4 micro-batches"
+
+
+def test_zero_bubble_grid_3_stages_4_microbatches():
+    """ZB-H1: 1F1B with the backward split into I and W, stage s holding its W's back by s micro-batches."""
+    schedule = Schedule("zero-bubble", 3, 4)
+    assert rows(schedule.grid()) == [
+        "F0 F1 F2 .  .  I0 W0 F3 I1 W1 I2 W2 I3 W3".split(),
+        ".  F0 F1 .  I0 F2 I1 W0 F3 I2 W1 I3 W2 W3".split(),
+        ".  .  F0 I0 F1 I1 F2 I2 W0 F3 I3 W1 W2 W3".split(),
+    ]
+    assert [str(i) for i in schedule.instructions(1)[:9]] == "ra0 F0 sa0 ra1 F1 sa1 rg0 I0 sg0".split()
+    assert [schedule.max_in_flight(s) for s in range(3)] == [3, 3, 3]  # F to W: the deferred W's memory
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_interleaved_bubble_is_megatrons_at_unit_costs(ranks, chunks, groups):
+    m = ranks * groups
+    schedule = Schedule("interleaved", ranks * chunks, m, virtual_stages=chunks)
+    assert schedule.unit_bubble == pytest.approx((ranks - 1) / (chunks * m + ranks - 1))
+    assert schedule.ideal_bubble == pytest.approx(schedule.unit_bubble)
+    looped = [stage % ranks for stage in range(ranks * chunks)]
+    assert placement_bubble(schedule, looped) == pytest.approx(schedule.unit_bubble)
+    if chunks == 1:  # one chunk per rank: 1F1B
+        assert all(schedule.compute_order(s) == Schedule("1f1b", ranks, m).compute_order(s) for s in range(ranks))
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("microbatches", [1, 2, 3, 4, 5, 8])
+def test_zero_bubble_bubble_is_the_papers_at_unit_costs(stages, microbatches):
+    schedule = Schedule("zero-bubble", stages, microbatches)
+    if microbatches >= stages:  # ZB-H1: (p-1)(F + I - W) idle per stage, a third of 1F1B's at F = I = W
+        assert schedule.unit_bubble == pytest.approx((stages - 1) / (3 * microbatches + stages - 1))
+    assert schedule.ideal_bubble == pytest.approx(schedule.unit_bubble)
+    times = [(1.0, 2.0)] * stages  # I and W half a backward each: unit steps
+    assert placement_bubble(schedule, tuple(range(stages)), times) == pytest.approx(schedule.unit_bubble)
+    assert placement_bubble(schedule, tuple(range(stages))) == pytest.approx(schedule.unit_bubble)
+    assert [schedule.max_in_flight(s) for s in range(stages)] == [min(stages, microbatches)] * stages
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_new_schedules_are_deadlock_free_on_any_placement(seed):
+    """Any stage -> rank map (several stages per rank, adjacent or not) and skips: the ranks' programs run to the
+    end in the simulator (which raises on a deadlock), every receive after its send."""
+    import random
+
+    rng = random.Random(seed)
+    ranks, chunks = rng.randint(1, 4), rng.randint(1, 3)
+    name = rng.choice(["interleaved", "zero-bubble"])
+    stages = ranks * chunks
+    schedule = Schedule(name, stages, ranks * rng.randint(1, 3), virtual_stages=chunks if name == "interleaved" else 1)
+    stage_ranks = [rng.randrange(rng.randint(1, 4)) for _ in range(stages)]
+    spans = simulate_step(schedule, stage_ranks, [(rng.random() + 0.1, rng.random() + 0.1)] * stages)
+    assert len(spans) == sum(len(schedule.compute_order(s)) for s in range(stages))
+    for step, (start, _) in spans.items():
+        assert all(spans[need][1] <= start for need in schedule.depends_on(step))
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (("1f1b", 4, 4), {"virtual_stages": 2}, r"1f1b has no virtual stages .* use one of \['interleaved'\]"),
+    (("interleaved", 3, 4), {"virtual_stages": 2}, "3 stages cannot be 2 virtual stages on each rank"),
+    (("interleaved", 4, 3), {"virtual_stages": 2}, r"needs micro-batches in whole groups of 2 .* got 3"),
+    (("interleaved", 4, 4), {"virtual_stages": 0}, "virtual_stages >= 1"),
+])
+def test_bad_virtual_stages_are_rejected(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Schedule(*args, **kwargs)

@@ -267,16 +267,17 @@ def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, mac
 
 def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, microbatches: int,
                      schedule: str = "1f1b", balance: Optional[Sequence[int]] = None,
-                     options: TrainingOptions = DEFAULT) -> Prediction:
-    """A flushing pipeline of ``layout.pp`` stages (one per rank) on ``batch`` samples per replica in
-    ``microbatches`` micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`)
-    with each stage's forward and backward per micro-batch and each boundary's point-to-point message;
-    then each stage's gradients averaged over the ``layout.dp`` replicas (not overlapped). ``balance``:
-    layers per stage (default: the split with the fastest slowest stage, as ``--balance auto``).
+                     options: TrainingOptions = DEFAULT, virtual_stages: int = 1) -> Prediction:
+    """A flushing pipeline of ``layout.pp`` ranks on ``batch`` samples per replica in ``microbatches``
+    micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`) with each
+    stage's forward and backward per micro-batch and each boundary's point-to-point message; then each rank's
+    gradients averaged over the ``layout.dp`` replicas (not overlapped). A rank holds one stage, or
+    ``virtual_stages`` chunks (``interleaved``: chunk ``c`` on rank ``c % pp``). ``balance``: layers per stage
+    or chunk (default: the split with the fastest slowest one, as ``--balance auto``).
     ``options``: the precision scales the compute, ``recompute="full"`` adds a stage's forward to its
     backward and keeps of each micro-batch in flight only the stage's input (plus one micro-batch's saved
     tensors while it is recomputed); a 16-bit wire sums the replicas' gradients by Alltoall + Allgather."""
-    stages = layout.pp
+    ranks, stages = layout.pp, layout.pp * virtual_stages
     layers = layers_at(profile, batch / microbatches)
     ratio, notes = precision_assumptions(machine, options)
     if balance is None:
@@ -286,30 +287,40 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     if options.recompute == "full":
         backwards = [b + f for f, b in zip(forwards, backwards)]
     ends = [sum(balance[:stage + 1]) - 1 for stage in range(stages)]
-    transfers = [machine.link(not layout.boundary_across(stage)).p2p_seconds(layers[ends[stage]].activation_bytes)
+    stage_ranks = [stage % ranks for stage in range(stages)]
+
+    def across(stage: int) -> bool:  # the boundary after ``stage``: between ranks, maybe from the last to the first
+        a, b = stage_ranks[stage], stage_ranks[stage + 1]
+        return any(layout.spans_nodes([layout.rank(r, a), layout.rank(r, b)]) for r in range(layout.dp))
+
+    transfers = [machine.link(not across(stage)).p2p_seconds(layers[ends[stage]].activation_bytes)
                  for stage in range(stages - 1)]
-    plan = Schedule(schedule, stages, microbatches)
+    plan = Schedule(schedule, stages, microbatches, virtual_stages=virtual_stages)
     stage_times = list(zip(forwards, backwards))
 
     def makespan(transfer_times):
-        spans = simulate_step(plan, list(range(stages)), stage_times, transfer_times)
+        spans = simulate_step(plan, stage_ranks, stage_times, transfer_times)
         return max(finish for _, finish in spans.values())
+
+    def per_rank(values: Sequence[float]) -> List[float]:
+        return [sum(values[stage] for stage in range(rank, stages, ranks)) for rank in range(ranks)]
 
     with_messages = makespan(transfers)
     p2p = with_messages - makespan(None)
-    busy = [microbatches * (f + b) for f, b in stage_times]
-    bubble = 1.0 - sum(busy) / (stages * with_messages) if with_messages > 0 else 0.0
+    busy = per_rank([microbatches * (f + b) for f, b in stage_times])
+    bubble = 1.0 - sum(busy) / (ranks * with_messages) if with_messages > 0 else 0.0
     dp_link = machine.link(not layout.dp_across())
     stage_params = stage_sums([_param_bytes([layer]) for layer in layers], balance)
-    allreduce = max(gradient_sum_seconds(machine, size, layout.nodes_of(layout.replicas_of(stage)), options.grad_wire)
-                    for stage, size in enumerate(stage_params))
-    overhead = step_overhead(profile, batch) * max(stage_params) / max(sum(stage_params), 1)
+    rank_params = per_rank(stage_params)
+    allreduce = max(gradient_sum_seconds(machine, size, layout.nodes_of(layout.replicas_of(rank)), options.grad_wire)
+                    for rank, size in enumerate(rank_params))
+    overhead = step_overhead(profile, batch) * max(rank_params) / max(sum(rank_params), 1)
     starts = [sum(balance[:stage]) for stage in range(stages)]
-    memory = max(state_memory([params], layout.dp, 0, options).total + activation_memory(
+    memory = max(per_rank([state_memory([params], layout.dp, 0, options).total + activation_memory(
         layers[starts[stage]:ends[stage] + 1], options, in_flight=plan.max_in_flight(stage),
         input_bytes=layers[starts[stage] - 1].activation_bytes if stage else 0)
-        for stage, params in enumerate(stage_params))
-    links = {machine.link(not layout.boundary_across(s)).description for s in range(stages - 1)} | (
+        for stage, params in enumerate(stage_params)]))
+    links = {machine.link(not across(s)).description for s in range(stages - 1)} | (
         {dp_link.description} if layout.dp > 1 else set())
     return Prediction("PP" if layout.dp == 1 else "PP x DP", layout, with_messages + allreduce + overhead,
                       max(busy) + overhead, allreduce, p2p, bubble, memory, microbatches,

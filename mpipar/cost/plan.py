@@ -14,7 +14,7 @@ from mpipar.cost.model import DEFAULT, Layout, Prediction, layers_at, predict_da
 from mpipar.cost.options import GRAD_WIRES, OPTIMIZER_STATE_BYTES, PRECISIONS, RECOMPUTE, TrainingOptions
 from mpipar.cost.sharded import predict_sharded
 from mpipar.cost.tensor import predict_tensor_grid, tensor_degrees
-from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES
+from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, Schedule
 
 __all__ = ["PlanRow", "candidates", "plan", "format_plan", "memory_by_stage", "verdicts", "parse_compress",
            "parse_zero", "main"]
@@ -37,18 +37,18 @@ def candidates(ranks: int, num_layers: int) -> List[tuple]:
 
 def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_node: int, *, bucket_mb: float = 25.0,
          schedule: str = "1f1b", microbatch_choices: Sequence[int] = (1, 2, 4), zero_stages: Sequence[int] = (),
-         options: TrainingOptions = DEFAULT, memory_bytes: float = 0.0) -> List[PlanRow]:
+         options: TrainingOptions = DEFAULT, memory_bytes: float = 0.0, virtual_stages: int = 1) -> List[PlanRow]:
     """Every data x pipeline grid of ``ranks``, and for a model with tensor-parallel profiles in the machine
     file (a vision transformer: ``MODEL/tpT``) every data x tensor grid instead of the pipelines (no job
     pipelines a vision transformer); fastest predicted step first (then least memory).
 
     The global batch is ``batch_size * ranks`` in every row (``batch_size`` per rank, as data parallelism
-    takes it); a pipeline of ``pp`` stages splits its replica's share into ``k * pp`` micro-batches for
-    each ``k`` of ``microbatch_choices`` that divides it, and the best is kept; a tensor-parallel group of
-    ``tp`` ranks takes ``tp * batch_size`` samples. ``zero_stages``: ZeRO stages (1-3) to add as rows of
-    the data-parallel grid. ``options``: optimizer, precision and recompute of every row; its compression
-    (a 16-bit wire, PowerSGD) adds a data-parallel row with it beside the fp32 one. ``memory_bytes``: the
-    budget per rank (0: none); with one, the rows that fit come first. Pure.
+    takes it); a pipeline of ``pp`` ranks (``virtual_stages`` chunks each for ``interleaved``) splits its
+    replica's share into ``k * pp`` micro-batches for each ``k`` of ``microbatch_choices`` that divides it, and
+    the best is kept; a tensor-parallel group of ``tp`` ranks takes ``tp * batch_size`` samples. ``zero_stages``:
+    ZeRO stages (1-3) to add as rows of the data-parallel grid. ``options``: optimizer, precision and recompute
+    of every row; its compression (a 16-bit wire, PowerSGD) adds a data-parallel row with it beside the fp32
+    one. ``memory_bytes``: the budget per rank (0: none); with one, the rows that fit come first. Pure.
     """
     profile = machine.profile(model)
     extrapolated = ranks > machine.ranks or ranks_per_node != machine.ranks_per_node or (
@@ -60,7 +60,7 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
         if ranks % tp == 0:
             rows.append(predict_tensor_grid(machine, model, batch_size * tp, Layout(ranks, ranks_per_node, tp=tp),
                                             bucket_mb=bucket_mb))
-    for dp, pp in candidates(ranks, 1 if degrees else profile.num_layers):
+    for dp, pp in candidates(ranks, 1 if degrees else profile.num_layers // virtual_stages):
         layout = Layout(ranks, ranks_per_node, dp=dp, pp=pp)
         replica_batch = batch_size * ranks // dp
         if pp == 1:
@@ -73,7 +73,8 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
                                      options=base) for zero in zero_stages if dp > 1 and not degrees]
             continue
         choices = [predict_pipeline(profile, replica_batch, layout, machine, microbatches=k * pp, schedule=schedule,
-                                    options=base) for k in microbatch_choices if replica_batch % (k * pp) == 0]
+                                    options=base, virtual_stages=virtual_stages)
+                   for k in microbatch_choices if replica_batch % (k * pp) == 0]
         if choices:
             rows.append(min(choices, key=lambda p: p.step))
     budget = memory_bytes if memory_bytes > 0 else None
@@ -198,11 +199,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none")
     parser.add_argument("--memory-gb", type=float, default=0.0,
                         help="memory per rank, GiB (default: the machine file's, if it has one)")
+    parser.add_argument("--virtual-stages", type=int, default=1,
+                        help="chunks per rank of --schedule interleaved (1: one stage per rank)")
     args = parser.parse_args(argv)
     try:
-        if args.ranks < 1 or args.batch_size < 1 or args.memory_gb < 0:
-            raise ValueError(f"--ranks and --batch-size must be >= 1 and --memory-gb >= 0, got {args.ranks}, "
-                             f"{args.batch_size}, {args.memory_gb}")
+        if args.ranks < 1 or args.batch_size < 1 or args.memory_gb < 0 or args.virtual_stages < 1:
+            raise ValueError(f"--ranks, --batch-size and --virtual-stages must be >= 1 and --memory-gb >= 0, got "
+                             f"{args.ranks}, {args.batch_size}, {args.virtual_stages}, {args.memory_gb}")
+        Schedule(args.schedule, args.virtual_stages, args.virtual_stages, virtual_stages=args.virtual_stages)
         options = TrainingOptions(args.optimizer, args.precision, args.grad_wire, args.recompute,
                                   parse_compress(args.compress))
         zero_stages = parse_zero(args.zero)
@@ -212,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         per_node = args.ranks_per_node or min(machine.ranks_per_node, args.ranks)
         budget = args.memory_gb * 2**30 or machine.memory_bytes
         rows = plan(machine, args.model, args.batch_size, args.ranks, per_node, bucket_mb=args.bucket_mb,
-                    schedule=args.schedule, zero_stages=zero_stages, options=options, memory_bytes=budget)
+                    schedule=args.schedule, zero_stages=zero_stages, options=options, memory_bytes=budget,
+                    virtual_stages=args.virtual_stages)
         notes = verdicts(rows, memory_by_stage(machine, args.model, args.batch_size, args.ranks, options),
                          model=args.model, ranks=args.ranks, memory_bytes=budget, options=options)
     except ValueError as exc:

@@ -56,6 +56,7 @@ VOCABULARY: Dict[str, Tuple[int, int]] = {
     # stage the stage; peers are the run's ranks (translated from the pipeline's communicator)
     "forward": (MAIN, 2),           # a stage's forward of one micro-batch
     "backward": (MAIN, 2),          # a stage's backward of one micro-batch (with its weight-stash bookkeeping)
+    "backward_weight": (MAIN, 2),   # a split backward's weight half (zero-bubble's W; its input half: backward)
     "recv_activation": (MAIN, 2),   # blocked receiving an activation, waiting included (peer: previous stage)
     "recv_grad": (MAIN, 2),         # blocked receiving a gradient, waiting included (peer: next stage)
     "send_activation": (COMM, 0),   # an activation in flight, posted to completed (peer, bytes)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.pipeline_plan.schedule import ASYNC_SCHEDULES, TRAIN_SCHEDULES
 
 __all__ = ["PipelineConfig", "TRAIN_SCHEDULES"]
@@ -21,7 +22,8 @@ class PipelineConfig:
             :class:`~mpipar.pipeline.strategy.PipelineStrategy`).
         microbatches: micro-batches per batch (must divide the batch).
         stages: ranks per pipeline; the data-parallel degree is the world size divided by it.
-        balance: ``"even"`` (by layer count), ``"auto"`` (profiled) or layers per stage.
+        balance: ``"even"`` (by layer count), ``"auto"`` (profiled) or layers per stage (per chunk with
+            ``virtual_stages``: ``stages * virtual_stages`` counts).
         placement: a rank per layer (may be non-contiguous); overrides ``balance``.
         tp: ranks that split every stage's layers (tensor parallelism inside the stages).
         stage_memory_mb: with ``balance="auto"``, the most MiB a stage may hold (parameters, gradients,
@@ -29,6 +31,8 @@ class PipelineConfig:
             it); 0: no limit.
         zero: ``--zero``: 1 shards each stage's optimizer state over its replicas (ZeRO-1,
             :class:`~mpipar.sharded.optimizer.ShardedUpdate`); 0 does not. Flushing schedules only.
+        virtual_stages: chunks per rank of a schedule of virtual stages (``interleaved``): the model split
+            into ``stages * virtual_stages`` chunks, chunk ``c`` on rank ``c % stages``; 1 otherwise.
     """
 
     schedule: str = "1f1b"
@@ -39,6 +43,7 @@ class PipelineConfig:
     tp: int = 1
     stage_memory_mb: float = 0.0
     zero: int = 0
+    virtual_stages: int = 1
 
     def __post_init__(self):
         if self.zero not in (0, 1):
@@ -60,11 +65,21 @@ class PipelineConfig:
             raise ValueError(f"--schedule {self.schedule} with {self.stages} stages needs --microbatches >= "
                              f"{self.stages - 1} (the micro-batches a stage holds across a batch's end), got "
                              f"{self.microbatches}")
+        if self.virtual_stages < 1 or (self.virtual_stages > 1 and not schedule_kind(self.schedule).virtual):
+            raise ValueError(f"--virtual-stages must be >= 1, and above 1 only with a schedule of virtual stages "
+                             f"(interleaved), got {self.virtual_stages} with --schedule {self.schedule}")
+        if self.virtual_stages > 1 and (self.placement is not None or self.tp > 1):
+            raise ValueError("--virtual-stages places the chunks itself (chunk c on rank c % stages) and splits no "
+                             "layers; leave out --placement and use --tp 1")
+        if self.virtual_stages > 1 and self.microbatches % self.stages:
+            raise ValueError(f"--schedule {self.schedule} --virtual-stages {self.virtual_stages} needs --microbatches "
+                             f"a multiple of --stages {self.stages} (Megatron's rule), got {self.microbatches}")
+        chunks = self.stages * self.virtual_stages
         if isinstance(self.balance, str):
             if self.balance not in ("even", "auto"):
                 raise ValueError(f"--balance must be 'even', 'auto' or layers per stage, got {self.balance!r}")
-        elif len(self.balance) != self.stages or min(self.balance) < 1:
-            raise ValueError(f"--balance must be 'even', 'auto' or {self.stages} positive layer counts "
+        elif len(self.balance) != chunks or min(self.balance) < 1:
+            raise ValueError(f"--balance must be 'even', 'auto' or {chunks} positive layer counts "
                              f"'N,N,...', got {','.join(map(str, self.balance))!r}")
         if self.stage_memory_mb < 0 or (self.stage_memory_mb and self.balance != "auto"):
             raise ValueError(f"--stage-memory-mb must be >= 0 and is used by --balance auto only, got "
@@ -74,10 +89,12 @@ class PipelineConfig:
                              f"each of them, got {','.join(map(str, self.placement))!r}")
 
     def to_dict(self) -> dict:
-        """The settings; ``stage_memory_mb`` and ``zero`` only when set (checkpoints from before them compare
-        equal)."""
+        """The settings; ``stage_memory_mb``, ``zero`` and ``virtual_stages`` only when set (checkpoints from
+        before them compare equal)."""
         settings = dataclasses.asdict(self)
         for key in ("stage_memory_mb", "zero"):
             if not settings[key]:
                 del settings[key]
+        if settings["virtual_stages"] == 1:
+            del settings["virtual_stages"]
         return settings

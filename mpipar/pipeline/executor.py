@@ -7,6 +7,7 @@ of an instruction (``compute.py``), what a step gives back (``step_state.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
@@ -19,6 +20,7 @@ from mpipar.models.skip import SkipEdge, find_skips
 from mpipar.pipeline.compute import Compute, finished_by_stage
 from mpipar.pipeline.shapes import ShapeAgreement
 from mpipar.pipeline.shared import SharedGradients, check_shared
+from mpipar.pipeline.split_backward import SplitBackward
 from mpipar.pipeline.stage import Stage, TensorSpec
 from mpipar.pipeline.step_state import RunState, StepResult
 from mpipar.pipeline.timing import StepClock
@@ -28,6 +30,8 @@ from mpipar.pipeline.windows import AsyncWindows
 from mpipar.pipeline_plan.placement import Placement
 from mpipar.pipeline_plan.schedule import (
     Backward,
+    BackwardInput,
+    BackwardWeight,
     Forward,
     RecvActivation,
     RecvGrad,
@@ -45,9 +49,9 @@ from mpipar.pipeline_plan.schedule import (
 __all__ = ["Pipeline", "StepResult"]
 
 
-def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
+def _as_placement(placement, module: nn.Sequential, size: int, virtual_stages: int) -> Placement:
     if placement is None:
-        return Placement.even(len(module), size)
+        return Placement.interleaved(len(module), size, virtual_stages)
     if isinstance(placement, Placement):
         return placement
     if isinstance(placement, Mapping):
@@ -55,7 +59,7 @@ def _as_placement(placement, module: nn.Sequential, size: int) -> Placement:
     return Placement(tuple(placement))
 
 
-class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
+class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
     """An ``nn.Sequential`` split over the ranks of ``comm`` and run as a pipeline.
 
     Every rank builds the same Sequential and the same Pipeline; a rank uses only
@@ -120,6 +124,14 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
         receives_ahead: receives kept posted per stream (activations into a stage, gradients into
             it, each skip), into buffers of the agreed shapes, so a message lands while the stage
             computes; 0 posts each when the program reaches it. Local (may differ between ranks).
+        virtual_stages: with ``placement=None``, the stages per rank (:meth:`Placement.interleaved`, for
+            ``schedule="interleaved"``); default 1: an even contiguous split. A schedule of virtual stages
+            takes the placement's stages per rank (each rank must hold as many).
+
+    A schedule that splits the backward (``"zero-bubble"``: input gradient ``I`` on the critical path, weight
+    gradients ``W`` later, :mod:`~mpipar.pipeline.split_backward`) cuts each stage's graph after every layer
+    (a layer must not change its input in place); the gradients are those of the unsplit backward, and a
+    micro-batch's activations are held until its ``W`` (``peak_in_flight`` counts them).
 
     Raises:
         ValueError, TypeError: on every rank, for a bad placement (wrong length,
@@ -132,7 +144,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
                  placement: Union[Placement, Sequence[int], Mapping[str, int], None] = None, *,
                  schedule: str = "1f1b", microbatches: int = 1,
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-                 device: Optional[torch.device] = None, receives_ahead: int = 2):
+                 device: Optional[torch.device] = None, receives_ahead: int = 2, virtual_stages: int = 1):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
 
@@ -142,9 +154,14 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
                                 f"wrap the layers in nn.Sequential")
             if isinstance(receives_ahead, bool) or not isinstance(receives_ahead, int) or receives_ahead < 0:
                 raise ValueError(f"receives_ahead must be an int >= 0, got {receives_ahead!r}")
-            chosen = _as_placement(placement, module, self.size)
+            chosen = _as_placement(placement, module, self.size, virtual_stages)
             chosen.validate(len(module), self.size)
-            plan = Schedule(schedule, len(chosen.segments), microbatches)
+            plan = Schedule.on(schedule, chosen.stage_ranks, microbatches)
+            in_place = [name for name, layer in module.named_children() if getattr(layer, "inplace", False)]
+            if plan.kind.splits_backward and in_place:
+                raise ValueError(f"{schedule} cuts each stage's graph after every layer and cannot differentiate "
+                                 f"layers {in_place}, which change their input in place; use their out-of-place "
+                                 f"form (e.g. nn.ReLU() for nn.ReLU(inplace=True))")
             check_shared(module, chosen, plan)
             return chosen, plan, find_skips(module)
 
@@ -181,7 +198,10 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             SendActivation: self._send, SendGrad: self._send,
             RecvSkip: self._receive_skip, RecvSkipGrad: self._receive_skip,
             SendSkip: self._send_skip, SendSkipGrad: self._send_skip,
-            Forward: self._forward, Backward: self._backward, Update: self._update}
+            Forward: self._forward, Backward: self._backward, Update: self._update,
+            BackwardInput: self._backward_input, BackwardWeight: self._backward_weight}
+        if self.schedule.kind.splits_backward:
+            self._install_split_backward()
         # asynchronous schedules: weight versions per stage, and what lives from one step to the next
         self.versions: Dict[int, WeightVersions] = {
             index: WeightVersions(index, stage.module, self.schedule) for index, stage in self.stages.items()
@@ -225,8 +245,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
     def _program(self, train: bool, microbatches: int) -> list:
         key = (train, microbatches)
         if key not in self._programs:
-            plan = self.schedule if train and microbatches == self.microbatches else \
-                Schedule(self.schedule.name if train else "forward", self.num_stages, microbatches)
+            plan = dataclasses.replace(self.schedule, microbatches=microbatches) if train else \
+                Schedule("forward", self.num_stages, microbatches)
             self._check_tags(2 * microbatches if plan.is_async else microbatches)
             self._programs[key] = rank_program(plan, self.stage_ranks, self.rank,
                                                [(e.producer, e.consumer) for e in self.stage_skips])
@@ -271,6 +291,8 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
         for stage in self.stages.values():
             stage.reset()
             stage.peak_in_flight = 0
+        if self.schedule.kind.splits_backward:
+            self._reset_split_backward()
         self._traced_sends.clear()  # a failed step's
         self._agree_batch(inputs, targets, train, microbatches)  # waiting for other ranks: idle
         program = self._program(train, microbatches)
@@ -280,7 +302,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute):
             target_chunks=list(targets.chunk(microbatches)) if isinstance(targets, torch.Tensor) and
             self.holds_last_stage else None,
             last_backward={instruction.stage: instruction for instruction in program
-                           if isinstance(instruction, Backward)})
+                           if isinstance(instruction, (Backward, BackwardWeight))})
         self._post_receives(program, run)
         for instruction in program:
             self._handlers[type(instruction)](instruction, run)

@@ -20,7 +20,8 @@ def balance_flag(text: str):
 def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b", microbatches: int = 4,
                        placement: Optional[str] = None, stages: bool = True, asynchronous: bool = False) -> None:
     """The flags of the pipeline jobs: ``--schedule``, ``--microbatches``, ``--balance``
-    (or ``--placement`` when ``placement`` gives its default) and ``--stages``.
+    (or ``--placement`` when ``placement`` gives its default), ``--virtual-stages`` (when a schedule of virtual
+    stages is offered) and ``--stages``.
     Placements and balances are parsed here, once, into tuples of ints. The schedules are
     the registered ones that train (``TRAIN_SCHEDULES``, not ``forward``); without
     ``asynchronous`` only those that flush (``FLUSHING_SCHEDULES``)."""
@@ -35,6 +36,10 @@ def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b
     else:
         parser.add_argument("--placement", type=rank_list, default=rank_list(placement),
                             help=f"the rank of every layer (default {placement})")
+    if any(schedule_kind(name).virtual for name in choices):
+        parser.add_argument("--virtual-stages", type=int, default=1,
+                            help="chunks per rank for --schedule interleaved (Megatron's virtual stages: the model "
+                                 "in stages x V chunks, chunk c on rank c %% stages); 1: one stage per rank")
     if stages:
         parser.add_argument("--stages", type=int, default=0,
                             help="ranks per pipeline (0: all ranks); the world size / stages pipelines are "

@@ -10,7 +10,7 @@ from torch import nn
 
 from mpipar.comm import mpi_tensor
 from mpipar.pipeline.timing import StepClock, StepTimes
-from mpipar.pipeline_plan.instructions import Backward, Instruction
+from mpipar.pipeline_plan.instructions import Instruction
 
 __all__ = ["StepResult", "RunState"]
 
@@ -63,7 +63,7 @@ class RunState:
     microbatches: int
     chunks: Optional[List[torch.Tensor]]
     target_chunks: Optional[List[torch.Tensor]]
-    last_backward: Dict[int, Backward]  # stage -> its last backward in the program
+    last_backward: Dict[int, Instruction]  # stage -> its last backward (split: weight half) in the program
     before_last_backward: Optional[Callable[[nn.Module], None]]
     received: Dict[Instruction, torch.Tensor] = field(default_factory=dict)
     outgoing: Dict[Instruction, torch.Tensor] = field(default_factory=dict)

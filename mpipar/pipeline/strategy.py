@@ -37,7 +37,8 @@ from mpipar.sharded.optimizer import ShardedUpdate
 
 __all__ = ["PipelineStrategy", "choose_placement", "full_optimizer"]
 
-LAYOUT = ("stages", "balance", "placement")
+LAYOUT = ("stages", "balance", "placement", "virtual_stages")
+DEFAULTS = {"virtual_stages": 1}  # a layout setting newer than some checkpoints: their value
 
 
 def _new_layout(state: dict, config: PipelineConfig, grid: ProcessGrid) -> bool:
@@ -46,7 +47,7 @@ def _new_layout(state: dict, config: PipelineConfig, grid: ProcessGrid) -> bool:
     saved = state.get("config", {})
     order = state.get("grid_order", list(range(len(grid.order))))  # before node-aware grids: rank order
     return (bool(state.get("relayout")) or list(order) != grid.order
-            or any(_plain(saved.get(key)) != _plain(getattr(config, key)) for key in LAYOUT))
+            or any(_plain(saved.get(key, DEFAULTS.get(key))) != _plain(getattr(config, key)) for key in LAYOUT))
 
 
 def _plain(value):
@@ -65,22 +66,22 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
     """
     if config.placement is not None:
         return Placement(config.placement), None
+    chunks, v = config.stages * config.virtual_stages, config.virtual_stages  # virtual stages: chunk c on c % stages
     if config.balance == "even":
-        return Placement.even(len(model), config.stages), None
+        return Placement.interleaved(len(model), config.stages, v), None
     if config.balance == "auto":
-        schedule = Schedule(config.schedule, config.stages, config.microbatches)
-        in_flight = [schedule.max_in_flight(stage) for stage in range(config.stages)]
+        schedule = Schedule(config.schedule, chunks, config.microbatches, virtual_stages=v)
+        in_flight = [schedule.max_in_flight(stage) for stage in range(chunks)]
         limit = config.stage_memory_mb * 2**20 if config.stage_memory_mb else None
-        balance, profiles = auto_balance(model, sample, config.stages, comm, in_flight=in_flight,
-                                         memory_limit=limit)
+        balance, profiles = auto_balance(model, sample, chunks, comm, in_flight=in_flight, memory_limit=limit)
         times = [p.time for p in profiles]
         memory = stage_memory(profiles, balance, in_flight)
         say(f"auto balance {balance} ({len(model)} layers) from per-layer ms {[round(1e3 * t, 2) for t in times]}; "
             f"predicted ms per micro-batch {[round(1e3 * t, 2) for t in stage_sums(times, balance)]}, MiB per stage "
             f"({config.schedule}: {in_flight} micro-batches in flight) {[round(m / 2**20, 1) for m in memory]}")
-        return Placement.from_balance(balance), times
+        return Placement.looped(balance, config.stages), times
     assert not isinstance(config.balance, str)  # "even" or "auto" (PipelineConfig checks), handled above
-    return Placement.from_balance(config.balance), None
+    return Placement.looped(config.balance, config.stages), None
 
 
 def _check_tensor_parallel(config: PipelineConfig, grid: ProcessGrid, state: Optional[dict], split_layers) -> None:
@@ -224,7 +225,8 @@ class PipelineStrategy:
         self.ideal = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks)
         self.metrics_attrs = {
             "parameters": parameter_count, "tp": tp, "schedule": config.schedule,
-            "stages": self.pipe.num_stages, "microbatches": config.microbatches, "replicas": self.replicas,
+            "stages": self.pipe.num_stages, "virtual_stages": self.pipe.schedule.virtual_stages,
+            "microbatches": config.microbatches, "replicas": self.replicas,
             "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal,
             **self.grid.metrics_attrs()}
         if self.asynchronous:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Instruction", "RecvActivation", "Forward", "SendActivation", "RecvGrad", "Backward", "SendGrad",
-           "Update", "SkipInstruction", "SendSkip", "RecvSkip", "SendSkipGrad", "RecvSkipGrad"]
+           "BackwardInput", "BackwardWeight", "Update", "SkipInstruction", "SendSkip", "RecvSkip", "SendSkipGrad",
+           "RecvSkipGrad"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,22 @@ class SendGrad(Instruction):
     """Send the gradient of this stage's input to stage ``stage - 1``."""
 
     code = "sg"
+
+
+@dataclass(frozen=True)
+class BackwardInput(Instruction):
+    """The first half of a split backward (zero-bubble): the gradient of the stage's input only, on the
+    critical path; the graph is kept for :class:`BackwardWeight`."""
+
+    code = "I"
+
+
+@dataclass(frozen=True)
+class BackwardWeight(Instruction):
+    """The second half of a split backward: the gradients of the stage's weights (into ``.grad``), deferred
+    into the bubble; frees what the micro-batch held. No peer."""
+
+    code = "W"
 
 
 @dataclass(frozen=True)

@@ -33,17 +33,36 @@ class ScheduleKind:
 
     Class attributes: ``name`` (the ``--schedule`` value), ``asynchronous`` (never flushes: the
     stream spans batches, cut into windows, with :class:`Update` instructions inside it),
-    ``trains`` (has backward passes), ``help`` (one line for ``--schedule``'s help).
+    ``trains`` (has backward passes), ``help`` (one line for ``--schedule``'s help), ``virtual`` (takes
+    ``virtual_stages > 1``: its unit clock runs ranks of several stages, :meth:`worker_streams`).
     """
 
     name: ClassVar[str] = ""
     asynchronous: ClassVar[bool] = False
     trains: ClassVar[bool] = True
     help: ClassVar[str] = ""
+    virtual: ClassVar[bool] = False
+    splits_backward: ClassVar[bool] = False  # BackwardInput and BackwardWeight instead of Backward
 
     def compute_steps(self, schedule: Schedule, stage: int) -> List[Instruction]:
         """The compute instructions of ``stage`` (``Forward``, ``Backward``), in the order it runs them."""
         raise NotImplementedError
+
+    def validate(self, schedule: Schedule) -> None:
+        """Raise ValueError for stages and micro-batches the schedule cannot order (none by default)."""
+
+    def worker_streams(self, schedule: Schedule) -> List[List[Instruction]]:
+        """The compute streams the unit clock runs, one per worker, each in order: one per stage by default
+        (a schedule of virtual stages gives one per rank)."""
+        return [self.compute_steps(schedule, stage) for stage in range(schedule.stages)]
+
+    def step_seconds(self, step: Instruction, forward: float, backward: float) -> float:
+        """How long ``step`` takes when its stage's forward and backward take ``forward`` and ``backward``."""
+        return forward if isinstance(step, Forward) else backward
+
+    def releases(self, step: Instruction) -> bool:
+        """Whether ``step`` is the last of its micro-batch on its stage (what the forward kept is freed)."""
+        return isinstance(step, Backward)
 
     def is_compute(self, step: Instruction) -> bool:
         """Whether ``step`` is a compute step (placed on the clock), not a message or an update."""

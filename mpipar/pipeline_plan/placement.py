@@ -84,6 +84,25 @@ class Placement:
         return cls.from_balance(even_balance(layers, size))
 
     @classmethod
+    def interleaved(cls, layers: int, size: int, chunks: int) -> Placement:
+        """Megatron's placement of virtual stages: ``layers`` split as evenly as counts allow into ``size *
+        chunks`` contiguous chunks, chunk ``c`` on rank ``c % size`` (each rank ``chunks`` non-adjacent ones;
+        with one rank, a single stage)."""
+        return cls.looped(even_balance(layers, size * chunks), size)
+
+    @classmethod
+    def looped(cls, balance: Sequence[int], size: int) -> Placement:
+        """Chunk ``c`` of ``balance[c]`` consecutive layers on rank ``c % size`` (virtual stages).
+
+        Raises:
+            ValueError: a count that is not an int >= 1, or a number of chunks that ``size`` does not divide.
+        """
+        ranks = cls.from_balance(balance).ranks  # validates the counts
+        if len(balance) % size:
+            raise ValueError(f"{len(balance)} chunks cannot go round {size} ranks evenly; give a multiple of {size}")
+        return cls(tuple(rank % size for rank in ranks))
+
+    @classmethod
     def from_names(cls, names: Sequence[str], mapping: Mapping[str, int]) -> Placement:
         """Placement from ``{layer name: rank}`` for a Sequential whose layers are ``names``.
 

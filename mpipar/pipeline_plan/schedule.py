@@ -30,6 +30,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpipar.pipeline_plan.instructions import (
     Backward,
+    BackwardInput,
+    BackwardWeight,
     Forward,
     Instruction,
     RecvActivation,
@@ -52,6 +54,8 @@ __all__ = [
     "SendActivation",
     "RecvGrad",
     "Backward",
+    "BackwardInput",
+    "BackwardWeight",
     "SendGrad",
     "SendSkip",
     "RecvSkip",
@@ -133,29 +137,60 @@ class Schedule:
         microbatches: number of micro-batches per batch (>= 1; for ``pipedream`` and ``2bw``
             at least ``stages - 1``, so that a batch covers the micro-batches in flight).
         batches: batches in the stream (asynchronous schedules only; default 1).
+        virtual_stages: stages per rank of a schedule of virtual stages (``interleaved``): the
+            ``stages`` are ``stages / virtual_stages`` ranks' chunks, stage ``s`` on rank
+            ``s % (stages / virtual_stages)``, and the unit clock runs the ranks; 1 otherwise.
 
     Raises:
         ValueError: unknown name, stages / microbatches / batches below 1, or too few
-            micro-batches for an asynchronous schedule.
+            micro-batches for an asynchronous schedule; ``virtual_stages`` above 1 for a
+            schedule without virtual stages, or not dividing ``stages``.
     """
 
     name: str
     stages: int
     microbatches: int
     batches: int = 1
+    virtual_stages: int = 1
 
     def __post_init__(self) -> None:
         schedule_kind(self.name)  # raises ValueError for an unknown name
         for what, value in (("stages", self.stages), ("microbatches", self.microbatches),
-                            ("batches", self.batches)):
+                            ("batches", self.batches), ("virtual_stages", self.virtual_stages)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"a schedule needs {what} >= 1 (an int), got {value!r}")
+        if self.virtual_stages > 1 and not self.kind.virtual:
+            virtual = [name for name in SCHEDULES if schedule_kind(name).virtual]
+            raise ValueError(f"{self.name} has no virtual stages (got virtual_stages={self.virtual_stages}); "
+                             f"use one of {virtual}")
+        if self.stages % self.virtual_stages:
+            raise ValueError(f"{self.stages} stages cannot be {self.virtual_stages} virtual stages on each rank; "
+                             f"use a multiple of {self.virtual_stages} stages")
+        self.kind.validate(self)
         if self.batches > 1 and not self.is_async:
             raise ValueError(f"{self.name} flushes after every batch; batches={self.batches} needs one of "
                              f"{ASYNC_SCHEDULES}")
         if self.is_async and self.microbatches < self.stages - 1:
             raise ValueError(f"{self.name} with {self.stages} stages needs microbatches >= stages - 1 = "
                              f"{self.stages - 1}, got {self.microbatches}; use more micro-batches")
+
+    @classmethod
+    def on(cls, name: str, stage_ranks: Sequence[int], microbatches: int) -> Schedule:
+        """Schedule ``name`` for stages placed on ``stage_ranks``: a schedule of virtual stages takes the
+        stages per rank (every rank must hold as many), any other one ``virtual_stages=1``.
+
+        Raises:
+            ValueError: as the constructor, or ranks holding unequal numbers of stages for a schedule of
+                virtual stages.
+        """
+        stages, ranks = len(stage_ranks), len(set(stage_ranks))
+        if schedule_kind(name).virtual:
+            counts = sorted({list(stage_ranks).count(rank) for rank in set(stage_ranks)})
+            if len(counts) != 1:
+                raise ValueError(f"{name} needs every rank to hold as many stages (virtual stages); stage ranks "
+                                 f"{tuple(stage_ranks)} give {counts} stages per rank")
+            return cls(name, stages, microbatches, virtual_stages=stages // ranks)
+        return cls(name, stages, microbatches)
 
     @property
     def kind(self) -> ScheduleKind:
@@ -166,6 +201,11 @@ class Schedule:
     def is_async(self) -> bool:
         """Whether the schedule never flushes (``pipedream``, ``2bw``)."""
         return self.kind.asynchronous
+
+    @property
+    def ranks(self) -> int:
+        """Ranks of the schedule's own placement: ``stages / virtual_stages``."""
+        return self.stages // self.virtual_stages
 
     @property
     def total_microbatches(self) -> int:
@@ -231,8 +271,10 @@ class Schedule:
 
     @cached_property
     def _ticks(self) -> Dict[Instruction, int]:
-        """Start tick of every compute step, one stage per worker, every step one tick."""
-        streams = [self._compute_steps(s) for s in range(self.stages)]
+        """Start tick of every compute step, every step one tick, each worker (a stage, or a rank of a schedule
+        of virtual stages) running its stream in order. A step starts after the steps it depends on, so the
+        ticks order every dependency, whichever ranks the stages sit on."""
+        streams = self.kind.worker_streams(self)
         spans = _simulate(streams, self.depends_on, lambda step: 1, f"schedule {self.name} has a dependency cycle")
         return {step: int(start) for step, (start, _) in spans.items()}  # unit durations: whole ticks
 
@@ -245,6 +287,12 @@ class Schedule:
         """Number of unit ticks from the first forward to the last step."""
         return 1 + max(self._ticks.values())
 
+    @property
+    def unit_bubble(self) -> float:
+        """Idle fraction of the unit clock's workers (every step one tick): ``1 - steps / (workers * length)``."""
+        streams = self.kind.worker_streams(self)
+        return 1.0 - sum(len(stream) for stream in streams) / (len(streams) * self.length)
+
     def grid(self) -> str:
         """A compact grid: one row per stage, one column per tick, ``.`` = idle."""
         rows = []
@@ -256,11 +304,25 @@ class Schedule:
             rows.append(" ".join(c.ljust(width) for c in cells).rstrip())
         return "\n".join(rows)
 
+    def rank_grid(self) -> str:
+        """The grid of the schedule's own placement: one row per rank, a cell ``F0.1`` is the forward of
+        micro-batch 0 on the rank's chunk 1 (stage ``rank + chunk * ranks``), ``.`` = idle."""
+        rows = []
+        for rank in range(self.ranks):
+            cells = ["."] * self.length
+            for stage in range(rank, self.stages, self.ranks):
+                for step in self._compute_steps(stage):
+                    chunk = f".{stage // self.ranks}" if self.virtual_stages > 1 else ""
+                    cells[self._ticks[step]] = f"{step}{chunk}"
+            width = max(len(c) for c in cells)
+            rows.append(" ".join(c.ljust(width) for c in cells).rstrip())
+        return "\n".join(rows)
+
     def max_in_flight(self, stage: int) -> int:
         """Most micro-batches whose activations ``stage`` holds at once."""
         in_flight = peak = 0
         for step in self._compute_steps(stage):
-            in_flight += 1 if isinstance(step, Forward) else -1 if isinstance(step, Backward) else 0
+            in_flight += 1 if isinstance(step, Forward) else -1 if self.kind.releases(step) else 0
             peak = max(peak, in_flight)
         return peak if self.has_backward else 1
 
@@ -334,7 +396,8 @@ class Schedule:
         return peaks
 
     def __str__(self) -> str:
-        return f"{self.name} schedule, {self.stages} stages, {self.microbatches} micro-batches"
+        virtual = f" ({self.virtual_stages} per rank)" if self.virtual_stages > 1 else ""
+        return f"{self.name} schedule, {self.stages} stages{virtual}, {self.microbatches} micro-batches"
 
 
 def _with_skips(group: List[Instruction], skips: Sequence[Tuple[int, int]], stage_ranks: Sequence[int],
@@ -346,8 +409,9 @@ def _with_skips(group: List[Instruction], skips: Sequence[Tuple[int, int]], stag
     before it and sends those of the skips its stage used after it. Skips between two
     stages of one rank need no message (the executor hands them over in memory).
     """
-    step = next((instruction for instruction in group if isinstance(instruction, (Forward, Backward))), None)
-    if step is None:  # another kind of compute step (a schedule's own): no skip crosses with it
+    step = next((instruction for instruction in group
+                 if isinstance(instruction, (Forward, Backward, BackwardInput))), None)
+    if step is None:  # another kind of compute step (a schedule's own, a split backward's W): no skip crosses
         return group
     s, i = step.stage, step.microbatch
     crossing = [(k, producer, consumer) for k, (producer, consumer) in enumerate(skips)
@@ -449,21 +513,20 @@ def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
     Communication is free and each rank runs its :func:`rank_program` in order,
     one step at a time, each step starting once its input exists. ``stage_times``
     gives each stage's (forward, backward) duration per micro-batch; by default
-    every step takes one unit. Returns the idle fraction ``1 - work / (ranks *
+    every compute step (a split backward's halves too) takes one unit. Returns the idle fraction ``1 - work / (ranks *
     makespan)``. With one stage per rank and equal stages this is
     :attr:`Schedule.ideal_bubble`; for ``pipedream`` and ``2bw`` it is the steady state's,
     ``1 - work / (ranks * the busiest rank's work)``; a rank holding several stages (``[0, 1, 0]``)
     cannot run them at once, and unequal ``stage_times`` (measured ones, say) give
     the bubble that the imbalance alone costs.
     """
-    if stage_times is None:
-        stage_times = [(1.0, 1.0)] * schedule.stages
-    if len(stage_times) != schedule.stages or any(t < 0 for pair in stage_times for t in pair):
+    if stage_times is not None and (len(stage_times) != schedule.stages or
+                                    any(t < 0 for pair in stage_times for t in pair)):
         raise ValueError(f"need (forward, backward) times >= 0 for {schedule.stages} stages, got {stage_times}")
     if schedule.is_async:  # steady state: the busiest rank sets the pace, the others wait for it
         per_rank: Dict[int, float] = {}
         for stage, rank in enumerate(stage_ranks):
-            per_rank[rank] = per_rank.get(rank, 0.0) + sum(stage_times[stage])
+            per_rank[rank] = per_rank.get(rank, 0.0) + (2.0 if stage_times is None else sum(stage_times[stage]))
         slowest = max(per_rank.values())
         return 0.0 if slowest <= 0 else 1.0 - sum(per_rank.values()) / (len(per_rank) * slowest)
 
@@ -473,19 +536,20 @@ def placement_bubble(schedule: Schedule, stage_ranks: Sequence[int],
     return 0.0 if makespan <= 0 else 1.0 - work / (len(set(stage_ranks)) * makespan)
 
 
-def simulate_step(schedule: Schedule, stage_ranks: Sequence[int], stage_times: Sequence[Tuple[float, float]],
+def simulate_step(schedule: Schedule, stage_ranks: Sequence[int],
+                  stage_times: Optional[Sequence[Tuple[float, float]]],
                   transfer_times: Optional[Sequence[float]] = None) -> Dict[Instruction, Tuple[float, float]]:
-    """(start, finish) of every forward and backward of one batch of a flushing ``schedule``.
+    """(start, finish) of every compute step of one batch of a flushing ``schedule``.
 
     Each rank runs its :func:`rank_program` in order, one step at a time; a stage's
-    forward and backward take ``stage_times[stage]`` seconds; an activation or gradient
+    forward and backward take ``stage_times[stage]`` seconds (a split backward's halves, half each:
+    the kind's ``step_seconds``; every step one unit when ``stage_times`` is None); an activation or gradient
     crossing the boundary after stage ``s`` between two ranks takes ``transfer_times[s]``
     seconds (none when both stages are on one rank; free when ``transfer_times`` is None).
     """
 
     def duration(step: Instruction) -> float:
-        forward, backward = stage_times[step.stage]
-        return backward if isinstance(step, Backward) else forward
+        return 1.0 if stage_times is None else schedule.kind.step_seconds(step, *stage_times[step.stage])
 
     def transfer(source: Instruction, target: Instruction) -> float:
         if transfer_times is None or stage_ranks[source.stage] == stage_ranks[target.stage]:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, Backward, Schedule, simulate_step
+from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, Schedule, simulate_step
 from mpipar.report.reader import Run
 
 __all__ = ["Span", "Timeline", "is_pipeline", "measured_timeline", "stage_times", "ideal_timeline",
@@ -23,8 +23,8 @@ __all__ = ["Span", "Timeline", "is_pipeline", "measured_timeline", "stage_times"
 
 @dataclass(frozen=True)
 class Span:
-    """One forward (``kind`` "F") or backward ("B") of ``microbatch`` on ``stage``, seconds from the
-    timeline's start."""
+    """One forward (``kind`` "F"), backward ("B"), or a split backward's input or weight half ("I", "W"; measured:
+    "B", "W") of ``microbatch`` on ``stage``, seconds from the timeline's start."""
 
     kind: str
     stage: int
@@ -68,10 +68,11 @@ def _compute_events(run: Run, step: Optional[int] = None) -> Dict[str, np.ndarra
     if not len(events.get("step", [])):
         return {}
     names = np.array(run.event_names)[events["name"]]
-    keep = np.isin(names, ("forward", "backward")) & (events["stage"] >= 0)
+    keep = np.isin(names, ("forward", "backward", "backward_weight")) & (events["stage"] >= 0)
     if step is not None:
         keep &= events["step"] == step
-    return {"kind": np.where(names[keep] == "forward", "F", "B"),
+    kinds = np.select([names[keep] == "forward", names[keep] == "backward_weight"], ["F", "W"], "B")
+    return {"kind": kinds,
             **{k: events[k][keep] for k in ("step", "rank", "stage", "index", "start", "duration")}}
 
 
@@ -85,10 +86,10 @@ def stage_times(run: Run) -> Optional[List[Tuple[float, float]]]:
     times = []
     for stage in range(stages):
         pair = []
-        for kind in ("F", "B"):
+        for kind in ("F", "B", "W"):
             mine = (found["stage"] == stage) & (found["kind"] == kind)
             pair.append(float(found["duration"][mine].mean()) if mine.any() else 0.0)
-        times.append((pair[0], pair[1]))
+        times.append((pair[0], pair[1] + pair[2]))  # a split backward's (zero-bubble) input and weight halves
     return times
 
 
@@ -124,11 +125,11 @@ def ideal_timeline(schedule: str, stage_ranks: Sequence[int], microbatches: int,
     :func:`mpipar.pipeline_plan.schedule.simulate_step`, the one simulator (pure: reading runs needs
     no torch), one row per rank. Its :attr:`Timeline.bubble` is ``placement_bubble``
     of the same arguments."""
-    spans = simulate_step(Schedule(schedule, len(stage_ranks), microbatches), stage_ranks, times)
+    spans = simulate_step(Schedule.on(schedule, stage_ranks, microbatches), stage_ranks, times)
     ranks = sorted(set(stage_ranks))
     rows: Dict[int, List[Span]] = {r: [] for r in ranks}
     for step, (start, end) in spans.items():
-        rows[stage_ranks[step.stage]].append(Span("B" if isinstance(step, Backward) else "F", step.stage,
+        rows[stage_ranks[step.stage]].append(Span(step.code, step.stage,
                                                   step.microbatch, start, end))
     makespan = max((end for _, end in spans.values()), default=0.0)
     return Timeline({r: sorted(row, key=lambda s: s.start) for r, row in rows.items()}, makespan)

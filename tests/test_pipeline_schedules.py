@@ -1,0 +1,202 @@
+"""Interleaved 1F1B (virtual stages) and zero-bubble (split backward) pipelines equal the unsplit model.
+
+``mpirun -n {1,2,3,4} python -m pytest --only-mpi tests/test_pipeline_schedules.py``: float64, outputs, loss and
+every gradient at 1e-10 against one process, with frozen, unused and tied parameters, skips across stages,
+BatchNorm, several SGD steps; bad settings are one error on every rank.
+"""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from test_pipeline import make_model
+from test_pipeline_skips import plain_reference, skip_model
+from torch import nn
+
+from mpi_helpers import assert_all_ranks, random_batch
+from mpipar.diagnostics.failure import AgreedError
+from mpipar.pipeline import Pipeline, Placement
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+BATCH, WIDTH = 12, 6
+torch.set_num_threads(1)
+
+
+class WithUnused(nn.Module):
+    """A Linear beside a parameter the forward never uses (its gradient stays None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(WIDTH, WIDTH)
+        self.unused = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def awkward_model() -> nn.Sequential:
+    """12 layers: a frozen Linear, a module with an unused parameter, fc5 tied to fc3 (same weight)."""
+    torch.manual_seed(0)
+    layers = OrderedDict([
+        ("fc0", nn.Linear(5, WIDTH)), ("act0", nn.Tanh()), ("fc1", nn.Linear(WIDTH, WIDTH)), ("act1", nn.Tanh()),
+        ("fc2", nn.Linear(WIDTH, WIDTH)), ("act2", nn.Tanh()), ("fc3", nn.Linear(WIDTH, WIDTH)), ("act3", nn.Tanh()),
+        ("odd", WithUnused()), ("fc5", nn.Linear(WIDTH, WIDTH)), ("act5", nn.Tanh()), ("fc6", nn.Linear(WIDTH, 3))])
+    model = nn.Sequential(layers).double()
+    model.fc1.requires_grad_(False)
+    model.fc5.weight = model.fc3.weight
+    return model
+
+
+def microbatches_for(size: int) -> int:
+    """A micro-batch count dividing the batch, a multiple of the ranks (interleaved), at least the stages."""
+    return {1: 3, 2: 6, 3: 6, 4: 4}[size]
+
+
+def placements(size: int) -> dict:
+    return {
+        "looped2": Placement.interleaved(12, size, 2),  # Megatron's: chunk c on rank c % size
+        "looped3": Placement.interleaved(12, size, 3),
+        "round_robin": Placement(tuple(i % size for i in range(12))),  # 12 stages, one layer each
+        "even": Placement.even(12, size),
+        "sandwich": Placement((0,) * 3 + tuple(1 + i % (size - 1) for i in range(6)) + (0,) * 3 if size > 1
+                              else (0,) * 12),
+    }
+
+
+def compare(comm, pipe, model, reference, result, inputs, targets, what, outputs=None):
+    expected = reference(inputs) if outputs is None else outputs
+    problems = []
+    if abs(result.loss - F.cross_entropy(expected, targets).item()) > 1e-12 and outputs is None:
+        problems.append(f"loss {result.loss}")
+    if pipe.holds_last_stage and not torch.allclose(result.outputs, expected.detach(), **TOL):
+        problems.append("outputs")
+    local = {id(p) for p in pipe.parameters()}
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        if id(p) not in local:
+            continue
+        if (p.grad is None) != (r.grad is None) or (p.grad is not None and not torch.allclose(p.grad, r.grad, **TOL)):
+            problems.append(f"grad {name}")
+    assert_all_ranks(comm, not problems, f"{what}: {problems}")
+
+
+def step(pipe, inputs, targets):
+    return pipe.step(inputs if pipe.holds_first_stage else None, targets if pipe.holds_last_stage else None)
+
+
+CASES = [("interleaved", "looped2"), ("interleaved", "looped3"), ("interleaved", "round_robin"),
+         ("interleaved", "even"), ("zero-bubble", "even"), ("zero-bubble", "round_robin"),
+         ("zero-bubble", "sandwich"), ("zero-bubble", "looped2")]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule,placement_name", CASES)
+def test_new_schedules_train_like_the_unsplit_model(schedule, placement_name):
+    """Three SGD steps (momentum) with frozen, unused and tied parameters equal serial training."""
+    comm = MPI.COMM_WORLD
+    model = awkward_model()
+    reference = copy.deepcopy(model)
+    pipe = Pipeline(model, comm, placements(comm.Get_size())[placement_name], schedule=schedule,
+                    microbatches=microbatches_for(comm.Get_size()), loss_fn=F.cross_entropy)
+    params = [p for p in pipe.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
+                                          momentum=0.9)
+    for number in range(3):
+        inputs, targets = random_batch(number, BATCH)
+        optimizer.zero_grad()
+        reference_optimizer.zero_grad()
+        F.cross_entropy(reference(inputs), targets).backward()
+        result = step(pipe, inputs, targets)
+        compare(comm, pipe, model, reference, result, inputs, targets, f"{schedule} {pipe.placement} step {number}")
+        optimizer.step()
+        reference_optimizer.step()
+    if schedule == "zero-bubble":  # a micro-batch is held from its forward to its W: the schedule's count
+        expected = {index: pipe.schedule.max_in_flight(index) for index in pipe.stages}
+        assert_all_ranks(comm, result.peak_in_flight == expected, f"in flight {result.peak_in_flight} != {expected}")
+    evaluated = pipe.evaluate(*random_batch(5, BATCH))
+    with torch.no_grad():
+        out = reference(random_batch(5, BATCH)[0])
+    assert_all_ranks(comm, not pipe.holds_last_stage or torch.allclose(evaluated.outputs, out, **TOL), "evaluate")
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule,chunks", [("interleaved", 2), ("zero-bubble", 1), ("zero-bubble", 2)])
+def test_new_schedules_with_skips_across_stages(schedule, chunks):
+    """The 14-layer skip model (skips across 1 to 3 layers' stages, some between two chunks of one rank)."""
+    comm = MPI.COMM_WORLD
+    model = skip_model()
+    reference, forward = plain_reference(model)
+    inputs, targets = random_batch(0, BATCH)
+    F.cross_entropy(forward(inputs), targets).backward()
+    placement = Placement.interleaved(14, comm.Get_size(), chunks)
+    pipe = Pipeline(model, comm, placement, schedule=schedule, microbatches=microbatches_for(comm.Get_size()),
+                    loss_fn=F.cross_entropy)
+    result = step(pipe, inputs, targets)
+    names = [name for name, _ in reference.named_parameters()]
+    expected = {name: p.grad for name, p in reference.named_parameters()}
+    local = {id(p) for p in pipe.parameters()}
+    problems = [name for name, p in zip(names, model.parameters())
+                if id(p) in local and not torch.allclose(p.grad, expected[name], **TOL)]
+    out = forward(inputs).detach()
+    if pipe.holds_last_stage and not torch.allclose(result.outputs, out, **TOL):
+        problems.append("outputs")
+    if abs(result.loss - F.cross_entropy(out, targets).item()) > 1e-12:
+        problems.append("loss")
+    assert_all_ranks(comm, not problems, f"{schedule} {placement}: {problems}")
+
+
+@pytest.mark.mpi(min_size=1)
+def test_zero_bubble_batchnorm_sees_one_microbatch_at_a_time():
+    comm, microbatches = MPI.COMM_WORLD, 3
+    model = make_model(batchnorm=True)
+    reference = copy.deepcopy(model)
+    inputs, targets = random_batch(0, BATCH)
+    outputs = []
+    for chunk, target in zip(inputs.chunk(microbatches), targets.chunk(microbatches)):
+        out = reference(chunk)
+        (F.cross_entropy(out, target) / microbatches).backward()
+        outputs.append(out.detach())
+    pipe = Pipeline(model, comm, Placement.even(6, comm.Get_size()), schedule="zero-bubble",
+                    microbatches=microbatches, loss_fn=F.cross_entropy)
+    result = step(pipe, inputs, targets)
+    compare(comm, pipe, model, reference, result, inputs, targets, "zero-bubble BatchNorm", torch.cat(outputs))
+    local = {id(p) for p in pipe.parameters()}
+    if any(id(p) in local for p in model.act2.parameters()):
+        assert torch.allclose(model.act2.running_mean, reference.act2.running_mean, **TOL)
+        assert int(model.act2.num_batches_tracked) == microbatches
+
+
+def raises_everywhere(comm, match, build):
+    try:
+        build()
+    except AgreedError as exc:
+        ok = match in str(exc)
+        message = str(exc)
+    else:
+        ok, message = False, "no error"
+    assert_all_ranks(comm, ok, message)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_zero_bubble_refuses_in_place_layers_on_every_rank():
+    comm = MPI.COMM_WORLD
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), nn.Linear(4, 3)).double()
+    raises_everywhere(comm, "change their input in place", lambda: Pipeline(
+        model, comm, Placement.even(4, comm.Get_size()), schedule="zero-bubble", microbatches=2,
+        loss_fn=F.cross_entropy))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_interleaved_refuses_unequal_chunks_and_ragged_microbatches_on_every_rank():
+    comm = MPI.COMM_WORLD
+    size = comm.Get_size()
+    unequal = Placement((0,) + tuple(1 + r for r in Placement.even(10, size - 1).ranks) + (0,))  # size + 1 stages
+    raises_everywhere(comm, "needs every rank to hold as many stages", lambda: Pipeline(
+        awkward_model(), comm, unequal, schedule="interleaved", microbatches=size,
+        loss_fn=F.cross_entropy))
+    raises_everywhere(comm, f"needs micro-batches in whole groups of {size}", lambda: Pipeline(
+        awkward_model(), comm, Placement.interleaved(12, size, 2), schedule="interleaved", microbatches=size + 1,
+        loss_fn=F.cross_entropy))
