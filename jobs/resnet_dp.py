@@ -49,8 +49,8 @@ def main(argv=None) -> None:
 
     # the defaults are plain data parallelism: its settings and checkpoints stay as they were
     local_sgd = (args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum) != (1, 0, 1.0, 0.0)
-    if (local_sgd or args.zero) and args.grad_wire != "fp32":
-        parser.error("--grad-wire is for plain data parallelism here; local SGD and --zero reduce in fp32 for now")
+    if local_sgd and args.grad_wire != "fp32":
+        parser.error("--grad-wire is for synchronous data parallelism (--zero too) here; local SGD averages in fp32")
     if local_sgd and args.zero:
         parser.error("--zero shards synchronous data parallelism; local SGD flags cannot be combined with it")
     settings = (lambda: LocalSGDConfig(args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum)) \
@@ -63,7 +63,8 @@ def main(argv=None) -> None:
                                     device=session.device, state=session.state)
     elif args.zero:
         strategy = ShardedStrategy(model, comm, session.settings, bucket_mb=session.config.bucket_mb,
-                                   device=session.device, checkpoint=session.resumed_from)
+                                   device=session.device, checkpoint=session.resumed_from,
+                                   grad_wire=session.config.grad_wire)
     else:
         strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb, device=session.device,
                                         grad_wire=session.config.grad_wire)
