@@ -545,6 +545,45 @@ def test_the_loop_with_adamw_equals_data_parallel_and_records_the_bytes_held(com
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_loop_with_bf16_autocast_equals_one_process_and_fp16_is_refused_on_every_rank(comm, mpi_tmp_path,
+                                                                                           stage):
+    """``--zero N --precision bf16``: the parameters of one process's autocast run on the whole batch, within
+    test_precision's tolerance; ``--precision fp16`` is one clear error on every rank (no loss scaling)."""
+    from test_precision import LOOP_BATCH, TOLERANCE, loop_mlp, loop_run, serial_loop
+
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.diagnostics.failure import AgreedError
+    from mpipar.run.loop import train
+
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial_loop(comm, directory, "bf16")
+    model = loop_mlp()
+
+    class Watched(ShardedStrategy):
+        seen: list = []
+
+        def train_step(self, batch):
+            self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return super().train_step(batch)
+
+    strategy = Watched(model, comm, ShardedConfig(stage))
+    train(loop_run(comm, directory / "zero", LOOP_BATCH, "bf16", ShardedConfig(stage)), strategy,
+          synthetic(600, 100, seed=0))
+    with strategy.sdp.full_parameters():
+        problems = [f"{name}: {(p - q).abs().max():.2e}" for (name, p), q in zip(model.named_parameters(),
+                                                                                reference.parameters())
+                    if p.dtype != torch.float32 or not torch.allclose(p, q, rtol=0, atol=TOLERANCE["bf16"])]
+    if not strategy.seen or set(strategy.seen) != {torch.bfloat16}:
+        problems.append(f"autocast in train_step: {strategy.seen}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+    run = loop_run(comm, directory / "fp16", LOOP_BATCH, "fp16", ShardedConfig(stage))
+    with pytest.raises(AgreedError, match=r"sharded cannot train with --precision fp16 \(it takes fp32, bf16\)"):
+        train(run, ShardedStrategy(loop_mlp(), comm, ShardedConfig(stage)), synthetic(600, 100, seed=0))
+
+
 def test_the_optimizer_and_zero_flags_reach_the_settings():
     from mpipar.run.cli import add_zero_flag, train_config, training_parser
 

@@ -42,6 +42,8 @@ class ShardedStrategy:
     full_steps_only = False
     checkpoint_per_rank = True
     steps_optimizer = True
+    precisions = ("fp32", "bf16")  # --precision: autocast around train_step; fp16's loss scaling needs the loop to
+    # unscale the pieces' gradients between the reduction and the optimizer step, which runs in train_step here
 
     def __init__(self, model: nn.Module, comm: MPI.Intracomm, settings: ShardedConfig, *, bucket_mb: float = 25.0,
                  device: torch.device | str = "cpu", checkpoint: Optional[Path] = None, grad_wire: str = "fp32"):
