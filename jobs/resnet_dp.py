@@ -49,8 +49,8 @@ def main(argv=None) -> None:
 
     # the defaults are plain data parallelism: its settings and checkpoints stay as they were
     local_sgd = (args.sync_every, args.local_warmup, args.outer_lr, args.outer_momentum) != (1, 0, 1.0, 0.0)
-    if (local_sgd or args.zero) and args.grad_wire != "fp32":
-        parser.error("--grad-wire is for plain data parallelism here; local SGD and --zero reduce in fp32 for now")
+    if local_sgd and args.grad_wire != "fp32":
+        parser.error("--grad-wire is for synchronous data parallelism (--zero too) here; local SGD averages in fp32")
     if (local_sgd or args.zero) and args.compress != "none":
         parser.error("--compress is for plain data parallelism; local SGD and --zero do not compress")
     if local_sgd and args.zero:
@@ -65,7 +65,8 @@ def main(argv=None) -> None:
                                     device=session.device, state=session.state)
     elif args.zero:
         strategy = ShardedStrategy(model, comm, session.settings, bucket_mb=session.config.bucket_mb,
-                                   device=session.device, checkpoint=session.resumed_from)
+                                   device=session.device, checkpoint=session.resumed_from,
+                                   grad_wire=session.config.grad_wire)
     else:
         strategy = DataParallelStrategy(model, comm, bucket_mb=session.config.bucket_mb, device=session.device,
                                         grad_wire=session.config.grad_wire, compress=session.config.compress)

@@ -322,6 +322,58 @@ def test_zero3_holds_a_units_gradient_once_and_frees_it_when_its_reduce_scatter_
     assert_all_ranks(comm, hooks[0] > 0 and not problems, "; ".join(problems[:4]))
 
 
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def wire_model():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))  # float32: 42 + 24 elements
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_a_16_bit_wire_differs_from_the_exact_mean_only_by_rounding_and_halves_the_bytes(comm, private_comm,
+                                                                                       stage, wire):
+    """Each piece's gradient is the weighted mean sum_k (m_k / m) g_k within the 16-bit rounding of each
+    contribution (and, stage 1's WireSum, of the sum); the reduce-scatters cover the same elements in half
+    the bytes of fp32's."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    grads, weights = [], [(r + 2) / sum(k + 2 for k in range(size)) for r in range(size)]
+    for k in range(size):  # every rank's float32 gradient, computed here (then summed in float64)
+        model = wire_model()
+        x, y = shard(size, k, 0)
+        F.cross_entropy(model(x.float()), y.clamp(max=2)).backward()
+        grads.append([p.grad.reshape(-1).double() for p in model.parameters()])
+    reference = [sum(w * g[i] for w, g in zip(weights, grads)) for i in range(len(grads[0]))]
+    magnitude = [sum(w * g[i].abs() for w, g in zip(weights, grads)) for i in range(len(grads[0]))]
+    calls = {}
+    for name, used in (("fp32", None), ("wire", wire)):
+        sdp = ShardedDataParallel(wire_model(), private_comm, stage=stage, bucket_cap_mb=100 / 2**20, wire=used)
+        optimizer = torch.optim.SGD(sdp.parameters(), lr=0.0)
+        x, y = shard(size, rank, 0)
+        F.cross_entropy(sdp(x.float()), y.clamp(max=2)).backward()
+        sdp.step(optimizer)
+        calls[name] = sum(nbytes for call, nbytes in sdp.take_calls() if call == "reduce_scatter")
+        if name == "wire":
+            u = UNIT_ROUNDOFF[wire] if size > 1 else 0.0
+            problems = []
+            for piece, pc in zip(sdp.shard_params, sdp.pieces):
+                want, scale = reference[pc.param][pc.start:pc.stop], magnitude[pc.param][pc.start:pc.stop]
+                bound = u * (1 + u) * scale + (u if stage == 1 else 0.0) * want.abs() + 8 * size * 2.0 ** -24 * scale
+                error = (piece.grad.double() - want).abs()
+                if not bool((error <= bound).all()):
+                    problems.append(f"{sdp.names[pc.param]}: error {error.max():.3e} above the bound")
+            if stage == 1:
+                wired = size == 1 or all(b.wire is not None and b.wire.outgoing.dtype == wire for b in sdp.dp.buckets)
+                problems += [] if wired else ["DataParallel's buckets are not on the wire"]
+        sdp.close()
+    if stage > 1:
+        problems += [] if calls["wire"] * (2 if size > 1 else 1) == calls["fp32"] else \
+            [f"reduce-scatter bytes {calls['wire']} on the wire, {calls['fp32']} in fp32: not half"]
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+
+
 def test_zero3_refuses_a_parameter_tied_across_units_and_one_in_no_unit():
     model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
     model[1].weight = model[0].weight
@@ -491,6 +543,45 @@ def test_the_loop_with_adamw_equals_data_parallel_and_records_the_bytes_held(com
     if not all("exp_avg" in entry for entry in state["optimizer"]["state"].values()):
         problems.append("the checkpoint's optimizer state is not AdamW's")
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_loop_with_bf16_autocast_equals_one_process_and_fp16_is_refused_on_every_rank(comm, mpi_tmp_path,
+                                                                                           stage):
+    """``--zero N --precision bf16``: the parameters of one process's autocast run on the whole batch, within
+    test_precision's tolerance; ``--precision fp16`` is one clear error on every rank (no loss scaling)."""
+    from test_precision import LOOP_BATCH, TOLERANCE, loop_mlp, loop_run, serial_loop
+
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.diagnostics.failure import AgreedError
+    from mpipar.run.loop import train
+
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial_loop(comm, directory, "bf16")
+    model = loop_mlp()
+
+    class Watched(ShardedStrategy):
+        seen: list = []
+
+        def train_step(self, batch):
+            self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return super().train_step(batch)
+
+    strategy = Watched(model, comm, ShardedConfig(stage))
+    train(loop_run(comm, directory / "zero", LOOP_BATCH, "bf16", ShardedConfig(stage)), strategy,
+          synthetic(600, 100, seed=0))
+    with strategy.sdp.full_parameters():
+        problems = [f"{name}: {(p - q).abs().max():.2e}" for (name, p), q in zip(model.named_parameters(),
+                                                                                reference.parameters())
+                    if p.dtype != torch.float32 or not torch.allclose(p, q, rtol=0, atol=TOLERANCE["bf16"])]
+    if not strategy.seen or set(strategy.seen) != {torch.bfloat16}:
+        problems.append(f"autocast in train_step: {strategy.seen}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+    run = loop_run(comm, directory / "fp16", LOOP_BATCH, "fp16", ShardedConfig(stage))
+    with pytest.raises(AgreedError, match=r"sharded cannot train with --precision fp16 \(it takes fp32, bf16\)"):
+        train(run, ShardedStrategy(loop_mlp(), comm, ShardedConfig(stage)), synthetic(600, 100, seed=0))
 
 
 def test_the_optimizer_and_zero_flags_reach_the_settings():

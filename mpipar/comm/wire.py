@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
 
-__all__ = ["GRAD_WIRES", "wire_dtype", "WireSum"]
+__all__ = ["GRAD_WIRES", "wire_dtype", "WireSum", "WireReduceScatter"]
 
 GRAD_WIRES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--grad-wire`` names -> the dtype gradients travel in (None: their own, reduced by Allreduce)."""
@@ -74,7 +74,7 @@ class WireSum:
         if not self._summed:
             assert self._scatter is not None  # posted by start()
             self._scatter.wait()
-            self.partial.copy_(self.incoming.view(self.size, self.chunk).to(self.sum_dtype).sum(dim=0))
+            self.partial.copy_(_sum_chunks(self.incoming, self.size, self.chunk, self.sum_dtype))
             self._summed = True
 
     def test(self) -> bool:
@@ -109,3 +109,67 @@ class WireSum:
     def _complete(self) -> None:
         self.tensor.view(-1).copy_(self.outgoing[:self.tensor.numel()])
         self._done = True
+
+
+def _sum_chunks(incoming: torch.Tensor, size: int, chunk: int, dtype: torch.dtype, count: int = -1) -> torch.Tensor:
+    """The Ialltoall's ``size`` received 16-bit chunks (each ``chunk`` long; the first ``count``
+    elements of each, all by default) added in ``dtype``, in rank order. Local."""
+    return incoming.view(size, chunk)[:, :chunk if count < 0 else count].to(dtype).sum(dim=0)
+
+
+class WireReduceScatter:
+    """A reduce-scatter that sends 16-bit values: :class:`WireSum`'s first half, started at construction.
+
+    ``tensor`` (a flat host floating-point tensor, this rank's contribution) is rounded to ``wire`` and
+    cut into ``size`` equal chunks (padded with zeros), chunk r sent to rank r by an Ialltoall; rank r's
+    ``output`` (at most a chunk's elements: the first ones of its chunk) receives
+    ``sum_k round16(x_k)`` added in ``promote(output.dtype, float32)``, in rank order: it differs from the
+    exact sum only by rounding the inputs (not the result, which stays in ``output``'s dtype). Each rank
+    sends ``(size-1) chunk`` 16-bit elements, half of an fp32 reduce-scatter's bytes. Its buffers are
+    allocated here and dropped on completion (ZeRO-3 starts one per unit and step; ``tensor`` may be
+    freed once it is built).
+
+    Use: :meth:`test` (progress; True once ``output`` holds the sum) or :meth:`wait`, as a
+    :class:`~mpipar.comm.mpi_tensor.PendingOp`.
+
+    Collective contract: the construction starts one non-blocking collective on ``comm``; every rank
+    builds these, and starts its other collectives on ``comm``, in the same order, with tensors of the
+    same size. Size 1 works (the result is the rounded input).
+    """
+
+    def __init__(self, output: torch.Tensor, tensor: torch.Tensor, comm: MPI.Intracomm, wire: torch.dtype):
+        if wire not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"a 16-bit wire is bfloat16 or float16, got {wire}")
+        if tensor.is_cuda or output.is_cuda or not tensor.is_floating_point():
+            raise ValueError(f"WireReduceScatter sums a host floating-point tensor, got {tensor.dtype} on "
+                             f"{tensor.device}")
+        self.size = comm.Get_size()
+        self.chunk = -(-tensor.numel() // self.size)
+        if output.numel() > self.chunk:
+            raise ValueError(f"WireReduceScatter: the output's {output.numel()} elements exceed a chunk of "
+                             f"{self.chunk} (the tensor's {tensor.numel()} in {self.size} equal chunks)")
+        self.output = output
+        outgoing = torch.zeros(self.size * self.chunk, dtype=wire)  # the padding stays zero
+        outgoing[:tensor.numel()].copy_(tensor.reshape(-1))
+        self.incoming: Optional[torch.Tensor] = torch.empty(self.size * self.chunk, dtype=wire)
+        self.bytes_sent = float((self.size - 1) * self.chunk * outgoing.element_size())
+        self._scatter: Optional[mpi_tensor.PendingOp] = mpi_tensor.ialltoall_(self.incoming, outgoing, comm)
+
+    def test(self) -> bool:
+        """Progress; True once the sum is in ``output``. Local."""
+        if self._scatter is not None and self._scatter.test():
+            self._complete()
+        return self._scatter is None
+
+    def wait(self) -> torch.Tensor:
+        """Complete the Ialltoall and add; returns ``output``."""
+        if self._scatter is not None:
+            self._scatter.wait()
+            self._complete()
+        return self.output
+
+    def _complete(self) -> None:
+        assert self.incoming is not None  # completed once: _scatter guards it
+        dtype = torch.promote_types(self.output.dtype, torch.float32)
+        self.output.copy_(_sum_chunks(self.incoming, self.size, self.chunk, dtype, self.output.numel()))
+        self._scatter = self.incoming = None

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+from mpipar.comm.wire import wire_dtype
 from mpipar.data.arrays import ImageDataset
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import agreed
@@ -32,19 +33,24 @@ class ShardedStrategy:
     shard, its optimizer state, its buffers and the layout; a resume on another number of ranks
     reads every file of ``checkpoint`` and cuts the parameters and the optimizer state again (the
     buffers are rank 0's then, as for data parallelism). Per step and rank the metrics get
-    ``param_bytes``, ``grad_bytes`` and ``optimizer_bytes`` held. Collective over ``comm``.
+    ``param_bytes``, ``grad_bytes`` and ``optimizer_bytes`` held. ``grad_wire``: ``--grad-wire`` (fp32,
+    bf16 or fp16: the gradients' reduction sent in 16 bits, ``ShardedDataParallel(wire=)``). Collective over
+    ``comm``.
     """
 
     name = "sharded"
     full_steps_only = False
     checkpoint_per_rank = True
     steps_optimizer = True
+    precisions = ("fp32", "bf16")  # --precision: autocast around train_step; fp16's loss scaling needs the loop to
+    # unscale the pieces' gradients between the reduction and the optimizer step, which runs in train_step here
 
     def __init__(self, model: nn.Module, comm: MPI.Intracomm, settings: ShardedConfig, *, bucket_mb: float = 25.0,
-                 device: torch.device | str = "cpu", checkpoint: Optional[Path] = None):
+                 device: torch.device | str = "cpu", checkpoint: Optional[Path] = None, grad_wire: str = "fp32"):
         self.model = model.to(device)
         self.comm, self.settings, self.checkpoint = comm, settings, checkpoint
-        self.sdp = ShardedDataParallel(self.model, comm, stage=settings.zero, bucket_cap_mb=bucket_mb)
+        self.sdp = ShardedDataParallel(self.model, comm, stage=settings.zero, bucket_cap_mb=bucket_mb,
+                                       wire=wire_dtype(grad_wire))
         self.replicas, self.replica = comm.Get_size(), comm.Get_rank()
         self.wait_groups = [list(range(comm.Get_size()))]
         self.parameter_count = sum(p.numel() for p in model.parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mpi4py import MPI
@@ -14,6 +14,7 @@ from torch import nn
 from mpipar.comm import mpi_tensor
 from mpipar.comm.buckets import LaunchOrder
 from mpipar.comm.reducer import CommStats, average_buffers, check_one_device, layout_signature
+from mpipar.comm.wire import WireReduceScatter
 from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.sharded.layout import FlatLayout
@@ -31,7 +32,7 @@ class _Bucket:
     begin: int  # flat range of the group's buffer, whole parameters
     end: int
     params: List[int]  # indices into ShardedDataParallel.params
-    pending: Optional[mpi_tensor.PendingOp] = None
+    pending: Union[mpi_tensor.PendingOp, WireReduceScatter, None] = None
 
 
 class ShardedDataParallel:
@@ -72,18 +73,28 @@ class ShardedDataParallel:
         bucket_cap_mb: target gradient bucket size in MiB.
         root: rank whose initial parameters and buffers everyone takes.
         units: stage 3: the modules gathered as one (each trainable parameter in exactly one).
+        wire: None (default): gradients reduced in their own dtype; ``torch.bfloat16`` or ``torch.float16``:
+            floating-point gradients travel in that dtype and are added in fp32 (stage 1: DataParallel's
+            :class:`~mpipar.comm.wire.WireSum`; stages 2 and 3: :class:`~mpipar.comm.wire.WireReduceScatter`,
+            one per dtype buffer, stage 2 then starting each when its whole buffer is ready, not by
+            ``bucket_cap_mb``): half the bytes, each rank's weighted contribution rounded to 16 bits. Equal on
+            every rank; ignored at size 1.
     """
 
     def __init__(self, module: nn.Module, comm: MPI.Intracomm, *, stage: int, bucket_cap_mb: float = 25.0,
-                 root: int = 0, units: Optional[Sequence[nn.Module]] = None):
+                 root: int = 0, units: Optional[Sequence[nn.Module]] = None, wire: Optional[torch.dtype] = None):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} (0 is DataParallel)")
+        if wire not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"the gradient wire is None (each buffer's own dtype), torch.bfloat16 or "
+                             f"torch.float16, got {wire}")
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
         if units is not None and stage != 3:
             raise ValueError(f"units= is for ZeRO stage 3 (parameters gathered per unit), got stage {stage}")
         self.module, self.comm, self.stage = module, comm, stage
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
+        self.wire = wire if self.size > 1 else None
         self.stats = CommStats()
         self.calls: List[Tuple[str, int]] = []  # (collective, bytes of the buffer it covers) until take_calls
         collective_check(comm, lambda: check_one_device(p.device for p in module.parameters()), "ShardedDataParallel")
@@ -141,14 +152,14 @@ class ShardedDataParallel:
         self.grad_shards: List[torch.Tensor] = []
         self.buckets: List[_Bucket] = []
         if stage == 1:
-            self.dp = DataParallel(module, comm, bucket_cap_mb=bucket_cap_mb, root=root)
+            self.dp = DataParallel(module, comm, bucket_cap_mb=bucket_cap_mb, root=root, wire=self.wire)
             self.dp.stats = self.stats
         else:
             self.grad_shards = [torch.zeros(g.shard, dtype=flat.dtype, device=device)
                                 for flat, g in zip(self.flats, self.layout.groups)]
-            self.buckets = self._build_buckets(bucket_cap_mb * 2**20) if stage == 2 else \
+            self.buckets = self._build_buckets(bucket_cap_mb * 2**20) if stage == 2 and self.wire is None else \
                 [_Bucket(g, 0, group.total, list(group.params)) for g, group in reversed(list(enumerate(
-                    self.layout.groups)))]  # stage 3: one per unit and dtype, last unit first
+                    self.layout.groups)))]  # stage 3 (or a wire): one per unit and dtype, last unit first
             self._bucket_of = {index: b for b, bucket in enumerate(self.buckets) for index in bucket.params}
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -315,6 +326,14 @@ class ShardedDataParallel:
         shard = self.layout.groups[bucket.group].shard
         low = max(bucket.begin, self.rank * shard) - self.rank * shard if counts[self.rank] else 0
         output = self.grad_shards[bucket.group][low:low + counts[self.rank]]
+        if self.wire is not None and region.is_floating_point():  # whole buffers: its chunks are the shards
+            wired = WireReduceScatter(output, region, self.comm, self.wire)
+            bucket.pending = wired
+            self.calls.append(("reduce_scatter", region.numel() * wired.incoming.element_size()))
+            self.stats.bytes_sent += wired.bytes_sent
+            if self.unit_gather is not None:
+                self._grad_flats[bucket.group] = None  # stage 3: sent from the wire's own 16-bit copy
+            return
         bucket.pending = mpi_tensor.ireduce_scatter_(output, region, counts, self.comm)
         nbytes = region.numel() * region.element_size()
         self.calls.append(("reduce_scatter", nbytes))
