@@ -6,12 +6,13 @@ refused on every rank at start."""
 
 import json
 
+import h5py
 import pytest
 import torch
 from mpi4py import MPI
 from test_loop import BATCH, build_model
 
-from mpi_helpers import assert_all_ranks, loop_session, shared_directory
+from mpi_helpers import ROOT, assert_all_ranks, loop_session, run_mpi, shared_directory
 from mpipar.data import synthetic
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import AgreedError
@@ -264,3 +265,18 @@ def test_gpt_lm_settings_route_zero_by_layout():
         gpt_lm.settings_of(args(tp=2, zero=2), 4)
     with pytest.raises(ValueError, match="--grad-wire fp32"):
         gpt_lm.settings_of(args(zero=1, grad_wire="bf16"), 4)
+
+
+@pytest.mark.launch
+def test_resnet_pp_with_zero1_on_two_stages_x_two_replicas(tmp_path):
+    """The job end to end (a ResNet with BatchNorm, AdamW): each rank's AdamW state is half of what its stage's
+    two moments take without sharding (two replicas), recorded per step and rank."""
+    out = tmp_path / "run"
+    result = run_mpi(4, str(ROOT / "jobs" / "resnet_pp.py"), "--data", "synthetic", "--batch-size", "16",
+                     "--threads", "1", "--max-steps", "3", "--stages", "2", "--balance", "even", "--zero", "1",
+                     "--optimizer", "adamw", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert f.attrs["zero"] == 1 and f.attrs["replicas"] == 2
+        params, state = f["steps/param_bytes"][-1], f["steps/optimizer_bytes"][-1]
+    assert (params > 0).all() and (state >= params).all() and (state < 1.05 * params).all(), (params, state)
