@@ -10,7 +10,7 @@ import h5py
 import pytest
 import torch
 from mpi4py import MPI
-from test_loop import BATCH, build_model
+from test_loop import BATCH, build_model, build_vit
 
 from mpi_helpers import ROOT, assert_all_ranks, loop_session, run_mpi, shared_directory
 from mpipar.data import synthetic
@@ -41,7 +41,7 @@ def grid(kind: str, size: int, zero: int):
 
 
 def build(kind, comm, settings, batch, run):
-    model = build_model()
+    model = build_vit() if kind == "vit" else build_model()
     if kind == "pipeline":
         model[3][0].bias.requires_grad_(False)  # a frozen parameter: neither sharded nor stepped
         return PipelineStrategy(comm, model, settings, batch_size=batch, state=run.state,
@@ -80,10 +80,11 @@ def compare(found: dict, expected: dict, tolerance: dict, what: str) -> list:
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("kind", ["pipeline", "tensor"])
+@pytest.mark.parametrize("kind,optimizer", [("pipeline", "sgd"), ("pipeline", "adamw"), ("tensor", "sgd"),
+                                            ("tensor", "adamw"), ("vit", "adamw")])
 def test_zero1_on_a_grid_equals_the_grid_without_it(comm, mpi_tmp_path, kind, optimizer):
-    """Pipeline 2 stages x size/2 replicas (1 stage x 3 at 3 ranks) or tensor parallelism 2 x size/2:
+    """Pipeline 2 stages x size/2 replicas (1 stage x 3 at 3 ranks) or tensor parallelism 2 x size/2 (an MLP,
+    or a vision transformer: split heads, replicated norms, head and position embedding on the root):
     every tensor this rank holds after 4 steps, --zero 1 against --zero 0; this rank's optimizer state
     is its shard's (smaller with replicas), and merged from every file it is the unsharded one."""
     directory = shared_directory(comm, mpi_tmp_path)
