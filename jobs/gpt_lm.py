@@ -7,9 +7,11 @@ Usage:
     mpirun -n 2 python jobs/gpt_lm.py --data synthetic --max-steps 20 --out runs/gpt_syn --resume
     mpirun -n 2 python jobs/gpt_lm.py --tp 2 --data synthetic --max-steps 20 --out runs/gpt_tp
     mpirun -n 4 python jobs/gpt_lm.py --stages 2 --tp 2 --data synthetic --max-steps 20 --out runs/gpt_pp_tp
+    mpirun -n 4 python jobs/gpt_lm.py --tp 2 --zero 1 --data synthetic --max-steps 20 --out runs/gpt_tp_zero
+    mpirun -n 4 python jobs/gpt_lm.py --zero 2 --data synthetic --max-steps 20 --out runs/gpt_zero2
     sbatch slurm/gpt_lm.sh --data synthetic --max-steps 20
 
-Flags: --help. Manual: docs/gpt.md (the job: model, data, strategies).
+Flags: --help. Manual: docs/gpt.md (the job: model, data, strategies); --zero: docs/sharded.md (Grids).
 As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
 than cores needs --oversubscribe.
 """
@@ -32,9 +34,10 @@ from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.flags import add_pipeline_flags
 from mpipar.pipeline.strategy import PipelineStrategy
 from mpipar.report.reader import read_run
-from mpipar.run.cli import training_parser
+from mpipar.run.cli import add_zero_flag, training_parser
 from mpipar.run.loop import train
 from mpipar.run.session import Session
+from mpipar.sharded import ShardedConfig, ShardedStrategy
 from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy, split_transformer
 
 SYNTHETIC_TOKENS = (400_000, 40_000)  # train, validation bytes of --data synthetic
@@ -51,20 +54,25 @@ def parser(rank: int = 0):
     p.add_argument("--tp", type=int, default=1, help="ranks that split every block's heads and MLP")
     add_pipeline_flags(p, schedule="1f1b", microbatches=2)
     p.set_defaults(stages=1)  # 1: no pipeline
+    add_zero_flag(p)
     return p
 
 
 def settings_of(args, world_size: int):
-    """The strategy's settings: None (data parallel), a TensorParallelConfig (--tp > 1) or a
-    PipelineConfig (--stages > 1). Raises ValueError naming the flag."""
+    """The strategy's settings: None (data parallel), a ShardedConfig (--zero 1-3 without --tp or
+    --stages), a TensorParallelConfig (--tp > 1) or a PipelineConfig (--stages > 1), either of these
+    two with --zero 0 or 1. Raises ValueError naming the flag."""
+    zero = getattr(args, "zero", 0)
     if args.stages > 1:
         return PipelineConfig(schedule=args.schedule, microbatches=args.microbatches, stages=args.stages,
-                              balance=args.balance, tp=args.tp, virtual_stages=args.virtual_stages)
+                              balance=args.balance, tp=args.tp, virtual_stages=args.virtual_stages, zero=zero)
     if args.tp > 1:
-        return TensorParallelConfig(tp=args.tp)
+        return TensorParallelConfig(tp=args.tp, zero=zero)
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    return None
+    if zero and args.grad_wire != "fp32":
+        raise ValueError(f"--zero {zero} without --tp or --stages reduces in fp32; use --grad-wire fp32 with it")
+    return ShardedConfig(zero) if zero else None
 
 
 def build_strategy(comm: MPI.Intracomm, model, session: Session):
@@ -83,6 +91,9 @@ def build_strategy(comm: MPI.Intracomm, model, session: Session):
     if isinstance(settings, TensorParallelConfig):
         return TensorParallelStrategy(comm, model, settings, splitter="transformer", bucket_mb=config.bucket_mb,
                                       state=session.state, device=session.device, grad_wire=config.grad_wire)
+    if isinstance(settings, ShardedConfig):
+        return ShardedStrategy(model, comm, settings, bucket_mb=config.bucket_mb, device=session.device,
+                               checkpoint=session.resumed_from)
     return DataParallelStrategy(model, comm, bucket_mb=config.bucket_mb, device=session.device,
                                 grad_wire=config.grad_wire, compress=config.compress)
 

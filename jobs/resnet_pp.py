@@ -11,9 +11,11 @@ Usage:
     mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule pipedream --microbatches 8 --epochs 1
     mpirun -n 4 python jobs/resnet_pp.py --data fashion-mnist --schedule 2bw --microbatches 8 --epochs 1
     mpirun -n 4 python jobs/resnet_pp.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid
+    mpirun -n 4 python jobs/resnet_pp.py --stages 2 --zero 1 --optimizer adamw --data synthetic --max-steps 20
     sbatch slurm/resnet_pp.sh --data synthetic --max-steps 5
 
-Flags: --help. Manual: docs/pipeline.md (the job: models, balance, schedules, grids).
+Flags: --help. Manual: docs/pipeline.md (the job: models, balance, schedules, grids); --zero 1 (each
+stage's optimizer state sharded over the replicas): docs/sharded.md (Grids).
 As root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, and more ranks
 than cores needs --oversubscribe.
 """
@@ -26,7 +28,7 @@ from mpipar.diagnostics.failure import abort_on_exception
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.flags import add_pipeline_flags
 from mpipar.pipeline.strategy import PipelineStrategy
-from mpipar.run.cli import training_parser
+from mpipar.run.cli import add_zero_flag, training_parser
 from mpipar.run.loop import train
 from mpipar.run.session import Session
 
@@ -41,11 +43,13 @@ def main(argv=None) -> None:
                         help="--balance auto: MiB a stage may hold (parameters, gradients, momentum, activations "
                              "of its micro-batches in flight); 0: no limit")
     parser.set_defaults(model="resnet-small-fine", balance="auto")  # balanced pipelines by default
+    add_zero_flag(parser)
     args = parser.parse_args(argv)
 
     session = Session.from_args(comm, args, EARLY_SIGNALS, settings=lambda: PipelineConfig(
         schedule=args.schedule, microbatches=args.microbatches, stages=args.stages or comm.Get_size(),
-        balance=args.balance, stage_memory_mb=args.stage_memory_mb, virtual_stages=args.virtual_stages))
+        balance=args.balance, stage_memory_mb=args.stage_memory_mb, virtual_stages=args.virtual_stages,
+        zero=args.zero))
     splits = session.data()
     model = models.IMAGE_MODELS[session.config.model](**splits.model_shape)
     pipeline, config = session.settings, session.config

@@ -6,12 +6,13 @@ refused on every rank at start."""
 
 import json
 
+import h5py
 import pytest
 import torch
 from mpi4py import MPI
-from test_loop import BATCH, build_model
+from test_loop import BATCH, build_model, build_vit
 
-from mpi_helpers import assert_all_ranks, loop_session, shared_directory
+from mpi_helpers import ROOT, assert_all_ranks, loop_session, run_mpi, shared_directory
 from mpipar.data import synthetic
 from mpipar.diagnostics.agree import collective_check
 from mpipar.diagnostics.failure import AgreedError
@@ -40,7 +41,7 @@ def grid(kind: str, size: int, zero: int):
 
 
 def build(kind, comm, settings, batch, run):
-    model = build_model()
+    model = build_vit() if kind == "vit" else build_model()
     if kind == "pipeline":
         model[3][0].bias.requires_grad_(False)  # a frozen parameter: neither sharded nor stepped
         return PipelineStrategy(comm, model, settings, batch_size=batch, state=run.state,
@@ -79,16 +80,19 @@ def compare(found: dict, expected: dict, tolerance: dict, what: str) -> list:
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("kind", ["pipeline", "tensor"])
-def test_zero1_on_a_grid_equals_the_grid_without_it(comm, mpi_tmp_path, kind, optimizer):
-    """Pipeline 2 stages x size/2 replicas (1 stage x 3 at 3 ranks) or tensor parallelism 2 x size/2:
-    every tensor this rank holds after 4 steps, --zero 1 against --zero 0; this rank's optimizer state
-    is its shard's (smaller with replicas), and merged from every file it is the unsharded one."""
+@pytest.mark.parametrize("kind,optimizer,zero", [
+    ("pipeline", "sgd", 1), ("pipeline", "adamw", 1), ("tensor", "sgd", 1), ("tensor", "adamw", 1), ("vit", "adamw", 1),
+    ("tensor", "sgd", 2), ("vit", "adamw", 2)])
+def test_zero_on_a_grid_equals_the_grid_without_it(comm, mpi_tmp_path, kind, optimizer, zero):
+    """Pipeline 2 stages x size/2 replicas (1 stage x 3 at 3 ranks) or tensor parallelism 2 x size/2 (an MLP,
+    or a vision transformer: split heads, replicated norms, head and position embedding on the root):
+    every tensor this rank holds after 4 steps, --zero 1 (or 2: the gradients reduce-scattered, summed in
+    another order: 1e-9) against --zero 0; this rank's optimizer state is its shard's (smaller with replicas),
+    and merged from every file it is the unsharded one."""
     directory = shared_directory(comm, mpi_tmp_path)
     plain, _ = run_grid(comm, directory / "plain", kind, 0, optimizer)
-    sharded, _ = run_grid(comm, directory / "zero", kind, 1, optimizer)
-    problems = compare(held(kind, sharded), held(kind, plain), EXACT, "parameter")
+    sharded, _ = run_grid(comm, directory / "zero", kind, zero, optimizer)
+    problems = compare(held(kind, sharded), held(kind, plain), EXACT if zero == 1 else TOL, "parameter")
     replicas = grid(kind, comm.Get_size(), 1)[2]
     position = (sharded.grid.stage, sharded.grid.tp_rank)  # the replicas of this position share its state
     files = [own_file(comm, directory / run) for run in ("plain", "zero")]
@@ -118,14 +122,14 @@ def test_zero1_on_a_grid_equals_the_grid_without_it(comm, mpi_tmp_path, kind, op
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("kind", ["pipeline", "tensor"])
-def test_zero1_grid_resumed_on_the_same_grid_equals_the_straight_run(comm, mpi_tmp_path, kind):
+@pytest.mark.parametrize("kind,zero", [("pipeline", 1), ("tensor", 1), ("tensor", 2)])
+def test_zero_grid_resumed_on_the_same_grid_equals_the_straight_run(comm, mpi_tmp_path, kind, zero):
     """Stopped at step 2 (each rank's file: its pieces' AdamW state and their layout), resumed on the
     same grid: after 4 steps every tensor equals the run that never stopped."""
     directory = shared_directory(comm, mpi_tmp_path)
-    straight, _ = run_grid(comm, directory / "straight", kind, 1, "adamw")
-    run_grid(comm, directory / "stopped", kind, 1, "adamw", stop_at_flush=True)
-    resumed, run = run_grid(comm, directory / "stopped", kind, 1, "adamw", resume=True)
+    straight, _ = run_grid(comm, directory / "straight", kind, zero, "adamw")
+    run_grid(comm, directory / "stopped", kind, zero, "adamw", stop_at_flush=True)
+    resumed, run = run_grid(comm, directory / "stopped", kind, zero, "adamw", resume=True)
     problems = compare(held(kind, resumed), held(kind, straight), EXACT, "parameter")
     if run.state is None or run.state["step"] != 2 or "zero_shard" not in run.state:
         problems.append("did not resume at step 2 from a file with the shard layout")
@@ -189,7 +193,7 @@ def serial_reference_adamw(directory, batch, steps):
     (lambda: PipelineConfig(stages=2, zero=2), "--zero 1"),
     (lambda: PipelineConfig(stages=2, zero=3), "--zero 0"),
     (lambda: PipelineConfig(schedule="pipedream", stages=2, microbatches=2, zero=1), "1f1b"),
-    (lambda: TensorParallelConfig(tp=2, zero=2), "--tp 1"),
+    (lambda: TensorParallelConfig(tp=2, zero=3), "--tp 1"),
 ])
 def test_combinations_that_do_not_compose_are_refused_naming_what_is_allowed(make, named):
     with pytest.raises(ValueError, match=named):
@@ -216,10 +220,10 @@ def test_tensor_parallel_checkpoint_resumed_with_another_zero_is_refused_on_ever
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("zero", [1, 2])
-def test_gpt_lm_with_zero_equals_it_without(comm, mpi_tmp_path, zero):
-    """jobs/gpt_lm.py's strategies, in-process (a GPT whose head is tied to its embedding, AdamW): --zero 1 on
-    tensor parallelism (2 x size/2; no split at odd sizes) and --zero 2 without --tp (ShardedStrategy) equal
+@pytest.mark.parametrize("split,zero", [(True, 1), (True, 2), (False, 2)])
+def test_gpt_lm_with_zero_equals_it_without(comm, mpi_tmp_path, split, zero):
+    """jobs/gpt_lm.py's strategies, in-process (a GPT whose head is tied to its embedding, AdamW): --zero 1 and 2
+    on tensor parallelism (2 x size/2; no split at odd sizes) and --zero 2 without --tp (ShardedStrategy) equal
     the same layout with --zero 0, every tensor this rank holds after 3 steps."""
     from test_gpt_lm import BATCH as WINDOWS
     from test_gpt_lm import SEQ, job, tiny_gpt
@@ -228,8 +232,8 @@ def test_gpt_lm_with_zero_equals_it_without(comm, mpi_tmp_path, zero):
 
     gpt_lm = job()
     tp = 2 if comm.Get_size() % 2 == 0 else 1
-    layouts = [TensorParallelConfig(tp=tp), TensorParallelConfig(tp=tp, zero=1)] if zero == 1 else \
-        [None, ShardedConfig(2)]
+    layouts = [TensorParallelConfig(tp=tp), TensorParallelConfig(tp=tp, zero=zero)] if split else \
+        [None, ShardedConfig(zero)]
     directory = shared_directory(comm, mpi_tmp_path)
     trained = []
     for index, settings in enumerate(layouts):
@@ -238,7 +242,7 @@ def test_gpt_lm_with_zero_equals_it_without(comm, mpi_tmp_path, zero):
         strategy = gpt_lm.build_strategy(comm, tiny_gpt(), run)
         train(run, strategy, gpt_lm.token_data(comm, "synthetic", SEQ, seed=0))
         trained.append({name: t.detach().clone() for name, t in strategy.model.state_dict().items()})
-    problems = compare(trained[1], trained[0], EXACT, "parameter")
+    problems = compare(trained[1], trained[0], EXACT if zero == 1 else TOL, "parameter")
     assert_all_ranks(comm, not problems, "; ".join(problems))
 
 
@@ -261,6 +265,21 @@ def test_gpt_lm_settings_route_zero_by_layout():
     assert gpt_lm.settings_of(args(stages=2, zero=1), 4).zero == 1
     assert gpt_lm.settings_of(args(), 4) is None
     with pytest.raises(ValueError, match="--tp 1"):
-        gpt_lm.settings_of(args(tp=2, zero=2), 4)
+        gpt_lm.settings_of(args(tp=2, zero=3), 4)
     with pytest.raises(ValueError, match="--grad-wire fp32"):
         gpt_lm.settings_of(args(zero=1, grad_wire="bf16"), 4)
+
+
+@pytest.mark.launch
+def test_resnet_pp_with_zero1_on_two_stages_x_two_replicas(tmp_path):
+    """The job end to end (a ResNet with BatchNorm, AdamW): each rank's AdamW state is half of what its stage's
+    two moments take without sharding (two replicas), recorded per step and rank."""
+    out = tmp_path / "run"
+    result = run_mpi(4, str(ROOT / "jobs" / "resnet_pp.py"), "--data", "synthetic", "--batch-size", "16",
+                     "--threads", "1", "--max-steps", "3", "--stages", "2", "--balance", "even", "--zero", "1",
+                     "--optimizer", "adamw", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with h5py.File(out / "metrics.h5", "r") as f:
+        assert f.attrs["zero"] == 1 and f.attrs["replicas"] == 2
+        params, state = f["steps/param_bytes"][-1], f["steps/optimizer_bytes"][-1]
+    assert (params > 0).all() and (state >= params).all() and (state < 1.05 * params).all(), (params, state)

@@ -224,7 +224,7 @@ class PipelineStrategy:
                             for stage in range(stages) for t in range(tp)]
         self.ideal = placement_bubble(self.pipe.schedule, self.pipe.stage_ranks)
         self.metrics_attrs = {
-            "parameters": parameter_count, "tp": tp, "schedule": config.schedule,
+            "parameters": parameter_count, "tp": tp, "zero": config.zero, "schedule": config.schedule,
             "stages": self.pipe.num_stages, "virtual_stages": self.pipe.schedule.virtual_stages,
             "microbatches": config.microbatches, "replicas": self.replicas,
             "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal,

@@ -96,7 +96,7 @@ def add_zero_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
                         help="ZeRO stage: 0 data parallelism; 1 optimizer state sharded over the data-parallel "
                              "ranks; 2 gradients too (reduce-scattered); 3 parameters too (gathered per layer); "
-                             "pipelines and tensor-parallel splits take 0 or 1 (docs/sharded.md, Grids)")
+                             "pipelines take 0 or 1, tensor-parallel splits 0-2 (docs/sharded.md, Grids)")
 
 
 def rank_list(text: str) -> tuple:

@@ -27,6 +27,7 @@ from mpipar.run.recompute import RECOMPUTES, apply_recompute
 from mpipar.run.strategy import StepRecord, Strategy
 from mpipar.sharded.consolidate import GRID_KEY
 from mpipar.sharded.optimizer import ShardedUpdate
+from mpipar.sharded.zero import ShardedDataParallel
 from mpipar.tensor_parallel.attention import ParallelTransformerBlock
 from mpipar.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpipar.tensor_parallel.mlp import ParallelMLP
@@ -41,7 +42,8 @@ __all__ = ["TensorParallelConfig", "TensorParallelStrategy", "split_mlp", "ELEME
 class TensorParallelConfig:
     """``tp``: ranks that split every layer (consecutive ranks); the world size divided by
     it is the number of data-parallel replicas. ``zero``: 1 shards the optimizer state over the
-    replicas (ZeRO-1, :class:`~mpipar.sharded.optimizer.ShardedUpdate`), 0 does not. Raises
+    replicas (ZeRO-1, :class:`~mpipar.sharded.optimizer.ShardedUpdate`), 2 the gradients too
+    (:class:`~mpipar.sharded.zero.ShardedDataParallel` over the replicas), 0 nothing. Raises
     ValueError naming the flag."""
 
     tp: int = 2
@@ -50,10 +52,10 @@ class TensorParallelConfig:
     def __post_init__(self):
         if self.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
-        if self.zero not in (0, 1):
-            raise ValueError(f"--zero {self.zero}: tensor parallelism shards the optimizer state over its replicas "
-                             f"(--zero 1) or nothing (--zero 0); gradients and parameters (--zero 2, 3) are sharded "
-                             f"only without a split: --tp 1 (see docs/sharded.md, Grids)")
+        if self.zero not in (0, 1, 2):
+            raise ValueError(f"--zero {self.zero}: tensor parallelism shards over its replicas the optimizer state "
+                             f"(--zero 1) and the gradients (--zero 2), or nothing (--zero 0); parameters (--zero 3) "
+                             f"are sharded only without a split: --tp 1 (see docs/sharded.md, Grids)")
 
     def to_dict(self) -> dict:
         """The settings; ``zero`` only when set (checkpoints from before it compare equal)."""
@@ -316,7 +318,9 @@ class TensorParallelStrategy:
     a group, and the groups average it alike, so it stays equal. With ``config.zero == 1`` the
     optimizer state is sharded over the replicas (:class:`ShardedUpdate` over the data-parallel
     communicator): the loop's optimizer is built on this rank's pieces and stepped here after the
-    average (``steps_optimizer``), then the replicas all-gather. At construction the
+    average (``steps_optimizer``), then the replicas all-gather; with ``config.zero == 2`` a
+    :class:`ShardedDataParallel` (stage 2) over the replicas replaces the averager: the gradients
+    are reduce-scattered (sample-weighted) into each replica's shard. At construction the
     parameters are counted (one small Allreduce): the shards summed over the group plus the
     replicated ones must be the unsplit model's parameters. Every rank checkpoints its own
     shards and its group's split random stream (``self.rng``: dropout of split activations, recompute
@@ -397,12 +401,20 @@ class TensorParallelStrategy:
                 f"the splitter lost or duplicated parameters")
         # mpipar-consolidate's layout: MLPs only (a ViT's fused q/k/v rows are permuted per rank)
         self.layout = shard_layout(cast(nn.Sequential, model), self.model) if splitter.kind == "mlp" else None
-        self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb,
-                                        wire=wire_dtype(grad_wire))
+        if config.zero == 2 and grad_wire != "fp32":
+            raise agreed(ValueError)("--zero 2 reduce-scatters the gradients in fp32; use --grad-wire fp32 with it")
+        self.averager: Optional[ReplicaAverager] = None  # --zero 0, 1: the replicas' gradient average
         self.update: Optional[ShardedUpdate] = None  # --zero 1: this replica's shard of the optimizer state
+        self.sdp: Optional[ShardedDataParallel] = None  # --zero 2: gradients reduce-scattered into the shard
+        if config.zero == 2:
+            self.sdp = ShardedDataParallel(self.model, self.grid.data_comm, stage=2, bucket_cap_mb=bucket_mb)
+        else:
+            self.averager = ReplicaAverager(self.model, self.grid.data_comm, bucket_cap_mb=bucket_mb,
+                                            wire=wire_dtype(grad_wire))
+        if config.zero == 1:
+            self.update = ShardedUpdate(list(self.model.named_parameters()), self.grid.data_comm)
         self.steps_optimizer = bool(config.zero)
         if config.zero:
-            self.update = ShardedUpdate(list(self.model.named_parameters()), self.grid.data_comm)
             self.precisions = ("fp32", "bf16")  # fp16's loss scaling is the loop's, around its own optimizer step
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.loss_scaler = None  # fp16: the loop's LossScaler (bind_loss_scaler)
@@ -413,11 +425,12 @@ class TensorParallelStrategy:
                               "zero": config.zero, **self.grid.metrics_attrs()}
 
     def parameters(self):
-        """What the loop's optimizer steps: the model's parameters, or (``--zero 1``) this rank's pieces."""
-        return list(self.model.parameters()) if self.update is None else self.update.parameters()
+        """What the loop's optimizer steps: the model's parameters, or (``--zero 1, 2``) this rank's pieces."""
+        sharded = self.update or self.sdp
+        return list(self.model.parameters()) if sharded is None else sharded.parameters()
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """``--zero 1``: the loop's optimizer (over :meth:`parameters`), stepped in :meth:`train_step`."""
+        """``--zero 1, 2``: the loop's optimizer (over :meth:`parameters`), stepped in :meth:`train_step`."""
         self.optimizer = optimizer
 
     def describe(self) -> str:
@@ -441,6 +454,9 @@ class TensorParallelStrategy:
 
     def train_step(self, batch) -> StepRecord:
         images, labels = batch
+        if self.sdp is not None:
+            return self._reduce_scatter_step(self.sdp, images, labels)
+        assert self.averager is not None  # --zero 0, 1
         self.averager.begin_step()
         loss = F.cross_entropy(self.model(images), labels)
         (loss if self.loss_scaler is None else self.loss_scaler.scale(loss)).backward()
@@ -459,8 +475,24 @@ class TensorParallelStrategy:
                           wait_time=tensor.wait_time + replicas.wait_time,
                           bytes_sent=tensor.bytes_sent + replicas.bytes_sent, extra=extra)
 
+    def _reduce_scatter_step(self, sdp: ShardedDataParallel, images, labels) -> StepRecord:
+        """``--zero 2``: forward and backward through ``sdp`` (the gradients reduce-scattered over the
+        replicas), the optimizer on this rank's pieces, the shards all-gathered."""
+        assert self.optimizer is not None, "bind_optimizer before train_step (the loop does)"
+        loss = F.cross_entropy(sdp(images), labels)
+        loss.backward()
+        sdp.step(self.optimizer)
+        sdp.take_calls()
+        tensor, replicas = self.stats.take(), sdp.stats.take()
+        return StepRecord(loss=loss.item(), samples=len(labels) if self.counts_samples else 0,
+                          wait_time=tensor.wait_time + replicas.wait_time,
+                          bytes_sent=tensor.bytes_sent + replicas.bytes_sent, extra=sdp.memory(self.optimizer))
+
     def end_epoch(self) -> None:
-        self.averager.sync_buffers(self.model)
+        if self.sdp is not None:
+            self.sdp.sync_buffers()
+        elif self.averager is not None:
+            self.averager.sync_buffers(self.model)
 
     def evaluate(self, dataset: ImageDataset) -> EvalResult:
         """Loss and accuracy over ``dataset``, each replica taking a share; every rank of a
@@ -476,16 +508,28 @@ class TensorParallelStrategy:
         split random stream (``tp_rng``)."""
         state = {"model": self.model.state_dict(), "tp": self.config.tp, "tp_rank": self.tp_comm.Get_rank(),
                  "tp_layout": self.layout, "grid_order": self.grid.order, "tp_rng": self.rng.state_dict()}
-        if self.update is not None:  # the layout of this rank's pieces, which the optimizer state follows
-            state[GRID_KEY] = self.update.state_dict()
+        shard = self._shard_layout()
+        if shard is not None:  # the layout of this rank's pieces, which the optimizer state follows
+            state[GRID_KEY] = shard
         return state
 
+    def _shard_layout(self) -> Optional[dict]:
+        """``--zero 1, 2``: the entries and this rank's pieces (the checkpoint's ``zero_shard``); else None."""
+        if self.update is not None:
+            return self.update.state_dict()
+        sdp = self.sdp
+        if sdp is None:
+            return None
+        return {"zero": 2, "replicas": sdp.size, "replica": sdp.rank,
+                "entries": [list(entry) for entry in sdp.layout.entries],
+                "pieces": [[sdp.names[pc.param], pc.start, pc.stop] for pc in sdp.pieces]}
+
     def load_state_dict(self, state: dict) -> None:
-        """This rank's shards and split random stream; with ``--zero 1`` the checkpoint's pieces must be
+        """This rank's shards and split random stream; with ``--zero 1, 2`` the checkpoint's pieces must be
         this rank's (same grid: checked at construction). Collective over the world (the check)."""
-        update = self.update
-        if update is not None:
-            collective_check(self.world, lambda: _same_pieces(update, state.get(GRID_KEY)), "--resume")
+        layout = self._shard_layout()
+        if layout is not None:
+            collective_check(self.world, lambda: _same_pieces(layout, state.get(GRID_KEY)), "--resume")
         self.model.load_state_dict(state["model"])
         if "tp_rng" in state:  # checkpoints before it: the stream starts anew from the seed
             self.rng.load_state_dict(state["tp_rng"])
@@ -495,8 +539,8 @@ class TensorParallelStrategy:
         self.grid.free()
 
 
-def _same_pieces(update: ShardedUpdate, saved: Optional[dict]) -> None:
-    if not update.same_layout(saved):
+def _same_pieces(layout: dict, saved: Optional[dict]) -> None:
+    if saved is None or (saved.get("entries"), saved.get("pieces")) != (layout["entries"], layout["pieces"]):
         raise ValueError("the checkpoint's ZeRO-1 shard layout is not this rank's (another model, or its "
                          "parameters cut over another number of replicas); resume on the grid that wrote it")
 
