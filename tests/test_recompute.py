@@ -30,6 +30,15 @@ def dropout_mlp() -> nn.Sequential:
     return model
 
 
+def tied_mlp() -> nn.Sequential:
+    """Two entries share a weight: each is its own checkpointed unit under ``full``."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 3)).double()
+    model[4].weight = model[2].weight
+    return model
+
+
 def wide_blocks() -> nn.Sequential:
     """Four blocks (a pipeline of up to 4 stages takes whole blocks) that widen 4 times inside, with
     BatchNorm, dropout and a frozen bias: a stage's activations are much larger than its input."""
@@ -69,7 +78,8 @@ def image_batch(step: int, rank: int, batch: int = 4):
                                                                                                generator=generator)
 
 
-MODELS = {"mlp": (dropout_mlp, vector_batch), "gpt": (tiny_gpt, token_batch), "vit": (tiny_vit, image_batch)}
+MODELS = {"mlp": (dropout_mlp, vector_batch), "tied": (tied_mlp, vector_batch), "gpt": (tiny_gpt, token_batch),
+          "vit": (tiny_vit, image_batch)}
 
 
 def differences(first: dict, second: dict) -> list:
@@ -96,6 +106,11 @@ def test_units_are_blocks_entries_or_attention_cores_and_names_do_not_change():
         recompute_units(nn.Linear(2, 2), "full")
     with pytest.raises(ValueError, match="--recompute must be one of none, full, selective, got 'some'"):
         recompute_units(mlp, "some")
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shares a parameter with 2 outside it.*non-reentrant"):
+        apply_recompute(tied, "full", reentrant=True)
+    apply_recompute(tied, "full")  # the non-reentrant kind accumulates it once
 
 
 # -- data parallelism ------------------------------------------------------------------------------------
@@ -123,12 +138,18 @@ def data_parallel_run(comm, kind: str, mode: str, reentrant: bool):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-@pytest.mark.parametrize("kind, mode", [("mlp", "full"), ("gpt", "full"), ("gpt", "selective"), ("vit", "full"),
-                                        ("vit", "selective")])
+@pytest.mark.parametrize("kind, mode", [("mlp", "full"), ("tied", "full"), ("gpt", "full"), ("gpt", "selective"),
+                                        ("vit", "full"), ("vit", "selective")])
 def test_data_parallel_recompute_is_bitwise_the_run_without(comm, kind, mode, reentrant):
     """Losses, parameters, buffers and gradients after 3 steps (small buckets: many launched during the
     backward, inside the recompute's nested backward for the reentrant kind) equal the run without
-    recompute bitwise; and the model's dropout made the steps random (a run seeded otherwise differs)."""
+    recompute bitwise. A weight tied across two units is reduced once (non-reentrant: one accumulation) or
+    refused up front (reentrant: it would be accumulated in two nested backwards)."""
+    if kind == "tied" and reentrant:
+        with pytest.raises(ValueError, match="shares a parameter"):
+            data_parallel_run(comm, kind, mode, reentrant)
+        assert_comm_still_usable(comm)
+        return
     straight = data_parallel_run(comm, kind, "none", False)
     recomputed = data_parallel_run(comm, kind, mode, reentrant)
     problems = []
@@ -336,6 +357,33 @@ def test_tensor_parallel_strategy_recompute_is_bitwise(comm, mode):
     if straight[0] != recomputed[0]:
         problems.append(f"losses {straight[0]} != {recomputed[0]}")
     assert_all_ranks(comm, not problems, f"tp {tp} {mode}: {problems}")
+
+
+# -- the job ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind, mode", [("data_parallel", "selective"), ("tp2", "full"), ("stages2", "full"),
+                                        ("stages2", "selective")])
+def test_the_gpt_job_takes_the_flag_in_each_strategy(comm, mpi_tmp_path, kind, mode):
+    """jobs/gpt_lm.py's strategies through the loop with ``recompute=mode`` (the flag's TrainConfig field):
+    every parameter this rank holds equals the run without recompute bitwise."""
+    from test_gpt_lm import run_job
+
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.tensor_parallel.strategy import TensorParallelConfig
+
+    group = {"data_parallel": 1, "tp2": 2, "stages2": 2}[kind]
+    if comm.Get_size() % group:
+        pytest.skip(f"{kind} needs a multiple of {group} ranks")
+    settings = {"data_parallel": None, "tp2": TensorParallelConfig(tp=2),
+                "stages2": PipelineConfig(schedule="1f1b", microbatches=2, stages=2)}[kind]
+    directory = shared_directory(comm, mpi_tmp_path)
+    _, straight = run_job(comm, directory / "none", settings)
+    _, recomputed = run_job(comm, directory / mode, settings, recompute=mode)
+    different = [name for name in straight if not torch.equal(straight[name], recomputed[name])]
+    assert_all_ranks(comm, bool(straight) and straight.keys() == recomputed.keys() and not different,
+                     f"{kind} {mode}: {different}")
 
 
 # -- bad input -------------------------------------------------------------------------------------------

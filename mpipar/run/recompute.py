@@ -76,13 +76,28 @@ def apply_recompute(model: nn.Module, mode: str, *, reentrant: bool = False,
     tensor-parallel group's split-stream replay. State-dict names are unchanged. Local: communicating
     units (a tensor-parallel block's Allreduces) repeat their collectives in the backward, in the
     order autograd reaches them, the same on every rank. Returns the units. Raises as
-    :func:`recompute_units`.
+    :func:`recompute_units`, and ValueError for ``reentrant`` units sharing parameters with the rest.
     """
     units = recompute_units(model, mode, strict=strict)
+    if reentrant:
+        _check_not_shared(model, units)
     remove_recompute(model)
     for unit in units:
         unit.forward = _Checkpointed(unit, reentrant, replay)
     return units
+
+
+def _check_not_shared(model: nn.Module, units: List[nn.Module]) -> None:
+    """Raise ValueError when a unit shares a parameter with the rest of the model (tied weights): the
+    reentrant kind would accumulate its gradient in two backwards, after the first may have been sent."""
+    for unit in units:
+        inside = {id(m) for m in unit.modules()}
+        own = {id(p) for p in unit.parameters()}
+        for name, module in model.named_modules():
+            if id(module) not in inside and any(id(p) in own for p in module.parameters(recurse=False)):
+                raise ValueError(f"reentrant recompute: a {type(unit).__name__} unit shares a parameter with "
+                                 f"{name or 'the model'} outside it, whose gradient the reentrant kind would "
+                                 f"accumulate in two backwards; use the non-reentrant kind (the default)")
 
 
 def remove_recompute(model: nn.Module) -> None:
