@@ -113,6 +113,27 @@ def test_units_are_blocks_entries_or_attention_cores_and_names_do_not_change():
     apply_recompute(tied, "full")  # the non-reentrant kind accumulates it once
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_under_bf16_autocast_is_bitwise(mode, reentrant):
+    """``--precision bf16`` with recompute: the recompute runs under the forward's autocast state, so two
+    steps of a GPT end with the parameters of the run without recompute, bitwise."""
+    def run(recompute):
+        model = tiny_gpt().float()
+        if recompute:
+            apply_recompute(model, mode, reentrant=reentrant)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2):
+            optimizer.zero_grad()
+            tokens, targets = token_batch(step, 0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                F.cross_entropy(model(tokens).float(), targets).backward()
+            optimizer.step()
+        return model.state_dict()
+
+    assert not differences(run(False), run(True))
+
+
 # -- data parallelism ------------------------------------------------------------------------------------
 
 
