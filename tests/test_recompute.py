@@ -113,6 +113,40 @@ def test_units_are_blocks_entries_or_attention_cores_and_names_do_not_change():
     apply_recompute(tied, "full")  # the non-reentrant kind accumulates it once
 
 
+class GatedBlock(nn.Module):
+    """A unit (``recompute_unit``) with a keyword input."""
+
+    recompute_unit = "block"
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3).double()
+
+    def forward(self, x, *, gate):
+        return self.linear(x) * gate
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_keyword_inputs_reach_the_unit_and_their_gradients_come_back(reentrant):
+    """A keyword input is passed to the recompute too; one needing a gradient gets it bitwise (non-reentrant)
+    or is refused with the way out (reentrant, which passes only positional inputs' gradients)."""
+    def run(recompute):
+        torch.manual_seed(0)
+        model = nn.Sequential(GatedBlock())
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        gate = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+        if recompute:
+            apply_recompute(model, "full", reentrant=reentrant)
+        model[0](x, gate=gate).square().sum().backward()
+        return [x.grad, gate.grad, model[0].linear.weight.grad]
+
+    if reentrant:
+        with pytest.raises(TypeError, match="keyword input that needs a gradient.*pass it positionally"):
+            run(True)
+        return
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_recompute_under_bf16_autocast_is_bitwise(mode, reentrant):
