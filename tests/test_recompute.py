@@ -414,6 +414,30 @@ def test_tensor_parallel_strategy_recompute_is_bitwise(comm, mode):
     assert_all_ranks(comm, not problems, f"tp {tp} {mode}: {problems}")
 
 
+@pytest.mark.mpi(min_size=2)
+def test_tensor_parallel_recompute_repeats_the_forward_allreduces(comm):
+    """Bytes a rank sends in one step of a GPT split over all ranks (one group, no replicas to reduce): a
+    block's 2 forward and 2 backward Allreduces without recompute; ``full`` repeats forward ones in the
+    backward (the reentrant kind both,
+    the non-reentrant one those before its last saved tensor: torch stops a recompute there, on every rank
+    alike); ``selective`` recomputes the attention core, which communicates nothing."""
+    from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
+
+    tp = comm.Get_size()
+    if tp not in (2, 4):
+        pytest.skip("the GPT's 4 heads split over 2 or 4 ranks")
+    sent = {}
+    for mode, reentrant in (("none", False), ("full", False), ("full", True), ("selective", False)):
+        strategy = TensorParallelStrategy(comm, tiny_gpt(), TensorParallelConfig(tp=tp), seed=0)
+        apply_recompute(strategy.model, mode, replay=strategy.rng.recomputable, reentrant=reentrant)
+        sent[mode, reentrant] = strategy.train_step(token_batch(0, strategy.replica)).bytes_sent
+        strategy.grid.free()
+    plain = sent["none", False]
+    ok = (sent["full", True] == 1.5 * plain and plain < sent["full", False] < 1.5 * plain
+          and sent["selective", False] == plain)
+    assert_all_ranks(comm, ok, f"tensor-parallel bytes sent: {sent}")
+
+
 # -- the job ---------------------------------------------------------------------------------------------
 
 
