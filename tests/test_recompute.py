@@ -30,6 +30,15 @@ def dropout_mlp() -> nn.Sequential:
     return model
 
 
+def tied_mlp() -> nn.Sequential:
+    """Two entries share a weight: each is its own checkpointed unit under ``full``."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 3)).double()
+    model[4].weight = model[2].weight
+    return model
+
+
 def wide_blocks() -> nn.Sequential:
     """Four blocks (a pipeline of up to 4 stages takes whole blocks) that widen 4 times inside, with
     BatchNorm, dropout and a frozen bias: a stage's activations are much larger than its input."""
@@ -69,7 +78,8 @@ def image_batch(step: int, rank: int, batch: int = 4):
                                                                                                generator=generator)
 
 
-MODELS = {"mlp": (dropout_mlp, vector_batch), "gpt": (tiny_gpt, token_batch), "vit": (tiny_vit, image_batch)}
+MODELS = {"mlp": (dropout_mlp, vector_batch), "tied": (tied_mlp, vector_batch), "gpt": (tiny_gpt, token_batch),
+          "vit": (tiny_vit, image_batch)}
 
 
 def differences(first: dict, second: dict) -> list:
@@ -96,6 +106,66 @@ def test_units_are_blocks_entries_or_attention_cores_and_names_do_not_change():
         recompute_units(nn.Linear(2, 2), "full")
     with pytest.raises(ValueError, match="--recompute must be one of none, full, selective, got 'some'"):
         recompute_units(mlp, "some")
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shares a parameter with 2 outside it.*non-reentrant"):
+        apply_recompute(tied, "full", reentrant=True)
+    apply_recompute(tied, "full")  # the non-reentrant kind accumulates it once
+
+
+class GatedBlock(nn.Module):
+    """A unit (``recompute_unit``) with a keyword input."""
+
+    recompute_unit = "block"
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3).double()
+
+    def forward(self, x, *, gate):
+        return self.linear(x) * gate
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_keyword_inputs_reach_the_unit_and_their_gradients_come_back(reentrant):
+    """A keyword input is passed to the recompute too; one needing a gradient gets it bitwise (non-reentrant)
+    or is refused with the way out (reentrant, which passes only positional inputs' gradients)."""
+    def run(recompute):
+        torch.manual_seed(0)
+        model = nn.Sequential(GatedBlock())
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        gate = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+        if recompute:
+            apply_recompute(model, "full", reentrant=reentrant)
+        model[0](x, gate=gate).square().sum().backward()
+        return [x.grad, gate.grad, model[0].linear.weight.grad]
+
+    if reentrant:
+        with pytest.raises(TypeError, match="keyword input that needs a gradient.*pass it positionally"):
+            run(True)
+        return
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_under_bf16_autocast_is_bitwise(mode, reentrant):
+    """``--precision bf16`` with recompute: the recompute runs under the forward's autocast state, so two
+    steps of a GPT end with the parameters of the run without recompute, bitwise."""
+    def run(recompute):
+        model = tiny_gpt().float()
+        if recompute:
+            apply_recompute(model, mode, reentrant=reentrant)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2):
+            optimizer.zero_grad()
+            tokens, targets = token_batch(step, 0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                F.cross_entropy(model(tokens).float(), targets).backward()
+            optimizer.step()
+        return model.state_dict()
+
+    assert not differences(run(False), run(True))
 
 
 # -- data parallelism ------------------------------------------------------------------------------------
@@ -123,12 +193,18 @@ def data_parallel_run(comm, kind: str, mode: str, reentrant: bool):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-@pytest.mark.parametrize("kind, mode", [("mlp", "full"), ("gpt", "full"), ("gpt", "selective"), ("vit", "full"),
-                                        ("vit", "selective")])
+@pytest.mark.parametrize("kind, mode", [("mlp", "full"), ("tied", "full"), ("gpt", "full"), ("gpt", "selective"),
+                                        ("vit", "full"), ("vit", "selective")])
 def test_data_parallel_recompute_is_bitwise_the_run_without(comm, kind, mode, reentrant):
     """Losses, parameters, buffers and gradients after 3 steps (small buckets: many launched during the
     backward, inside the recompute's nested backward for the reentrant kind) equal the run without
-    recompute bitwise; and the model's dropout made the steps random (a run seeded otherwise differs)."""
+    recompute bitwise. A weight tied across two units is reduced once (non-reentrant: one accumulation) or
+    refused up front (reentrant: it would be accumulated in two nested backwards)."""
+    if kind == "tied" and reentrant:
+        with pytest.raises(ValueError, match="shares a parameter"):
+            data_parallel_run(comm, kind, mode, reentrant)
+        assert_comm_still_usable(comm)
+        return
     straight = data_parallel_run(comm, kind, "none", False)
     recomputed = data_parallel_run(comm, kind, mode, reentrant)
     problems = []
@@ -336,6 +412,57 @@ def test_tensor_parallel_strategy_recompute_is_bitwise(comm, mode):
     if straight[0] != recomputed[0]:
         problems.append(f"losses {straight[0]} != {recomputed[0]}")
     assert_all_ranks(comm, not problems, f"tp {tp} {mode}: {problems}")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_tensor_parallel_recompute_repeats_the_forward_allreduces(comm):
+    """Bytes a rank sends in one step of a GPT split over all ranks (one group, no replicas to reduce): a
+    block's 2 forward and 2 backward Allreduces without recompute; ``full`` repeats forward ones in the
+    backward (the reentrant kind both,
+    the non-reentrant one those before its last saved tensor: torch stops a recompute there, on every rank
+    alike); ``selective`` recomputes the attention core, which communicates nothing."""
+    from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
+
+    tp = comm.Get_size()
+    if tp not in (2, 4):
+        pytest.skip("the GPT's 4 heads split over 2 or 4 ranks")
+    sent = {}
+    for mode, reentrant in (("none", False), ("full", False), ("full", True), ("selective", False)):
+        strategy = TensorParallelStrategy(comm, tiny_gpt(), TensorParallelConfig(tp=tp), seed=0)
+        apply_recompute(strategy.model, mode, replay=strategy.rng.recomputable, reentrant=reentrant)
+        sent[mode, reentrant] = strategy.train_step(token_batch(0, strategy.replica)).bytes_sent
+        strategy.grid.free()
+    plain = sent["none", False]
+    ok = (sent["full", True] == 1.5 * plain and plain < sent["full", False] < 1.5 * plain
+          and sent["selective", False] == plain)
+    assert_all_ranks(comm, ok, f"tensor-parallel bytes sent: {sent}")
+
+
+# -- the job ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind, mode", [("data_parallel", "selective"), ("tp2", "full"), ("stages2", "full"),
+                                        ("stages2", "selective")])
+def test_the_gpt_job_takes_the_flag_in_each_strategy(comm, mpi_tmp_path, kind, mode):
+    """jobs/gpt_lm.py's strategies through the loop with ``recompute=mode`` (the flag's TrainConfig field):
+    every parameter this rank holds equals the run without recompute bitwise."""
+    from test_gpt_lm import run_job
+
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.tensor_parallel.strategy import TensorParallelConfig
+
+    group = {"data_parallel": 1, "tp2": 2, "stages2": 2}[kind]
+    if comm.Get_size() % group:
+        pytest.skip(f"{kind} needs a multiple of {group} ranks")
+    settings = {"data_parallel": None, "tp2": TensorParallelConfig(tp=2),
+                "stages2": PipelineConfig(schedule="1f1b", microbatches=2, stages=2)}[kind]
+    directory = shared_directory(comm, mpi_tmp_path)
+    _, straight = run_job(comm, directory / "none", settings)
+    _, recomputed = run_job(comm, directory / mode, settings, recompute=mode)
+    different = [name for name in straight if not torch.equal(straight[name], recomputed[name])]
+    assert_all_ranks(comm, bool(straight) and straight.keys() == recomputed.keys() and not different,
+                     f"{kind} {mode}: {different}")
 
 
 # -- bad input -------------------------------------------------------------------------------------------

@@ -68,21 +68,37 @@ def _kind(module: nn.Module) -> Optional[str]:
 
 def apply_recompute(model: nn.Module, mode: str, *, reentrant: bool = False,
                     replay: Optional[Replay] = None, strict: bool = True) -> List[nn.Module]:
-    """Checkpoint each of :func:`recompute_units` ``(model, mode)`` in place: its forward runs through
-    ``torch.utils.checkpoint`` (``use_reentrant=reentrant``) while gradients are enabled, so the
-    backward keeps only its inputs and recomputes the rest. The recompute is bitwise the forward: the
-    RNG state is restored (``checkpoint``'s own), buffers (BatchNorm statistics) are put back after it
-    (:func:`replaying_buffers`), and ``replay`` (if given) wraps the forward of each call, e.g. a
-    tensor-parallel group's split-stream replay. State-dict names are unchanged. Local: communicating
+    """Checkpoint each of :func:`recompute_units` ``(model, mode)`` in place: while gradients are enabled its
+    forward runs through ``torch.utils.checkpoint(use_reentrant=False)``, or with ``reentrant`` through
+    mpipar's reentrant checkpoint (a nested backward, bitwise), so the backward keeps only its inputs and
+    recomputes the rest. The recompute is bitwise the forward: the RNG state is restored, buffers
+    (BatchNorm statistics) are not updated twice (:func:`replaying_buffers`), and ``replay`` (if given)
+    wraps the forward of each call, e.g. a tensor-parallel group's split-stream replay. State-dict names
+    are unchanged. Local: communicating
     units (a tensor-parallel block's Allreduces) repeat their collectives in the backward, in the
     order autograd reaches them, the same on every rank. Returns the units. Raises as
-    :func:`recompute_units`.
+    :func:`recompute_units`, and ValueError for ``reentrant`` units sharing parameters with the rest.
     """
     units = recompute_units(model, mode, strict=strict)
+    if reentrant:
+        _check_not_shared(model, units)
     remove_recompute(model)
     for unit in units:
         unit.forward = _Checkpointed(unit, reentrant, replay)
     return units
+
+
+def _check_not_shared(model: nn.Module, units: List[nn.Module]) -> None:
+    """Raise ValueError when a unit shares a parameter with the rest of the model (tied weights): the
+    reentrant kind would accumulate its gradient in two backwards, after the first may have been sent."""
+    for unit in units:
+        inside = {id(m) for m in unit.modules()}
+        own = {id(p) for p in unit.parameters()}
+        for name, module in model.named_modules():
+            if id(module) not in inside and any(id(p) in own for p in module.parameters(recurse=False)):
+                raise ValueError(f"reentrant recompute: a {type(unit).__name__} unit shares a parameter with "
+                                 f"{name or 'the model'} outside it, whose gradient the reentrant kind would "
+                                 f"accumulate in two backwards; use the non-reentrant kind (the default)")
 
 
 def remove_recompute(model: nn.Module) -> None:
@@ -123,8 +139,7 @@ def replaying_buffers(function: Callable, module: nn.Module) -> Callable:
 
 
 class _Checkpointed:
-    """A unit's forward through ``torch.utils.checkpoint``, set as the unit's instance ``forward`` (a
-    plain object, so ``copy.deepcopy`` of the model maps it onto the copied unit)."""
+    """A unit's forward through a checkpoint, set as the unit's instance ``forward``."""
 
     def __init__(self, unit: nn.Module, reentrant: bool, replay: Optional[Replay]):
         self.unit, self.reentrant, self.replay = unit, reentrant, replay
@@ -137,6 +152,10 @@ class _Checkpointed:
         if self.reentrant and not any(isinstance(t, torch.Tensor) and t.requires_grad
                                       for t in pytree.tree_leaves((args, kwargs))):
             return forward(*args, **kwargs)  # a reentrant checkpoint would give its parameters no gradient
+        if self.reentrant and any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(kwargs)):
+            raise TypeError(f"reentrant recompute: a {type(unit).__name__} unit got a keyword input that needs a "
+                            f"gradient, which the reentrant kind cannot pass on; pass it positionally, or use the "
+                            f"non-reentrant kind (the default)")
 
         # Each distinct tensor passed once (a reentrant checkpoint detaches every argument apart, and
         # nn.MultiheadAttention takes another path when query, key and value are no longer one tensor);
