@@ -195,8 +195,11 @@ def test_orthonormalize_makes_nearly_parallel_columns_orthonormal():
     q = orthonormalize_(matrix.clone())
     assert torch.allclose(q.t() @ q, torch.eye(4, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(q @ (q.t() @ matrix), matrix, atol=1e-12)  # the same span
-    zero = orthonormalize_(torch.zeros(5, 2))
-    assert torch.equal(zero, torch.zeros(5, 2))
+    zero = orthonormalize_(torch.zeros(5, 2, dtype=torch.float64))  # no sum at all: still a basis, no NaN
+    assert torch.allclose(zero.t() @ zero, torch.eye(2, dtype=torch.float64), atol=1e-12)
+    transposed = torch.randn(3, 40, generator=generator, dtype=torch.float64)  # the reducer's r x n storage
+    orthonormalize_(transposed.t())
+    assert torch.allclose(transposed @ transposed.t(), torch.eye(3, dtype=torch.float64), atol=1e-12)
 
 
 def test_the_flag_reaches_the_config_and_combinations_are_refused():
