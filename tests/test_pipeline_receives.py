@@ -120,3 +120,17 @@ def test_bad_receives_ahead_is_an_error_on_every_rank(ahead):
     with pytest.raises(ValueError, match="receives_ahead must be an int >= 0") as caught:
         Pipeline(skip_model(), comm, schedule="1f1b", microbatches=2, receives_ahead=ahead)
     assert_all_ranks(comm, True, str(caught.value))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_cancelled_receive_takes_no_later_message():
+    from mpipar.comm import mpi_tensor
+
+    comm = MPI.COMM_SELF  # a failed step's receive, left posted, is cancelled before the next step posts its own
+    stale = mpi_tensor.irecv_(torch.full((3,), -1.0), comm, 0, tag=5)
+    stale.cancel()
+    send = mpi_tensor.isend(torch.arange(3.0), comm, 0, tag=5)
+    fresh = mpi_tensor.irecv_(torch.empty(3), comm, 0, tag=5)
+    send.wait()
+    ok = torch.equal(fresh.wait(), torch.arange(3.0)) and torch.equal(stale.tensor, torch.full((3,), -1.0))
+    assert_all_ranks(MPI.COMM_WORLD, ok, f"received {fresh.tensor}, the cancelled buffer {stale.tensor}")
