@@ -20,6 +20,7 @@ from mpipar.pipeline import Pipeline, Placement
 from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.delayed import DelayedGradientSGD
 from mpipar.pipeline.schedule import Schedule
+from mpipar.pipeline.versions import WeightVersions
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 BATCH, MICROBATCHES, STEPS = 8, 4, 20
@@ -389,3 +390,54 @@ def test_evaluate_in_flight_drains_first(schedule):
     if not all(torch.equal(a, b) for a, b in zip(weights, expected_weights)):
         problems.append("weights after evaluating in flight differ from the drained run's")
     assert_all_ranks(comm, not problems, f"{schedule} on {size} ranks: {problems}")
+
+
+# -- no self-inflicted copies --------------------------------------------------------------------
+
+
+def stashed_micro_batches(schedule: str, stage: int, layer: nn.Module):
+    """Run ``stage``'s compute steps of ``schedule`` on ``layer`` through its weight versions; the micro-batches
+    whose forward got a stashed copy, and the versions."""
+    versions = WeightVersions(stage, layer, Schedule(schedule, 4, MICROBATCHES))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    losses, stashed = {}, []
+    for instruction in versions.schedule.instructions(stage):
+        kind, i = type(instruction).__name__, instruction.microbatch
+        if kind == "Forward":
+            weights = versions.weights_for(i)
+            stashed += [] if weights is None else [i]
+            x = torch.full((1, 3), float(i + 1), dtype=torch.float64)
+            losses[i] = torch.func.functional_call(layer, weights or dict(layer.named_parameters()), (x,)).sum()
+        elif kind == "Backward":
+            losses.pop(i).backward()
+            versions.take_gradient(i)
+        elif kind == "Update":
+            versions.update(lambda params, share: optimizer.step())
+    return stashed, versions
+
+
+@pytest.mark.parametrize("schedule,stage,copied,stash_bytes", [
+    ("pipedream", 3, [], 0),  # staleness 0: forward and backward on the newest weights, never a copy
+    ("pipedream", 0, [1, 2, 3], 3 * 64),  # micro-batch 0 runs before any update: on the parameters
+    ("2bw", 1, [], 64),  # the first batch runs on version 0 before its update; the next batch's version 0 kept
+])
+def test_a_micro_batch_that_sees_the_newest_weights_runs_on_the_parameters(schedule, stage, copied, stash_bytes):
+    layer = nn.Linear(3, 2).double()  # 64 bytes of parameters
+    stashed, versions = stashed_micro_batches(schedule, stage, layer)
+    assert stashed == copied
+    assert all(p.grad is None for p in layer.parameters())  # gradients reach the parameters only in updates
+    assert versions.peak_bytes == stash_bytes
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_last_stage_of_pipedream_stashes_nothing():
+    comm = MPI.COMM_WORLD
+    pipe, optimizer = async_pipeline(comm, make_model(layers=2 * comm.Get_size()), "pipedream")
+    peaks = []
+    for step in range(3):
+        inputs, targets = make_batch(step)
+        peaks.append(pipe.step(inputs, targets).stash_bytes)
+    pipe.drain()
+    only_last = set(pipe.stages) == {pipe.num_stages - 1}
+    assert_all_ranks(comm, not only_last or max(peaks) == 0, f"rank {comm.Get_rank()}: stash bytes {peaks}")
+    assert_all_ranks(comm, only_last or max(peaks) > 0, f"rank {comm.Get_rank()}: stash bytes {peaks}")

@@ -48,7 +48,8 @@ class Compute(PipelineParts):
         begin = time.perf_counter()
         y, saved = stage.forward(i, x, train=run.train,
                                  target=run.target_chunks[i - run.base] if run.target_chunks else None,
-                                 loss_fn=self.loss_fn, scale=1.0 / run.microbatches, skips=used, weights=weights)
+                                 loss_fn=self.loss_fn, scale=self.loss_scale / run.microbatches, skips=used,
+                                 weights=weights)
         end = time.perf_counter()
         stage.forward_busy += end - begin
         recorder = events.active()

@@ -170,6 +170,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
                  (len(module), self.placement.ranks, schedule, microbatches),
                  hint="build the model and the Pipeline with the same arguments on every rank")
         self.loss_fn = loss_fn
+        self.loss_scale = 1.0  # fp16: the loss scaler's scale, set before each step (the reported loss is unscaled)
         self.receives_ahead = receives_ahead
         self.stage_ranks = self.placement.stage_ranks
         self.stages: Dict[int, Stage] = {

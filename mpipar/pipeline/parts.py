@@ -33,6 +33,7 @@ class PipelineParts:
     schedule: Schedule
     skips: Tuple[SkipEdge, ...]
     loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    loss_scale: float  # the last stage backpropagates its loss times this (fp16 loss scaling)
     stage_ranks: Tuple[int, ...]
     stages: Dict[int, Stage]
     local_module: nn.ModuleList

@@ -3,7 +3,7 @@ dtypes passed down the pipeline once per input shape, before the first tensor is
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -15,19 +15,36 @@ from mpipar.pipeline.microbatch import check_microbatches
 from mpipar.pipeline.parts import PipelineParts
 from mpipar.pipeline.stage import TensorSpec
 
-__all__ = ["ShapeAgreement", "SPEC_TAG"]
+__all__ = ["ShapeAgreement", "SPEC_TAG", "autocast_key", "wire_spec"]
 
 SPEC_TAG = 0  # shape agreement; data messages use tags >= 1
+
+
+def autocast_key() -> Tuple[Tuple[str, str], ...]:
+    """The autocast in force: ``(device type, dtype)`` of the CPU's and CUDA's (empty: none). Local."""
+    return tuple((kind, str(torch.get_autocast_dtype(kind))) for kind in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(kind))
+
+
+def wire_spec(spec: TensorSpec, device: torch.device) -> TensorSpec:
+    """What crosses a stage boundary for an output of ``spec`` made on ``device``: under autocast, float32
+    crosses in autocast's dtype (what its matmuls give; an output still float32, e.g. after a LayerNorm,
+    is cast to it at the send, half the bytes), other dtypes as they are. Local."""
+    kind = torch.device(device).type
+    if spec.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return TensorSpec(spec.shape, torch.get_autocast_dtype(kind))
+    return spec
 
 
 class ShapeAgreement(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s agreement on a batch and its shapes (collective over
     ``comm``: every rank calls :meth:`_agree_batch` together); the spec tables it fills are what the
-    receives allocate."""
+    receives allocate and what the sends cast to (under autocast: :func:`wire_spec`). Every rank must step
+    under the same autocast (checked), which is part of the tables' key."""
 
     def _check_batch(self, inputs, targets, train: bool, microbatches: int) -> dict:
         self._program(train, microbatches)
-        report: Dict[str, Any] = {"microbatches": microbatches}
+        report: Dict[str, Any] = {"microbatches": microbatches, "autocast": autocast_key()}
         if train and self.schedule.is_async and self.stages and self._optimizer is None:
             raise ValueError(f"the {self.schedule.name} schedule steps an optimizer at each update: call "
                              f"pipe.bind_optimizer(optimizer) before the first step")
@@ -52,16 +69,20 @@ class ShapeAgreement(PipelineParts):
                                   "pipeline batch")
         first, last = reports[self.stage_ranks[0]], reports[self.last_stage_rank]
         counts = [report["microbatches"] for report in reports]
+        casts = [report["autocast"] for report in reports]
         problem = None
         if len(set(counts)) > 1:
             problem = f"ranks ask for different micro-batch counts {counts}"
+        elif len(set(casts)) > 1:
+            problem = (f"ranks run under different autocast (device type, dtype) {casts}; run every rank's step "
+                       f"under the same precision")
         elif "target_batch" in last and last["target_batch"] != first["batch"]:
             problem = (f"{first['batch']} inputs on rank {self.stage_ranks[0]} but {last['target_batch']} "
                        f"targets on rank {self.last_stage_rank}")
         if problem:
             raise agreed(ValueError)(f"pipeline batch: {problem}")
         self._batch_spec = (first["spec"], first["batch"])
-        key = (first["spec"], train)
+        key = (first["spec"], train, casts[0])
         if key not in self._spec_tables:
             self._agree_shapes(first["spec"], train)
             self._spec_tables[key] = (dict(self._input_specs), dict(self._output_specs), dict(self._skip_specs))
@@ -85,6 +106,7 @@ class ShapeAgreement(PipelineParts):
                 try:
                     used = {name: live[name] for name in self._uses[index]}
                     out, saved = stage.output_spec(spec, used)
+                    out, saved = wire_spec(out, stage.device), {k: wire_spec(v, stage.device) for k, v in saved.items()}
                     if train and not stage.is_last and not out.dtype.is_floating_point:
                         raise TypeError(f"its output dtype {out.dtype} cannot carry gradients back")
                     mpi_tensor.mpi_datatype(out.dtype)

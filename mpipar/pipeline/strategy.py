@@ -183,6 +183,10 @@ class PipelineStrategy:
         if self.asynchronous:
             _check_asynchronous(config, self.grid, state, world.Get_size())
         self.steps_optimizer = self.asynchronous  # the loop then calls bind_optimizer, never optimizer.step()
+        # --precision: flushing schedules under autocast (activations cross in its 16 bits), fp16 with the loop's
+        # loss scaling (bind_loss_scaler); the asynchronous ones step their own optimizer: fp32 only for now
+        self.precisions = ("fp32",) if self.asynchronous else ("fp32", "bf16", "fp16")
+        self.loss_scaler = None
         self._step = 0 if state is None else int(state["step"])
         self._updates: List[tuple] = []  # (step, stage, micro-batch, forward version, applied version)
         self.tp_stats = CommStats()
@@ -289,10 +293,16 @@ class PipelineStrategy:
         self.pipe.drain()
         self._updates += [(self._step - 1, *update) for update in self.pipe.take_updates()]
 
+    def bind_loss_scaler(self, scaler) -> None:
+        """fp16: the last stage backpropagates its loss times ``scaler``'s scale (the loop unscales, checks
+        every rank for an overflow and steps)."""
+        self.loss_scaler = scaler
+
     def train_step(self, batch) -> StepRecord:
         images, labels = batch if batch is not None else (None, None)
         if self.asynchronous:
             return self._async_step(images, labels)
+        self.pipe.loss_scale = 1.0 if self.loss_scaler is None else self.loss_scaler.scale_value
         self.averager.begin_step()  # replicas' gradients are reduced during the last micro-batch's backward
         result = self.pipe.step(images, labels, before_last_backward=self.averager.stage_finishing)
         self.averager.average()

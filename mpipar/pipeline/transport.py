@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from mpi4py import MPI
@@ -136,9 +136,15 @@ class Transport(PipelineParts):
 
     def _send(self, instruction: Union[SendActivation, SendGrad], run: RunState) -> None:
         dest, tag = self._peer_and_tag(instruction, run.tag_count or run.microbatches)
-        tensor = run.outgoing.pop(instruction)
+        spec = (self._input_specs if isinstance(instruction, SendGrad) else self._output_specs)[instruction.stage]
+        tensor = self._as_agreed(run.outgoing.pop(instruction), spec)
         run.bytes_sent += self._post(tensor, dest, tag, run, instruction,
                                      "send_grad" if isinstance(instruction, SendGrad) else "send_activation")
+
+    @staticmethod
+    def _as_agreed(tensor: torch.Tensor, spec: Optional[TensorSpec]) -> torch.Tensor:
+        """``tensor`` in the dtype agreed for its message (under autocast a float32 output crosses in 16 bits)."""
+        return tensor if spec is None or tensor.dtype == spec.dtype else tensor.to(spec.dtype)
 
     def _post(self, tensor: torch.Tensor, dest: int, tag: int, run: RunState, instruction: Instruction,
               event: str) -> int:
@@ -184,7 +190,7 @@ class Transport(PipelineParts):
         name, i = self.stage_skips[instruction.skip].name, instruction.microbatch
         dest, tag = self._skip_peer_and_tag(instruction, run.tag_count or run.microbatches)
         grad = isinstance(instruction, SendSkipGrad)
-        tensor = (run.skip_grads if grad else run.skips).pop((name, i))
+        tensor = self._as_agreed((run.skip_grads if grad else run.skips).pop((name, i)), self._skip_specs[name])
         size = self._post(tensor, dest, tag, run, instruction, "send_skip_grad" if grad else "send_skip")
         run.bytes_sent += size
         run.skip_bytes_sent += size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +34,9 @@ class WeightVersions:
     runs on a stashed copy of the version the schedule gives it
     (:meth:`Schedule.forward_version`), as leaves that collect its gradient in the backward,
     so forward and backward of a micro-batch see the same weights however many updates
-    happen in between (weight stashing). Only trainable parameters (``requires_grad``) have
+    happen in between (weight stashing); one whose forward and backward both see the newest
+    version (no update in between: :meth:`in_place`) runs on the parameters, no copy. Only
+    trainable parameters (``requires_grad``) have
     versions; frozen ones are used as they are. A copy lives while an in-flight micro-batch uses it
     or a later forward will: at most :meth:`Schedule.weight_versions` versions in steady
     state, newest included. Nothing here communicates.
@@ -52,6 +54,7 @@ class WeightVersions:
         self.forwarded = 0       # next micro-batch (run-wide number) to forward
         self.stash: Dict[int, Dict[str, torch.Tensor]] = {}  # version -> parameter copies (leaves)
         self.users: Dict[int, int] = {}  # in-flight micro-batch -> its version
+        self.direct: Set[int] = set()  # in-flight micro-batches on the parameters themselves (in_place)
         self.gradient: Optional[List[Optional[torch.Tensor]]] = None  # since the last update (None: none came)
         self.waiting: List[Tuple[int, int]] = []  # (micro-batch, forward version) in ``gradient``
         self.records: List[Tuple[int, int, int]] = []  # (micro-batch, forward version, applied version)
@@ -77,8 +80,15 @@ class WeightVersions:
     def reset_peaks(self) -> None:
         self.peak_versions, self.peak_bytes = self.versions, self.stash_bytes
 
-    def weights_for(self, microbatch: int) -> Dict[str, torch.Tensor]:
-        """The weights the forward of ``microbatch`` runs on (kept for its backward).
+    def in_place(self, microbatch: int) -> bool:
+        """Whether ``microbatch``'s forward and backward both see the newest weights: its forward version
+        is the one applied when its backward runs (the updates after the backwards before it; e.g. the last
+        stage of ``pipedream``, staleness 0). Such a micro-batch runs on the parameters themselves, no copy."""
+        return self.schedule.forward_version(self.index, microbatch) == microbatch // self.schedule.update_period
+
+    def weights_for(self, microbatch: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The weights the forward of ``microbatch`` runs on (kept for its backward); None: the
+        parameters themselves (:meth:`in_place`), which then collect its gradient.
 
         Raises:
             RuntimeError: forwards out of order, or the version is neither stashed nor the newest.
@@ -86,13 +96,17 @@ class WeightVersions:
         if microbatch != self.forwarded:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {microbatch}, expected {self.forwarded}")
         version = self.schedule.forward_version(self.index, microbatch)
-        if version not in self.stash:
-            if version != self.live:
-                raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} needs weight version {version}, "
-                                   f"which was not kept (newest {self.live}, stashed {sorted(self.stash)})")
-            self.stash[version] = self._copy()
+        if version not in self.stash and version != self.live:
+            raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} needs weight version {version}, "
+                               f"which was not kept (newest {self.live}, stashed {sorted(self.stash)})")
         self.users[microbatch] = version
         self.forwarded += 1
+        if version not in self.stash and self.in_place(microbatch):
+            self.direct.add(microbatch)
+            self._note_peaks()
+            return None
+        if version not in self.stash:
+            self.stash[version] = self._copy()
         self._note_peaks()
         return self.stash[version]
 
@@ -100,8 +114,10 @@ class WeightVersions:
         """After the backward of ``microbatch``: move its gradient off the stashed leaves into the
         gradient of the next update (None for a parameter no gradient reached)."""
         version = self.users.pop(microbatch)
+        leaves = [p for _, p in self.named] if microbatch in self.direct else list(self.stash[version].values())
+        self.direct.discard(microbatch)
         grads = []
-        for _, leaf in self.stash[version].items():
+        for leaf in leaves:
             grads.append(leaf.grad)
             leaf.grad = None
         self.gradient = grads if self.gradient is None else [
@@ -148,5 +164,5 @@ class WeightVersions:
         params = dict(self.named)
         self.stash = {int(v): {name: t.to(params[name].device).requires_grad_()  # frozen: in older files
                                for name, t in w.items() if name in params} for v, w in state["stash"].items()}
-        self.users, self.gradient, self.waiting = {}, None, []
+        self.users, self.gradient, self.waiting, self.direct = {}, None, [], set()
         self.reset_peaks()

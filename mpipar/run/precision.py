@@ -51,10 +51,9 @@ def check_precision(name: str, device: torch.device) -> None:
 
 def check_strategy_precision(name: str, strategy) -> None:
     """Raise ValueError when ``strategy`` cannot train at ``--precision name``: the strategy lists what it
-    takes in ``precisions`` (absent: fp32 only; pipelines send activations in the dtype agreed at start,
-    so autocast's 16-bit activations are refused there for now), and fp16 needs the loop's loss scaling,
-    which a strategy that steps its own optimizer (asynchronous pipelines, parameter servers, local SGD,
-    ZeRO) or has no ``bind_loss_scaler`` cannot take. Local (the same on every rank)."""
+    takes in ``precisions`` (absent: fp32 only), and fp16 needs the loop's loss scaling, which a strategy
+    that steps its own optimizer (asynchronous pipelines, parameter servers, local SGD, ZeRO) or has no
+    ``bind_loss_scaler`` cannot take. Local (the same on every rank)."""
     offered = tuple(getattr(strategy, "precisions", ("fp32",)))
     if name not in offered:
         raise ValueError(f"{strategy.name} cannot train with --precision {name} (it takes {', '.join(offered)})")
