@@ -200,3 +200,53 @@ def test_interleaved_refuses_unequal_chunks_and_ragged_microbatches_on_every_ran
     raises_everywhere(comm, f"needs micro-batches in whole groups of {size}", lambda: Pipeline(
         awkward_model(), comm, Placement.interleaved(12, size, 2), schedule="interleaved", microbatches=size + 1,
         loss_fn=F.cross_entropy))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("schedule", ["interleaved", "zero-bubble"])
+def test_grids_of_replicas_equal_one_process_on_the_global_batch(stages, schedule):
+    """Replicas x stages (interleaved: 2 chunks per rank), gradients averaged over the replicas while the last
+    backward (zero-bubble: the last W) of each stage runs; two SGD steps equal one process on the global batch."""
+    from mpipar.comm.topology import ProcessGrid
+    from mpipar.pipeline import ReplicaAverager
+
+    comm, global_batch = MPI.COMM_WORLD, 24
+    if comm.Get_size() % stages:
+        pytest.skip(f"{stages} stages do not divide {comm.Get_size()} ranks")
+    grid = ProcessGrid(comm, stages)
+    model = awkward_model()
+    reference = copy.deepcopy(model)
+    share = global_batch // grid.replicas
+    microbatches = 2 * stages if share % (2 * stages) == 0 else stages
+    chunks = 2 if schedule == "interleaved" else 1
+    pipe = Pipeline(model, grid.pipeline_comm, Placement.interleaved(12, stages, chunks), schedule=schedule,
+                    microbatches=microbatches, loss_fn=F.cross_entropy)
+    averager = ReplicaAverager(pipe.local_module, grid.data_comm, bucket_cap_mb=1e-6)
+    params = [p for p in pipe.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
+                                          momentum=0.9)
+    problems = []
+    for number in range(2):
+        inputs, targets = random_batch(number, global_batch)
+        mine = slice(grid.replica * share, (grid.replica + 1) * share)
+        optimizer.zero_grad()
+        averager.begin_step(num_samples=share)
+        result = pipe.step(inputs[mine], targets[mine], before_last_backward=averager.stage_finishing)
+        averager.average()
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        expected = F.cross_entropy(reference(inputs), targets)
+        expected.backward()
+        losses = grid.data_comm.allgather(result.loss)
+        if abs(sum(losses) / len(losses) - expected.item()) > 1e-12:
+            problems.append(f"step {number}: loss {losses} vs {expected.item()}")
+        local = {id(p) for p in params}
+        for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+            mine_grad, expected_grad = (torch.zeros_like(p) if g is None else g for g in (p.grad, r.grad))
+            if id(p) in local and not torch.allclose(mine_grad, expected_grad, **TOL):  # unused: None or zeros
+                problems.append(f"step {number}: grad of {name}")
+        reference_optimizer.step()
+    grid.free()
+    assert_all_ranks(comm, not problems, f"{schedule} {stages} stages: {problems}")
