@@ -250,3 +250,37 @@ def test_grids_of_replicas_equal_one_process_on_the_global_batch(stages, schedul
         reference_optimizer.step()
     grid.free()
     assert_all_ranks(comm, not problems, f"{schedule} {stages} stages: {problems}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule", ["zero-bubble", "interleaved"])
+def test_tensor_parallel_stages_with_the_new_schedules_equal_one_process(comm, mpi_tmp_path, schedule):
+    """Tensor-parallel stages (4 ranks: 2 stages x 2; 1-3 ranks: one stage split over all) under the new
+    schedules: the loop's shards after several optimizer steps equal the unsplit model trained on one process
+    (interleaved takes no --virtual-stages with --tp > 1: one stage per rank)."""
+    import h5py
+    from test_loop import BATCH, build_model, serial_reference, session
+    from test_tp_grid import grid_for, shard_problems
+
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.strategy import PipelineStrategy
+    from mpipar.run.loop import train
+    from mpipar.tensor_parallel.strategy import split_mlp
+
+    size = comm.Get_size()
+    stages, tp = grid_for(size)
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial_reference(directory, size)
+    settings = PipelineConfig(schedule=schedule, microbatches=2, stages=stages, tp=tp)
+    batch = BATCH * size // (size // (stages * tp))
+    run = session(comm, directory / "grid", batch, settings)
+    strategy = PipelineStrategy(comm, build_model(), settings, batch_size=batch, state=run.state, say=run.say,
+                                split_layers=split_mlp)
+    stopped = train(run, strategy, synthetic(600, 100, seed=0))
+    problems = (["stopped early"] if stopped else []) + shard_problems(strategy, reference, strategy.grid.tp_rank)
+    with h5py.File(directory / "grid" / "metrics.h5", "r") as f:
+        if str(f.attrs["schedule"]) != schedule:
+            problems.append(f"metrics schedule {f.attrs['schedule']}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
