@@ -284,3 +284,36 @@ def test_tensor_parallel_stages_with_the_new_schedules_equal_one_process(comm, m
         if str(f.attrs["schedule"]) != schedule:
             problems.append(f"metrics schedule {f.attrs['schedule']}")
     assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+# -- the jobs' settings (serial) -----------------------------------------------------------------------------
+
+
+def test_virtual_stages_settings_and_flags():
+    import argparse
+
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.flags import add_pipeline_flags
+    from mpipar.pipeline.strategy import choose_placement
+
+    config = PipelineConfig(schedule="interleaved", stages=2, microbatches=4, virtual_stages=2)
+    assert config.to_dict()["virtual_stages"] == 2 and "virtual_stages" not in PipelineConfig().to_dict()
+    placement, _ = choose_placement(awkward_model(), config, None, None, print)  # even: no collective
+    assert placement == Placement.interleaved(12, 2, 2) and placement.stage_ranks == (0, 1, 0, 1)
+    counted, _ = choose_placement(awkward_model(), PipelineConfig(
+        schedule="interleaved", stages=2, microbatches=2, virtual_stages=2, balance=(2, 4, 4, 2)), None, None, print)
+    assert counted.ranks == (0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1)
+    for settings, match in [
+        (dict(schedule="1f1b", virtual_stages=2), "above 1 only with a schedule of virtual stages"),
+        (dict(schedule="interleaved", virtual_stages=0), "--virtual-stages must be >= 1"),
+        (dict(schedule="interleaved", virtual_stages=2, stages=2, microbatches=3), "a multiple of --stages 2"),
+        (dict(schedule="interleaved", virtual_stages=2, stages=2, balance=(3, 3)), "or 4 positive layer counts"),
+        (dict(schedule="interleaved", virtual_stages=2, stages=2, placement=(0, 1)), "leave out --placement"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            PipelineConfig(**settings)
+    parser = argparse.ArgumentParser()
+    add_pipeline_flags(parser)
+    args = parser.parse_args(["--schedule", "zero-bubble"])
+    assert args.virtual_stages == 1 and args.schedule == "zero-bubble"
+    assert parser.parse_args(["--schedule", "interleaved", "--virtual-stages", "3"]).virtual_stages == 3
