@@ -5,6 +5,8 @@ Usage:
     mpirun -n 2 python benchmarks/bench_pipeline.py --model mlp --schedule gpipe --microbatches 16 --width 1024
     mpirun -n 2 python benchmarks/bench_pipeline.py --model mlp --width 512 --depth 18 --microbatches 8 \
         --receives-ahead 0,2 --no-torch
+    mpirun -n 2 python benchmarks/bench_pipeline.py --schedule interleaved --virtual-stages 2 --rounds 8
+    mpirun -n 2 python benchmarks/bench_pipeline.py --schedule zero-bubble --rounds 8
 
 The same model and micro-batches run as:
 
@@ -18,6 +20,13 @@ The same model and micro-batches run as:
   stage modules, the same schedule, a gloo group; for ``fine`` the skips crossing the cut
   travel as extra stage outputs / inputs, which works for 2 stages).
 
+``--schedule interleaved --virtual-stages V`` splits every variant into ``2 V`` chunks, chunk ``c`` on rank
+``c % 2`` (even, auto over the chunks, fine), against torch's ``ScheduleInterleaved1F1B`` on the same chunks;
+``--schedule zero-bubble`` runs mpipar's ZB-H1 against torch's ``ScheduleInterleavedZeroBubble`` on the same
+stages and adds ``torch zbv``: ``ScheduleZBVZeroBubble`` on 4 equal chunks in its V shape (rank 0: chunks 0
+and 3). A torch variant that cannot run (a skip crossing chunks; its own error, e.g. on CPU/gloo) is named
+and left out.
+
 Rounds alternate the order (ABBA) so that drift in machine load hits all alike. Rank 0
 prints, per variant, the median time per batch, and for mpipar the measured bubble
 (1 - busy / (ranks * wall)) beside the ideal (p-1)/(m+p-1), the bound that the
@@ -30,6 +39,7 @@ difference" where the range includes 1. Each rank uses --threads torch threads.
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 
@@ -39,12 +49,20 @@ import torch.nn.functional as F
 from _bench import abba, init_gloo, mpi_library, paired, sleeping_barrier  # before mpipar: the checkout on sys.path
 from mpi4py import MPI
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
 
 from mpipar import models
 from mpipar.pipeline import Pipeline, Placement, SkipSequential, auto_balance, find_skips, measured_bubble
 from mpipar.pipeline.partition import stage_sums
 from mpipar.pipeline.schedule import Schedule, placement_bubble
+from mpipar.pipeline_plan.placement import Segment, even_balance
 
 
 def make_model(name: str, width: int, depth: int) -> nn.Sequential:
@@ -71,6 +89,45 @@ class _TorchStage(nn.Module):
         return (y, *[store[name] for name in self.gives]) if self.gives else y
 
 
+TORCH_MULTI = {"interleaved": ScheduleInterleaved1F1B, "zero-bubble": ScheduleInterleavedZeroBubble,
+               "zbv": ScheduleZBVZeroBubble}
+
+
+def _torch_multi(model, segments, schedule: str, microbatches: int, sample, rank: int, size: int, comm):
+    """A step of torch's schedule ``schedule`` (several stages per rank allowed) on the stages ``segments``
+    (``Segment`` s in model order), or why it cannot run (decided on every rank alike: a skip crossing stages,
+    or torch's error on any rank)."""
+    stage_of = [index for index, segment in enumerate(segments) for _ in range(segment.start, segment.stop)]
+    if any(stage_of[e.producer] != stage_of[e.consumer] for e in find_skips(model)):
+        return "skips cross its stages"
+    error = None
+    try:
+        stages, parts = [], []
+        for index, segment in enumerate(segments):
+            if segment.rank != rank:
+                continue
+            part = copy.deepcopy(model)[segment.start:segment.stop]
+            with torch.no_grad():  # example input: what the stages before give
+                example = copy.deepcopy(model)[:segment.start](sample) if segment.start else sample
+            stages.append(PipelineStage(part, index, len(segments), torch.device("cpu"), input_args=(example,)))
+            parts.append(part)
+        torch_schedule = TORCH_MULTI[schedule](stages, microbatches, loss_fn=F.cross_entropy)
+        optimizer = torch.optim.SGD([p for part in parts for p in part.parameters()], lr=0.01)
+    except Exception as exc:  # noqa: BLE001 - reported, the variant left out
+        error = f"{type(exc).__name__}: {exc}"
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        return errors[0][:200]
+    first, last = segments[0].rank == rank, segments[-1].rank == rank
+
+    def run_torch(images, labels):
+        optimizer.zero_grad()
+        torch_schedule.step(*((images,) if first else ()), **({"target": labels, "losses": []} if last else {}))
+        optimizer.step()
+
+    return run_torch
+
+
 def single_process_step(model, optimizer, images, labels, microbatches) -> None:
     optimizer.zero_grad()
     for chunk, target in zip(images.chunk(microbatches), labels.chunk(microbatches)):
@@ -85,7 +142,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=9, help="MLP linear layers (9: halves of equal cost)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
+    parser.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zero-bubble"], default="1f1b")
+    parser.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank for --schedule interleaved")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
@@ -109,16 +167,18 @@ def main() -> None:
                 torch.randint(0, 10, (args.batch_size,), generator=generator)) for _ in range(args.steps + 1)]
     micro = args.batch_size // args.microbatches
     sample = batches[0][0][:micro]
-    schedule = Schedule(args.schedule, size, args.microbatches)
-    in_flight = [schedule.max_in_flight(stage) for stage in range(size)]
+    chunks_per_rank = args.virtual_stages if args.schedule == "interleaved" else 1
+    chunks = size * chunks_per_rank
+    schedule = Schedule(args.schedule, chunks, args.microbatches, virtual_stages=chunks_per_rank)
+    in_flight = [schedule.max_in_flight(stage) for stage in range(chunks)]
 
-    splits = {"even": (base, Placement.even(len(base), size), None)}
-    balance, profiles = auto_balance(base, sample, size, comm, in_flight=in_flight)
-    splits["auto"] = (base, Placement.from_balance(balance), stage_sums([p.time for p in profiles], balance))
+    splits = {"even": (base, Placement.interleaved(len(base), size, chunks_per_rank), None)}
+    balance, profiles = auto_balance(base, sample, chunks, comm, in_flight=in_flight)
+    splits["auto"] = (base, Placement.looped(balance, size), stage_sums([p.time for p in profiles], balance))
     if args.model == "resnet-small":
         fine = models.split_blocks(copy.deepcopy(base))  # the same parameters
-        balance, profiles = auto_balance(fine, sample, size, comm, in_flight=in_flight)
-        splits["fine"] = (fine, Placement.from_balance(balance), stage_sums([p.time for p in profiles], balance))
+        balance, profiles = auto_balance(fine, sample, chunks, comm, in_flight=in_flight)
+        splits["fine"] = (fine, Placement.looped(balance, size), stage_sums([p.time for p in profiles], balance))
 
     serial_model = copy.deepcopy(base)
     serial_optimizer = torch.optim.SGD(serial_model.parameters(), lr=0.01)
@@ -128,6 +188,7 @@ def main() -> None:
             single_process_step(serial_model, serial_optimizer, images, labels, args.microbatches)
 
     runners = {"one process": run_serial}
+    torch_skipped = {}  # variant -> why torch's counterpart does not run
     aheads = [int(k) for k in args.receives_ahead.split(",")]
     variants = {name: [name] if len(aheads) == 1 else [f"{name}/ahead{k}" for k in aheads] for name in splits}
     bubbles = {variant: [] for names in variants.values() for variant in names}
@@ -152,6 +213,14 @@ def main() -> None:
             runners[f"mpipar {variant}"] = run_mpipar
         if args.no_torch:
             continue
+        if args.schedule in ("interleaved", "zero-bubble"):
+            runner = _torch_multi(model, placement.segments, args.schedule, args.microbatches, sample, rank, size,
+                                  comm)
+            if isinstance(runner, str):
+                torch_skipped[name] = runner
+            else:
+                runners[f"torch {name}"] = runner
+            continue
         segment = placement.segments[rank]
         crossing = [e.name for e in find_skips(model) if placement.ranks[e.producer] != placement.ranks[e.consumer]]
         part = _TorchStage(copy.deepcopy(model)[segment.start:segment.stop], crossing if rank else [],
@@ -175,6 +244,14 @@ def main() -> None:
 
         runners[f"torch {name}"] = run_torch
 
+    if args.schedule == "zero-bubble" and not args.no_torch:  # torch's ZB-V on its own V-shaped split of 4 chunks
+        ends = list(itertools.accumulate(even_balance(len(base), 2 * size)))
+        v_shape = [Segment(min(c, 2 * size - 1 - c), ends[c - 1] if c else 0, ends[c]) for c in range(2 * size)]
+        runner = _torch_multi(base, v_shape, "zbv", args.microbatches, sample, rank, size, comm)
+        if isinstance(runner, str):
+            torch_skipped["zbv"] = runner
+        else:
+            runners["torch zbv"] = runner
     seconds = {name: [] for name in runners}
     for round_index in range(args.rounds):
         for name in abba(runners, round_index):
@@ -193,6 +270,10 @@ def main() -> None:
               f"{args.schedule}, {size} ranks x {args.threads} threads, {args.steps} steps x {args.rounds} rounds "
               f"(ABBA), receives ahead {args.receives_ahead}, torch {torch.__version__}, {mpi_library()}")
         print("shared 2-core machine with other jobs running: times are noisy; compare the paired ratios below")
+        if chunks_per_rank > 1:
+            print(f"{chunks_per_rank} chunks per rank (interleaved): chunk c on rank c % {size}")
+        for name, why in torch_skipped.items():
+            print(f"torch {name}: not run ({why})")
         for name, (model, placement, predicted) in splits.items():
             extra = "" if predicted is None else f", predicted stage ms {[round(1e3 * t, 2) for t in predicted]}"
             print(f"split {name}: {len(model)} layers, {placement.balance()} layers per stage{extra}")
@@ -216,6 +297,7 @@ def main() -> None:
         pairs = [("mpipar even", "mpipar auto"), ("mpipar even", "mpipar fine"), ("mpipar auto", "mpipar fine"),
                  ("one process", "mpipar fine")]
         pairs += [(f"torch {name}", f"mpipar {variants[name][-1]}") for name in splits]
+        pairs += [("torch zbv", f"mpipar {variants[name][-1]}") for name in splits]
         pairs += [(f"mpipar {names[0]}", f"mpipar {other}") for names in variants.values() for other in names[1:]]
         for slow, fast in pairs:
             if slow in seconds and fast in seconds:

@@ -200,3 +200,120 @@ def test_interleaved_refuses_unequal_chunks_and_ragged_microbatches_on_every_ran
     raises_everywhere(comm, f"needs micro-batches in whole groups of {size}", lambda: Pipeline(
         awkward_model(), comm, Placement.interleaved(12, size, 2), schedule="interleaved", microbatches=size + 1,
         loss_fn=F.cross_entropy))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("schedule", ["interleaved", "zero-bubble"])
+def test_grids_of_replicas_equal_one_process_on_the_global_batch(stages, schedule):
+    """Replicas x stages (interleaved: 2 chunks per rank), gradients averaged over the replicas while the last
+    backward (zero-bubble: the last W) of each stage runs; two SGD steps equal one process on the global batch."""
+    from mpipar.comm.topology import ProcessGrid
+    from mpipar.pipeline import ReplicaAverager
+
+    comm, global_batch = MPI.COMM_WORLD, 24
+    if comm.Get_size() % stages:
+        pytest.skip(f"{stages} stages do not divide {comm.Get_size()} ranks")
+    grid = ProcessGrid(comm, stages)
+    model = awkward_model()
+    reference = copy.deepcopy(model)
+    share = global_batch // grid.replicas
+    microbatches = 2 * stages if share % (2 * stages) == 0 else stages
+    chunks = 2 if schedule == "interleaved" else 1
+    pipe = Pipeline(model, grid.pipeline_comm, Placement.interleaved(12, stages, chunks), schedule=schedule,
+                    microbatches=microbatches, loss_fn=F.cross_entropy)
+    averager = ReplicaAverager(pipe.local_module, grid.data_comm, bucket_cap_mb=1e-6)
+    params = [p for p in pipe.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
+                                          momentum=0.9)
+    problems = []
+    for number in range(2):
+        inputs, targets = random_batch(number, global_batch)
+        mine = slice(grid.replica * share, (grid.replica + 1) * share)
+        optimizer.zero_grad()
+        averager.begin_step(num_samples=share)
+        result = pipe.step(inputs[mine], targets[mine], before_last_backward=averager.stage_finishing)
+        averager.average()
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        expected = F.cross_entropy(reference(inputs), targets)
+        expected.backward()
+        losses = grid.data_comm.allgather(result.loss)
+        if abs(sum(losses) / len(losses) - expected.item()) > 1e-12:
+            problems.append(f"step {number}: loss {losses} vs {expected.item()}")
+        local = {id(p) for p in params}
+        for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+            mine_grad, expected_grad = (torch.zeros_like(p) if g is None else g for g in (p.grad, r.grad))
+            if id(p) in local and not torch.allclose(mine_grad, expected_grad, **TOL):  # unused: None or zeros
+                problems.append(f"step {number}: grad of {name}")
+        reference_optimizer.step()
+    grid.free()
+    assert_all_ranks(comm, not problems, f"{schedule} {stages} stages: {problems}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule", ["zero-bubble", "interleaved"])
+def test_tensor_parallel_stages_with_the_new_schedules_equal_one_process(comm, mpi_tmp_path, schedule):
+    """Tensor-parallel stages (4 ranks: 2 stages x 2; 1-3 ranks: one stage split over all) under the new
+    schedules: the loop's shards after several optimizer steps equal the unsplit model trained on one process
+    (interleaved takes no --virtual-stages with --tp > 1: one stage per rank)."""
+    import h5py
+    from test_loop import BATCH, build_model, serial_reference, session
+    from test_tp_grid import grid_for, shard_problems
+
+    from mpi_helpers import shared_directory
+    from mpipar.data import synthetic
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.strategy import PipelineStrategy
+    from mpipar.run.loop import train
+    from mpipar.tensor_parallel.strategy import split_mlp
+
+    size = comm.Get_size()
+    stages, tp = grid_for(size)
+    directory = shared_directory(comm, mpi_tmp_path)
+    reference = serial_reference(directory, size)
+    settings = PipelineConfig(schedule=schedule, microbatches=2, stages=stages, tp=tp)
+    batch = BATCH * size // (size // (stages * tp))
+    run = session(comm, directory / "grid", batch, settings)
+    strategy = PipelineStrategy(comm, build_model(), settings, batch_size=batch, state=run.state, say=run.say,
+                                split_layers=split_mlp)
+    stopped = train(run, strategy, synthetic(600, 100, seed=0))
+    problems = (["stopped early"] if stopped else []) + shard_problems(strategy, reference, strategy.grid.tp_rank)
+    with h5py.File(directory / "grid" / "metrics.h5", "r") as f:
+        if str(f.attrs["schedule"]) != schedule:
+            problems.append(f"metrics schedule {f.attrs['schedule']}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))
+
+
+# -- the jobs' settings (serial) -----------------------------------------------------------------------------
+
+
+def test_virtual_stages_settings_and_flags():
+    import argparse
+
+    from mpipar.pipeline.config import PipelineConfig
+    from mpipar.pipeline.flags import add_pipeline_flags
+    from mpipar.pipeline.strategy import choose_placement
+
+    config = PipelineConfig(schedule="interleaved", stages=2, microbatches=4, virtual_stages=2)
+    assert config.to_dict()["virtual_stages"] == 2 and "virtual_stages" not in PipelineConfig().to_dict()
+    placement, _ = choose_placement(awkward_model(), config, None, None, print)  # even: no collective
+    assert placement == Placement.interleaved(12, 2, 2) and placement.stage_ranks == (0, 1, 0, 1)
+    counted, _ = choose_placement(awkward_model(), PipelineConfig(
+        schedule="interleaved", stages=2, microbatches=2, virtual_stages=2, balance=(2, 4, 4, 2)), None, None, print)
+    assert counted.ranks == (0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1)
+    for settings, match in [
+        (dict(schedule="1f1b", virtual_stages=2), "above 1 only with a schedule of virtual stages"),
+        (dict(schedule="interleaved", virtual_stages=0), "--virtual-stages must be >= 1"),
+        (dict(schedule="interleaved", virtual_stages=2, stages=2, microbatches=3), "a multiple of --stages 2"),
+        (dict(schedule="interleaved", virtual_stages=2, stages=2, balance=(3, 3)), "or 4 positive layer counts"),
+        (dict(schedule="interleaved", virtual_stages=2, stages=2, placement=(0, 1)), "leave out --placement"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            PipelineConfig(**settings)
+    parser = argparse.ArgumentParser()
+    add_pipeline_flags(parser)
+    args = parser.parse_args(["--schedule", "zero-bubble"])
+    assert args.virtual_stages == 1 and args.schedule == "zero-bubble"
+    assert parser.parse_args(["--schedule", "interleaved", "--virtual-stages", "3"]).virtual_stages == 3

@@ -307,6 +307,12 @@ KINDS = {
                                   PipelineConfig(schedule="pipedream", microbatches=2, stages=3),
                                   "a pipedream checkpoint (stashed weight versions per stage) resumes only on the "
                                   "layout that wrote it", keeps_checkpoints=True),
+    "interleaved_pipeline": Kind(2, PipelineConfig(schedule="interleaved", microbatches=2, stages=2, virtual_stages=2),
+                                 pipeline, {"settings": {"microbatches": 4}}, 1,
+                                 PipelineConfig(schedule="interleaved", microbatches=2, stages=1, virtual_stages=2)),
+    "zero_bubble_pipeline": Kind(2, PipelineConfig(schedule="zero-bubble", microbatches=2, stages=2), pipeline,
+                                 {"settings": {"schedule": "1f1b"}}, 3,
+                                 PipelineConfig(schedule="zero-bubble", microbatches=2, stages=3)),
     "tensor": Kind(2, TensorParallelConfig(tp=2),
                    lambda comm, run, settings, say: TensorParallelStrategy(comm, float64_mlp(SIZES, 7), settings,
                                                                            state=run.state),

@@ -41,8 +41,8 @@ def interleaved_order(ranks: int, chunks: int, microbatches: int, rank: int) -> 
 class Interleaved(ScheduleKind):
     """Interleaved 1F1B (Narayanan et al., 2021): stage ``s`` of ``p V`` sits on rank ``s % p``; each rank runs
     :func:`interleaved_order` over its ``V`` chunks, so the fill and drain take chunks' times, not stages':
-    bubble ``(p-1)/(V m + p-1)`` at equal chunk times when ``p`` divides ``m``, with the activation memory of
-    1F1B's first stage on every rank. ``virtual_stages=1`` is 1F1B."""
+    bubble ``(p-1)/(V m + p-1)`` at equal chunk times when ``p`` divides ``m``, for a longer warm-up (rank 0
+    holds ``1 + (p-1)/(pV)`` times 1F1B's activations). ``virtual_stages=1`` is 1F1B."""
 
     name = "interleaved"
     virtual = True

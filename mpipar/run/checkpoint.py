@@ -37,7 +37,8 @@ FORMAT = 2
 """Checkpoint format: 2 records files' sizes and SHA-256 in ``meta.json``; 1 (mpipar 0.1) did not."""
 
 FREE_SETTINGS = frozenset({"threads", "log_every", "flush_every", "checkpoint_every", "out", "device",
-                           "stages", "balance", "placement", "stage_memory_mb", "trace_steps", "recompute"})
+                           "stages", "balance", "placement", "stage_memory_mb", "virtual_stages", "trace_steps",
+                           "recompute"})
 """Settings a resumed run may change: they do not change the results (the layout of a pipeline
 included: a checkpoint is re-laid out on the new placement; the device too: checkpoints load on
 the CPU and move to wherever the model is; which steps' events are traced; activation recompute,
