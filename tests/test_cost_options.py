@@ -262,7 +262,7 @@ def test_plan_says_when_compression_pays():
 def test_plan_cli_takes_the_new_options(tmp_path, capsys):
     shapes = [(256, 256)]
     profile = profile_of([(0.01, 0.02, [256 * 256 * 4], 1024, 1024, shapes)] * 3, name="small", sizes=(4, 8))
-    path = machine_of(profile, memory_bytes=0.5 * MiB).save(tmp_path / "machine.json")
+    path = machine_of(profile, memory_bytes=1 * MiB).save(tmp_path / "machine.json")  # a node's, 2 ranks share it
     main(["--model", "small", "--ranks", "4", "--ranks-per-node", "2", "--machine", str(path), "--interconnect",
           "1gbit,1ms", "--batch-size", "8", "--optimizer", "adamw", "--compress", "powersgd:4", "--recompute", "full"])
     out = capsys.readouterr().out

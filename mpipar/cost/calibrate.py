@@ -253,7 +253,7 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
             every = collectives.allgather(comm, mine_ratios, "calibrate: autocast ratios")
             ratios = {key: float(np.median([r[key] for r in every])) for key in mine_ratios
                       if all(key in r for r in every)}
-        memory = min(collectives.allgather(comm, physical_memory() / per_node, "calibrate: memory"))
+        memory = min(collectives.allgather(comm, physical_memory(), "calibrate: memory"))
     finally:
         node_comm.Free()
         if leaders != MPI.COMM_NULL:
