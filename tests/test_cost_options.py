@@ -208,12 +208,19 @@ def test_predict_run_predicts_a_zero_job():
                                   settings=ShardedConfig(zero=3), ranks=2, ranks_per_node=2)
     assert why == "" and prediction.strategy == "ZeRO-3" and prediction.layout.shape == "2 x 1 x 1"
     assert prediction.attrs()["predicted_memory_bytes"] == prediction.memory_bytes > 0
-    adamw, _ = predict_run(machine_of(profile), model="toy", batch_size=8, bucket_mb=25, options=ADAMW,
+    adamw, _ = predict_run(machine_of(profile), model="toy", batch_size=8, bucket_mb=25, config=ADAMW,
                            settings=ShardedConfig(zero=3), ranks=2, ranks_per_node=2)
     assert adamw.memory_bytes - prediction.memory_bytes == 4000 / 2  # AdamW's second moment of the shard
-    dp, _ = predict_run(machine_of(profile), model="toy", batch_size=8, bucket_mb=25, options=ADAMW,
+    dp, _ = predict_run(machine_of(profile), model="toy", batch_size=8, bucket_mb=25, config=ADAMW,
                         settings=None, ranks=2, ranks_per_node=2)  # an entry point without options: as before
     assert dp.strategy == "DP"
+
+    class Selective:
+        recompute = "selective"
+
+    none, why = predict_run(machine_of(profile), model="toy", batch_size=8, bucket_mb=25, config=Selective(),
+                            settings=ShardedConfig(zero=1), ranks=2, ranks_per_node=2)
+    assert none is None and "--recompute must be one of" in why
 
 
 # --- the plan ----------------------------------------------------------------------------------------------------
@@ -262,7 +269,7 @@ def test_plan_says_when_compression_pays():
 def test_plan_cli_takes_the_new_options(tmp_path, capsys):
     shapes = [(256, 256)]
     profile = profile_of([(0.01, 0.02, [256 * 256 * 4], 1024, 1024, shapes)] * 3, name="small", sizes=(4, 8))
-    path = machine_of(profile, memory_bytes=0.5 * MiB).save(tmp_path / "machine.json")
+    path = machine_of(profile, memory_bytes=1 * MiB).save(tmp_path / "machine.json")  # a node's, 2 ranks share it
     main(["--model", "small", "--ranks", "4", "--ranks-per-node", "2", "--machine", str(path), "--interconnect",
           "1gbit,1ms", "--batch-size", "8", "--optimizer", "adamw", "--compress", "powersgd:4", "--recompute", "full"])
     out = capsys.readouterr().out
@@ -287,6 +294,9 @@ def test_options_refuse_what_the_model_does_not_know():
 
     assert TrainingOptions.from_settings(Config()) == TrainingOptions("adamw", "bf16", "fp32", "none", 2)
     assert TrainingOptions.from_settings(object()) == TrainingOptions()
+    Config.compress = "topk:3"
+    with pytest.raises(ValueError, match="no compression 'topk:3'"):
+        TrainingOptions.from_settings(Config())
 
 
 def test_machine_file_keeps_ratios_memory_and_shapes(tmp_path):

@@ -248,12 +248,13 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
                 profiles[key] = _median_profile(collectives.allgather(comm, split, f"calibrate: {key} profiles"))
         ratios = {}
         if model_names:
-            say(f"calibrate: {model_names[0]}'s step under bf16 and fp16 autocast against fp32, on every rank")
-            mine_ratios = autocast_ratios(model_names[0], max(microbatch_sizes), repeats=2 if quick else 5)
+            say(f"calibrate: {model_names[0]}'s step under bf16 and fp16 autocast against fp32 at micro-batch "
+                f"{min(microbatch_sizes)}, on every rank")
+            mine_ratios = autocast_ratios(model_names[0], min(microbatch_sizes), repeats=1 if quick else 3)
             every = collectives.allgather(comm, mine_ratios, "calibrate: autocast ratios")
             ratios = {key: float(np.median([r[key] for r in every])) for key in mine_ratios
                       if all(key in r for r in every)}
-        memory = min(collectives.allgather(comm, physical_memory() / per_node, "calibrate: memory"))
+        memory = min(collectives.allgather(comm, physical_memory(), "calibrate: memory"))
     finally:
         node_comm.Free()
         if leaders != MPI.COMM_NULL:

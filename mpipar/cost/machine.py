@@ -134,7 +134,7 @@ class Machine:
     ``--interconnect``). ``ranks``, ``ranks_per_node``: the calibration's layout.
     ``reduce_seconds_per_byte``: adding a received float32 buffer into another (one core).
     ``compute_ratio``: a layer's seconds under 16-bit autocast over fp32's, per precision (``bf16``,
-    ``fp16``), where measured. ``memory_bytes``: the memory a rank may use (0: unknown).
+    ``fp16``), where measured. ``memory_bytes``: a node's physical memory (0: unknown), which its ranks share.
     """
 
     within: Link

@@ -62,13 +62,15 @@ class TrainingOptions:
     @classmethod
     def from_settings(cls, config: Any) -> TrainingOptions:
         """The options of a run's config (any object with some of ``optimizer``, ``precision``,
-        ``grad_wire``, ``recompute``, ``compress`` such as ``"powersgd:4"``); absent ones keep their default."""
-        compress = str(getattr(config, "compress", "") or "")
-        rank = int(compress.partition(":")[2] or 0) if compress.startswith("powersgd") else 0
-        recompute = getattr(config, "recompute", "none") or "none"
+        ``grad_wire``, ``recompute``, ``compress`` such as ``"powersgd:4"``); absent ones keep their default.
+        Raises ValueError for what the cost model does not know (e.g. ``recompute="selective"``)."""
+        compress = str(getattr(config, "compress", "") or "none")
+        name, _, rank = compress.partition(":")
+        if compress != "none" and (name != "powersgd" or not rank.isdigit()):
+            raise ValueError(f"the cost model knows no compression {compress!r} (only powersgd:RANK)")
         return cls(getattr(config, "optimizer", "sgd"), getattr(config, "precision", "fp32") or "fp32",
-                   getattr(config, "grad_wire", "fp32") or "fp32",
-                   recompute if recompute in RECOMPUTE else "none", rank)
+                   getattr(config, "grad_wire", "fp32") or "fp32", getattr(config, "recompute", "none") or "none",
+                   int(rank or 0))
 
 
 def compute_ratio(ratios: Dict[str, float], precision: str) -> Tuple[float, bool]:

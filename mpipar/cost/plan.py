@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--compress", default="none", help="'powersgd:R': a data-parallel row with PowerSGD of rank R")
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none")
     parser.add_argument("--memory-gb", type=float, default=0.0,
-                        help="memory per rank, GiB (default: the machine file's, if it has one)")
+                        help="memory per rank, GiB (default: the machine file's node memory / ranks per node)")
     parser.add_argument("--virtual-stages", type=int, default=1,
                         help="chunks per rank of --schedule interleaved (1: one stage per rank)")
     args = parser.parse_args(argv)
@@ -214,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.interconnect:
             machine = machine.with_across(interconnect(args.interconnect))
         per_node = args.ranks_per_node or min(machine.ranks_per_node, args.ranks)
-        budget = args.memory_gb * 2**30 or machine.memory_bytes
+        budget = args.memory_gb * 2**30 or machine.memory_bytes / per_node
         rows = plan(machine, args.model, args.batch_size, args.ranks, per_node, bucket_mb=args.bucket_mb,
                     schedule=args.schedule, zero_stages=zero_stages, options=options, memory_bytes=budget,
                     virtual_stages=args.virtual_stages)

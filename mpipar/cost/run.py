@@ -16,16 +16,16 @@ __all__ = ["predict_run", "report_rows", "format_rows"]
 
 
 def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: float, settings: Any, ranks: int,
-                ranks_per_node: int, options: Optional[TrainingOptions] = None) -> Tuple[Optional[Prediction], str]:
+                ranks_per_node: int, config: Any = None) -> Tuple[Optional[Prediction], str]:
     """The prediction of a job's step from its settings, or None and the reason there is none. Pure.
 
     The strategy whose settings ``settings`` are (None: data parallelism) predicts through its
     registered ``predict`` entry point (:mod:`mpipar.registry`): data parallelism; flushing pipelines
     and their grids (``mpipar/pipeline/prediction.py``); replicas of tensor-parallel groups
     (``batch_size`` per group, the machine file's ``MODEL/tpT`` profile); ZeRO stages
-    (``mpipar/sharded/prediction.py``). Others have no model yet. ``options`` (optimizer, precision,
-    wire, recompute: :meth:`TrainingOptions.from_settings` of the run's config) reach the entry points
-    that take an ``options`` argument; the others predict fp32 with SGD.
+    (``mpipar/sharded/prediction.py``). Others have no model yet. ``config``: the run's config, whose
+    optimizer, precision, wire, compression and recompute (:meth:`TrainingOptions.from_settings`) reach
+    the entry points that take an ``options`` argument; the others predict fp32 with SGD.
     """
     if model not in machine.models:
         return None, f"the machine file has no layer times of {model} (mpipar-calibrate --model {model})"
@@ -37,8 +37,9 @@ def predict_run(machine: Machine, *, model: str, batch_size: int, bucket_mb: flo
     if spec.predict is None:
         return None, f"no cost model for {spec.name} yet"
     predict = registry.resolve(spec.predict)
-    extra = {"options": options} if options is not None and "options" in inspect.signature(predict).parameters else {}
     try:
+        extra = {"options": TrainingOptions.from_settings(config)} if config is not None and (
+            "options" in inspect.signature(predict).parameters) else {}
         prediction = predict(machine, profile, model=model, batch_size=batch_size, bucket_mb=bucket_mb,
                              settings=settings, ranks=ranks, ranks_per_node=ranks_per_node, **extra)
     except ValueError as exc:  # e.g. ranks across nodes and a machine file of one node
