@@ -116,7 +116,8 @@ class Session:
         nodes = node_indices(self.comm)
         prediction, why_not = predict_run(
             machine, model=self.config.model, batch_size=self.config.batch_size, bucket_mb=self.config.bucket_mb,
-            settings=self.settings, ranks=self.comm.Get_size(), ranks_per_node=max(map(nodes.count, set(nodes))))
+            settings=self.settings, ranks=self.comm.Get_size(), ranks_per_node=max(map(nodes.count, set(nodes))),
+            config=self.config)
         if prediction is None:
             self.say(f"--machine {path}: no prediction: {why_not}")
             return None
