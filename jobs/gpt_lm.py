@@ -70,8 +70,6 @@ def settings_of(args, world_size: int):
         return TensorParallelConfig(tp=args.tp, zero=zero)
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    if zero and args.grad_wire != "fp32":
-        raise ValueError(f"--zero {zero} without --tp or --stages reduces in fp32; use --grad-wire fp32 with it")
     return ShardedConfig(zero) if zero else None
 
 
@@ -93,7 +91,7 @@ def build_strategy(comm: MPI.Intracomm, model, session: Session):
                                       state=session.state, device=session.device, grad_wire=config.grad_wire)
     if isinstance(settings, ShardedConfig):
         return ShardedStrategy(model, comm, settings, bucket_mb=config.bucket_mb, device=session.device,
-                               checkpoint=session.resumed_from)
+                               checkpoint=session.resumed_from, grad_wire=config.grad_wire)
     return DataParallelStrategy(model, comm, bucket_mb=config.bucket_mb, device=session.device,
                                 grad_wire=config.grad_wire, compress=config.compress)
 

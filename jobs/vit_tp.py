@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     config = session.config
     if isinstance(session.settings, ShardedConfig):
         strategy = ShardedStrategy(model, comm, session.settings, bucket_mb=config.bucket_mb, device=session.device,
-                                   checkpoint=session.resumed_from)
+                                   checkpoint=session.resumed_from, grad_wire=config.grad_wire)
     else:
         strategy = TensorParallelStrategy(comm, model, session.settings, bucket_mb=config.bucket_mb,
                                           state=session.state, device=session.device, grad_wire=config.grad_wire)
