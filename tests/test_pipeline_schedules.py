@@ -303,6 +303,9 @@ def test_virtual_stages_settings_and_flags():
     counted, _ = choose_placement(awkward_model(), PipelineConfig(
         schedule="interleaved", stages=2, microbatches=2, virtual_stages=2, balance=(2, 4, 4, 2)), None, None, print)
     assert counted.ranks == (0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1)
+    with pytest.raises(ValueError, match="3 chunks cannot go round 2 ranks evenly"):
+        Placement.looped([1, 1, 1], 2)
+    assert Placement.interleaved(12, 1, 3).stage_ranks == (0,)  # one rank: its chunks are one stage
     for settings, match in [
         (dict(schedule="1f1b", virtual_stages=2), "above 1 only with a schedule of virtual stages"),
         (dict(schedule="interleaved", virtual_stages=0), "--virtual-stages must be >= 1"),
