@@ -290,7 +290,15 @@ def test_strategies_that_do_not_compress_refuse_it_on_every_rank(comm, mpi_tmp_p
 
     directory = shared_directory(comm, mpi_tmp_path)
     session = loop_session(comm, directory / "refused", 8, max_steps=1, compress="powersgd:2")
-    plain = DataParallelStrategy(copy.deepcopy(loop_model()), comm)  # built without it: as ZeRO, local SGD ...
-    with pytest.raises(ValueError, match="data_parallel cannot take --compress powersgd:2") as caught:
+    plain = DataParallelStrategy(copy.deepcopy(loop_model()), comm)  # built without the run's --compress
+    with pytest.raises(ValueError, match="data_parallel was built with compress='none', the run asks for "
+                                         "--compress powersgd:2") as caught:
         train(session, plain, synthetic(600, 100, seed=0))
+    assert_all_ranks(comm, isinstance(caught.value, AgreedError), "an agreed error")
+    from mpipar.local_sgd import LocalSGDConfig, LocalSGDStrategy
+
+    session = loop_session(comm, directory / "local", 8, max_steps=1, compress="powersgd:2")
+    local = LocalSGDStrategy(copy.deepcopy(loop_model()), comm, LocalSGDConfig(4, 0, 1.0, 0.0))
+    with pytest.raises(ValueError, match="local_sgd cannot take --compress powersgd:2") as caught:
+        train(session, local, synthetic(600, 100, seed=0))
     assert_all_ranks(comm, isinstance(caught.value, AgreedError), "an agreed error")

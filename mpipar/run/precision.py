@@ -69,11 +69,13 @@ def check_strategy_compress(name: str, strategy) -> None:
     says so in ``compress`` (the flag's value it was built with; absent: none). Data parallelism does;
     ZeRO, local SGD, the parameter server, pipelines and tensor parallelism do not. Local (the same on
     every rank)."""
-    taken = getattr(strategy, "compress", "none")
-    if name != taken:
+    taken = getattr(strategy, "compress", None)
+    if taken is None and name != "none":
         raise ValueError(f"{strategy.name} cannot take --compress {name} (PowerSGD compresses the gradients of "
-                         f"plain data parallelism; use --compress none here)" if taken == "none" else
-                         f"{strategy.name} was built with --compress {taken}, the run asks for {name}")
+                         f"plain data parallelism; use --compress none here)")
+    if taken is not None and name != taken:
+        raise ValueError(f"{strategy.name} was built with compress={taken!r}, the run asks for --compress {name}: "
+                         f"build it with the run's (session.config.compress)")
 
 
 def autocast(name: str, device: torch.device):
