@@ -309,12 +309,8 @@ class PipelineStrategy:
         memory: dict = {}
         if self.update is not None:
             assert self.optimizer is not None, "bind_optimizer before train_step (the loop does)"
-            self.update.step(self.optimizer)
-            gathered = self.update.stats.take()
-            self.update.take_calls()
-            self.averager.stats.wait_time += gathered.wait_time
-            self.averager.stats.bytes_sent += gathered.bytes_sent
-            memory = self.update.memory(self.optimizer, [bucket.buffer for bucket in self.averager.buckets])
+            memory = self.update.step_after(self.optimizer, self.averager.stats,
+                                          [bucket.buffer for bucket in self.averager.buckets])
         reduced, split = self.averager.stats.take(), self.tp_stats.take()
         times = result.times
         for index, (forward, backward) in result.stage_times.items():

@@ -89,6 +89,18 @@ class ShardedUpdate:
             p.grad = None
         self.gather()
 
+    def step_after(self, optimizer: torch.optim.Optimizer, stats: CommStats,
+                   gradients: Sequence[torch.Tensor] = ()) -> Dict[str, float]:
+        """:meth:`step`, its all-gathers' time and bytes added to ``stats`` (the averager's, so a step
+        record counts them with the replicas' reduction), and :meth:`memory` with ``gradients`` (the
+        averager's buckets). Collective over ``comm``."""
+        self.step(optimizer)
+        gathered = self.stats.take()
+        self.take_calls()
+        stats.wait_time += gathered.wait_time
+        stats.bytes_sent += gathered.bytes_sent
+        return self.memory(optimizer, gradients)
+
     def gather(self) -> None:
         """All-gather every rank's shard into the flat buffers (the model's parameters). Collective."""
         begin = time.perf_counter()

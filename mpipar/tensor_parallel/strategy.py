@@ -464,12 +464,8 @@ class TensorParallelStrategy:
         extra: dict = {}
         if self.update is not None:
             assert self.optimizer is not None, "bind_optimizer before train_step (the loop does)"
-            self.update.step(self.optimizer)
-            gathered = self.update.stats.take()
-            self.update.take_calls()
-            self.averager.stats.wait_time += gathered.wait_time
-            self.averager.stats.bytes_sent += gathered.bytes_sent
-            extra = self.update.memory(self.optimizer, [bucket.buffer for bucket in self.averager.buckets])
+            extra = self.update.step_after(self.optimizer, self.averager.stats,
+                                          [bucket.buffer for bucket in self.averager.buckets])
         tensor, replicas = self.stats.take(), self.averager.stats.take()
         return StepRecord(loss=loss.item(), samples=len(labels) if self.counts_samples else 0,
                           wait_time=tensor.wait_time + replicas.wait_time,
