@@ -288,3 +288,34 @@ def test_compress_with_a_pipeline_is_refused_on_every_rank(comm, mpi_tmp_path, s
     strategy = PipelineStrategy(comm, build_model(), settings, batch_size=12, state=run.state, say=run.say)
     with pytest.raises(AgreedError, match="cannot take --compress powersgd:2"):
         train(run, strategy, synthetic(600, 100, seed=0))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("schedule", NEW)
+def test_the_loop_binds_recompute_with_the_new_schedules_bitwise(comm, mpi_tmp_path, schedule):
+    """``--recompute full`` through the loop (``PipelineStrategy.bind_recompute``), 2 stages (replicated at 4
+    ranks), 3 steps: this rank's parameters equal the run without recompute bitwise."""
+    from test_loop import BATCH, build_model
+
+    from mpipar.data import synthetic
+    from mpipar.pipeline.strategy import PipelineStrategy
+    from mpipar.run.loop import train
+
+    stages = 2 if comm.Get_size() % 2 == 0 else comm.Get_size()
+    if schedule == "interleaved" and stages == 3:
+        pytest.skip("the loop's model has no 3 x 2 chunks")
+    directory = shared_directory(comm, mpi_tmp_path)
+    settings = schedule_settings(schedule, stages)
+    models = {}
+    for mode in ("none", "full"):
+        run = loop_session(comm, directory / mode, BATCH * stages, settings, max_steps=STEPS, recompute=mode)
+        model = build_model()
+        strategy = PipelineStrategy(comm, model, settings, batch_size=BATCH * stages, state=run.state, say=run.say)
+        train(run, strategy, synthetic(600, 100, seed=0))
+        recomputing = all(stage.recompute for stage in strategy.pipe.stages.values())
+        models[mode] = ({name: p.detach().clone() for name, p in stage_parameters(strategy.pipe).items()},
+                        recomputing)
+    problems = differences(models["none"][0], models["full"][0])
+    if models["none"][1] or not models["full"][1]:
+        problems.append(f"recompute bound: none {models['none'][1]}, full {models['full'][1]}")
+    assert_all_ranks(comm, not problems, f"{schedule}: {problems}")
