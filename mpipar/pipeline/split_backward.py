@@ -93,7 +93,8 @@ class SplitBackward(PipelineParts):
     def _end_record(self, index: int):
         def end(module, args, output):
             record, self._recording = self._recording, None
-            if record is not None:
+            stage = self.stages[index]
+            if record is not None and (stage.recomputing or not stage.recompute):  # not the graph-less forward
                 self._recorded[index][id(args[0])] = record
         return end
 
@@ -127,7 +128,7 @@ class SplitBackward(PipelineParts):
         stage = self.stages[index]
         grad_output = None if stage.is_last else run.received.pop(RecvGrad(index, i))
         skip_grads = {name: run.skip_grads.pop((name, i)) for name in self._saves[index]}
-        x, top, used, saved = stage._stash[i]  # kept until W: the micro-batch's memory lasts to its W
+        x, top, used, saved = stage.held(i)  # kept until W (under recompute: its forward run again now)
         layers = self._recorded[index].pop(id(x))
         begin = time.perf_counter()
         grads = _Grads()

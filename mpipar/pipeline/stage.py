@@ -81,6 +81,7 @@ class Stage:
         self.saved_bytes = 0  # autograd-saved activation bytes of one micro-batch (kept while it is in flight)
         self.recompute = False  # --recompute full: keep the input, run the forward again in the backward
         self.recompute_bytes = 0  # autograd-saved bytes of one micro-batch's recompute (one at a time)
+        self.recomputing = False  # inside a recompute (a split backward records only this forward's graph)
         self._replays: Dict[int, Tuple[Callable[[], None], Optional[Dict[str, torch.Tensor]],
                                        Optional[torch.Tensor], Optional[Callable], float]] = {}
         self.forward_busy = 0.0   # seconds of forward in the current step
@@ -211,6 +212,7 @@ class Stage:
         saved = dict(used)
         live_rng = _rng_restorer(x.device)
         restore_rng()
+        self.recomputing = True
         try:
             with scratch_buffers(self.module):
                 with counting_saved_bytes([*self.module.parameters(), *(weights or {}).values()]) as seen:
@@ -219,6 +221,7 @@ class Stage:
                     assert loss_fn is not None
                     y = loss_fn(y, target) * scale
         finally:
+            self.recomputing = False
             live_rng()
         if microbatch == 0:
             self.recompute_bytes = sum(seen.values())
@@ -231,6 +234,17 @@ class Stage:
         self.saved_bytes = sum(seen.values())
         return y
 
+    def held(self, microbatch: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor],
+                                             Dict[str, torch.Tensor]]:
+        """What a backward of ``microbatch`` starts from (still held): its input, output (the scaled loss on the
+        last stage), skips used and skips saved, with their graph: under recompute the forward is run again
+        here, once. Local."""
+        x, y, used, saved = self._stash[microbatch]
+        if microbatch in self._replays:
+            y, saved = self._recompute(microbatch, x, used)
+            self._stash[microbatch] = (x, y, used, saved)
+        return x, y, used, saved
+
     def backward(self, microbatch: int, grad_output: Optional[torch.Tensor] = None,
                  skip_grads: Optional[Dict[str, torch.Tensor]] = None
                  ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
@@ -239,9 +253,8 @@ class Stage:
 
         Returns the gradient of the stage's input (None on the first stage) and of each skip it
         used (zeros where the input or a skip did not get one)."""
-        x, y, used, saved = self._stash.pop(microbatch)
-        if microbatch in self._replays:
-            y, saved = self._recompute(microbatch, x, used)
+        x, y, used, saved = self.held(microbatch)
+        del self._stash[microbatch]
         roots, grads = [], []
         if y.requires_grad:
             roots.append(y)
