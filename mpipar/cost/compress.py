@@ -6,8 +6,10 @@ import math
 from typing import Sequence, Tuple
 
 from mpipar.cost.machine import Machine
+from mpipar.cost.options import ASSUMED_MATMUL_FLOPS
 
-__all__ = ["allreduce_bytes_sent", "wire16_bytes_sent", "wire16_seconds", "powersgd_split", "powersgd_bytes"]
+__all__ = ["allreduce_bytes_sent", "wire16_bytes_sent", "wire16_seconds", "powersgd_split", "powersgd_bytes",
+           "powersgd_flops", "powersgd_seconds"]
 
 FP32, WIRE16 = 4, 2
 
@@ -65,3 +67,31 @@ def powersgd_bytes(shapes: Sequence[Tuple[int, ...]], rank: int) -> Tuple[float,
     against ``n m`` elements per compressed matrix, other tensors whole."""
     p_elements, q_elements, whole = powersgd_split(shapes, rank)
     return FP32 * (p_elements + q_elements + whole), FP32 * sum(math.prod(shape) for shape in shapes)
+
+
+def powersgd_flops(shapes: Sequence[Tuple[int, ...]], rank: int) -> Tuple[float, float, float]:
+    """Floating-point operations per step of PowerSGD's local work on the matrices it compresses
+    (``comm/compress.py``), in its three phases: (before the P Allreduce: ``P = M Q``, ``2 n m r``;
+    before the Q Allreduce: the Householder QR of P with its Q formed, ``4 n r^2``, and ``Q = M^T P``,
+    ``2 n m r``; after it: ``M = P Q^T``, ``2 n m r``). Matrices as :func:`powersgd_split` picks them."""
+    first = middle = last = 0.0
+    for shape in shapes:
+        if len(shape) < 2:
+            continue
+        numel = math.prod(shape)
+        n, m = shape[0], numel // shape[0]
+        r = min(rank, n, m)
+        if (n + m) * r < n * m:
+            first, middle, last = first + 2 * n * m * r, middle + 4 * n * r * r + 2 * n * m * r, last + 2 * n * m * r
+    return first, middle, last
+
+
+def powersgd_seconds(machine: Machine, shapes: Sequence[Tuple[int, ...]],
+                     rank: int) -> Tuple[Tuple[float, float, float], str]:
+    """(the seconds of :func:`powersgd_flops`' three phases at the machine file's ``matmul_flops``, or
+    at :data:`~mpipar.cost.options.ASSUMED_MATMUL_FLOPS` when it has none; the assumption made, or "")."""
+    rate = machine.matmul_flops or ASSUMED_MATMUL_FLOPS
+    note = "" if machine.matmul_flops else \
+        f"PowerSGD products at {ASSUMED_MATMUL_FLOPS / 1e9:g} GFLOP/s (not calibrated)"
+    first, middle, last = powersgd_flops(shapes, rank)
+    return (first / rate, middle / rate, last / rate), note

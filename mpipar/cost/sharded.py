@@ -29,8 +29,6 @@ __all__ = ["predict_sharded", "ShardedPrediction"]
 class ShardedPrediction(Prediction):
     """A ZeRO stage's :class:`Prediction`; ``gathers``: the all-gathers' seconds not hidden behind compute."""
 
-    gathers: float = 0.0
-
     def _where(self) -> str:
         if self.layout.dp == 1:
             return "one rank: compute only"
@@ -64,13 +62,18 @@ def predict_sharded(profile: ModelProfile, batch: int, layout: Layout, machine: 
       unit after it begins its backward, its reduce-scatter when its backward ends; the two small
       Allreduces; no all-gather after the step.
 
-    Memory: :func:`~mpipar.cost.memory.state_memory` of the stage plus the activations. Raises ValueError
-    for a stage other than 1-3 or a layout with pipelines or tensor parallelism.
+    Memory: :func:`~mpipar.cost.memory.state_memory` of the stage plus the activations.
+
+    On a dp x 1 x tp layout (stages 1 and 2: the replicas of each tensor-parallel rank, ``data_comm``)
+    ``profile`` is what one tensor-parallel rank computes and holds (:func:`~mpipar.cost.tensor.predict_tensor_grid`
+    passes it, its layers' times including their Allreduces). Raises ValueError for a stage other than 1-3, a
+    layout with pipelines, or stage 3 with tensor parallelism.
     """
     if zero not in (1, 2, 3):
         raise ValueError(f"ZeRO stages are 1, 2 and 3 (0 is data parallelism), got {zero}")
-    if layout.pp != 1 or layout.tp != 1:
-        raise ValueError(f"the cost model prices ZeRO over data parallelism alone (dp x 1 x 1), got {layout.shape}")
+    if layout.pp != 1 or (layout.tp != 1 and zero == 3):
+        raise ValueError(f"the cost model prices ZeRO-1/2 over dp x 1 x tp and ZeRO-3 over dp x 1 x 1 layouts "
+                         f"(pipelines: predict_pipeline's zero), got ZeRO-{zero} on {layout.shape}")
     layers = layers_at(profile, batch)
     units = [float(sum(layer.param_bytes)) for layer in layers]
     group = layout.nodes_of(layout.replicas_of())
