@@ -258,11 +258,11 @@ def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, mac
             alltoall, allgather = wire16_seconds(machine, size // 4, group)
             network_free, gathers = start + alltoall, gathers + allgather
     network_free = max(network_free, backward_end) + gathers if gathers else network_free
-    local = 0.0  # PowerSGD's matrix products on the step's path (the first hides behind the buckets' Allreduces)
+    local = 0.0  # PowerSGD's matrix products (compute: what of the buckets' Allreduces runs beside M Q is hidden)
     if p_bytes:
         (first, middle, last), note = powersgd_seconds(machine, shapes, options.powersgd_rank)
         notes += (note,) if note else ()
-        local = max(0.0, backward_end + first - max(network_free, backward_end)) + middle + last
+        local = first + middle + last
         network_free = max(network_free, backward_end + first) + machine.gradient_allreduce_seconds(p_bytes, group)
         network_free += middle + machine.gradient_allreduce_seconds(q_bytes, group) + last
     exposed = max(0.0, network_free - backward_end - local)
