@@ -184,3 +184,14 @@ def test_plan_grows_zero_rows_where_the_stage_composes_with_the_grid():
                       ("ZeRO-1", "4 x 1 x 1"), ("ZeRO-2", "4 x 1 x 1"), ("ZeRO-3", "4 x 1 x 1")]
     assert "PP x DP ZeRO-1" in format_plan(rows, model="toy", batch_size=8, ranks=4, ranks_per_node=4)
     assert {row.prediction.label for row in plan(toy, "toy", 8, 4, 4)} == {"DP", "PP x DP"}
+
+
+def test_the_16_bit_wire_reduce_scatter_pays_its_casts():
+    a, r = 1e-3, 1e-9
+    profile = profile_of([(2.0, 3.0, [4000], 10, 100)])
+    machine = Machine(linear_link(a, 0.0), None, {"toy": profile}, 4, 4, reduce_seconds_per_byte=r)
+    fp32 = predict_sharded(profile, 8, Layout(2, 2), machine, zero=2)
+    wire = predict_sharded(profile, 8, Layout(2, 2), machine, zero=2, options=TrainingOptions(grad_wire="bf16"))
+    # 2 ranks, 4000 B: the fp32 reduce-scatter is one round (a) and the sum of 2000 B (r x 2000); the wire's
+    # all-to-all one round (a), the same sum, and two casts of the 4000 B (to 16 bits, the chunks received back)
+    assert wire.step - fp32.step == pytest.approx(r * 2 * 4000)

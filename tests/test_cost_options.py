@@ -139,7 +139,10 @@ def test_the_16_bit_wire_is_an_alltoall_during_backward_and_an_allgather_after()
     assert fp32.exposed_comm == pytest.approx(2 * (a + b * 4000) + r * 4000)  # binomial: up (adding in), down
     wire = predict_data_parallel(profile, 8, layout, machine, options=TrainingOptions(grad_wire="bf16"))
     chunk = 500  # 1000 elements over 2 ranks; the wire buffer 2 x 500 x 2 bytes
-    assert wire.exposed_comm == pytest.approx((a + b * 2 * chunk) + r * chunk * 4 + (a + b * 2 * chunk))
+    # casts, a pass each at r per fp32 byte: to 16 bits and the received chunks back (2 x 2 x 500), the summed
+    # chunk to 16 bits (500); after the Allgather the bucket back to fp32 (2 x 500)
+    casts = r * 4 * (2 * 2 * chunk + chunk) + r * 4 * 2 * chunk
+    assert wire.exposed_comm == pytest.approx((a + b * 2 * chunk) + r * chunk * 4 + (a + b * 2 * chunk) + casts)
     assert wire.variant == "bf16 wire" and wire.compute == fp32.compute
 
 

@@ -28,15 +28,22 @@ def wire16_bytes_sent(elements: int, ranks: int) -> float:
 
 def wire16_seconds(machine: Machine, elements: int, nodes: Sequence[int]) -> Tuple[float, float]:
     """(the Ialltoall of 16-bit chunks with the fp32 sum of the ``p`` chunks a rank receives, the
-    Iallgather of the 16-bit sums) for ``elements`` gradients over ranks on ``nodes``."""
+    Iallgather of the 16-bit sums) for ``elements`` gradients over ranks on ``nodes``.
+
+    The casts (``comm/wire.py``) are priced too, each a pass over its elements at the machine file's
+    ``reduce_seconds_per_byte`` per fp32 byte (the add's rate; a cast is not timed on its own): with the
+    Ialltoall the bucket to 16 bits and the ``p`` chunks received to fp32 (``2 p chunk``) and the summed
+    chunk to 16 bits (``chunk``); with the Iallgather the bucket back to fp32 (``p chunk``)."""
     p = len(nodes)
     if p <= 1 or elements <= 0:
         return 0.0, 0.0
     chunk = math.ceil(elements / p)
     padded = p * chunk * WIRE16
     alltoall = machine.collective_seconds("alltoall", padded, nodes)
-    add = machine.reduce_seconds_per_byte * (p - 1) * chunk * FP32
-    return alltoall + add, machine.collective_seconds("allgather", padded, nodes)
+    per_element = machine.reduce_seconds_per_byte * FP32
+    add = per_element * (p - 1) * chunk
+    casts = per_element * (2 * p * chunk + chunk)
+    return alltoall + add + casts, machine.collective_seconds("allgather", padded, nodes) + per_element * p * chunk
 
 
 def powersgd_split(shapes: Sequence[Tuple[int, ...]], rank: int) -> Tuple[int, int, int]:

@@ -39,13 +39,15 @@ class ShardedPrediction(Prediction):
 
 
 def _reduce_scatter(machine: Machine, nbytes: float, nodes: Sequence[int], grad_wire: str) -> float:
-    """A gradient reduce-scatter of ``nbytes`` of fp32 (on a 16-bit wire: an all-to-all of half the bytes
-    and the fp32 sum of the chunks received)."""
+    """A gradient reduce-scatter of ``nbytes`` of fp32 (on a 16-bit wire: an all-to-all of half the bytes,
+    the fp32 sum of the chunks received and the casts: the buffer to 16 bits and the chunks received to
+    fp32, a pass each at ``reduce_seconds_per_byte`` per fp32 byte, as :func:`~mpipar.cost.compress.wire16_seconds`)."""
     if grad_wire == "fp32":
         return machine.collective_seconds("reduce_scatter", nbytes, nodes)
     p = len(nodes)
     add = machine.reduce_seconds_per_byte * (p - 1) * nbytes / p if p > 1 else 0.0
-    return machine.collective_seconds("alltoall", nbytes * WIRE16 / FP32, nodes) + add
+    casts = machine.reduce_seconds_per_byte * 2 * nbytes if p > 1 else 0.0
+    return machine.collective_seconds("alltoall", nbytes * WIRE16 / FP32, nodes) + add + casts
 
 
 def predict_sharded(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, zero: int,
