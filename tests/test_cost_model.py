@@ -222,6 +222,10 @@ def test_calibrate_quick_measures_every_rank_alike(comm, mpi_tmp_path):
           and machine.profile("resnet-small").sizes == (2, 4) and len(raw["within"]["p2p_seconds"]) > 4)
     assert_all_ranks(comm, ok, f"calibration: {machine.within}")
     assert_all_ranks(comm, comm.allgather(machine.within) == [machine.within] * comm.Get_size(), "links differ")
+    # PowerSGD's product rate: measured on every rank, the median agreed, and kept by the file
+    agreed = comm.allgather(machine.matmul_flops) == [machine.matmul_flops] * comm.Get_size()
+    assert_all_ranks(comm, agreed and machine.matmul_flops > 0 and loaded.matmul_flops == machine.matmul_flops,
+                     f"matmul_flops {machine.matmul_flops}")
 
 
 @pytest.mark.launch

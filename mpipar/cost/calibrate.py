@@ -25,7 +25,7 @@ from mpipar.cost.machine import Band, LayerCost, Link, Machine, ModelProfile, fi
 from mpipar.cost.profile import profile_layers
 from mpipar.diagnostics import collectives
 
-__all__ = ["ping_pong", "allreduce_times", "reduce_seconds_per_byte", "measure_link", "profile_model",
+__all__ = ["ping_pong", "allreduce_times", "reduce_seconds_per_byte", "matmul_flops", "measure_link", "profile_model",
            "strategy_profiles", "calibrate", "main"]
 
 SIZES = tuple(2**k for k in range(3, 27, 2)) + (2**26,)  # 8 B ... 64 MiB, every factor of 4
@@ -108,6 +108,20 @@ def reduce_seconds_per_byte(nbytes: int = 2**25, repeats: int = 5) -> float:
         np.add(into, received, out=into)
         times.append(time.perf_counter() - begin)
     return min(times[1:]) / nbytes
+
+
+def matmul_flops(n: int = 1024, m: int = 1024, rank: int = 4, repeats: int = 5) -> float:
+    """fp32 floating-point operations per second of PowerSGD's thin product ``M Q`` (``n x m`` by
+    ``m x rank``, ``2 n m rank`` operations; memory-bound, as its products are), the fastest of ``repeats``.
+    Local (each rank measures its own core, at the thread count it runs with)."""
+    matrix, thin = torch.randn(n, m), torch.randn(m, rank)
+    out = torch.empty(n, rank)
+    times = []
+    for _ in range(repeats + 1):
+        begin = time.perf_counter()
+        torch.matmul(matrix, thin, out=out)
+        times.append(time.perf_counter() - begin)
+    return 2 * n * m * rank / max(min(times[1:]), 1e-9)
 
 
 def measure_link(comm: MPI.Intracomm, peer_a: int, peer_b: int, ring: Optional[MPI.Intracomm], sizes: Sequence[int],
@@ -255,13 +269,15 @@ def calibrate(comm: MPI.Intracomm, *, model_names: Sequence[str] = ("resnet-smal
             ratios = {key: float(np.median([r[key] for r in every])) for key in mine_ratios
                       if all(key in r for r in every)}
         memory = min(collectives.allgather(comm, physical_memory(), "calibrate: memory"))
+        flops = float(np.median(collectives.allgather(comm, matmul_flops(repeats=2 if quick else 5),
+                                                      "calibrate: matrix product rate")))
     finally:
         node_comm.Free()
         if leaders != MPI.COMM_NULL:
             leaders.Free()
     host = collectives.bcast(comm, socket.gethostname(), "calibrate: host")
     return Machine(within, across, profiles, comm.Get_size(), per_node, host,
-                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), reduce_cost, ratios, memory), raw
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), reduce_cost, ratios, memory, flops), raw
 
 
 def physical_memory() -> float:

@@ -135,6 +135,8 @@ class Machine:
     ``reduce_seconds_per_byte``: adding a received float32 buffer into another (one core).
     ``compute_ratio``: a layer's seconds under 16-bit autocast over fp32's, per precision (``bf16``,
     ``fp16``), where measured. ``memory_bytes``: a node's physical memory (0: unknown), which its ranks share.
+    ``matmul_flops``: fp32 floating-point operations per second of a thin matrix product (PowerSGD's
+    ``M Q``, one core; 0: not measured, :data:`~mpipar.cost.options.ASSUMED_MATMUL_FLOPS` assumed).
     """
 
     within: Link
@@ -147,6 +149,7 @@ class Machine:
     reduce_seconds_per_byte: float = 0.0
     compute_ratio: Dict[str, float] = field(default_factory=dict)
     memory_bytes: float = 0.0
+    matmul_flops: float = 0.0
 
     def collective_seconds(self, collective: str, nbytes: float, nodes: Sequence[int]) -> float:
         """A non-blocking reduce-scatter, all-gather or all-to-all of a buffer of ``nbytes`` over ranks on
@@ -194,6 +197,7 @@ class Machine:
                 "ranks_per_node": self.ranks_per_node, "reduce_seconds_per_byte": self.reduce_seconds_per_byte,
                 "within": link(self.within), "across": link(self.across),
                 "compute_ratio": dict(self.compute_ratio), "memory_bytes": self.memory_bytes,
+                "matmul_flops": self.matmul_flops,
                 "models": {name: {"layers": {str(size): [dataclasses.asdict(layer) for layer in layers]
                                              for size, layers in profile.layers.items()},
                                   "step_seconds": {str(size): t for size, t in profile.step_seconds.items()}}
@@ -221,7 +225,8 @@ class Machine:
                    ranks_per_node=data["ranks_per_node"], host=data["host"], date=data["date"],
                    reduce_seconds_per_byte=float(data.get("reduce_seconds_per_byte", 0.0)),
                    compute_ratio={k: float(v) for k, v in data.get("compute_ratio", {}).items()},
-                   memory_bytes=float(data.get("memory_bytes", 0.0)))
+                   memory_bytes=float(data.get("memory_bytes", 0.0)),
+                   matmul_flops=float(data.get("matmul_flops", 0.0)))
 
     def save(self, path) -> Path:
         path = Path(path)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from mpipar.comm.buckets import assign_buckets
-from mpipar.cost.compress import powersgd_split, wire16_seconds
+from mpipar.cost.compress import powersgd_seconds, powersgd_split, wire16_seconds
 from mpipar.cost.machine import LayerCost, Link, Machine, ModelProfile
-from mpipar.cost.memory import activation_memory, state_memory
+from mpipar.cost.memory import activation_memory, shard_bytes, state_memory
 from mpipar.cost.options import TrainingOptions, compute_ratio
 from mpipar.pipeline_plan.balance import balance_by_time, stage_sums
 from mpipar.pipeline_plan.schedule import Schedule, simulate_step
@@ -99,6 +99,7 @@ class Prediction:
     link: str = ""
     variant: str = ""  # what distinguishes rows of one strategy: "bf16 wire", "powersgd:4", "recompute"
     assumptions: Tuple[str, ...] = ()  # what the prediction assumed for want of a measurement
+    gathers: float = 0.0  # ZeRO's all-gathers' seconds not hidden behind compute (part of exposed_comm)
 
     def attrs(self) -> dict:
         """The ``predicted_*`` attributes a run's metrics file stores."""
@@ -132,7 +133,9 @@ class Prediction:
         if self.layout.pp > 1:
             parts += [f"bubble {100 * self.bubble:.0f}%", f"p2p {share(self.p2p)}"]
         if self.layout.dp > 1 or self.layout.tp > 1:
-            parts.append(f"Allreduce {share(self.exposed_comm)}")
+            parts.append(f"Allreduce {share(self.exposed_comm - self.gathers)}")
+        if self.gathers:
+            parts.append(f"all-gather {share(self.gathers)}")
         return ", ".join(parts) + on
 
 
@@ -220,7 +223,10 @@ def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, mac
     ``recompute="full"`` adds each layer's forward to its backward; on a 16-bit wire a bucket's Alltoall
     takes the Allreduce's place and the Allgathers all follow the backward (``GradientReducer.finish``);
     PowerSGD sends the matrices it compresses as one Allreduce of every P and one of every Q after the
-    backward (the rest in the buckets). Memory: :func:`~mpipar.cost.memory.state_memory` (stage 0) plus
+    backward (the rest in the buckets), its matrix products before, between and after them
+    (:func:`~mpipar.cost.compress.powersgd_seconds`: counted as compute, at the machine file's
+    ``matmul_flops`` or an assumed rate, said in ``assumptions``). Memory:
+    :func:`~mpipar.cost.memory.state_memory` (stage 0) plus
     :func:`~mpipar.cost.memory.activation_memory`.
     """
     layers = layers_at(profile, batch)
@@ -252,22 +258,26 @@ def predict_data_parallel(profile: ModelProfile, batch: int, layout: Layout, mac
             alltoall, allgather = wire16_seconds(machine, size // 4, group)
             network_free, gathers = start + alltoall, gathers + allgather
     network_free = max(network_free, backward_end) + gathers if gathers else network_free
+    local = 0.0  # PowerSGD's matrix products (compute: what of the buckets' Allreduces runs beside M Q is hidden)
     if p_bytes:
-        network_free = max(network_free, backward_end) + sum(
-            machine.gradient_allreduce_seconds(size, group) for size in (p_bytes, q_bytes))
-    exposed = max(0.0, network_free - backward_end)
+        (first, middle, last), note = powersgd_seconds(machine, shapes, options.powersgd_rank)
+        notes += (note,) if note else ()
+        local = first + middle + last
+        network_free = max(network_free, backward_end + first) + machine.gradient_allreduce_seconds(p_bytes, group)
+        network_free += middle + machine.gradient_allreduce_seconds(q_bytes, group) + last
+    exposed = max(0.0, network_free - backward_end - local)
     overhead = step_overhead(profile, batch)
     memory = state_memory([_param_bytes([layer]) for layer in layers], layout.dp, 0, options).total + \
         activation_memory(layers, options)
     variant = " ".join(word for word in (options.compression if layout.dp > 1 else "",
                                          "recompute" if options.recompute == "full" else "") if word)
-    return Prediction("DP", layout, backward_end + exposed + overhead, backward_end + overhead, exposed,
+    return Prediction("DP", layout, backward_end + local + exposed + overhead, backward_end + local + overhead, exposed,
                       memory_bytes=memory, link=link.description, variant=variant, assumptions=notes)
 
 
 def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, microbatches: int,
                      schedule: str = "1f1b", balance: Optional[Sequence[int]] = None,
-                     options: TrainingOptions = DEFAULT, virtual_stages: int = 1) -> Prediction:
+                     options: TrainingOptions = DEFAULT, virtual_stages: int = 1, zero: int = 0) -> Prediction:
     """A flushing pipeline of ``layout.pp`` ranks on ``batch`` samples per replica in ``microbatches``
     micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`) with each
     stage's forward and backward per micro-batch and each boundary's point-to-point message; then each rank's
@@ -276,7 +286,12 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     or chunk (default: the split with the fastest slowest one, as ``--balance auto``).
     ``options``: the precision scales the compute, ``recompute="full"`` adds a stage's forward to its
     backward and keeps of each micro-batch in flight only the stage's input (plus one micro-batch's saved
-    tensors while it is recomputed); a 16-bit wire sums the replicas' gradients by Alltoall + Allgather."""
+    tensors while it is recomputed); a 16-bit wire sums the replicas' gradients by Alltoall + Allgather.
+    ``zero=1`` (``ShardedUpdate``, ``docs/sharded.md`` "Grids"): each stage's optimizer state is sharded over
+    its replicas (memory) and after the step each rank's flat parameter buffer, padded to the replicas, is
+    all-gathered over them (the slowest rank's, after the Allreduce). Raises ValueError for ``zero`` not 0 or 1."""
+    if zero not in (0, 1):
+        raise ValueError(f"a pipeline shards its optimizer state (--zero 1) or nothing (0), got --zero {zero}")
     ranks, stages = layout.pp, layout.pp * virtual_stages
     layers = layers_at(profile, batch / microbatches)
     ratio, notes = precision_assumptions(machine, options)
@@ -314,20 +329,24 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     rank_params = per_rank(stage_params)
     allreduce = max(gradient_sum_seconds(machine, size, layout.nodes_of(layout.replicas_of(rank)), options.grad_wire)
                     for rank, size in enumerate(rank_params))
+    gathers = max(machine.collective_seconds("allgather", layout.dp * shard_bytes(size, layout.dp),
+                                             layout.nodes_of(layout.replicas_of(rank)))
+                  for rank, size in enumerate(rank_params)) if zero and layout.dp > 1 else 0.0
     overhead = step_overhead(profile, batch) * max(rank_params) / max(sum(rank_params), 1)
     starts = [sum(balance[:stage]) for stage in range(stages)]
-    memory = max(per_rank([state_memory([params], layout.dp, 0, options).total + activation_memory(
+    memory = max(per_rank([state_memory([params], layout.dp, zero, options).total + activation_memory(
         layers[starts[stage]:ends[stage] + 1], options, in_flight=plan.max_in_flight(stage),
         input_bytes=layers[starts[stage] - 1].activation_bytes if stage else 0)
         for stage, params in enumerate(stage_params)]))
     links = {machine.link(not across(s)).description for s in range(stages - 1)} | (
         {dp_link.description} if layout.dp > 1 else set())
-    return Prediction("PP" if layout.dp == 1 else "PP x DP", layout, with_messages + allreduce + overhead,
-                      max(busy) + overhead, allreduce, p2p, bubble, memory, microbatches,
+    return Prediction("PP" if layout.dp == 1 else "PP x DP", layout, with_messages + allreduce + gathers + overhead,
+                      max(busy) + overhead, allreduce + gathers, p2p, bubble, memory, microbatches,
                       " / ".join(sorted(link for link in links if link)),
-                      " ".join(word for word in (options.compression if layout.dp > 1 and not options.powersgd_rank
+                      " ".join(word for word in ("ZeRO-1" if zero and layout.dp > 1 else "",
+                                                 options.compression if layout.dp > 1 and not options.powersgd_rank
                                                  else "", "recompute" if options.recompute == "full" else "")
-                               if word), notes)
+                               if word), notes, gathers)
 
 
 def tensor_parallel_allreduces(blocks: int, kind: str = "transformer") -> Tuple[int, int]:

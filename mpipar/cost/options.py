@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 __all__ = ["TrainingOptions", "OPTIMIZER_STATE_BYTES", "PRECISIONS", "GRAD_WIRES", "RECOMPUTE",
-           "ASSUMED_COMPUTE_RATIO", "ASSUMED_ACTIVATION_RATIO", "compute_ratio"]
+           "ASSUMED_COMPUTE_RATIO", "ASSUMED_ACTIVATION_RATIO", "ASSUMED_MATMUL_FLOPS", "compute_ratio"]
 
 OPTIMIZER_STATE_BYTES = {"sgd": 4, "adamw": 8}  # per fp32 parameter: SGD's momentum; AdamW's two moments
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -15,6 +15,7 @@ RECOMPUTE = ("none", "full")
 # Assumptions where the machine file measured nothing (labelled as such wherever they are used):
 ASSUMED_COMPUTE_RATIO = 1.0  # a 16-bit autocast step takes as long as fp32 (CPUs without bf16 units)
 ASSUMED_ACTIVATION_RATIO = 0.5  # autocast's saved activations are 16-bit: half of fp32's
+ASSUMED_MATMUL_FLOPS = 5e9  # PowerSGD's thin fp32 matrix products: 5 GFLOP/s on one core
 
 
 @dataclass(frozen=True)

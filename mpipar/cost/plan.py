@@ -46,7 +46,9 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
     takes it); a pipeline of ``pp`` ranks (``virtual_stages`` chunks each for ``interleaved``) splits its
     replica's share into ``k * pp`` micro-batches for each ``k`` of ``microbatch_choices`` that divides it, and
     the best is kept; a tensor-parallel group of ``tp`` ranks takes ``tp * batch_size`` samples. ``zero_stages``:
-    ZeRO stages (1-3) to add as rows of the data-parallel grid. ``options``: optimizer, precision and recompute
+    ZeRO stages (1-3) to add as rows where the grid has replicas and the stage composes with it
+    (``docs/sharded.md`` "Grids"): 1-3 on the data-parallel grid, 1 on pipeline grids, 1 and 2 on tensor grids.
+    ``options``: optimizer, precision and recompute
     of every row; its compression (a 16-bit wire, PowerSGD) adds a data-parallel row with it beside the fp32
     one. ``memory_bytes``: the budget per rank (0: none); with one, the rows that fit come first. Pure.
     """
@@ -58,8 +60,10 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
     degrees = tensor_degrees(machine, model)
     for tp in degrees:
         if ranks % tp == 0:
-            rows.append(predict_tensor_grid(machine, model, batch_size * tp, Layout(ranks, ranks_per_node, tp=tp),
-                                            bucket_mb=bucket_mb))
+            layout = Layout(ranks, ranks_per_node, tp=tp)
+            rows += [predict_tensor_grid(machine, model, batch_size * tp, layout, bucket_mb=bucket_mb, zero=zero,
+                                         options=base)
+                     for zero in (0, *zero_stages) if zero == 0 or (zero in (1, 2) and layout.dp > 1)]
     for dp, pp in candidates(ranks, 1 if degrees else profile.num_layers // virtual_stages):
         layout = Layout(ranks, ranks_per_node, dp=dp, pp=pp)
         replica_batch = batch_size * ranks // dp
@@ -72,11 +76,13 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
             rows += [predict_sharded(profile, replica_batch, layout, machine, zero=zero, bucket_mb=bucket_mb,
                                      options=base) for zero in zero_stages if dp > 1 and not degrees]
             continue
-        choices = [predict_pipeline(profile, replica_batch, layout, machine, microbatches=k * pp, schedule=schedule,
-                                    options=base, virtual_stages=virtual_stages)
-                   for k in microbatch_choices if replica_batch % (k * pp) == 0]
-        if choices:
-            rows.append(min(choices, key=lambda p: p.step))
+        for zero in (0, *zero_stages):
+            if zero == 0 or (zero == 1 and dp > 1):
+                choices = [predict_pipeline(profile, replica_batch, layout, machine, microbatches=k * pp,
+                                            schedule=schedule, options=base, virtual_stages=virtual_stages, zero=zero)
+                           for k in microbatch_choices if replica_batch % (k * pp) == 0]
+                if choices:
+                    rows.append(min(choices, key=lambda p: p.step))
     budget = memory_bytes if memory_bytes > 0 else None
     result = [PlanRow(p, extrapolated, None if budget is None else p.memory_bytes <= budget) for p in rows]
     result.sort(key=lambda row: (row.fits is False, row.prediction.step, row.prediction.memory_bytes))

@@ -29,8 +29,6 @@ __all__ = ["predict_sharded", "ShardedPrediction"]
 class ShardedPrediction(Prediction):
     """A ZeRO stage's :class:`Prediction`; ``gathers``: the all-gathers' seconds not hidden behind compute."""
 
-    gathers: float = 0.0
-
     def _where(self) -> str:
         if self.layout.dp == 1:
             return "one rank: compute only"
@@ -41,13 +39,15 @@ class ShardedPrediction(Prediction):
 
 
 def _reduce_scatter(machine: Machine, nbytes: float, nodes: Sequence[int], grad_wire: str) -> float:
-    """A gradient reduce-scatter of ``nbytes`` of fp32 (on a 16-bit wire: an all-to-all of half the bytes
-    and the fp32 sum of the chunks received)."""
+    """A gradient reduce-scatter of ``nbytes`` of fp32 (on a 16-bit wire: an all-to-all of half the bytes,
+    the fp32 sum of the chunks received and the casts: the buffer to 16 bits and the chunks received to
+    fp32, a pass each at ``reduce_seconds_per_byte`` per fp32 byte, as :func:`~mpipar.cost.compress.wire16_seconds`)."""
     if grad_wire == "fp32":
         return machine.collective_seconds("reduce_scatter", nbytes, nodes)
     p = len(nodes)
     add = machine.reduce_seconds_per_byte * (p - 1) * nbytes / p if p > 1 else 0.0
-    return machine.collective_seconds("alltoall", nbytes * WIRE16 / FP32, nodes) + add
+    casts = machine.reduce_seconds_per_byte * 2 * nbytes if p > 1 else 0.0
+    return machine.collective_seconds("alltoall", nbytes * WIRE16 / FP32, nodes) + add + casts
 
 
 def predict_sharded(profile: ModelProfile, batch: int, layout: Layout, machine: Machine, *, zero: int,
@@ -64,13 +64,18 @@ def predict_sharded(profile: ModelProfile, batch: int, layout: Layout, machine: 
       unit after it begins its backward, its reduce-scatter when its backward ends; the two small
       Allreduces; no all-gather after the step.
 
-    Memory: :func:`~mpipar.cost.memory.state_memory` of the stage plus the activations. Raises ValueError
-    for a stage other than 1-3 or a layout with pipelines or tensor parallelism.
+    Memory: :func:`~mpipar.cost.memory.state_memory` of the stage plus the activations.
+
+    On a dp x 1 x tp layout (stages 1 and 2: the replicas of each tensor-parallel rank, ``data_comm``)
+    ``profile`` is what one tensor-parallel rank computes and holds (:func:`~mpipar.cost.tensor.predict_tensor_grid`
+    passes it, its layers' times including their Allreduces). Raises ValueError for a stage other than 1-3, a
+    layout with pipelines, or stage 3 with tensor parallelism.
     """
     if zero not in (1, 2, 3):
         raise ValueError(f"ZeRO stages are 1, 2 and 3 (0 is data parallelism), got {zero}")
-    if layout.pp != 1 or layout.tp != 1:
-        raise ValueError(f"the cost model prices ZeRO over data parallelism alone (dp x 1 x 1), got {layout.shape}")
+    if layout.pp != 1 or (layout.tp != 1 and zero == 3):
+        raise ValueError(f"the cost model prices ZeRO-1/2 over dp x 1 x tp and ZeRO-3 over dp x 1 x 1 layouts "
+                         f"(pipelines: predict_pipeline's zero), got ZeRO-{zero} on {layout.shape}")
     layers = layers_at(profile, batch)
     units = [float(sum(layer.param_bytes)) for layer in layers]
     group = layout.nodes_of(layout.replicas_of())

@@ -18,6 +18,7 @@ from typing import List, cast
 
 from mpipar.cost.machine import Machine, ModelProfile
 from mpipar.cost.model import (
+    DEFAULT,
     Layout,
     Prediction,
     layers_at,
@@ -25,6 +26,8 @@ from mpipar.cost.model import (
     step_overhead,
     tensor_parallel_allreduces,
 )
+from mpipar.cost.options import TrainingOptions
+from mpipar.cost.sharded import predict_sharded
 
 __all__ = ["TensorPrediction", "profile_name", "tensor_degrees", "model_degrees", "vit_shape", "predict_tensor_grid",
            "BLOCK_PREFIX", "MAX_CALIBRATED_TP"]
@@ -61,13 +64,15 @@ class TensorPrediction(Prediction):
         share = self.share
         text = f"TP Allreduce {share(self.tp_comm)}" + (f" on {self.tp_link}" if self.tp_link else "")
         if self.layout.dp > 1:
-            text += (f", replicas' Allreduce {share(self.exposed_comm - self.tp_comm)} exposed"
+            reduce = "reduce-scatter" if self.variant.startswith("ZeRO-2") else "Allreduce"
+            gather = f", all-gather {share(self.gathers)}" if self.gathers else ""
+            text += (f", replicas' {reduce} {share(self.exposed_comm - self.tp_comm - self.gathers)} exposed{gather}"
                      + (f" on {self.dp_link}" if self.dp_link else ""))
         return text
 
 
-def predict_tensor_grid(machine: Machine, model: str, batch: int, layout: Layout, *,
-                        bucket_mb: float = 25.0) -> TensorPrediction:
+def predict_tensor_grid(machine: Machine, model: str, batch: int, layout: Layout, *, bucket_mb: float = 25.0,
+                        zero: int = 0, options: TrainingOptions = DEFAULT) -> TensorPrediction:
     """``layout.dp`` replicas of ``layout.tp`` ranks splitting ``model`` (``layout.pp`` 1), ``batch`` samples
     per replica. Pure.
 
@@ -76,11 +81,20 @@ def predict_tensor_grid(machine: Machine, model: str, batch: int, layout: Layout
     (``batch x tokens x width x 4`` bytes) over the tp group, on the link ``layout.tp_across()`` picks;
     then the rank's gradients (replicated and split parameters) are averaged over the replicas by
     the data-parallel bucket model (:func:`~mpipar.cost.model.predict_data_parallel`, with the blocks'
-    backward including their Allreduces). Memory: 3 x the rank's parameters + its saved activations.
+    backward including their Allreduces). Memory: the rank's parameters, gradients and optimizer state
+    (``options.optimizer``'s; the rest of ``options`` is not modelled here) + its saved activations.
+
+    ``zero`` 1 or 2 (``docs/sharded.md`` "Grids"), over the replicas of each tensor-parallel rank: the
+    same rank's layers priced by :func:`~mpipar.cost.sharded.predict_sharded` (1: the replicas' Allreduce,
+    then the all-gather of the rank's flat parameter buffer; 2: reduce-scatters from the backward instead
+    of the Allreduce, then the all-gather), and its memory: the state (and for 2 the gradients) / ``dp``.
 
     Raises:
-        ValueError: without the profile, a pipeline in ``layout``, or a link across nodes the machine lacks.
+        ValueError: without the profile, a pipeline in ``layout``, ``zero`` not 0-2, or a link across nodes
+        the machine lacks.
     """
+    if zero not in (0, 1, 2):
+        raise ValueError(f"tensor parallelism shards over its replicas with --zero 1 or 2 (or 0: none), got {zero}")
     if layout.pp != 1:
         raise ValueError(f"tensor parallelism is predicted for dp x tp grids without pipelines, got {layout.shape}")
     name = profile_name(model, layout.tp)
@@ -104,13 +118,17 @@ def predict_tensor_grid(machine: Machine, model: str, batch: int, layout: Layout
     # one calibrated size (this batch): the DP model takes these layers and this overhead as they are
     at_batch = ModelProfile(name, {batch: tuple(with_comm)},
                             {batch: overhead + sum(layer.forward + layer.backward for layer in with_comm)})
-    dp = predict_data_parallel(at_batch, batch, layout, machine, bucket_mb=bucket_mb)
+    state = TrainingOptions(optimizer=options.optimizer)
+    dp = predict_sharded(at_batch, batch, layout, machine, zero=zero, bucket_mb=bucket_mb, options=state) if (
+        zero and layout.dp > 1) else predict_data_parallel(at_batch, batch, layout, machine, bucket_mb=bucket_mb,
+                                                           options=state)
     dp_link = machine.link(not layout.dp_across()).description if layout.dp > 1 else ""
     strategy = "DP" if layout.tp == 1 else "TP" if layout.dp == 1 else "TP x DP"
     links = [] if layout.tp == 1 else [tp_link.description]
     links += [dp_link] if dp_link and dp_link not in links else []
     return TensorPrediction(strategy, layout, dp.step, dp.compute - tp_comm, dp.exposed_comm + tp_comm,
                             memory_bytes=dp.memory_bytes, link=" / ".join(link for link in links if link),
+                            variant=f"ZeRO-{zero}" if zero and layout.dp > 1 else "", gathers=dp.gathers,
                             tp_comm=tp_comm, tp_link=tp_link.description if layout.tp > 1 else "", dp_link=dp_link)
 
 

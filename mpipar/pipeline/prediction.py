@@ -19,9 +19,9 @@ def predict(machine: Machine, profile: ModelProfile, *, model: str, batch_size: 
             options: TrainingOptions = DEFAULT) -> Optional[Prediction]:
     """A flushing pipeline (and its data-parallel grid) with ``tp`` 1 and a ``balance`` (even, auto or
     given) over its ``stages * virtual_stages`` chunks; ``options``: the run's optimizer, precision, wire
-    and recompute. None for a ``placement``, tensor-parallel stages, ``--zero`` or an asynchronous
-    schedule. Pure."""
-    if settings.tp != 1 or settings.placement is not None or settings.schedule in ASYNC_SCHEDULES or settings.zero:
+    and recompute; ``settings.zero`` 1: the stages' optimizer state sharded over the replicas and their
+    all-gather. None for a ``placement``, tensor-parallel stages or an asynchronous schedule. Pure."""
+    if settings.tp != 1 or settings.placement is not None or settings.schedule in ASYNC_SCHEDULES:
         return None
     chunks = settings.stages * settings.virtual_stages
     if isinstance(settings.balance, str):  # "even" or "auto"
@@ -30,4 +30,4 @@ def predict(machine: Machine, profile: ModelProfile, *, model: str, batch_size: 
         balance = list(settings.balance)
     return predict_pipeline(profile, batch_size, Layout(ranks, ranks_per_node, pp=settings.stages), machine,
                             microbatches=settings.microbatches, schedule=settings.schedule, balance=balance,
-                            options=options, virtual_stages=settings.virtual_stages)
+                            options=options, virtual_stages=settings.virtual_stages, zero=settings.zero)
