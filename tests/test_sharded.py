@@ -531,6 +531,22 @@ def mlp():
     return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 7)).double()  # 117 elements
 
 
+class RootedMLP(nn.Module):
+    """mlp() with a root parameter (ZeRO-3's root unit) and its layers in a ModuleList (each a unit)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = nn.ModuleList([nn.Linear(5, 9), nn.Linear(9, 7)])
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 9))
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)) * self.scale)
+
+
+MODELS = {"mlp": mlp, "rooted": lambda: RootedMLP().double()}
+
+
 def global_batch(step):
     generator = torch.Generator().manual_seed(500 + step)
     return (torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64),
@@ -550,13 +566,14 @@ def sub_communicator(comm, ranks):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage,model", [(1, "mlp"), (2, "mlp"), (3, "mlp"), (3, "rooted")])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path, stage, optimizer):
+def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path, stage, model, optimizer):
     """3 steps on a ranks, checkpoint, 2 more on b ranks (4->3, 4->2, 2->4, 3->1 where the world has
     them, and a->a): the parameters of one process's 5 steps on the whole batch (rtol 1e-9); the
-    consolidated checkpoint is the model that wrote it."""
+    consolidated checkpoint is the model that wrote it. ``rooted``: ZeRO-3 with a root unit."""
     size = comm.Get_size()
+    mlp = MODELS[model]
     reference = mlp()
     opt_reference = OPTIMIZERS[optimizer](reference.parameters())
     for step in range(5):
@@ -568,7 +585,7 @@ def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path,
     pairs = [(a, b) for a, b in [(4, 3), (4, 2), (2, 4), (3, 1), (size, size)] if max(a, b) <= size]
     problems = []
     for a, b in dict.fromkeys(pairs):
-        out = directory / f"{stage}-{optimizer}-{a}-{b}"
+        out = directory / f"{stage}-{model}-{optimizer}-{a}-{b}"
         writers = sub_communicator(comm, a)
         if writers != MPI.COMM_NULL:
             strategy = ShardedStrategy(mlp(), writers, ShardedConfig(stage))
