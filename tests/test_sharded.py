@@ -219,16 +219,22 @@ def rooted_case(name):
     if name == "vit":  # the position embedding on the root; blocks a ModuleList (its entries are units)
         model = VisionTransformer(1, 7, 8, patch_size=4, dim=8, depth=2, heads=2, hidden=16).double()
         return model, None, lambda x: x[:, :4].repeat(1, 16).reshape(-1, 1, 8, 8)
+    if name == "tied":  # first and last layer share a weight: left out of units=, it joins the root unit
+        model = nn.Sequential(nn.Linear(7, 7, bias=False), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(),
+                              nn.Linear(7, 7, bias=False)).double()
+        model[4].weight = model[0].weight
+        return model, [model[2]], lambda x: F.pad(x, (0, 2))
     model = Rooted().double()
     return model, model.units(), lambda x: x
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("case", ["vit", "rooted"])
+@pytest.mark.parametrize("case", ["vit", "rooted", "tied"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_zero3_root_unit_equals_data_parallel(comm, private_comm, case, optimizer):
-    """Parameters in no unit (the ViT's position embedding; Rooted's, and a child run twice) form the root
-    unit: five steps on unequal shards equal DataParallel's (float64, 1e-12); frozen and buffer untouched."""
+    """Parameters in no unit (the ViT's position embedding; Rooted's, and a child run twice; a weight tied
+    across layers, left out of units=) form the root unit: five steps on unequal shards equal DataParallel's
+    (float64, 1e-12); frozen parameters and buffers untouched."""
     size, rank = comm.Get_size(), comm.Get_rank()
     reference, units, inputs = rooted_case(case)
     replica = copy.deepcopy(reference)
@@ -249,7 +255,7 @@ def test_zero3_root_unit_equals_data_parallel(comm, private_comm, case, optimize
             for (name, a), b in zip(reference.state_dict().items(), replica.state_dict().values()):
                 if not torch.allclose(a, b, **TOL):
                     problems.append(f"step {step} {name}: max abs difference {(a - b).abs().max().item():.3e}")
-    root = {"vit": ["position"], "rooted": ["gain", "bias", "twice.weight"]}[case]
+    root = {"vit": ["position"], "rooted": ["gain", "bias", "twice.weight"], "tied": ["0.weight"]}[case]
     problems += [f"{name} did not change" for name in root if torch.equal(initial[name], reference.state_dict()[name])]
     sdp.close()
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
