@@ -219,11 +219,11 @@ def rooted_case(name):
     if name == "vit":  # the position embedding on the root; blocks a ModuleList (its entries are units)
         model = VisionTransformer(1, 7, 8, patch_size=4, dim=8, depth=2, heads=2, hidden=16).double()
         return model, None, lambda x: x[:, :4].repeat(1, 16).reshape(-1, 1, 8, 8)
-    if name == "tied":  # first and last layer share a weight: left out of units=, it joins the root unit
+    if name == "tied":  # first and last layer share a weight: in two default units, it joins the root unit
         model = nn.Sequential(nn.Linear(7, 7, bias=False), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(),
-                              nn.Linear(7, 7, bias=False)).double()
+                              nn.Linear(7, 7)).double()
         model[4].weight = model[0].weight
-        return model, [model[2]], lambda x: F.pad(x, (0, 2))
+        return model, None, lambda x: F.pad(x, (0, 2))
     model = Rooted().double()
     return model, model.units(), lambda x: x
 
@@ -232,8 +232,9 @@ def rooted_case(name):
 @pytest.mark.parametrize("case", ["vit", "rooted", "tied"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_zero3_root_unit_equals_data_parallel(comm, private_comm, case, optimizer):
-    """Parameters in no unit (the ViT's position embedding; Rooted's, and a child run twice; a weight tied
-    across layers, left out of units=) form the root unit: five steps on unequal shards equal DataParallel's
+    """Parameters in no unit (the ViT's position embedding; Rooted's, and a child run twice) or in two default
+    units (a weight tied across layers, whose other parameters stay in their units) form the root unit: five
+    steps on unequal shards equal DataParallel's
     (float64, 1e-12); frozen parameters and buffers untouched."""
     size, rank = comm.Get_size(), comm.Get_rank()
     reference, units, inputs = rooted_case(case)
@@ -490,11 +491,14 @@ def test_a_16_bit_wire_differs_from_the_exact_mean_only_by_rounding_and_halves_t
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
 
 
-def test_zero3_refuses_a_parameter_tied_across_units_and_a_unit_run_twice_and_roots_the_rest():
-    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
+def test_zero3_roots_what_no_unit_holds_and_refuses_a_tie_across_given_units_and_a_unit_run_twice():
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3)).double()
     model[1].weight = model[0].weight
     with pytest.raises(ValueError, match=r"0.weight = 1.weight is shared by two units .* tie parameters within one"):
-        ShardedDataParallel(model, MPI.COMM_SELF, stage=3)
+        ShardedDataParallel(model, MPI.COMM_SELF, stage=3, units=list(model))
+    sdp = ShardedDataParallel(model, MPI.COMM_SELF, stage=3)  # default units: the tied weight in the root unit
+    assert sdp.units == [model, model[1]] and sdp.names == ["0.weight", "1.bias"]
+    sdp.close()
     loose = nn.Sequential(nn.Linear(3, 3)).double()
     loose.register_parameter("scale", nn.Parameter(torch.ones(1, dtype=torch.float64)))
     sdp = ShardedDataParallel(loose, MPI.COMM_SELF, stage=3)  # scale: the root unit, before the child

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,17 +30,21 @@ def assign_units(module: nn.Module, units: Optional[Sequence[nn.Module]]) -> Tup
     """The units (``units``, or ``module``'s direct children, a ``ModuleList``'s or ``ModuleDict``'s entries
     in its place) that hold trainable parameters, and ``{id(parameter): unit index}``. The trainable
     parameters in none of them (e.g. a position embedding on the root module) form the *root unit*,
-    ``module`` itself, first in the list (gathered for the whole forward and backward). Local and
-    deterministic.
+    ``module`` itself, first in the list (gathered for the whole forward and backward); so do, with the
+    default units, those shared by two children (a tied embedding and head), as FSDP keeps a shared
+    parameter in the unit of a common ancestor. Local and deterministic.
 
     Raises:
-        ValueError: a trainable parameter in two units (tied across units), with the names and a hint.
+        ValueError: a trainable parameter in two of the ``units`` given (tied across units), with the names
+            and a hint.
     """
     candidates = _candidates(module) if units is None else list(units)
+    holders = Counter(id(p) for unit in candidates for p in unit.parameters() if p.requires_grad)
+    shared = {key for key, count in holders.items() if count > 1} if units is None else set()
     owner: dict = {}
     kept: List[nn.Module] = []
     for unit in candidates:
-        trainable = [p for p in unit.parameters() if p.requires_grad]
+        trainable = [p for p in unit.parameters() if p.requires_grad and id(p) not in shared]
         if not trainable:
             continue
         for p in trainable:
