@@ -15,6 +15,7 @@ from torch import nn
 from mpi_helpers import assert_all_ranks, assert_comm_still_usable, shared_directory
 from mpipar import DataParallel
 from mpipar.diagnostics.failure import AgreedError
+from mpipar.models.gpt import gpt
 from mpipar.models.vit import VisionTransformer
 from mpipar.run.checkpoint import Checkpointer
 from mpipar.run.consolidate import main as consolidate_main
@@ -214,30 +215,33 @@ class Rooted(nn.Module):
 
 
 def rooted_case(name):
-    """(model, units, the rank's inputs for a step) of the root-unit tests."""
+    """(model, units, the rank's inputs for a step, logits from the output) of the root-unit tests."""
     torch.manual_seed(1)
+    if name == "gpt":  # the token embedding tied to the head (two default units): the root unit's
+        model = gpt(vocab=7, width=8, layers=2, heads=2, seq_len=4).double()
+        return model, None, lambda x: (x[:, :4].abs() * 3).long() % 7, lambda out: out.mean(2)  # (batch, vocab, tokens)
     if name == "vit":  # the position embedding on the root; blocks a ModuleList (its entries are units)
         model = VisionTransformer(1, 7, 8, patch_size=4, dim=8, depth=2, heads=2, hidden=16).double()
-        return model, None, lambda x: x[:, :4].repeat(1, 16).reshape(-1, 1, 8, 8)
+        return model, None, lambda x: x[:, :4].repeat(1, 16).reshape(-1, 1, 8, 8), lambda out: out
     if name == "tied":  # first and last layer share a weight: in two default units, it joins the root unit
         model = nn.Sequential(nn.Linear(7, 7, bias=False), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(),
                               nn.Linear(7, 7)).double()
         model[4].weight = model[0].weight
-        return model, None, lambda x: F.pad(x, (0, 2))
+        return model, None, lambda x: F.pad(x, (0, 2)), lambda out: out
     model = Rooted().double()
-    return model, model.units(), lambda x: x
+    return model, model.units(), lambda x: x, lambda out: out
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("case", ["vit", "rooted", "tied"])
+@pytest.mark.parametrize("case", ["vit", "rooted", "tied", "gpt"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_zero3_root_unit_equals_data_parallel(comm, private_comm, case, optimizer):
     """Parameters in no unit (the ViT's position embedding; Rooted's, and a child run twice) or in two default
-    units (a weight tied across layers, whose other parameters stay in their units) form the root unit: five
+    units (a weight tied across layers, whose other parameters stay in their units; the GPT's) form the root unit: five
     steps on unequal shards equal DataParallel's
     (float64, 1e-12); frozen parameters and buffers untouched."""
     size, rank = comm.Get_size(), comm.Get_rank()
-    reference, units, inputs = rooted_case(case)
+    reference, units, inputs, logits = rooted_case(case)
     replica = copy.deepcopy(reference)
     dp = DataParallel(reference, comm)
     sdp = ShardedDataParallel(replica, private_comm, stage=3, units=units)
@@ -247,16 +251,17 @@ def test_zero3_root_unit_equals_data_parallel(comm, private_comm, case, optimize
     for step in range(5):
         x, y = shard(size, rank, step)
         opt_dp.zero_grad()
-        F.cross_entropy(dp(inputs(x)), y).backward()
+        F.cross_entropy(logits(dp(inputs(x))), y).backward()
         opt_dp.step()
         opt_sharded.zero_grad()
-        F.cross_entropy(sdp(inputs(x)), y).backward()
+        F.cross_entropy(logits(sdp(inputs(x))), y).backward()
         sdp.step(opt_sharded)
         with sdp.full_parameters():
             for (name, a), b in zip(reference.state_dict().items(), replica.state_dict().values()):
                 if not torch.allclose(a, b, **TOL):
                     problems.append(f"step {step} {name}: max abs difference {(a - b).abs().max().item():.3e}")
-    root = {"vit": ["position"], "rooted": ["gain", "bias", "twice.weight"], "tied": ["0.weight"]}[case]
+    root = {"vit": ["position"], "rooted": ["gain", "bias", "twice.weight"], "tied": ["0.weight"],
+            "gpt": ["0.tokens.weight"]}[case]
     problems += [f"{name} did not change" for name in root if torch.equal(initial[name], reference.state_dict()[name])]
     sdp.close()
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
@@ -268,7 +273,7 @@ def test_zero3_root_unit_collectives_per_step(comm, private_comm):
     forward root, embed, mid, head, backward mid, embed (the root and the last unit kept); one reduce-scatter
     per unit, last first, the root's after the backward; the root whole from its forward to its last gradient."""
     size = comm.Get_size()
-    model, units, _ = rooted_case("rooted")
+    model, units, _, _ = rooted_case("rooted")
     sdp = ShardedDataParallel(model, private_comm, stage=3, units=units)
     elements = [68, 42, 56, 56]
     optimizer = torch.optim.SGD(sdp.parameters(), lr=0.1)
