@@ -15,6 +15,8 @@ from torch import nn
 from mpi_helpers import assert_all_ranks, assert_comm_still_usable, shared_directory
 from mpipar import DataParallel
 from mpipar.diagnostics.failure import AgreedError
+from mpipar.models.gpt import gpt
+from mpipar.models.vit import VisionTransformer
 from mpipar.run.checkpoint import Checkpointer
 from mpipar.run.consolidate import main as consolidate_main
 from mpipar.sharded import FlatLayout, ShardedConfig, ShardedDataParallel, ShardedStrategy
@@ -181,6 +183,126 @@ def test_two_dtypes_and_ranks_that_own_only_padding_equal_data_parallel(comm, pr
                     if not torch.allclose(p, q, **(TOL if p.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)))]
     groups = (3 if stage == 3 else 2) if make is Mixed else 1  # stage 3: a buffer per unit and dtype
     assert_all_ranks(comm, not problems and len(sdp.layout.groups) == groups, "; ".join(problems))
+
+
+class Rooted(nn.Module):
+    """ZeRO-3's root unit: trainable parameters on the root (gain, used at the start and at the end of the
+    forward; bias), a frozen one (fixed) and a buffer (shift) there, a child without trainable parameters
+    (frozen), one with none at all (act) and one run twice (twice): with units= leaving it out, its
+    parameters join the root unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+        self.bias = nn.Parameter(torch.linspace(-0.3, 0.3, 7))
+        self.fixed = nn.Parameter(torch.linspace(0.1, 0.7, 7), requires_grad=False)
+        self.register_buffer("shift", torch.linspace(-1.0, 1.0, 5))
+        self.embed = nn.Linear(5, 7)
+        self.frozen = nn.Linear(7, 7)
+        self.frozen.requires_grad_(False)
+        self.act = nn.Tanh()
+        self.mid = nn.Linear(7, 7)
+        self.twice = nn.Linear(7, 7)
+        self.head = nn.Linear(7, 7)
+
+    def forward(self, x):
+        h = self.act(self.embed((x - self.shift) * self.gain))
+        h = self.twice(self.twice(self.act(self.mid(self.frozen(h) + self.fixed))))
+        return self.head(h) * self.gain[0] + self.bias
+
+    def units(self):
+        return [self.embed, self.frozen, self.act, self.mid, self.head]  # embed, mid, head hold trainables
+
+
+def rooted_case(name):
+    """(model, units, the rank's inputs for a step, logits from the output) of the root-unit tests."""
+    torch.manual_seed(1)
+    if name == "gpt":  # the token embedding tied to the head (two default units): the root unit's
+        model = gpt(vocab=7, width=8, layers=2, heads=2, seq_len=4).double()
+        return model, None, lambda x: (x[:, :4].abs() * 3).long() % 7, lambda out: out.mean(2)  # (batch, vocab, tokens)
+    if name == "vit":  # the position embedding on the root; blocks a ModuleList (its entries are units)
+        model = VisionTransformer(1, 7, 8, patch_size=4, dim=8, depth=2, heads=2, hidden=16).double()
+        return model, None, lambda x: x[:, :4].repeat(1, 16).reshape(-1, 1, 8, 8), lambda out: out
+    if name == "tied":  # first and last layer share a weight: in two default units, it joins the root unit
+        model = nn.Sequential(nn.Linear(7, 7, bias=False), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(),
+                              nn.Linear(7, 7)).double()
+        model[4].weight = model[0].weight
+        return model, None, lambda x: F.pad(x, (0, 2)), lambda out: out
+    model = Rooted().double()
+    return model, model.units(), lambda x: x, lambda out: out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", ["vit", "rooted", "tied", "gpt"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_zero3_root_unit_equals_data_parallel(comm, private_comm, case, optimizer):
+    """Parameters in no unit (the ViT's position embedding; Rooted's, and a child run twice) or in two default
+    units (a weight tied across layers, whose other parameters stay in their units; the GPT's) form the root unit: five
+    steps on unequal shards equal DataParallel's
+    (float64, 1e-12); frozen parameters and buffers untouched."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    reference, units, inputs, logits = rooted_case(case)
+    replica = copy.deepcopy(reference)
+    dp = DataParallel(reference, comm)
+    sdp = ShardedDataParallel(replica, private_comm, stage=3, units=units)
+    problems = [] if sdp.units[0] is replica else [f"unit 0 is {type(sdp.units[0]).__name__}, not the root"]
+    opt_dp, opt_sharded = OPTIMIZERS[optimizer](reference.parameters()), OPTIMIZERS[optimizer](sdp.parameters())
+    initial = copy.deepcopy(reference.state_dict())
+    for step in range(5):
+        x, y = shard(size, rank, step)
+        opt_dp.zero_grad()
+        F.cross_entropy(logits(dp(inputs(x))), y).backward()
+        opt_dp.step()
+        opt_sharded.zero_grad()
+        F.cross_entropy(logits(sdp(inputs(x))), y).backward()
+        sdp.step(opt_sharded)
+        with sdp.full_parameters():
+            for (name, a), b in zip(reference.state_dict().items(), replica.state_dict().values()):
+                if not torch.allclose(a, b, **TOL):
+                    problems.append(f"step {step} {name}: max abs difference {(a - b).abs().max().item():.3e}")
+    root = {"vit": ["position"], "rooted": ["gain", "bias", "twice.weight"], "tied": ["0.weight"],
+            "gpt": ["0.tokens.weight"]}[case]
+    problems += [f"{name} did not change" for name in root if torch.equal(initial[name], reference.state_dict()[name])]
+    sdp.close()
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
+
+
+@pytest.mark.mpi
+def test_zero3_root_unit_collectives_per_step(comm, private_comm):
+    """Rooted's units: root (gain 5, bias 7, twice 56: 68 elements), embed 42, mid 56, head 56. All-gathers
+    forward root, embed, mid, head, backward mid, embed (the root and the last unit kept); one reduce-scatter
+    per unit, last first, the root's after the backward; the root whole from its forward to its last gradient."""
+    size = comm.Get_size()
+    model, units, _, _ = rooted_case("rooted")
+    sdp = ShardedDataParallel(model, private_comm, stage=3, units=units)
+    elements = [68, 42, 56, 56]
+    optimizer = torch.optim.SGD(sdp.parameters(), lr=0.1)
+    root_whole, problems = [], []
+    model.embed.register_forward_pre_hook(lambda module, args: root_whole.append(model.gain.numel() == 5))
+    model.embed.weight.register_hook(lambda grad: root_whole.append(model.gain.numel() == 5))
+    for step in range(2):
+        x, y = shard(size, comm.Get_rank(), step)
+        loss = F.cross_entropy(sdp(x), y)
+        after_forward = [p.untyped_storage().size() > 0 for p in (model.gain, model.embed.weight,
+                                                                  model.mid.weight, model.head.weight)]
+        if after_forward != [True, False, False, True]:
+            problems.append(f"after the forward, whole {after_forward}: the root and the last unit only")
+        loss.backward()
+        sdp.step(optimizer)
+        calls = sdp.take_calls()
+        expected = [("allgather", padded_bytes(elements[u], size)) for u in (0, 1, 2, 3, 2, 1)]
+        expected += [("reduce_scatter", elements[u] * 8) for u in (3, 2, 1, 0)]
+        gathers = [call for call in calls if call[0] == "allgather"]
+        scatters = [call for call in calls if call[0] == "reduce_scatter"]
+        if gathers + scatters != expected or calls[-1] != expected[-1]:
+            problems.append(f"step {step}: calls {calls}, expected {expected} (the root's reduce-scatter last)")
+        if model.gain.untyped_storage().size() or sdp.memory(optimizer)["param_bytes"] != sum(
+                padded_bytes(n, size) for n in elements) // size + 7 * 8 + 49 * 8 + 7 * 8:
+            problems.append(f"step {step}: after it {sdp.memory(optimizer)}; the root unit should be freed")
+    if root_whole != [True, True] * 2:
+        problems.append(f"root unit whole at embed's forward and backward: {root_whole}")
+    sdp.close()
+    assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
 
 
 @pytest.mark.mpi
@@ -374,16 +496,24 @@ def test_a_16_bit_wire_differs_from_the_exact_mean_only_by_rounding_and_halves_t
     assert_all_ranks(comm, not problems, "; ".join(problems[:4]))
 
 
-def test_zero3_refuses_a_parameter_tied_across_units_and_one_in_no_unit():
-    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
+def test_zero3_roots_what_no_unit_holds_and_refuses_a_tie_across_given_units_and_a_unit_run_twice():
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3)).double()
     model[1].weight = model[0].weight
     with pytest.raises(ValueError, match=r"0.weight = 1.weight is shared by two units .* tie parameters within one"):
-        ShardedDataParallel(model, MPI.COMM_SELF, stage=3)
+        ShardedDataParallel(model, MPI.COMM_SELF, stage=3, units=list(model))
+    sdp = ShardedDataParallel(model, MPI.COMM_SELF, stage=3)  # default units: the tied weight in the root unit
+    assert sdp.units == [model, model[1]] and sdp.names == ["0.weight", "1.bias"]
+    sdp.close()
     loose = nn.Sequential(nn.Linear(3, 3)).double()
     loose.register_parameter("scale", nn.Parameter(torch.ones(1, dtype=torch.float64)))
-    with pytest.raises(ValueError, match=r"\['scale'\] are in no unit"):
-        ShardedDataParallel(loose, MPI.COMM_SELF, stage=3)
+    sdp = ShardedDataParallel(loose, MPI.COMM_SELF, stage=3)  # scale: the root unit, before the child
+    assert sdp.units == [loose, loose[0]] and sdp.names == ["scale", "0.weight", "0.bias"]
+    sdp.close()
     ShardedDataParallel(loose, MPI.COMM_SELF, stage=3, units=[loose]).close()  # one unit: the whole model
+    reused = Rooted().double()
+    sdp = ShardedDataParallel(reused, MPI.COMM_SELF, stage=3)  # default units: twice is one, run twice
+    with pytest.raises(RuntimeError, match=r"unit 3 \(Linear\) ran twice .* pass units= without it"):
+        sdp(torch.zeros(2, 5, dtype=torch.float64))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -416,6 +546,22 @@ def mlp():
     return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 7)).double()  # 117 elements
 
 
+class RootedMLP(nn.Module):
+    """mlp() with a root parameter (ZeRO-3's root unit) and its layers in a ModuleList (each a unit)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = nn.ModuleList([nn.Linear(5, 9), nn.Linear(9, 7)])
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 9))
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)) * self.scale)
+
+
+MODELS = {"mlp": mlp, "rooted": lambda: RootedMLP().double()}
+
+
 def global_batch(step):
     generator = torch.Generator().manual_seed(500 + step)
     return (torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64),
@@ -435,13 +581,14 @@ def sub_communicator(comm, ranks):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage,model", [(1, "mlp"), (2, "mlp"), (3, "mlp"), (3, "rooted")])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path, stage, optimizer):
+def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path, stage, model, optimizer):
     """3 steps on a ranks, checkpoint, 2 more on b ranks (4->3, 4->2, 2->4, 3->1 where the world has
     them, and a->a): the parameters of one process's 5 steps on the whole batch (rtol 1e-9); the
-    consolidated checkpoint is the model that wrote it."""
+    consolidated checkpoint is the model that wrote it. ``rooted``: ZeRO-3 with a root unit."""
     size = comm.Get_size()
+    mlp = MODELS[model]
     reference = mlp()
     opt_reference = OPTIMIZERS[optimizer](reference.parameters())
     for step in range(5):
@@ -453,7 +600,7 @@ def test_resume_on_other_rank_counts_equals_the_straight_run(comm, mpi_tmp_path,
     pairs = [(a, b) for a, b in [(4, 3), (4, 2), (2, 4), (3, 1), (size, size)] if max(a, b) <= size]
     problems = []
     for a, b in dict.fromkeys(pairs):
-        out = directory / f"{stage}-{optimizer}-{a}-{b}"
+        out = directory / f"{stage}-{model}-{optimizer}-{a}-{b}"
         writers = sub_communicator(comm, a)
         if writers != MPI.COMM_NULL:
             strategy = ShardedStrategy(mlp(), writers, ShardedConfig(stage))

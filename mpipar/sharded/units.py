@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -16,18 +17,34 @@ from mpipar.comm.reducer import CommStats
 __all__ = ["UnitGather", "assign_units"]
 
 
+def _candidates(module: nn.Module) -> List[nn.Module]:
+    """``module``'s direct children, a container without a forward (``ModuleList``, ``ModuleDict``) replaced by
+    its own candidates."""
+    found: List[nn.Module] = []
+    for child in module.children():
+        found += _candidates(child) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
+    return found
+
+
 def assign_units(module: nn.Module, units: Optional[Sequence[nn.Module]]) -> Tuple[List[nn.Module], dict]:
-    """The units (``units``, or ``module``'s direct children) that hold trainable parameters, and
-    ``{id(parameter): unit index}``. Local and deterministic.
+    """The units (``units``, or ``module``'s direct children, a ``ModuleList``'s or ``ModuleDict``'s entries
+    in its place) that hold trainable parameters, and ``{id(parameter): unit index}``. The trainable
+    parameters in none of them (e.g. a position embedding on the root module) form the *root unit*,
+    ``module`` itself, first in the list (gathered for the whole forward and backward); so do, with the
+    default units, those shared by two children (a tied embedding and head), as FSDP keeps a shared
+    parameter in the unit of a common ancestor. Local and deterministic.
 
     Raises:
-        ValueError: a trainable parameter in no unit or in two (tied across units), with the names and a hint.
+        ValueError: a trainable parameter in two of the ``units`` given (tied across units), with the names
+            and a hint.
     """
-    candidates = list(module.children()) if units is None else list(units)
+    candidates = _candidates(module) if units is None else list(units)
+    holders = Counter(id(p) for unit in candidates for p in unit.parameters() if p.requires_grad)
+    shared = {key for key, count in holders.items() if count > 1} if units is None else set()
     owner: dict = {}
     kept: List[nn.Module] = []
     for unit in candidates:
-        trainable = [p for p in unit.parameters() if p.requires_grad]
+        trainable = [p for p in unit.parameters() if p.requires_grad and id(p) not in shared]
         if not trainable:
             continue
         for p in trainable:
@@ -35,13 +52,15 @@ def assign_units(module: nn.Module, units: Optional[Sequence[nn.Module]]) -> Tup
                 names = [name for name, q in module.named_parameters(remove_duplicate=False) if q is p]
                 raise ValueError(f"ZeRO-3: parameter {' = '.join(names)} is shared by two units ({owner[id(p)]} "
                                  f"and {len(kept)}); a unit is gathered alone, so tie parameters within one unit "
-                                 f"(put both users in one child module) or pass units=")
+                                 f"(put both users in one child module), or pass units= without the modules that "
+                                 f"share it (their parameters then join the root unit, gathered for the whole step)")
             owner[id(p)] = len(kept)
         kept.append(unit)
-    outside = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in owner]
+    outside = [p for p in module.parameters() if p.requires_grad and id(p) not in owner]
     if outside:
-        raise ValueError(f"ZeRO-3: trainable parameters {outside} are in no unit (units are the model's direct "
-                         f"children unless units= is given); move them into a child module or pass units=")
+        owner = {key: index + 1 for key, index in owner.items()}
+        owner.update((id(p), 0) for p in outside)
+        kept.insert(0, module)
     return kept, owner
 
 
@@ -56,6 +75,9 @@ class UnitGather:
     backward; backward, n - 2, ..., 0 (unit u - 1 started before unit u's backward). A unit a rank
     skips is gathered in its turn all the same, and freed when the sequence ends. A unit is freed
     after its forward (all but the last) and once all its gradients are accumulated (:meth:`done`).
+    With ``rooted``, unit 0 is the root module (the parameters in no other unit): gathered first, in its
+    forward pre-hook, with unit 1 prefetched, and kept through the forward and the backward until its
+    gradients are all in; the backward sequence then ends at unit 1 (n - 2, ..., 1).
 
     Collective contract: every rank calls :meth:`begin_forward`, runs the forward, :meth:`end_forward`
     and :meth:`settle` together; the gathers run on ``comm`` (a communicator of their own, so their
@@ -65,7 +87,8 @@ class UnitGather:
 
     def __init__(self, units: List[nn.Module], unit_groups: List[List[int]], params_of: List[List[nn.Parameter]],
                  flats: List[torch.Tensor], shards: List[torch.Tensor], comm: MPI.Intracomm, calls: list,
-                 stats: CommStats, progress: Callable[[], None] = lambda: None):
+                 stats: CommStats, progress: Callable[[], None] = lambda: None, rooted: bool = False):
+        self.first = 1 if rooted else 0  # the first unit gathered again for the backward (a root unit stays)
         self.units, self.unit_groups, self.flats, self.shards = units, unit_groups, flats, shards
         self.comm, self.calls, self.stats, self.progress = comm, calls, stats, progress
         self.views = [[(p, p.data) for g in groups for p in params_of[g]] for groups in unit_groups]
@@ -133,7 +156,8 @@ class UnitGather:
             return
         if self.ran[unit]:
             raise RuntimeError(f"ZeRO-3: unit {unit} ({type(self.units[unit]).__name__}) ran twice in one forward; "
-                               f"each unit is gathered once per forward: make the reused part its own unit's")
+                               f"each unit is gathered once per forward: pass units= without it (its parameters "
+                               f"then join the root unit, gathered for the whole step)")
         while self.forward_next <= min(unit + 1, len(self.units) - 1):  # this unit and the next (prefetch)
             self._start(self.forward_next)
             self.forward_next += 1
@@ -143,6 +167,8 @@ class UnitGather:
         if self.phase != "forward":
             return
         self.ran[unit] = True
+        if unit < self.first:  # the root unit: whole until its gradients are in
+            return
         if unit != len(self.units) - 1:
             self.free(unit)
         if torch.is_grad_enabled():
@@ -155,7 +181,7 @@ class UnitGather:
         while self.forward_next < len(self.units):
             self._start(self.forward_next)
             self.forward_next += 1
-        for unit in range(len(self.units) - 1):
+        for unit in range(self.first, len(self.units) - 1):
             self.free(unit)
         self.phase, self.backward_next = "backward", len(self.units) - 2
 
@@ -163,7 +189,7 @@ class UnitGather:
         if self.phase != "backward":
             return
         self.progress()  # the gradients' reduce-scatters in flight: a completed one frees its unit's gradient
-        while self.backward_next >= max(unit - 1, 0):  # this unit and the one before (prefetch)
+        while self.backward_next >= max(unit - 1, self.first):  # this unit and the one before (prefetch)
             self._start(self.backward_next)
             self.backward_next -= 1
         if not self.allocated[unit]:
@@ -181,7 +207,7 @@ class UnitGather:
         if self.phase == "forward":
             self.end_forward()
         if self.phase == "backward":
-            while self.backward_next >= 0:
+            while self.backward_next >= self.first:
                 self._start(self.backward_next)
                 self.backward_next -= 1
         self.free_all()

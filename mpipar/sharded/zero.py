@@ -142,7 +142,8 @@ class ShardedDataParallel:
             self._param_comm = comm.Dup()
             params_of = [[self.params[index] for index in group.params] for group in self.layout.groups]
             self.unit_gather = UnitGather(self.units, unit_groups, params_of, self.flats, self.shards,
-                                          self._param_comm, self.calls, self.stats, self.progress)
+                                          self._param_comm, self.calls, self.stats, self.progress,
+                                          rooted=self.units[0] is module if self.units else False)
             self.unit_gather.free_all()
             self._unit_params = [sum(len(self.layout.groups[g].params) for g in groups) for groups in unit_groups]
         self.pieces = self.layout.pieces(self.rank)
