@@ -416,6 +416,16 @@ def mlp():
     return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 7)).double()  # 117 elements
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_strategy_counts_the_whole_models_parameters_at_every_stage(comm, private_comm, stage):
+    """The count in the run's description and metrics is the model's, also after stage 3 freed the parameters."""
+    whole = sum(p.numel() for p in mlp().parameters())  # 5 * 9 + 9 + 9 * 7 + 7
+    strategy = ShardedStrategy(mlp(), private_comm, ShardedConfig(stage))
+    assert strategy.parameter_count == strategy.metrics_attrs["parameters"] == whole == 124
+    assert strategy.describe().startswith("124 parameters; ")
+
+
 def global_batch(step):
     generator = torch.Generator().manual_seed(500 + step)
     return (torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64),
