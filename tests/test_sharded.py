@@ -426,6 +426,27 @@ def test_the_strategy_counts_the_whole_models_parameters_at_every_stage(comm, pr
     assert strategy.describe().startswith("124 parameters; ")
 
 
+@pytest.mark.mpi
+def test_stage_1_counts_the_gradients_allreduce_and_the_all_gather_in_its_bytes(comm, private_comm):
+    """Stage 1's bytes sent in a step: DataParallel's (the gradients' Allreduce) plus (N-1)/N of the all-gather."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    x, y = global_batch(0)
+    parts = torch.arange(GLOBAL_BATCH).tensor_split(size)[rank]
+    dp = DataParallel(mlp(), private_comm)
+    F.cross_entropy(dp(x[parts]), y[parts]).backward()
+    torch.optim.SGD(dp.parameters(), lr=0.1).step()
+    dp_bytes = dp.stats.take().bytes_sent
+    sdp = ShardedDataParallel(mlp(), private_comm, stage=1)
+    optimizer = torch.optim.SGD(sdp.parameters(), lr=0.1)
+    F.cross_entropy(sdp(x[parts]), y[parts]).backward()
+    sdp.step(optimizer)
+    gathered = sum(nbytes for call, nbytes in sdp.take_calls() if call == "allgather")
+    sent = sdp.stats.take().bytes_sent
+    assert_all_ranks(comm, sent == pytest.approx(dp_bytes + (size - 1) / size * gathered),
+                     f"stage 1 sent {sent}, DataParallel {dp_bytes} + all-gather of {gathered}")
+    assert_all_ranks(comm, size == 1 or dp_bytes > 0, "the check is not vacuous")
+
+
 def global_batch(step):
     generator = torch.Generator().manual_seed(500 + step)
     return (torch.randn(GLOBAL_BATCH, 5, generator=generator, dtype=torch.float64),
