@@ -49,11 +49,11 @@ class ShardedStrategy:
                  device: torch.device | str = "cpu", checkpoint: Optional[Path] = None, grad_wire: str = "fp32"):
         self.model = model.to(device)
         self.comm, self.settings, self.checkpoint = comm, settings, checkpoint
+        self.parameter_count = sum(p.numel() for p in model.parameters())  # before stage 3 frees them
         self.sdp = ShardedDataParallel(self.model, comm, stage=settings.zero, bucket_cap_mb=bucket_mb,
                                        wire=wire_dtype(grad_wire))
         self.replicas, self.replica = comm.Get_size(), comm.Get_rank()
         self.wait_groups = [list(range(comm.Get_size()))]
-        self.parameter_count = sum(p.numel() for p in model.parameters())
         self.metrics_attrs = {"parameters": self.parameter_count, "zero": settings.zero}
         self.optimizer: Optional[torch.optim.Optimizer] = None
 

@@ -154,7 +154,7 @@ class ShardedDataParallel:
         self.buckets: List[_Bucket] = []
         if stage == 1:
             self.dp = DataParallel(module, comm, bucket_cap_mb=bucket_cap_mb, root=root, wire=self.wire)
-            self.dp.stats = self.stats
+            self.stats = self.dp.stats  # one account: its reducer's Allreduces (it holds this one) and the gathers
         else:
             self.grad_shards = [torch.zeros(g.shard, dtype=flat.dtype, device=device)
                                 for flat, g in zip(self.flats, self.layout.groups)]
