@@ -546,22 +546,6 @@ def mlp():
     return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 7)).double()  # 117 elements
 
 
-<<<<<<< HEAD
-class RootedMLP(nn.Module):
-    """mlp() with a root parameter (ZeRO-3's root unit) and its layers in a ModuleList (each a unit)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.layers = nn.ModuleList([nn.Linear(5, 9), nn.Linear(9, 7)])
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 9))
-
-    def forward(self, x):
-        return self.layers[1](torch.tanh(self.layers[0](x)) * self.scale)
-
-
-MODELS = {"mlp": mlp, "rooted": lambda: RootedMLP().double()}
-=======
 @pytest.mark.mpi
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_the_strategy_counts_the_whole_models_parameters_at_every_stage(comm, private_comm, stage):
@@ -591,7 +575,22 @@ def test_stage_1_counts_the_gradients_allreduce_and_the_all_gather_in_its_bytes(
     assert_all_ranks(comm, sent == pytest.approx(dp_bytes + (size - 1) / size * gathered),
                      f"stage 1 sent {sent}, DataParallel {dp_bytes} + all-gather of {gathered}")
     assert_all_ranks(comm, size == 1 or dp_bytes > 0, "the check is not vacuous")
->>>>>>> h-runs
+
+
+class RootedMLP(nn.Module):
+    """mlp() with a root parameter (ZeRO-3's root unit) and its layers in a ModuleList (each a unit)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = nn.ModuleList([nn.Linear(5, 9), nn.Linear(9, 7)])
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 9))
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)) * self.scale)
+
+
+MODELS = {"mlp": mlp, "rooted": lambda: RootedMLP().double()}
 
 
 def global_batch(step):
