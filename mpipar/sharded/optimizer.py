@@ -15,7 +15,21 @@ from mpipar.diagnostics.agree import agree_on
 from mpipar.sharded.consolidate import GRID_KEY, shard_optimizer_state
 from mpipar.sharded.layout import FlatLayout
 
-__all__ = ["ShardedUpdate", "GRID_KEY"]
+__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards"]
+
+
+def allgather_shards(flats: Sequence[torch.Tensor], comm: MPI.Intracomm, calls: List[Tuple[str, int]],
+                     stats: CommStats) -> None:
+    """All-gather every rank's shard of each padded flat buffer in place over ``comm``, noting each call
+    (``("allgather", bytes of the buffer)``) in ``calls`` and its time and ring-estimate bytes in ``stats``.
+    Collective over ``comm``: every rank, the same buffers in the same order."""
+    begin, size = time.perf_counter(), comm.Get_size()
+    for flat in flats:
+        mpi_tensor.allgather_in_place_(flat, comm)
+        nbytes = flat.numel() * flat.element_size()
+        calls.append(("allgather", nbytes))
+        stats.bytes_sent += (size - 1) / size * nbytes
+    stats.wait_time += time.perf_counter() - begin
 
 
 class ShardedUpdate:
@@ -103,13 +117,7 @@ class ShardedUpdate:
 
     def gather(self) -> None:
         """All-gather every rank's shard into the flat buffers (the model's parameters). Collective."""
-        begin = time.perf_counter()
-        for flat in self.flats:
-            mpi_tensor.allgather_in_place_(flat, self.comm)
-            nbytes = flat.numel() * flat.element_size()
-            self.calls.append(("allgather", nbytes))
-            self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
-        self.stats.wait_time += time.perf_counter() - begin
+        allgather_shards(self.flats, self.comm, self.calls, self.stats)
 
     def take_calls(self) -> List[Tuple[str, int]]:
         """The all-gathers (name, bytes of the buffer covered) since the last call; resets them."""

@@ -18,6 +18,7 @@ from mpipar.comm.wire import WireReduceScatter
 from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.sharded.layout import FlatLayout
+from mpipar.sharded.optimizer import allgather_shards
 from mpipar.sharded.units import UnitGather, assign_units
 
 __all__ = ["ShardedDataParallel", "STAGES"]
@@ -418,13 +419,7 @@ class ShardedDataParallel:
 
     def gather(self) -> None:
         """All-gather every rank's shard into the flat buffers (the model's parameters). Collective."""
-        begin = time.perf_counter()
-        for flat in self.flats:
-            mpi_tensor.allgather_in_place_(flat, self.comm)
-            nbytes = flat.numel() * flat.element_size()
-            self.calls.append(("allgather", nbytes))
-            self.stats.bytes_sent += (self.size - 1) / self.size * nbytes
-        self.stats.wait_time += time.perf_counter() - begin
+        allgather_shards(self.flats, self.comm, self.calls, self.stats)
 
     @contextmanager
     def full_parameters(self) -> Iterator[nn.Module]:
