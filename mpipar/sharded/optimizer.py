@@ -15,7 +15,24 @@ from mpipar.diagnostics.agree import agree_on
 from mpipar.sharded.consolidate import GRID_KEY, shard_optimizer_state
 from mpipar.sharded.layout import FlatLayout
 
-__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards"]
+__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards", "flatten_into"]
+
+
+def flatten_into(params: Sequence[nn.Parameter], layout: FlatLayout) -> List[torch.Tensor]:
+    """One zero-padded flat buffer per group of ``layout`` holding ``params``' values, each parameter's
+    ``.data`` made a view into it (so optimizer steps and all-gathers on the buffer are the model's). Local."""
+    device = params[0].device if params else torch.device("cpu")
+    flats: List[torch.Tensor] = []
+    with torch.no_grad():
+        for group in layout.groups:
+            flat = torch.zeros(group.padded, dtype=params[group.params[0]].dtype, device=device)
+            for index, offset in zip(group.params, group.offsets):
+                p = params[index]
+                view = flat[offset:offset + p.numel()].view_as(p)
+                view.copy_(p)
+                p.data = view
+            flats.append(flat)
+    return flats
 
 
 def allgather_shards(flats: Sequence[torch.Tensor], comm: MPI.Intracomm, calls: List[Tuple[str, int]],
@@ -69,17 +86,7 @@ class ShardedUpdate:
         self.names = [name for name, _ in trainable]
         self.params = [p for _, p in trainable]
         self.layout = FlatLayout([(name, p.numel(), str(p.dtype)) for name, p in trainable], self.size)
-        device = self.params[0].device if self.params else torch.device("cpu")
-        self.flats: List[torch.Tensor] = []
-        with torch.no_grad():
-            for group in self.layout.groups:
-                flat = torch.zeros(group.padded, dtype=self.params[group.params[0]].dtype, device=device)
-                for index, offset in zip(group.params, group.offsets):
-                    p = self.params[index]
-                    view = flat[offset:offset + p.numel()].view_as(p)
-                    view.copy_(p)
-                    p.data = view
-                self.flats.append(flat)
+        self.flats = flatten_into(self.params, self.layout)
         self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard]
                        for flat, g in zip(self.flats, self.layout.groups)]
         self.pieces = self.layout.pieces(self.rank)

@@ -18,7 +18,7 @@ from mpipar.comm.wire import WireReduceScatter
 from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.sharded.layout import FlatLayout
-from mpipar.sharded.optimizer import allgather_shards
+from mpipar.sharded.optimizer import allgather_shards, flatten_into
 from mpipar.sharded.units import UnitGather, assign_units
 
 __all__ = ["ShardedDataParallel", "STAGES"]
@@ -117,19 +117,12 @@ class ShardedDataParallel:
         self._flags = layout_signature(p.requires_grad for p in module.parameters())
         self.layout = FlatLayout([(name, p.numel(), str(p.dtype)) + ((unit_of[id(p)],) if stage == 3 else ())
                                   for name, p in named], self.size)
-        device = self.params[0].device if self.params else torch.device("cpu")
-        self.flats: List[torch.Tensor] = []
-        self._offsets: Dict[int, Tuple[int, int]] = {}  # param index -> (group, offset)
+        self.flats = flatten_into(self.params, self.layout)
+        self._offsets: Dict[int, Tuple[int, int]] = {  # param index -> (group, offset)
+            index: (g, offset) for g, group in enumerate(self.layout.groups)
+            for index, offset in zip(group.params, group.offsets)}
         with torch.no_grad():
-            for g, group in enumerate(self.layout.groups):
-                flat = torch.zeros(group.padded, dtype=self.params[group.params[0]].dtype, device=device)
-                for index, offset in zip(group.params, group.offsets):
-                    p = self.params[index]
-                    view = flat[offset:offset + p.numel()].view_as(p)
-                    view.copy_(p)
-                    p.data = view
-                    self._offsets[index] = (g, offset)
-                self.flats.append(flat)
+            for flat in self.flats:
                 mpi_tensor.bcast_(flat, comm, root)
             for tensor in [p for p in module.parameters() if not p.requires_grad] + list(module.buffers()):
                 mpi_tensor.bcast_(tensor.data, comm, root)
@@ -157,7 +150,7 @@ class ShardedDataParallel:
             self.dp = DataParallel(module, comm, bucket_cap_mb=bucket_cap_mb, root=root, wire=self.wire)
             self.stats = self.dp.stats  # one account: its reducer's Allreduces (it holds this one) and the gathers
         else:
-            self.grad_shards = [torch.zeros(g.shard, dtype=flat.dtype, device=device)
+            self.grad_shards = [torch.zeros(g.shard, dtype=flat.dtype, device=flat.device)
                                 for flat, g in zip(self.flats, self.layout.groups)]
             self.buckets = self._build_buckets(bucket_cap_mb * 2**20) if stage == 2 and self.wire is None else \
                 [_Bucket(g, 0, group.total, list(group.params)) for g, group in reversed(list(enumerate(
