@@ -320,3 +320,44 @@ def test_virtual_stages_settings_and_flags():
     args = parser.parse_args(["--schedule", "zero-bubble"])
     assert args.virtual_stages == 1 and args.schedule == "zero-bubble"
     assert parser.parse_args(["--schedule", "interleaved", "--virtual-stages", "3"]).virtual_stages == 3
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("engine", ["direct", "public"])
+def test_zero_bubble_cuts_after_trainable_layers_only_by_either_autograd_call(monkeypatch, engine):
+    """A plain Sequential stage's graph is cut after its trainable layers and its last layer (activations and the
+    frozen fc1 join the next piece); with autograd's engine called directly or through ``torch.autograd.grad``
+    (``engine``) the gradients equal the unsplit model's."""
+    from mpipar.pipeline import split_backward
+
+    if engine == "public":
+        monkeypatch.setattr(split_backward, "_ENGINE", None)
+    comm = MPI.COMM_WORLD
+    model = awkward_model()
+    reference = copy.deepcopy(model)
+    pipe = Pipeline(model, comm, Placement.even(12, comm.Get_size()), schedule="zero-bubble",
+                    microbatches=microbatches_for(comm.Get_size()), loss_fn=F.cross_entropy)
+    pieces = {}
+    recorded = pipe._recorded
+
+    class Watch(dict):  # sees each micro-batch's pieces as the forward records them
+        def __init__(self, index):
+            super().__init__()
+            self.index = index
+
+        def __setitem__(self, key, record):
+            pieces[self.index] = len(record)
+            super().__setitem__(key, record)
+
+    for index in recorded:
+        recorded[index] = Watch(index)
+    inputs, targets = random_batch(0, BATCH)
+    F.cross_entropy(reference(inputs), targets).backward()
+    result = step(pipe, inputs, targets)
+    compare(comm, pipe, model, reference, result, inputs, targets, f"zero-bubble {engine}")
+    expected = {}
+    for index, stage in pipe.stages.items():
+        layers = list(stage.module)
+        trainable = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
+        expected[index] = sum(trainable[:-1]) + 1  # every trainable layer, and the last layer
+    assert_all_ranks(comm, pieces == expected, f"pieces per micro-batch {pieces} != {expected}")

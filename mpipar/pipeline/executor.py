@@ -216,6 +216,9 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
         self._batch_spec: Optional[tuple] = None
         self._posted: Dict[Any, mpi_tensor.PendingOp] = {}  # receives posted ahead (transport.py)
         self._queued: Dict[tuple, Deque[Any]] = {}
+        self._outstanding: Dict[tuple, int] = {}
+        self._routes: Dict[tuple, tuple] = {}
+        self._routes_key: Optional[tuple] = None
 
     # -- roles ----------------------------------------------------------------------
 

@@ -58,6 +58,9 @@ class PipelineParts:
     _batch_spec: Optional[Tuple[TensorSpec, int]]  # the fill's (micro-batch spec, batch size)
     _posted: Dict[Any, mpi_tensor.PendingOp]  # receive instruction -> its receive, posted ahead
     _queued: Dict[tuple, Deque[Any]]  # stream -> its receive instructions not posted yet
+    _outstanding: Dict[tuple, int]  # stream -> its receives posted and not taken
+    _routes: Dict[tuple, tuple]  # (stream, micro-batch mod count, count) -> (source, tag, spec), for the agreed specs
+    _routes_key: Optional[tuple]  # the spec table the routes were found for
 
     if TYPE_CHECKING:
         @property

@@ -87,6 +87,9 @@ class ShapeAgreement(PipelineParts):
             self._agree_shapes(first["spec"], train)
             self._spec_tables[key] = (dict(self._input_specs), dict(self._output_specs), dict(self._skip_specs))
         self._input_specs, self._output_specs, self._skip_specs = (dict(t) for t in self._spec_tables[key])
+        if key != self._routes_key:  # the receives' shapes changed: find their routes again
+            self._routes.clear()
+            self._routes_key = key
 
     def _agree_shapes(self, input_spec: TensorSpec, train: bool) -> None:
         """Pass each stage's output shape and dtype down the pipeline (pickled metadata), with those of

@@ -1,10 +1,13 @@
 """A split backward (zero-bubble schedules): the input gradient now (``I``), the weight gradients later (``W``).
 
-A stage of such a schedule runs its layers with the graph cut after every layer (a forward hook hands the next
-layer, and any skip saved there, a detached copy of the layer's output), so each layer is a graph of its own.
-``I`` walks the layers back from the output gradient (and the gradients of the skips the stage saved), taking
-only the gradients of each layer's inputs (``torch.autograd.grad``), summed per tensor; it keeps the graphs of
-the layers with trainable parameters together with their output gradients. ``W`` back-propagates those outputs
+A stage of such a schedule runs its layers with the graph cut after layers (a forward hook hands the next layer,
+and any skip saved there, a detached copy of the layer's output), so each piece between cuts is a graph of its
+own: in a plain ``nn.Sequential`` stage the cuts follow each layer with trainable parameters and the stage's last
+layer (the layers without any, e.g. activations, join the piece of the next trainable layer: fewer autograd
+calls, the same gradients); in a :class:`~mpipar.pipeline.skip.SkipSequential` stage every layer is cut.
+``I`` walks the pieces back from the output gradient (and the gradients of the skips the stage saved), taking
+only the gradients of each piece's inputs (``torch.autograd.grad``), summed per tensor; it keeps the graphs of
+the pieces with trainable parameters together with their output gradients. ``W`` back-propagates those outputs
 into the parameters only (``inputs=``), accumulating into ``.grad`` as an unsplit backward does, and frees the
 graphs and what the stage kept of the micro-batch since its forward. Each gradient is computed once; the
 results equal the unsplit backward's up to the order of additions.
@@ -20,6 +23,7 @@ from torch import nn
 
 from mpipar.diagnostics import events
 from mpipar.pipeline.parts import PipelineParts
+from mpipar.pipeline.skip import SkipSequential
 from mpipar.pipeline.step_state import RunState
 from mpipar.pipeline_plan.instructions import BackwardInput, BackwardWeight, RecvGrad, SendGrad
 
@@ -57,6 +61,32 @@ class _Grads:
         return None if held is None else held[1]
 
 
+def _input_grads(output: torch.Tensor, inputs: List[torch.Tensor], grad: Optional[torch.Tensor],
+                 retain: bool) -> Tuple[Optional[torch.Tensor], ...]:
+    """``torch.autograd.grad(output, inputs, grad, retain_graph=retain, allow_unused=True)`` by autograd's engine
+    directly where torch has it: the public call's checks of the gradient's shape (its ``_make_grads``) cost more
+    than a small layer's backward, and a piece's output gradient comes from autograd (or the agreed message
+    shape) already; the same engine call, so the same result."""
+    if _ENGINE is None:
+        return torch.autograd.grad(output, inputs, grad, retain_graph=retain, allow_unused=True)
+    grads = (torch.ones_like(output),) if grad is None else (grad,)  # a scalar loss: d loss / d loss
+    return _ENGINE.run_backward((output,), grads, retain, False, tuple(inputs), True, False)
+
+
+def _weight_grads(outputs: List[torch.Tensor], grads: List[torch.Tensor], params: List[torch.Tensor]) -> None:
+    """``torch.autograd.backward(outputs, grads, inputs=params)`` (accumulating into ``.grad``), by the engine
+    directly where torch has it (see :func:`_input_grads`)."""
+    if _ENGINE is None:
+        torch.autograd.backward(outputs, grads, inputs=params)
+    else:
+        _ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, tuple(params), True, True)
+
+
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+if not hasattr(_ENGINE, "run_backward"):
+    _ENGINE = None
+
+
 class SplitBackward(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s handlers of :class:`BackwardInput` and
     :class:`BackwardWeight` (compute on this rank; their messages are the schedule's ``RecvGrad`` / ``SendGrad``
@@ -65,10 +95,16 @@ class SplitBackward(PipelineParts):
     _recording: Optional[List[_Layer]]  # the layers of the training forward running on this rank
     _recorded: Dict[int, Dict[int, List[_Layer]]]  # stage -> id(stage input) -> its layers, from F to I
     _weight_work: Dict[int, Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]]]  # stage -> micro-batch -> (o, g)
+    _trainable_layers: Dict[int, bool]  # id(layer) -> it has trainable parameters (found once per step)
+    _piece_start: Optional[torch.Tensor]  # where the piece being recorded begins (the last cut's output)
+    _merging: bool  # the stage being recorded cuts only after trainable layers and its last layer
+    _last_layer: Optional[nn.Module]
 
     def _install_split_backward(self) -> None:
         """Cut every local stage's graph after each layer in training forwards (hooks on the stage's layers)."""
         self._recording, self._recorded, self._weight_work = None, {}, {}
+        self._trainable_layers, self._piece_start, self._merging, self._last_layer = {}, None, False, None
+        self._input_versions: Dict[int, List[int]] = {}  # id(layer) -> its inputs' versions as its forward began
         hooked = set()
         for index, stage in self.stages.items():
             self._recorded[index], self._weight_work[index] = {}, {}
@@ -83,12 +119,17 @@ class SplitBackward(PipelineParts):
     def _reset_split_backward(self) -> None:
         """Forget what a previous (possibly failed) step left."""
         self._recording = None
+        self._trainable_layers = {id(layer): _trainable(layer) for stage in self.stages.values()
+                                  for layer in stage.module}
         for index in self._recorded:
             self._recorded[index].clear()
             self._weight_work[index].clear()
 
     def _begin_record(self, module, args) -> None:
         self._recording = [] if torch.is_grad_enabled() else None
+        self._piece_start = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self._merging = not isinstance(module, SkipSequential)
+        self._last_layer = module[-1] if len(module) else None
 
     def _end_record(self, index: int):
         def end(module, args, output):
@@ -98,9 +139,8 @@ class SplitBackward(PipelineParts):
                 self._recorded[index][id(args[0])] = record
         return end
 
-    @staticmethod
-    def _note_versions(layer, args):
-        layer._mpipar_versions = [a._version for a in args if isinstance(a, torch.Tensor)]
+    def _note_versions(self, layer, args):
+        self._input_versions[id(layer)] = [a._version for a in args if isinstance(a, torch.Tensor)]
 
     def _cut(self, number: int):
         def cut(layer, args, output):
@@ -108,15 +148,26 @@ class SplitBackward(PipelineParts):
             if record is None:
                 return None
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            if [a._version for a in tensors] != layer._mpipar_versions:
+            if [a._version for a in tensors] != self._input_versions.get(id(layer)):
                 raise RuntimeError(f"layer {number} ({type(layer).__name__}) changes its input in place, which a "
                                    f"split backward (zero-bubble: the graph cut after every layer) cannot "
                                    f"differentiate; use its out-of-place form (e.g. nn.ReLU() for "
                                    f"nn.ReLU(inplace=True))")
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
+            trainable = self._trainable_layers.get(id(layer))
+            if trainable is None:
+                trainable = _trainable(layer)
+            if self._merging:
+                if not trainable and layer is not self._last_layer:
+                    return None  # joins the piece of the next layer that is cut
+                start = self._piece_start
+                inputs = [start] if isinstance(start, torch.Tensor) and start.requires_grad else []
+            else:
+                inputs = [a for a in tensors if a.requires_grad]
             detached = output.detach().requires_grad_()
-            record.append(_Layer([a for a in tensors if a.requires_grad], output, detached, _trainable(layer)))
+            record.append(_Layer(inputs, output, detached, trainable))
+            self._piece_start = detached
             return detached
         return cut
 
@@ -134,7 +185,7 @@ class SplitBackward(PipelineParts):
         grads = _Grads()
         if stage.is_last:  # ``top`` is the scaled loss; its graph starts at the last layer's detached output
             if layers and top.requires_grad:
-                grads.add(layers[-1].detached, torch.autograd.grad(top, layers[-1].detached, allow_unused=True)[0])
+                grads.add(layers[-1].detached, _input_grads(top, [layers[-1].detached], None, False)[0])
         else:
             grads.add(top, grad_output)
         for name, tensor in saved.items():
@@ -148,8 +199,7 @@ class SplitBackward(PipelineParts):
             if layer.trainable:
                 kept.append((layer.output, grad))
             if layer.inputs:
-                inputs = torch.autograd.grad(layer.output, layer.inputs, grad, retain_graph=layer.trainable,
-                                             allow_unused=True)
+                inputs = _input_grads(layer.output, layer.inputs, grad, layer.trainable)
                 for tensor, input_grad in zip(layer.inputs, inputs):
                     grads.add(tensor, input_grad)
         self._weight_work[index][i] = kept
@@ -175,7 +225,7 @@ class SplitBackward(PipelineParts):
         begin = time.perf_counter()
         params = [p for p in stage.module.parameters() if p.requires_grad]
         if kept and params:
-            torch.autograd.backward([out for out, _ in kept], [grad for _, grad in kept], inputs=params)
+            _weight_grads([out for out, _ in kept], [grad for _, grad in kept], params)
         stage._stash.pop(i)
         end = time.perf_counter()
         stage.backward_busy += end - begin

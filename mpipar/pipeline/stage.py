@@ -69,6 +69,7 @@ class Stage:
         self.module = module
         self.start = start
         self._device = None if device is None else torch.device(device)
+        self._found_device: Optional[torch.device] = None  # where the layers are, found once per step (reset)
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
         self.uses_skips = isinstance(module, SkipSequential)
@@ -105,7 +106,11 @@ class Stage:
 
     @property
     def device(self) -> torch.device:
-        return self._device if self._device is not None else module_device(self.module)
+        if self._device is not None:
+            return self._device
+        if self._found_device is None:  # looked up once per step: each receive buffer asks
+            self._found_device = module_device(self.module)
+        return self._found_device
 
     def output_spec(self, input_spec: TensorSpec, skip_specs: Optional[Dict[str, TensorSpec]] = None
                     ) -> Tuple[TensorSpec, Dict[str, TensorSpec]]:
@@ -133,6 +138,7 @@ class Stage:
     def reset(self) -> None:
         """Forget what a previous (possibly failed) step left behind."""
         self._stash.clear()
+        self._found_device = None  # the layers may have moved between steps
         self._replays.clear()
         self.outputs.clear()
         self.losses.clear()

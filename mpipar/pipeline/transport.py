@@ -12,7 +12,7 @@ import torch
 from mpi4py import MPI
 
 from mpipar.comm import mpi_tensor
-from mpipar.diagnostics import events
+from mpipar.diagnostics import debug, events
 from mpipar.pipeline.parts import PipelineParts
 from mpipar.pipeline.stage import TensorSpec
 from mpipar.pipeline.step_state import RunState
@@ -67,63 +67,88 @@ class Transport(PipelineParts):
         """The stream a receive belongs to: one kind of message from one peer into one stage (or skip)."""
         return type(instruction), instruction.stage, getattr(instruction, "skip", None)
 
-    def _receive_spec(self, instruction: Instruction, count: int) -> Tuple[int, int, TensorSpec, str]:
-        """Source, tag (micro-batches numbered modulo ``count``), agreed shape and dtype, and a description
-        of the message a receive takes."""
+    def _receive_spec(self, instruction: Instruction, count: int) -> Tuple[int, int, TensorSpec]:
+        """Source, tag (micro-batches numbered modulo ``count``) and agreed shape and dtype of the message a
+        receive takes; found once per spec table (:attr:`_routes`)."""
+        key = (self._stream(instruction), instruction.microbatch % count, count)
+        route = self._routes.get(key)
+        if route is None:
+            if isinstance(instruction, SkipInstruction):
+                source, tag = self._skip_peer_and_tag(instruction, count)
+                spec = self._skip_specs[self.stage_skips[instruction.skip].name]
+            else:
+                source, tag = self._peer_and_tag(instruction, count)
+                spec = (self._output_specs if isinstance(instruction, RecvGrad) else self._input_specs)[
+                    instruction.stage]
+                assert spec is not None  # agreed before the first receive (a failed agreement raised on every rank)
+            route = self._routes[key] = (source, tag, spec)
+        return route
+
+    def _describe(self, instruction: Instruction) -> str:
+        """The message a receive takes, in words (for a watchdog's or debug mode's report)."""
         if isinstance(instruction, SkipInstruction):
-            name, grad = self.stage_skips[instruction.skip].name, isinstance(instruction, RecvSkipGrad)
-            source, tag = self._skip_peer_and_tag(instruction, count)
-            return source, tag, self._skip_specs[name], (
-                f"{'gradient of ' if grad else ''}skip {name!r} of micro-batch {instruction.microbatch} "
-                f"for stage {instruction.stage}")
-        grad = isinstance(instruction, RecvGrad)
-        source, tag = self._peer_and_tag(instruction, count)
-        spec = (self._output_specs if grad else self._input_specs)[instruction.stage]
-        assert spec is not None  # agreed before the first receive (a failed agreement raised on every rank)
-        return source, tag, spec, (f"{'gradient' if grad else 'activation'} of micro-batch "
-                                   f"{instruction.microbatch} for stage {instruction.stage}")
+            grad = isinstance(instruction, RecvSkipGrad)
+            return (f"{'gradient of ' if grad else ''}skip {self.stage_skips[instruction.skip].name!r} of "
+                    f"micro-batch {instruction.microbatch} for stage {instruction.stage}")
+        return (f"{'gradient' if isinstance(instruction, RecvGrad) else 'activation'} of micro-batch "
+                f"{instruction.microbatch} for stage {instruction.stage}")
 
     def _post_receive(self, instruction: Instruction, run: RunState) -> mpi_tensor.PendingOp:
-        source, tag, spec, detail = self._receive_spec(instruction, run.tag_count or run.microbatches)
-        op = mpi_tensor.irecv_(spec.empty(self.stages[instruction.stage].device), self.comm, source, tag,
-                               detail=detail)
-        self._posted[instruction] = op
-        return op
+        source, tag, spec = self._receive_spec(instruction, run.tag_count or run.microbatches)
+        detail = self._describe(instruction) if debug.hooks is not None else ""
+        return mpi_tensor.irecv_(spec.empty(self.stages[instruction.stage].device), self.comm, source, tag,
+                                 detail=detail)
 
     def _post_receives(self, program: Sequence[Instruction], run: RunState) -> None:
         """Before running ``program`` (its micro-batches numbered as it runs them): post the first
-        :attr:`receives_ahead` receives of each stream, into buffers of the agreed shapes; the next of a
-        stream is posted when one completes (:meth:`_take_received`), so each stream keeps that many
-        outstanding. Receives from one peer with one tag are posted in the order its sends are (the
-        program's), so MPI's non-overtaking rule matches them; a receive never blocks a rank, so posting
-        early cannot deadlock a program that cannot deadlock with blocking receives. Local."""
+        :attr:`receives_ahead` receives of each stream, into buffers of the agreed shapes. A stream is topped
+        up again (:meth:`_top_up`) whenever the rank is about to wait for a message that has not arrived (it is
+        idle then), and a receive not posted by then is posted when the program reaches it, so posting
+        costs the critical path nothing where messages are early. Receives from one peer with one tag are
+        posted in the order its sends are (the program's), so MPI's non-overtaking rule matches them; a
+        receive never blocks a rank, so posting early cannot deadlock a program that cannot deadlock with
+        blocking receives. Local."""
         for op in self._posted.values():  # a failed step's
             op.cancel()
         self._posted.clear()
         self._queued.clear()
+        self._outstanding.clear()
         if self.receives_ahead < 1:
             return
         for instruction in program:
             if isinstance(instruction, (RecvActivation, RecvGrad, RecvSkip, RecvSkipGrad)):
                 self._queued.setdefault(self._stream(instruction), deque()).append(instruction)
-        for queue in self._queued.values():
-            for _ in range(min(self.receives_ahead, len(queue))):
-                self._post_receive(queue.popleft(), run)
+        self._top_up(run)
+
+    def _top_up(self, run: RunState) -> None:
+        """Post the next receives of every stream until each has :attr:`receives_ahead` outstanding. Local."""
+        for stream, queue in self._queued.items():
+            outstanding = self._outstanding.get(stream, 0)
+            while queue and outstanding < self.receives_ahead:
+                instruction = queue.popleft()
+                self._posted[instruction] = self._post_receive(instruction, run)
+                outstanding += 1
+            self._outstanding[stream] = outstanding
 
     def _take_received(self, instruction: Instruction, run: RunState, event: str) -> torch.Tensor:
         """Wait for the receive of ``instruction`` (posted ahead, or now), politely (polling, then
-        napping: :func:`~mpipar.comm.mpi_tensor.wait_any`); post the next of its stream. Local."""
-        op = self._posted.get(instruction) or self._post_receive(instruction, run)
+        napping: :func:`~mpipar.comm.mpi_tensor.wait_any`); before a wait, top the streams up. Local."""
+        stream = self._stream(instruction)
+        op = self._posted.pop(instruction, None)
+        if op is None:  # not posted yet: the head of its stream's queue
+            queue = self._queued.get(stream)
+            if queue and queue[0] == instruction:
+                queue.popleft()
+            op = self._post_receive(instruction, run)
+        else:
+            self._outstanding[stream] -= 1
         recorder = events.active()
-        begin = time.perf_counter() if recorder is not None else 0.0
-        with run.clock.communicating():
-            arrived = op.test()  # a message here already costs a copy at most: communication
+        begin = time.perf_counter()
+        arrived = op.test()  # a message here already costs a copy at most: communication
+        run.clock.comm += time.perf_counter() - begin
         if not arrived:
+            self._top_up(run)  # idle until the message comes: post what the streams are owed meanwhile
             op.wait()  # waiting for the peer: idle time
-        del self._posted[instruction]
-        queue = self._queued.get(self._stream(instruction))
-        if queue:
-            self._post_receive(queue.popleft(), run)
         if recorder is not None:
             source, buffer = self._receive_spec(instruction, run.tag_count or run.microbatches)[0], op.tensor
             recorder.add(event, begin, time.perf_counter(), nbytes=buffer.numel() * buffer.element_size(),
@@ -151,9 +176,9 @@ class Transport(PipelineParts):
         """Post a non-blocking send (its completion: :meth:`_wait_sends`); in a sampled step remember
         its event. Returns its bytes."""
         size = tensor.numel() * tensor.element_size()
-        with run.clock.communicating():
-            posted = time.perf_counter()
-            op = mpi_tensor.isend(tensor, self.comm, dest, tag)
+        posted = time.perf_counter()
+        op = mpi_tensor.isend(tensor, self.comm, dest, tag)
+        run.clock.comm += time.perf_counter() - posted
         run.sends.append(op)
         recorder = events.active()
         if recorder is not None:
