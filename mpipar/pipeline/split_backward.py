@@ -16,7 +16,7 @@ results equal the unsplit backward's up to the order of additions.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -73,7 +73,8 @@ def _input_grads(output: torch.Tensor, inputs: List[torch.Tensor], grad: Optiona
     return _ENGINE.run_backward((output,), grads, retain, False, tuple(inputs), True, False)
 
 
-def _weight_grads(outputs: List[torch.Tensor], grads: List[torch.Tensor], params: List[torch.Tensor]) -> None:
+def _weight_grads(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  params: Sequence[torch.Tensor]) -> None:
     """``torch.autograd.backward(outputs, grads, inputs=params)`` (accumulating into ``.grad``), by the engine
     directly where torch has it (see :func:`_input_grads`)."""
     if _ENGINE is None:

@@ -78,9 +78,10 @@ class Transport(PipelineParts):
                 spec = self._skip_specs[self.stage_skips[instruction.skip].name]
             else:
                 source, tag = self._peer_and_tag(instruction, count)
-                spec = (self._output_specs if isinstance(instruction, RecvGrad) else self._input_specs)[
+                agreed = (self._output_specs if isinstance(instruction, RecvGrad) else self._input_specs)[
                     instruction.stage]
-                assert spec is not None  # agreed before the first receive (a failed agreement raised on every rank)
+                assert agreed is not None  # agreed before the first receive (a failed one raised on every rank)
+                spec = agreed
             route = self._routes[key] = (source, tag, spec)
         return route
 
