@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.pipeline_plan.placement import Segment
 from mpipar.pipeline_plan.schedule import Schedule
 
@@ -15,7 +16,9 @@ __all__ = ["MPIPAR", "TORCH", "COUNTERPARTS", "LAYOUTS", "chunk_ranks", "segment
 
 LAYOUTS = ("stages", "looped", "v")  # one chunk per rank; V chunks per rank, chunk c on rank c % p; torch's V shape
 
-# mpipar's flushing schedules and the layout each runs on; a new one (e.g. a ZB-V "zbv" on the "v" layout) is a row
+# mpipar's flushing schedules and the layout each runs on. A new one is a row here (and its torch counterparts a
+# row of COUNTERPARTS), e.g. ZB-V: "zbv": "v" and "zbv": ("zbv", "dualpipev"); bench_pipeline places chunks with
+# Placement.chunked where mpipar has it, which keeps the V's two adjacent chunks on rank p-1 two stages
 MPIPAR: Dict[str, str] = {"gpipe": "stages", "1f1b": "stages", "interleaved": "looped", "zero-bubble": "stages"}
 
 # torch.distributed.pipelining's schedules: (class name, layout); those whose class is missing from the installed
@@ -79,11 +82,10 @@ def layer_ranks(chunks: Sequence[Segment]) -> Tuple[int, ...]:
 def mpipar_schedule(name: str, size: int, virtual_stages: int, microbatches: int) -> Union[Schedule, str]:
     """mpipar's ``name`` on its layout over ``size`` ranks, or why it cannot run (e.g. interleaved needs whole
     groups of ``size`` micro-batches)."""
-    layout = MPIPAR[name]
-    ranks = chunk_ranks(layout, size, virtual_stages)
+    ranks = chunk_ranks(MPIPAR[name], size, virtual_stages)
     try:
         return Schedule(name, len(ranks), microbatches,
-                        virtual_stages=len(ranks) // size if layout == "looped" else 1)
+                        virtual_stages=len(ranks) // size if schedule_kind(name).virtual else 1)
     except ValueError as error:
         return str(error)
 

@@ -22,8 +22,8 @@ The same model and micro-batches run on p = ranks (any p >= 2) as:
 * each split (``--splits``): ``even`` (the chunks by layer count), ``auto`` (by mpipar's profiling
   partitioner), ``fine`` (resnet-small only: the same network as ``resnet-small-fine``, 30 layers with
   skip connections across the cuts, split by the partitioner). torch's single-stage schedules (GPipe,
-  1F1B) carry a skip that crosses cuts as extra outputs and inputs of the stages in between; its
-  schedules of several chunks per rank are left out where a skip crosses chunks.
+  1F1B) carry a skip that crosses cuts as extra outputs and inputs of the stages in between; its other
+  schedules (they fail at run time with the extra tensors) are left out where a skip crosses chunks.
 
 ``--schedule S`` runs mpipar's S against its torch counterparts (1f1b: 1F1B; interleaved:
 Interleaved1F1B; zero-bubble: InterleavedZeroBubble and ZBVZeroBubble) on every split (default even
@@ -148,6 +148,15 @@ def _torch_runner(model, chunks, schedule_class, microbatches: int, sample, rank
     return run_torch
 
 
+def _placement(chunks) -> Placement:
+    """mpipar's placement of ``chunks``: each a stage where mpipar has ``Placement.chunked`` (ZB-V's two adjacent
+    chunks on one rank too), else the ranks of the layers (adjacent chunks of one rank merge into one stage)."""
+    chunked = getattr(Placement, "chunked", None)
+    if chunked is not None:
+        return chunked([chunk.stop - chunk.start for chunk in chunks], [chunk.rank for chunk in chunks])
+    return Placement(layer_ranks(chunks))
+
+
 def single_process_step(model, optimizer, images, labels, microbatches) -> None:
     optimizer.zero_grad()
     for chunk, target in zip(images.chunk(microbatches), labels.chunk(microbatches)):
@@ -249,7 +258,7 @@ def main() -> None:
             labels[label] = [label] if len(aheads) == 1 else [f"{label}/ahead{k}" for k in aheads]
             for variant, ahead in zip(labels[label], aheads):
                 try:  # a refusal is raised on every rank alike (the Pipeline's contract)
-                    pipe = Pipeline(copy.deepcopy(split_models[split]), comm, Placement(layer_ranks(chunks)),
+                    pipe = Pipeline(copy.deepcopy(split_models[split]), comm, _placement(chunks),
                                     schedule=name, microbatches=args.microbatches, loss_fn=F.cross_entropy,
                                     receives_ahead=ahead)
                 except (ValueError, TypeError) as error:
