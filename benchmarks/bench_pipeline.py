@@ -49,6 +49,7 @@ import inspect
 import os
 import statistics
 import time
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -165,14 +166,20 @@ def single_process_step(model, optimizer, images, labels, microbatches) -> None:
 
 
 def _cores(comm) -> str:
-    """Nodes, ranks and cores, and whether the ranks of a node outnumber its cores."""
+    """Nodes, machines and cores, and whether the ranks of a machine outnumber its cores (emulated nodes are
+    namespaces of one machine: one boot id)."""
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     nodes = comm.allreduce(int(node.Get_rank() == 0))
-    crowded = comm.allreduce(int(node.Get_size() > (os.cpu_count() or 1)))
     node.Free()
-    return (f"{comm.Get_size()} ranks on {nodes} node(s) of {os.cpu_count()} cores"
-            + (": OVERSUBSCRIBED (more ranks than cores on a node)" if crowded else "")
-            + (" (emulated nodes share one machine's cores)" if nodes > 1 else ""))
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            machine = file.read().strip()
+    except OSError:
+        machine = MPI.Get_processor_name()
+    machines = Counter(comm.allgather(machine))
+    crowded = any(count > (os.cpu_count() or 1) for count in machines.values())
+    return (f"{comm.Get_size()} ranks on {nodes} node(s), {len(machines)} machine(s) of {os.cpu_count()} cores"
+            + (": OVERSUBSCRIBED (more ranks than cores on a machine)" if crowded else ""))
 
 
 def main() -> None:
