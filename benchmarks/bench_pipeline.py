@@ -252,7 +252,7 @@ def main() -> None:
     runners = {"one process": run_serial}
     skipped = {}  # variant -> why it does not run
     aheads = [int(k) for k in args.receives_ahead.split(",")]
-    labels = {}  # "name split" -> its variants, one per receives-ahead value
+    by_ahead = {}  # "name split" -> its variants, one per receives-ahead value
     bubbles, bounds, ideals = {}, {}, {}  # mpipar variant -> per step / its schedule's ideal
     for name in mpipar_names:
         plan = mpipar_schedule(name, size, args.virtual_stages, args.microbatches)
@@ -262,8 +262,8 @@ def main() -> None:
             if isinstance(chunks, str):
                 skipped[f"mpipar {label}"] = chunks
                 continue
-            labels[label] = [label] if len(aheads) == 1 else [f"{label}/ahead{k}" for k in aheads]
-            for variant, ahead in zip(labels[label], aheads):
+            by_ahead[label] = [label] if len(aheads) == 1 else [f"{label}/ahead{k}" for k in aheads]
+            for variant, ahead in zip(by_ahead[label], aheads):
                 try:  # a refusal is raised on every rank alike (the Pipeline's contract)
                     pipe = Pipeline(copy.deepcopy(split_models[split]), comm, _placement(chunks),
                                     schedule=name, microbatches=args.microbatches, loss_fn=F.cross_entropy,
@@ -308,18 +308,18 @@ def main() -> None:
             run(*batches[0])  # warm-up
             sleeping_barrier(comm)
             start = time.perf_counter()
-            for images, labels_ in batches[1:]:
-                run(images, labels_)
+            for images, targets in batches[1:]:
+                run(images, targets)
             sleeping_barrier(comm)
             seconds[name].append((time.perf_counter() - start) / args.steps)
 
     if rank == 0:
-        report(args, base, hardware, splits, balances, skipped, seconds, labels, bubbles, bounds, ideals)
+        report(args, base, hardware, splits, balances, skipped, seconds, by_ahead, bubbles, bounds, ideals)
     if torch_names:
         dist.destroy_process_group()
 
 
-def report(args, base, hardware, splits, balances, skipped, seconds, labels, bubbles, bounds, ideals) -> None:
+def report(args, base, hardware, splits, balances, skipped, seconds, by_ahead, bubbles, bounds, ideals) -> None:
     """Rank 0's tables: times and bubbles per variant, the paired ratios, best against best."""
     params = sum(p.numel() for p in base.parameters())
     micro = args.batch_size // args.microbatches
@@ -352,12 +352,12 @@ def report(args, base, hardware, splits, balances, skipped, seconds, labels, bub
     print("paired per-round time ratios (median, range):")
     pairs = []
     for name in MPIPAR:
-        present = [split for split in splits if f"{name} {split}" in labels]
-        pairs += [(f"mpipar {labels[f'{name} {a}'][-1]}", f"mpipar {labels[f'{name} {b}'][-1]}")
+        present = [split for split in splits if f"{name} {split}" in by_ahead]
+        pairs += [(f"mpipar {by_ahead[f'{name} {a}'][-1]}", f"mpipar {by_ahead[f'{name} {b}'][-1]}")
                   for index, a in enumerate(present) for b in present[index + 1:]]
-        pairs += [(f"torch {other} {split}", f"mpipar {labels[f'{name} {split}'][-1]}")
+        pairs += [(f"torch {other} {split}", f"mpipar {by_ahead[f'{name} {split}'][-1]}")
                   for split in present for other in COUNTERPARTS[name]]
-    pairs += [(f"mpipar {names[0]}", f"mpipar {other}") for names in labels.values() for other in names[1:]]
+    pairs += [(f"mpipar {names[0]}", f"mpipar {other}") for names in by_ahead.values() for other in names[1:]]
     for slow, fast in pairs:
         if slow in seconds and fast in seconds:
             print(f"  {slow} / {fast}: {paired(seconds[slow], seconds[fast]).text(f'{fast} faster', f'{slow} faster')}")
@@ -365,7 +365,7 @@ def report(args, base, hardware, splits, balances, skipped, seconds, labels, bub
         measured = statistics.median(bubbles[variant])
         print(f"  mpipar {variant}: measured bubble / ideal = {measured / ideals[variant]:.2f}" if ideals[variant]
               else f"  mpipar {variant}: measured bubble {measured:.3f}, ideal 0")
-    for names in labels.values():
+    for names in by_ahead.values():
         for other in [other for other in names[1:] if names[0] in bubbles and other in bubbles]:
             gaps = sorted((b0 - c0) - (b1 - c1) for b0, c0, b1, c1 in zip(
                 bubbles[names[0]], bounds[names[0]], bubbles[other], bounds[other]))  # step by step
