@@ -361,3 +361,29 @@ def test_zero_bubble_cuts_after_trainable_layers_only_by_either_autograd_call(mo
         trainable = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
         expected[index] = sum(trainable[:-1]) + 1  # every trainable layer, and the last layer
     assert_all_ranks(comm, pieces == expected, f"pieces per micro-batch {pieces} != {expected}")
+
+
+def test_zero_bubble_cuts_a_skip_model_where_a_skip_is_kept_and_after_trainable_layers():
+    """On one rank, ``skip_model``'s 14 layers make 7 pieces: after fc0 (saved as "a"), act0 (its output saved as
+    "b": cut though it has no parameters), fc1 (saved as "c"), fc2, add_b (its shortcut is trainable), fc3 and fc4
+    (the last); add_c and cat_a join the next piece with their skips as its inputs. Gradients equal the plain
+    network's (float64)."""
+    model = skip_model()
+    reference, forward = plain_reference(model)
+    pipe = Pipeline(model, MPI.COMM_SELF, [0] * len(model), schedule="zero-bubble", microbatches=2,
+                    loss_fn=F.cross_entropy)
+    pieces = []
+    recorded = pipe._recorded
+
+    class Watch(dict):
+        def __setitem__(self, key, record):
+            pieces.append(len(record))
+            super().__setitem__(key, record)
+
+    recorded[0] = Watch()
+    inputs, targets = random_batch(0, BATCH)
+    F.cross_entropy(forward(inputs), targets).backward()
+    pipe.step(inputs, targets)
+    assert pieces == [7, 7]
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, r.grad, **TOL), name

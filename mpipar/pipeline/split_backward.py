@@ -2,9 +2,10 @@
 
 A stage of such a schedule runs its layers with the graph cut after layers (a forward hook hands the next layer,
 and any skip saved there, a detached copy of the layer's output), so each piece between cuts is a graph of its
-own: in a plain ``nn.Sequential`` stage the cuts follow each layer with trainable parameters and the stage's last
-layer (the layers without any, e.g. activations, join the piece of the next trainable layer: fewer autograd
-calls, the same gradients); in a :class:`~mpipar.pipeline.skip.SkipSequential` stage every layer is cut.
+own: the cuts follow each layer with trainable parameters, the stage's last layer and each layer whose output a
+``SaveSkip`` keeps (the layers without trainable parameters, e.g. activations or a residual addition, join the
+piece of the next layer cut, with the skips they use as inputs of that piece: fewer autograd calls, the same
+gradients).
 ``I`` walks the pieces back from the output gradient (and the gradients of the skips the stage saved), taking
 only the gradients of each piece's inputs (``torch.autograd.grad``), summed per tensor; it keeps the graphs of
 the pieces with trainable parameters together with their output gradients. ``W`` back-propagates those outputs
@@ -16,14 +17,14 @@ results equal the unsplit backward's up to the order of additions.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from mpipar.diagnostics import events
 from mpipar.pipeline.parts import PipelineParts
-from mpipar.pipeline.skip import SkipSequential
+from mpipar.pipeline.skip import SaveSkip
 from mpipar.pipeline.step_state import RunState
 from mpipar.pipeline_plan.instructions import BackwardInput, BackwardWeight, RecvGrad, SendGrad
 
@@ -88,6 +89,19 @@ if not hasattr(_ENGINE, "run_backward"):
     _ENGINE = None
 
 
+def _forced_cuts(module: nn.Sequential) -> Set[int]:
+    """The layers of a stage cut whether or not they have trainable parameters: the last, and each layer whose
+    output a ``SaveSkip`` keeps (so every skip is a piece's output or the stage's input). Pure."""
+    layers = list(module)
+    forced = {id(layers[-1])} if layers else set()
+    for position, layer in enumerate(layers):
+        if isinstance(layer, SaveSkip):
+            before = [other for other in layers[:position] if not isinstance(other, SaveSkip)]
+            if before:
+                forced.add(id(before[-1]))
+    return forced
+
+
 class SplitBackward(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s handlers of :class:`BackwardInput` and
     :class:`BackwardWeight` (compute on this rank; their messages are the schedule's ``RecvGrad`` / ``SendGrad``
@@ -97,19 +111,21 @@ class SplitBackward(PipelineParts):
     _recorded: Dict[int, Dict[int, List[_Layer]]]  # stage -> id(stage input) -> its layers, from F to I
     _weight_work: Dict[int, Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]]]  # stage -> micro-batch -> (o, g)
     _trainable_layers: Dict[int, bool]  # id(layer) -> it has trainable parameters (found once per step)
-    _piece_start: Optional[torch.Tensor]  # where the piece being recorded begins (the last cut's output)
-    _merging: bool  # the stage being recorded cuts only after trainable layers and its last layer
-    _last_layer: Optional[nn.Module]
+    _piece_inputs: List[torch.Tensor]  # what the piece being recorded takes: the last cut's output, skips used
+    _must_cut: Dict[int, Set[int]]  # stage -> id of layers cut whatever they are (the last; before a SaveSkip)
 
     def _install_split_backward(self) -> None:
-        """Cut every local stage's graph after each layer in training forwards (hooks on the stage's layers)."""
+        """Cut every local stage's graph in training forwards (hooks on the stage's layers): after each layer with
+        trainable parameters, the stage's last layer, and a layer whose output a ``SaveSkip`` keeps."""
         self._recording, self._recorded, self._weight_work = None, {}, {}
-        self._trainable_layers, self._piece_start, self._merging, self._last_layer = {}, None, False, None
+        self._trainable_layers, self._piece_inputs, self._must_cut = {}, [], {}
         self._input_versions: Dict[int, List[int]] = {}  # id(layer) -> its inputs' versions as its forward began
+        self._cutting: Set[int] = set()  # the stage being recorded's _must_cut
         hooked = set()
         for index, stage in self.stages.items():
             self._recorded[index], self._weight_work[index] = {}, {}
-            stage.module.register_forward_pre_hook(self._begin_record)
+            self._must_cut[index] = _forced_cuts(stage.module)
+            stage.module.register_forward_pre_hook(self._begin_record(index))
             stage.module.register_forward_hook(self._end_record(index))
             for position, layer in enumerate(stage.module):
                 if id(layer) not in hooked:  # a layer placed twice is cut once per call
@@ -126,11 +142,12 @@ class SplitBackward(PipelineParts):
             self._recorded[index].clear()
             self._weight_work[index].clear()
 
-    def _begin_record(self, module, args) -> None:
-        self._recording = [] if torch.is_grad_enabled() else None
-        self._piece_start = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        self._merging = not isinstance(module, SkipSequential)
-        self._last_layer = module[-1] if len(module) else None
+    def _begin_record(self, index: int):
+        def begin(module, args) -> None:
+            self._recording = [] if torch.is_grad_enabled() else None
+            self._piece_inputs = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+            self._cutting = self._must_cut[index]
+        return begin
 
     def _end_record(self, index: int):
         def end(module, args, output):
@@ -154,21 +171,23 @@ class SplitBackward(PipelineParts):
                                    f"split backward (zero-bubble: the graph cut after every layer) cannot "
                                    f"differentiate; use its out-of-place form (e.g. nn.ReLU() for "
                                    f"nn.ReLU(inplace=True))")
+            if len(tensors) > 1:  # a skip used (the first argument is the running activation)
+                self._piece_inputs.extend(tensors[1:])
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
             trainable = self._trainable_layers.get(id(layer))
             if trainable is None:
                 trainable = _trainable(layer)
-            if self._merging:
-                if not trainable and layer is not self._last_layer:
-                    return None  # joins the piece of the next layer that is cut
-                start = self._piece_start
-                inputs = [start] if isinstance(start, torch.Tensor) and start.requires_grad else []
-            else:
-                inputs = [a for a in tensors if a.requires_grad]
+            if not trainable and id(layer) not in self._cutting:
+                return None  # joins the piece of the next layer that is cut
+            inputs, seen = [], set()
+            for tensor in self._piece_inputs:
+                if tensor.requires_grad and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    inputs.append(tensor)
             detached = output.detach().requires_grad_()
             record.append(_Layer(inputs, output, detached, trainable))
-            self._piece_start = detached
+            self._piece_inputs = [detached]
             return detached
         return cut
 
