@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
-from mpipar.pipeline_plan.placement import Placement
 from mpipar.pipeline_plan.instructions import (
     Backward,
     Forward,
@@ -15,6 +14,7 @@ from mpipar.pipeline_plan.instructions import (
     SendGrad,
     Update,
 )
+from mpipar.pipeline_plan.placement import Placement
 
 if TYPE_CHECKING:
     from mpipar.pipeline_plan.schedule import Schedule
