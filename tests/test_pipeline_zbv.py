@@ -159,7 +159,8 @@ def test_zbv_settings_place_a_v():
     from mpipar.pipeline.strategy import choose_placement
 
     config = PipelineConfig(schedule="zbv", stages=2, microbatches=3)
-    assert config.virtual_stages == 2 and config.to_dict()["virtual_stages"] == 2
+    assert config.chunks_per_rank == 2 and config.virtual_stages == 1 == PipelineConfig(schedule="1f1b").chunks_per_rank
+    assert PipelineConfig(schedule="zbv", virtual_stages=2).chunks_per_rank == 2
     placement, _ = choose_placement(awkward_model(), config, MPI.COMM_SELF, None, print)
     assert placement == Placement.v_shape(12, 2) and placement.stage_ranks == (0, 1, 1, 0)
     given = PipelineConfig(schedule="zbv", stages=2, microbatches=3, balance=(2, 4, 4, 2))

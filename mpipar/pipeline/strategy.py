@@ -67,7 +67,8 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
     """
     if config.placement is not None:
         return Placement(config.placement), None
-    chunks, v = config.stages * config.virtual_stages, config.virtual_stages  # virtual stages: chunk c on c % stages
+    v = config.chunks_per_rank  # virtual stages: chunk c on c % stages; zbv: 2 in a V
+    chunks = config.stages * v
     kind = schedule_kind(config.schedule)  # places the chunks (zbv: a V)
     if config.balance == "even":
         return kind.placement(even_balance(len(model), chunks), config.stages), None
