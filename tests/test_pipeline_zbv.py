@@ -19,7 +19,7 @@ from test_pipeline_skips import plain_reference, skip_model
 from torch import nn
 
 from mpi_helpers import assert_all_ranks, random_batch
-from mpipar.pipeline import Pipeline, Placement
+from mpipar.pipeline import Pipeline, Placement, even_balance
 from mpipar.pipeline_plan.instructions import BackwardWeight, Forward, RecvActivation
 from mpipar.pipeline_plan.schedule import Schedule, placement_bubble, rank_program, simulate_step
 from mpipar.pipeline_plan.zbv import zbv_order
@@ -192,18 +192,21 @@ def batchnorm_model() -> nn.Sequential:
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("microbatches", [2, 3, 6, 12])
-@pytest.mark.parametrize("given", [True, False])
-def test_zbv_trains_like_the_unsplit_model(microbatches, given):
+@pytest.mark.parametrize("microbatches,layout", [(2, "v"), (3, "default"), (6, "v"), (12, "default"), (4, "looped"),
+                                                 (6, "looped")])
+def test_zbv_trains_like_the_unsplit_model(microbatches, layout):
     """Three SGD steps (momentum) with frozen, unused and tied parameters (fc5 and fc3 on different ranks from 2
-    ranks on) equal serial training; the default placement of zbv is the V; a stage holds what the schedule
-    says from F to W; evaluation equals the model."""
+    ranks on) equal serial training; the default placement of zbv is the V, and Megatron's looped chunks (two per
+    rank, chunk c on rank c % size) run too; a stage holds what the schedule says from F to W; evaluation equals
+    the model."""
     comm = MPI.COMM_WORLD
+    size = comm.Get_size()
     model = awkward_model()
     reference = copy.deepcopy(model)
-    placement = Placement.v_shape(12, comm.Get_size()) if given else None
+    placement = {"v": Placement.v_shape(12, size), "default": None,
+                 "looped": Placement.chunked(even_balance(12, 2 * size), [c % size for c in range(2 * size)])}[layout]
     pipe = Pipeline(model, comm, placement, schedule="zbv", microbatches=microbatches, loss_fn=F.cross_entropy)
-    assert pipe.placement == Placement.v_shape(12, comm.Get_size()) and pipe.schedule.virtual_stages == 2
+    assert pipe.placement == (placement or Placement.v_shape(12, size)) and pipe.schedule.virtual_stages == 2
     params = [p for p in pipe.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
     reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
