@@ -8,6 +8,7 @@ Usage:
     mpirun -n 4 python jobs/resnet_pp.py --microbatches 8 --schedule gpipe --stage-memory-mb 64
     mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule interleaved --virtual-stages 2
     mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule zero-bubble
+    mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule zbv   # two chunks per rank in a V
     mpirun -n 2 python jobs/resnet_pp.py --data fashion-mnist --schedule pipedream --microbatches 8 --epochs 1
     mpirun -n 4 python jobs/resnet_pp.py --data fashion-mnist --schedule 2bw --microbatches 8 --epochs 1
     mpirun -n 4 python jobs/resnet_pp.py --stages 2 --data synthetic --max-steps 20 --out runs/hybrid

@@ -17,6 +17,7 @@ TINY = ("--data", "synthetic", "--batch-size", "16", "--threads", "1", "--flush-
     ("mlp_mp.py", 4, ("--schedule", "1f1b", "--microbatches", "4"), 2, "1f1b", 2),
     ("resnet_pp.py", 3, ("--schedule", "gpipe", "--microbatches", "4", "--balance", "auto"), 3, "gpipe", 1),
     ("resnet_pp.py", 4, ("--stages", "2", "--microbatches", "2"), 2, "1f1b", 2),
+    ("resnet_pp.py", 2, ("--schedule", "zbv", "--microbatches", "4", "--balance", "auto"), 2, "zbv", 1),
 ])
 def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args, stages, schedule, replicas):
     out = tmp_path / "run"
@@ -41,6 +42,10 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
         assert f["steps/bubble_measured"].shape == (5,)
     if "--balance" in args:
         assert "predicted ms  measured ms" in result.stdout
+    if schedule == "zbv":  # two stages per rank in a V: rank 1's adjacent chunks kept apart by a boundary
+        with h5py.File(out / "metrics.h5", "r") as f:
+            assert f.attrs["stages"] == 4 and f.attrs["virtual_stages"] == 2 and len(json.loads(
+                f.attrs["stage_boundaries"])) == 1
 
 
 @pytest.mark.launch
@@ -53,6 +58,7 @@ def test_pipeline_job_writes_metrics_with_the_bubble(tmp_path, job, ranks, args,
     ("resnet_pp.py", 2, ("--model", "resnet-small", "--balance", "2,9"), "covers 11 layers but the model has 5"),
     ("resnet_pp.py", 2, ("--stage-memory-mb", "0.01"), "keeps every stage within 0.0 MiB"),
     ("resnet_pp.py", 2, ("--schedule", "foo"), "invalid choice: 'foo'"),  # argparse: rank 0 says it
+    ("resnet_pp.py", 2, ("--schedule", "zbv", "--virtual-stages", "3"), "leave out --virtual-stages"),
 ])
 def test_bad_pipeline_input_is_one_clear_message(tmp_path, job, ranks, args, message):
     result = run_mpi(ranks, str(ROOT / "jobs" / job), *TINY, "--max-steps", "2", "--out", str(tmp_path / "r"),

@@ -313,6 +313,10 @@ KINDS = {
     "zero_bubble_pipeline": Kind(2, PipelineConfig(schedule="zero-bubble", microbatches=2, stages=2), pipeline,
                                  {"settings": {"schedule": "1f1b"}}, 3,
                                  PipelineConfig(schedule="zero-bubble", microbatches=2, stages=3)),
+    # zbv: the V's stage boundary (stages 1 and 2 on rank 1) in the files; re-laid out on 3 ranks' V
+    "zbv_pipeline": Kind(2, PipelineConfig(schedule="zbv", microbatches=2, stages=2), pipeline,
+                         {"settings": {"schedule": "1f1b"}}, 3,
+                         PipelineConfig(schedule="zbv", microbatches=2, stages=3)),
     "tensor": Kind(2, TensorParallelConfig(tp=2),
                    lambda comm, run, settings, say: TensorParallelStrategy(comm, float64_mlp(SIZES, 7), settings,
                                                                            state=run.state),

@@ -31,6 +31,12 @@ def rows(grid: str):
     return [line.split() for line in grid.splitlines()]
 
 
+def on_ranks(name: str, ranks: int, microbatches: int, **kwargs) -> Schedule:
+    """Schedule ``name`` on ``ranks`` ranks in its own placement: one stage each, or zbv's two (a V)."""
+    chunks = 2 if name == "zbv" else 1
+    return Schedule(name, ranks * chunks, microbatches, virtual_stages=chunks, **kwargs)
+
+
 def test_gpipe_grid_3_stages_4_microbatches():
     assert rows(Schedule("gpipe", 3, 4).grid()) == [
         "F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3".split(),
@@ -112,7 +118,8 @@ def test_rank_program_merges_a_non_contiguous_placement_in_clock_order():
 @pytest.mark.parametrize("stages,microbatches", [(1, 1), (2, 5), (3, 2), (4, 8)])
 def test_every_receive_is_sent_at_an_earlier_tick(name, stages, microbatches):
     """The property that makes the executor deadlock-free (asynchronous schedules: over 3 batches)."""
-    schedule = Schedule(name, stages, microbatches, batches=3 if name in ("pipedream", "2bw") else 1)
+    schedule = on_ranks(name, stages, microbatches, batches=3 if name in ("pipedream", "2bw") else 1)
+    stages = schedule.stages
     tick = {}
     for stage in range(stages):
         for step, t in zip(schedule._compute_steps(stage), schedule.ticks(stage)):
@@ -125,7 +132,7 @@ def test_every_receive_is_sent_at_an_earlier_tick(name, stages, microbatches):
             if isinstance(instruction, RecvActivation):
                 assert tick[Forward(stage - 1, i)] < tick[Forward(stage, i)]
     total = schedule.total_microbatches
-    codes = {"zero-bubble": ("F", "I", "W")}.get(name, ("F", "B") if schedule.has_backward else ("F",))
+    codes = ("F", "I", "W") if schedule.kind.splits_backward else ("F", "B") if schedule.has_backward else ("F",)
     every = {(code, i) for code in codes for i in range(total)}
     assert all(sorted(schedule.compute_order(s)) == sorted(every) for s in range(stages))
 
@@ -175,8 +182,8 @@ def test_instructions_print_compactly():
 @pytest.mark.parametrize("name", [name for name in SCHEDULES if name not in ASYNC_SCHEDULES])
 @pytest.mark.parametrize("stages,microbatches", [(1, 3), (2, 4), (3, 2), (4, 8)])
 def test_placement_bubble_with_one_stage_per_rank_is_the_ideal_bubble(name, stages, microbatches):
-    schedule = Schedule(name, stages, microbatches)
-    assert placement_bubble(schedule, tuple(range(stages))) == pytest.approx(schedule.ideal_bubble)
+    schedule = on_ranks(name, stages, microbatches)
+    assert placement_bubble(schedule, schedule.stage_ranks) == pytest.approx(schedule.ideal_bubble)
 
 
 def test_placement_bubble_of_non_contiguous_placements():
@@ -363,10 +370,11 @@ def test_async_bubbles():
 
 
 def test_the_registry_lists_the_schedules_in_order():
-    assert SCHEDULES == ("naive", "gpipe", "1f1b", "forward", "interleaved", "pipedream", "2bw", "zero-bubble")
+    assert SCHEDULES == ("naive", "gpipe", "1f1b", "forward", "interleaved", "pipedream", "2bw", "zero-bubble",
+                         "zbv")
     assert ASYNC_SCHEDULES == ("pipedream", "2bw")
-    assert TRAIN_SCHEDULES == ("naive", "gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zero-bubble")
-    assert FLUSHING_SCHEDULES == ("naive", "gpipe", "1f1b", "interleaved", "zero-bubble")
+    assert TRAIN_SCHEDULES == ("naive", "gpipe", "1f1b", "interleaved", "pipedream", "2bw", "zero-bubble", "zbv")
+    assert FLUSHING_SCHEDULES == ("naive", "gpipe", "1f1b", "interleaved", "zero-bubble", "zbv")
 
 
 def test_consumers_offer_the_registered_schedules():
@@ -514,7 +522,7 @@ def test_new_schedules_are_deadlock_free_on_any_placement(seed):
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
-    (("1f1b", 4, 4), {"virtual_stages": 2}, r"1f1b has no virtual stages .* use one of \['interleaved'\]"),
+    (("1f1b", 4, 4), {"virtual_stages": 2}, r"1f1b has no virtual stages .* use one of \['interleaved', 'zbv'\]"),
     (("interleaved", 3, 4), {"virtual_stages": 2}, "3 stages cannot be 2 virtual stages on each rank"),
     (("interleaved", 4, 3), {"virtual_stages": 2}, r"needs micro-batches in whole groups of 2 .* got 3"),
     (("interleaved", 4, 4), {"virtual_stages": 0}, "virtual_stages >= 1"),

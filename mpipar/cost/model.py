@@ -14,6 +14,7 @@ from mpipar.cost.machine import LayerCost, Link, Machine, ModelProfile
 from mpipar.cost.memory import activation_memory, shard_bytes, state_memory
 from mpipar.cost.options import TrainingOptions, compute_ratio
 from mpipar.pipeline_plan.balance import balance_by_time, stage_sums
+from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.pipeline_plan.schedule import Schedule, simulate_step
 
 __all__ = ["Layout", "Prediction", "layers_at", "step_overhead", "predict_data_parallel", "predict_pipeline",
@@ -282,7 +283,8 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     micro-batches: the schedule simulated (:func:`~mpipar.pipeline_plan.schedule.simulate_step`) with each
     stage's forward and backward per micro-batch and each boundary's point-to-point message; then each rank's
     gradients averaged over the ``layout.dp`` replicas (not overlapped). A rank holds one stage, or
-    ``virtual_stages`` chunks (``interleaved``: chunk ``c`` on rank ``c % pp``). ``balance``: layers per stage
+    ``virtual_stages`` chunks (``interleaved``: chunk ``c`` on rank ``c % pp``; ``zbv``: two in a V, whatever
+    ``virtual_stages`` says). ``balance``: layers per stage
     or chunk (default: the split with the fastest slowest one, as ``--balance auto``).
     ``options``: the precision scales the compute, ``recompute="full"`` adds a stage's forward to its
     backward and keeps of each micro-batch in flight only the stage's input (plus one micro-batch's saved
@@ -292,6 +294,7 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     all-gathered over them (the slowest rank's, after the Allreduce). Raises ValueError for ``zero`` not 0 or 1."""
     if zero not in (0, 1):
         raise ValueError(f"a pipeline shards its optimizer state (--zero 1) or nothing (0), got --zero {zero}")
+    virtual_stages = schedule_kind(schedule).chunks_per_rank(virtual_stages)  # zbv: always 2
     ranks, stages = layout.pp, layout.pp * virtual_stages
     layers = layers_at(profile, batch / microbatches)
     ratio, notes = precision_assumptions(machine, options)
@@ -302,7 +305,8 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
     if options.recompute == "full":
         backwards = [b + f for f, b in zip(forwards, backwards)]
     ends = [sum(balance[:stage + 1]) - 1 for stage in range(stages)]
-    stage_ranks = [stage % ranks for stage in range(stages)]
+    plan = Schedule(schedule, stages, microbatches, virtual_stages=virtual_stages)
+    stage_ranks = plan.stage_ranks  # the schedule's own placement: chunk c on c % pp, or zbv's V
 
     def across(stage: int) -> bool:  # the boundary after ``stage``: between ranks, maybe from the last to the first
         a, b = stage_ranks[stage], stage_ranks[stage + 1]
@@ -310,7 +314,6 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
 
     transfers = [machine.link(not across(stage)).p2p_seconds(layers[ends[stage]].activation_bytes)
                  for stage in range(stages - 1)]
-    plan = Schedule(schedule, stages, microbatches, virtual_stages=virtual_stages)
     stage_times = list(zip(forwards, backwards))
 
     def makespan(transfer_times):
@@ -318,7 +321,7 @@ def predict_pipeline(profile: ModelProfile, batch: int, layout: Layout, machine:
         return max(finish for _, finish in spans.values())
 
     def per_rank(values: Sequence[float]) -> List[float]:
-        return [sum(values[stage] for stage in range(rank, stages, ranks)) for rank in range(ranks)]
+        return [sum(values[stage] for stage in range(stages) if stage_ranks[stage] == rank) for rank in range(ranks)]
 
     with_messages = makespan(transfers)
     p2p = with_messages - makespan(None)

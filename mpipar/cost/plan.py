@@ -14,6 +14,7 @@ from mpipar.cost.model import DEFAULT, Layout, Prediction, layers_at, predict_da
 from mpipar.cost.options import GRAD_WIRES, OPTIMIZER_STATE_BYTES, PRECISIONS, RECOMPUTE, TrainingOptions
 from mpipar.cost.sharded import predict_sharded
 from mpipar.cost.tensor import predict_tensor_grid, tensor_degrees
+from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.pipeline_plan.schedule import FLUSHING_SCHEDULES, Schedule
 
 __all__ = ["PlanRow", "candidates", "plan", "format_plan", "memory_by_stage", "verdicts", "parse_compress",
@@ -53,6 +54,7 @@ def plan(machine: Machine, model: str, batch_size: int, ranks: int, ranks_per_no
     one. ``memory_bytes``: the budget per rank (0: none); with one, the rows that fit come first. Pure.
     """
     profile = machine.profile(model)
+    virtual_stages = schedule_kind(schedule).chunks_per_rank(virtual_stages)  # zbv: always 2
     extrapolated = ranks > machine.ranks or ranks_per_node != machine.ranks_per_node or (
         machine.across is not None and machine.across.description != "the measured network")
     base = dataclasses.replace(options, grad_wire="fp32", powersgd_rank=0)
@@ -206,13 +208,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--memory-gb", type=float, default=0.0,
                         help="memory per rank, GiB (default: the machine file's node memory / ranks per node)")
     parser.add_argument("--virtual-stages", type=int, default=1,
-                        help="chunks per rank of --schedule interleaved (1: one stage per rank)")
+                        help="chunks per rank of --schedule interleaved (1: one stage per rank; zbv: always 2)")
     args = parser.parse_args(argv)
     try:
         if args.ranks < 1 or args.batch_size < 1 or args.memory_gb < 0 or args.virtual_stages < 1:
             raise ValueError(f"--ranks, --batch-size and --virtual-stages must be >= 1 and --memory-gb >= 0, got "
                              f"{args.ranks}, {args.batch_size}, {args.virtual_stages}, {args.memory_gb}")
-        Schedule(args.schedule, args.virtual_stages, args.virtual_stages, virtual_stages=args.virtual_stages)
+        chunks = schedule_kind(args.schedule).chunks_per_rank(args.virtual_stages)
+        Schedule(args.schedule, chunks, chunks, virtual_stages=chunks)
         options = TrainingOptions(args.optimizer, args.precision, args.grad_wire, args.recompute,
                                   parse_compress(args.compress))
         zero_stages = parse_zero(args.zero)

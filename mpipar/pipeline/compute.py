@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import List
+from typing import List, Optional
 
+import torch
 from torch import nn
 
 from mpipar.diagnostics import events
@@ -35,6 +36,27 @@ class Compute(PipelineParts):
     """:class:`~mpipar.pipeline.executor.Pipeline`'s compute handlers: each runs one stage's step on this rank
     (local), taking its inputs from the run's received tensors and leaving its outputs for the sends."""
 
+    def _stage_input(self, index: int, microbatch: int, run: RunState) -> torch.Tensor:
+        """The input activation of stage ``index`` (not the first): received, or handed over in memory from the
+        stage before on this rank, copied in the agreed dtype as the wire would."""
+        if index - 1 not in self.stages:
+            return run.received.pop(RecvActivation(index, microbatch))
+        spec = self._input_specs[index]
+        assert spec is not None  # agreed before the first step (a failed agreement raised on every rank)
+        return run.outgoing.pop(SendActivation(index - 1, microbatch)).to(self.stages[index].device, spec.dtype,
+                                                                          copy=True)
+
+    def _output_grad(self, index: int, microbatch: int, run: RunState) -> Optional[torch.Tensor]:
+        """The gradient of stage ``index``'s output (None on the last stage): received, or handed over in memory
+        from the stage after on this rank, in the agreed dtype."""
+        if self.stages[index].is_last:
+            return None
+        if index + 1 not in self.stages:
+            return run.received.pop(RecvGrad(index, microbatch))
+        spec = self._input_specs[index + 1]
+        assert spec is not None
+        return run.outgoing.pop(SendGrad(index + 1, microbatch)).to(spec.dtype)
+
     def _forward(self, instruction: Forward, run: RunState) -> None:
         index, i = instruction.stage, instruction.microbatch
         stage = self.stages[index]
@@ -42,7 +64,7 @@ class Compute(PipelineParts):
             assert run.chunks is not None  # the first stage's rank holds the batch (checked by _agree_batch)
             x = run.chunks[i - run.base]
         else:
-            x = run.received.pop(RecvActivation(index, i))
+            x = self._stage_input(index, i, run)
         used = {name: run.skips.pop((name, i)) for name in self._uses[index]}  # received, or saved on this rank
         weights = self.versions[index].weights_for(i) if run.train and self.versions else None
         begin = time.perf_counter()
@@ -63,7 +85,7 @@ class Compute(PipelineParts):
     def _backward(self, instruction: Backward, run: RunState) -> None:
         index, i = instruction.stage, instruction.microbatch
         stage = self.stages[index]
-        grad_output = None if stage.is_last else run.received.pop(RecvGrad(index, i))
+        grad_output = self._output_grad(index, i, run)
         skip_grads = {name: run.skip_grads.pop((name, i)) for name in self._saves[index]}
         if run.before_last_backward is not None and instruction == run.last_backward[index]:
             run.before_last_backward(self._finishing[index])

@@ -32,7 +32,8 @@ class PipelineConfig:
         zero: ``--zero``: 1 shards each stage's optimizer state over its replicas (ZeRO-1,
             :class:`~mpipar.sharded.optimizer.ShardedUpdate`); 0 does not. Flushing schedules only.
         virtual_stages: chunks per rank of a schedule of virtual stages (``interleaved``): the model split
-            into ``stages * virtual_stages`` chunks, chunk ``c`` on rank ``c % stages``; 1 otherwise.
+            into ``stages * virtual_stages`` chunks, chunk ``c`` on rank ``c % stages``; 1 otherwise (``zbv``
+            takes 1 or 2 and always places two chunks per rank, in a V: :attr:`chunks_per_rank`).
     """
 
     schedule: str = "1f1b"
@@ -65,16 +66,22 @@ class PipelineConfig:
             raise ValueError(f"--schedule {self.schedule} with {self.stages} stages needs --microbatches >= "
                              f"{self.stages - 1} (the micro-batches a stage holds across a batch's end), got "
                              f"{self.microbatches}")
+        fixed = schedule_kind(self.schedule).fixed_virtual_stages
+        if fixed and (self.virtual_stages not in (1, fixed) or self.placement is not None or self.tp > 1):
+            raise ValueError(f"--schedule {self.schedule} places {fixed} chunks on each rank itself (rank r: "
+                             f"chunks r and {fixed} stages - 1 - r) and splits no layers; leave out "
+                             f"--virtual-stages and --placement and use --tp 1 (got --virtual-stages "
+                             f"{self.virtual_stages}, --placement {self.placement}, --tp {self.tp})")
         if self.virtual_stages < 1 or (self.virtual_stages > 1 and not schedule_kind(self.schedule).virtual):
             raise ValueError(f"--virtual-stages must be >= 1, and above 1 only with a schedule of virtual stages "
                              f"(interleaved), got {self.virtual_stages} with --schedule {self.schedule}")
-        if self.virtual_stages > 1 and (self.placement is not None or self.tp > 1):
+        if not fixed and self.virtual_stages > 1 and (self.placement is not None or self.tp > 1):
             raise ValueError("--virtual-stages places the chunks itself (chunk c on rank c % stages) and splits no "
                              "layers; leave out --placement and use --tp 1")
-        if self.virtual_stages > 1 and self.microbatches % self.stages:
+        if self.virtual_stages > 1 and not fixed and self.microbatches % self.stages:
             raise ValueError(f"--schedule {self.schedule} --virtual-stages {self.virtual_stages} needs --microbatches "
                              f"a multiple of --stages {self.stages} (Megatron's rule), got {self.microbatches}")
-        chunks = self.stages * self.virtual_stages
+        chunks = self.stages * self.chunks_per_rank
         if isinstance(self.balance, str):
             if self.balance not in ("even", "auto"):
                 raise ValueError(f"--balance must be 'even', 'auto' or layers per stage, got {self.balance!r}")
@@ -87,6 +94,11 @@ class PipelineConfig:
         if self.placement is not None and sorted(set(self.placement)) != list(range(self.stages)):
             raise ValueError(f"--placement must give a rank in 0..{self.stages - 1} to every layer and use "
                              f"each of them, got {','.join(map(str, self.placement))!r}")
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """The chunks each rank holds: ``virtual_stages``, or the schedule's fixed count (``zbv``: 2)."""
+        return schedule_kind(self.schedule).chunks_per_rank(self.virtual_stages)
 
     def to_dict(self) -> dict:
         """The settings; ``stage_memory_mb``, ``zero`` and ``virtual_stages`` only when set (checkpoints from

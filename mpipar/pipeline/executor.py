@@ -27,7 +27,8 @@ from mpipar.pipeline.timing import StepClock
 from mpipar.pipeline.transport import Transport
 from mpipar.pipeline.versions import WeightVersions
 from mpipar.pipeline.windows import AsyncWindows
-from mpipar.pipeline_plan.placement import Placement
+from mpipar.pipeline_plan.kinds import schedule_kind
+from mpipar.pipeline_plan.placement import Placement, even_balance
 from mpipar.pipeline_plan.schedule import (
     Backward,
     BackwardInput,
@@ -49,9 +50,10 @@ from mpipar.pipeline_plan.schedule import (
 __all__ = ["Pipeline", "StepResult"]
 
 
-def _as_placement(placement, module: nn.Sequential, size: int, virtual_stages: int) -> Placement:
-    if placement is None:
-        return Placement.interleaved(len(module), size, virtual_stages)
+def _as_placement(placement, module: nn.Sequential, size: int, schedule: str, virtual_stages: int) -> Placement:
+    if placement is None:  # the schedule's own placement of even chunks (zbv: a V)
+        kind = schedule_kind(schedule)
+        return kind.placement(even_balance(len(module), size * kind.chunks_per_rank(virtual_stages)), size)
     if isinstance(placement, Placement):
         return placement
     if isinstance(placement, Mapping):
@@ -65,7 +67,9 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
     Every rank builds the same Sequential and the same Pipeline; a rank uses only
     the layers its placement gives it (the others may be freed). A placement may be
     non-contiguous: each maximal run of consecutive layers on one rank is a stage,
-    so ``[0, 1, 1, 0]`` makes three stages and sends the activation 0 -> 1 -> 0.
+    so ``[0, 1, 1, 0]`` makes three stages and sends the activation 0 -> 1 -> 0; a placement's
+    ``boundaries`` cut a run into several stages (``Placement.v_shape``: four stages on ``[0, 1, 1, 0]``),
+    and between two stages of one rank the activation and its gradient pass in memory (no message).
 
     Collective contract: the constructor, :meth:`step` and :meth:`evaluate` are
     collective over ``comm``: every rank calls them the same number of times. The
@@ -125,10 +129,11 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
             it, each skip), into buffers of the agreed shapes, so a message lands while the stage
             computes; 0 posts each when the program reaches it. Local (may differ between ranks).
         virtual_stages: with ``placement=None``, the stages per rank (:meth:`Placement.interleaved`, for
-            ``schedule="interleaved"``); default 1: an even contiguous split. A schedule of virtual stages
+            ``schedule="interleaved"``); default 1: an even contiguous split (``"zbv"``: always two chunks
+            per rank in a V, :meth:`Placement.v_shape`). A schedule of virtual stages
             takes the placement's stages per rank (each rank must hold as many).
 
-    A schedule that splits the backward (``"zero-bubble"``: input gradient ``I`` on the critical path, weight
+    A schedule that splits the backward (``"zero-bubble"``, ``"zbv"``: input gradient ``I`` on the critical path, weight
     gradients ``W`` later, :mod:`~mpipar.pipeline.split_backward`) cuts each stage's graph after every layer
     (a layer must not change its input in place); the gradients are those of the unsplit backward, and a
     micro-batch's activations are held until its ``W`` (``peak_in_flight`` counts them).
@@ -154,7 +159,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
                                 f"wrap the layers in nn.Sequential")
             if isinstance(receives_ahead, bool) or not isinstance(receives_ahead, int) or receives_ahead < 0:
                 raise ValueError(f"receives_ahead must be an int >= 0, got {receives_ahead!r}")
-            chosen = _as_placement(placement, module, self.size, virtual_stages)
+            chosen = _as_placement(placement, module, self.size, schedule, virtual_stages)
             chosen.validate(len(module), self.size)
             plan = Schedule.on(schedule, chosen.stage_ranks, microbatches)
             in_place = [name for name, layer in module.named_children() if getattr(layer, "inplace", False)]
@@ -167,7 +172,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
 
         self.placement, self.schedule, self.skips = collective_check(comm, setup, "pipeline setup")
         agree_on(comm, "the pipeline (layers, placement, schedule, micro-batches)",
-                 (len(module), self.placement.ranks, schedule, microbatches),
+                 (len(module), self.placement.ranks, self.placement.boundaries, schedule, microbatches),
                  hint="build the model and the Pipeline with the same arguments on every rank")
         self.loss_fn = loss_fn
         self.loss_scale = 1.0  # fp16: the loss scaler's scale, set before each step (the reported loss is unscaled)

@@ -39,7 +39,8 @@ def add_pipeline_flags(parser: argparse.ArgumentParser, *, schedule: str = "1f1b
     if any(schedule_kind(name).virtual for name in choices):
         parser.add_argument("--virtual-stages", type=int, default=1,
                             help="chunks per rank for --schedule interleaved (Megatron's virtual stages: the model "
-                                 "in stages x V chunks, chunk c on rank c %% stages); 1: one stage per rank")
+                                 "in stages x V chunks, chunk c on rank c %% stages); 1: one stage per rank; "
+                                 "zbv: always 2, in a V")
     if stages:
         parser.add_argument("--stages", type=int, default=0,
                             help="ranks per pipeline (0: all ranks); the world size / stages pipelines are "

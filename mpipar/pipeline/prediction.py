@@ -23,11 +23,11 @@ def predict(machine: Machine, profile: ModelProfile, *, model: str, batch_size: 
     all-gather. None for a ``placement``, tensor-parallel stages or an asynchronous schedule. Pure."""
     if settings.tp != 1 or settings.placement is not None or settings.schedule in ASYNC_SCHEDULES:
         return None
-    chunks = settings.stages * settings.virtual_stages
+    chunks = settings.stages * settings.chunks_per_rank
     if isinstance(settings.balance, str):  # "even" or "auto"
         balance = even_balance(profile.num_layers, chunks) if settings.balance == "even" else None
     else:
         balance = list(settings.balance)
     return predict_pipeline(profile, batch_size, Layout(ranks, ranks_per_node, pp=settings.stages), machine,
                             microbatches=settings.microbatches, schedule=settings.schedule, balance=balance,
-                            options=options, virtual_stages=settings.virtual_stages, zero=settings.zero)
+                            options=options, virtual_stages=settings.chunks_per_rank, zero=settings.zero)

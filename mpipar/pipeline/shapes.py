@@ -96,10 +96,13 @@ class ShapeAgreement(PipelineParts):
         the skips saved so far and not used yet (a stage takes the ones it uses, adds the ones it saves)."""
         error = None
         self._skip_specs = {}
+        handed: Any = None  # what a stage passes to the next when both are on this rank (no message)
         for index in sorted(self.stages):
             stage = self.stages[index]
             if stage.is_first:
                 spec, live = input_spec, {}
+            elif index - 1 in self.stages:
+                spec, live = handed
             else:
                 with debug.watched(self.comm, "recv", peer=self.stage_ranks[index - 1], tag=SPEC_TAG,
                                    detail=f"activation shape for stage {index}"):
@@ -126,7 +129,9 @@ class ShapeAgreement(PipelineParts):
                     error = kind(f"stage {index} ({stage.layers}) on rank {self.rank} with input {spec}: "
                                  f"{type(exc).__name__}: {exc}")
             self._input_specs[index], self._output_specs[index] = spec, out
-            if not stage.is_last:
+            if index + 1 in self.stages:
+                handed = (out, live if out is not None else None)
+            elif not stage.is_last:
                 self.comm.send((out, live if out is not None else None), dest=self.stage_ranks[index + 1],
                                tag=SPEC_TAG)
 

@@ -26,7 +26,7 @@ from mpipar.diagnostics import events
 from mpipar.pipeline.parts import PipelineParts
 from mpipar.pipeline.skip import SaveSkip
 from mpipar.pipeline.step_state import RunState
-from mpipar.pipeline_plan.instructions import BackwardInput, BackwardWeight, RecvGrad, SendGrad
+from mpipar.pipeline_plan.instructions import BackwardInput, BackwardWeight, SendGrad
 
 __all__ = ["SplitBackward"]
 
@@ -197,7 +197,7 @@ class SplitBackward(PipelineParts):
         gradients for :meth:`_backward_weight`."""
         index, i = instruction.stage, instruction.microbatch
         stage = self.stages[index]
-        grad_output = None if stage.is_last else run.received.pop(RecvGrad(index, i))
+        grad_output = self._output_grad(index, i, run)
         skip_grads = {name: run.skip_grads.pop((name, i)) for name in self._saves[index]}
         x, top, used, saved = stage.held(i)  # kept until W (under recompute: its forward run again now)
         layers = self._recorded[index].pop(id(x))

@@ -24,9 +24,10 @@ from mpipar.pipeline.config import PipelineConfig
 from mpipar.pipeline.executor import Pipeline
 from mpipar.pipeline.microbatch import check_microbatches
 from mpipar.pipeline.partition import auto_balance, format_report, gather_stage_times, stage_memory, stage_sums
-from mpipar.pipeline.placement import Placement
+from mpipar.pipeline.placement import Placement, even_balance
 from mpipar.pipeline.schedule import ASYNC_SCHEDULES, Schedule, placement_bubble
 from mpipar.pipeline.timing import bubble_per_step
+from mpipar.pipeline_plan.kinds import schedule_kind
 from mpipar.run.consolidate import training_state
 from mpipar.run.evaluate import EvalResult, evaluate
 from mpipar.run.metrics import MetricsWriter, Table
@@ -66,9 +67,11 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
     """
     if config.placement is not None:
         return Placement(config.placement), None
-    chunks, v = config.stages * config.virtual_stages, config.virtual_stages  # virtual stages: chunk c on c % stages
+    v = config.chunks_per_rank  # virtual stages: chunk c on c % stages; zbv: 2 in a V
+    chunks = config.stages * v
+    kind = schedule_kind(config.schedule)  # places the chunks (zbv: a V)
     if config.balance == "even":
-        return Placement.interleaved(len(model), config.stages, v), None
+        return kind.placement(even_balance(len(model), chunks), config.stages), None
     if config.balance == "auto":
         schedule = Schedule(config.schedule, chunks, config.microbatches, virtual_stages=v)
         in_flight = [schedule.max_in_flight(stage) for stage in range(chunks)]
@@ -79,9 +82,9 @@ def choose_placement(model: nn.Sequential, config: PipelineConfig, comm: MPI.Int
         say(f"auto balance {balance} ({len(model)} layers) from per-layer ms {[round(1e3 * t, 2) for t in times]}; "
             f"predicted ms per micro-batch {[round(1e3 * t, 2) for t in stage_sums(times, balance)]}, MiB per stage "
             f"({config.schedule}: {in_flight} micro-batches in flight) {[round(m / 2**20, 1) for m in memory]}")
-        return Placement.looped(balance, config.stages), times
+        return kind.placement(balance, config.stages), times
     assert not isinstance(config.balance, str)  # "even" or "auto" (PipelineConfig checks), handled above
-    return Placement.looped(config.balance, config.stages), None
+    return kind.placement(config.balance, config.stages), None
 
 
 def _check_tensor_parallel(config: PipelineConfig, grid: ProcessGrid, state: Optional[dict], split_layers) -> None:
@@ -198,7 +201,8 @@ class PipelineStrategy:
         self.model = model
         self._relayout: Optional[dict] = None
         if state is not None and not _new_layout(state, config, self.grid):  # auto balance could profile another
-            self.placement, self.predicted = Placement(tuple(state["placement"])), state.get("layer_seconds")
+            self.placement = Placement(tuple(state["placement"]), tuple(state.get("stage_boundaries", ())))
+            self.predicted = state.get("layer_seconds")
         else:
             self.placement, self.predicted = choose_placement(model, config, world, sample, say)
             if state is not None:
@@ -232,6 +236,7 @@ class PipelineStrategy:
             "stages": self.pipe.num_stages, "virtual_stages": self.pipe.schedule.virtual_stages,
             "microbatches": config.microbatches, "replicas": self.replicas,
             "placement": json.dumps(list(self.placement.ranks)), "bubble_ideal": self.ideal,
+            **({"stage_boundaries": json.dumps(list(self.placement.boundaries))} if self.placement.boundaries else {}),
             **self.grid.metrics_attrs()}
         if self.asynchronous:
             self.metrics_attrs.update(staleness_per_stage=json.dumps(self.pipe.schedule.staleness()),
@@ -347,7 +352,8 @@ class PipelineStrategy:
         stashed weight versions and counters (``pipeline_async``)."""
         state = {"model": self.pipe.local_module.state_dict(), "placement": list(self.placement.ranks),
                  "parameter_names": self.parameter_names, "layer_seconds": self.predicted,
-                 "grid_order": self.grid.order, "shared_parameters": [list(s.names) for s in self.pipe.shared.shared]}
+                 "grid_order": self.grid.order, "shared_parameters": [list(s.names) for s in self.pipe.shared.shared],
+                 **({"stage_boundaries": list(self.placement.boundaries)} if self.placement.boundaries else {})}
         if self.asynchronous:
             self._drain()
             state["model"] = self.pipe.local_module.state_dict()  # after the drain's updates

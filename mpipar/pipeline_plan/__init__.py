@@ -5,4 +5,4 @@ registered in its own module; the modules imported below register theirs, in thi
 its module and one line here).
 """
 
-from mpipar.pipeline_plan import flushing, interleaved, weight_stashing, zero_bubble  # noqa: F401  (registers them)
+from mpipar.pipeline_plan import flushing, interleaved, weight_stashing, zbv, zero_bubble  # noqa: F401  (registers them)

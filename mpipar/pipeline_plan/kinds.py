@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 from mpipar.pipeline_plan.instructions import (
     Backward,
@@ -14,6 +14,7 @@ from mpipar.pipeline_plan.instructions import (
     SendGrad,
     Update,
 )
+from mpipar.pipeline_plan.placement import Placement
 
 if TYPE_CHECKING:
     from mpipar.pipeline_plan.schedule import Schedule
@@ -34,7 +35,9 @@ class ScheduleKind:
     Class attributes: ``name`` (the ``--schedule`` value), ``asynchronous`` (never flushes: the
     stream spans batches, cut into windows, with :class:`Update` instructions inside it),
     ``trains`` (has backward passes), ``help`` (one line for ``--schedule``'s help), ``virtual`` (takes
-    ``virtual_stages > 1``: its unit clock runs ranks of several stages, :meth:`worker_streams`).
+    ``virtual_stages > 1``: its unit clock runs ranks of several stages, :meth:`worker_streams`, placed as
+    :meth:`stage_ranks` says), ``fixed_virtual_stages`` (a schedule whose own placement always has this many
+    chunks per rank, whatever ``--virtual-stages`` says: ``zbv``'s 2; 0 for the others).
     """
 
     name: ClassVar[str] = ""
@@ -43,6 +46,25 @@ class ScheduleKind:
     help: ClassVar[str] = ""
     virtual: ClassVar[bool] = False
     splits_backward: ClassVar[bool] = False  # BackwardInput and BackwardWeight instead of Backward
+    fixed_virtual_stages: ClassVar[int] = 0
+
+    def chunks_per_rank(self, virtual_stages: int = 1) -> int:
+        """The chunks each rank holds in the schedule's own placement, given ``--virtual-stages``."""
+        return self.fixed_virtual_stages or virtual_stages
+
+    def stage_ranks(self, ranks: int, virtual_stages: int) -> Tuple[int, ...]:
+        """The rank of each of the ``ranks * virtual_stages`` stages in the schedule's own placement: stage
+        ``s`` on rank ``s % ranks`` (Megatron's looped chunks; one stage per rank at ``virtual_stages=1``)."""
+        return tuple(stage % ranks for stage in range(ranks * virtual_stages))
+
+    def placement(self, balance: Sequence[int], ranks: int) -> Placement:
+        """The schedule's own placement of chunks of ``balance`` layers on ``ranks`` ranks: chunk ``c`` on rank
+        ``c % ranks`` (:meth:`Placement.looped`).
+
+        Raises:
+            ValueError: a bad balance, or a number of chunks that is not a multiple of ``ranks``.
+        """
+        return Placement.looped(balance, ranks)
 
     def compute_steps(self, schedule: Schedule, stage: int) -> List[Instruction]:
         """The compute instructions of ``stage`` (``Forward``, ``Backward``), in the order it runs them."""

@@ -208,6 +208,11 @@ class Schedule:
         return self.stages // self.virtual_stages
 
     @property
+    def stage_ranks(self) -> Tuple[int, ...]:
+        """The rank of each stage in the schedule's own placement (its kind's: ``s % ranks``, or ``zbv``'s V)."""
+        return self.kind.stage_ranks(self.ranks, self.virtual_stages)
+
+    @property
     def total_microbatches(self) -> int:
         """Micro-batches in the stream: ``batches * microbatches``."""
         return self.batches * self.microbatches
@@ -306,14 +311,13 @@ class Schedule:
 
     def rank_grid(self) -> str:
         """The grid of the schedule's own placement: one row per rank, a cell ``F0.1`` is the forward of
-        micro-batch 0 on the rank's chunk 1 (stage ``rank + chunk * ranks``), ``.`` = idle."""
+        micro-batch 0 on the rank's chunk 1 (its second stage in :attr:`stage_ranks`), ``.`` = idle."""
         rows = []
         for rank in range(self.ranks):
             cells = ["."] * self.length
-            for stage in range(rank, self.stages, self.ranks):
+            for chunk, stage in enumerate(s for s, owner in enumerate(self.stage_ranks) if owner == rank):
                 for step in self._compute_steps(stage):
-                    chunk = f".{stage // self.ranks}" if self.virtual_stages > 1 else ""
-                    cells[self._ticks[step]] = f"{step}{chunk}"
+                    cells[self._ticks[step]] = f"{step}.{chunk}" if self.virtual_stages > 1 else str(step)
             width = max(len(c) for c in cells)
             rows.append(" ".join(c.ljust(width) for c in cells).rstrip())
         return "\n".join(rows)
@@ -431,6 +435,16 @@ def _with_skips(group: List[Instruction], skips: Sequence[Tuple[int, int]], stag
     rest = [instruction for instruction in group[at + 1:] if not isinstance(instruction, Update)]
     return group[:at] + before + [step] + rest + after + updates  # messages out before the update
 
+def _is_local_message(instruction: Instruction, stage_ranks: Sequence[int]) -> bool:
+    """Whether ``instruction`` is an activation or gradient message between two stages of one rank (adjacent
+    stages cut by a placement's boundary): none is sent, the executor hands the tensor over in memory."""
+    if isinstance(instruction, (RecvActivation, SendGrad)):
+        return stage_ranks[instruction.stage - 1] == stage_ranks[instruction.stage]
+    if isinstance(instruction, (SendActivation, RecvGrad)):
+        return stage_ranks[instruction.stage + 1] == stage_ranks[instruction.stage]
+    return False
+
+
 def _keyed(schedule: Schedule, stage_ranks: Sequence[int], rank: int, skips: Sequence[Tuple[int, int]],
            window: Callable[[int], Tuple[int, Optional[int]]]) -> List[Instruction]:
     """The instructions of ``rank``'s stages whose compute step's position in the stage's order
@@ -445,7 +459,8 @@ def _keyed(schedule: Schedule, stage_ranks: Sequence[int], rank: int, skips: Seq
         if owner == rank:
             start, stop = window(stage)
             for tick, group in list(zip(schedule.ticks(stage), schedule.steps(stage)))[start:stop]:
-                group = _with_skips(group, skips, stage_ranks, schedule.has_backward)
+                group = [instruction for instruction in _with_skips(group, skips, stage_ranks, schedule.has_backward)
+                         if not _is_local_message(instruction, stage_ranks)]
                 keyed += [((tick, stage, n), instruction) for n, instruction in enumerate(group)]
     return [instruction for _, instruction in sorted(keyed, key=lambda pair: pair[0])]
 
@@ -462,7 +477,8 @@ def rank_program(schedule: Schedule, stage_ranks: Sequence[int], rank: int,
             (saving < using); instruction ``skip`` fields index this list.
 
     Returns:
-        The merged stream, ordered by (tick, stage). Every receive's matching send
+        The merged stream, ordered by (tick, stage), without messages between two stages of ``rank`` (its
+        executor hands those tensors over in memory, as skips). Every receive's matching send
         sits at an earlier tick (a skip's user runs after its saver, and its
         backward before the saver's, as both lie on the chain of activations), so
         with non-blocking sends no order of ranks can deadlock. Empty when ``rank``

@@ -54,11 +54,12 @@ def is_pipeline(run: Run) -> bool:
     return "schedule" in run.attrs and "stages" in run.attrs
 
 
-def stage_ranks_of(placement: Sequence[int]) -> List[int]:
-    """The rank of each stage: maximal runs of consecutive layers on one rank (as ``Placement``)."""
+def stage_ranks_of(placement: Sequence[int], boundaries: Sequence[int] = ()) -> List[int]:
+    """The rank of each stage: maximal runs of consecutive layers on one rank, cut at ``boundaries`` (as
+    ``Placement``; the run's ``stage_boundaries`` attribute, zbv's V)."""
     ranks: List[int] = []
     for layer, rank in enumerate(placement):
-        if layer == 0 or rank != placement[layer - 1]:
+        if layer == 0 or rank != placement[layer - 1] or layer in boundaries:
             ranks.append(int(rank))
     return ranks
 
@@ -140,5 +141,7 @@ def ideal_for_run(run: Run) -> Optional[Timeline]:
     times = stage_times(run)
     if times is None or str(run.attrs.get("schedule")) not in FLUSHING_SCHEDULES or "placement" not in run.attrs:
         return None
-    return ideal_timeline(str(run.attrs["schedule"]), stage_ranks_of(json.loads(str(run.attrs["placement"]))),
+    stage_ranks = stage_ranks_of(json.loads(str(run.attrs["placement"])),
+                                 json.loads(str(run.attrs.get("stage_boundaries", "[]"))))
+    return ideal_timeline(str(run.attrs["schedule"]), stage_ranks,
                           int(run.attrs["microbatches"]), times)
