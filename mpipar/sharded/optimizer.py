@@ -13,9 +13,9 @@ from mpipar.comm import mpi_tensor
 from mpipar.comm.reducer import CommStats
 from mpipar.diagnostics.agree import agree_on
 from mpipar.sharded.consolidate import GRID_KEY, shard_optimizer_state
-from mpipar.sharded.layout import FlatLayout
+from mpipar.sharded.layout import FlatLayout, Piece
 
-__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards", "flatten_into"]
+__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards", "flatten_into", "piece_parameters", "step_pieces"]
 
 
 def flatten_into(params: Sequence[nn.Parameter], layout: FlatLayout) -> List[torch.Tensor]:
@@ -33,6 +33,27 @@ def flatten_into(params: Sequence[nn.Parameter], layout: FlatLayout) -> List[tor
                 p.data = view
             flats.append(flat)
     return flats
+
+
+def piece_parameters(shards: Sequence[torch.Tensor], pieces: Sequence[Piece]) -> List[nn.Parameter]:
+    """One ``nn.Parameter`` per piece of this rank (``FlatLayout.pieces``), a view into its group's shard: what
+    the optimizer steps. Local."""
+    return [nn.Parameter(shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start]) for pc in pieces]
+
+
+def step_pieces(optimizer: torch.optim.Optimizer, pieces: Sequence[Piece], shard_params: Sequence[nn.Parameter],
+                params: Sequence[nn.Parameter], grads: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+    """Step ``optimizer`` (built on ``shard_params``) once: each piece takes its gradient from ``grads`` or, by
+    default, its slice of its parameter's averaged ``.grad`` (None where that has none: skipped, as the unsharded
+    optimizer skips it); then ``params``' ``.grad`` are dropped, so the next backward starts from zero. Local."""
+    if grads is None:
+        grads = [None if params[pc.param].grad is None else params[pc.param].grad.detach().reshape(-1)[pc.start:pc.stop]
+                 for pc in pieces]
+    for piece, grad in zip(shard_params, grads):
+        piece.grad = grad
+    optimizer.step()
+    for p in params:
+        p.grad = None
 
 
 def allgather_shards(flats: Sequence[torch.Tensor], comm: MPI.Intracomm, calls: List[Tuple[str, int]],
@@ -90,8 +111,7 @@ class ShardedUpdate:
         self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard]
                        for flat, g in zip(self.flats, self.layout.groups)]
         self.pieces = self.layout.pieces(self.rank)
-        self.shard_params = [nn.Parameter(self.shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start])
-                             for pc in self.pieces]
+        self.shard_params = piece_parameters(self.shards, self.pieces)
         self.stats = CommStats()
         self.calls: List[Tuple[str, int]] = []  # (collective, bytes of the buffer it covers) until take_calls
 
@@ -102,12 +122,7 @@ class ShardedUpdate:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step ``optimizer`` (built on :meth:`parameters`) on the averaged gradients' slices, drop the
         model's ``.grad`` and all-gather the shards. Collective over ``comm``."""
-        for piece, pc in zip(self.shard_params, self.pieces):
-            grad = self.params[pc.param].grad
-            piece.grad = None if grad is None else grad.detach().reshape(-1)[pc.start:pc.stop]
-        optimizer.step()
-        for p in self.params:  # the next step's gradient starts from zero (the averager's buckets stay)
-            p.grad = None
+        step_pieces(optimizer, self.pieces, self.shard_params, self.params)  # the averager's buckets stay
         self.gather()
 
     def step_after(self, optimizer: torch.optim.Optimizer, stats: CommStats,
