@@ -86,6 +86,25 @@ def step(pipe, inputs, targets):
     return pipe.step(inputs if pipe.holds_first_stage else None, targets if pipe.holds_last_stage else None)
 
 
+def train_against_reference(comm, pipe, model, reference, what: str, steps: int = 3):
+    """``steps`` SGD steps (momentum) of ``pipe`` (over ``model``) and of the unsplit ``reference`` on the same
+    batches, each step's outputs, loss and gradients compared (:func:`compare`); the last step's result."""
+    params = [p for p in pipe.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
+                                          momentum=0.9)
+    for number in range(steps):
+        inputs, targets = random_batch(number, BATCH)
+        optimizer.zero_grad()
+        reference_optimizer.zero_grad()
+        F.cross_entropy(reference(inputs), targets).backward()
+        result = step(pipe, inputs, targets)
+        compare(comm, pipe, model, reference, result, inputs, targets, f"{what} step {number}")
+        optimizer.step()
+        reference_optimizer.step()
+    return result
+
+
 CASES = [("interleaved", "looped2"), ("interleaved", "looped3"), ("interleaved", "round_robin"),
          ("interleaved", "even"), ("zero-bubble", "even"), ("zero-bubble", "round_robin"),
          ("zero-bubble", "sandwich"), ("zero-bubble", "looped2")]
@@ -100,19 +119,7 @@ def test_new_schedules_train_like_the_unsplit_model(schedule, placement_name):
     reference = copy.deepcopy(model)
     pipe = Pipeline(model, comm, placements(comm.Get_size())[placement_name], schedule=schedule,
                     microbatches=microbatches_for(comm.Get_size()), loss_fn=F.cross_entropy)
-    params = [p for p in pipe.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
-    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
-                                          momentum=0.9)
-    for number in range(3):
-        inputs, targets = random_batch(number, BATCH)
-        optimizer.zero_grad()
-        reference_optimizer.zero_grad()
-        F.cross_entropy(reference(inputs), targets).backward()
-        result = step(pipe, inputs, targets)
-        compare(comm, pipe, model, reference, result, inputs, targets, f"{schedule} {pipe.placement} step {number}")
-        optimizer.step()
-        reference_optimizer.step()
+    result = train_against_reference(comm, pipe, model, reference, f"{schedule} {pipe.placement}")
     if schedule == "zero-bubble":  # a micro-batch is held from its forward to its W: the schedule's count
         expected = {index: pipe.schedule.max_in_flight(index) for index in pipe.stages}
         assert_all_ranks(comm, result.peak_in_flight == expected, f"in flight {result.peak_in_flight} != {expected}")
