@@ -10,14 +10,13 @@ its own tests). ``--compress``: pipelines refuse it. Skips across stages and ten
 ``mpirun -n {1,2,3,4} python -m pytest --only-mpi tests/test_pipeline_combinations.py``.
 """
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 from test_pipeline_precision import autocast_problems, stage_parameters
-from test_pipeline_schedules import awkward_model, microbatches_for, train_against_reference
+from test_pipeline_schedules import awkward_pipeline, microbatches_for, train_against_reference
 from test_precision import LOOP_BATCH, TOLERANCE, loop_mlp, loop_run, serial_loop
 from test_recompute import differences, tiny_gpt, token_batch, vector_batch
 from torch import nn
@@ -102,10 +101,7 @@ def test_recompute_with_the_new_schedules_is_bitwise_the_run_without(schedule, c
 def test_recompute_with_the_new_schedules_equals_the_unsplit_model(schedule, chunks):
     """Frozen, unused and tied parameters, ``full`` recompute, 3 SGD steps: float64, 1e-10 against one process."""
     comm = MPI.COMM_WORLD
-    model = awkward_model()
-    reference = copy.deepcopy(model)
-    pipe = Pipeline(model, comm, Placement.interleaved(12, comm.Get_size(), chunks), schedule=schedule,
-                    microbatches=microbatches_for(comm.Get_size()), loss_fn=F.cross_entropy)
+    model, reference, pipe = awkward_pipeline(comm, Placement.interleaved(12, comm.Get_size(), chunks), schedule)
     for stage in pipe.stages.values():
         stage.recompute = True
     train_against_reference(comm, pipe, model, reference, f"{schedule} recompute", STEPS)
