@@ -137,6 +137,25 @@ def launch_result(command, variant: str, env=None) -> dict:
     return {"variant": variant, "error": f"launch exited {done.returncode}: {tail}"}
 
 
+def launch_rounds(variants, rounds: int, launch, render, out=None) -> str:
+    """A driver's rounds: ``launch(variant)`` (a dict) for every variant, ``rounds`` times in ABBA order, each
+    result printed; after every round the report ``render(results, load_start, load_end, seconds)`` (``results``:
+    variant -> its rounds' dicts; load averages; seconds so far) is written to ``out``, so a run stopped early
+    keeps the rounds it finished. Returns the last report."""
+    load_start, started = os.getloadavg(), time.time()
+    results = {variant: [] for variant in variants}
+    report = ""
+    for round_index in range(rounds):
+        for variant in abba(variants, round_index):
+            result = launch(variant)
+            results[variant].append(result)
+            print(f"round {round_index} {variant}: " + json.dumps(result), flush=True)
+        report = render(results, load_start, os.getloadavg(), time.time() - started)
+        if out:
+            Path(out).write_text(report)
+    return report
+
+
 def abba(items, round_index: int) -> list:
     """``items`` in order in even rounds and reversed in odd ones (ABBA), so that drift in machine load hits
     all of them alike."""

@@ -25,10 +25,11 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
-from _bench import abba, current_rss, launch_result, mpi_library, paired, peak_rss, warm_up  # before mpipar
+from _bench import current_rss, launch_result, launch_rounds, mpi_library, paired, peak_rss, warm_up  # before mpipar
 from mpi4py import MPI
 
 import mpipar
@@ -131,23 +132,8 @@ def child_options(args) -> list:
 
 def drive(args) -> None:
     variants = [f"{case}:{mode}" for case in args.cases.split(",") for mode in RECOMPUTES]
-    load_start, started = os.getloadavg(), time.time()
-    rounds = {variant: [] for variant in variants}
-    for round_index in range(args.rounds):
-        for variant in abba(variants, round_index):
-            result = launch(variant, args)
-            rounds[variant].append(result)
-            print(f"round {round_index} {variant}: " + json.dumps(result), flush=True)
-        report = render(args, rounds, load_start, os.getloadavg(), time.time() - started)
-        if args.out:  # after every round: a run stopped early keeps the rounds it finished
-            Path(args.out).write_text(report)
-    print(report)
-
-
-def median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    print(launch_rounds(variants, args.rounds, lambda variant: launch(variant, args),
+                        lambda rounds, *load_and_time: render(args, rounds, *load_and_time), args.out))
 
 
 def render(args, rounds, load_start, load_end, seconds) -> str:

@@ -27,16 +27,17 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _bench import (  # before mpipar: the checkout
-    abba,
     current_rss,
     ddp,
     gloo_world,
     launch_result,
+    launch_rounds,
     mpi_library,
     paired,
     peak_rss,
@@ -173,18 +174,9 @@ def drive(args) -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
-    load_start, started = os.getloadavg(), time.time()
-    rounds = {variant: [] for variant in variants}
     sizes = describe(args)
-    for round_index in range(args.rounds):
-        for variant in abba(variants, round_index):
-            result = launch(variant, args)
-            rounds[variant].append(result)
-            print(f"round {round_index} {variant}: " + json.dumps(result), flush=True)
-        report = render(args, rounds, sizes, load_start, os.getloadavg(), time.time() - started)
-        if args.out:  # after every round: a run stopped early keeps the rounds it finished
-            Path(args.out).write_text(report)
-    print(report)
+    print(launch_rounds(variants, args.rounds, lambda variant: launch(variant, args),
+                        lambda rounds, *load_and_time: render(args, rounds, sizes, *load_and_time), args.out))
 
 
 def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
@@ -218,10 +210,6 @@ def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
 
     def growth(variant):  # per round: the largest rank's growth over its RSS before the model
         return [max(p - b for p, b in zip(r["peak_rss"], r["rss_before"])) for r in ok[variant]]
-
-    def median(values):
-        return sorted(values)[len(values) // 2] if len(values) % 2 else sum(sorted(values)[len(values) // 2 - 1:
-                                                                                            len(values) // 2 + 1]) / 2
 
     def held(variant):  # per round: the largest rank's RSS after its last step over its RSS before the model
         return [max(a - b for a, b in zip(r["rss_after"], r["rss_before"])) for r in ok[variant]]
