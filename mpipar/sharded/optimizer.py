@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
@@ -15,7 +15,8 @@ from mpipar.diagnostics.agree import agree_on
 from mpipar.sharded.consolidate import GRID_KEY, shard_optimizer_state
 from mpipar.sharded.layout import FlatLayout, Piece
 
-__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards", "flatten_into", "piece_parameters", "step_pieces"]
+__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards", "flatten_into", "piece_parameters", "step_pieces",
+           "tensor_bytes", "memory_record"]
 
 
 def flatten_into(params: Sequence[nn.Parameter], layout: FlatLayout) -> List[torch.Tensor]:
@@ -54,6 +55,20 @@ def step_pieces(optimizer: torch.optim.Optimizer, pieces: Sequence[Piece], shard
     optimizer.step()
     for p in params:
         p.grad = None
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> float:
+    """The bytes of ``tensors`` together. Local."""
+    return float(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def memory_record(param_bytes: float, gradients: Iterable[torch.Tensor],
+                  optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, float]:
+    """A ``memory()`` record: ``param_bytes``, the bytes of ``gradients`` and of ``optimizer``'s state tensors
+    (none without an optimizer). Local."""
+    state = [] if optimizer is None else [value for per_param in optimizer.state.values()
+                                          for value in per_param.values() if isinstance(value, torch.Tensor)]
+    return {"param_bytes": param_bytes, "grad_bytes": tensor_bytes(gradients), "optimizer_bytes": tensor_bytes(state)}
 
 
 def allgather_shards(flats: Sequence[torch.Tensor], comm: MPI.Intracomm, calls: List[Tuple[str, int]],
@@ -150,12 +165,7 @@ class ShardedUpdate:
             Dict[str, float]:
         """Bytes held between steps: the whole parameters, ``gradients`` (the averager's buckets) and the
         optimizer state (this rank's shard's). Local."""
-        def nbytes(tensors) -> float:
-            return float(sum(t.numel() * t.element_size() for t in tensors))
-
-        state = [] if optimizer is None else [value for per_param in optimizer.state.values()
-                                              for value in per_param.values() if isinstance(value, torch.Tensor)]
-        return {"param_bytes": nbytes(self.flats), "grad_bytes": nbytes(gradients), "optimizer_bytes": nbytes(state)}
+        return memory_record(tensor_bytes(self.flats), gradients, optimizer)
 
     def state_dict(self) -> dict:
         """The layout for a checkpoint file (:data:`~mpipar.sharded.consolidate.GRID_KEY`): the entries and

@@ -18,7 +18,14 @@ from mpipar.comm.wire import WireReduceScatter
 from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.sharded.layout import FlatLayout
-from mpipar.sharded.optimizer import allgather_shards, flatten_into, piece_parameters, step_pieces
+from mpipar.sharded.optimizer import (
+    allgather_shards,
+    flatten_into,
+    memory_record,
+    piece_parameters,
+    step_pieces,
+    tensor_bytes,
+)
 from mpipar.sharded.units import UnitGather, assign_units
 
 __all__ = ["ShardedDataParallel", "STAGES"]
@@ -444,18 +451,13 @@ class ShardedDataParallel:
         """Bytes this rank holds between steps: parameters (the full buffers, whose shard the optimizer
         steps in place, and frozen parameters), gradients (stage 1: DataParallel's buckets; stage 2: the shard) and the
         optimizer's state. Local."""
-        def nbytes(tensors):
-            return float(sum(t.numel() * t.element_size() for t in tensors))
-
         frozen = [p for p in self.module.parameters() if not p.requires_grad]
         grads = [bucket.buffer for bucket in self.dp.buckets] if self.dp is not None else self.grad_shards
-        state = [] if optimizer is None else [value for per_param in optimizer.state.values()
-                                              for value in per_param.values() if isinstance(value, torch.Tensor)]
-        params = nbytes([*self.flats, *frozen])
+        params = tensor_bytes([*self.flats, *frozen])
         if self.unit_gather is not None:  # the shards, and whichever units' full buffers are held now
-            params = nbytes([*self.shards, *frozen]) + float(sum(f.untyped_storage().nbytes() for f in self.flats))
-        return {"param_bytes": params, "grad_bytes": nbytes(grads),
-                "optimizer_bytes": nbytes(state)}
+            params = tensor_bytes([*self.shards, *frozen]) + float(sum(f.untyped_storage().nbytes()
+                                                                       for f in self.flats))
+        return memory_record(params, grads, optimizer)
 
     def sync_buffers(self) -> None:
         """Average floating-point buffers (BatchNorm statistics) over ``comm``. Collective."""
