@@ -1,5 +1,6 @@
-"""What the benchmarks share: the checkout on ``sys.path``, a gloo process group set up from MPI,
-timed SGD steps, ABBA round order and the summary of paired per-round ratios.
+"""What the benchmarks share: the checkout on ``sys.path``, a gloo process group set up from MPI, DDP as
+the benchmarks configure it, timed SGD steps, resident memory, one launch per variant, ABBA round order and
+the summary of paired per-round ratios.
 
 A benchmark imports it before mpipar (``from _bench import ...``; the benchmark's own folder is on
 ``sys.path`` when it runs as ``python benchmarks/NAME.py``), which finds mpipar in a checkout that
@@ -7,9 +8,11 @@ was not installed.
 """
 
 import inspect
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from mpi4py import MPI
+
+from mpipar.run.metrics import peak_resident_bytes
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -45,10 +50,26 @@ def init_gloo(comm, timeout=None) -> None:
     dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(), timeout=timeout)
 
 
+def gloo_world(threads: int):
+    """``(MPI.COMM_WORLD, rank, size)`` with torch at ``threads`` threads and the gloo group up (:func:`init_gloo`):
+    a benchmark's start. Collective over COMM_WORLD."""
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(threads)
+    init_gloo(comm)
+    return comm, comm.Get_rank(), comm.Get_size()
+
+
 def ddp_no_buffer_sync() -> dict:
     """DDP's keyword for no buffer broadcast in every forward (``broadcast_buffers`` renamed in newer torch)."""
     parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
+def ddp(model, bucket_mb: float, **options):
+    """torch's DDP with the advantages mpipar has: ``gradient_as_bucket_view`` (no copies into buckets) and no
+    buffer broadcast in every forward; ``options`` (``process_group``, ``device_ids``) go on to it."""
+    return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True,
+                                                     **ddp_no_buffer_sync(), **options)
 
 
 def mpi_library() -> str:
@@ -64,9 +85,10 @@ def sleeping_barrier(comm, interval: float = 0.001) -> None:
         time.sleep(interval)
 
 
-def time_steps(model, wrapped, batches, lr=0.01, sync=lambda: None) -> float:
+def time_steps(model, wrapped, batches, lr=0.01, sync=lambda: None, warmed=lambda: None) -> float:
     """Seconds for SGD (momentum 0.9) steps over ``batches[1:]``, after one warm-up step on ``batches[0]``;
-    ``sync`` (e.g. the device's synchronize) runs before each clock reading."""
+    ``sync`` (e.g. the device's synchronize) runs before each clock reading, ``warmed`` after the warm-up
+    step, before the clock starts (e.g. to reset counters)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
     def step(images, labels):
@@ -75,12 +97,63 @@ def time_steps(model, wrapped, batches, lr=0.01, sync=lambda: None) -> float:
         optimizer.step()
 
     step(*batches[0])
+    warmed()
     sync()
     start = time.perf_counter()
     for images, labels in batches[1:]:
         step(images, labels)
     sync()
     return time.perf_counter() - start
+
+
+def current_rss() -> int:
+    """This process's resident set now, bytes (``/proc/self/statm``; Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far, bytes (``ru_maxrss``, as the metrics file's ``max_rss_bytes``)."""
+    return int(peak_resident_bytes())
+
+
+def warm_up(optimizer_class, **options) -> None:
+    """One step of ``optimizer_class`` (with ``options``) on a tiny layer: the lazy imports of a first step
+    (AdamW's: torch._dynamo, ~40 MiB) are then in the RSS before the model, not counted as any variant's memory."""
+    layer = torch.nn.Linear(4, 4)
+    optimizer = optimizer_class(layer.parameters(), **options)
+    layer(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+
+
+def launch_result(command, variant: str, env=None) -> dict:
+    """Run one launch (``command``, an mpirun line) of ``variant``; the JSON its rank 0 printed after ``RESULT ``,
+    or ``{"variant", "error"}`` with how the launch exited and its last line on stderr."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"variant": variant, "error": f"launch exited {done.returncode}: {tail}"}
+
+
+def launch_rounds(variants, rounds: int, launch, render, out=None) -> str:
+    """A driver's rounds: ``launch(variant)`` (a dict) for every variant, ``rounds`` times in ABBA order, each
+    result printed; after every round the report ``render(results, load_start, load_end, seconds)`` (``results``:
+    variant -> its rounds' dicts; load averages; seconds so far) is written to ``out``, so a run stopped early
+    keeps the rounds it finished. Returns the last report."""
+    load_start, started = os.getloadavg(), time.time()
+    results = {variant: [] for variant in variants}
+    report = ""
+    for round_index in range(rounds):
+        for variant in abba(variants, round_index):
+            result = launch(variant)
+            results[variant].append(result)
+            print(f"round {round_index} {variant}: " + json.dumps(result), flush=True)
+        report = render(results, load_start, os.getloadavg(), time.time() - started)
+        if out:
+            Path(out).write_text(report)
+    return report
 
 
 def abba(items, round_index: int) -> list:

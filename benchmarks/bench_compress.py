@@ -28,12 +28,10 @@ left it (``/proc/net/dev``, TCP/IP headers included) for every contender.
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from _bench import abba, ddp_no_buffer_sync, init_gloo, mpi_library, paired  # before mpipar
+from _bench import abba, ddp, gloo_world, mpi_library, paired, time_steps  # before mpipar
 from mpi4py import MPI
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
@@ -69,21 +67,17 @@ def build(name: str):
 
 
 def timed(model, wrapped, batches, sync_stats=None):
-    """(seconds, bytes sent by eth0) of SGD steps over ``batches[1:]`` after one warm-up step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    """(seconds, bytes sent by eth0) of SGD steps over ``batches[1:]`` after one warm-up step (``time_steps``);
+    ``sync_stats``' count of the warm-up is dropped."""
+    sent_before = []
 
-    def step(inputs, labels):
-        optimizer.zero_grad()
-        F.cross_entropy(wrapped(inputs), labels).backward()
-        optimizer.step()
+    def warmed():
+        if sync_stats is not None:
+            sync_stats.take()
+        sent_before.append(eth0_sent())
 
-    step(*batches[0])
-    if sync_stats is not None:
-        sync_stats.take()
-    sent, start = eth0_sent(), time.perf_counter()
-    for inputs, labels in batches[1:]:
-        step(inputs, labels)
-    return time.perf_counter() - start, eth0_sent() - sent
+    seconds = time_steps(model, wrapped, batches, warmed=warmed)
+    return seconds, eth0_sent() - sent_before[0]
 
 
 def main() -> None:
@@ -100,10 +94,7 @@ def main() -> None:
                              "collective mismatch when the gpt's gradients took two buckets)")
     args = parser.parse_args()
 
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    torch.set_num_threads(args.threads)
-    init_gloo(comm)
+    comm, rank, size = gloo_world(args.threads)
     torch.manual_seed(0)
     base, make_batch = build(args.model)
     generator = torch.Generator().manual_seed(rank)
@@ -117,15 +108,14 @@ def main() -> None:
     for label in ("fp32", "bf16", "powersgd"):
         model = copy.deepcopy(base)
         group = dist.new_group(list(range(size)))  # its own group: DDP instances do not share one's collectives
-        ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group, gradient_as_bucket_view=True,
-                                                      bucket_cap_mb=args.bucket_mb, **ddp_no_buffer_sync())
+        wrapped = ddp(model, args.bucket_mb, process_group=group)
         if label == "bf16":
-            ddp.register_comm_hook(group, bf16_hook)
+            wrapped.register_comm_hook(group, bf16_hook)
         elif label == "powersgd":
             state = powerSGD_hook.PowerSGDState(process_group=group, matrix_approximation_rank=args.rank,
                                                 start_powerSGD_iter=args.start_iter, min_compression_rate=1)
-            ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        contenders.append((f"DDP {label}", model, ddp))
+            wrapped.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        contenders.append((f"DDP {label}", model, wrapped))
 
     speed = {name: [] for name, _, _ in contenders}
     wire_bytes = {name: [] for name, _, _ in contenders}

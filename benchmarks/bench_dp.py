@@ -23,14 +23,7 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from _bench import (  # before mpipar: the checkout on sys.path
-    abba,
-    ddp_no_buffer_sync,
-    init_gloo,
-    mpi_library,
-    paired,
-    time_steps,
-)
+from _bench import abba, ddp, gloo_world, mpi_library, paired, time_steps  # before mpipar: the checkout
 from mpi4py import MPI
 
 import mpipar
@@ -50,10 +43,7 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for both")
     args = parser.parse_args()
 
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    torch.set_num_threads(args.threads)
-    init_gloo(comm)
+    comm, rank, size = gloo_world(args.threads)
 
     torch.manual_seed(0)
     base = MODELS[args.model]()
@@ -64,11 +54,10 @@ def main() -> None:
     model_mpipar = copy.deepcopy(base)
     mpipar_dp = mpipar.DataParallel(model_mpipar, comm, bucket_cap_mb=args.bucket_mb)
     model_ddp = copy.deepcopy(base)
-    ddp_class = torch.nn.parallel.DistributedDataParallel
-    ddp = ddp_class(model_ddp, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True, **ddp_no_buffer_sync())
+    torch_ddp = ddp(model_ddp, args.bucket_mb)
 
     results = {"mpipar": [], "ddp": []}
-    contenders = [("mpipar", model_mpipar, mpipar_dp), ("ddp", model_ddp, ddp)]
+    contenders = [("mpipar", model_mpipar, mpipar_dp), ("ddp", model_ddp, torch_ddp)]
     for round_index in range(args.rounds):
         for name, model, wrapped in abba(contenders, round_index):
             comm.Barrier()

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from _bench import (  # before mpipar: the checkout on sys.path
     abba,
-    ddp_no_buffer_sync,
+    ddp,
     init_gloo,
     mpi_library,
     paired,
@@ -101,16 +101,14 @@ def build_ddp(comm, base, device, bucket_mb: float):
     """(model, DDP wrapper) with gloo, or (None, every rank's error) when any rank failed to build it or to
     run one step (agreed over ranks; a rank that fails alone costs the others the 30 s rendezvous timeout)."""
     error = None
-    model = ddp = None
+    model = wrapped = None
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: loopback only
         init_gloo(comm, timeout=datetime.timedelta(seconds=30))
         model = copy.deepcopy(base)
-        ddp_class = torch.nn.parallel.DistributedDataParallel
-        ddp = ddp_class(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True, **ddp_no_buffer_sync())
+        wrapped = ddp(model, bucket_mb, device_ids=[device.index] if device.type == "cuda" else None)
         probe = make_batches(device, 1, 2, seed=99)[0]  # one step: does gloo reduce these tensors?
-        F.cross_entropy(ddp(probe[0]), probe[1]).backward()
+        F.cross_entropy(wrapped(probe[0]), probe[1]).backward()
         model.zero_grad()
         sync(device)
     except Exception as exc:  # noqa: BLE001 - reported, and the other modes go on
@@ -118,7 +116,7 @@ def build_ddp(comm, base, device, bucket_mb: float):
     errors = [f"rank {rank}: {e}" for rank, e in enumerate(comm.allgather(error)) if e]
     if errors:
         return None, "; ".join(errors)
-    return model, ddp
+    return model, wrapped
 
 
 def timed_mode(comm, name, contender, batches, single_batches, device) -> float:

@@ -20,17 +20,16 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
-from _bench import abba, mpi_library, paired  # before mpipar: the checkout
+from _bench import current_rss, launch_result, launch_rounds, mpi_library, paired, peak_rss, warm_up  # before mpipar
 from mpi4py import MPI
 
 import mpipar
@@ -46,23 +45,6 @@ MiB = 2 ** 20
 def build_model(args):
     torch.manual_seed(0)
     return gpt(width=args.width, layers=args.layers, heads=args.heads, seq_len=args.seq_len)
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def warm_up() -> None:
-    """One step of a tiny layer: the lazy imports of the first step are then in the RSS before the model."""
-    layer = torch.nn.Linear(4, 4)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
 
 
 def trainer(case: str, recompute: str, comm, args):
@@ -109,7 +91,7 @@ def run_variant(args) -> None:
     for _ in range(args.steps + 1):
         tokens = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), generator=generator)
         batches.append((tokens[:, :-1], tokens[:, 1:]))
-    warm_up()
+    warm_up(torch.optim.SGD, lr=0.1)
     rss_before = current_rss()
     result = {"variant": args.variant}
     try:
@@ -140,12 +122,7 @@ def launch(variant, args) -> dict:
                                                                                            "65536")}
     command = [mpirun, "-n", str(args.ranks), "--oversubscribe", "-x", "MALLOC_MMAP_THRESHOLD_", sys.executable,
                str(Path(__file__).resolve()), "--variant", variant, *child_options(args)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"variant": variant, "error": f"launch exited {done.returncode}: {tail}"}
+    return launch_result(command, variant, env)
 
 
 def child_options(args) -> list:
@@ -155,23 +132,8 @@ def child_options(args) -> list:
 
 def drive(args) -> None:
     variants = [f"{case}:{mode}" for case in args.cases.split(",") for mode in RECOMPUTES]
-    load_start, started = os.getloadavg(), time.time()
-    rounds = {variant: [] for variant in variants}
-    for round_index in range(args.rounds):
-        for variant in abba(variants, round_index):
-            result = launch(variant, args)
-            rounds[variant].append(result)
-            print(f"round {round_index} {variant}: " + json.dumps(result), flush=True)
-        report = render(args, rounds, load_start, os.getloadavg(), time.time() - started)
-        if args.out:  # after every round: a run stopped early keeps the rounds it finished
-            Path(args.out).write_text(report)
-    print(report)
-
-
-def median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    print(launch_rounds(variants, args.rounds, lambda variant: launch(variant, args),
+                        lambda rounds, *load_and_time: render(args, rounds, *load_and_time), args.out))
 
 
 def render(args, rounds, load_start, load_end, seconds) -> str:

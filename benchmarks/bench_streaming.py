@@ -16,7 +16,6 @@ samples/s (global batch / median step). Delete the files afterwards.
 """
 
 import argparse
-import resource
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from _bench import mpi_library  # before mpipar: the checkout on sys.path
+from _bench import mpi_library, peak_rss  # before mpipar: the checkout on sys.path
 from mpi4py import MPI
 
 from mpipar import models
@@ -78,7 +77,7 @@ def run(comm, path: Path, args) -> None:
             with h5py.File(Path(out) / "run" / "metrics.h5", "r") as f:
                 step_time, data_time = f["steps/step_time"][...], f["steps/data_time"][...]
         comm.Barrier()
-    peaks = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, root=0)  # KiB -> GiB
+    peaks = comm.gather(peak_rss() / 2**30, root=0)  # GiB
     if comm.Get_rank() == 0:
         skip = min(5, len(step_time) // 4)  # the first steps warm up
         step = statistics.median(step_time[skip:].max(axis=1))

@@ -38,7 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _bench import abba, init_gloo, mpi_library, paired, sleeping_barrier  # before mpipar: the checkout on sys.path
+from _bench import abba, gloo_world, mpi_library, paired, sleeping_barrier  # before mpipar: the checkout on sys.path
 from mpi4py import MPI
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -103,10 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     single_threads = args.threads if args.single_threads is None else args.single_threads
 
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    torch.set_num_threads(args.threads)
-    init_gloo(comm)
+    comm, rank, size = gloo_world(args.threads)
     mesh = init_device_mesh("cpu", (size,))
 
     torch.manual_seed(0)

@@ -22,18 +22,27 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _bench import abba, ddp_no_buffer_sync, init_gloo, mpi_library, paired  # before mpipar: the checkout
+from _bench import (  # before mpipar: the checkout
+    current_rss,
+    ddp,
+    gloo_world,
+    launch_result,
+    launch_rounds,
+    mpi_library,
+    paired,
+    peak_rss,
+    warm_up,
+)
 from mpi4py import MPI
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -56,15 +65,6 @@ def build_model(args):
     return models.mlp([args.features] + [args.width] * args.layers + [args.classes], flatten=False)
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def activation_bytes(model, images) -> int:
     """Bytes autograd saves for the backward in one forward (distinct storages), serial."""
     storages = {}
@@ -80,15 +80,6 @@ def activation_bytes(model, images) -> int:
     return sum(nbytes for pointer, nbytes in storages.items() if pointer not in parameters)
 
 
-def warm_up() -> None:
-    """One AdamW step on a tiny layer: the lazy imports of the first step (torch._dynamo, ~40 MiB) are then
-    in the RSS before the model, not counted as any variant's memory."""
-    layer = torch.nn.Linear(4, 4)
-    optimizer = torch.optim.AdamW(layer.parameters())
-    layer(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-
-
 def wrap(variant, model, comm, args):
     """(forward, optimizer, step) for ``variant``; ``step(optimizer)`` after the backward."""
     adamw = dict(lr=args.lr)
@@ -99,12 +90,11 @@ def wrap(variant, model, comm, args):
         sharded = ShardedDataParallel(model, comm, stage=int(variant[-1]), bucket_cap_mb=args.bucket_mb)
         return sharded, torch.optim.AdamW(sharded.parameters(), **adamw), sharded.step
     if variant in ("ddp", "torch-zero"):
-        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb,
-                                                        gradient_as_bucket_view=True, **ddp_no_buffer_sync())
+        wrapped = ddp(model, args.bucket_mb)
         if variant == "ddp":
-            return ddp, torch.optim.AdamW(model.parameters(), **adamw), lambda optimizer: optimizer.step()
+            return wrapped, torch.optim.AdamW(model.parameters(), **adamw), lambda optimizer: optimizer.step()
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, **adamw)
-        return ddp, optimizer, lambda optimizer: optimizer.step()
+        return wrapped, optimizer, lambda optimizer: optimizer.step()
     if variant == "fsdp2":
         mesh = init_device_mesh("cpu", (comm.Get_size(),))
         for layer in model.modules():
@@ -117,14 +107,11 @@ def wrap(variant, model, comm, args):
 
 def run_variant(args) -> None:
     """One variant on MPI.COMM_WORLD: rank 0 prints one JSON line (samples/s, RSS per rank, final loss)."""
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    torch.set_num_threads(args.threads)
-    init_gloo(comm)
+    comm, rank, size = gloo_world(args.threads)
     generator = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(args.batch_size, args.features, generator=generator),
                 torch.randint(0, args.classes, (args.batch_size,), generator=generator)) for _ in range(args.steps + 1)]
-    warm_up()
+    warm_up(torch.optim.AdamW)
     rss_before = current_rss()
     result = {"variant": args.variant}
     try:
@@ -163,12 +150,7 @@ def launch(variant, args) -> dict:
     forwarded = [option for name in ALLOCATOR_SETTINGS if name in os.environ for option in ("-x", name)]
     command = [mpirun, "-n", str(args.ranks), *(["--oversubscribe"] if args.oversubscribe else []), *forwarded,
                sys.executable, str(Path(__file__).resolve()), "--variant", variant, *child_options(args)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"variant": variant, "error": f"launch exited {done.returncode}: {tail}"}
+    return launch_result(command, variant, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def child_options(args) -> list:
@@ -192,18 +174,9 @@ def drive(args) -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
-    load_start, started = os.getloadavg(), time.time()
-    rounds = {variant: [] for variant in variants}
     sizes = describe(args)
-    for round_index in range(args.rounds):
-        for variant in abba(variants, round_index):
-            result = launch(variant, args)
-            rounds[variant].append(result)
-            print(f"round {round_index} {variant}: " + json.dumps(result), flush=True)
-        report = render(args, rounds, sizes, load_start, os.getloadavg(), time.time() - started)
-        if args.out:  # after every round: a run stopped early keeps the rounds it finished
-            Path(args.out).write_text(report)
-    print(report)
+    print(launch_rounds(variants, args.rounds, lambda variant: launch(variant, args),
+                        lambda rounds, *load_and_time: render(args, rounds, sizes, *load_and_time), args.out))
 
 
 def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
@@ -237,10 +210,6 @@ def render(args, rounds, sizes, load_start, load_end, seconds) -> str:
 
     def growth(variant):  # per round: the largest rank's growth over its RSS before the model
         return [max(p - b for p, b in zip(r["peak_rss"], r["rss_before"])) for r in ok[variant]]
-
-    def median(values):
-        return sorted(values)[len(values) // 2] if len(values) % 2 else sum(sorted(values)[len(values) // 2 - 1:
-                                                                                            len(values) // 2 + 1]) / 2
 
     def held(variant):  # per round: the largest rank's RSS after its last step over its RSS before the model
         return [max(a - b for a, b in zip(r["rss_after"], r["rss_before"])) for r in ok[variant]]

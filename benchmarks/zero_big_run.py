@@ -14,22 +14,16 @@ high-water mark reset after the wrapper is built, ``/proc/self/clear_refs``, the
 
 import argparse
 import json
-import os
-import resource
 import time
 
 import torch
+from _bench import current_rss, peak_rss  # before mpipar: the checkout
 from mpi4py import MPI
 
 from mpipar.models import gpt
 from mpipar.sharded import ShardedConfig, ShardedStrategy
 
 GiB = 2 ** 30
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def high_water() -> int:
@@ -89,14 +83,14 @@ def main() -> None:
               f"rank + a gathered unit {info['largest_unit_bytes'] / GiB:.3f} GiB", flush=True)
     if args.dry_run:
         return
-    before = rss()
+    before = current_rss()
     start = time.perf_counter()
     model = build(args)
     strategy = ShardedStrategy(model, comm, ShardedConfig(3))
     optimizer = torch.optim.AdamW(strategy.parameters() or [torch.zeros(0, requires_grad=True)], lr=1e-4)
     strategy.bind_optimizer(optimizer)
     built = time.perf_counter() - start
-    after_build = rss()
+    after_build = current_rss()
     reset = reset_high_water()
     generator = torch.Generator().manual_seed(rank)
     losses = []
@@ -112,8 +106,8 @@ def main() -> None:
     training_peak = high_water() if reset else None
     strategy.sdp.close()
     report = {"rank": rank, "rss_before_model": before, "rss_after_build": after_build,
-              "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "peak_rss_training": training_peak, "rss_end": rss(), "held": held, "build_s": built}
+              "peak_rss_process": peak_rss(), "peak_rss_training": training_peak, "rss_end": current_rss(),
+              "held": held, "build_s": built}
     reports = comm.gather(report)
     if rank == 0:
         for r in reports:

@@ -2,8 +2,9 @@
 PowerSGD's matrix products, against hand computations. Serial, pure."""
 
 import pytest
+from cost_helpers import linear_link, profile_of, vit_like
 
-from mpipar.cost import Band, LayerCost, Layout, Link, Machine, ModelProfile, plan, predict_data_parallel, predict_run
+from mpipar.cost import Layout, Machine, plan, predict_data_parallel, predict_run
 from mpipar.cost.compress import powersgd_flops, powersgd_seconds
 from mpipar.cost.model import predict_pipeline
 from mpipar.cost.options import ASSUMED_MATMUL_FLOPS, TrainingOptions
@@ -16,28 +17,10 @@ from mpipar.tensor_parallel.strategy import TensorParallelConfig
 ADAMW = TrainingOptions(optimizer="adamw")
 
 
-def linear_link(alpha, beta, description="shared memory"):
-    band = (Band(None, alpha, beta),)
-    return Link(band, band, 2, description)
-
-
-def profile_of(layers, name="toy", sizes=(8,)):
-    """Layers (forward, backward, param bytes, activation bytes, saved bytes[, shapes]), the same at every size."""
-    costs = tuple(LayerCost(f"l{i}", layer[0], layer[1], tuple(layer[2]), layer[3], layer[4],
-                            tuple(layer[5]) if len(layer) > 5 else ()) for i, layer in enumerate(layers))
-    return ModelProfile(name, {size: costs for size in sizes})
-
-
 def vit_machine(alpha=0.01):
     """A vision transformer's profile unsplit and split over 2: embed (1000 B), 2 blocks, head (1000 B)."""
-    def vit(name, block_seconds, param_bytes):
-        layers = ((LayerCost("embed", 1.0, 1.0, (1000,), 2**20, 0),)
-                  + tuple(LayerCost(f"block{i}", block_seconds, 2 * block_seconds, (param_bytes,), 2**20, 10)
-                          for i in range(2))
-                  + (LayerCost("head", 1.0, 1.0, (1000,), 40, 0),))
-        return ModelProfile(name, {8: layers}, {8: sum(lay.forward + lay.backward for lay in layers) + 0.5})
-    models = {"vit": vit("vit", 4.0, 4000), "vit/tp2": vit("vit/tp2", 2.0, 2000)}
-    return Machine(linear_link(alpha, 0.0), None, models, 4, 4)
+    models = {"vit": vit_like("vit", 4.0, 4000), "vit/tp2": vit_like("vit/tp2", 2.0, 2000)}
+    return Machine(linear_link(alpha, 0.0, "shared memory"), None, models, 4, 4)
 
 
 # --- PowerSGD's matrix products ----------------------------------------------------------------------------------

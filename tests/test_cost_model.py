@@ -2,6 +2,7 @@
 
 import h5py
 import pytest
+from cost_helpers import MiB, linear_link, machine_of, profile_of
 
 from mpi_helpers import ROOT, assert_all_ranks, run_mpi
 from mpipar.comm.buckets import assign_buckets
@@ -22,24 +23,6 @@ from mpipar.cost import (
 )
 from mpipar.cost.plan import format_plan
 from mpipar.pipeline.schedule import Schedule
-
-MiB = 2**20
-
-
-def linear_link(alpha: float, beta: float, description: str = "test link") -> Link:
-    band = (Band(None, alpha, beta),)
-    return Link(band, band, 2, description)
-
-
-def profile_of(layers, name="toy", sizes=(8,)):
-    """A profile whose layers cost the same at every size (seconds per micro-batch regardless of its size)."""
-    costs = tuple(LayerCost(f"l{i}", f, b, tuple(params), activation, saved)
-                  for i, (f, b, params, activation, saved) in enumerate(layers))
-    return ModelProfile(name, {size: costs for size in sizes})
-
-
-def machine_of(profile, within=None, across=None):
-    return Machine(within or linear_link(0.0, 0.0, "shared memory"), across, {profile.name: profile}, 4, 4)
 
 
 def test_machine_file_round_trips(tmp_path):

@@ -3,10 +3,11 @@ and the memory it predicts against what ``ShardedDataParallel`` holds."""
 
 import pytest
 import torch
+from cost_helpers import MiB, linear_link, machine_of, profile_of
 from torch import nn
 
 from mpi_helpers import assert_all_ranks
-from mpipar.cost import Band, LayerCost, Layout, Link, Machine, ModelProfile, interconnect, predict_data_parallel
+from mpipar.cost import Layout, Machine, interconnect, predict_data_parallel
 from mpipar.cost.allreduce import collective_rounds, collective_seconds
 from mpipar.cost.compress import allreduce_bytes_sent, powersgd_bytes, powersgd_split, wire16_bytes_sent
 from mpipar.cost.memory import GiB, activation_memory, shard_bytes, state_memory
@@ -15,24 +16,7 @@ from mpipar.cost.options import ASSUMED_MATMUL_FLOPS, TrainingOptions, compute_r
 from mpipar.cost.plan import main, memory_by_stage, parse_compress, parse_zero, plan, verdicts
 from mpipar.cost.sharded import predict_sharded
 
-MiB = 2**20
 SGD, ADAMW = TrainingOptions(), TrainingOptions(optimizer="adamw")
-
-
-def linear_link(alpha, beta, description="test link"):
-    band = (Band(None, alpha, beta),)
-    return Link(band, band, 2, description)
-
-
-def profile_of(layers, name="toy", sizes=(8,)):
-    """Layers (forward, backward, param bytes, activation bytes, saved bytes[, shapes]), the same at every size."""
-    costs = tuple(LayerCost(f"l{i}", layer[0], layer[1], tuple(layer[2]), layer[3], layer[4],
-                            tuple(layer[5]) if len(layer) > 5 else ()) for i, layer in enumerate(layers))
-    return ModelProfile(name, {size: costs for size in sizes})
-
-
-def machine_of(profile, within=None, across=None, **kwargs):
-    return Machine(within or linear_link(0.0, 0.0, "shared memory"), across, {profile.name: profile}, 4, 4, **kwargs)
 
 
 # --- collectives, wire and PowerSGD bytes -----------------------------------------------------------------------

@@ -2,29 +2,12 @@
 job's prediction. Serial and cheap."""
 
 import pytest
+from cost_helpers import MiB, linear_link, vit_like
 
-from mpipar.cost import Band, LayerCost, Layout, Link, Machine, ModelProfile, plan, predict_data_parallel, predict_run
+from mpipar.cost import Layout, Link, Machine, plan, predict_data_parallel, predict_run
 from mpipar.cost.plan import format_plan
 from mpipar.cost.tensor import predict_tensor_grid, profile_name, tensor_degrees
 from mpipar.tensor_parallel.profile import profile_tensor_parallel
-
-MiB = 2**20
-
-
-def linear_link(alpha: float, beta: float, description: str) -> Link:
-    band = (Band(None, alpha, beta),)
-    return Link(band, band, 2, description)
-
-
-def vit_like(name: str, block_seconds: float, param_bytes: int, activation: int = MiB, depth: int = 2,
-             sizes=(8,)) -> ModelProfile:
-    """embed, ``depth`` blocks and head; each block forward ``block_seconds``, backward twice that."""
-    layers = ((LayerCost("embed", 1.0, 1.0, (1000,), activation, 0),)
-              + tuple(LayerCost(f"block{i}", block_seconds, 2 * block_seconds, (param_bytes,), activation, 10)
-                      for i in range(depth))
-              + (LayerCost("head", 1.0, 1.0, (1000,), 40, 0),))
-    return ModelProfile(name, {size: layers for size in sizes}, {size: sum(lay.forward + lay.backward for lay in
-                                                                           layers) + 0.5 for size in sizes})
 
 
 def vit_machine(within: Link = None, across: Link = None) -> Machine:

@@ -34,6 +34,26 @@ def global_batch(step: int, device="cpu"):
             torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator).to(device))
 
 
+def reference_step_problems(grid, result, model, reference, reference_optimizer, local, inputs, targets,
+                            step: int) -> list:
+    """One SGD step of the unsplit ``reference`` on the global batch, against a replicated pipeline's step
+    (``result``, ``model``'s gradients): the replicas' mean loss and every gradient of this rank's parameters
+    (``local``: ids; a None gradient reads as zeros, an unused parameter's). Collective over ``grid.data_comm``."""
+    reference_optimizer.zero_grad()
+    expected = F.cross_entropy(reference(inputs), targets)
+    expected.backward()
+    problems = []
+    losses = grid.data_comm.allgather(result.loss)
+    if abs(sum(losses) / len(losses) - expected.item()) > 1e-12:
+        problems.append(f"step {step}: loss {losses} vs {expected.item()}")
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        mine, theirs = (torch.zeros_like(p) if g is None else g for g in (p.grad, r.grad))
+        if id(p) in local and not torch.allclose(mine, theirs, **TOL):
+            problems.append(f"step {step}: grad of {name}")
+    reference_optimizer.step()
+    return problems
+
+
 @pytest.mark.mpi(min_size=1)
 def test_grid_layout():
     comm = MPI.COMM_WORLD
@@ -91,17 +111,8 @@ def test_hybrid_equals_one_process_on_the_global_batch(stages, schedule, overlap
             result = pipe.step(inputs[mine], targets[mine])
             averager.average(num_samples=share)
         optimizer.step()
-        reference_optimizer.zero_grad()
-        expected = F.cross_entropy(reference(inputs), targets)
-        expected.backward()
-        losses = grid.data_comm.allgather(result.loss)
-        if abs(sum(losses) / len(losses) - expected.item()) > 1e-12:
-            problems.append(f"step {step}: loss {losses} vs {expected.item()}")
-        local = {id(p) for p in params}
-        for (name, p), r in zip(model.named_parameters(), reference.parameters()):
-            if id(p) in local and not torch.allclose(p.grad, r.grad, **TOL):
-                problems.append(f"step {step}: grad of {name}")
-        reference_optimizer.step()
+        problems += reference_step_problems(grid, result, model, reference, reference_optimizer,
+                                            {id(p) for p in params}, inputs, targets, step)
     # overlapped with replicas: every bucket starts during the backward, none is left for average()
     early = 2 * len(averager.buckets) if overlapped and grid.replicas > 1 else 0
     if averager.launched_early != early:

@@ -10,27 +10,18 @@ its own tests). ``--compress``: pipelines refuse it. Skips across stages and ten
 ``mpirun -n {1,2,3,4} python -m pytest --only-mpi tests/test_pipeline_combinations.py``.
 """
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
-from test_pipeline_precision import (
-    BATCH,
-    MICROBATCHES,
-    WIDTH,
-    batch,
-    boundary_model,
-    reference_gradients,
-    stage_parameters,
-)
-from test_pipeline_schedules import awkward_model, compare, microbatches_for, step
+from test_pipeline_precision import autocast_problems, stage_parameters
+from test_pipeline_schedules import awkward_pipeline, microbatches_for, train_against_reference
 from test_precision import LOOP_BATCH, TOLERANCE, loop_mlp, loop_run, serial_loop
 from test_recompute import differences, tiny_gpt, token_batch, vector_batch
 from torch import nn
 
-from mpi_helpers import assert_all_ranks, loop_session, random_batch, shared_directory
+from mpi_helpers import assert_all_ranks, loop_session, shared_directory
 from mpipar.diagnostics.failure import AgreedError
 from mpipar.pipeline import Pipeline, Placement
 from mpipar.run.recompute import apply_recompute
@@ -117,25 +108,10 @@ def test_recompute_with_the_new_schedules_is_bitwise_the_run_without(schedule, c
 def test_recompute_with_the_new_schedules_equals_the_unsplit_model(schedule, chunks):
     """Frozen, unused and tied parameters, ``full`` recompute, 3 SGD steps: float64, 1e-10 against one process."""
     comm = MPI.COMM_WORLD
-    model = awkward_model()
-    reference = copy.deepcopy(model)
-    pipe = Pipeline(model, comm, chunk_placement(schedule, 12, comm.Get_size(), chunks), schedule=schedule,
-                    microbatches=microbatches_for(comm.Get_size()), loss_fn=F.cross_entropy)
+    model, reference, pipe = awkward_pipeline(comm, chunk_placement(schedule, 12, comm.Get_size(), chunks), schedule)
     for stage in pipe.stages.values():
         stage.recompute = True
-    params = [p for p in pipe.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
-    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
-                                          momentum=0.9)
-    for number in range(STEPS):
-        inputs, targets = random_batch(number, 12)
-        optimizer.zero_grad()
-        reference_optimizer.zero_grad()
-        F.cross_entropy(reference(inputs), targets).backward()
-        result = step(pipe, inputs, targets)
-        compare(comm, pipe, model, reference, result, inputs, targets, f"{schedule} recompute step {number}")
-        optimizer.step()
-        reference_optimizer.step()
+    train_against_reference(comm, pipe, model, reference, f"{schedule} recompute", STEPS)
 
 
 # -- autocast --------------------------------------------------------------------------------------------------
@@ -148,33 +124,8 @@ def test_bf16_new_schedules_equal_one_process_autocast(schedule):
     handing over in memory in bf16 too) under bf16 autocast, 2 steps: loss and every gradient within 1e-6 of a
     one-process autocast run over the same micro-batches, activations in bf16."""
     world = MPI.COMM_WORLD
-    comm = world.Split(0 if world.Get_rank() < 2 else MPI.UNDEFINED)
-    problems = []
-    if comm != MPI.COMM_NULL:
-        model = boundary_model()
-        placement = Placement.v_shape(9, 2) if schedule == "zbv" else Placement((0, 0, 1, 1, 0, 0, 1, 1, 1))
-        pipe = Pipeline(copy.deepcopy(model), comm, placement, schedule=schedule, microbatches=MICROBATCHES,
-                        loss_fn=F.cross_entropy)
-        for number in range(2):
-            inputs, targets = batch(number)
-            for p in pipe.parameters():
-                p.grad = None
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                result = pipe.step(inputs, targets)
-            loss, grads = reference_gradients(model, number)
-            if abs(result.loss - loss) > 1e-6:
-                problems.append(f"step {number}: loss {result.loss} != {loss}")
-            for name, p in stage_parameters(pipe).items():
-                if p.grad is None or p.grad.dtype != torch.float32 or not torch.allclose(
-                        p.grad, grads[name], rtol=0, atol=1e-6):
-                    problems.append(f"step {number} {name}: {None if p.grad is None else p.grad.dtype}")
-            # every activation and gradient between two ranks crossed in bf16
-            owner = pipe.stage_ranks
-            crossing = [i for i in pipe.stages if i < 3 and owner[i + 1] != owner[i]] + \
-                [i for i in pipe.stages if i > 0 and owner[i - 1] != owner[i]]
-            if result.bytes_sent != len(crossing) * MICROBATCHES * (BATCH // MICROBATCHES) * WIDTH * 2:
-                problems.append(f"step {number}: {result.bytes_sent} bytes sent, not bf16")
-        comm.Free()
+    placement = Placement.v_shape(9, 2) if schedule == "zbv" else Placement((0, 0, 1, 1, 0, 0, 1, 1, 1))
+    problems = autocast_problems(world, 2, placement, schedule)  # stages 0 2 | 1 3 (zbv: 0 3 | 1 2)
     assert_all_ranks(world, not problems, "; ".join(problems))
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
+from test_hybrid import reference_step_problems
 from test_pipeline import make_model
 from test_pipeline_skips import plain_reference, skip_model
 from torch import nn
@@ -86,6 +87,35 @@ def step(pipe, inputs, targets):
     return pipe.step(inputs if pipe.holds_first_stage else None, targets if pipe.holds_last_stage else None)
 
 
+def awkward_pipeline(comm, placement: Placement, schedule: str):
+    """(model, an unsplit copy, the model pipelined over ``comm``): :func:`awkward_model` on ``placement``,
+    :func:`microbatches_for` the size of ``comm``."""
+    model = awkward_model()
+    reference = copy.deepcopy(model)
+    pipe = Pipeline(model, comm, placement, schedule=schedule, microbatches=microbatches_for(comm.Get_size()),
+                    loss_fn=F.cross_entropy)
+    return model, reference, pipe
+
+
+def train_against_reference(comm, pipe, model, reference, what: str, steps: int = 3):
+    """``steps`` SGD steps (momentum) of ``pipe`` (over ``model``) and of the unsplit ``reference`` on the same
+    batches, each step's outputs, loss and gradients compared (:func:`compare`); the last step's result."""
+    params = [p for p in pipe.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
+                                          momentum=0.9)
+    for number in range(steps):
+        inputs, targets = random_batch(number, BATCH)
+        optimizer.zero_grad()
+        reference_optimizer.zero_grad()
+        F.cross_entropy(reference(inputs), targets).backward()
+        result = step(pipe, inputs, targets)
+        compare(comm, pipe, model, reference, result, inputs, targets, f"{what} step {number}")
+        optimizer.step()
+        reference_optimizer.step()
+    return result
+
+
 CASES = [("interleaved", "looped2"), ("interleaved", "looped3"), ("interleaved", "round_robin"),
          ("interleaved", "even"), ("zero-bubble", "even"), ("zero-bubble", "round_robin"),
          ("zero-bubble", "sandwich"), ("zero-bubble", "looped2")]
@@ -96,23 +126,8 @@ CASES = [("interleaved", "looped2"), ("interleaved", "looped3"), ("interleaved",
 def test_new_schedules_train_like_the_unsplit_model(schedule, placement_name):
     """Three SGD steps (momentum) with frozen, unused and tied parameters equal serial training."""
     comm = MPI.COMM_WORLD
-    model = awkward_model()
-    reference = copy.deepcopy(model)
-    pipe = Pipeline(model, comm, placements(comm.Get_size())[placement_name], schedule=schedule,
-                    microbatches=microbatches_for(comm.Get_size()), loss_fn=F.cross_entropy)
-    params = [p for p in pipe.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
-    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
-                                          momentum=0.9)
-    for number in range(3):
-        inputs, targets = random_batch(number, BATCH)
-        optimizer.zero_grad()
-        reference_optimizer.zero_grad()
-        F.cross_entropy(reference(inputs), targets).backward()
-        result = step(pipe, inputs, targets)
-        compare(comm, pipe, model, reference, result, inputs, targets, f"{schedule} {pipe.placement} step {number}")
-        optimizer.step()
-        reference_optimizer.step()
+    model, reference, pipe = awkward_pipeline(comm, placements(comm.Get_size())[placement_name], schedule)
+    result = train_against_reference(comm, pipe, model, reference, f"{schedule} {pipe.placement}")
     if schedule == "zero-bubble":  # a micro-batch is held from its forward to its W: the schedule's count
         expected = {index: pipe.schedule.max_in_flight(index) for index in pipe.stages}
         assert_all_ranks(comm, result.peak_in_flight == expected, f"in flight {result.peak_in_flight} != {expected}")
@@ -236,18 +251,8 @@ def test_grids_of_replicas_equal_one_process_on_the_global_batch(stages, schedul
         result = pipe.step(inputs[mine], targets[mine], before_last_backward=averager.stage_finishing)
         averager.average()
         optimizer.step()
-        reference_optimizer.zero_grad()
-        expected = F.cross_entropy(reference(inputs), targets)
-        expected.backward()
-        losses = grid.data_comm.allgather(result.loss)
-        if abs(sum(losses) / len(losses) - expected.item()) > 1e-12:
-            problems.append(f"step {number}: loss {losses} vs {expected.item()}")
-        local = {id(p) for p in params}
-        for (name, p), r in zip(model.named_parameters(), reference.parameters()):
-            mine_grad, expected_grad = (torch.zeros_like(p) if g is None else g for g in (p.grad, r.grad))
-            if id(p) in local and not torch.allclose(mine_grad, expected_grad, **TOL):  # unused: None or zeros
-                problems.append(f"step {number}: grad of {name}")
-        reference_optimizer.step()
+        problems += reference_step_problems(grid, result, model, reference, reference_optimizer,
+                                            {id(p) for p in params}, inputs, targets, number)
     grid.free()
     assert_all_ranks(comm, not problems, f"{schedule} {stages} stages: {problems}")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
@@ -13,9 +13,10 @@ from mpipar.comm import mpi_tensor
 from mpipar.comm.reducer import CommStats
 from mpipar.diagnostics.agree import agree_on
 from mpipar.sharded.consolidate import GRID_KEY, shard_optimizer_state
-from mpipar.sharded.layout import FlatLayout
+from mpipar.sharded.layout import FlatLayout, Piece
 
-__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards", "flatten_into"]
+__all__ = ["ShardedUpdate", "GRID_KEY", "allgather_shards", "flatten_into", "piece_parameters", "step_pieces",
+           "tensor_bytes", "memory_record"]
 
 
 def flatten_into(params: Sequence[nn.Parameter], layout: FlatLayout) -> List[torch.Tensor]:
@@ -33,6 +34,41 @@ def flatten_into(params: Sequence[nn.Parameter], layout: FlatLayout) -> List[tor
                 p.data = view
             flats.append(flat)
     return flats
+
+
+def piece_parameters(shards: Sequence[torch.Tensor], pieces: Sequence[Piece]) -> List[nn.Parameter]:
+    """One ``nn.Parameter`` per piece of this rank (``FlatLayout.pieces``), a view into its group's shard: what
+    the optimizer steps. Local."""
+    return [nn.Parameter(shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start]) for pc in pieces]
+
+
+def step_pieces(optimizer: torch.optim.Optimizer, pieces: Sequence[Piece], shard_params: Sequence[nn.Parameter],
+                params: Sequence[nn.Parameter], grads: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+    """Step ``optimizer`` (built on ``shard_params``) once: each piece takes its gradient from ``grads`` or, by
+    default, its slice of its parameter's averaged ``.grad`` (None where that has none: skipped, as the unsharded
+    optimizer skips it); then ``params``' ``.grad`` are dropped, so the next backward starts from zero. Local."""
+    if grads is None:
+        grads = [None if params[pc.param].grad is None else params[pc.param].grad.detach().reshape(-1)[pc.start:pc.stop]
+                 for pc in pieces]
+    for piece, grad in zip(shard_params, grads):
+        piece.grad = grad
+    optimizer.step()
+    for p in params:
+        p.grad = None
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> float:
+    """The bytes of ``tensors`` together. Local."""
+    return float(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def memory_record(param_bytes: float, gradients: Iterable[torch.Tensor],
+                  optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, float]:
+    """A ``memory()`` record: ``param_bytes``, the bytes of ``gradients`` and of ``optimizer``'s state tensors
+    (none without an optimizer). Local."""
+    state = [] if optimizer is None else [value for per_param in optimizer.state.values()
+                                          for value in per_param.values() if isinstance(value, torch.Tensor)]
+    return {"param_bytes": param_bytes, "grad_bytes": tensor_bytes(gradients), "optimizer_bytes": tensor_bytes(state)}
 
 
 def allgather_shards(flats: Sequence[torch.Tensor], comm: MPI.Intracomm, calls: List[Tuple[str, int]],
@@ -90,8 +126,7 @@ class ShardedUpdate:
         self.shards = [flat[self.rank * g.shard:(self.rank + 1) * g.shard]
                        for flat, g in zip(self.flats, self.layout.groups)]
         self.pieces = self.layout.pieces(self.rank)
-        self.shard_params = [nn.Parameter(self.shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start])
-                             for pc in self.pieces]
+        self.shard_params = piece_parameters(self.shards, self.pieces)
         self.stats = CommStats()
         self.calls: List[Tuple[str, int]] = []  # (collective, bytes of the buffer it covers) until take_calls
 
@@ -102,12 +137,7 @@ class ShardedUpdate:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step ``optimizer`` (built on :meth:`parameters`) on the averaged gradients' slices, drop the
         model's ``.grad`` and all-gather the shards. Collective over ``comm``."""
-        for piece, pc in zip(self.shard_params, self.pieces):
-            grad = self.params[pc.param].grad
-            piece.grad = None if grad is None else grad.detach().reshape(-1)[pc.start:pc.stop]
-        optimizer.step()
-        for p in self.params:  # the next step's gradient starts from zero (the averager's buckets stay)
-            p.grad = None
+        step_pieces(optimizer, self.pieces, self.shard_params, self.params)  # the averager's buckets stay
         self.gather()
 
     def step_after(self, optimizer: torch.optim.Optimizer, stats: CommStats,
@@ -135,12 +165,7 @@ class ShardedUpdate:
             Dict[str, float]:
         """Bytes held between steps: the whole parameters, ``gradients`` (the averager's buckets) and the
         optimizer state (this rank's shard's). Local."""
-        def nbytes(tensors) -> float:
-            return float(sum(t.numel() * t.element_size() for t in tensors))
-
-        state = [] if optimizer is None else [value for per_param in optimizer.state.values()
-                                              for value in per_param.values() if isinstance(value, torch.Tensor)]
-        return {"param_bytes": nbytes(self.flats), "grad_bytes": nbytes(gradients), "optimizer_bytes": nbytes(state)}
+        return memory_record(tensor_bytes(self.flats), gradients, optimizer)
 
     def state_dict(self) -> dict:
         """The layout for a checkpoint file (:data:`~mpipar.sharded.consolidate.GRID_KEY`): the entries and

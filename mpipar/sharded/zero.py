@@ -18,7 +18,14 @@ from mpipar.comm.wire import WireReduceScatter
 from mpipar.data_parallel.wrapper import DataParallel, _first_tensor_length
 from mpipar.diagnostics.agree import agree_on, collective_check
 from mpipar.sharded.layout import FlatLayout
-from mpipar.sharded.optimizer import allgather_shards, flatten_into
+from mpipar.sharded.optimizer import (
+    allgather_shards,
+    flatten_into,
+    memory_record,
+    piece_parameters,
+    step_pieces,
+    tensor_bytes,
+)
 from mpipar.sharded.units import UnitGather, assign_units
 
 __all__ = ["ShardedDataParallel", "STAGES"]
@@ -141,8 +148,7 @@ class ShardedDataParallel:
             self.unit_gather.free_all()
             self._unit_params = [sum(len(self.layout.groups[g].params) for g in groups) for groups in unit_groups]
         self.pieces = self.layout.pieces(self.rank)
-        self.shard_params = [nn.Parameter(self.shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start])
-                             for pc in self.pieces]
+        self.shard_params = piece_parameters(self.shards, self.pieces)
         self.dp: Optional[DataParallel] = None
         self.grad_shards: List[torch.Tensor] = []
         self.buckets: List[_Bucket] = []
@@ -390,23 +396,18 @@ class ShardedDataParallel:
         Raises:
             ValueError: on every rank, when ``requires_grad`` changed since construction.
         """
+        grads: Optional[List[Optional[torch.Tensor]]] = None  # stage 1: the slices of DataParallel's averages
         if self.dp is None:
             if self.unit_gather is not None:
                 self.unit_gather.settle()
             used = self._finish_reduce_scatter()
-            for piece, pc in zip(self.shard_params, self.pieces):
-                grad = self.grad_shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start]
-                piece.grad = grad if used[pc.param] else None
-        else:  # DataParallel checked in the backward that every rank has the same flags
-            if layout_signature(p.requires_grad for p in self.module.parameters()) != self._flags:
-                raise ValueError("requires_grad changed after ShardedDataParallel was built (its shards are "
-                                 "fixed then); freeze parameters before wrapping, the same on every rank")
-            for piece, pc in zip(self.shard_params, self.pieces):
-                grad = self.params[pc.param].grad
-                piece.grad = None if grad is None else grad.detach().reshape(-1)[pc.start:pc.stop]
-        optimizer.step()
-        for p in self.params:  # the next backward starts from zero (DataParallel's buckets stay allocated)
-            p.grad = None
+            grads = [self.grad_shards[pc.group][pc.shard_offset:pc.shard_offset + pc.stop - pc.start]
+                     if used[pc.param] else None for pc in self.pieces]
+        elif layout_signature(p.requires_grad for p in self.module.parameters()) != self._flags:
+            # DataParallel checked in the backward that every rank has the same flags
+            raise ValueError("requires_grad changed after ShardedDataParallel was built (its shards are "
+                             "fixed then); freeze parameters before wrapping, the same on every rank")
+        step_pieces(optimizer, self.pieces, self.shard_params, self.params, grads)  # DataParallel's buckets stay
         if self.unit_gather is None:
             self.gather()
 
@@ -450,18 +451,13 @@ class ShardedDataParallel:
         """Bytes this rank holds between steps: parameters (the full buffers, whose shard the optimizer
         steps in place, and frozen parameters), gradients (stage 1: DataParallel's buckets; stage 2: the shard) and the
         optimizer's state. Local."""
-        def nbytes(tensors):
-            return float(sum(t.numel() * t.element_size() for t in tensors))
-
         frozen = [p for p in self.module.parameters() if not p.requires_grad]
         grads = [bucket.buffer for bucket in self.dp.buckets] if self.dp is not None else self.grad_shards
-        state = [] if optimizer is None else [value for per_param in optimizer.state.values()
-                                              for value in per_param.values() if isinstance(value, torch.Tensor)]
-        params = nbytes([*self.flats, *frozen])
+        params = tensor_bytes([*self.flats, *frozen])
         if self.unit_gather is not None:  # the shards, and whichever units' full buffers are held now
-            params = nbytes([*self.shards, *frozen]) + float(sum(f.untyped_storage().nbytes() for f in self.flats))
-        return {"param_bytes": params, "grad_bytes": nbytes(grads),
-                "optimizer_bytes": nbytes(state)}
+            params = tensor_bytes([*self.shards, *frozen]) + float(sum(f.untyped_storage().nbytes()
+                                                                       for f in self.flats))
+        return memory_record(params, grads, optimizer)
 
     def sync_buffers(self) -> None:
         """Average floating-point buffers (BatchNorm statistics) over ``comm``. Collective."""
