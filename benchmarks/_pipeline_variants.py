@@ -17,9 +17,10 @@ __all__ = ["MPIPAR", "TORCH", "COUNTERPARTS", "LAYOUTS", "chunk_ranks", "segment
 LAYOUTS = ("stages", "looped", "v")  # one chunk per rank; V chunks per rank, chunk c on rank c % p; torch's V shape
 
 # mpipar's flushing schedules and the layout each runs on. A new one is a row here (and its torch counterparts a
-# row of COUNTERPARTS), e.g. ZB-V: "zbv": "v" and "zbv": ("zbv", "dualpipev"); bench_pipeline places chunks with
-# Placement.chunked where mpipar has it, which keeps the V's two adjacent chunks on rank p-1 two stages
-MPIPAR: Dict[str, str] = {"gpipe": "stages", "1f1b": "stages", "interleaved": "looped", "zero-bubble": "stages"}
+# row of COUNTERPARTS); bench_pipeline places chunks with Placement.chunked, which keeps the V's two adjacent
+# chunks on rank p-1 two stages
+MPIPAR: Dict[str, str] = {"gpipe": "stages", "1f1b": "stages", "interleaved": "looped", "zero-bubble": "stages",
+                          "zbv": "v"}
 
 # torch.distributed.pipelining's schedules: (class name, layout); those whose class is missing from the installed
 # torch are left out by name
@@ -35,7 +36,8 @@ TORCH: Dict[str, Tuple[str, str]] = {
 
 # an mpipar schedule's torch counterparts (paired ratios on the same split)
 COUNTERPARTS: Dict[str, Tuple[str, ...]] = {
-    "gpipe": ("gpipe",), "1f1b": ("1f1b",), "interleaved": ("interleaved",), "zero-bubble": ("zero-bubble", "zbv")}
+    "gpipe": ("gpipe",), "1f1b": ("1f1b",), "interleaved": ("interleaved",), "zero-bubble": ("zero-bubble", "zbv"),
+    "zbv": ("zbv", "dualpipev")}
 
 
 def chosen(schedule: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
