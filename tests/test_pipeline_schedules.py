@@ -128,7 +128,13 @@ def test_new_schedules_train_like_the_unsplit_model(schedule, placement_name):
     comm = MPI.COMM_WORLD
     model, reference, pipe = awkward_pipeline(comm, placements(comm.Get_size())[placement_name], schedule)
     result = train_against_reference(comm, pipe, model, reference, f"{schedule} {pipe.placement}")
-    if schedule == "zero-bubble":  # a micro-batch is held from its forward to its W: the schedule's count
+    check_held_and_evaluate(comm, pipe, reference, result, held=schedule == "zero-bubble")
+
+
+def check_held_and_evaluate(comm, pipe, reference, result, held: bool) -> None:
+    """With ``held`` (a split backward holds a micro-batch from its forward to its W): the step held what the
+    schedule says on every stage; and evaluation equals the unsplit ``reference``."""
+    if held:
         expected = {index: pipe.schedule.max_in_flight(index) for index in pipe.stages}
         assert_all_ranks(comm, result.peak_in_flight == expected, f"in flight {result.peak_in_flight} != {expected}")
     evaluated = pipe.evaluate(*random_batch(5, BATCH))

@@ -14,7 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
-from test_pipeline_schedules import BATCH, awkward_model, compare, raises_everywhere, step
+from test_pipeline_schedules import (
+    BATCH,
+    awkward_model,
+    check_held_and_evaluate,
+    compare,
+    raises_everywhere,
+    step,
+    train_against_reference,
+)
 from test_pipeline_skips import plain_reference, skip_model
 from torch import nn
 
@@ -207,25 +215,8 @@ def test_zbv_trains_like_the_unsplit_model(microbatches, layout):
                  "looped": Placement.chunked(even_balance(12, 2 * size), [c % size for c in range(2 * size)])}[layout]
     pipe = Pipeline(model, comm, placement, schedule="zbv", microbatches=microbatches, loss_fn=F.cross_entropy)
     assert pipe.placement == (placement or Placement.v_shape(12, size)) and pipe.schedule.virtual_stages == 2
-    params = [p for p in pipe.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params or [torch.zeros(0, requires_grad=True)], lr=0.1, momentum=0.9)
-    reference_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1,
-                                          momentum=0.9)
-    for number in range(3):
-        inputs, targets = random_batch(number, BATCH)
-        optimizer.zero_grad()
-        reference_optimizer.zero_grad()
-        F.cross_entropy(reference(inputs), targets).backward()
-        result = step(pipe, inputs, targets)
-        compare(comm, pipe, model, reference, result, inputs, targets, f"zbv m={microbatches} step {number}")
-        optimizer.step()
-        reference_optimizer.step()
-    expected = {index: pipe.schedule.max_in_flight(index) for index in pipe.stages}
-    assert_all_ranks(comm, result.peak_in_flight == expected, f"in flight {result.peak_in_flight} != {expected}")
-    evaluated = pipe.evaluate(*random_batch(5, BATCH))
-    with torch.no_grad():
-        out = reference(random_batch(5, BATCH)[0])
-    assert_all_ranks(comm, not pipe.holds_last_stage or torch.allclose(evaluated.outputs, out, **TOL), "evaluate")
+    result = train_against_reference(comm, pipe, model, reference, f"zbv m={microbatches}")
+    check_held_and_evaluate(comm, pipe, reference, result, held=True)
 
 
 @pytest.mark.mpi(min_size=1)
