@@ -204,3 +204,38 @@ def test_peak_memory_column_joins_an_older_file_on_resume(tmp_path):
         peak, steps = f["steps/max_rss_bytes"][...], len(f["steps/loss"])
     assert steps == 5 and peak.shape == (5, 1) and np.isnan(peak[:2]).all(), peak
     assert (peak[2:] > 0).all() and (np.diff(peak[2:, 0]) >= 0).all(), peak
+
+
+@pytest.mark.mpi
+def test_a_column_newer_than_the_files_steps_stays_aligned_on_resume(comm, mpi_tmp_path):
+    """A file written with a column ``old``, resumed by a run that records ``new`` instead (from its
+    second step on): ``new`` starts with the file's rows as NaN, ``old`` reads NaN in the resumed
+    rows, and every column keeps the rows of ``/steps/loss``."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    path = shared_path(comm, mpi_tmp_path)
+    writer = MetricsWriter(path, comm, strategy="test", config={}, flush_every=10)
+    for step in range(3):
+        writer.record_step(loss=1.0, samples=1, step_time=1.0, old=10.0 * step + rank)
+    writer.close()
+    resumed = MetricsWriter(path, comm, strategy="test", config={}, flush_every=10, resume=True)
+    for step in range(3, 5):
+        extra = {"new": 100.0 * step + rank} if step > 3 else {}
+        resumed.record_step(loss=2.0, samples=1, step_time=1.0, **extra)
+    resumed.flush()
+    resumed.record_step(loss=3.0, samples=1, step_time=1.0, new=500.0 + rank)
+    resumed.close()
+    problems = []
+    if rank == 0:
+        with h5py.File(path, "r") as f:
+            lengths = {key: len(dataset) for key, dataset in f["steps"].items()}
+            old, new = f["steps/old"][...], f["steps/new"][...]
+        if set(lengths.values()) != {6}:
+            problems.append(f"columns of unequal length: {lengths}")
+        ranks = np.arange(size, dtype=np.float64)
+        want_old = np.full((6, size), np.nan)
+        want_old[:3] = 10.0 * np.arange(3)[:, None] + ranks
+        want_new = np.full((6, size), np.nan)
+        want_new[4:] = np.array([[400.0], [500.0]]) + ranks
+        if not (np.array_equal(old, want_old, equal_nan=True) and np.array_equal(new, want_new, equal_nan=True)):
+            problems.append(f"old {old.tolist()}, new {new.tolist()}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))

@@ -319,10 +319,8 @@ class MetricsWriter:
                 before = len(f[f"{name}/step"]) if f"{name}/step" in f else 0
                 for column in gathered[0]:
                     values = np.concatenate([np.asarray(cols[column]).reshape(-1) for cols in gathered])
-                    if before and f"{name}/{column}" not in f:   # a column newer than the file's rows: -1 / NaN
-                        _append(f, f"{name}/{column}", np.full(before, np.nan if values.dtype.kind == "f" else -1,
-                                                               dtype=values.dtype))
-                    _append(f, f"{name}/{column}", values)
+                    # a column newer than the file's rows: -1 / NaN in them
+                    _append(f, f"{name}/{column}", values, rows_before=before, missing=-1)
                 for column in histograms:
                     _store_histogram(f[name], column)
                 for key, value in (attrs or {}).items():
@@ -355,20 +353,22 @@ class MetricsWriter:
                 columns[key] = per_rank(key)
             known = {"loss", "samples", "step_time", "wait_time", "compute_time", "comm_time", "idle_time",
                      "data_time", "bytes_sent", "wall_clock"}
-            for key in gathered[0][0]:
-                if key not in known:
-                    columns[key] = per_rank(key)
+            extra = dict.fromkeys(key for rows in gathered for row in rows for key in row if key not in known)
+            for key in extra:   # a column some row lacks (reported from a later step on) reads NaN there
+                columns[key] = np.array([[row.get(key, np.nan) for row in rows] for rows in gathered],
+                                        dtype=np.float64).T
             finite = np.isfinite(losses).all(1)
             if not finite.all():
                 first = int(np.argmin(finite))
                 bad_step = (self.steps_written + first, "nan" if np.isnan(losses[first]).any() else "inf")
         with _open(self.path, "a") as f:
             before = len(f["steps/loss"]) if "steps/loss" in f else 0
-            for key, values in columns.items():
-                if before and f"steps/{key}" not in f:   # a column newer than the file's rows: NaN / 0
-                    _append(f, f"steps/{key}", np.zeros((before, *values.shape[1:]), dtype=values.dtype)
-                            if values.dtype.kind != "f" else np.full((before, *values.shape[1:]), np.nan))
-                _append(f, f"steps/{key}", values)
+            for key, values in columns.items():   # a column newer than the file's rows: NaN / 0 before
+                _append(f, f"steps/{key}", values, rows_before=before)
+            if n:   # a column of the file this flush lacks (a strategy stopped reporting it): NaN / 0 rows
+                for key, dataset in list(f["steps"].items()) if "steps" in f else []:
+                    if key not in columns and len(dataset) == before:
+                        _append(f, f"steps/{key}", _blank((n, *dataset.shape[1:]), dataset.dtype))
             for key in EPOCH_FIELDS:
                 if epochs:
                     _append(f, f"epochs/{key}", np.array([e[key] for e in epochs], dtype=np.float64))
@@ -420,12 +420,21 @@ def _store_histogram(group: h5py.Group, column: str) -> None:
     group.create_dataset(f"{column}_histogram", data=counts)
 
 
-def _append(f: h5py.File, name: str, values: np.ndarray) -> None:
+def _blank(shape: Tuple[int, ...], dtype: np.dtype, missing: int = 0) -> np.ndarray:
+    """Entries that were never measured: NaN (floats) or ``missing`` (counts)."""
+    return np.full(shape, np.nan if dtype.kind == "f" else missing, dtype=dtype)
+
+
+def _append(f: h5py.File, name: str, values: np.ndarray, rows_before: int = 0, missing: int = 0) -> None:
     """Append rows; (S, W) datasets may change width (a run resumed on another number of
-    ranks): missing entries read NaN (floats) or 0 (counts)."""
-    missing = np.nan if values.dtype.kind == "f" else 0
+    ranks): missing entries read NaN (floats) or ``missing`` (counts). A dataset this creates
+    starts with ``rows_before`` missing rows, so it stays aligned with the datasets already
+    holding that many (a column newer than the file's rows)."""
+    blank = np.nan if values.dtype.kind == "f" else missing
     if name not in f:
-        f.create_dataset(name, data=values, maxshape=(None,) * values.ndim, fillvalue=missing,
+        if rows_before:
+            values = np.concatenate([_blank((rows_before, *values.shape[1:]), values.dtype, missing), values])
+        f.create_dataset(name, data=values, maxshape=(None,) * values.ndim, fillvalue=blank,
                          chunks=(max(1, min(1024, len(values))), *values.shape[1:]))
         return
     dataset = f[name]
@@ -436,7 +445,7 @@ def _append(f: h5py.File, name: str, values: np.ndarray) -> None:
                              f"{values.shape[1]} (a file of mpipar 0.1 cannot grow; resume with its ranks)")
         dataset.resize(values.shape[1], axis=1)
     if values.ndim == 2 and values.shape[1] < dataset.shape[1]:
-        values = np.concatenate([values, np.full((len(values), dataset.shape[1] - values.shape[1]), missing,
+        values = np.concatenate([values, np.full((len(values), dataset.shape[1] - values.shape[1]), blank,
                                                  dtype=values.dtype)], axis=1)
     dataset.resize(old + len(values), axis=0)
     dataset[old:] = values
