@@ -357,3 +357,48 @@ def test_reducer_error_paths_complete_every_request(comm, monkeypatch):
     reducer.begin(num_samples=1)
     reducer.finish()
     assert_all_completed(comm, started, "a step after the errors")
+
+
+@pytest.mark.mpi
+def test_strategy_records_the_bytes_each_rank_holds(comm, mpi_tmp_path):
+    """The loop with DataParallelStrategy and AdamW (a frozen bias among the parameters): every step's row
+    holds the model's parameter bytes, the bytes of the gradients after the reduction (the trainable
+    parameters'), and AdamW's state bytes as the step found them (none before the first update), on every rank
+    (ZeRO stage 0 beside ShardedStrategy's stages)."""
+    import h5py
+
+    from mpi_helpers import float64_mlp, loop_session, shared_directory
+    from mpipar.data import synthetic
+    from mpipar.data_parallel.strategy import DataParallelStrategy
+    from mpipar.run.loop import train
+
+    steps, sizes = 3, (784, 16, 12, 10)
+    model = float64_mlp(sizes, 3)
+    frozen = [module for module in model if isinstance(module, nn.Linear)][0].bias
+    frozen.requires_grad_(False)
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    reference = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in trainable])  # its state's bytes
+    for p in reference.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    reference.step()
+    state_bytes = sum(v.numel() * v.element_size() for per in reference.state.values() for v in per.values()
+                      if isinstance(v, torch.Tensor))
+    out = shared_directory(comm, mpi_tmp_path) / "run"
+    run = loop_session(comm, out, 4, max_steps=steps, flush_every=2, optimizer="adamw", weight_decay=0.01)
+    train(run, DataParallelStrategy(model, comm), synthetic(200, 20, seed=0))
+    problems = []
+    if comm.Get_rank() == 0:
+        with h5py.File(out / "metrics.h5", "r") as f:
+            held = {key: f[f"steps/{key}"][...] for key in ("param_bytes", "grad_bytes", "optimizer_bytes")}
+        size = comm.Get_size()
+        want = {"param_bytes": sum(p.numel() for p in params) * 8.0,
+                "grad_bytes": sum(p.numel() for p in trainable) * 8.0}
+        for key, value in want.items():
+            if held[key].shape != (steps, size) or (held[key] != value).any():
+                problems.append(f"{key}: {held[key].tolist()}, want {value} everywhere")
+        state = held["optimizer_bytes"]
+        if state.shape != (steps, size) or (state[0] != 0).any() or (state[1:] != state_bytes).any() \
+                or state_bytes < 2 * want["grad_bytes"]:
+            problems.append(f"optimizer_bytes {state.tolist()}, want 0 then {state_bytes}")
+    assert_all_ranks(comm, not problems, "; ".join(problems))

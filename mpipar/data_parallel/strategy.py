@@ -16,7 +16,7 @@ from mpipar.data_parallel.wrapper import DataParallel
 from mpipar.run.evaluate import EvalResult, evaluate, forward
 from mpipar.run.metrics import MetricsWriter
 from mpipar.run.recompute import RECOMPUTES, apply_recompute
-from mpipar.run.strategy import StepRecord, Strategy
+from mpipar.run.strategy import StepRecord, Strategy, memory_record, tensor_bytes
 
 __all__ = ["DataParallelStrategy"]
 
@@ -36,7 +36,10 @@ class DataParallelStrategy:
     cross-entropy); ``metric(outputs, targets)``: the batch's mean score, the evaluation's ``accuracy``
     (default accuracy with the default loss). A batch is ``(inputs, targets)``, ``inputs`` a tensor or a
     dict of keyword inputs. ``reentrant_recompute``: ``--recompute`` checkpoints with ``use_reentrant=True``
-    (default False). Collective over ``comm``, like the loop.
+    (default False). Every step records the bytes the rank holds, as ``ShardedStrategy`` does (ZeRO stage 0
+    beside stages 1-3): ``param_bytes`` (the whole model's parameters), ``grad_bytes`` (the gradients after
+    the step's reduction) and ``optimizer_bytes`` (the loop's optimizer's state tensors as the step found
+    them: AdamW's moments appear from the second step). Collective over ``comm``, like the loop.
     """
 
     name = "data_parallel"
@@ -60,6 +63,7 @@ class DataParallelStrategy:
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.metrics_attrs = {"parameters": self.parameter_count, **_names(loss=loss_fn, test_metric=metric)}
         self.loss_scaler = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # the loop's, through observe_optimizer
         self.compress_resumed = ""  # what load_state_dict did with PowerSGD's state, for describe()
 
     def parameters(self):
@@ -79,6 +83,10 @@ class DataParallelStrategy:
         """fp16: backpropagate ``scaler.scale(loss)`` (the loop unscales, checks and steps)."""
         self.loss_scaler = scaler
 
+    def observe_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The loop's optimizer (the loop steps it), for the optimizer bytes each step records. Local."""
+        self.optimizer = optimizer
+
     def bind_recompute(self, mode: str) -> None:
         """``--recompute``: checkpoint the model's units (:func:`~mpipar.run.recompute.apply_recompute`),
         ``use_reentrant`` as ``reentrant_recompute`` says; the reducer's hooks see each gradient once."""
@@ -89,8 +97,10 @@ class DataParallelStrategy:
         loss = (self.loss_fn or F.cross_entropy)(forward(self.dp, images), labels)
         (loss if self.loss_scaler is None else self.loss_scaler.scale(loss)).backward()
         stats = self.dp.stats.take()
+        params = list(self.model.parameters())
+        held = memory_record(tensor_bytes(params), [p.grad for p in params if p.grad is not None], self.optimizer)
         return StepRecord(loss=loss.item(), samples=len(labels), wait_time=stats.wait_time,
-                          bytes_sent=stats.bytes_sent)
+                          bytes_sent=stats.bytes_sent, extra=held)
 
     def end_epoch(self) -> None:
         self.dp.sync_buffers()

@@ -102,6 +102,9 @@ class _Run:
         self._bind_recompute()
         if self.steps_optimizer:
             strategy.bind_optimizer(self.optimizer)
+        observe = getattr(strategy, "observe_optimizer", None)
+        if observe is not None:
+            observe(self.optimizer)
         self.recorder = EventRecorder(self.comm, config.trace_steps) if config.trace_steps is not None else None
         self.metrics = MetricsWriter(session.out / "metrics.h5", self.comm, strategy=strategy.name,
                                      config=session.run_config, flush_every=config.flush_every,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from mpipar.data.arrays import ImageDataset
 from mpipar.run.evaluate import EvalResult
 from mpipar.run.metrics import MetricsWriter
 
-__all__ = ["StepRecord", "StepShards", "Strategy"]
+__all__ = ["StepRecord", "StepShards", "Strategy", "memory_record", "tensor_bytes"]
 
 
 @dataclass
@@ -92,6 +92,9 @@ class Strategy(Protocol):
             servers, local SGD); the loop calls ``bind_optimizer(optimizer)`` once
             before the first step and never ``optimizer.step()``. The learning-rate
             schedule still steps once per loop step.
+        observe_optimizer: ``observe_optimizer(optimizer)``, called once before the first step where
+            present: the loop's optimizer, which the loop keeps stepping, for a strategy that reads it (data
+            parallelism records its state's bytes).
         shares_shards: ``train_step`` gets a :class:`StepShards` (every shard of the
             step) instead of this rank's batch.
         metrics_tables: :class:`~mpipar.run.metrics.Table` s the metrics file appends
@@ -144,3 +147,17 @@ class Strategy(Protocol):
 
     def finish(self, metrics: MetricsWriter, say: Callable[[str], None], steps_run: int) -> None:
         """After the last step and the metrics' final flush (e.g. the pipeline bubble)."""
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> float:
+    """The bytes of ``tensors`` together. Local."""
+    return float(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def memory_record(param_bytes: float, gradients: Iterable[torch.Tensor],
+                  optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, float]:
+    """The bytes a rank holds, for :attr:`StepRecord.extra` (data parallelism, ZeRO): ``param_bytes``, the bytes
+    of ``gradients`` and of ``optimizer``'s state tensors (none without an optimizer). Local."""
+    state = [] if optimizer is None else [value for per_param in optimizer.state.values()
+                                          for value in per_param.values() if isinstance(value, torch.Tensor)]
+    return {"param_bytes": param_bytes, "grad_bytes": tensor_bytes(gradients), "optimizer_bytes": tensor_bytes(state)}

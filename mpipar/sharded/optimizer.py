@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
@@ -12,6 +12,7 @@ from torch import nn
 from mpipar.comm import mpi_tensor
 from mpipar.comm.reducer import CommStats
 from mpipar.diagnostics.agree import agree_on
+from mpipar.run.strategy import memory_record, tensor_bytes  # what every strategy records of memory
 from mpipar.sharded.consolidate import GRID_KEY, shard_optimizer_state
 from mpipar.sharded.layout import FlatLayout, Piece
 
@@ -55,20 +56,6 @@ def step_pieces(optimizer: torch.optim.Optimizer, pieces: Sequence[Piece], shard
     optimizer.step()
     for p in params:
         p.grad = None
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> float:
-    """The bytes of ``tensors`` together. Local."""
-    return float(sum(t.numel() * t.element_size() for t in tensors))
-
-
-def memory_record(param_bytes: float, gradients: Iterable[torch.Tensor],
-                  optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, float]:
-    """A ``memory()`` record: ``param_bytes``, the bytes of ``gradients`` and of ``optimizer``'s state tensors
-    (none without an optimizer). Local."""
-    state = [] if optimizer is None else [value for per_param in optimizer.state.values()
-                                          for value in per_param.values() if isinstance(value, torch.Tensor)]
-    return {"param_bytes": param_bytes, "grad_bytes": tensor_bytes(gradients), "optimizer_bytes": tensor_bytes(state)}
 
 
 def allgather_shards(flats: Sequence[torch.Tensor], comm: MPI.Intracomm, calls: List[Tuple[str, int]],
