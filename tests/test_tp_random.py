@@ -328,3 +328,57 @@ def test_tensor_parallel_strategy_checkpoints_its_split_stream(comm):
     assert_all_ranks(comm, torch.equal(drawn, expected), "the resumed run drew other split masks")
     straight.finish(None, print, 0)
     resumed.finish(None, print, 0)
+
+
+class TokenMean(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+@pytest.mark.mpi
+def test_strategy_passes_its_rng_to_the_blocks_it_splits(comm):
+    """A user's transformer block with attention dropout, split by TensorParallelStrategy over every rank:
+    accepted (the strategy hands its split stream to the blocks), each rank drops its heads with its own
+    mask, and output, loss and the gradients of replicated and split parameters equal the unsplit model
+    run with the gathered mask (float64), the same on every rank of the group."""
+    from mpipar.models.vit import TransformerBlock
+    from mpipar.tensor_parallel.strategy import TensorParallelConfig, TensorParallelStrategy
+
+    p, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(SEED)
+    block = TransformerBlock(EMBED, HEADS, 24)
+    block.attention = make_attention("cpu")  # a user's block: attention dropout P_DROP
+    full = nn.Sequential(block, TokenMean(), nn.Linear(EMBED, 3)).double()
+    strategy = TensorParallelStrategy(comm, copy.deepcopy(full), TensorParallelConfig(tp=p), seed=SEED)
+    split = strategy.model[0]
+    assert_all_ranks(comm, split.attention.rng is strategy.rng, "the split block's attention lacks the strategy's rng")
+
+    x = torch.randn(BATCH, LENGTH, EMBED, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    state = strategy.rng.state_dict()
+    loss = F.cross_entropy(strategy.model(x), labels)
+    loss.backward()
+    local = replayed_mask(strategy.rng, state,
+                          torch.empty(BATCH, HEADS // p, LENGTH, LENGTH, dtype=torch.float64))
+    masks = gathered(comm, local)
+    full_mask = torch.cat(masks, dim=1)
+
+    h = block.norm1(x)
+    y = x + reference_attention(block.attention, h, full_mask, causal=False)
+    y = y + block.fc2(F.gelu(block.fc1(block.norm2(y))))
+    expected = F.cross_entropy(full[2](y.mean(1)), labels)
+    expected.backward()
+    assert_close_all_ranks(comm, loss, expected, **TOLERANCE, what="loss")
+    for name in ("norm1.weight", "norm2.bias"):  # replicated: whole and equal on every rank
+        assert_close_all_ranks(comm, dict(split.named_parameters())[name].grad,
+                               dict(block.named_parameters())[name].grad, **TOLERANCE, what=f"{name} gradient")
+    assert_close_all_ranks(comm, strategy.model[2].weight.grad, full[2].weight.grad, **TOLERANCE,
+                           what="head gradient")
+    share = EMBED // p
+    assert_close_all_ranks(comm, split.attention.out_proj.weight.grad,
+                           block.attention.out_proj.weight.grad[:, rank * share:(rank + 1) * share], **TOLERANCE,
+                           what="out_proj gradient (split)")
+    dropped = (full_mask == 0).double().mean().item()
+    distinct = p == 1 or any(not torch.equal(masks[0], other) for other in masks[1:])
+    assert_all_ranks(comm, 0.2 < dropped < 0.6 and distinct,
+                     f"{dropped:.2f} of the full mask dropped (p = {P_DROP}); ranks' masks distinct: {distinct}")

@@ -72,14 +72,15 @@ ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, n
 parameters or randomness (these exact types: a subclass may do anything)."""
 
 
-def split_mlp(model: nn.Sequential, comm: MPI.Intracomm, stats: CommStats) -> nn.Sequential:
+def split_mlp(model: nn.Sequential, comm: MPI.Intracomm, stats: CommStats,
+              rng: Optional[TensorParallelRNG] = None) -> nn.Sequential:
     """``model`` (as :func:`mpipar.models.mlp` builds it: layers without weights such as Flatten,
     then entries each a Linear or a Sequential starting with one) as pairs of linear layers, each pair
     a :class:`ParallelMLP` (column then row parallel). The modules after each linear layer in its entry
     are kept: a pair's first entry's run between its two layers, on split features (only
     :data:`ELEMENTWISE` ones can), its second entry's after the pair, on the replicated output (any
     module without parameters or buffers: a dropout there draws the same mask on every rank, as it must).
-    Collective over ``comm``.
+    ``rng`` is not needed (no split region holds a draw). Collective over ``comm``.
 
     Raises:
         ValueError: on every rank, when the model has an odd number of linear layers, a hidden size the
@@ -169,11 +170,14 @@ def shard_layout(model: nn.Sequential, split: nn.Module) -> Dict[str, Dict[str, 
     return layout
 
 
-def split_vit(model: VisionTransformer, comm: MPI.Intracomm, stats: CommStats) -> VisionTransformer:
+def split_vit(model: VisionTransformer, comm: MPI.Intracomm, stats: CommStats,
+              rng: Optional[TensorParallelRNG] = None) -> VisionTransformer:
     """A copy of ``model`` whose every block is a :class:`ParallelTransformerBlock` (attention heads and
     MLP hidden features split over ``comm``); the patch embedding, position embedding, final LayerNorm
     and head stay whole on every rank (replicated: their inputs and output gradients are the same on
-    every rank, so their gradients are too). ``model`` is not modified. Collective over ``comm``.
+    every rank, so their gradients are too). ``model`` is not modified. ``rng``: the group's split stream,
+    which each block's attention dropout draws from (a block whose ``nn.MultiheadAttention`` has
+    ``dropout > 0`` is refused without it). Collective over ``comm``.
 
     Raises:
         ValueError: on every rank, when the ranks' blocks differ, or when the group's size does not
@@ -181,29 +185,31 @@ def split_vit(model: VisionTransformer, comm: MPI.Intracomm, stats: CommStats) -
     """
     blocks = model.blocks
     parallel = nn.ModuleList(_parallel_blocks(cast(List[TransformerBlock], list(blocks)), comm, stats,
-                                              "vision transformer"))
+                                              "vision transformer", rng))
     # Copy everything but the blocks (deepcopy takes the memo's entry for the block list).
     return copy.deepcopy(model, memo={id(blocks): parallel})
 
 
-def split_transformer(model: nn.Sequential, comm: MPI.Intracomm, stats: CommStats) -> nn.Sequential:
+def split_transformer(model: nn.Sequential, comm: MPI.Intracomm, stats: CommStats,
+                      rng: Optional[TensorParallelRNG] = None) -> nn.Sequential:
     """A copy of ``model`` (an ``nn.Sequential`` such as :func:`mpipar.models.gpt.gpt`) whose every
     :class:`~mpipar.models.vit.TransformerBlock` entry is a :class:`ParallelTransformerBlock` (causal
     when the block is); the other entries (embedding, tied head) are copied whole, parameters tied
-    between them stay tied. ``model`` is not modified. Collective over ``comm``.
+    between them stay tied. ``model`` is not modified. ``rng``: as :func:`split_vit`. Collective over ``comm``.
 
     Raises:
         ValueError: on every rank, as :func:`split_vit`.
     """
     blocks = [layer for layer in model if isinstance(layer, TransformerBlock)]
-    parallel = _parallel_blocks(blocks, comm, stats, "transformer")
+    parallel = _parallel_blocks(blocks, comm, stats, "transformer", rng)
     return copy.deepcopy(model, memo={id(block): split for block, split in zip(blocks, parallel)})
 
 
 def _parallel_blocks(blocks: List[TransformerBlock], comm: MPI.Intracomm, stats: CommStats,
-                     what: str) -> List[ParallelTransformerBlock]:
-    """Each block split over ``comm``, after checking (agreed) that every rank has the same blocks and
-    the group's size divides their heads and hidden features. Collective over ``comm``."""
+                     what: str, rng: Optional[TensorParallelRNG]) -> List[ParallelTransformerBlock]:
+    """Each block split over ``comm`` (its attention dropout drawn from ``rng``), after checking (agreed) that
+    every rank has the same blocks and the group's size divides their heads and hidden features. Collective
+    over ``comm``."""
     shapes = [(block.attention.num_heads, block.fc1.out_features) for block in blocks]
     agree_on(comm, f"the {what}'s blocks (heads, hidden features)", shapes,
              hint="build the same model on every rank")
@@ -217,16 +223,19 @@ def _parallel_blocks(blocks: List[TransformerBlock], comm: MPI.Intracomm, stats:
             f"evenly ({'/'.join(map(str, heads))} attention heads, {'/'.join(map(str, hidden))} MLP hidden "
             f"features per block); use a tensor-parallel size (--tp) in {fits}")
     return [ParallelTransformerBlock(block.attention, block.fc1, block.fc2, block.norm1, block.norm2, comm,
-                                     stats=stats, causal=getattr(block, "causal", False)) for block in blocks]
+                                     stats=stats, rng=rng, causal=getattr(block, "causal", False))
+            for block in blocks]
 
 
 @dataclass(frozen=True)
 class Splitter:
-    """How a kind of model is split: ``split(model, comm, stats)`` returns the model with this rank's
-    shards (collective over the tensor-parallel group); ``what`` says what it splits (progress lines)."""
+    """How a kind of model is split: ``split(model, comm, stats, rng)`` returns the model with this rank's
+    shards (collective over the tensor-parallel group), its split regions' random draws (attention
+    dropout) from ``rng``, the group's :class:`~mpipar.tensor_parallel.random.TensorParallelRNG`;
+    ``what`` says what it splits (progress lines)."""
 
     kind: str
-    split: Callable[[Any, MPI.Intracomm, CommStats], nn.Module]  # takes the kind of model it is chosen for
+    split: Callable[[Any, MPI.Intracomm, CommStats, Optional[TensorParallelRNG]], nn.Module]  # takes its kind
     what: str
 
 
@@ -391,7 +400,7 @@ class TensorParallelStrategy:
                                      f"{int(bool(state.get(GRID_KEY)))}; resume it with the same --zero")
         self.stats = CommStats()
         self.rng = TensorParallelRNG(self.tp_comm, torch.initial_seed() if seed is None else seed)
-        self.model = splitter.split(model, self.tp_comm, self.stats).to(device)
+        self.model = splitter.split(model, self.tp_comm, self.stats, self.rng).to(device)
         self.parameter_count = sum(p.numel() for p in model.parameters())
         counted = self.tp_comm.allreduce(_real_elements(self.model, self.tp_comm))
         if counted != self.parameter_count:  # the same sum on every rank of a group, hence every rank
