@@ -159,3 +159,67 @@ def test_pipeline_stall_names_the_micro_batch_and_pickled_collectives_are_seen()
     assert "rank 0 has waited" in output and "(agree on the end) at step 1; arrived: rank 0; not arrived: rank 1" \
         in output, output
     assert output.count("finished") == 2, output
+
+
+# -- nested calls ------------------------------------------------------------------------------------
+
+def nested_calls(comm) -> str:
+    """A watched call around a nested watched call and an mpi_tensor call: inside the inner one the watchdog
+    sees it, the outer one enclosing it; after each inner one the outer is current again, with the time it
+    has waited since it began. '' or what went wrong."""
+    watchdog = Watchdog(comm, warn_after=30, interval=0.05).start()
+    problems = []
+    try:
+        activity = watchdog.activity
+        with debug.watched(comm, "gather", detail="outer"):
+            outer = activity.snapshot(comm.Get_rank())["current"]
+            with debug.watched(comm, "bcast", detail="inner"):
+                inside = activity.snapshot(comm.Get_rank())
+            after_watched = activity.snapshot(comm.Get_rank())
+            mpi_tensor.allreduce_(torch.ones(3), comm)
+            time.sleep(0.01)
+            after_tensor = activity.snapshot(comm.Get_rank())
+        after_all = activity.snapshot(comm.Get_rank())
+        if not (outer and outer["what"].startswith("gather #") and "(outer)" in outer["what"]):
+            problems.append(f"outer call not current: {outer}")
+        if not (inside["current"]["what"].startswith("bcast #") and [op["what"] for op in inside["enclosing"]]
+                == [outer["what"]]):
+            problems.append(f"inside the inner call: {inside}")
+        for name, seen, last in (("watched", after_watched, "bcast #"), ("mpi_tensor", after_tensor, "allreduce_ #")):
+            current = seen["current"]
+            if current is None or current["what"] != outer["what"] or seen["enclosing"] \
+                    or not seen["last"]["what"].startswith(last):
+                problems.append(f"after the nested {name} call the outer entry was lost: {seen}")
+        if after_tensor["current"] and not after_tensor["current"]["for"] > after_watched["current"]["for"]:
+            problems.append(f"the outer call's wait restarted: {after_watched} then {after_tensor}")
+        if after_all["current"] is not None or after_all["last"]["what"] != outer["what"]:
+            problems.append(f"after the outer call: {after_all}")
+    finally:
+        watchdog.stop()
+    return "; ".join(problems)
+
+
+def test_nested_calls_keep_the_outer_entry_on_comm_self():
+    problem = nested_calls(MPI.COMM_SELF)
+    assert not problem, problem
+
+
+@pytest.mark.mpi
+def test_nested_calls_keep_the_outer_entry(comm):
+    problem = nested_calls(comm)
+    assert_all_ranks(comm, not problem, problem)
+
+
+def test_report_names_the_calls_around_the_one_waited_in():
+    pair = (0, 1)
+    outer = waiting("gather #3 (metrics flush)", 3, 75.0, members=pair)
+    states = {0: heartbeat(waiting("allreduce_ #8 (SUM)", 8, 70.0, members=pair), progress={pair: 8}),
+              1: heartbeat(last=waiting("allreduce_ #7 (SUM)", 7, 1.0, members=pair), progress={pair: 7})}
+    states[0]["enclosing"] = [outer]
+    states[1]["current"] = waiting("recv from rank 0 #1", 0, 69.0, members=pair, p2p=True, peer=0)
+    states[1]["enclosing"] = [outer]
+    report = stall_report(states, size=2)
+    first = report.splitlines()[0]
+    assert first == ("mpipar watchdog: rank 0 has waited 70.0 s in allreduce_ #8 (SUM) inside gather #3 "
+                     "(metrics flush) (75.0 s); arrived: rank 0; not arrived: rank 1"), report
+    assert "rank 1: waiting 69.0 s in recv from rank 0 #1 inside gather #3 (metrics flush) (75.0 s)" in report

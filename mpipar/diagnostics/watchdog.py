@@ -29,16 +29,27 @@ _Wait = Tuple[debug.Call, Tuple[int, ...], Optional[int], float]  # (call, membe
 class Activity:
     """This process's MPI activity: written by mpi_tensor's hooks, read by the watchdog thread.
 
+    Calls nest (a ``debug.watched`` block around a call that makes mpi_tensor calls, or another
+    ``watched``): every call entered and not yet left is kept, outermost first, so leaving an
+    inner call makes the outer one current again, with the time it has waited since it began.
+    The tuple is replaced, never changed in place, so the watchdog thread reads a consistent one.
+
     Args:
         watched: the watchdog's communicator; ranks are reported as its ranks.
     """
 
     def __init__(self, watched: MPI.Intracomm):
         self._watched = watched
-        self.current: Optional[_Wait] = None  # (call, members, peer, since) while waiting in MPI
+        self.waits: Tuple[_Wait, ...] = ()  # (call, members, peer, since) of each call this rank is inside
         self.last: Optional[_Wait] = None  # (call, members, peer, left at)
         self.progress: Dict[tuple, int] = {}  # communicator members -> last collective started
         self.labels: Dict[str, object] = {}
+
+    @property
+    def current(self) -> Optional[_Wait]:
+        """The innermost call this rank waits in, or None outside MPI."""
+        waits = self.waits
+        return waits[-1] if waits else None
 
     def started(self, call: debug.Call) -> None:
         self.progress[debug.comm_members(call.comm, self._watched)] = call.seq
@@ -46,19 +57,23 @@ class Activity:
     def enter(self, call: debug.Call) -> None:
         members = debug.comm_members(call.comm, self._watched)
         peer = members[call.peer] if call.peer is not None and 0 <= call.peer < len(members) else None
-        self.current = (call, members, peer, time.monotonic())
+        self.waits = (*self.waits, (call, members, peer, time.monotonic()))
 
     def leave(self, call: debug.Call) -> None:
-        current = self.current
-        if current is not None:
-            self.last = (*current[:3], time.monotonic())
-        self.current = None
+        waits = self.waits
+        for index in range(len(waits) - 1, -1, -1):  # the call's own entry, the innermost if entered twice
+            if waits[index][0] is call:
+                self.last = (*waits[index][:3], time.monotonic())
+                self.waits = waits[:index] + waits[index + 1:]
+                return
 
     def snapshot(self, rank: int) -> dict:
-        """A small picklable summary (seconds, not clock times: clocks differ between hosts)."""
+        """A small picklable summary (seconds, not clock times: clocks differ between hosts): ``current``
+        the innermost call waited in, ``enclosing`` the calls around it (outermost first)."""
         now = time.monotonic()
-        current, last = self.current, self.last
-        return {"rank": rank, "current": _op(current, now), "last": _op(last, now),
+        waits, last = self.waits, self.last
+        return {"rank": rank, "current": _op(waits[-1] if waits else None, now), "last": _op(last, now),
+                "enclosing": [_op(wait, now) for wait in waits[:-1]],
                 "progress": dict(self.progress), "labels": dict(self.labels)}
 
 
@@ -226,6 +241,7 @@ def _aged(snapshot: dict, age: float) -> dict:
     for key in ("current", "last"):
         if aged[key] is not None:
             aged[key] = dict(aged[key], **{"for": aged[key]["for"] + age})
+    aged["enclosing"] = [dict(op, **{"for": op["for"] + age}) for op in snapshot.get("enclosing") or []]
     return aged
 
 
@@ -251,7 +267,8 @@ def stall_report(states: Dict[int, dict], size: int, silent_after: float = 5.0) 
                    if r in states and states[r]["progress"].get(tuple(current["members"]), 0) >= current["seq"]]
     missing = [r for r in expected if r not in arrived]
     lines = [f"mpipar watchdog: rank {rank} has waited {current['for']:.1f} s in {current['what']}"
-             f"{_labels(waiting[rank])}; arrived: {_ranks(arrived)}; not arrived: {_ranks(missing) or 'none'}"]
+             f"{_inside(waiting[rank])}{_labels(waiting[rank])}; arrived: {_ranks(arrived)}; "
+             f"not arrived: {_ranks(missing) or 'none'}"]
     for other in missing:
         lines.append(f"  rank {other}: {_whereabouts(states.get(other), silent_after)}")
     unheard = [r for r in range(size) if r not in states and r not in missing]
@@ -268,13 +285,19 @@ def _whereabouts(state: Optional[dict], silent_after: float) -> str:
         prefix = f"not heard from for {state['heard']:.1f} s; last known: "
     current, last = state["current"], state["last"]
     if current is not None:
-        where = f"waiting {current['for']:.1f} s in {current['what']}"
+        where = f"waiting {current['for']:.1f} s in {current['what']}{_inside(state)}"
     elif last is not None:
         where = f"outside MPI for {last['for']:.1f} s since {last['what']}"
     else:
         where = "no MPI operation yet"
     heard = "" if prefix else f"; last heartbeat {state['heard']:.1f} s ago"
     return prefix + where + _labels(state) + heard
+
+
+def _inside(state: dict) -> str:
+    """The calls around the one waited in (nested calls), innermost first."""
+    enclosing = state.get("enclosing") or []
+    return "".join(f" inside {op['what']} ({op['for']:.1f} s)" for op in reversed(enclosing))
 
 
 def _labels(state: dict) -> str:
