@@ -134,9 +134,9 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
             takes the placement's stages per rank (each rank must hold as many).
 
     A schedule that splits the backward (``"zero-bubble"``, ``"zbv"``: input gradient ``I`` on the critical path, weight
-    gradients ``W`` later, :mod:`~mpipar.pipeline.split_backward`) cuts each stage's graph after every layer
-    (a layer must not change its input in place); the gradients are those of the unsplit backward, and a
-    micro-batch's activations are held until its ``W`` (``peak_in_flight`` counts them).
+    gradients ``W`` later, :mod:`~mpipar.pipeline.split_backward`) cuts each stage's graph between its layers
+    (after each trainable one; a layer must not change its input in place); the gradients are those of the
+    unsplit backward, and a micro-batch's activations are held until its ``W`` (``peak_in_flight`` counts them).
 
     Raises:
         ValueError, TypeError: on every rank, for a bad placement (wrong length,
@@ -164,7 +164,7 @@ class Pipeline(ShapeAgreement, Transport, AsyncWindows, Compute, SplitBackward):
             plan = Schedule.on(schedule, chosen.stage_ranks, microbatches)
             in_place = [name for name, layer in module.named_children() if getattr(layer, "inplace", False)]
             if plan.kind.splits_backward and in_place:
-                raise ValueError(f"{schedule} cuts each stage's graph after every layer and cannot differentiate "
+                raise ValueError(f"{schedule} cuts each stage's graph between its layers and cannot differentiate "
                                  f"layers {in_place}, which change their input in place; use their out-of-place "
                                  f"form (e.g. nn.ReLU() for nn.ReLU(inplace=True))")
             check_shared(module, chosen, plan)

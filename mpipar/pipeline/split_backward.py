@@ -113,14 +113,15 @@ class SplitBackward(PipelineParts):
     _trainable_layers: Dict[int, bool]  # id(layer) -> it has trainable parameters (found once per step)
     _piece_inputs: List[torch.Tensor]  # what the piece being recorded takes: the last cut's output, skips used
     _must_cut: Dict[int, Set[int]]  # stage -> id of layers cut whatever they are (the last; before a SaveSkip)
+    _cutting: Set[int]  # the stage being recorded's _must_cut
+    _input_versions: Dict[int, List[int]]  # id(layer) -> its inputs' versions as its forward began
 
     def _install_split_backward(self) -> None:
         """Cut every local stage's graph in training forwards (hooks on the stage's layers): after each layer with
         trainable parameters, the stage's last layer, and a layer whose output a ``SaveSkip`` keeps."""
         self._recording, self._recorded, self._weight_work = None, {}, {}
         self._trainable_layers, self._piece_inputs, self._must_cut = {}, [], {}
-        self._input_versions: Dict[int, List[int]] = {}  # id(layer) -> its inputs' versions as its forward began
-        self._cutting: Set[int] = set()  # the stage being recorded's _must_cut
+        self._input_versions, self._cutting = {}, set()
         hooked = set()
         for index, stage in self.stages.items():
             self._recorded[index], self._weight_work[index] = {}, {}
@@ -168,7 +169,7 @@ class SplitBackward(PipelineParts):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             if [a._version for a in tensors] != self._input_versions.get(id(layer)):
                 raise RuntimeError(f"layer {number} ({type(layer).__name__}) changes its input in place, which a "
-                                   f"split backward (zero-bubble: the graph cut after every layer) cannot "
+                                   f"split backward (zero-bubble: the graph cut between layers) cannot "
                                    f"differentiate; use its out-of-place form (e.g. nn.ReLU() for "
                                    f"nn.ReLU(inplace=True))")
             if len(tensors) > 1:  # a skip used (the first argument is the running activation)

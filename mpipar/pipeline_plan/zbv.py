@@ -88,8 +88,7 @@ class ZeroBubbleV(ZeroBubble):
 
     def compute_steps(self, schedule, stage):
         p = schedule.ranks
-        rank = stage if stage < p else 2 * p - 1 - stage
-        return [step for step in zbv_order(p, schedule.total_microbatches, rank) if step.stage == stage]
+        return [step for step in zbv_order(p, schedule.total_microbatches, v_ranks(p)[stage]) if step.stage == stage]
 
     def ideal_bubble(self, schedule):
         p, m = schedule.ranks, schedule.total_microbatches

@@ -332,8 +332,8 @@ class MetricsWriter:
         columns: Dict[str, np.ndarray] = {}
         bad_step = None
         if n:
-            def per_rank(key):
-                return np.array([[row[key] for row in rows] for rows in gathered], dtype=np.float64).T
+            def per_rank(key):  # NaN where a row lacks ``key`` (a column reported from a later step on)
+                return np.array([[row.get(key, np.nan) for row in rows] for rows in gathered], dtype=np.float64).T
 
             samples = per_rank("samples")
             losses = per_rank("loss")
@@ -354,9 +354,8 @@ class MetricsWriter:
             known = {"loss", "samples", "step_time", "wait_time", "compute_time", "comm_time", "idle_time",
                      "data_time", "bytes_sent", "wall_clock"}
             extra = dict.fromkeys(key for rows in gathered for row in rows for key in row if key not in known)
-            for key in extra:   # a column some row lacks (reported from a later step on) reads NaN there
-                columns[key] = np.array([[row.get(key, np.nan) for row in rows] for rows in gathered],
-                                        dtype=np.float64).T
+            for key in extra:
+                columns[key] = per_rank(key)
             finite = np.isfinite(losses).all(1)
             if not finite.all():
                 first = int(np.argmin(finite))
